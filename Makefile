@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11 and pip:
+#   make demo   -> creates .venv from requirements.lock on first use, runs the demo pipeline
+#   make test   -> same set-up, then the whole test suite (fast and slow tests)
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-fast lint bench lock clean
+
+$(BIN)/curate: requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# pip, not uv: torch and torchvision come from this machine's local wheel index
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	@touch $@
+
+demo: $(BIN)/curate
+	bash pipelines/demo.sh
+
+test: $(BIN)/curate
+	$(BIN)/python -m pytest -m "" tests
+
+test-fast: $(BIN)/curate
+	$(BIN)/python -m pytest -m "not slow" tests
+
+lint: $(BIN)/curate
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check curation train tests bench
+
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^curate' > requirements.lock
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

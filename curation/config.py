@@ -1,0 +1,331 @@
+"""YAML -> typed, validated config.
+
+Every problem is collected before any work starts and reported together, each
+with its key path and, where the YAML has it, the line in the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+KeyPath = tuple[str | int, ...]
+
+
+class ConfigError(Exception):
+    """One or more problems with a config; `errors` holds one message each."""
+
+    def __init__(self, errors: list[str], source: str | None = None) -> None:
+        self.errors = errors
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + f"{len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+@dataclass
+class InputConfig:
+    """Where the pairs come from."""
+
+    path: str | list[str]
+    format: Literal["parquet", "webdataset", "image_folder"] = "parquet"
+    url_column: str = "url"
+    caption_column: str = "caption"
+    rows_per_shard: int = 100_000
+    # Input columns to carry into the manifest; null carries all of them.
+    columns: list[str] | None = None
+
+
+@dataclass
+class RunnerConfig:
+    """How the work is executed. Does not change results, so it is not hashed."""
+
+    type: Literal["local", "ray"] = "local"
+    workers: int | Literal["auto"] = "auto"
+    # Rows read from a shard and pushed through all stages at once; bounds memory.
+    batch_rows: int = 10_000
+    progress: bool = True
+    # Ray only: null starts a local instance; "auto" or "ray://host:10001" joins a cluster.
+    address: str | None = None
+
+
+@dataclass
+class StageSpec:
+    name: str
+    params: Any
+    key_path: KeyPath = ()
+
+
+@dataclass
+class Config:
+    input: InputConfig
+    output: str
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    stages: list[StageSpec] = field(default_factory=list)
+    source: str | None = None
+
+    def result_fingerprint(self) -> dict[str, Any]:
+        """Everything that changes what a run writes (not how fast or where)."""
+        inp = dataclasses.asdict(self.input)
+        inp.pop("path")  # the shard plan pins the files themselves
+        return {
+            "input": inp,
+            "stages": [{s.name: dataclasses.asdict(s.params)} for s in self.stages],
+        }
+
+    def result_hash(self) -> str:
+        blob = json.dumps(self.result_fingerprint(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None) -> Config:
+    """Read, type-check and validate a config file. Raises ConfigError listing every problem.
+
+    Relative paths inside the config are relative to the working directory, as
+    with any command-line tool. `overrides` maps dotted keys ("runner.type") to values.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"cannot read config: {e.strerror}"], source) from None
+    return parse_config(text, source=source, overrides=overrides)
+
+
+def parse_config(
+    text: str,
+    *,
+    source: str = "<string>",
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([f"malformed YAML at {where}{problem}"], source) from None
+    lines = _line_index(node)
+    errors: list[str] = []
+
+    def err(key: KeyPath, msg: str) -> None:
+        line = _closest_line(lines, key)
+        where = f" (line {line})" if line else ""
+        errors.append(f"{_fmt(key) or '<top>'}{where}: {msg}")
+
+    if not isinstance(data, dict):
+        raise ConfigError(["the config must be a YAML mapping with keys input, output, runner, stages"], source)
+    for key, value in (overrides or {}).items():
+        _set_path(data, key, value)
+
+    allowed = {"input", "output", "runner", "stages"}
+    for k in data:
+        if k not in allowed:
+            err((k,), f"unknown key; expected one of {sorted(allowed)}")
+    if "input" not in data:
+        err(("input",), "missing (where the pairs come from)")
+    if "output" not in data:
+        err(("output",), "missing (the run's output directory)")
+
+    inp = _build(InputConfig, data.get("input"), ("input",), err) if "input" in data else None
+    runner = _build(RunnerConfig, data.get("runner", {}) or {}, ("runner",), err)
+    output = data.get("output")
+    if output is not None and not isinstance(output, str):
+        err(("output",), f"expected a path string, got {type(output).__name__}")
+        output = None
+    stages = _build_stages(data.get("stages"), err)
+
+    cfg = None
+    if inp is not None and output is not None and runner is not None:
+        cfg = Config(input=inp, output=output, runner=runner, stages=stages, source=source)
+        _semantic_checks(cfg, err)
+    if errors:
+        raise ConfigError(errors, source)
+    assert cfg is not None
+    return cfg
+
+
+def _semantic_checks(cfg: Config, err) -> None:
+    if cfg.input.rows_per_shard < 1:
+        err(("input", "rows_per_shard"), "must be >= 1")
+    if cfg.runner.batch_rows < 1:
+        err(("runner", "batch_rows"), "must be >= 1")
+    if isinstance(cfg.runner.workers, int) and cfg.runner.workers < 1:
+        err(("runner", "workers"), "must be >= 1 or 'auto'")
+    if not cfg.stages:
+        err(("stages",), "no stages: add at least one, e.g. `- caption_complexity: {min: 2}`")
+    from curation.stages import check_pipeline
+
+    for key, msg in check_pipeline(cfg):
+        err(key, msg)
+
+
+def _build_stages(raw: Any, err) -> list[StageSpec]:
+    from curation.stages import STAGES
+
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        err(("stages",), "expected a list of single-key maps, e.g. `- caption_complexity: {min: 2}`")
+        return []
+    specs = []
+    for i, item in enumerate(raw):
+        key: KeyPath = ("stages", i)
+        if isinstance(item, str):
+            item = {item: {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            err(key, "each stage is a single-key map `name: {params}`")
+            continue
+        (name, params), = item.items()
+        if name not in STAGES:
+            err(key, f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
+            continue
+        built = _build(STAGES[name].Params, params or {}, (*key, name), err)
+        if built is not None:
+            specs.append(StageSpec(name=name, params=built, key_path=(*key, name)))
+    return specs
+
+
+# --------------------------------------------------------------------------- typing
+
+
+def _build(cls: type, raw: Any, key: KeyPath, err) -> Any:
+    """Instantiate dataclass `cls` from a mapping, reporting unknown/missing/mistyped keys."""
+    if not isinstance(raw, dict):
+        err(key, f"expected a mapping, got {type(raw).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    ok = True
+    for k in raw:
+        if k not in fields:
+            err((*key, k), f"unknown key; expected one of {sorted(fields)}")
+            ok = False
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            value, problem = _coerce(raw[name], hints[name])
+            if problem:
+                err((*key, name), problem)
+                ok = False
+            else:
+                kwargs[name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            err((*key, name), "missing required key")
+            ok = False
+    return cls(**kwargs) if ok else None
+
+
+def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        problems = []
+        for arm in typing.get_args(tp):
+            v, p = _coerce(value, arm)
+            if p is None:
+                return v, None
+            problems.append(p)
+        return None, f"expected {_type_name(tp)}, got {value!r}"
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value, None
+        return None, f"expected one of {list(choices)}, got {value!r}"
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return None, f"expected a list, got {type(value).__name__}"
+        out = []
+        for v in value:
+            cv, p = _coerce(v, item_tp)
+            if p:
+                return None, f"list item: {p}"
+            out.append(cv)
+        return out, None
+    if tp is type(None):
+        return (None, None) if value is None else (None, "expected null")
+    if tp is bool:
+        return (value, None) if isinstance(value, bool) else (None, f"expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        return None, f"expected an integer, got {value!r}"
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        return None, f"expected a number, got {value!r}"
+    if tp is str:
+        return (value, None) if isinstance(value, str) else (None, f"expected a string, got {value!r}")
+    if tp is Any:
+        return value, None
+    return None, f"unsupported type {tp}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}.get(
+        tp, str(tp)
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _line_index(node: yaml.Node | None) -> dict[KeyPath, int]:
+    out: dict[KeyPath, int] = {}
+
+    def walk(n: yaml.Node, key: KeyPath) -> None:
+        out[key] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                kk = (*key, k.value)
+                walk(v, kk)
+                out[kk] = k.start_mark.line + 1
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                walk(v, (*key, i))
+
+    if node is not None:
+        walk(node, ())
+    return out
+
+
+def _closest_line(lines: dict[KeyPath, int], key: KeyPath) -> int | None:
+    while key:
+        if key in lines:
+            return lines[key]
+        key = key[:-1]
+    return None
+
+
+def _fmt(key: KeyPath) -> str:
+    out = ""
+    for k in key:
+        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+    return out
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        data = data.setdefault(p, {}) if isinstance(data.get(p), dict) or p not in data else data[p]
+    data[parts[-1]] = value

@@ -1,0 +1,78 @@
+"""The manifest's Arrow schema, versioned in this one module.
+
+A manifest row is one input pair. Column names follow the ecosystem where one
+exists (img2dataset's url/caption/key/status/..., DataComp's uid). Renaming or
+retyping a column requires bumping SCHEMA_VERSION.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# Identity columns, always first, always present.
+ID_COLUMNS: dict[str, pa.DataType] = {
+    "uid": pa.string(),
+    "shard": pa.int32(),
+    "url": pa.string(),
+    "caption": pa.string(),
+}
+
+# Raw measurements that stages add. A stage declares which of these it writes;
+# keeping every type here means two stages can never disagree on one.
+STAGE_COLUMNS: dict[str, pa.DataType] = {
+    # caption_complexity / caption_action (METHODS.md §1a-1b)
+    "caption_complexity": pa.int32(),
+    "caption_actions": pa.int32(),
+    "caption_verbs": pa.int32(),
+    "caption_tokens": pa.int32(),
+    "caption_status": pa.string(),  # ok | empty | truncated
+}
+
+# Decision columns, always last.
+DECISION_COLUMNS: dict[str, pa.DataType] = {
+    "keep": pa.bool_(),
+    "drop_reason": pa.string(),
+}
+
+# Columns that travel between stages in memory but are never written to a
+# manifest (encoded image bytes, for example).
+TRANSIENT_COLUMNS: frozenset[str] = frozenset({"image"})
+
+RESERVED = {c.lower() for c in (*ID_COLUMNS, *STAGE_COLUMNS, *DECISION_COLUMNS, *TRANSIENT_COLUMNS)}
+
+
+def carried_name(input_column: str) -> str:
+    """Name under which an input column is carried into the manifest.
+
+    DuckDB resolves identifiers case-insensitively, so an input column that
+    collides with one of ours in any case is prefixed rather than shadowed.
+    """
+    return f"input_{input_column}" if input_column.lower() in RESERVED else input_column
+
+
+def make_uid(url: str | None, caption: str | None) -> str:
+    """Stable sample id: the first 128 bits of sha256(url, NUL, caption), as 32 hex chars."""
+    data = f"{url or ''}\x00{caption or ''}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def make_uids(urls: Iterable[str | None], captions: Iterable[str | None]) -> pa.Array:
+    return pa.array([make_uid(u, c) for u, c in zip(urls, captions)], type=pa.string())
+
+
+def manifest_schema(carried: pa.Schema, stage_columns: Iterable[str]) -> pa.Schema:
+    """Schema of a manifest: ids, carried input columns, stage columns in stage order, decision."""
+    fields = [pa.field(n, t) for n, t in ID_COLUMNS.items()]
+    fields += list(carried)
+    seen = set()
+    for name in stage_columns:
+        if name not in seen:
+            seen.add(name)
+            fields.append(pa.field(name, STAGE_COLUMNS[name]))
+    fields += [pa.field(n, t) for n, t in DECISION_COLUMNS.items()]
+    return pa.schema(fields, metadata={"curate.schema_version": str(SCHEMA_VERSION)})

@@ -1,0 +1,95 @@
+"""What every input reader provides: a shard plan, batches of a shard, checks up front.
+
+A shard is the unit of work and of resume. Batches come out normalised: `uid`,
+`shard`, `url`, `caption`, then the input's other columns under their
+manifest names (see `curation.schema.carried_name`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from curation.config import InputConfig
+from curation.schema import ID_COLUMNS, carried_name, make_uids
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    path: str
+    row_start: int = 0
+    row_end: int = -1  # exclusive; -1: to the end of the file
+
+    @property
+    def rows(self) -> int:
+        return self.row_end - self.row_start
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Shard:
+        return cls(**d)
+
+
+Problem = tuple[tuple, str]
+
+
+class Source(ABC):
+    def __init__(self, cfg: InputConfig) -> None:
+        self.cfg = cfg
+
+    def files(self) -> list[str]:
+        return expand_paths(self.cfg.path)
+
+    @abstractmethod
+    def check(self) -> list[Problem]:
+        """Problems with the input that can be found without reading the data."""
+
+    @abstractmethod
+    def plan(self, limit: int | None = None) -> list[Shard]:
+        """Split the input into shards; with `limit`, only the first `limit` rows."""
+
+    @abstractmethod
+    def carried_schema(self) -> pa.Schema:
+        """Input columns carried into the manifest, under their manifest names."""
+
+    @abstractmethod
+    def read(self, shard: Shard, batch_rows: int) -> Iterator[pa.Table]:
+        """Normalised batches of at most `batch_rows` rows."""
+
+
+def expand_paths(path: str | list[str]) -> list[str]:
+    """Local paths, globs and fsspec URLs, expanded and sorted; duplicates removed."""
+    out: list[str] = []
+    for p in [path] if isinstance(path, str) else path:
+        fs, _, paths = fsspec.get_fs_token_paths(p)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        for q in sorted(paths):
+            if fs.isdir(q):
+                continue
+            out.append(q if protocol in ("file", "local") else f"{protocol}://{q}")
+    return list(dict.fromkeys(out))
+
+
+def normalise(
+    table: pa.Table, shard: int, url_column: str | None, caption_column: str, carried: list[str]
+) -> pa.Table:
+    n = table.num_rows
+    url = table.column(url_column).cast(pa.string()) if url_column else pa.nulls(n, pa.string())
+    caption = table.column(caption_column).cast(pa.string())
+    cols: dict[str, Any] = {
+        "uid": make_uids(url.to_pylist(), caption.to_pylist()),
+        "shard": pa.array([shard] * n, ID_COLUMNS["shard"]),
+        "url": url,
+        "caption": caption,
+    }
+    for name in carried:
+        cols[carried_name(name)] = table.column(name)
+    return pa.table(cols)

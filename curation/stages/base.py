@@ -1,0 +1,147 @@
+"""The stage contract, and the one function that applies a stage to a batch.
+
+A stage computes raw measurements (columns) and, separately, decides on them
+(a drop reason per row, or null to keep). Keeping the two apart is what makes
+"score once, select many times" work: the manifest holds the measurement, and
+a stricter threshold later is a SQL query, not a re-run.
+
+The same stage objects run under every runner: the local runner calls
+`apply_stage` in worker processes, the Ray runner inside `map_batches` actors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.schema import STAGE_COLUMNS
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs. Runners size their pools from this."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    batch_size: int = 4096
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Run-wide facts a stage may need (where to put images, for example)."""
+
+    output_dir: Path
+
+
+class Stage(ABC):
+    """One step of a pipeline.
+
+    Subclasses set `name` (the key used in YAML configs), `columns` (the raw
+    measurements they add, all declared in `curation.schema.STAGE_COLUMNS`),
+    `Params` (a dataclass of their YAML parameters) and `cascade` (True when
+    the stage should only see rows that earlier stages kept).
+    """
+
+    name: ClassVar[str]
+    columns: ClassVar[tuple[str, ...]]
+    cascade: ClassVar[bool] = False
+    Params: ClassVar[type]
+
+    def __init__(self, params: Any, context: StageContext) -> None:
+        self.params = params
+        self.context = context
+
+    @property
+    def resources(self) -> Resources:
+        return Resources()
+
+    def setup(self) -> None:  # noqa: B027 - optional hook
+        """Load models; called once per worker before the first batch."""
+
+    @abstractmethod
+    def compute(self, table: pa.Table) -> pa.Table:
+        """Return a table of `self.columns` with one row per input row, same order.
+
+        Per-row failures must become values (a status column, nulls), never
+        exceptions: one bad image must not fail a shard.
+        """
+
+    @abstractmethod
+    def decide(self, table: pa.Table) -> pa.Array:
+        """Drop reason per row (string), null where the row passes this stage.
+
+        Called on the full batch after `compute`; rows the stage skipped
+        (cascade) have null measurements and are not looked at.
+        """
+
+    def check(self) -> list[str]:
+        """Config problems this stage can see without running (empty: fine)."""
+        return []
+
+
+def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
+    """Compute the stage's columns (unless present) and fold its decision into keep/drop_reason.
+
+    Measurements a previous stage already computed are reused, so stages that
+    share one expensive computation (the caption parse) pay for it once.
+    """
+    if "keep" not in table.column_names:
+        table = table.append_column("keep", pa.array(np.ones(table.num_rows, dtype=bool)))
+        table = table.append_column("drop_reason", pa.nulls(table.num_rows, pa.string()))
+
+    missing = [c for c in stage.columns if c not in table.column_names]
+    if missing:
+        if stage.cascade:
+            idx = np.flatnonzero(table.column("keep").to_numpy(zero_copy_only=False))
+            computed = stage.compute(table.take(pa.array(idx, pa.int64()))) if len(idx) else None
+            table = _scatter(table, computed, idx, stage.columns, missing)
+        else:
+            computed = stage.compute(table)
+            _check_computed(stage, computed, table.num_rows)
+            for col in missing:
+                table = _append(table, col, computed.column(col))
+
+    keep = table.column("keep").to_numpy(zero_copy_only=False)
+    reasons = stage.decide(table)
+    if len(reasons) != table.num_rows:
+        raise RuntimeError(f"stage {stage.name!r} decided {len(reasons)} rows for a batch of {table.num_rows}")
+    failed = keep & pc.is_valid(reasons).to_numpy(zero_copy_only=False)
+    if failed.any():
+        drop = pc.if_else(pa.array(failed), reasons, table.column("drop_reason"))
+        table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep & ~failed))
+        table = table.set_column(table.schema.get_field_index("drop_reason"), "drop_reason", drop)
+    return table
+
+
+def _check_computed(stage: Stage, computed: pa.Table, n: int) -> None:
+    if computed.num_rows != n:
+        raise RuntimeError(f"stage {stage.name!r} returned {computed.num_rows} rows for a batch of {n}")
+
+
+def _append(table: pa.Table, name: str, column: pa.ChunkedArray | pa.Array) -> pa.Table:
+    column = column.cast(STAGE_COLUMNS[name]) if name in STAGE_COLUMNS else column
+    # Decision columns stay last in the table so the manifest layout is stable.
+    at = table.schema.get_field_index("keep")
+    return table.add_column(at, name, column)
+
+
+def _scatter(table, computed, idx, columns, missing):
+    """Place `computed` rows back at positions `idx`; other rows get nulls."""
+    n = table.num_rows
+    # position in `computed` for each output row, null where the stage skipped it
+    pos = np.full(n, -1, dtype=np.int64)
+    pos[idx] = np.arange(len(idx))
+    take = pa.array(pos, mask=pos < 0)
+    for col in missing:
+        if computed is None:
+            values = pa.nulls(n, STAGE_COLUMNS.get(col, pa.null()))
+        else:
+            values = computed.column(col).combine_chunks().take(take)
+        table = _append(table, col, values)
+    return table
