@@ -7,8 +7,6 @@ with its key path and, where the YAML has it, the line in the file.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import types
 import typing
@@ -80,10 +78,6 @@ class Config:
             "input": inp,
             "stages": [{s.name: dataclasses.asdict(s.params)} for s in self.stages],
         }
-
-    def result_hash(self) -> str:
-        blob = json.dumps(self.result_fingerprint(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- loading

@@ -71,7 +71,7 @@ def manifest_schema(carried: pa.Schema, stage_columns: Iterable[str]) -> pa.Sche
     fields += list(carried)
     seen = set()
     for name in stage_columns:
-        if name not in seen:
+        if name not in seen and name not in TRANSIENT_COLUMNS:
             seen.add(name)
             fields.append(pa.field(name, STAGE_COLUMNS[name]))
     fields += [pa.field(n, t) for n, t in DECISION_COLUMNS.items()]

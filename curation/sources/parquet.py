@@ -67,7 +67,8 @@ class ParquetSource(Source):
         used = {self.cfg.url_column, self.cfg.caption_column}
         if self.cfg.columns is not None:
             return [c for c in self.cfg.columns if c not in used]
-        return [c for c in schema.names if c not in used]
+        # pandas writes its index as __index_level_N__: an artifact, not data
+        return [c for c in schema.names if c not in used and not c.startswith("__index_level_")]
 
     def carried_schema(self) -> pa.Schema:
         schema = _open(self.files()[0]).schema_arrow

@@ -45,11 +45,13 @@ class Stage(ABC):
     Subclasses set `name` (the key used in YAML configs), `columns` (the raw
     measurements they add, all declared in `curation.schema.STAGE_COLUMNS`),
     `Params` (a dataclass of their YAML parameters) and `cascade` (True when
-    the stage should only see rows that earlier stages kept).
+    the stage should only see rows that earlier stages kept) and `reasons`.
     """
 
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]
+    # The drop reasons `decide` can return; `curate stats` attributes them to this stage.
+    reasons: ClassVar[tuple[str, ...]]
     cascade: ClassVar[bool] = False
     Params: ClassVar[type]
 

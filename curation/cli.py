@@ -1,0 +1,246 @@
+"""`curate`: score image-caption pairs once, select many times.
+
+Exit codes: 0 success, 1 the run finished but some shards failed, 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+Offline data curation for CLIP-style pre-training.
+
+  curate run pipelines/demo.yaml           score every pair, write Parquet manifests (resumable)
+  curate status runs/demo                  shards done / total, failures
+  curate stats runs/demo                   pass rate per filter, drop reasons, score histograms
+  curate query runs/demo "SELECT count(*) FROM samples WHERE caption_complexity >= 3"
+"""
+
+
+def _fail(msg: str, code: int = EXIT_USAGE) -> int:
+    print(f"curate: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _load(args: argparse.Namespace):
+    from curation.config import load_config
+
+    overrides = {}
+    if getattr(args, "output", None):
+        overrides["output"] = args.output
+    if getattr(args, "runner", None):
+        overrides["runner.type"] = args.runner
+    if getattr(args, "workers", None):
+        overrides["runner.workers"] = args.workers
+    if getattr(args, "no_progress", False):
+        overrides["runner.progress"] = False
+    return load_config(args.config, overrides=overrides)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from curation.config import ConfigError
+
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    stages = ", ".join(s.name for s in cfg.stages)
+    print(f"{args.config}: ok ({cfg.input.format} input, stages: {stages}, output {cfg.output})")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from curation.config import ConfigError
+    from curation.engine import execute
+    from curation.manifest import RunConflict, RunLocked
+
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    if args.limit is not None and args.limit < 1:
+        return _fail("--limit must be >= 1")
+    try:
+        summary = execute(cfg, limit=args.limit)
+    except (RunConflict, RunLocked) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    rate = summary.rows / summary.seconds if summary.seconds else 0.0
+    kept = f"{summary.kept:,} kept ({100 * summary.kept / summary.rows:.1f}%)" if summary.rows else "0 kept"
+    print(
+        f"{cfg.output}: {summary.shards_ok} shard(s) written, {summary.shards_skipped} already done, "
+        f"{len(summary.failures)} failed; {summary.rows:,} rows, {kept}"
+        + (f", {rate:,.0f} rows/s" if summary.rows else "")
+    )
+    if summary.failures:
+        for shard, err in sorted(summary.failures.items()):
+            print(f"  shard {shard} failed: {err.splitlines()[0]}", file=sys.stderr)
+        print("re-run the same command to retry only the failed shards", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from curation.query import NoManifests, compute_status, dumps, render_status
+
+    try:
+        st = compute_status(args.output)
+    except NoManifests as e:
+        return _fail(str(e))
+    print(dumps(st) if args.format == "json" else render_status(st))
+    return EXIT_FAILED if st["shards_failed"] else EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from curation.query import NoManifests, compute_stats, dumps, render_stats
+
+    try:
+        st = compute_stats(args.output, bins=args.bins)
+    except NoManifests as e:
+        return _fail(str(e))
+    print(dumps(st) if args.format == "json" else render_stats(st))
+    return EXIT_OK
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from curation.query import NoManifests, connect, format_table
+
+    try:
+        con = connect(args.output)
+    except NoManifests as e:
+        return _fail(str(e))
+    sql = args.sql.strip().rstrip(";")
+    try:
+        if args.out:
+            fmt = "parquet" if args.out.endswith(".parquet") else "csv" if args.out.endswith(".csv") else None
+            if fmt is None:
+                return _fail("--out must end in .parquet or .csv")
+            target = args.out.replace("'", "''")
+            con.execute(f"COPY ({sql}) TO '{target}' (FORMAT {fmt})")
+            n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]
+            print(f"wrote {n:,} rows to {args.out}")
+            return EXIT_OK
+        rel = con.sql(sql)
+        if rel is None:
+            return EXIT_OK
+        if args.format == "csv":
+            _write_csv(rel)
+        elif args.format == "json":
+            import json
+
+            cols = rel.columns
+            for row in rel.fetchall():
+                print(json.dumps(dict(zip(cols, row)), default=str))
+        else:
+            print(format_table(rel.columns, rel.fetchall(), max_rows=args.max_rows))
+    except duckdb.Error as e:
+        return _fail(f"query failed: {e}")
+    return EXIT_OK
+
+
+def _write_csv(rel) -> None:
+    import csv
+
+    w = csv.writer(sys.stdout)
+    w.writerow(rel.columns)
+    while batch := rel.fetchmany(10_000):
+        w.writerows(batch)
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="curate", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    from curation import __version__
+
+    p.add_argument("--version", action="version", version=f"curate {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser(
+        "run",
+        help="run a pipeline config: score, decide, write manifests (resumes a half-finished output)",
+        description="Run the stages of CONFIG over its input, shard by shard, into OUTPUT/manifests/*.parquet. "
+        "Every input row gets one manifest row (rejected pairs have keep=false and a drop_reason). "
+        "Re-running on the same output finishes only missing or failed shards.",
+    )
+    r.add_argument("config", help="pipeline YAML (see pipelines/demo.yaml)")
+    r.add_argument("--output", "-o", help="output directory (overrides `output:` in the config)")
+    r.add_argument("--limit", type=int, help="process only the first N input rows (part of the run record)")
+    r.add_argument("--runner", choices=["local", "ray"], help="override runner.type")
+    r.add_argument("--workers", type=int, help="override runner.workers (local: processes)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser(
+        "validate",
+        help="check a config without running it",
+        description="Report every problem in CONFIG at once (unknown keys, wrong types, missing input files "
+        "or columns, unwritable output), each with its key path and line.",
+    )
+    v.add_argument("config")
+    v.add_argument("--output", "-o", help=argparse.SUPPRESS)
+    v.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("status", help="shards done / total, rows, failures of an output")
+    s.add_argument("output")
+    s.add_argument("--format", choices=["table", "json"], default="table")
+    s.set_defaults(func=cmd_status)
+
+    st = sub.add_parser(
+        "stats", help="rows kept, pass rate per filter, drop reasons, score histograms (works mid-run)"
+    )
+    st.add_argument("output")
+    st.add_argument("--format", choices=["table", "json"], default="table")
+    st.add_argument("--bins", type=int, default=10, help="histogram buckets for wide-ranged scores")
+    st.set_defaults(func=cmd_stats)
+
+    q = sub.add_parser(
+        "query",
+        help="DuckDB SQL over the view `samples` (all finished manifests)",
+        description='Example: curate query runs/demo "SELECT drop_reason, count(*) FROM samples GROUP BY 1"',
+    )
+    q.add_argument("output")
+    q.add_argument("sql")
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.add_argument("--out", help="write the result to FILE.parquet or FILE.csv instead of printing")
+    q.add_argument("--max-rows", type=int, default=1000, help="rows printed in table format")
+    q.set_defaults(func=cmd_query)
+
+    # Commands that live with their feature; absent only in a partial checkout.
+    for module in ("curation.select", "train.cli"):
+        if importlib.util.find_spec(module.split(".")[0]) and importlib.util.find_spec(module):
+            importlib.import_module(module).register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    if hasattr(args, "config") and isinstance(args.config, str) and not Path(args.config).exists():
+        return _fail(f"config file not found: {args.config}")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

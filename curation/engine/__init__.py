@@ -1,0 +1,48 @@
+"""Runners: where shards execute. `local` (processes on this machine) and `ray` (Ray Data).
+
+`execute` is the one entry point: it plans shards, takes the output's lock,
+checks the run record, skips finished shards and hands the rest to a runner.
+"""
+
+from __future__ import annotations
+
+from curation.config import Config
+from curation.engine.progress import Progress
+from curation.engine.summary import RunSummary
+from curation.manifest import RunDir
+
+__all__ = ["RunSummary", "execute"]
+
+
+def execute(config: Config, *, limit: int | None = None) -> RunSummary:
+    from curation.pipeline import Pipeline
+
+    pipeline = Pipeline(config)
+    fingerprint = {**config.result_fingerprint(), "limit": limit}
+    config_hash = _hash(fingerprint)
+    run = RunDir(config.output)
+    with run.lock():
+        plan = run.prepare(fingerprint, config_hash, pipeline.source.plan(limit), [s.name for s in config.stages])
+        run.clean_tmp()
+        pending = run.pending(plan)
+        total_rows = sum(s.rows for s in pending) if all(s.row_end >= 0 for s in pending) else None
+        progress = Progress(total_rows, len(plan), len(plan) - len(pending), enabled=config.runner.progress)
+        try:
+            if not pending:
+                return RunSummary(shards_total=len(plan), shards_skipped=len(plan))
+            if config.runner.type == "ray":
+                from curation.engine.ray import run_ray
+
+                return run_ray(config, run, pending, pipeline.schema, progress)
+            from curation.engine.local import run_local
+
+            return run_local(config, run, pending, pipeline.schema, progress)
+        finally:
+            progress.close()
+
+
+def _hash(fingerprint: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]

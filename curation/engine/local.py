@@ -1,0 +1,138 @@
+"""The local runner: shards in parallel worker processes on this machine.
+
+Each worker loads the stages' models once (process initializer) and runs with
+one BLAS/OpenMP thread, so throughput scales with processes, not threads
+fighting over cores. Memory stays flat: a worker holds one batch at a time and
+streams its shard into the manifest writer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import queue
+import time
+from contextlib import contextmanager
+
+import pyarrow as pa
+
+from curation.config import Config
+from curation.engine.progress import Progress
+from curation.engine.summary import RunSummary
+from curation.manifest import RunDir
+from curation.pipeline import Pipeline, ShardOutcome
+from curation.sources import Shard
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def resolve_workers(config: Config, n_pending: int) -> int:
+    workers = config.runner.workers
+    n = available_cpus() if workers == "auto" else int(workers)
+    return max(1, min(n, n_pending))
+
+
+def run_local(
+    config: Config, run: RunDir, pending: list[Shard], schema: pa.Schema, progress: Progress
+) -> RunSummary:
+    summary = RunSummary(shards_total=len(run.plan()), shards_skipped=len(run.plan()) - len(pending))
+    started = time.perf_counter()
+    workers = resolve_workers(config, len(pending))
+    if workers == 1:
+        pipeline = Pipeline(config)
+        for shard in pending:
+            _account(summary, pipeline.run_shard(run, shard, schema, on_rows=progress.rows), progress)
+    else:
+        _run_pool(config, run, pending, schema, progress, workers, summary)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _account(summary: RunSummary, outcome: ShardOutcome, progress: Progress) -> None:
+    if outcome.result is not None:
+        summary.shards_ok += 1
+        summary.rows += outcome.result.rows
+        summary.kept += outcome.result.kept
+    else:
+        summary.failures[outcome.shard] = outcome.error or "unknown error"
+    progress.shard_finished(outcome.result is not None)
+
+
+# ---------------------------------------------------------------------------- pool
+
+_worker: dict = {}
+
+
+def _init_worker(config: Config, root: str, rows_queue) -> None:
+    _worker["pipeline"] = Pipeline(config)
+    _worker["run"] = RunDir(root)
+    _worker["queue"] = rows_queue
+    _worker["pipeline"].setup()
+
+
+def _work(shard: Shard, schema: pa.Schema) -> ShardOutcome:
+    q = _worker["queue"]
+    return _worker["pipeline"].run_shard(_worker["run"], shard, schema, on_rows=q.put)
+
+
+@contextmanager
+def _single_threaded_children():
+    """Children inherit the environment at spawn; numeric libraries read it at import."""
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    for k in THREAD_VARS:
+        os.environ.setdefault(k, "1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_pool(config, run, pending, schema, progress, workers, summary) -> None:
+    ctx = mp.get_context("spawn")  # fork after pyarrow/tqdm threads start is unsafe
+    rows_queue = ctx.Queue()
+    with _single_threaded_children(), cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(config, str(run.root), rows_queue)
+    ) as pool:
+        futures = {pool.submit(_work, shard, schema): shard for shard in pending}
+        not_done = set(futures)
+        try:
+            while not_done:
+                done, not_done = cf.wait(not_done, timeout=0.25, return_when=cf.FIRST_COMPLETED)
+                _drain(rows_queue, progress)
+                for fut in done:
+                    shard = futures[fut]
+                    try:
+                        outcome = fut.result()
+                    except Exception as e:  # a worker died (OOM kill, segfault in a native library)
+                        msg = f"worker process failed: {type(e).__name__}: {e}"
+                        run.record_failure(shard.index, msg)
+                        outcome = ShardOutcome(shard.index, error=msg)
+                    _account(summary, outcome, progress)
+        except KeyboardInterrupt:
+            for fut in not_done:
+                fut.cancel()
+            raise
+    _drain(rows_queue, progress)
+
+
+def _drain(rows_queue, progress: Progress) -> None:
+    total = 0
+    try:
+        while True:
+            total += rows_queue.get_nowait()
+    except queue.Empty:
+        pass
+    if total:
+        progress.rows(total)

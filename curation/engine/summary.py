@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunSummary:
+    shards_total: int
+    shards_skipped: int = 0  # already done before this invocation
+    shards_ok: int = 0
+    rows: int = 0
+    kept: int = 0
+    seconds: float = 0.0
+    failures: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
