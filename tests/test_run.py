@@ -222,3 +222,17 @@ def test_queries_work_while_a_run_is_in_progress(tmp_path):
     assert "a run is in progress" in st.stdout or proc.returncode == 0
     assert q.returncode == 0
     assert second.returncode == 2 and "another `curate run`" in second.stderr
+
+
+def test_fsspec_url_glob_input(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    src = pq.read_table(LAION_1K, columns=["URL", "TEXT"])
+    pq.write_table(src.slice(0, 120), data / "part-0.parquet")
+    pq.write_table(src.slice(120, 80), data / "part-1.parquet")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", f"file://{data}/part-*.parquet", out, rows_per_shard=100)
+    assert main(["run", str(cfg)]) == 0
+    t = manifest(out)
+    assert t.num_rows == 200
+    assert sorted(set(t.column("shard").to_pylist())) == [0, 1, 2]  # shards never span files
