@@ -31,6 +31,22 @@ STAGE_COLUMNS: dict[str, pa.DataType] = {
     "caption_verbs": pa.int32(),
     "caption_tokens": pa.int32(),
     "caption_status": pa.string(),  # ok | empty | truncated
+    # download (img2dataset's per-sample columns, under img2dataset's names)
+    "status": pa.string(),  # success | failed_to_download | failed_to_resize
+    "error_message": pa.string(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "original_width": pa.int32(),
+    "original_height": pa.int32(),
+    "sha256": pa.string(),  # of the downloaded bytes, before resizing
+    # Where the image lives, for `curate select` and training. `image_path` is a
+    # tar (downloads, webdataset input) or an image file (image_folder input);
+    # relative paths are relative to the run's output directory. `key` is the
+    # sample's key inside that tar (null for a plain file).
+    "key": pa.string(),
+    "image_path": pa.string(),
+    # Encoded image bytes handed from download/sources to image stages; transient.
+    "image": pa.binary(),
 }
 
 # Decision columns, always last.

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 from curation.stages.base import Resources, Stage, StageContext, apply_stage
 from curation.stages.caption import CaptionAction, CaptionComplexity
+from curation.stages.download import Download
 
 if TYPE_CHECKING:
     from curation.config import Config
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (CaptionComplexity, CaptionAction)}
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (CaptionComplexity, CaptionAction, Download)}
 
 __all__ = ["STAGES", "Resources", "Stage", "StageContext", "apply_stage", "build_stages", "check_pipeline"]
 
@@ -43,6 +44,15 @@ def check_pipeline(config: Config) -> list[tuple[tuple, str]]:
                 "caption stages share one parse: set model, max_chars and batch_size identically",
             )
         )
+    if config.input.format != "parquet":
+        for spec in config.stages:
+            if spec.name == "download":
+                problems.append(
+                    (
+                        spec.key_path,
+                        f"{config.input.format} input already has its images: remove the download stage",
+                    )
+                )
     seen = set()
     for spec, stage in zip(config.stages, build_stages(config)):
         if spec.name in seen:
