@@ -121,9 +121,9 @@ def select_uids(con: Any, where: str, out: Path) -> int:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    n = con.execute(
-        f"SELECT count(*) FROM read_parquet('{str(out).replace(chr(39), chr(39) * 2)}')"
-    ).fetchone()[0]
+    import pyarrow.parquet as pq
+
+    n = pq.ParquetFile(out).metadata.num_rows
     print(f"wrote {n:,} uids to {out}")
     return EXIT_OK
 
@@ -148,9 +148,9 @@ def select_shards(con: Any, run: Path, where: str, out: Path, shard_size: int) -
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SelectError(f"{out} exists and is not an empty directory; choose a new --out")
-    (no_image,) = con.execute(
-        f"SELECT count(*) FROM samples WHERE ({where}) AND image_path IS NULL"
-    ).fetchone()
+    # fetchall, not fetchone: DuckDB keeps a half-read result open and refuses the next query
+    sql = f"SELECT count(*) FROM samples WHERE ({where}) AND image_path IS NULL"
+    [(no_image,)] = con.execute(sql).fetchall()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
