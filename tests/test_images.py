@@ -433,3 +433,11 @@ stages:
 """
         )
     assert "resize_mode" in str(e.value) and "max_image_area" in str(e.value)
+
+
+def test_demo_image_pipeline_is_valid_and_its_bundled_pairs_exist(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # the demo's paths are relative to the repository root
+    assert main(["validate", "pipelines/demo_images.yaml"]) == 0
+    pairs = pq.read_table(REPO / "data" / "demo_pairs.parquet").to_pylist()
+    present = [p for p in pairs if (REPO / p["url"].removeprefix("file:")).exists()]
+    assert len(pairs) - len(present) == 1  # one deliberately missing file
