@@ -441,3 +441,22 @@ def test_demo_image_pipeline_is_valid_and_its_bundled_pairs_exist(monkeypatch, c
     pairs = pq.read_table(REPO / "data" / "demo_pairs.parquet").to_pylist()
     present = [p for p in pairs if (REPO / p["url"].removeprefix("file:")).exists()]
     assert len(pairs) - len(present) == 1  # one deliberately missing file
+
+
+@pytest.mark.slow
+def test_img2dataset_processes_and_runner_workers_give_the_same_manifest(tmp_path, image_server):
+    """processes_count > 1 goes through img2dataset's multiprocessing distributor, inside runner workers."""
+    pq.write_table(pairs_table(image_server), tmp_path / "pairs.parquet")
+    results = []
+    for name, workers, processes in (("one", 1, 1), ("many", 2, 2)):
+        cfg = write_download_config(tmp_path / f"{name}.yaml", tmp_path / "pairs.parquet", tmp_path / name)
+        text = cfg.read_text().replace("workers: 1", f"workers: {workers}")
+        cfg.write_text(text.replace("thread_count: 16", f"thread_count: 16, processes_count: {processes}"))
+        assert main(["run", str(cfg)]) == 0
+        t = manifest(tmp_path / name).sort_by("uid")
+        results.append(t.select(["uid", "status", "drop_reason", "width", "sha256"]))
+        if processes == 2:  # a batch of 4 kept rows became 2 img2dataset shards: 2 tars in its directory
+            assert any(
+                len(list(d.glob("*.tar"))) == 2 for d in (tmp_path / name / "images").glob("shard-*/*")
+            )
+    assert results[0].equals(results[1])
