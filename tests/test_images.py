@@ -460,3 +460,21 @@ def test_img2dataset_processes_and_runner_workers_give_the_same_manifest(tmp_pat
                 len(list(d.glob("*.tar"))) == 2 for d in (tmp_path / name / "images").glob("shard-*/*")
             )
     assert results[0].equals(results[1])
+
+
+def test_select_exits_1_listing_images_it_could_not_read_and_writes_the_rest(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.jpg", "gone.jpg"):
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / name)
+    (folder / "bad.gif").write_bytes(b"GIF89a but not really")
+    for name in ("a", "gone", "bad"):
+        (folder / f"{name}.txt").write_text(GOOD)
+    cfg = caption_config(tmp_path / "c.yaml", "image_folder", folder, tmp_path / "out")
+    assert main(["run", str(cfg)]) == 0
+    (folder / "gone.jpg").unlink()
+    capsys.readouterr()
+    assert main(["select", str(tmp_path / "out"), "--out", str(tmp_path / "sel")]) == 1
+    assert json.loads((tmp_path / "sel" / "sizes.json").read_text()) == {"00000.tar": 1}
+    err = capsys.readouterr().err
+    assert "2 selected images could not be read" in err and "gone.jpg" in err and "bad.gif" in err
