@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.schema import STAGE_COLUMNS
 from curation.stages.base import Resources, Stage
 
 # img2dataset's per-sample columns we carry, under img2dataset's names.
@@ -240,8 +241,6 @@ class Download(Stage):
             if out["status"][i] is None:  # img2dataset logs and skips a sample whose handling raised
                 out["status"][i] = "failed_to_download"
                 out["error_message"][i] = "img2dataset wrote no record for this sample"
-        from curation.schema import STAGE_COLUMNS
-
         return pa.table({c: pa.array(out[c], STAGE_COLUMNS[c]) for c in DOWNLOAD_COLUMNS})
 
     # ------------------------------------------------------------------ decide
