@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 from curation.stages.base import Resources, Stage, StageContext, apply_stage
 from curation.stages.caption import CaptionAction, CaptionComplexity
+from curation.stages.text_spotting import TextSpotting
 
 if TYPE_CHECKING:
     from curation.config import Config
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (CaptionComplexity, CaptionAction)}
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (CaptionComplexity, CaptionAction, TextSpotting)}
 
 __all__ = ["STAGES", "Resources", "Stage", "StageContext", "apply_stage", "build_stages", "check_pipeline"]
 
