@@ -39,6 +39,7 @@ import io
 import math
 import os
 import re
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -231,11 +232,14 @@ class OcrEngine:
         self.imgH = int(getattr(easyocr_module, "imgH", 64))
         # As Reader.recognize: characters outside the language's set are ignored.
         self.ignore_char = "".join(set(self.reader.character) - set(self.reader.lang_char))
+        # Wall seconds per phase, summed over batches (read by the benchmark and by logs).
+        self.timings: dict[str, float] = defaultdict(float)
         self._pool = ThreadPoolExecutor(max(1, params.cpus), "ocr-decode") if device == "cuda" else None
 
     # ------------------------------------------------------------------ batching
 
     def decoded(self, images: list[bytes | None]) -> Iterator[_Decoded]:
+        """Decoded rows, in order."""
         p = self.params
         args = (p.canvas_size, p.mag_ratio, p.max_pixels)
         if self._pool is None:
@@ -249,7 +253,11 @@ class OcrEngine:
         results: list[Any] = [None] * len(images)
         pending: list[tuple[int, _Decoded]] = []
         step = max(1, self.params.detect_batch_size)
-        for i, d in enumerate(self.decoded(images)):
+        decoded = self.decoded(images)
+        for i in range(len(images)):
+            start = time.perf_counter()
+            d = next(decoded)  # on CUDA this only waits when the decode threads fall behind
+            self.timings["decode"] += time.perf_counter() - start
             if d.status != "ok":
                 results[i] = d.status
                 continue
@@ -262,8 +270,12 @@ class OcrEngine:
         return results
 
     def _run_batch(self, items: list[tuple[int, _Decoded]], results: list[Any]) -> None:
+        start = time.perf_counter()
         boxes = self.detect([d for _, d in items])
+        middle = time.perf_counter()
         texts = self.recognize([(d.grey, h, f) for (_, d), (h, f) in zip(items, boxes)])
+        self.timings["detect"] += middle - start
+        self.timings["recognize"] += time.perf_counter() - middle
         for (i, d), (h, f), found in zip(items, boxes, texts):
             results[i] = ("ok", found, _union_area(h, f, d))
 
