@@ -240,25 +240,32 @@ def test_stage_through_apply_stage(stage):
 
 
 def test_page_has_text_and_unrelated_caption_is_kept(stage):
-    page = skdata.page()  # 191x384 greyscale scan of a text page
+    page = skdata.page()[:100]  # top of a 191x384 greyscale scan of a text page (the full page is slow on CPU)
     out = apply_stage(stage, pa.table({"caption": ["a photo of a mountain lake"], "image": [encode(page, "PNG")]}))
     row = out.to_pylist()[0]
-    assert row["ocr_status"] == "ok" and row["ocr_boxes"] >= 5 and row["ocr_area"] > 0.2
+    assert row["ocr_status"] == "ok" and row["ocr_boxes"] >= 3 and row["ocr_area"] > 0.2
     assert "segmentation" in row["ocr_text"].lower()
     assert row["keep"] and row["drop_reason"] is None
-    # the same page with a caption quoting it is dropped
-    out = apply_stage(stage, pa.table({"caption": ["Region-based segmentation"], "image": [encode(page, "PNG")]}))
-    assert out.column("drop_reason").to_pylist() == ["text_spotting"]
+    # a caption quoting the page would be dropped (one OCR pass: CPU OCR is slow)
+    assert caption_overlap("Region-based segmentation", row["ocr_text"]) >= 0.5
 
 
-def test_same_words_as_readtext(stage):
-    """The batched path finds the words EasyOCR's own readtext finds (images below the canvas)."""
-    images = [encode(skdata.page(), "PNG"), encode(text_image("Fresh bread every morning")), encode(small(skdata.coffee()))]
-    out = stage.compute(pa.table({"caption": ["x"] * 3, "image": images}))
+def _assert_same_words_as_readtext(stage, images):
+    out = stage.compute(pa.table({"caption": ["x"] * len(images), "image": images}))
     reader = stage._engine.reader
     for got, img in zip(out.column("ocr_text").to_pylist(), images):
         expected = " ".join(t for _, t, _ in reader.readtext(img))
         assert tokens(got) == tokens(expected)
+
+
+def test_same_words_as_readtext(stage):
+    """The batched path finds the words EasyOCR's own readtext finds (images below the canvas)."""
+    _assert_same_words_as_readtext(stage, [encode(text_image("Fresh bread every morning")), encode(small(skdata.coffee()))])
+
+
+@pytest.mark.slow
+def test_same_words_as_readtext_on_a_page(stage):
+    _assert_same_words_as_readtext(stage, [encode(skdata.page(), "PNG"), encode(skdata.text(), "PNG")])
 
 
 def test_empty_and_all_failed_batches(stage):
