@@ -225,6 +225,9 @@ class OcrEngine:
             precision = "fp16" if device == "cuda" else "fp32"
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.detector = det.to(device=device, dtype=self.dtype).eval()
+        if device == "cuda":
+            # Every detector forward has the same canvas shape, so tuning kernels once pays off.
+            torch.backends.cudnn.benchmark = True
         self.mean = torch.tensor(_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(_STD, device=device).view(1, 3, 1, 1)
         from easyocr import easyocr as easyocr_module
