@@ -47,6 +47,12 @@ STAGE_COLUMNS: dict[str, pa.DataType] = {
     "image_path": pa.string(),
     # Encoded image bytes handed from download/sources to image stages; transient.
     "image": pa.binary(),
+    # text_spotting (METHODS.md §1c; definitions in curation/stages/text_spotting.py)
+    "ocr_text": pa.string(),
+    "ocr_boxes": pa.int32(),
+    "ocr_area": pa.float32(),  # union of text boxes / image area
+    "ocr_caption_overlap": pa.float32(),
+    "ocr_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
 }
 
 # Decision columns, always last.

@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING
 from curation.stages.base import Resources, Stage, StageContext, apply_stage
 from curation.stages.caption import CaptionAction, CaptionComplexity
 from curation.stages.download import Download
+from curation.stages.text_spotting import TextSpotting
 
 if TYPE_CHECKING:
     from curation.config import Config
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (CaptionComplexity, CaptionAction, Download)}
+STAGES: dict[str, type[Stage]] = {
+    cls.name: cls for cls in (CaptionComplexity, CaptionAction, Download, TextSpotting)
+}
 
 __all__ = ["STAGES", "Resources", "Stage", "StageContext", "apply_stage", "build_stages", "check_pipeline"]
 
