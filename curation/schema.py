@@ -58,7 +58,8 @@ STAGE_COLUMNS: dict[str, pa.DataType] = {
 # Decision columns, always last.
 DECISION_COLUMNS: dict[str, pa.DataType] = {
     "keep": pa.bool_(),
-    "drop_reason": pa.string(),
+    "drop_reason": pa.string(),  # why: complexity, action, download, decode, text_spotting
+    "drop_stage": pa.string(),  # which configured stage dropped it (two stages may share a reason)
 }
 
 # Columns that travel between stages in memory but are never written to a

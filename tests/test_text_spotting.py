@@ -66,10 +66,20 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A valid PNG header claiming 10^10 pixels, with almost no data: must be refused unread."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +93,13 @@ def stage() -> TextSpotting:
 
 
 def test_tokens_rules():
-    assert tokens("A Dog, running! on the BEACH") == {"dog", "running", "on", "the", "beach"}  # "a" is too short
+    assert tokens("A Dog, running! on the BEACH") == {
+        "dog",
+        "running",
+        "on",
+        "the",
+        "beach",
+    }  # "a" is too short
     assert tokens("e-mail x_y 3D 42 i") == {"mail", "3d", "42"}  # '-' and '_' split; 1-char dropped
     assert tokens("Café crème") == {"café", "crème"}  # Unicode letters count
     assert tokens("") == set() and tokens(None) == set() and tokens("a . !") == set()
@@ -103,8 +119,12 @@ def test_reading_order_lines_then_left_to_right():
     def box(x0, y0, x1, y1):
         return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
 
-    found = [(box(300, 12, 360, 58), "dog"), (box(10, 10, 40, 50), "a"), (box(50, 10, 280, 50), "running"),
-             (box(10, 100, 90, 140), "next")]
+    found = [
+        (box(300, 12, 360, 58), "dog"),
+        (box(10, 10, 40, 50), "a"),
+        (box(50, 10, 280, 50), "running"),
+        (box(10, 100, 90, 140), "next"),
+    ]
     assert [t for _, t in reading_order(found)] == ["a", "running", "dog", "next"]
 
 
@@ -169,7 +189,15 @@ def test_decide_rules():
             "ocr_status": pa.array(["ok", "ok", "ok", "ok", "decode_error", "no_image", None]),
         }
     )
-    assert st.decide(t).to_pylist() == [None, None, "text_spotting", "text_spotting", "decode", "decode", None]
+    assert st.decide(t).to_pylist() == [
+        None,
+        None,
+        "text_spotting",
+        "text_spotting",
+        "decode",
+        "decode",
+        None,
+    ]
 
 
 def test_check_reports_config_problems(tmp_path):
@@ -177,7 +205,9 @@ def test_check_reports_config_problems(tmp_path):
     problems = st.check()
     assert any("craft_mlt_25k.pth" in p for p in problems)
     assert TextSpotting(TextSpottingParams(device="cpu"), CTX).check() == []
-    assert any("max_overlap" in p for p in TextSpotting(TextSpottingParams(device="cpu", max_overlap=2), CTX).check())
+    assert any(
+        "max_overlap" in p for p in TextSpotting(TextSpottingParams(device="cpu", max_overlap=2), CTX).check()
+    )
     import torch
 
     if not torch.cuda.is_available():
@@ -201,8 +231,16 @@ def test_stage_through_apply_stage(stage):
         ("a cat lying on a table", encode(small(skdata.chelsea()))[:500], True),
         ("a big sale sign", png_bomb(), True),
         ("big sale today", encode(text_image("BIG SALE TODAY", mode="L", bg=255, fg=0), "PNG"), True),
-        ("big sale today", encode(text_image("BIG SALE TODAY", mode="CMYK", bg=(0, 0, 0, 0), fg=(0, 0, 0, 255))), True),
-        ("big sale today", encode(text_image("BIG SALE TODAY", mode="RGBA", bg=(0, 0, 0, 0), fg=(0, 0, 0, 255)), "PNG"), True),
+        (
+            "big sale today",
+            encode(text_image("BIG SALE TODAY", mode="CMYK", bg=(0, 0, 0, 0), fg=(0, 0, 0, 255))),
+            True,
+        ),
+        (
+            "big sale today",
+            encode(text_image("BIG SALE TODAY", mode="RGBA", bg=(0, 0, 0, 0), fg=(0, 0, 0, 255)), "PNG"),
+            True,
+        ),
         ("big sale today", encode(text_image("BIG SALE TODAY").convert("P"), "PNG"), True),
     ]
     n = len(rows)
@@ -222,7 +260,10 @@ def test_stage_through_apply_stage(stage):
     status = [r["ocr_status"] for r in got]
     assert status == ["ok", "ok", "ok", None, "no_image", "truncated", "too_large", "ok", "ok", "ok", "ok"]
     reasons = [r["drop_reason"] for r in got]
-    assert reasons == [None, None, "text_spotting", "complexity", "decode", "decode", "decode"] + ["text_spotting"] * 4
+    assert (
+        reasons
+        == [None, None, "text_spotting", "complexity", "decode", "decode", "decode"] + ["text_spotting"] * 4
+    )
     assert [r["keep"] for r in got] == [r is None for r in reasons]
 
     photo, text = got[0], got[2]
@@ -240,8 +281,12 @@ def test_stage_through_apply_stage(stage):
 
 
 def test_page_has_text_and_unrelated_caption_is_kept(stage):
-    page = skdata.page()[:100]  # top of a 191x384 greyscale scan of a text page (the full page is slow on CPU)
-    out = apply_stage(stage, pa.table({"caption": ["a photo of a mountain lake"], "image": [encode(page, "PNG")]}))
+    page = skdata.page()[
+        :100
+    ]  # top of a 191x384 greyscale scan of a text page (the full page is slow on CPU)
+    out = apply_stage(
+        stage, pa.table({"caption": ["a photo of a mountain lake"], "image": [encode(page, "PNG")]})
+    )
     row = out.to_pylist()[0]
     assert row["ocr_status"] == "ok" and row["ocr_boxes"] >= 3 and row["ocr_area"] > 0.2
     assert "segmentation" in row["ocr_text"].lower()
@@ -260,7 +305,9 @@ def _assert_same_words_as_readtext(stage, images):
 
 def test_same_words_as_readtext(stage):
     """The batched path finds the words EasyOCR's own readtext finds (images below the canvas)."""
-    _assert_same_words_as_readtext(stage, [encode(text_image("Fresh bread every morning")), encode(small(skdata.coffee()))])
+    _assert_same_words_as_readtext(
+        stage, [encode(text_image("Fresh bread every morning")), encode(small(skdata.coffee()))]
+    )
 
 
 @pytest.mark.slow
@@ -306,7 +353,9 @@ def test_photos_kept_and_text_dropped_at_full_size(stage):
         rows.append((phrase, encode(img)))
     out = apply_stage(stage, pa.table({"caption": [r[0] for r in rows], "image": [r[1] for r in rows]}))
     reasons = out.column("drop_reason").to_pylist()
-    assert reasons == [None] * len(photos) + ["text_spotting"] * len(phrases), out.column("ocr_text").to_pylist()
+    assert reasons == [None] * len(photos) + ["text_spotting"] * len(phrases), out.column(
+        "ocr_text"
+    ).to_pylist()
 
     reader = stage._engine.reader
     for got, (_, img) in zip(out.column("ocr_text").to_pylist(), rows):

