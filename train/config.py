@@ -17,7 +17,15 @@ import yaml
 
 from curation.config import ConfigError, _build, _closest_line, _fmt, _line_index, _set_path
 
-__all__ = ["ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+]
 
 
 @dataclass
@@ -134,7 +142,10 @@ def parse_train_config(
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError([f"malformed YAML at {where}{getattr(e, 'problem', None) or e}"], source) from None
     if not isinstance(data, dict):
-        raise ConfigError(["the config must be a YAML mapping with keys data, output_dir, model, loss, optim, train"], source)
+        raise ConfigError(
+            ["the config must be a YAML mapping with keys data, output_dir, model, loss, optim, train"],
+            source,
+        )
     lines = _line_index(node)
     errors: list[str] = []
 

@@ -41,7 +41,9 @@ def load_for_eval(checkpoint: str | None, model_name: str | None = None, device:
 
 
 @torch.no_grad()
-def encode_images(built: BuiltModel, images: Sequence, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+def encode_images(
+    built: BuiltModel, images: Sequence, batch_size: int = 256, device: str = "cpu"
+) -> torch.Tensor:
     """`images`: PIL images (or uint8 HxW arrays); returns L2-normalised embeddings."""
     from PIL import Image
 
@@ -55,7 +57,9 @@ def encode_images(built: BuiltModel, images: Sequence, batch_size: int = 256, de
 
 
 @torch.no_grad()
-def encode_texts(built: BuiltModel, texts: Sequence[str], batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
+def encode_texts(
+    built: BuiltModel, texts: Sequence[str], batch_size: int = 512, device: str = "cpu"
+) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), batch_size):
         tokens = built.tokenizer(list(texts[i : i + batch_size])).to(device)
@@ -63,7 +67,9 @@ def encode_texts(built: BuiltModel, texts: Sequence[str], batch_size: int = 512,
     return torch.cat(out)
 
 
-def zero_shot_classifier(built: BuiltModel, classnames: Sequence[str], templates: Sequence[str], device: str = "cpu") -> torch.Tensor:
+def zero_shot_classifier(
+    built: BuiltModel, classnames: Sequence[str], templates: Sequence[str], device: str = "cpu"
+) -> torch.Tensor:
     """[D, C]: per class, the renormalised mean of its prompt embeddings (CLIP's prompt ensembling)."""
     prompts = [t.format(c) for c in classnames for t in templates]
     emb = encode_texts(built, prompts, device=device).view(len(classnames), len(templates), -1)
@@ -87,7 +93,9 @@ def zero_shot_accuracy(
     return ZeroShotResult(top1=top1, top5=top5, n=len(y))
 
 
-def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_recall(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """Recall@k for pairs (image i, text i): image->text and text->image."""
     sims = image_emb @ text_emb.T
     target = torch.arange(len(sims))
@@ -121,14 +129,17 @@ def read_pairs(shards: list[str], limit: int | None = None) -> tuple[list, list[
     return images, captions
 
 
-def fashion_mnist_zero_shot(built: BuiltModel, source: str = "subset", device: str = "cpu",
-                            limit: int | None = None) -> ZeroShotResult:
+def fashion_mnist_zero_shot(
+    built: BuiltModel, source: str = "subset", device: str = "cpu", limit: int | None = None
+) -> ZeroShotResult:
     from train import fashion_mnist
 
     images, labels = fashion_mnist.load("test", source)  # type: ignore[arg-type]
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    return zero_shot_accuracy(built, list(images), labels, fashion_mnist.CLASSES, fashion_mnist.TEMPLATES, device)
+    return zero_shot_accuracy(
+        built, list(images), labels, fashion_mnist.CLASSES, fashion_mnist.TEMPLATES, device
+    )
 
 
 ProgressFn = Callable[[str], None]

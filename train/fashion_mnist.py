@@ -19,7 +19,18 @@ from typing import Literal
 
 import numpy as np
 
-CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+CLASSES = [
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 # Captions for training shards (rotated per sample) and the zero-shot prompt ensemble.
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}."]
 SUBSET = Path(__file__).parent / "assets" / "fashion_mnist_subset.npz"
@@ -39,7 +50,9 @@ def load(split: Literal["train", "test"], source: Source = "subset") -> tuple[np
     prefix = "train" if split == "train" else "t10k"
     images_path = DEBIAN_DIR / f"{prefix}-images-idx3-ubyte.gz"
     if not images_path.exists():
-        raise FileNotFoundError(f"{images_path} missing: apt-get install dataset-fashion-mnist, or use source='subset'")
+        raise FileNotFoundError(
+            f"{images_path} missing: apt-get install dataset-fashion-mnist, or use source='subset'"
+        )
     images = _idx(images_path, 16).reshape(-1, 28, 28)
     labels = _idx(DEBIAN_DIR / f"{prefix}-labels-idx1-ubyte.gz", 8).astype(np.int64)
     return images, labels
@@ -87,8 +100,11 @@ def write_shards(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.fashion_mnist", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train.fashion_mnist",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("subset", help="regenerate the committed subset from the Debian package")
     s.add_argument("--out", type=Path, default=SUBSET)

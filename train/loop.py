@@ -80,8 +80,16 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 class WarmupCosine:
     """LR multiplier at step s: linear warm-up ((s+1)/warmup, as open_clip), then cosine to min_lr."""
 
-    def __init__(self, base_lr: float, warmup: int, total: int, min_lr: float = 0.0, cosine: bool = True) -> None:
-        self.base_lr, self.warmup, self.total, self.min_lr, self.cosine = base_lr, warmup, total, min_lr, cosine
+    def __init__(
+        self, base_lr: float, warmup: int, total: int, min_lr: float = 0.0, cosine: bool = True
+    ) -> None:
+        self.base_lr, self.warmup, self.total, self.min_lr, self.cosine = (
+            base_lr,
+            warmup,
+            total,
+            min_lr,
+            cosine,
+        )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -140,7 +148,11 @@ class MetricsWriter:
         self.path = output_dir / "metrics.jsonl"
         if self.path.exists():
             # Drop records past the checkpoint we resume from (a crashed run may have logged them).
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            keep = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln and json.loads(ln)["step"] <= resume_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         self.file = self.path.open("a")
         self.tb = None
@@ -188,7 +200,9 @@ def total_steps(cfg: TrainConfig, world_size: int, num_samples: int | None) -> i
     if cfg.train.steps is not None:
         return cfg.train.steps
     if num_samples is None:
-        raise ValueError("train.epochs needs sample counts: put sizes.json beside the shards or set data.sizes")
+        raise ValueError(
+            "train.epochs needs sample counts: put sizes.json beside the shards or set data.sizes"
+        )
     assert cfg.train.epochs is not None
     return max(1, math.ceil(cfg.train.epochs * num_samples / (cfg.train.batch_size * world_size)))
 
@@ -244,7 +258,9 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         if dist.is_main:
             log.info("resumed from %s at step %d", ckpt_path, start_step)
             if not same:
-                log.warning("world size or data.workers changed since the checkpoint: the data order will differ")
+                log.warning(
+                    "world size or data.workers changed since the checkpoint: the data order will differ"
+                )
 
     train_model: torch.nn.Module = model
     if dist.world_size > 1:
@@ -255,8 +271,15 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
     loss_fn = build_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.beta)
 
     stream = ShardStream(
-        shards, r.batch_size, built.preprocess_train, built.tokenizer, seed=r.seed, rank=dist.rank,
-        world_size=dist.world_size, shuffle_buffer=cfg.data.shuffle_buffer, start_step=start_step,
+        shards,
+        r.batch_size,
+        built.preprocess_train,
+        built.tokenizer,
+        seed=r.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        start_step=start_step,
     )
     batches = iter(make_loader(stream, cfg.data.workers, pin_memory=device.type == "cuda"))
     # Creating the loader iterator draws from the RNG; restore afterwards so resume matches exactly.
@@ -272,7 +295,13 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
 
     global_batch = r.batch_size * dist.world_size
     pending: list[tuple[int, torch.Tensor, float, torch.Tensor]] = []
-    window_start, last_loss, checkpoint, total_time, timed_steps = time.perf_counter(), float("nan"), None, 0.0, 0
+    window_start, last_loss, checkpoint, total_time, timed_steps = (
+        time.perf_counter(),
+        float("nan"),
+        None,
+        0.0,
+        0,
+    )
     model.train()
 
     def flush() -> None:
@@ -287,14 +316,22 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         mem = _memory_gb(device)
         for step, loss, lr, scale in pending:
             last_loss = float(loss)
-            rec = {"step": step, "loss": last_loss, "lr": lr, "logit_scale": float(scale),
-                   "samples_per_s": sps, "mem_gb": mem}
+            rec = {
+                "step": step,
+                "loss": last_loss,
+                "lr": lr,
+                "logit_scale": float(scale),
+                "samples_per_s": sps,
+                "mem_gb": mem,
+            }
             if metrics is not None:
                 metrics.write(rec)
         if metrics is not None:
             metrics.file.flush()
         if bar is not None:
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{pending[-1][2]:.2e}", sps=f"{sps:.0f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{last_loss:.4f}", lr=f"{pending[-1][2]:.2e}", sps=f"{sps:.0f}", refresh=False
+            )
             bar.update(len(pending))
         pending.clear()
         window_start = time.perf_counter()
@@ -325,18 +362,21 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
             flush()
             checkpoint = out_dir / "checkpoints" / f"step_{step:08d}.pt"
             if dist.is_main:
-                save_checkpoint(checkpoint, {
-                    "step": step,
-                    "model_name": built.name,
-                    "state_dict": model.state_dict(),  # unwrapped: loads in open_clip as is
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(),
-                    "world_size": dist.world_size,
-                    "workers": cfg.data.workers,
-                    "config": cfg.to_dict(),
-                })
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "step": step,
+                        "model_name": built.name,
+                        "state_dict": model.state_dict(),  # unwrapped: loads in open_clip as is
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": _rng_state(),
+                        "world_size": dist.world_size,
+                        "workers": cfg.data.workers,
+                        "config": cfg.to_dict(),
+                    },
+                )
                 if r.keep_checkpoints:
                     for old in list_checkpoints(out_dir)[: -r.keep_checkpoints]:
                         old.unlink(missing_ok=True)
@@ -351,4 +391,6 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
     if checkpoint is None:
         checkpoint = latest_checkpoint(out_dir)
     sps = global_batch * timed_steps / total_time if total_time > 0 else float("nan")
-    return TrainResult(steps=n_steps, final_loss=last_loss, samples_per_s=sps, checkpoint=checkpoint, output_dir=out_dir)
+    return TrainResult(
+        steps=n_steps, final_loss=last_loss, samples_per_s=sps, checkpoint=checkpoint, output_dir=out_dir
+    )

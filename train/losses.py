@@ -26,7 +26,9 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_with_grad(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_with_grad(
+    image_features: torch.Tensor, text_features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate features of all ranks in rank order; gradients flow back to their owners."""
     _, world_size = _world()
     if world_size == 1:

@@ -34,7 +34,9 @@ def resolve_model_name(name: str) -> str:
         open_clip.add_model_config(path)
         return path.stem
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {name!r}; a JSON config path also works. Known: {open_clip.list_models()}")
+        raise ValueError(
+            f"unknown open_clip model {name!r}; a JSON config path also works. Known: {open_clip.list_models()}"
+        )
     return name
 
 

@@ -9,6 +9,7 @@ open_clip's own trainer reads the same directory with `--train-data "DIR/{00000.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from collections.abc import Iterable
@@ -35,36 +36,28 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def write_shards(
-    out_dir: str | Path, samples: Iterable[ShardSample], samples_per_shard: int = 1000, image_format: str = "png"
+    out_dir: str | Path,
+    samples: Iterable[ShardSample],
+    samples_per_shard: int = 1000,
+    image_format: str = "png",
 ) -> dict[str, int]:
     """Write shards + sizes.json; returns the sizes map. Each tar is written to a temp name then renamed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sizes: dict[str, int] = {}
-    tar: tarfile.TarFile | None = None
-    tmp: Path | None = None
-    name = ""
-
-    def close() -> None:
-        if tar is not None and tmp is not None:
-            tar.close()
-            tmp.replace(out / name)
-
     ext = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}[image_format.lower()]
-    for i, s in enumerate(samples):
-        if i % samples_per_shard == 0:
-            close()
-            name = f"{len(sizes):05d}.tar"
-            tmp = out / (name + ".tmp")
-            tar = tarfile.open(tmp, "w")
-            sizes[name] = 0
-        buf = io.BytesIO()
-        s.image.save(buf, format="PNG" if ext == "png" else "JPEG", quality=95)
-        assert tar is not None
-        _add(tar, f"{s.key}.{ext}", buf.getvalue())
-        _add(tar, f"{s.key}.txt", s.caption.encode())
-        _add(tar, f"{s.key}.json", json.dumps({"uid": s.key, **s.meta}).encode())
-        sizes[name] += 1
-    close()
+    sizes: dict[str, int] = {}
+    it = iter(samples)
+    while chunk := list(itertools.islice(it, samples_per_shard)):
+        name = f"{len(sizes):05d}.tar"
+        tmp = out / (name + ".tmp")
+        with tarfile.open(tmp, "w") as tar:
+            for s in chunk:
+                buf = io.BytesIO()
+                s.image.save(buf, format="PNG" if ext == "png" else "JPEG", quality=95)
+                _add(tar, f"{s.key}.{ext}", buf.getvalue())
+                _add(tar, f"{s.key}.txt", s.caption.encode())
+                _add(tar, f"{s.key}.json", json.dumps({"uid": s.key, **s.meta}).encode())
+        tmp.replace(out / name)
+        sizes[name] = len(chunk)
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
     return sizes

@@ -29,7 +29,9 @@ def reference_hn_nce(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
         for i in range(k):
             neg = [j for j in range(k) if j != i]
             z = sum(torch.exp(beta * m[i, j]) for j in neg)
-            denom = alpha * torch.exp(m[i, i]) + sum((k - 1) * torch.exp(beta * m[i, j]) / z * torch.exp(m[i, j]) for j in neg)
+            denom = alpha * torch.exp(m[i, i]) + sum(
+                (k - 1) * torch.exp(beta * m[i, j]) / z * torch.exp(m[i, j]) for j in neg
+            )
             total = total - torch.log(torch.exp(m[i, i]) / denom)
         return total / k
 
@@ -62,7 +64,9 @@ def test_importance_weights_sum_to_k_minus_1_per_anchor(beta: float) -> None:
         assert torch.allclose(w.sum(dim=1), torch.full((k,), k - 1.0), atol=1e-5)
         assert torch.all(w.diagonal() == 0)
     # The t2i weights are normalised over images per text anchor, i.e. over columns of the logits.
-    expected = torch.softmax((beta * logits.T).masked_fill(torch.eye(k, dtype=torch.bool), -math.inf), dim=1) * (k - 1)
+    expected = torch.softmax(
+        (beta * logits.T).masked_fill(torch.eye(k, dtype=torch.bool), -math.inf), dim=1
+    ) * (k - 1)
     assert torch.allclose(w_t2i, expected, atol=1e-6)
     if beta > 0:  # harder negatives (higher similarity) get more weight
         row = logits[0, 1:]
@@ -133,7 +137,9 @@ def _rank_main(rank: int, world: int, port: int, x, y, out) -> None:
             loss.backward()
             out[(rank, name)] = {
                 "loss": loss.detach().clone(),
-                "grads": [p.grad.detach().clone() for p in [*img_tower.parameters(), *txt_tower.parameters()]],
+                "grads": [
+                    p.grad.detach().clone() for p in [*img_tower.parameters(), *txt_tower.parameters()]
+                ],
             }
     finally:
         dist.destroy_process_group()
