@@ -47,7 +47,7 @@ train:
 
 
 def test_semantic_checks() -> None:
-    with pytest.raises(ConfigError, match="exactly one of train.steps or train.epochs"):
+    with pytest.raises(ConfigError, match=r"exactly one of train\.steps or train\.epochs"):
         parse_train_config(GOOD.replace("steps: 10", "steps: 10\n  epochs: 1"))
     with pytest.raises(ConfigError, match="missing or not a string"):
         parse_train_config("data: {shards: a.tar}\ntrain: {steps: 1}\n")

@@ -47,9 +47,7 @@ def test_run_writes_metrics_and_open_clip_loadable_checkpoint(fmnist_shards, tmp
     from train.model import MODEL_CONFIG_DIR, build_model
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)
-    oc_model, _, preprocess = open_clip.create_model_and_transforms(
-        "curate-tiny", pretrained=str(result.checkpoint)
-    )
+    oc_model, _, _ = open_clip.create_model_and_transforms("curate-tiny", pretrained=str(result.checkpoint))
     ours = build_model("curate-tiny", str(result.checkpoint)).model
     oc_model.eval()
     ours.eval()
