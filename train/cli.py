@@ -97,12 +97,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _setup_logging() -> None:
+    # Our logger at INFO on rank 0; the root logger (where open_clip's chatty factory logs) at WARNING.
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(
-        level=logging.INFO if rank == "0" else logging.WARNING,
+        level=logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("train").setLevel(logging.INFO if rank == "0" else logging.WARNING)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -61,6 +61,9 @@ def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     device = pick_device(device_spec, d.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # As open_clip_train does: TF32 matmuls for fp32 on Ampere+ (~8% slower than fp16, near-fp32 accuracy).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return d, device

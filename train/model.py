@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +61,24 @@ def build_model(name: str, pretrained: str | None = None, device: str | torch.de
     if pretrained is not None and not Path(pretrained).is_file():
         # open_clip would treat an unknown string as a pretrained *tag* and download it; we never do.
         raise FileNotFoundError(f"pretrained must be a local checkpoint file, got {pretrained!r}")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        resolved, pretrained=pretrained, device=device, output_dict=True
-    )
+    with _QuietRandomInit():
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            resolved, pretrained=pretrained, device=device, output_dict=True
+        )
     return BuiltModel(model, resolved, preprocess_train, preprocess_val, open_clip.get_tokenizer(resolved))
+
+
+class _QuietRandomInit(logging.Filter):
+    """Random init is the normal case here, not a warning: drop that one root-logger line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+    def __enter__(self) -> None:
+        logging.getLogger().addFilter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeFilter(self)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
