@@ -98,7 +98,7 @@ def test_resume_repeats_the_uninterrupted_loss_curve(fmnist_shards, tmp_path, ma
         {"train": {"precision": "bf16", "steps": 2}},
         {"train": {"precision": "amp", "steps": 2}, "optim": {"grad_clip_norm": 1.0}},
         {"train": {"grad_checkpointing": True, "steps": 2}, "loss": {"name": "hn_nce"}},
-        {"train": {"epochs": 0.25, "steps": None}},  # 512 samples x 0.25 / 16 = 8 steps
+        {"train": {"epochs": 0.125, "steps": None}},  # 512 samples x 0.125 / 16 = 4 steps
     ],
     ids=["bf16", "amp", "grad-checkpointing-hn-nce", "epochs"],
 )
@@ -106,7 +106,7 @@ def test_precisions_and_options(fmnist_shards, tmp_path, make_config, sections) 
     out = tmp_path / "run"
     result = train(load_train_config(make_config(tmp_path / "c.yaml", fmnist_shards, out, **sections)))
     recs = _metrics(out)
-    assert len(recs) == result.steps == (8 if "epochs" in sections["train"] else 2)
+    assert len(recs) == result.steps == (4 if "epochs" in sections["train"] else 2)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
 
 
