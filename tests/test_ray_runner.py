@@ -1,0 +1,400 @@
+"""The Ray runner against real Ray: same output as the local runner, resume, failures, clusters.
+
+Ray 2.60 binds to the host's network address (not loopback) and turns token
+auth on. Every Ray process these tests start runs inside a private network
+namespace (`unshare -n`, loopback only), so no Ray port is ever reachable from
+outside this machine; the token is a random one passed in the environment
+(nothing is written to ~/.ray). Processes are started in their own session and
+stopped by their own process-group ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+DEMO = ROOT / "data" / "laion_captions_1k.parquet"
+CAPTIONS = "  - caption_complexity: {min: 2}\n  - caption_action: {min: 1}\n"
+
+
+def _netns_prefix() -> list[str] | None:
+    """A command prefix that runs its argument in a fresh network namespace with loopback up."""
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        return None
+    # -n needs root (CAP_SYS_ADMIN); -rn maps the user to root in a new user namespace.
+    for flags in (["-n"], ["-rn"]):
+        probe = subprocess.run(["unshare", *flags, "ip", "link", "set", "lo", "up"], capture_output=True)
+        if probe.returncode == 0:
+            return ["unshare", *flags, "sh", "-c", 'ip link set lo up && exec "$@"', "netns"]
+    return None
+
+
+NETNS = _netns_prefix()
+needs_netns = pytest.mark.skipif(
+    NETNS is None, reason="cannot create a network namespace (unshare -n / -rn); Ray must stay on loopback"
+)
+pytestmark = [pytest.mark.ray]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    env.update(NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # Token auth stays on, with a token that lives only in these processes' environment.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=SESSION_TOKEN)
+    # Ray Data's usage stats and its dashboard would only slow the tests down.
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_RECORD_ACTOR_TASK_LOGGING="0")
+    return env
+
+
+SESSION_TOKEN = secrets.token_hex(32)
+
+# Runs `curation.cli.main(argv)` with the test stages registered; with
+# CURATE_TEST_RAY_GPUS set, first starts a local Ray instance that advertises
+# that many (logical) GPUs, so the GPU pool path runs on a GPU-less machine.
+DRIVER = textwrap.dedent(
+    """
+    import os, sys
+    import ray_stages  # noqa: F401  registers the test stages
+    gpus = os.environ.get("CURATE_TEST_RAY_GPUS")
+    if gpus is not None:
+        import ray
+        ray.init(address="local", num_cpus=2, num_gpus=int(gpus), include_dashboard=False, log_to_driver=False)
+    from curation.cli import main
+    runs = [a.split() for a in sys.argv[1:]]
+    for argv in runs:
+        rc = main(argv)
+        print(f"RC={rc}", flush=True)
+    """
+)
+
+
+def curate(*runs: list[str], netns: bool = True, timeout: float = 240, extra_env=None):
+    """Run one or more `curate` command lines in one driver process (one Ray session)."""
+    cmd = [sys.executable, "-c", DRIVER, *(" ".join(r) for r in runs)]
+    if netns:
+        cmd = [*NETNS, *cmd]
+    env = {**_env(), **(extra_env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    codes = [int(line[3:]) for line in proc.stdout.splitlines() if line.startswith("RC=")]
+    return proc, codes
+
+
+def make_input(tmp: Path, copies: int = 1) -> Path:
+    """The bundled 1k LAION captions, replicated with distinct URLs so every uid is unique."""
+    t = pq.read_table(DEMO, columns=["URL", "TEXT"])
+    parts = [t.set_column(0, "URL", pa.array([f"{u}#{k}" for u in t.column(0).to_pylist()])) for k in range(copies)]
+    path = tmp / f"captions_{copies}k.parquet"
+    pq.write_table(pa.concat_tables(parts), path, row_group_size=1000)
+    return path
+
+
+def write_config(tmp: Path, name: str, data: Path, *, rows_per_shard: int, stages: str = CAPTIONS, runner: str = "") -> Path:
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(
+        f"input: {{path: {data}, url_column: URL, caption_column: TEXT, rows_per_shard: {rows_per_shard}}}\n"
+        f"output: {tmp / name}\n"
+        f"runner: {{progress: false, batch_rows: 100{runner}}}\n"
+        f"stages:\n{stages}"
+    )
+    return cfg
+
+
+def manifests(out: Path) -> pa.Table:
+    return pq.read_table(out / "manifests").sort_by("uid")
+
+
+def ledger(out: Path) -> dict[int, dict]:
+    return {json.loads(p.read_text())["shard"]: json.loads(p.read_text()) for p in (out / "ledger").glob("shard-?????.json")}
+
+
+def file_ids(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "manifests").glob("*.parquet")}
+
+
+def assert_same_rows(a: pa.Table, b: pa.Table) -> None:
+    assert a.num_rows == b.num_rows
+    assert a.column("uid").to_pylist() == b.column("uid").to_pylist()
+    assert len(set(a.column("uid").to_pylist())) == a.num_rows  # no row twice
+    assert a.schema == b.schema
+    assert a.equals(b), "scores or decisions differ between runners"
+
+
+# ---------------------------------------------------------------------------- default tests
+
+
+@needs_netns
+def test_ray_runner_matches_local_runner(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, "run", DEMO, rows_per_shard=250)
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    assert main(["run", str(cfg), "-o", str(local), "--workers", "1", "--no-progress"]) == 0
+
+    proc, codes = curate(["run", str(cfg), "-o", str(ray_out), "--runner", "ray"])
+    assert codes == [0], proc.stderr[-3000:]
+    assert "4 shard(s) written" in proc.stdout
+    assert_same_rows(manifests(ray_out), manifests(local))
+    assert {k: v["rows"] for k, v in ledger(ray_out).items()} == {0: 250, 1: 250, 2: 250, 3: 250}
+    assert not list((ray_out / "manifests" / ".tmp").iterdir())
+    for command in ("status", "stats"):
+        assert main([command, str(ray_out)]) == 0
+
+
+@needs_netns
+def test_gpu_pool_shard_failure_and_retry_of_only_that_shard(tmp_path: Path) -> None:
+    """Two actor pools (captions on CPU, a GPU stage on a logical GPU); one shard fails, a re-run fixes it."""
+    cfg0 = write_config(tmp_path, "ref", DEMO, rows_per_shard=250)
+    assert main(["run", str(cfg0), "-o", str(tmp_path / "caps"), "--workers", "1", "--no-progress"]) == 0
+    caps = manifests(tmp_path / "caps")
+    kept_in_2 = caps.filter(pa.compute.and_(caps.column("keep"), pa.compute.equal(caps.column("shard"), 2)))
+    poison = kept_in_2.column("uid")[0].as_py()  # the GPU stage is cascaded: it only sees kept rows
+    flag = tmp_path / "fail.flag"
+    flag.touch()
+    stages = CAPTIONS + f"  - test_chars: {{gpus: 0.5, fail_flag: {flag}, poison_uid: '{poison}'}}\n"
+    cfg = write_config(tmp_path, "run", DEMO, rows_per_shard=250, stages=stages)
+    out = tmp_path / "ray"
+
+    run = ["run", str(cfg), "-o", str(out), "--runner", "ray"]
+    proc, codes = curate(run, extra_env={"CURATE_TEST_RAY_GPUS": "1"})
+    assert codes == [1], proc.stderr[-3000:]
+    assert "shard 2 failed: RuntimeError: poisoned row" in proc.stderr
+    assert set(ledger(out)) == {0, 1, 3}
+    assert (out / "ledger" / "shard-00002.failed.json").exists()
+    before = file_ids(out)
+
+    flag.unlink()
+    proc, codes = curate(run, extra_env={"CURATE_TEST_RAY_GPUS": "1"})
+    assert codes == [0], proc.stderr[-3000:]
+    assert "1 shard(s) written, 3 already done" in proc.stdout
+    assert not (out / "ledger" / "shard-00002.failed.json").exists()
+    after = file_ids(out)
+    assert {k: after[k] for k in before} == before  # finished shards untouched
+
+    local = tmp_path / "local"
+    proc, codes = curate(["run", str(cfg), "-o", str(local), "--workers", "2", "--no-progress"], netns=False)
+    assert codes == [0], proc.stderr[-3000:]
+    assert_same_rows(manifests(out), manifests(local))
+    assert manifests(out).column("test_chars").null_count > 0  # rows the cascade skipped
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is: nothing listens there
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("127.0.0.1:{port}", "cannot reach the Ray cluster at runner.address='127.0.0.1:{port}'"),
+        ("ray://127.0.0.1:{port}", "cannot reach the Ray cluster"),
+        ("not-an-address", "is not an address"),
+    ],
+)
+def test_unreachable_address_fails_fast(tmp_path: Path, capsys, address: str, message: str) -> None:
+    port = _closed_port()
+    address, message = address.format(port=port), message.format(port=port)
+    cfg = write_config(tmp_path, "run", DEMO, rows_per_shard=250, runner=f", type: ray, address: '{address}'")
+    started = time.monotonic()
+    assert main(["run", str(cfg)]) == 2
+    assert time.monotonic() - started < 15
+    assert message in capsys.readouterr().err
+    assert not list((tmp_path / "run" / "manifests").glob("*.parquet"))
+
+
+@needs_netns
+def test_gpu_stage_on_gpu_less_cluster_fails_before_any_work(tmp_path: Path) -> None:
+    stages = CAPTIONS + "  - test_chars: {gpus: 1}\n"
+    cfg = write_config(tmp_path, "run", DEMO, rows_per_shard=250, stages=stages)
+    proc, codes = curate(["run", str(cfg), "--runner", "ray"], extra_env={"CURATE_TEST_RAY_GPUS": "0"})
+    assert codes == [2], proc.stderr[-3000:]
+    assert "stage(s) test_chars need 1 GPU(s) per worker, but the Ray cluster has no GPU" in proc.stderr
+    assert not list((tmp_path / "run" / "manifests").glob("*.parquet"))
+    assert not list((tmp_path / "run" / "ledger").iterdir())
+
+
+def test_laion_config_validates() -> None:
+    from curation.stages import STAGES
+
+    missing = {"download", "text_spotting"} - set(STAGES)
+    if missing:
+        pytest.xfail(f"needs download/text_spotting stages (missing here: {sorted(missing)})")
+    assert main(["validate", str(ROOT / "pipelines" / "laion.yaml")]) == 0
+
+
+# ---------------------------------------------------------------------------- slow tests
+
+
+def _start(cmd: list[str], **kw) -> subprocess.Popen:
+    # Own session: the whole tree (driver, raylet, workers) is one process group to stop by its id.
+    return subprocess.Popen(cmd, env=_env(), cwd=ROOT, start_new_session=True, **kw)
+
+
+def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    # Ray daemons leave the group by design (their own sessions); they share the
+    # namespace's net ns, so those are found and stopped by that.
+    for pid in _pids_in_netns(proc_ns_of_children.get(proc.pid)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+proc_ns_of_children: dict[int, str] = {}
+
+
+def _netns_of(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def _pids_in_netns(ns: str | None) -> list[int]:
+    if ns is None or ns == _netns_of(os.getpid()):
+        return []  # never touch processes of this (the host's) namespace
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _netns_of(int(p)) == ns]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _start_in_netns(argv: list[str]) -> subprocess.Popen:
+    proc = _start([*NETNS, sys.executable, "-c", DRIVER, " ".join(argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The driver's net ns, read once it exists: how the test finds every process of this run.
+    proc_ns_of_children[proc.pid] = _wait_for(
+        lambda: (ns := _netns_of(proc.pid)) != _netns_of(os.getpid()) and ns, 10, "the namespace"
+    )
+    return proc
+
+
+@pytest.mark.slow
+@needs_netns
+def test_driver_killed_mid_run_then_resume(tmp_path: Path) -> None:
+    data = make_input(tmp_path, copies=4)
+    cfg = write_config(tmp_path, "run", data, rows_per_shard=100)  # 40 shards
+    out = tmp_path / "run"
+    proc = _start_in_netns(["run", str(cfg), "--runner", "ray", "--workers", "2"])
+    try:
+        _wait_for(lambda: len(ledger(out)) >= 5, 180, "5 finished shards")
+    finally:
+        _stop_group(proc)  # SIGKILL: the driver gets no chance to clean up
+    done_before = ledger(out)
+    assert 5 <= len(done_before) < 40, "the run finished before it could be killed"
+    files_before = {k: v for k, v in file_ids(out).items()}
+
+    proc, codes = curate(["run", str(cfg), "--runner", "ray", "--workers", "2"])
+    assert codes == [0], proc.stderr[-3000:]
+    done_after = ledger(out)
+    assert f"{40 - len(done_before)} shard(s) written, {len(done_before)} already done" in proc.stdout or (
+        # a shard whose file was renamed into place just before the kill is adopted, not rewritten
+        f"already done" in proc.stdout
+    )
+    assert set(done_after) == set(range(40))
+    after = file_ids(out)
+    assert {k: after[k] for k in files_before} == files_before  # not one finished file rewritten
+    t = manifests(out)
+    assert t.num_rows == 4000 and len(set(t.column("uid").to_pylist())) == 4000
+    assert not list((out / "manifests" / ".tmp").iterdir())
+
+
+@pytest.mark.slow
+@needs_netns
+def test_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    data = make_input(tmp_path, copies=4)
+    cfg = write_config(tmp_path, "run", data, rows_per_shard=100)
+    out = tmp_path / "run"
+    proc = _start_in_netns(["run", str(cfg), "--runner", "ray", "--workers", "2"])
+    ns = proc_ns_of_children[proc.pid]
+    try:
+        _wait_for(lambda: len(ledger(out)) >= 3, 180, "3 finished shards")
+        workers = [p for p in _pids_in_netns(ns) if "MapBatches(_ShardWorker)" in _cmdline(p)]
+        assert workers, "no Ray Data actor process found"
+        os.kill(workers[0], signal.SIGKILL)  # a real signal to a real worker process, mid-run
+        killed_at = len(ledger(out))
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        _stop_group(proc)
+    assert killed_at < 40, "the run finished before the worker could be killed"
+    assert "RC=0" in stdout, stderr[-3000:]
+    t = manifests(out)
+    assert t.num_rows == 4000 and len(set(t.column("uid").to_pylist())) == 4000
+    assert set(ledger(out)) == set(range(40))
+    assert sum(e["rows"] for e in ledger(out).values()) == 4000
+
+
+@pytest.mark.slow
+@needs_netns
+def test_two_node_cluster(tmp_path: Path) -> None:
+    """`ray start --head` + `ray start --address` (two raylets: two nodes) on loopback; the run joins it."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = 6379
+    data = make_input(tmp_path, copies=2)
+    cfg = write_config(tmp_path, "run", data, rows_per_shard=100, runner=f", type: ray, address: '127.0.0.1:{port}'")
+    temp = tmp_path / "ray"  # a private Ray temp dir: never mixes with another Ray on this machine
+    # One namespace for the whole cluster: a holder process that the nodes and the driver join.
+    holder = _start([*NETNS, "sleep", "600"])
+    ns = _wait_for(lambda: (n := _netns_of(holder.pid)) != _netns_of(os.getpid()) and n, 10, "the namespace")
+    proc_ns_of_children[holder.pid] = ns
+    enter = ["nsenter", f"--net=/proc/{holder.pid}/ns/net"]
+    nodes: list[subprocess.Popen] = []
+    try:
+        common = ["--num-cpus=1", "--block", "--disable-usage-stats", f"--node-ip-address=127.0.0.1"]
+        head = [*enter, ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false", *common]
+        nodes.append(_start(head, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_for(lambda: _port_open(holder.pid, port), 60, "the head's GCS")
+        worker = [*enter, ray_bin, "start", f"--address=127.0.0.1:{port}", *common]
+        nodes.append(_start(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(3)
+
+        driver = [*enter, sys.executable, "-c", DRIVER, f"run {cfg}"]
+        proc = subprocess.run(driver, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+        assert "RC=0" in proc.stdout, proc.stderr[-3000:]
+        assert "ray: shards per node:" in proc.stderr  # both nodes took shards
+        t = manifests(tmp_path / "run")
+        assert t.num_rows == 2000 and len(set(t.column("uid").to_pylist())) == 2000
+    finally:
+        for node in reversed(nodes):
+            _stop_group(node, signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
+        _stop_group(holder)
+
+
+def _port_open(holder_pid: int, port: int) -> bool:
+    probe = ["nsenter", f"--net=/proc/{holder_pid}/ns/net", sys.executable, "-c",
+             f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
