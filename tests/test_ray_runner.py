@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -105,6 +106,7 @@ def curate(*runs: list[str], netns: bool = True, timeout: float = 240, extra_env
         cmd = [*NETNS, *cmd]
     env = {**_env(), **(extra_env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    _reap_zombies()
     codes = [int(line[3:]) for line in proc.stdout.splitlines() if line.startswith("RC=")]
     return proc, codes
 
@@ -285,6 +287,42 @@ def test_laion_config_validates() -> None:
 # ---------------------------------------------------------------------------- slow tests
 
 
+def _become_subreaper() -> None:
+    """Orphans of the Ray trees we kill become our children, so we can reap them.
+
+    Otherwise they are re-parented to PID 1, which in a container often never
+    reaps, and linger as zombies.
+    """
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+
+
+def _reap_zombies() -> None:
+    """Reap exited children of this process (and only those): orphaned Ray daemons."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state == "Z" and int(ppid) == os.getpid():
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry), os.WNOHANG)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _reaper():
+    _become_subreaper()
+    yield
+    time.sleep(0.5)  # daemons of the last driver exit just after it
+    _reap_zombies()
+
+
 def _start(cmd: list[str], **kw) -> subprocess.Popen:
     # Own session: the whole tree (driver, raylet, workers) is one process group to stop by its id.
     return subprocess.Popen(cmd, env=_env(), cwd=ROOT, start_new_session=True, **kw)
@@ -301,12 +339,15 @@ def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     for _ in range(50):
         left = _pids_in_netns(ns)
         if not left:
-            return
+            break
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
-    raise AssertionError(f"processes left in the test's network namespace: {_pids_in_netns(ns)}")
+    else:
+        raise AssertionError(f"processes left in the test's network namespace: {_pids_in_netns(ns)}")
+    time.sleep(0.2)
+    _reap_zombies()
 
 
 proc_ns_of_children: dict[int, str] = {}
@@ -422,7 +463,9 @@ def test_two_node_cluster(tmp_path: Path) -> None:
     cfg = write_config(
         tmp_path, "run", data, rows_per_shard=100, runner=f", type: ray, address: '127.0.0.1:{port}'"
     )
-    temp = tmp_path / "ray"  # a private Ray temp dir: never mixes with another Ray on this machine
+    # A private Ray temp dir (never mixes with another Ray on this machine), short
+    # because Ray puts Unix sockets in it (107-byte limit on their paths).
+    temp = Path(tempfile.mkdtemp(prefix="curate-ray-"))
     # One namespace for the whole cluster: a holder process that the nodes and the driver join.
     holder = _start([*NETNS, "sleep", "600"])
     ns = _wait_for(lambda: (n := _netns_of(holder.pid)) != _netns_of(os.getpid()) and n, 10, "the namespace")
@@ -445,18 +488,24 @@ def test_two_node_cluster(tmp_path: Path) -> None:
         _wait_for(lambda: _port_open(holder.pid, port), 60, "the head's GCS")
         worker = [*enter, ray_bin, "start", f"--address=127.0.0.1:{port}", *common]
         nodes.append(_start(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(3)
+        wait_nodes = (
+            f"import ray, time; ray.init(address='127.0.0.1:{port}', log_to_driver=False)\n"
+            "while len([n for n in ray.nodes() if n['Alive']]) < 2: time.sleep(0.2)"
+        )
+        subprocess.run([*enter, sys.executable, "-c", wait_nodes], env=_env(), timeout=120, check=True)
 
         driver = [*enter, sys.executable, "-c", DRIVER, f"run {cfg}"]
         proc = subprocess.run(driver, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
         assert "RC=0" in proc.stdout, proc.stderr[-3000:]
+        assert "ray: 2 node(s), 2 CPU(s)" in proc.stderr
         assert "ray: shards per node:" in proc.stderr  # both nodes took shards
         t = manifests(tmp_path / "run")
         assert t.num_rows == 2000 and len(set(t.column("uid").to_pylist())) == 2000
     finally:
         for node in reversed(nodes):
-            _stop_group(node, signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
-        _stop_group(holder)
+            _stop_group(node)
+        _stop_group(holder)  # and every process left in the cluster's namespace, by its id
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _port_open(holder_pid: int, port: int) -> bool:

@@ -22,7 +22,9 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
     config_hash = _hash(fingerprint)
     run = RunDir(config.output)
     with run.lock():
-        plan = run.prepare(fingerprint, config_hash, pipeline.source.plan(limit), [s.name for s in config.stages])
+        plan = run.prepare(
+            fingerprint, config_hash, pipeline.source.plan(limit), [s.name for s in config.stages]
+        )
         run.clean_tmp()
         pending = run.pending(plan)
         total_rows = sum(s.rows for s in pending) if all(s.row_end >= 0 for s in pending) else None

@@ -102,9 +102,15 @@ def _single_threaded_children():
 def _run_pool(config, run, pending, schema, progress, workers, summary) -> None:
     ctx = mp.get_context("spawn")  # fork after pyarrow/tqdm threads start is unsafe
     rows_queue = ctx.Queue()
-    with _single_threaded_children(), cf.ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(config, str(run.root), rows_queue)
-    ) as pool:
+    with (
+        _single_threaded_children(),
+        cf.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(config, str(run.root), rows_queue),
+        ) as pool,
+    ):
         futures = {pool.submit(_work, shard, schema): shard for shard in pending}
         not_done = set(futures)
         try:

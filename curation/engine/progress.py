@@ -8,7 +8,9 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total_rows: int | None, shards_total: int, shards_done: int, enabled: bool = True) -> None:
+    def __init__(
+        self, total_rows: int | None, shards_total: int, shards_done: int, enabled: bool = True
+    ) -> None:
         self.shards_total = shards_total
         self.shards_done = shards_done
         self.failed = 0

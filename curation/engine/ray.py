@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import sys
 import time
@@ -129,6 +128,12 @@ def run_ray(
     owned = connect(config.runner)
     try:
         sizes = size_pools(groups, config.runner, len(pending))
+        env = ray_environment()
+        pools = ", ".join(f"{g.label} x{n}" for g, n in zip(groups, sizes))
+        print(
+            f"ray: {env['nodes']} node(s), {env['cpus']} CPU(s), {env['gpus']} GPU(s); actor pools: {pools}",
+            file=sys.stderr,
+        )
         started = time.perf_counter()
         ds = build_dataset(config, run, pending, schema, groups, sizes)
         reported: set[int] = set()
@@ -415,5 +420,4 @@ def ray_environment() -> dict[str, str]:
         "nodes": str(len([n for n in ray.nodes() if n.get("Alive")])),
         "cpus": f"{res.get('CPU', 0):g}",
         "gpus": f"{res.get('GPU', 0):g}",
-        "pid": str(os.getpid()),
     }
