@@ -77,7 +77,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (RunConflict, RunLocked, RunnerError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
-        print("\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
+        print(
+            "\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr
+        )
         return 130
     rate = summary.rows / summary.seconds if summary.seconds else 0.0
     kept = f"{summary.kept:,} kept ({100 * summary.kept / summary.rows:.1f}%)" if summary.rows else "0 kept"
@@ -136,31 +138,28 @@ def cmd_query(args: argparse.Namespace) -> int:
             n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]
             print(f"wrote {n:,} rows to {args.out}")
             return EXIT_OK
-        rel = con.sql(sql)
-        if rel is None:
+        result = con.execute(sql)
+        if result.description is None:  # a statement without rows (e.g. SET)
             return EXIT_OK
+        columns = [d[0] for d in result.description]
         if args.format == "csv":
-            _write_csv(rel)
+            import csv
+
+            w = csv.writer(sys.stdout)
+            w.writerow(columns)
+            while batch := result.fetchmany(10_000):
+                w.writerows(batch)
         elif args.format == "json":
             import json
 
-            cols = rel.columns
-            for row in rel.fetchall():
-                print(json.dumps(dict(zip(cols, row)), default=str))
+            while batch := result.fetchmany(10_000):
+                for row in batch:
+                    print(json.dumps(dict(zip(columns, row)), default=str))
         else:
-            print(format_table(rel.columns, rel.fetchall(), max_rows=args.max_rows))
+            print(format_table(columns, result.fetchmany(args.max_rows + 1), max_rows=args.max_rows))
     except duckdb.Error as e:
         return _fail(f"query failed: {e}")
     return EXIT_OK
-
-
-def _write_csv(rel) -> None:
-    import csv
-
-    w = csv.writer(sys.stdout)
-    w.writerow(rel.columns)
-    while batch := rel.fetchmany(10_000):
-        w.writerows(batch)
 
 
 # ---------------------------------------------------------------------------- parser

@@ -121,7 +121,9 @@ def parse_config(
         errors.append(f"{_fmt(key) or '<top>'}{where}: {msg}")
 
     if not isinstance(data, dict):
-        raise ConfigError(["the config must be a YAML mapping with keys input, output, runner, stages"], source)
+        raise ConfigError(
+            ["the config must be a YAML mapping with keys input, output, runner, stages"], source
+        )
     for key, value in (overrides or {}).items():
         _set_path(data, key, value)
 
@@ -183,7 +185,7 @@ def _build_stages(raw: Any, err) -> list[StageSpec]:
         if not isinstance(item, dict) or len(item) != 1:
             err(key, "each stage is a single-key map `name: {params}`")
             continue
-        (name, params), = item.items()
+        ((name, params),) = item.items()
         if name not in STAGES:
             err(key, f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
             continue
@@ -276,9 +278,13 @@ def _type_name(tp: Any) -> str:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}.get(
-        tp, str(tp)
-    )
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        type(None): "null",
+    }.get(tp, str(tp))
 
 
 # --------------------------------------------------------------------------- helpers

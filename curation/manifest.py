@@ -89,7 +89,9 @@ class RunDir:
     def plan(self) -> list[Shard]:
         return [Shard.from_json(s) for s in self.record()["shards"]]
 
-    def prepare(self, fingerprint: dict, config_hash: str, plan: list[Shard], stage_names: list[str]) -> list[Shard]:
+    def prepare(
+        self, fingerprint: dict, config_hash: str, plan: list[Shard], stage_names: list[str]
+    ) -> list[Shard]:
         """Create the run record, or check that it matches; returns the plan to execute.
 
         On resume the stored plan wins, so adding files to an input glob does not
@@ -241,7 +243,9 @@ class ShardWriter:
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(self.tmp, self.final)
-        result = ShardResult(self.index, self.rows, self.kept, self.reasons, time.perf_counter() - self.started)
+        result = ShardResult(
+            self.index, self.rows, self.kept, self.reasons, time.perf_counter() - self.started
+        )
         self.run.commit_ledger(result)
         return result
 

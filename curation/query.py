@@ -46,7 +46,9 @@ def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
     con = connect(output)
     rows, kept = con.execute("SELECT count(*), count(*) FILTER (WHERE keep) FROM samples").fetchone()
     reasons = dict(
-        con.execute("SELECT drop_reason, count(*) FROM samples WHERE NOT keep GROUP BY 1 ORDER BY 2 DESC").fetchall()
+        con.execute(
+            "SELECT drop_reason, count(*) FROM samples WHERE NOT keep GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall()
     )
     planned = sum(s.rows for s in run.plan()) if run.exists() else None
 
@@ -139,7 +141,7 @@ def format_table(header: list[str], rows: list[tuple], max_rows: int | None = No
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     if max_rows is not None and len(rows) > max_rows:
-        out.append(f"... {len(rows) - max_rows} more rows (use --out FILE or --format csv)")
+        out.append("... more rows not shown (raise --max-rows, or use --out FILE or --format csv)")
     return "\n".join(out)
 
 
@@ -164,7 +166,9 @@ def render_stats(stats: dict[str, Any]) -> str:
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     lines = []
     planned = stats["rows_planned"]
-    lines.append(f"rows       {stats['rows']:,}" + (f" of {planned:,} planned" if planned is not None else ""))
+    lines.append(
+        f"rows       {stats['rows']:,}" + (f" of {planned:,} planned" if planned is not None else "")
+    )
     lines.append(f"kept       {stats['kept']:,} ({pct(stats['keep_rate'])})")
     if stats["filters"]:
         lines.append("\nfilters (in pipeline order; a row is counted at the first stage that drops it)")

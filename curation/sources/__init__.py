@@ -19,5 +19,7 @@ def make_source(cfg: InputConfig) -> Source:
 
 def check_input(cfg: InputConfig) -> list[Problem]:
     if cfg.format not in SOURCES:
-        return [(("input", "format"), f"{cfg.format!r} is not supported yet; known: {', '.join(sorted(SOURCES))}")]
+        return [
+            (("input", "format"), f"{cfg.format!r} is not supported yet; known: {', '.join(sorted(SOURCES))}")
+        ]
     return make_source(cfg).check()

@@ -33,15 +33,21 @@ class ParquetSource(Source):
             try:
                 schema = _open(f).schema_arrow
             except Exception as e:
-                problems.append((("input", "path"), f"{f} is not a readable Parquet file ({type(e).__name__}: {e})"))
+                problems.append(
+                    (("input", "path"), f"{f} is not a readable Parquet file ({type(e).__name__}: {e})")
+                )
                 continue
             names = schema.names
             for key, col in wanted.items():
                 if col not in names:
-                    problems.append((("input", key), f"column {col!r} not in {f}; it has: {', '.join(names)}"))
+                    problems.append(
+                        (("input", key), f"column {col!r} not in {f}; it has: {', '.join(names)}")
+                    )
             for col in cfg.columns or []:
                 if col not in names:
-                    problems.append((("input", "columns"), f"column {col!r} not in {f}; it has: {', '.join(names)}"))
+                    problems.append(
+                        (("input", "columns"), f"column {col!r} not in {f}; it has: {', '.join(names)}")
+                    )
             if len(problems) >= 10:
                 problems.append((("input", "path"), "(stopped after 10 problems)"))
                 break

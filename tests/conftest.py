@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.helpers import LAION_1K
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def laion_1k() -> pa.Table:
+    """1,000 real LAION url + caption rows (bundled)."""
+    return pq.read_table(LAION_1K, columns=["URL", "TEXT"])
+
+
+@pytest.fixture(scope="session")
+def scorer():
+    from curation.stages.caption import CaptionScorer
+
+    s = CaptionScorer()
+    s.load()
+    return s

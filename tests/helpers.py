@@ -1,0 +1,29 @@
+"""Test helpers shared across modules (conftest holds only fixtures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LAION_10K = REPO.parent / "shared" / "data" / "laion_captions_10k.parquet"
+LAION_1K = REPO / "data" / "laion_captions_1k.parquet"
+
+
+def write_config(path: Path, input_path: str | Path, output: str | Path, **extra) -> Path:
+    """A caption-only pipeline config over LAION-style Parquet input."""
+    rows = extra.pop("rows_per_shard", 100)
+    workers = extra.pop("workers", 1)
+    stages = extra.pop("stages", "  - caption_complexity: {min: 2}\n  - caption_action: {min: 1}\n")
+    path.write_text(
+        f"""input:
+  format: parquet
+  path: {input_path}
+  url_column: URL
+  caption_column: TEXT
+  rows_per_shard: {rows}
+output: {output}
+runner: {{type: local, workers: {workers}, progress: false}}
+stages:
+{stages}"""
+    )
+    return path
