@@ -185,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", "-o", help="output directory (overrides `output:` in the config)")
     r.add_argument("--limit", type=int, help="process only the first N input rows (part of the run record)")
     r.add_argument("--runner", choices=["local", "ray"], help="override runner.type")
-    r.add_argument("--workers", type=int, help="override runner.workers (local: processes; ray: CPU actors per stage group)")
+    r.add_argument(
+        "--workers",
+        type=int,
+        help="override runner.workers (local: processes; ray: CPU actors per stage group)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     r.set_defaults(func=cmd_run)
 

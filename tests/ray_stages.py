@@ -1,8 +1,9 @@
 """Test-only stages for tests/test_ray_runner.py, registered on import.
 
-They live outside the test module so that only the subprocesses that run
-them (and the Ray workers that unpickle their params) register them: the
-pytest process's STAGES registry stays as the product ships it.
+They live outside the test module so that only the processes that run them
+register them: the drivers the tests start, the Ray workers that unpickle
+their params, and the pytest process only within one test (the `test_stages`
+fixture), so the rest of the suite sees STAGES as the product ships it.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ import pytest
 from curation.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 DEMO = ROOT / "data" / "laion_captions_1k.parquet"
 CAPTIONS = "  - caption_complexity: {min: 2}\n  - caption_action: {min: 1}\n"
 
@@ -59,7 +58,7 @@ pytestmark = [pytest.mark.ray]
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.update(NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     # Token auth stays on, with a token that lives only in these processes' environment.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=SESSION_TOKEN)
@@ -76,7 +75,7 @@ SESSION_TOKEN = secrets.token_hex(32)
 DRIVER = textwrap.dedent(
     r"""
     import os, sys
-    import ray_stages  # noqa: F401  registers the test stages
+    import tests.ray_stages  # noqa: F401  registers the test stages
     gpus = os.environ.get("CURATE_TEST_RAY_GPUS")
     if gpus is not None:
         import ray
@@ -207,9 +206,9 @@ def test_stages():
     from curation.stages import STAGES
 
     saved = dict(STAGES), dict(STAGE_COLUMNS)
-    import ray_stages  # noqa: F401
+    import tests.ray_stages  # noqa: F401
 
-    sys.modules.pop("ray_stages")  # re-registers on the next import
+    sys.modules.pop("tests.ray_stages")  # re-registers on the next import
     yield
     STAGES.clear(), STAGES.update(saved[0])
     STAGE_COLUMNS.clear(), STAGE_COLUMNS.update(saved[1])
