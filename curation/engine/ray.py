@@ -130,29 +130,21 @@ def run_ray(
         sizes = size_pools(groups, config.runner, len(pending))
         env = ray_environment()
         pools = ", ".join(f"{g.label} x{n}" for g, n in zip(groups, sizes))
-        print(
-            f"ray: {env['nodes']} node(s), {env['cpus']} CPU(s), {env['gpus']} GPU(s); actor pools: {pools}",
-            file=sys.stderr,
-        )
+        _say(f"ray: {env['nodes']} node(s), {env['cpus']} CPU(s), {env['gpus']} GPU(s); actor pools: {pools}")
         started = time.perf_counter()
         ds = build_dataset(config, run, pending, schema, groups, sizes)
         reported: set[int] = set()
         per_node: Counter[str] = Counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                shard = Shard.from_json(json.loads(row["shard"]))
-                reported.add(shard.index)
-                per_node[row["node"] or "?"] += 1
-                if row["result"] is not None:
-                    result = ShardResult(**json.loads(row["result"]))
-                    summary.shards_ok += 1
-                    summary.rows += result.rows
-                    summary.kept += result.kept
-                    progress.rows(result.rows)
-                    progress.shard_finished(True)
-                else:
-                    summary.failures[shard.index] = row["error"] or "unknown error"
-                    progress.shard_finished(False)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in batch.to_pylist():
+                    _account(row, summary, progress, reported, per_node)
+        except Exception as e:  # Ray Data gave up (e.g. actors that cannot start on some node)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunnerError(
+                f"the Ray job failed after {summary.shards_ok} shard(s): {type(e).__name__}: {first}\n"
+                "finished shards are kept; fix the cause and run the same command again to resume"
+            ) from e
         for shard in pending:
             if shard.index not in reported:
                 msg = f"lost: its Ray task failed {MAX_TASK_RETRIES + 1} times (worker processes died)"
@@ -162,11 +154,38 @@ def run_ray(
         summary.seconds = time.perf_counter() - started
         if len(per_node) > 1:
             spread = ", ".join(f"{node[:8]}: {n}" for node, n in sorted(per_node.items()))
-            print(f"ray: shards per node: {spread}", file=sys.stderr)
+            _say(f"ray: shards per node: {spread}")
         return summary
     finally:
         if owned:
             ray.shutdown()
+
+
+def _say(message: str) -> None:
+    """A line on stderr that does not break the progress bar drawn there."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def _account(
+    row: dict[str, Any], summary: RunSummary, progress: Progress, reported: set[int], per_node: Counter[str]
+) -> None:
+    shard = Shard.from_json(json.loads(row["shard"]))
+    if shard.index in reported:
+        return  # never count a shard twice, whatever a retry delivers
+    reported.add(shard.index)
+    per_node[row["node"] or "?"] += 1
+    if row["result"] is not None:
+        result = ShardResult(**json.loads(row["result"]))
+        summary.shards_ok += 1
+        summary.rows += result.rows
+        summary.kept += result.kept
+        progress.rows(result.rows)
+        progress.shard_finished(True)
+    else:
+        summary.failures[shard.index] = row["error"] or "unknown error"
+        progress.shard_finished(False)
 
 
 def connect(runner: RunnerConfig) -> bool:
