@@ -69,24 +69,25 @@ def _env() -> dict[str, str]:
 
 SESSION_TOKEN = secrets.token_hex(32)
 
-# Runs `curation.cli.main(argv)` with the test stages registered; with
-# CURATE_TEST_RAY_GPUS set, first starts a local Ray instance that advertises
-# that many (logical) GPUs, so the GPU pool path runs on a GPU-less machine.
+# Runs `curation.cli.main(argv)` for each command line given, in one process,
+# with the test stages registered. Pseudo-commands between runs: `ray-init N`
+# starts a local Ray instance advertising N (logical) GPUs, which the runs
+# after it reuse (so the GPU pool path runs on a GPU-less machine); `rm FILE`;
+# `check OUT` prints the ledger and the file identities of an output.
 DRIVER = textwrap.dedent(
     r"""
     import os, sys
     import tests.ray_stages  # noqa: F401  registers the test stages
-    gpus = os.environ.get("CURATE_TEST_RAY_GPUS")
-    if gpus is not None:
-        import ray
-        ray.init(address="local", num_cpus=2, num_gpus=int(gpus), include_dashboard=False, log_to_driver=False)
     from curation.cli import main
     import json, pathlib
     for line in sys.argv[1:]:
         cmd, *args = line.split()
-        if cmd == "rm":  # between two runs of one Ray session
+        if cmd == "ray-init":
+            import ray
+            ray.init(address="local", num_cpus=2, num_gpus=int(args[0]), include_dashboard=False, log_to_driver=False)
+        elif cmd == "rm":
             os.unlink(args[0])
-        elif cmd == "check":  # ledger and file identities of an output, between two runs
+        elif cmd == "check":
             out = pathlib.Path(args[0])
             ids = {p.name: [p.stat().st_ino, p.stat().st_mtime_ns] for p in (out / "manifests").glob("*.parquet")}
             done = sorted(int(p.name[6:11]) for p in (out / "ledger").glob("shard-?????.json"))
@@ -98,12 +99,12 @@ DRIVER = textwrap.dedent(
 )
 
 
-def curate(*runs: list[str], netns: bool = True, timeout: float = 240, extra_env=None):
+def curate(*runs: list[str], netns: bool = True, timeout: float = 240):
     """Run one or more `curate` command lines in one driver process (one Ray session)."""
     cmd = [sys.executable, "-c", DRIVER, *(" ".join(r) for r in runs)]
     if netns:
         cmd = [*NETNS, *cmd]
-    env = {**_env(), **(extra_env or {})}
+    env = _env()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     _reap_zombies()
     codes = [int(line[3:]) for line in proc.stdout.splitlines() if line.startswith("RC=")]
@@ -162,7 +163,7 @@ def assert_same_rows(a: pa.Table, b: pa.Table) -> None:
 
 @pytest.fixture(scope="module")
 def gpu_less_session(tmp_path_factory) -> dict:
-    """One local Ray instance (no GPUs) for two runs: the caption pipeline, then a GPU stage."""
+    """The caption pipeline on a Ray instance the runner starts itself, then a GPU stage on a GPU-less one."""
     if NETNS is None:
         pytest.skip("cannot create a network namespace (unshare -n / -rn); Ray must stay on loopback")
     tmp = tmp_path_factory.mktemp("gpu_less")
@@ -170,8 +171,8 @@ def gpu_less_session(tmp_path_factory) -> dict:
     gpu = write_config(tmp, "gpu", DEMO, rows_per_shard=250, stages=CAPTIONS + "  - test_chars: {gpus: 1}\n")
     proc, codes = curate(
         ["run", str(caps), "--runner", "ray"],
+        ["ray-init", "0"],  # explicit: a CI machine with GPUs must still look GPU-less here
         ["run", str(gpu), "--runner", "ray"],
-        extra_env={"CURATE_TEST_RAY_GPUS": "0"},
     )
     return {"tmp": tmp, "caps": caps, "proc": proc, "codes": codes}
 
@@ -232,9 +233,7 @@ def test_gpu_pool_shard_failure_and_retry_of_only_that_shard(tmp_path: Path, tes
     flag.touch()
     out = tmp_path / "ray"
     run = ["run", str(cfg), "-o", str(out), "--runner", "ray"]
-    proc, codes = curate(
-        run, ["check", str(out)], ["rm", str(flag)], run, extra_env={"CURATE_TEST_RAY_GPUS": "1"}
-    )
+    proc, codes = curate(["ray-init", "1"], run, ["check", str(out)], ["rm", str(flag)], run)
     assert codes == [1, 0], proc.stderr[-3000:]
     assert "shard 2 failed: RuntimeError: poisoned row" in proc.stderr
     first, second = proc.stdout.split("CHECK")
