@@ -13,7 +13,10 @@ it on loopback. Reported:
   one written, worker start-up and model loading included, for both runners
   (`RunSummary.seconds`);
 - Ray start-up (`ray.init` of a local instance) separately;
-- the driver's peak RSS for two input sizes (it should not grow with input).
+- the driver's peak RSS for two input sizes (it should not grow with input);
+- rows per CPU-second: rows divided by the CPU time of every process of the
+  run (driver, workers, and for Ray its daemons, measured in the run's network
+  namespace). Unlike rows/s it does not depend on what else the machine runs.
 """
 
 from __future__ import annotations
@@ -71,6 +74,34 @@ def write_config(data: Path, out: Path, shard_rows: int, batch_rows: int) -> Pat
 # ---------------------------------------------------------------------------- one measurement (child)
 
 
+def _cpu_seconds_self_and_children() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _cpu_seconds_netns() -> float | None:
+    """CPU time of every process in this process's network namespace, reaped children included.
+
+    Only meaningful in a private namespace (the Ray runs), where those are this
+    run's driver, Ray daemons and workers (the raylet reaps exited workers, so
+    their time is in its cutime/cstime).
+    """
+    if os.environ.get("CURATE_BENCH_IN_NETNS") != "1":
+        return None
+    me = os.readlink("/proc/self/ns/net")
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/net") != me:
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / tick
+
+
 def measure(cfg_path: str, runner: str, cpus: int) -> dict:
     from curation.config import load_config
     from curation.engine import execute
@@ -83,9 +114,13 @@ def measure(cfg_path: str, runner: str, cpus: int) -> dict:
         t0 = time.perf_counter()
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - t0
+    cpu_probe = _cpu_seconds_netns if runner == "ray" else _cpu_seconds_self_and_children
+    cpu0 = cpu_probe()
     t0 = time.perf_counter()
     summary = execute(config)
     wall = time.perf_counter() - t0
+    cpu1 = cpu_probe()
+    cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
     if runner == "ray":
         import ray
 
@@ -98,6 +133,8 @@ def measure(cfg_path: str, runner: str, cpus: int) -> dict:
         "seconds": summary.seconds,
         "rows_per_s": summary.rows / summary.seconds,
         "execute_wall_s": wall,
+        "cpu_s": cpu,
+        "rows_per_cpu_s": summary.rows / cpu if cpu else None,
         "ray_start_s": ray_start,
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -129,8 +166,9 @@ def run_child(cfg: Path, runner: str, cpus: int, netns: list[str]) -> dict:
     env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cmd = [sys.executable, __file__, "_measure", str(cfg), runner, str(cpus)]
-    if runner == "ray":
+    if runner == "ray" and netns:
         cmd = [*netns, *cmd]
+        env["CURATE_BENCH_IN_NETNS"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"measurement failed ({runner}, {cpus} cpu):\n{proc.stderr[-4000:]}")
@@ -166,13 +204,18 @@ def main(argv: list[str] | None = None) -> int:
             cfg = write_config(data, tmp / name, args.shard_rows, args.batch_rows)
             r = results[name] = run_child(cfg, runner, cpus, netns)
             start = f", ray start {r['ray_start_s']:.1f} s" if r["ray_start_s"] is not None else ""
+            if r["rows_per_cpu_s"]:
+                start += f"; {r['rows_per_cpu_s']:,.0f} rows/CPU-s"
             print(
                 f"{name:<22} {r['rows']:>9,} rows  {r['rows_per_s']:>8,.0f} rows/s  "
                 f"({r['seconds']:.1f} s{start}; driver peak RSS {r['driver_peak_rss_mb']:.0f} MB)",
                 flush=True,
             )
 
-        print(f"caption pipeline, {os.cpu_count()} cores here; Ray in a network namespace: {bool(netns)}")
+        load = os.getloadavg()[0]
+        print(
+            f"caption pipeline, {os.cpu_count()} cores here, load average {load:.1f}; Ray in a netns: {bool(netns)}"
+        )
         run(f"local_{args.cpus}cpu", big, "local", args.cpus)
         run(f"ray_{args.cpus}cpu", big, "ray", args.cpus)
         run("ray_1cpu", big, "ray", 1)
