@@ -62,6 +62,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from curation.config import ConfigError
     from curation.engine import execute
+    from curation.engine.errors import RunnerError
     from curation.manifest import RunConflict, RunLocked
 
     try:
@@ -73,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail("--limit must be >= 1")
     try:
         summary = execute(cfg, limit=args.limit)
-    except (RunConflict, RunLocked) as e:
+    except (RunConflict, RunLocked, RunnerError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print(
@@ -184,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", "-o", help="output directory (overrides `output:` in the config)")
     r.add_argument("--limit", type=int, help="process only the first N input rows (part of the run record)")
     r.add_argument("--runner", choices=["local", "ray"], help="override runner.type")
-    r.add_argument("--workers", type=int, help="override runner.workers (local: processes)")
+    r.add_argument(
+        "--workers",
+        type=int,
+        help="override runner.workers (local: processes; ray: CPU actors per stage group)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     r.set_defaults(func=cmd_run)
 
