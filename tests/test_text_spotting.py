@@ -211,9 +211,26 @@ def test_check_reports_config_problems(tmp_path):
     import torch
 
     if not torch.cuda.is_available():
-        problems = TextSpotting(TextSpottingParams(device="cuda"), CTX).check()
-        assert any("no CUDA GPU" in p for p in problems)
         assert TextSpotting(TextSpottingParams(device="auto"), CTX).resources.gpus == 0
+
+
+def test_cuda_without_a_gpu_is_a_local_runner_error_not_a_ray_one(tmp_path):
+    import torch
+
+    from curation.config import ConfigError, parse_config
+    from tests.helpers import LAION_1K
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    text = (
+        f"input: {{path: {LAION_1K}, url_column: URL, caption_column: TEXT}}\noutput: {tmp_path}/o\n"
+        "runner: {type: RUNNER}\nstages:\n  - text_spotting: {device: cuda}\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        parse_config(text.replace("RUNNER", "local"))
+    assert "stages[0].text_spotting" in e.value.errors[0] and "needs a CUDA GPU" in e.value.errors[0]
+    # on Ray the driver needs no GPU: the cluster's GPUs are checked when the run starts
+    assert parse_config(text.replace("RUNNER", "ray")).stages[0].name == "text_spotting"
 
 
 # --------------------------------------------------------------------------- real OCR

@@ -56,8 +56,11 @@ def check_pipeline(config: Config) -> list[tuple[tuple, str]]:
                         f"{config.input.format} input already has its images: remove the download stage",
                     )
                 )
+    stages = build_stages(config)
+    if config.runner.type == "local":
+        problems += _check_local_gpus(config, stages)
     seen = set()
-    for spec, stage in zip(config.stages, build_stages(config)):
+    for spec, stage in zip(config.stages, stages):
         if spec.name in seen:
             problems.append((spec.key_path, f"stage {spec.name!r} appears twice"))
         seen.add(spec.name)
@@ -68,6 +71,25 @@ def check_pipeline(config: Config) -> list[tuple[tuple, str]]:
             if f.name in ("batch_size", "max_chars") and isinstance(v, int) and v < 1:
                 problems.append(((*spec.key_path, f.name), "must be >= 1"))
     return problems
+
+
+def _check_local_gpus(config: Config, stages: list[Stage]) -> list[tuple[tuple, str]]:
+    """The local runner runs every stage here, so a stage that needs a GPU needs one on this machine."""
+    needy = [(spec, stage) for spec, stage in zip(config.stages, stages) if stage.resources.gpus > 0]
+    if not needy:
+        return []
+    import torch  # only when a stage asks for a GPU
+
+    if torch.cuda.is_available():
+        return []
+    return [
+        (
+            spec.key_path,
+            "needs a CUDA GPU and this machine has none: use device: auto or cpu, "
+            "or runner: {type: ray} on a cluster with GPU nodes",
+        )
+        for spec, _ in needy
+    ]
 
 
 def _check_output(output: str) -> list[tuple[tuple, str]]:
