@@ -29,12 +29,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from curation.stages.base import StageContext
 from curation.stages.text_spotting import TextSpotting, TextSpottingParams, tokens
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "immunohistochemistry", "hubble_deep_field", "camera", "coins",
-          "moon", "grass", "gravel", "brick", "colorwheel", "cell", "retina", "stereo_motorcycle")
-PHRASES = ("Grand opening this weekend", "Best pizza in town", "Happy birthday Emma", "Keep calm and carry on",
-           "SALE 50% OFF", "Welcome to Portland", "Fresh bread every morning", "Open 24 hours",
-           "The quick brown fox", "Live music tonight", "Free shipping on all orders", "Hotel California")
-FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSansCondensed.ttf")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "camera",
+    "coins",
+    "moon",
+    "grass",
+    "gravel",
+    "brick",
+    "colorwheel",
+    "cell",
+    "retina",
+    "stereo_motorcycle",
+)
+PHRASES = (
+    "Grand opening this weekend",
+    "Best pizza in town",
+    "Happy birthday Emma",
+    "Keep calm and carry on",
+    "SALE 50% OFF",
+    "Welcome to Portland",
+    "Fresh bread every morning",
+    "Open 24 hours",
+    "The quick brown fox",
+    "Live music tonight",
+    "Free shipping on all orders",
+    "Hotel California",
+)
+FONTS = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansCondensed.ttf",
+)
 
 
 def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
@@ -131,14 +163,18 @@ def run_naive(reader, images: list[bytes]) -> tuple[float, list[set[str]], float
         del reader.detect
 
 
-def run_stage(stage: TextSpotting, rows: list[tuple[str, str, bytes]], batch: int) -> tuple[float, list[set[str]]]:
+def run_stage(
+    stage: TextSpotting, rows: list[tuple[str, str, bytes]], batch: int
+) -> tuple[float, list[set[str]]]:
     found: list[set[str]] = []
     engine = stage._engine
     engine.timings.clear()
     start = time.perf_counter()
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
-        out = stage.compute(pa.table({"caption": [c for _, c, _ in chunk], "image": [b for _, _, b in chunk]}))
+        out = stage.compute(
+            pa.table({"caption": [c for _, c, _ in chunk], "image": [b for _, _, b in chunk]})
+        )
         found += [tokens(t) for t in out.column("ocr_text").to_pylist()]
     return time.perf_counter() - start, found
 
@@ -186,8 +222,12 @@ def main(argv: list[str] | None = None) -> dict:
     stages = {}
     for canvas in args.canvas:
         params = TextSpottingParams(
-            device=args.device, canvas_size=canvas, precision=args.precision, cpus=args.cpus,
-            detect_batch_size=args.detect_batch_size, batch_size=args.batch_size,
+            device=args.device,
+            canvas_size=canvas,
+            precision=args.precision,
+            cpus=args.cpus,
+            detect_batch_size=args.detect_batch_size,
+            batch_size=args.batch_size,
         )
         st = TextSpotting(params, StageContext(output_dir=Path(".")))
         st.setup()
@@ -207,9 +247,15 @@ def main(argv: list[str] | None = None) -> dict:
     naive_found = None
     if not args.skip_naive:
         seconds, naive_found, det_s = run_naive(reader, images)
-        results["readtext"] = {"seconds": seconds, "images_per_s": len(rows) / seconds, "detect_share": det_s / seconds}
-        print(f"(a) readtext loop: {len(rows) / seconds:.2f} img/s ({seconds:.1f} s), detection {det_s / seconds:.0%}",
-              flush=True)
+        results["readtext"] = {
+            "seconds": seconds,
+            "images_per_s": len(rows) / seconds,
+            "detect_share": det_s / seconds,
+        }
+        print(
+            f"(a) readtext loop: {len(rows) / seconds:.2f} img/s ({seconds:.1f} s), detection {det_s / seconds:.0%}",
+            flush=True,
+        )
     for canvas, st in stages.items():
         seconds, found = run_stage(st, rows, args.batch_size)
         t = dict(st._engine.timings)
@@ -224,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
         if naive_found is not None:
             entry["speedup"] = results["readtext"]["seconds"] / seconds
             entry["agreement"] = agreement(naive_found, found, kinds)
-            line += f", speedup {entry['speedup']:.2f}x, agreement {entry['agreement']['same_text_or_none']:.1%}"
+            line += (
+                f", speedup {entry['speedup']:.2f}x, agreement {entry['agreement']['same_text_or_none']:.1%}"
+            )
         results[f"stage_canvas_{canvas}"] = entry
         print(line, flush=True)
         if "agreement" in entry:
