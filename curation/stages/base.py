@@ -102,6 +102,8 @@ def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
         if stage.cascade:
             idx = np.flatnonzero(table.column("keep").to_numpy(zero_copy_only=False))
             computed = stage.compute(table.take(pa.array(idx, pa.int64()))) if len(idx) else None
+            if computed is not None:
+                _check_computed(stage, computed, len(idx))
             table = _scatter(table, computed, idx, stage.columns, missing)
         else:
             computed = stage.compute(table)
