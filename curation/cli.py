@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         f"{cfg.output}: {summary.shards_ok} shard(s) written, {summary.shards_skipped} already done, "
         f"{len(summary.failures)} failed; {summary.rows:,} rows, {kept}"
-        + (f", {rate:,.0f} rows/s" if summary.rows else "")
+        + (f", {rate:,.1f} rows/s" if summary.rows else "")
     )
     if summary.failures:
         for shard, err in sorted(summary.failures.items()):

@@ -35,12 +35,6 @@ def connect(output: str | Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def stage_reasons(stage_names: list[str]) -> list[tuple[str, tuple[str, ...]]]:
-    from curation.stages import STAGES
-
-    return [(n, STAGES[n].reasons if n in STAGES else (n,)) for n in stage_names]
-
-
 def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
     run = RunDir(output)
     con = connect(output)
@@ -52,18 +46,23 @@ def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
     )
     planned = sum(s.rows for s in run.plan()) if run.exists() else None
 
+    by_stage: dict[str, dict[str, int]] = {}
+    for stage, reason, n in con.execute(
+        "SELECT drop_stage, drop_reason, count(*) FROM samples WHERE NOT keep GROUP BY 1, 2"
+    ).fetchall():
+        by_stage.setdefault(stage, {})[reason] = n
     filters = []
     reached = rows
-    stage_names = run.record().get("stages", []) if run.exists() else []
-    for name, stage_reasons_ in stage_reasons(stage_names):
-        dropped = sum(reasons.get(r, 0) for r in stage_reasons_)
+    stage_names = run.record().get("stages", []) if run.exists() else list(by_stage)
+    for name in stage_names:
+        dropped = sum(by_stage.get(name, {}).values())
         filters.append(
             {
                 "stage": name,
-                "reasons": list(stage_reasons_),
                 "reached": reached,
                 "dropped": dropped,
                 "pass_rate": (reached - dropped) / reached if reached else None,
+                "drop_reasons": by_stage.get(name, {}),
             }
         )
         reached -= dropped

@@ -31,12 +31,35 @@ STAGE_COLUMNS: dict[str, pa.DataType] = {
     "caption_verbs": pa.int32(),
     "caption_tokens": pa.int32(),
     "caption_status": pa.string(),  # ok | empty | truncated
+    # download (img2dataset's per-sample columns, under img2dataset's names)
+    "status": pa.string(),  # success | failed_to_download | failed_to_resize
+    "error_message": pa.string(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "original_width": pa.int32(),
+    "original_height": pa.int32(),
+    "sha256": pa.string(),  # of the downloaded bytes, before resizing
+    # Where the image lives, for `curate select` and training. `image_path` is a
+    # tar (downloads, webdataset input) or an image file (image_folder input);
+    # relative paths are relative to the run's output directory. `key` is the
+    # sample's key inside that tar (null for a plain file).
+    "key": pa.string(),
+    "image_path": pa.string(),
+    # Encoded image bytes handed from download/sources to image stages; transient.
+    "image": pa.binary(),
+    # text_spotting (METHODS.md §1c; definitions in curation/stages/text_spotting.py)
+    "ocr_text": pa.string(),
+    "ocr_boxes": pa.int32(),
+    "ocr_area": pa.float32(),  # union of text boxes / image area
+    "ocr_caption_overlap": pa.float32(),
+    "ocr_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
 }
 
 # Decision columns, always last.
 DECISION_COLUMNS: dict[str, pa.DataType] = {
     "keep": pa.bool_(),
-    "drop_reason": pa.string(),
+    "drop_reason": pa.string(),  # why: complexity, action, download, decode, text_spotting
+    "drop_stage": pa.string(),  # which configured stage dropped it (two stages may share a reason)
 }
 
 # Columns that travel between stages in memory but are never written to a

@@ -25,3 +25,12 @@ def scorer():
     s = CaptionScorer()
     s.load()
     return s
+
+
+@pytest.fixture
+def image_server():
+    """A real HTTP server on 127.0.0.1 (see tests/imageserver.py)."""
+    from tests.imageserver import ImageServer
+
+    with ImageServer() as server:
+        yield server

@@ -5,7 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LAION_10K = REPO.parent / "shared" / "data" / "laion_captions_10k.parquet"
+
+
+def _shared_data(name: str) -> Path:
+    """`shared/` lies beside the checkout (CI's clean clone, a developer's main); worktrees sit deeper."""
+    for parent in REPO.parents:
+        candidate = parent / "shared" / "data" / name
+        if candidate.exists():
+            return candidate
+    return REPO.parent / "shared" / "data" / name
+
+
+LAION_10K = _shared_data("laion_captions_10k.parquet")
 LAION_1K = REPO / "data" / "laion_captions_1k.parquet"
 
 

@@ -114,4 +114,18 @@ def test_stages_share_one_parse_and_decide_in_order(scorer):
     out = apply_stage(action, apply_stage(complexity, table))
     assert out.column("keep").to_pylist() == [True, False, False]
     assert out.column("drop_reason").to_pylist() == [None, "complexity", "action"]
-    assert out.column_names[-2:] == ["keep", "drop_reason"]
+    assert out.column("drop_stage").to_pylist() == [None, "caption_complexity", "caption_action"]
+    assert out.column_names[-3:] == ["keep", "drop_reason", "drop_stage"]
+
+
+def test_every_registered_stage_declares_its_contract():
+    import dataclasses
+
+    from curation.schema import STAGE_COLUMNS
+    from curation.stages import STAGES, Stage
+
+    for name, cls in STAGES.items():
+        assert issubclass(cls, Stage) and cls.name == name
+        assert dataclasses.is_dataclass(cls.Params), name
+        cls.Params()  # every parameter has a default
+        assert cls.columns and set(cls.columns) <= set(STAGE_COLUMNS), name

@@ -41,14 +41,15 @@ def test_every_input_row_appears_once_with_scores_and_decision(tmp_path, capsys)
         make_uid(u, c) for u, c in zip(src.column("URL").to_pylist(), src.column("TEXT").to_pylist())
     )
     assert t.column_names[:4] == ["uid", "shard", "url", "caption"]
-    assert t.column_names[-2:] == ["keep", "drop_reason"]
+    assert t.column_names[-3:] == ["keep", "drop_reason", "drop_stage"]
     con = duckdb.connect()
     con.register("m", t)
     # the decision is exactly the rule applied to the recorded scores
     bad = con.execute(
         """SELECT count(*) FROM m WHERE keep != (caption_complexity >= 2 AND caption_actions >= 1)
            OR (drop_reason = 'complexity') != (caption_complexity < 2)
-           OR (drop_reason IS NULL) != keep"""
+           OR (drop_reason IS NULL) != keep
+           OR (drop_stage = 'caption_complexity') != (drop_reason = 'complexity')"""
     ).fetchone()[0]
     assert bad == 0
     assert sorted(set(t.column("shard").to_pylist())) == [0, 1, 2, 3]

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from curation.config import InputConfig
 from curation.sources.base import Problem, Shard, Source
+from curation.sources.images import ImageFolderSource, WebDatasetSource
 from curation.sources.parquet import ParquetSource
 
-SOURCES: dict[str, type[Source]] = {"parquet": ParquetSource}
+SOURCES: dict[str, type[Source]] = {
+    "parquet": ParquetSource,
+    "webdataset": WebDatasetSource,
+    "image_folder": ImageFolderSource,
+}
 
 __all__ = ["SOURCES", "Shard", "Source", "check_input", "make_source"]
 

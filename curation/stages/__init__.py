@@ -11,11 +11,15 @@ from typing import TYPE_CHECKING
 
 from curation.stages.base import Resources, Stage, StageContext, apply_stage
 from curation.stages.caption import CaptionAction, CaptionComplexity
+from curation.stages.download import Download
+from curation.stages.text_spotting import TextSpotting
 
 if TYPE_CHECKING:
     from curation.config import Config
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (CaptionComplexity, CaptionAction)}
+STAGES: dict[str, type[Stage]] = {
+    cls.name: cls for cls in (CaptionComplexity, CaptionAction, Download, TextSpotting)
+}
 
 __all__ = ["STAGES", "Resources", "Stage", "StageContext", "apply_stage", "build_stages", "check_pipeline"]
 
@@ -43,8 +47,20 @@ def check_pipeline(config: Config) -> list[tuple[tuple, str]]:
                 "caption stages share one parse: set model, max_chars and batch_size identically",
             )
         )
+    if config.input.format != "parquet":
+        for spec in config.stages:
+            if spec.name == "download":
+                problems.append(
+                    (
+                        spec.key_path,
+                        f"{config.input.format} input already has its images: remove the download stage",
+                    )
+                )
+    stages = build_stages(config)
+    if config.runner.type == "local":
+        problems += _check_local_gpus(config, stages)
     seen = set()
-    for spec, stage in zip(config.stages, build_stages(config)):
+    for spec, stage in zip(config.stages, stages):
         if spec.name in seen:
             problems.append((spec.key_path, f"stage {spec.name!r} appears twice"))
         seen.add(spec.name)
@@ -55,6 +71,25 @@ def check_pipeline(config: Config) -> list[tuple[tuple, str]]:
             if f.name in ("batch_size", "max_chars") and isinstance(v, int) and v < 1:
                 problems.append(((*spec.key_path, f.name), "must be >= 1"))
     return problems
+
+
+def _check_local_gpus(config: Config, stages: list[Stage]) -> list[tuple[tuple, str]]:
+    """The local runner runs every stage here, so a stage that needs a GPU needs one on this machine."""
+    needy = [(spec, stage) for spec, stage in zip(config.stages, stages) if stage.resources.gpus > 0]
+    if not needy:
+        return []
+    import torch  # only when a stage asks for a GPU
+
+    if torch.cuda.is_available():
+        return []
+    return [
+        (
+            spec.key_path,
+            "needs a CUDA GPU and this machine has none: use device: auto or cpu, "
+            "or runner: {type: ray} on a cluster with GPU nodes",
+        )
+        for spec, _ in needy
+    ]
 
 
 def _check_output(output: str) -> list[tuple[tuple, str]]:

@@ -45,13 +45,11 @@ class Stage(ABC):
     Subclasses set `name` (the key used in YAML configs), `columns` (the raw
     measurements they add, all declared in `curation.schema.STAGE_COLUMNS`),
     `Params` (a dataclass of their YAML parameters) and `cascade` (True when
-    the stage should only see rows that earlier stages kept) and `reasons`.
+    the stage should only see rows that earlier stages kept).
     """
 
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]
-    # The drop reasons `decide` can return; `curate stats` attributes them to this stage.
-    reasons: ClassVar[tuple[str, ...]]
     cascade: ClassVar[bool] = False
     Params: ClassVar[type]
 
@@ -95,7 +93,9 @@ def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
     """
     if "keep" not in table.column_names:
         table = table.append_column("keep", pa.array(np.ones(table.num_rows, dtype=bool)))
-        table = table.append_column("drop_reason", pa.nulls(table.num_rows, pa.string()))
+    for col in ("drop_reason", "drop_stage"):
+        if col not in table.column_names:
+            table = table.append_column(col, pa.nulls(table.num_rows, pa.string()))
 
     missing = [c for c in stage.columns if c not in table.column_names]
     if missing:
@@ -117,9 +117,12 @@ def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
         )
     failed = keep & pc.is_valid(reasons).to_numpy(zero_copy_only=False)
     if failed.any():
-        drop = pc.if_else(pa.array(failed), reasons, table.column("drop_reason"))
+        mask = pa.array(failed)
+        drop = pc.if_else(mask, reasons, table.column("drop_reason"))
+        by = pc.if_else(mask, pa.scalar(stage.name), table.column("drop_stage"))
         table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep & ~failed))
         table = table.set_column(table.schema.get_field_index("drop_reason"), "drop_reason", drop)
+        table = table.set_column(table.schema.get_field_index("drop_stage"), "drop_stage", by)
     return table
 
 

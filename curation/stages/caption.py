@@ -218,7 +218,6 @@ class CaptionComplexity(_CaptionStage):
     """Keep captions whose parse tree has a token with at least `min` children."""
 
     name = "caption_complexity"
-    reasons = ("complexity",)
     Params = ComplexityParams
 
     def decide(self, table: pa.Table) -> pa.Array:
@@ -230,7 +229,6 @@ class CaptionAction(_CaptionStage):
     """Keep captions with at least `min` verbs that head a nominal subject."""
 
     name = "caption_action"
-    reasons = ("action",)
 
     def decide(self, table: pa.Table) -> pa.Array:
         fail = pc.less(table.column("caption_actions"), self.params.min)

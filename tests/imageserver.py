@@ -1,0 +1,110 @@
+"""A real HTTP server on 127.0.0.1 serving the cases a web crawl meets: good images,
+404s, hangs, slow responses, garbage bytes, truncated JPEGs, a PNG with alpha, redirects.
+
+Paths encode the case, so a test builds URLs like `server.url("/img/cat.jpg")`
+and reads back how often each path was requested (`server.hits`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image
+
+
+def jpeg(seed: str, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A small, valid JPEG whose colour depends on `seed` (distinct images, distinct hashes)."""
+    h = hashlib.sha256(seed.encode()).digest()
+    img = Image.new("RGB", size, (h[0], h[1], h[2]))
+    img.paste((h[3], h[4], h[5]), (0, 0, size[0] // 2, size[1] // 2))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_alpha(size: tuple[int, int] = (40, 30)) -> bytes:
+    img = Image.new("RGBA", size, (255, 0, 0, 128))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ImageServer:
+    def __init__(self, slow_seconds: float = 0.3, hang_seconds: float = 5.0) -> None:
+        self.hits: Counter[str] = Counter()
+        self.slow_seconds = slow_seconds
+        self.hang_seconds = hang_seconds
+        # Set to answer hanging requests at once (after a test has killed its run).
+        self.release = threading.Event()
+        # Set when the first /hang/ request arrives.
+        self.hanging = threading.Event()
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                with server._lock:
+                    server.hits[self.path] += 1
+                # the client may give up (timeout): that is the point of some cases
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    server._answer(self)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _answer(self, h: BaseHTTPRequestHandler) -> None:
+        path = h.path
+        kind = path.split("/")[1]
+        if kind == "img":
+            self._send(h, 200, jpeg(path), "image/jpeg")
+        elif kind == "png":
+            self._send(h, 200, png_alpha(), "image/png")
+        elif kind == "slow":
+            time.sleep(self.slow_seconds)
+            self._send(h, 200, jpeg(path), "image/jpeg")
+        elif kind == "hang":
+            self.hanging.set()
+            self.release.wait(self.hang_seconds)
+            self._send(h, 200, jpeg(path), "image/jpeg")
+        elif kind == "garbage":
+            self._send(h, 200, hashlib.sha256(path.encode()).digest() * 20, "image/jpeg")
+        elif kind == "truncated":
+            self._send(h, 200, jpeg(path, (256, 256))[:200], "image/jpeg")
+        elif kind == "redirect":
+            h.send_response(302)
+            h.send_header("Location", "/img/" + path.split("/", 2)[2])
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+        else:
+            self._send(h, 404, b"not found", "text/plain")
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, code: int, body: bytes, ctype: str) -> None:
+        h.send_response(code)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def __enter__(self) -> ImageServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()

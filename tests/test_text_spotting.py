@@ -1,0 +1,382 @@
+"""text_spotting stage: real EasyOCR (CPU), real photos, real rendered text; no mocks."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+pytest.importorskip("easyocr")
+pytest.importorskip("easyocr_en_models")
+skdata = pytest.importorskip("skimage.data")
+
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+from curation.schema import STAGE_COLUMNS  # noqa: E402
+from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
+from curation.stages.text_spotting import (  # noqa: E402
+    OCR_COLUMNS,
+    TextSpotting,
+    TextSpottingParams,
+    caption_overlap,
+    decode_image,
+    reading_order,
+    tokens,
+)
+
+CTX = StageContext(output_dir=Path("/nonexistent"))
+
+
+# --------------------------------------------------------------------------- images
+
+
+def encode(img: Image.Image | np.ndarray, fmt: str = "JPEG", **kw) -> bytes:
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def small(a: np.ndarray, side: int = 256) -> np.ndarray:
+    """Photos downscaled so CPU OCR stays quick in the default suite."""
+    img = Image.fromarray(a)
+    img.thumbnail((side, side))
+    return np.asarray(img.convert("RGB"))
+
+
+def font(size: int = 40) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def text_image(text: str, size=None, bg=(245, 245, 235), fg=(15, 15, 15), mode="RGB") -> Image.Image:
+    """`text` in a 40 px font on a plain background, wide enough for the whole line by default."""
+    size = size or (int(font().getlength(text)) + 32, 160)
+    img = Image.new(mode, size, bg)
+    ImageDraw.Draw(img).text((16, size[1] // 2 - 24), text, fill=fg, font=font())
+    return img
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG header claiming 10^10 pixels, with almost no data: must be refused unread."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def stage() -> TextSpotting:
+    st = TextSpotting(TextSpottingParams(device="cpu"), CTX)
+    st.setup()  # the Reader loads once for the module
+    return st
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_tokens_rules():
+    assert tokens("A Dog, running! on the BEACH") == {
+        "dog",
+        "running",
+        "on",
+        "the",
+        "beach",
+    }  # "a" is too short
+    assert tokens("e-mail x_y 3D 42 i") == {"mail", "3d", "42"}  # '-' and '_' split; 1-char dropped
+    assert tokens("Café crème") == {"café", "crème"}  # Unicode letters count
+    assert tokens("") == set() and tokens(None) == set() and tokens("a . !") == set()
+
+
+def test_caption_overlap_examples():
+    assert caption_overlap("a dog on the beach", "DOG beach") == pytest.approx(2 / 4)  # {dog,on,the,beach}
+    assert caption_overlap("Sale sale SALE today", "sale") == pytest.approx(1 / 2)  # distinct tokens
+    assert caption_overlap("a dog on the beach", "") == 0.0  # no text in the image
+    assert caption_overlap("a", "a b c") == 0.0  # caption without qualifying tokens
+    assert caption_overlap(None, "anything") == 0.0
+    assert caption_overlap("Hello world", "hello, world!") == 1.0
+    assert caption_overlap("dogs", "dog") == 0.0  # exact tokens, no stemming
+
+
+def test_reading_order_lines_then_left_to_right():
+    def box(x0, y0, x1, y1):
+        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+
+    found = [
+        (box(300, 12, 360, 58), "dog"),
+        (box(10, 10, 40, 50), "a"),
+        (box(50, 10, 280, 50), "running"),
+        (box(10, 100, 90, 140), "next"),
+    ]
+    assert [t for _, t in reading_order(found)] == ["a", "running", "dog", "next"]
+
+
+def test_registered_and_schema():
+    assert STAGES["text_spotting"] is TextSpotting
+    assert TextSpotting.cascade
+    for col in OCR_COLUMNS:
+        assert col in STAGE_COLUMNS
+    assert STAGE_COLUMNS["ocr_boxes"] == pa.int32() and STAGE_COLUMNS["ocr_area"] == pa.float32()
+
+
+def test_decode_statuses():
+    photo = small(skdata.astronaut(), 128)
+    jpeg = encode(photo)
+    args = (640, 1.0, 64_000_000)
+    assert decode_image(None, *args).status == "no_image"
+    assert decode_image(b"", *args).status == "no_image"
+    assert decode_image(b"not an image at all", *args).status == "decode_error"
+    assert decode_image(jpeg[: len(jpeg) // 2], *args).status == "truncated"
+    png = encode(photo, "PNG")
+    assert decode_image(png[: len(png) // 2], *args).status == "truncated"
+    assert decode_image(png_bomb(), *args).status == "too_large"
+    assert decode_image(jpeg, 640, 1.0, 100).status == "too_large"  # the cap is a parameter
+    for img in (
+        Image.fromarray(photo).convert("L"),  # grayscale
+        Image.fromarray(photo).convert("CMYK"),
+        Image.fromarray(photo).convert("P"),  # palette
+        Image.fromarray(photo).convert("RGBA"),
+        Image.fromarray(photo).convert("LA"),
+        Image.fromarray(photo).convert("1"),
+    ):
+        fmt = "JPEG" if img.mode in ("L", "CMYK") else "PNG"
+        d = decode_image(encode(img, fmt), *args)
+        assert d.status == "ok", img.mode
+        assert d.resized.dtype == np.uint8 and d.resized.shape == (128, 128, 3)
+        assert d.grey.shape == (128, 128)
+    d = decode_image(encode(Image.fromarray(photo), "WEBP"), *args)
+    assert d.status == "ok"
+    # 16-bit greyscale is rescaled, not clipped to white
+    g16 = Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16))
+    d = decode_image(encode(g16, "PNG"), *args)
+    assert d.status == "ok" and d.resized.min() == 0 and d.resized.max() == 255
+    # aspect kept and long side capped at the canvas
+    d = decode_image(encode(np.zeros((300, 1200, 3), np.uint8)), 640, 1.0, 64_000_000)
+    assert d.resized.shape == (160, 640, 3) and d.ratio == pytest.approx(640 / 1200)
+
+
+def test_transparent_text_is_composited_on_white():
+    # Black text on a fully transparent canvas: dropping alpha would leave black on black.
+    img = Image.new("RGBA", (200, 80), (0, 0, 0, 0))
+    ImageDraw.Draw(img).text((10, 10), "HELLO", fill=(0, 0, 0, 255), font=font())
+    d = decode_image(encode(img, "PNG"), 640, 1.0, 64_000_000)
+    assert d.status == "ok"
+    assert (d.grey > 200).mean() > 0.5 and (d.grey < 50).any()
+
+
+def test_decide_rules():
+    st = TextSpotting(TextSpottingParams(max_overlap=0.5, device="cpu"), CTX)
+    t = pa.table(
+        {
+            "ocr_caption_overlap": pa.array([0.0, 0.49, 0.5, 1.0, None, None, None], pa.float32()),
+            "ocr_status": pa.array(["ok", "ok", "ok", "ok", "decode_error", "no_image", None]),
+        }
+    )
+    assert st.decide(t).to_pylist() == [
+        None,
+        None,
+        "text_spotting",
+        "text_spotting",
+        "decode",
+        "decode",
+        None,
+    ]
+
+
+def test_check_reports_config_problems(tmp_path):
+    st = TextSpotting(TextSpottingParams(device="cpu", model_dir=str(tmp_path)), CTX)
+    problems = st.check()
+    assert any("craft_mlt_25k.pth" in p for p in problems)
+    assert TextSpotting(TextSpottingParams(device="cpu"), CTX).check() == []
+    assert any(
+        "max_overlap" in p for p in TextSpotting(TextSpottingParams(device="cpu", max_overlap=2), CTX).check()
+    )
+    import torch
+
+    if not torch.cuda.is_available():
+        assert TextSpotting(TextSpottingParams(device="auto"), CTX).resources.gpus == 0
+
+
+def test_cuda_without_a_gpu_is_a_local_runner_error_not_a_ray_one(tmp_path):
+    import torch
+
+    from curation.config import ConfigError, parse_config
+    from tests.helpers import LAION_1K
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    text = (
+        f"input: {{path: {LAION_1K}, url_column: URL, caption_column: TEXT}}\noutput: {tmp_path}/o\n"
+        "runner: {type: RUNNER}\nstages:\n  - text_spotting: {device: cuda}\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        parse_config(text.replace("RUNNER", "local"))
+    assert "stages[0].text_spotting" in e.value.errors[0] and "needs a CUDA GPU" in e.value.errors[0]
+    # on Ray the driver needs no GPU: the cluster's GPUs are checked when the run starts
+    assert parse_config(text.replace("RUNNER", "ray")).stages[0].name == "text_spotting"
+
+
+# --------------------------------------------------------------------------- real OCR
+
+
+def test_stage_through_apply_stage(stage):
+    caption = "a dog running on the beach"
+    rows = [
+        # (caption, image bytes, keep before this stage)
+        ("an astronaut in a white suit", encode(small(skdata.astronaut())), True),
+        ("a cup of coffee on a saucer", encode(small(skdata.coffee())), True),
+        (caption, encode(text_image(caption)), True),  # caption written in the image
+        (caption, encode(text_image(caption)), False),  # already dropped: must not be OCR'd
+        ("a cat lying on a table", None, True),
+        ("a cat lying on a table", encode(small(skdata.chelsea()))[:500], True),
+        ("a big sale sign", png_bomb(), True),
+        ("big sale today", encode(text_image("BIG SALE TODAY", mode="L", bg=255, fg=0), "PNG"), True),
+        (
+            "big sale today",
+            encode(text_image("BIG SALE TODAY", mode="CMYK", bg=(0, 0, 0, 0), fg=(0, 0, 0, 255))),
+            True,
+        ),
+        (
+            "big sale today",
+            encode(text_image("BIG SALE TODAY", mode="RGBA", bg=(0, 0, 0, 0), fg=(0, 0, 0, 255)), "PNG"),
+            True,
+        ),
+        ("big sale today", encode(text_image("BIG SALE TODAY").convert("P"), "PNG"), True),
+    ]
+    n = len(rows)
+    table = pa.table(
+        {
+            "caption": [r[0] for r in rows],
+            "image": pa.array([r[1] for r in rows], pa.binary()),
+            "keep": [r[2] for r in rows],
+            "drop_reason": [None if r[2] else "complexity" for r in rows],
+        }
+    )
+    out = apply_stage(stage, table)
+    assert out.num_rows == n
+    for col in OCR_COLUMNS:
+        assert out.schema.field(col).type == STAGE_COLUMNS[col]
+    got = out.to_pylist()
+    status = [r["ocr_status"] for r in got]
+    assert status == ["ok", "ok", "ok", None, "no_image", "truncated", "too_large", "ok", "ok", "ok", "ok"]
+    reasons = [r["drop_reason"] for r in got]
+    assert (
+        reasons
+        == [None, None, "text_spotting", "complexity", "decode", "decode", "decode"] + ["text_spotting"] * 4
+    )
+    assert [r["keep"] for r in got] == [r is None for r in reasons]
+
+    photo, text = got[0], got[2]
+    assert photo["ocr_boxes"] == 0 and photo["ocr_text"] == "" and photo["ocr_area"] == 0.0
+    assert photo["ocr_caption_overlap"] == 0.0
+    assert text["ocr_boxes"] >= 1 and 0.0 < text["ocr_area"] < 0.5
+    assert text["ocr_caption_overlap"] >= 0.8
+    assert "beach" in text["ocr_text"].lower()
+    skipped = got[3]
+    assert all(skipped[c] is None for c in OCR_COLUMNS)  # cascade: no measurement for dropped rows
+    for failed in got[4:7]:
+        assert failed["ocr_text"] is None and failed["ocr_caption_overlap"] is None
+    for converted in got[7:]:
+        assert "sale" in converted["ocr_text"].lower()
+
+
+def test_page_has_text_and_unrelated_caption_is_kept(stage):
+    page = skdata.page()[
+        :100
+    ]  # top of a 191x384 greyscale scan of a text page (the full page is slow on CPU)
+    out = apply_stage(
+        stage, pa.table({"caption": ["a photo of a mountain lake"], "image": [encode(page, "PNG")]})
+    )
+    row = out.to_pylist()[0]
+    assert row["ocr_status"] == "ok" and row["ocr_boxes"] >= 3 and row["ocr_area"] > 0.2
+    assert "segmentation" in row["ocr_text"].lower()
+    assert row["keep"] and row["drop_reason"] is None
+    # a caption quoting the page would be dropped (one OCR pass: CPU OCR is slow)
+    assert caption_overlap("Region-based segmentation", row["ocr_text"]) >= 0.5
+
+
+def _assert_same_words_as_readtext(stage, images):
+    out = stage.compute(pa.table({"caption": ["x"] * len(images), "image": images}))
+    reader = stage._engine.reader
+    for got, img in zip(out.column("ocr_text").to_pylist(), images):
+        expected = " ".join(t for _, t, _ in reader.readtext(img))
+        assert tokens(got) == tokens(expected)
+
+
+def test_same_words_as_readtext(stage):
+    """The batched path finds the words EasyOCR's own readtext finds (images below the canvas)."""
+    _assert_same_words_as_readtext(
+        stage, [encode(text_image("Fresh bread every morning")), encode(small(skdata.coffee()))]
+    )
+
+
+@pytest.mark.slow
+def test_same_words_as_readtext_on_a_page(stage):
+    _assert_same_words_as_readtext(stage, [encode(skdata.page(), "PNG"), encode(skdata.text(), "PNG")])
+
+
+def test_empty_and_all_failed_batches(stage):
+    empty = pa.table({"caption": pa.array([], pa.string()), "image": pa.array([], pa.binary())})
+    assert stage.compute(empty).num_rows == 0
+    bad = stage.compute(pa.table({"caption": ["a", "b"], "image": pa.array([None, b"xx"], pa.binary())}))
+    assert bad.column("ocr_status").to_pylist() == ["no_image", "decode_error"]
+    # no image column at all: every row is no_image
+    assert stage.compute(pa.table({"caption": ["a"]})).column("ocr_status").to_pylist() == ["no_image"]
+
+
+# --------------------------------------------------------------------------- heavier
+
+
+@pytest.mark.slow
+def test_photos_kept_and_text_dropped_at_full_size(stage):
+    photos = {
+        "astronaut": skdata.astronaut(),
+        "coffee": skdata.coffee(),
+        "chelsea": skdata.chelsea(),
+        "rocket": skdata.rocket(),
+        "immunohistochemistry": skdata.immunohistochemistry(),
+    }
+    phrases = [
+        "Grand opening this weekend",
+        "Best pizza in town",
+        "Happy birthday Emma",
+        "Keep calm and carry on",
+    ]
+    rows = [(f"a photo of {k}", encode(v)) for k, v in photos.items()]
+    for k, phrase in enumerate(phrases):
+        img = text_image(phrase, size=(512, 384), bg=(200 + 10 * k, 230, 250), fg=(40 * k, 0, 60))
+        # text over a photo, not only on a flat background
+        if k % 2:
+            base = Image.fromarray(small(skdata.astronaut(), 512)).resize((512, 384))
+            ImageDraw.Draw(base).text((20, 300), phrase, fill=(255, 255, 0), font=font(44))
+            img = base
+        rows.append((phrase, encode(img)))
+    out = apply_stage(stage, pa.table({"caption": [r[0] for r in rows], "image": [r[1] for r in rows]}))
+    reasons = out.column("drop_reason").to_pylist()
+    assert reasons == [None] * len(photos) + ["text_spotting"] * len(phrases), out.column(
+        "ocr_text"
+    ).to_pylist()
+
+    reader = stage._engine.reader
+    for got, (_, img) in zip(out.column("ocr_text").to_pylist(), rows):
+        expected = " ".join(t for _, t, _ in reader.readtext(img))
+        assert bool(tokens(got)) == bool(tokens(expected))
+        if tokens(expected):
+            assert len(tokens(got) & tokens(expected)) / len(tokens(expected)) >= 0.8

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+
+from train.config import ConfigError, parse_overrides, parse_train_config
+
+GOOD = """\
+data:
+  shards: x/{00000..00001}.tar
+output_dir: runs/x
+train:
+  steps: 10
+"""
+
+
+def test_defaults_and_overrides() -> None:
+    cfg = parse_train_config(
+        GOOD, overrides=parse_overrides(["loss.name=hn_nce", "loss.beta=0.25", "train.precision=bf16"])
+    )
+    assert cfg.train.steps == 10 and cfg.train.batch_size == 64
+    assert cfg.loss.name == "hn_nce" and cfg.loss.beta == 0.25 and cfg.loss.alpha == 1.0
+    assert cfg.train.precision == "bf16" and cfg.model.name == "curate-tiny" and cfg.model.pretrained is None
+    assert cfg.to_dict()["optim"]["lr"] == 5e-4
+
+
+def test_every_problem_is_reported_with_key_and_line() -> None:
+    text = """\
+data:
+  shards: x.tar
+  shufle_buffer: 10
+output_dir: runs/x
+loss:
+  name: hnnce
+optim:
+  lr: fast
+train:
+  steps: 10
+  epochs: 2
+"""
+    with pytest.raises(ConfigError) as exc:
+        parse_train_config(text, source="bad.yaml")
+    msg = str(exc.value)
+    assert "bad.yaml" in msg
+    assert "data.shufle_buffer (line 3): unknown key" in msg
+    assert "loss.name (line 6): expected one of ['infonce', 'hn_nce']" in msg
+    assert "optim.lr (line 8): expected a number" in msg
+
+
+def test_semantic_checks() -> None:
+    with pytest.raises(ConfigError, match=r"exactly one of train\.steps or train\.epochs"):
+        parse_train_config(GOOD.replace("steps: 10", "steps: 10\n  epochs: 1"))
+    with pytest.raises(ConfigError, match="missing or not a string"):
+        parse_train_config("data: {shards: a.tar}\ntrain: {steps: 1}\n")
+    with pytest.raises(ConfigError, match=r"model.pretrained.*nothing is downloaded"):
+        parse_train_config(GOOD + "model: {pretrained: laion2b_s34b_b79k}\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_train_config(GOOD + "optimizer: {}\n")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["train.steps"])

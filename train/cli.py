@@ -1,0 +1,240 @@
+"""`curate train` and `curate eval`. torch is imported inside the handlers so `curate --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+TRAIN_HELP = """\
+Train a CLIP model (any open_clip architecture) contrastively on webdataset shards,
+e.g. the subset `curate select` wrote.
+
+  curate train train/configs/fashion_mnist.yaml
+  curate train my.yaml --set train.steps=2000 --set loss.name=hn_nce
+  curate train my.yaml --resume                   # continue from the newest checkpoint
+  torchrun --nproc_per_node 8 -m train my.yaml    # several GPUs (nccl) or CPU ranks (gloo)
+
+Writes OUTPUT_DIR/checkpoints/step_N.pt (loadable by open_clip:
+create_model_and_transforms(name, pretrained=PATH)), OUTPUT_DIR/metrics.jsonl and
+OUTPUT_DIR/config.json. Every config key is documented in train/README.md.
+Exit codes: 0 done, 1 training failed, 2 bad config or usage.
+"""
+
+EVAL_HELP = """\
+Evaluate a checkpoint: zero-shot classification and image-text retrieval.
+
+  curate eval --checkpoint runs/fmnist/checkpoints/step_00000400.pt --zero-shot fashion-mnist
+  curate eval train/configs/fashion_mnist.yaml          # newest checkpoint of that run
+  curate eval --checkpoint CK.pt --retrieval "shards/{00000..00003}.tar" --limit 5000
+  curate eval --model ViT-B-32 --checkpoint openclip.pt --zero-shot imagenet_val/ \\
+      --templates templates.txt                          # folder of CLASS_NAME/*.jpg
+
+Prints JSON (top1/top5; R@1/5/10 image->text and text->image); --json also writes it.
+Exit codes: 0 done, 1 evaluation failed, 2 bad usage.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `train` and `eval` to the `curate` CLI's subparsers."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser(
+        "train", help="contrastive training on webdataset shards", description=TRAIN_HELP, formatter_class=fmt
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
+    e = subparsers.add_parser(
+        "eval",
+        help="zero-shot and retrieval evaluation of a checkpoint",
+        description=EVAL_HELP,
+        formatter_class=fmt,
+    )
+    e.add_argument("config", nargs="?", help="training config: evaluates that run's newest checkpoint")
+    e.add_argument("--checkpoint", help="checkpoint file (curate or open_clip state dict)")
+    e.add_argument(
+        "--model", help="open_clip model name or JSON config (default: the one the checkpoint names)"
+    )
+    e.add_argument(
+        "--zero-shot",
+        default=None,
+        metavar="fashion-mnist|DIR",
+        help="'fashion-mnist' (built in) or an image folder DIR/CLASS_NAME/*.jpg (default: fashion-mnist "
+        "unless --retrieval is given)",
+    )
+    e.add_argument(
+        "--fashion-mnist-source",
+        choices=["subset", "debian"],
+        default="subset",
+        help="subset: 2,000 committed test images; debian: all 10,000 (apt package dataset-fashion-mnist)",
+    )
+    e.add_argument("--templates", help="text file, one prompt template per line with {} for the class name")
+    e.add_argument(
+        "--retrieval",
+        metavar="SHARDS",
+        help="webdataset shards (brace or glob pattern) of image-caption pairs",
+    )
+    e.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    e.add_argument("--json", dest="json_out", help="also write the results to this file")
+    e.set_defaults(func=run_eval)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="training YAML (see train/configs/ and train/README.md)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (YAML value), e.g. --set train.steps=100; repeatable",
+    )
+
+
+def _setup_logging() -> None:
+    # Our logger at INFO on rank 0; the root logger (where open_clip's chatty factory logs) at WARNING.
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("train").setLevel(logging.INFO if rank == "0" else logging.WARNING)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from train.config import ConfigError, load_train_config, parse_overrides
+
+    _setup_logging()
+    try:
+        cfg = load_train_config(args.config, overrides=parse_overrides(args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from train.loop import train
+
+    try:
+        result = train(cfg, resume=args.resume)
+    except (FileNotFoundError, ValueError) as e:  # missing shards, bad sizes.json, unknown model: usage
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception:
+        logging.getLogger("train").exception("training failed")
+        return 1
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            json.dumps(
+                {
+                    "steps": result.steps,
+                    "final_loss": result.final_loss,
+                    "samples_per_s": round(result.samples_per_s, 2),
+                    "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                }
+            )
+        )
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    _setup_logging()
+    import torch
+
+    from train.config import ConfigError, load_train_config
+
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.config:
+        try:
+            cfg = load_train_config(args.config)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        from train.loop import latest_checkpoint
+
+        found = latest_checkpoint(cfg.output_dir)
+        if found is None:
+            print(f"error: no checkpoint in {cfg.output_dir}/checkpoints", file=sys.stderr)
+            return 2
+        checkpoint = str(found)
+    if checkpoint is None and args.model is None:
+        print("error: give a config, --checkpoint, or --model", file=sys.stderr)
+        return 2
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        return _eval(args, checkpoint, device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception:
+        logging.getLogger("train").exception("evaluation failed")
+        return 1
+
+
+def _eval(args: argparse.Namespace, checkpoint: str | None, device: str) -> int:
+    from train import evaluate, fashion_mnist
+
+    built = evaluate.load_for_eval(checkpoint, args.model, device=device)
+    results: dict = {"checkpoint": checkpoint, "model": built.name}
+    templates = None
+    if args.templates:
+        templates = [ln.strip() for ln in Path(args.templates).read_text().splitlines() if ln.strip()]
+    zero_shot = args.zero_shot or (None if args.retrieval else "fashion-mnist")
+    if zero_shot == "fashion-mnist":
+        images, labels = fashion_mnist.load("test", args.fashion_mnist_source)
+        classes, templates = fashion_mnist.CLASSES, templates or fashion_mnist.TEMPLATES
+    elif zero_shot is not None:
+        images, labels, classes = _image_folder(Path(zero_shot))
+        templates = templates or ["a photo of a {}."]
+    if zero_shot is not None:
+        if args.limit:
+            images, labels = images[: args.limit], labels[: args.limit]
+        zs = evaluate.zero_shot_accuracy(built, list(images), labels, classes, templates, device=device)
+        results["zero_shot"] = {"dataset": zero_shot, "top1": zs.top1, "top5": zs.top5, "n": zs.n}
+    if args.retrieval:
+        from train.data import expand_shards
+
+        imgs, caps = evaluate.read_pairs(expand_shards(args.retrieval), args.limit)
+        rec = evaluate.retrieval_recall(
+            evaluate.encode_images(built, imgs, device=device),
+            evaluate.encode_texts(built, caps, device=device),
+        )
+        results["retrieval"] = {"n": len(imgs), **rec}
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    return 0
+
+
+def _image_folder(root: Path) -> tuple[list, list[int], list[str]]:
+    from PIL import Image
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"--zero-shot: not 'fashion-mnist' and not a directory: {root}")
+    dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if not dirs:
+        raise ValueError(f"{root} has no class sub-folders")
+    images, labels = [], []
+    for label, d in enumerate(dirs):
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}:
+                with Image.open(f) as im:
+                    images.append(im.convert("RGB"))
+                labels.append(label)
+    return images, labels, [d.name.replace("_", " ") for d in dirs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m train ...`, torchrun): `train CONFIG` is the default command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m train", description="curate's trainer (train | eval)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    if argv and argv[0] not in {"train", "eval", "-h", "--help"}:
+        argv = ["train", *argv]
+    args = parser.parse_args(argv)
+    return args.func(args)

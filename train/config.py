@@ -1,0 +1,226 @@
+"""Training YAML -> typed dataclasses.
+
+Uses the project's config machinery (`curation.config`): every problem is
+collected and reported at once, each naming its key path and YAML line.
+Relative paths are relative to the working directory, as everywhere in curate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from curation.config import ConfigError, _build, _closest_line, _fmt, _line_index, _set_path
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+]
+
+
+@dataclass
+class DataConfig:
+    """Webdataset shards as `curate select` writes them."""
+
+    # Brace pattern ("dir/{00000..00009}.tar", open_clip's --train-data syntax) or glob ("dir/*.tar").
+    shards: str
+    # JSON map tar name -> sample count; null looks for sizes.json beside the first shard.
+    sizes: str | None = None
+    # DataLoader worker processes per rank (decode + transforms); 0 decodes in the training process.
+    workers: int = 2
+    # Samples held in the shuffle buffer of each worker.
+    shuffle_buffer: int = 2000
+
+
+@dataclass
+class ModelConfig:
+    # An open_clip model name (ViT-B-32, RN50, ...), the packaged "curate-tiny", or a path to a JSON model config.
+    name: str = "curate-tiny"
+    # Local checkpoint path (open_clip or curate checkpoint); null = random init. Nothing is downloaded.
+    pretrained: str | None = None
+
+
+@dataclass
+class LossConfig:
+    name: Literal["infonce", "hn_nce"] = "infonce"
+    # HN-NCE only (METHODS.md §2a): weight of the positive in the denominator, and hardness of the negatives.
+    alpha: float = 1.0
+    beta: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; weight decay skips norms, biases, 1-d params and the logit scale (as open_clip does)."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    # Linear warm-up from 0, then cosine decay to min_lr at the last step.
+    warmup_steps: int = 100
+    min_lr: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    # Max global L2 norm of the gradients; null disables clipping.
+    grad_clip_norm: float | None = None
+
+
+@dataclass
+class RunConfig:
+    # Per rank; the global batch (and the negatives of each anchor) is batch_size x world size.
+    batch_size: int = 64
+    # Exactly one of steps / epochs. An epoch is sum(sizes.json) / global batch steps.
+    steps: int | None = None
+    epochs: float | None = None
+    precision: Literal["fp32", "bf16", "amp"] = "fp32"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu. Or "cpu", "cuda", "cuda:1".
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    # Save every N steps (and always at the end); 0 saves only at the end.
+    checkpoint_every: int = 0
+    # Keep the newest N step checkpoints; 0 keeps all.
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig
+    output_dir: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "train": RunConfig,
+}
+
+
+def load_train_config(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read and validate a training config; raises ConfigError listing every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError([f"cannot read config: {e.strerror}"], source) from None
+    return parse_train_config(text, source=source, overrides=overrides)
+
+
+def parse_train_config(
+    text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"malformed YAML at {where}{getattr(e, 'problem', None) or e}"], source) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            ["the config must be a YAML mapping with keys data, output_dir, model, loss, optim, train"],
+            source,
+        )
+    lines = _line_index(node)
+    errors: list[str] = []
+
+    def err(key: tuple, msg: str) -> None:
+        line = _closest_line(lines, key)
+        errors.append(f"{_fmt(key) or '<top>'}{f' (line {line})' if line else ''}: {msg}")
+
+    for key, value in (overrides or {}).items():
+        _set_path(data, key, value)
+
+    allowed = {*_SECTIONS, "output_dir"}
+    for k in data:
+        if k not in allowed:
+            err((k,), f"unknown key; expected one of {sorted(allowed)}")
+    if "data" not in data:
+        err(("data",), "missing (the shards to train on: `data: {shards: DIR/{00000..00009}.tar}`)")
+    output_dir = data.get("output_dir")
+    if not isinstance(output_dir, str):
+        err(("output_dir",), "missing or not a string (where checkpoints and metrics go)")
+    built = {}
+    for name, cls in _SECTIONS.items():
+        if name == "data" and "data" not in data:
+            continue
+        built[name] = _build(cls, data.get(name) or {}, (name,), err)
+
+    if errors or any(v is None for v in built.values()):
+        raise ConfigError(errors, source)
+    cfg = TrainConfig(output_dir=output_dir, source=source, **built)
+    _semantic_checks(cfg, err)
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+def _semantic_checks(cfg: TrainConfig, err) -> None:
+    r, o = cfg.train, cfg.optim
+    if (r.steps is None) == (r.epochs is None):
+        err(("train", "steps"), "give exactly one of train.steps or train.epochs")
+    if r.steps is not None and r.steps < 1:
+        err(("train", "steps"), "must be >= 1")
+    if r.epochs is not None and r.epochs <= 0:
+        err(("train", "epochs"), "must be > 0")
+    if r.batch_size < 1:
+        err(("train", "batch_size"), "must be >= 1")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(r, key) < 0:
+            err(("train", key), "must be >= 0")
+    if cfg.loss.name == "hn_nce" and r.batch_size < 2:
+        err(("train", "batch_size"), "hn_nce needs at least 2 samples per batch (negatives)")
+    if cfg.loss.alpha < 0:
+        err(("loss", "alpha"), "must be >= 0")
+    if o.lr <= 0:
+        err(("optim", "lr"), "must be > 0")
+    if o.min_lr < 0 or o.min_lr > o.lr:
+        err(("optim", "min_lr"), "must be between 0 and optim.lr")
+    if o.warmup_steps < 0:
+        err(("optim", "warmup_steps"), "must be >= 0")
+    if o.grad_clip_norm is not None and o.grad_clip_norm <= 0:
+        err(("optim", "grad_clip_norm"), "must be > 0 or null")
+    if cfg.data.workers < 0:
+        err(("data", "workers"), "must be >= 0")
+    if cfg.data.shuffle_buffer < 1:
+        err(("data", "shuffle_buffer"), "must be >= 1 (1 = no shuffling)")
+    if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_file():
+        err(("model", "pretrained"), f"not a local file: {cfg.model.pretrained!r} (nothing is downloaded)")
+    if not (r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda")):
+        err(("train", "device"), f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {r.device!r}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["train.steps=10", "loss.name=hn_nce"]` -> {"train.steps": 10, "loss.name": "hn_nce"} (values are YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"--set expects KEY=VALUE, got {item!r}"])
+        out[key.strip()] = yaml.safe_load(value)
+    return out

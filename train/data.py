@@ -1,0 +1,183 @@
+"""Webdataset shards -> batches, as a deterministic, endless, resumable stream.
+
+The stream of a (rank, worker) pair is a pure function of (seed, rank, world size,
+workers): epoch e reads the shards in a seeded permutation, each (rank, worker)
+takes its share (whole shards when there are enough, else every n-th sample), a
+seeded buffer shuffles, and each batch's augmentations use a seed derived from
+its position. Resuming at step s therefore skips the first s batches *before*
+decoding (raw tar bytes only) and yields exactly the batches an uninterrupted
+run would have seen. The stream never ends, so all DDP ranks run the same number
+of steps even when shards differ in size; `steps` or `epochs` in the config
+decide the length.
+
+Batches are built inside the workers (as open_clip does); the DataLoader takes
+them round-robin from its workers, which is what makes the skip arithmetic exact.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace pattern (open_clip's syntax) and/or glob -> sorted list of existing tar paths."""
+    import braceexpand
+
+    paths: list[str] = []
+    for p in braceexpand.braceexpand(pattern):
+        matches = glob.glob(p) if any(c in p for c in "*?[") else ([p] if Path(p).exists() else [])
+        paths.extend(matches)
+    if not paths:
+        raise FileNotFoundError(f"no shards match {pattern!r}")
+    return sorted(set(paths))
+
+
+def count_samples(shards: list[str], sizes_path: str | None = None) -> int | None:
+    """Total samples of `shards` from sizes.json (tar name -> count); None when there is no sizes file."""
+    path = Path(sizes_path) if sizes_path else Path(shards[0]).parent / "sizes.json"
+    if not path.exists():
+        if sizes_path:
+            raise FileNotFoundError(f"sizes file not found: {sizes_path}")
+        return None
+    sizes = json.loads(path.read_text())
+    missing = [s for s in shards if Path(s).name not in sizes]
+    if missing:
+        raise ValueError(f"{path} has no entry for {len(missing)} shard(s), e.g. {Path(missing[0]).name}")
+    return sum(int(sizes[Path(s).name]) for s in shards)
+
+
+def _raw_samples(path: str) -> Iterator[dict]:
+    from webdataset.tariterators import tarfile_samples
+
+    yield from tarfile_samples([{"url": path}])
+
+
+class ShardStream(IterableDataset):
+    """Endless stream of collated batches (images [B,3,H,W], tokens [B,L]) for one rank."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        batch_size: int,
+        image_transform: Callable,
+        tokenizer: Callable,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 2000,
+        start_step: int = 0,
+    ) -> None:
+        super().__init__()
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.start_step = start_step
+
+    # -- raw (undecoded) samples of one slot -------------------------------------------------
+    def _slot_samples(self, slot: int, slots: int) -> Iterator[dict]:
+        for epoch in range(1 << 62):
+            order = list(self.shards)
+            random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)
+            if len(order) >= slots:
+                # Whole shards per slot: each tar is read by one reader only.
+                for path in order[slot::slots]:
+                    yield from _raw_samples(path)
+            else:
+                # Fewer shards than readers: every reader scans all, keeps every slots-th sample.
+                i = 0
+                for path in order:
+                    for sample in _raw_samples(path):
+                        if i % slots == slot:
+                            yield sample
+                        i += 1
+
+    def _shuffled(self, src: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from src
+            return
+        buf: list[dict] = []
+        for sample in src:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(sample)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], sample = sample, buf[j]
+            yield sample
+        # unreachable for the endless stream; kept for finite sources
+        rng.shuffle(buf)
+        yield from buf
+
+    # -- decoding ---------------------------------------------------------------------------
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, str]:
+        from PIL import Image
+
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None or "txt" not in sample:
+            raise ValueError(
+                f"sample {sample.get('__key__')!r} in {sample.get('__url__')} lacks an image "
+                f"({'/'.join(IMAGE_KEYS)}) or a .txt caption; found {sorted(k for k in sample if not k.startswith('__'))}"
+            )
+        try:
+            with Image.open(io.BytesIO(sample[key])) as im:
+                image = self.image_transform(im.convert("RGB"))
+        except Exception as e:
+            raise ValueError(f"cannot decode {sample['__key__']}.{key} in {sample['__url__']}: {e}") from e
+        return image, sample["txt"].decode("utf-8")
+
+    def _collate(self, raw: list[dict], batch_seed: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # Augmentation randomness is a function of the batch's position, so resume reproduces it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(batch_seed.encode(), "little") % (1 << 63))
+            state = random.getstate()
+            random.seed(batch_seed)
+            try:
+                decoded = [self._decode(s) for s in raw]
+            finally:
+                random.setstate(state)
+        images = torch.stack([d[0] for d in decoded])
+        return images, self.tokenizer([d[1] for d in decoded])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes its b-th batch from worker b % nw. Global step s was made by worker
+        # s % nw in an uninterrupted run, so after resuming at start_step worker `wid` plays role
+        # v = (wid + start_step) % nw, and skips the steps < start_step that role had produced.
+        v = (wid + self.start_step) % nw
+        slot, slots = self.rank * nw + v, self.world_size * nw
+        skip = max(0, -(-(self.start_step - v) // nw))
+        rng = random.Random(f"buffer-{self.seed}-{slot}-{slots}")
+        stream = self._shuffled(self._slot_samples(slot, slots), rng)
+        local = 0
+        while True:
+            raw = [next(stream) for _ in range(self.batch_size)]
+            if local >= skip:
+                yield self._collate(raw, f"aug-{self.seed}-{slot}-{slots}-{local}")
+            local += 1
+
+
+def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        stream,
+        batch_size=None,  # batches come collated from the stream
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,145 @@
+"""Zero-shot classification and image-text retrieval for a checkpoint.
+
+Zero-shot: a classifier from the mean normalised text embedding of each class's
+prompts (templates x class names), top-1/top-5 accuracy on labelled images.
+Retrieval: recall@1/5/10 in both directions over image-caption pairs (webdataset
+shards); the ground truth of image i is caption i and vice versa.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train.model import BuiltModel, build_model
+
+
+@dataclass
+class ZeroShotResult:
+    top1: float
+    top5: float
+    n: int
+
+
+def load_for_eval(checkpoint: str | None, model_name: str | None = None, device: str = "cpu") -> BuiltModel:
+    """A curate checkpoint knows its model name; an open_clip state dict needs `model_name`."""
+    name = model_name
+    if checkpoint is not None and name is None:
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        name = ck.get("model_name") if isinstance(ck, dict) else None
+        if name is None:
+            raise ValueError(f"{checkpoint} does not name its model; pass --model")
+    if name is None:
+        raise ValueError("give a checkpoint or a model name")
+    built = build_model(name, checkpoint, device=device)
+    built.model.eval()
+    return built
+
+
+@torch.no_grad()
+def encode_images(
+    built: BuiltModel, images: Sequence, batch_size: int = 256, device: str = "cpu"
+) -> torch.Tensor:
+    """`images`: PIL images (or uint8 HxW arrays); returns L2-normalised embeddings."""
+    from PIL import Image
+
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        pils = [Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in chunk]
+        x = torch.stack([built.preprocess_val(im.convert("RGB")) for im in pils]).to(device)
+        out.append(F.normalize(built.model.encode_image(x).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_texts(
+    built: BuiltModel, texts: Sequence[str], batch_size: int = 512, device: str = "cpu"
+) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = built.tokenizer(list(texts[i : i + batch_size])).to(device)
+        out.append(F.normalize(built.model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def zero_shot_classifier(
+    built: BuiltModel, classnames: Sequence[str], templates: Sequence[str], device: str = "cpu"
+) -> torch.Tensor:
+    """[D, C]: per class, the renormalised mean of its prompt embeddings (CLIP's prompt ensembling)."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    emb = encode_texts(built, prompts, device=device).view(len(classnames), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1).T
+
+
+def zero_shot_accuracy(
+    built: BuiltModel,
+    images: Sequence,
+    labels: Sequence[int],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    device: str = "cpu",
+) -> ZeroShotResult:
+    weights = zero_shot_classifier(built, classnames, templates, device)
+    logits = encode_images(built, images, device=device) @ weights
+    y = torch.as_tensor(np.asarray(labels))
+    topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    top1 = (topk[:, 0] == y).float().mean().item()
+    top5 = (topk == y[:, None]).any(dim=1).float().mean().item()
+    return ZeroShotResult(top1=top1, top5=top5, n=len(y))
+
+
+def retrieval_recall(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@k for pairs (image i, text i): image->text and text->image."""
+    sims = image_emb @ text_emb.T
+    target = torch.arange(len(sims))
+    out = {}
+    for name, s in (("image_to_text", sims), ("text_to_image", sims.T)):
+        # rank of the true partner = number of candidates scoring strictly higher
+        rank = (s > s[target, target][:, None]).sum(dim=1)
+        for k in ks:
+            out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
+    return out
+
+
+def read_pairs(shards: list[str], limit: int | None = None) -> tuple[list, list[str]]:
+    """(PIL images, captions) from webdataset shards, in shard order."""
+    import io
+
+    from PIL import Image
+
+    from train.data import IMAGE_KEYS, _raw_samples
+
+    images, captions = [], []
+    for path in shards:
+        for s in _raw_samples(path):
+            key = next((k for k in IMAGE_KEYS if k in s), None)
+            if key is None or "txt" not in s:
+                continue
+            images.append(Image.open(io.BytesIO(s[key])).convert("RGB"))
+            captions.append(s["txt"].decode("utf-8"))
+            if limit is not None and len(images) >= limit:
+                return images, captions
+    return images, captions
+
+
+def fashion_mnist_zero_shot(
+    built: BuiltModel, source: str = "subset", device: str = "cpu", limit: int | None = None
+) -> ZeroShotResult:
+    from train import fashion_mnist
+
+    images, labels = fashion_mnist.load("test", source)  # type: ignore[arg-type]
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return zero_shot_accuracy(
+        built, list(images), labels, fashion_mnist.CLASSES, fashion_mnist.TEMPLATES, device
+    )
+
+
+ProgressFn = Callable[[str], None]

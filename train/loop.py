@@ -1,0 +1,399 @@
+"""The training loop: one process per rank (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK), CPU or CUDA.
+
+Resume is exact: model, optimiser, scheduler, GradScaler, RNG states and the step
+are checkpointed, and the data stream (train/data.py) skips to the step without
+decoding, so a resumed run repeats the loss curve of an uninterrupted one as
+long as world size and data.workers are unchanged (otherwise the data order
+differs; a warning says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.config import TrainConfig
+from train.data import ShardStream, count_samples, expand_shards, make_loader
+from train.losses import build_loss
+from train.model import build_model, param_groups
+
+log = logging.getLogger("train")
+CKPT_RE = re.compile(r"step_(\d+)\.pt$")
+
+
+# --------------------------------------------------------------------------- devices and ranks
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if spec == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(spec)
+
+
+def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment; nccl for CUDA, gloo for CPU ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(device_spec, d.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # As open_clip_train does: TF32 matmuls for fp32 on Ampere+ (~8% slower than fp16, near-fp32 accuracy).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "amp":  # fp16 with loss scaling (GradScaler)
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+class WarmupCosine:
+    """LR multiplier at step s: linear warm-up ((s+1)/warmup, as open_clip), then cosine to min_lr."""
+
+    def __init__(
+        self, base_lr: float, warmup: int, total: int, min_lr: float = 0.0, cosine: bool = True
+    ) -> None:
+        self.base_lr, self.warmup, self.total, self.min_lr, self.cosine = (
+            base_lr,
+            warmup,
+            total,
+            min_lr,
+            cosine,
+        )
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if not self.cosine:
+            return 1.0
+        span = max(1, self.total - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        lr = self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.base_lr - self.min_lr)
+        return lr / self.base_lr
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    d = Path(output_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in d.glob("step_*.pt") if (m := CKPT_RE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    cks = list_checkpoints(output_dir)
+    return cks[-1] if cks else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic: a crash mid-write never leaves a truncated 'latest' checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MetricsWriter:
+    """JSONL (one record per step) + optional TensorBoard; rank 0 only."""
+
+    def __init__(self, output_dir: Path, resume_step: int) -> None:
+        self.path = output_dir / "metrics.jsonl"
+        if self.path.exists():
+            # Drop records past the checkpoint we resume from (a crashed run may have logged them).
+            keep = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln and json.loads(ln)["step"] <= resume_step
+            ]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.file = self.path.open("a")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+        except ImportError:  # tensorboard not installed: JSONL only
+            pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS; Linux reports KiB
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    samples_per_s: float
+    checkpoint: Path | None
+    output_dir: Path
+
+
+def total_steps(cfg: TrainConfig, world_size: int, num_samples: int | None) -> int:
+    if cfg.train.steps is not None:
+        return cfg.train.steps
+    if num_samples is None:
+        raise ValueError(
+            "train.epochs needs sample counts: put sizes.json beside the shards or set data.sizes"
+        )
+    assert cfg.train.epochs is not None
+    return max(1, math.ceil(cfg.train.epochs * num_samples / (cfg.train.batch_size * world_size)))
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    dist, device = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, resume, dist, device)
+    finally:
+        if dist.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> TrainResult:
+    r = cfg.train
+    out_dir = Path(cfg.output_dir)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(r.seed)
+    random.seed(r.seed)
+    built = build_model(cfg.model.name, cfg.model.pretrained, device=device)
+    model = built.model
+    if r.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+    shards = expand_shards(cfg.data.shards)
+    num_samples = count_samples(shards, cfg.data.sizes)
+    n_steps = total_steps(cfg, dist.world_size, num_samples)
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+    )
+    schedule = WarmupCosine(o.lr, o.warmup_steps, n_steps, o.min_lr, cosine=o.schedule == "cosine")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=r.precision == "amp")
+
+    start_step, rng_state = 0, None
+    ckpt_path = latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt_path is None and dist.is_main:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", out_dir / "checkpoints")
+    if ckpt_path is not None:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["state_dict"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        start_step, rng_state = int(ck["step"]), ck["rng"]
+        same = ck.get("world_size") == dist.world_size and ck.get("workers") == cfg.data.workers
+        if dist.is_main:
+            log.info("resumed from %s at step %d", ckpt_path, start_step)
+            if not same:
+                log.warning(
+                    "world size or data.workers changed since the checkpoint: the data order will differ"
+                )
+
+    train_model: torch.nn.Module = model
+    if dist.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if r.compile:
+        train_model = torch.compile(train_model)
+    loss_fn = build_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.beta)
+
+    stream = ShardStream(
+        shards,
+        r.batch_size,
+        built.preprocess_train,
+        built.tokenizer,
+        seed=r.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        start_step=start_step,
+    )
+    batches = iter(make_loader(stream, cfg.data.workers, pin_memory=device.type == "cuda"))
+    # Creating the loader iterator draws from the RNG; restore afterwards so resume matches exactly.
+    if rng_state is not None:
+        _set_rng_state(rng_state)
+
+    metrics = MetricsWriter(out_dir, start_step) if dist.is_main else None
+    bar = None
+    if dist.is_main and r.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    global_batch = r.batch_size * dist.world_size
+    pending: list[tuple[int, torch.Tensor, float, torch.Tensor]] = []
+    window_start, last_loss, checkpoint, total_time, timed_steps = (
+        time.perf_counter(),
+        float("nan"),
+        None,
+        0.0,
+        0,
+    )
+    model.train()
+
+    def flush() -> None:
+        # One host sync per window, not per step; samples/s is the window's average.
+        nonlocal window_start, last_loss, total_time, timed_steps
+        if not pending:
+            return
+        now = time.perf_counter()
+        elapsed = now - window_start
+        total_time, timed_steps = total_time + elapsed, timed_steps + len(pending)
+        sps = global_batch * len(pending) / elapsed
+        mem = _memory_gb(device)
+        for step, loss, lr, scale in pending:
+            last_loss = float(loss)
+            rec = {
+                "step": step,
+                "loss": last_loss,
+                "lr": lr,
+                "logit_scale": float(scale),
+                "samples_per_s": sps,
+                "mem_gb": mem,
+            }
+            if metrics is not None:
+                metrics.write(rec)
+        if metrics is not None:
+            metrics.file.flush()
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{last_loss:.4f}", lr=f"{pending[-1][2]:.2e}", sps=f"{sps:.0f}", refresh=False
+            )
+            bar.update(len(pending))
+        pending.clear()
+        window_start = time.perf_counter()
+
+    for step in range(start_step + 1, n_steps + 1):  # steps are 1-based: "step N" = N updates done
+        images, texts = next(batches)
+        images = images.to(device, non_blocking=True)
+        texts = texts.to(device, non_blocking=True)
+        lr = optimizer.param_groups[0]["lr"]
+        with autocast_for(r.precision, device):
+            out = train_model(images, texts)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        scaler.scale(loss).backward()
+        if o.grad_clip_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        with torch.no_grad():  # CLIP's clamp: temperature no lower than 1/100
+            model.logit_scale.clamp_(0, math.log(100))
+        pending.append((step, loss.detach(), lr, model.logit_scale.detach().exp()))
+
+        if r.log_every == 0 or step % r.log_every == 0 or step == n_steps:
+            flush()
+        if step == n_steps or (r.checkpoint_every and step % r.checkpoint_every == 0):
+            flush()
+            checkpoint = out_dir / "checkpoints" / f"step_{step:08d}.pt"
+            if dist.is_main:
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "step": step,
+                        "model_name": built.name,
+                        "state_dict": model.state_dict(),  # unwrapped: loads in open_clip as is
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": _rng_state(),
+                        "world_size": dist.world_size,
+                        "workers": cfg.data.workers,
+                        "config": cfg.to_dict(),
+                    },
+                )
+                if r.keep_checkpoints:
+                    for old in list_checkpoints(out_dir)[: -r.keep_checkpoints]:
+                        old.unlink(missing_ok=True)
+            if dist.world_size > 1:
+                torch.distributed.barrier()
+
+    flush()
+    if bar is not None:
+        bar.close()
+    if metrics is not None:
+        metrics.close()
+    if checkpoint is None:
+        checkpoint = latest_checkpoint(out_dir)
+    sps = global_batch * timed_steps / total_time if total_time > 0 else float("nan")
+    return TrainResult(
+        steps=n_steps, final_loss=last_loss, samples_per_s=sps, checkpoint=checkpoint, output_dir=out_dir
+    )

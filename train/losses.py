@@ -1,0 +1,134 @@
+"""Contrastive losses in open_clip's calling convention.
+
+`loss(image_features, text_features, logit_scale, output_dict=False)` with
+L2-normalised features and `logit_scale = 1/τ` (already exponentiated, as
+open_clip models return it). Under data parallelism each rank passes its local
+features; they are gathered *with gradients* (open_clip's
+`ClipLoss(gather_with_grad=True)`) so the negatives come from the global batch
+and every rank computes the same global loss. With DDP's gradient averaging that
+gives exactly the gradient of one process on the concatenated batch (the
+gather's backward sums the world_size identical contributions, DDP divides by
+world_size).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(
+    image_features: torch.Tensor, text_features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate features of all ranks in rank order; gradients flow back to their owners."""
+    _, world_size = _world()
+    if world_size == 1:
+        return image_features, text_features
+    import torch.distributed.nn  # differentiable collectives
+
+    all_image = torch.cat(torch.distributed.nn.all_gather(image_features), dim=0)
+    all_text = torch.cat(torch.distributed.nn.all_gather(text_features), dim=0)
+    return all_image, all_text
+
+
+def global_logits(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """s_ij = logit_scale * <I_i, T_j> over the global batch, in float32 (stable under bf16/fp16 autocast)."""
+    all_image, all_text = gather_with_grad(image_features, text_features)
+    return (logit_scale * all_image.float() @ all_text.float().T).float()
+
+
+def _out(loss: torch.Tensor, output_dict: bool) -> torch.Tensor | dict[str, torch.Tensor]:
+    # Same key as open_clip's ClipLoss so its train loop (sum of dict values) accepts ours.
+    return {"contrastive_loss": loss} if output_dict else loss
+
+
+class InfoNCELoss(nn.Module):
+    """CLIP's symmetric cross-entropy over the global batch."""
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        logits = global_logits(image_features, text_features, logit_scale)
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return _out(loss, output_dict)
+
+
+class HNNCELoss(nn.Module):
+    """DiHT's HN-NCE (METHODS.md §2a): negatives re-weighted by importance w_ij ∝ exp(β s_ij).
+
+    For anchor i (a row of `logits`), over its negatives j ≠ i:
+        w_ij = (k-1) · softmax_{j≠i}(β s_ij)          (so Σ_{j≠i} w_ij = k-1 for every anchor)
+        ℓ_i  = -s_ii + log(α e^{s_ii} + Σ_{j≠i} w_ij e^{s_ij})
+    Text-to-image applies the same to the transposed matrix, so its weights are
+    normalised over images for each text anchor. α=1, β=0 is InfoNCE exactly.
+    The weights are part of the graph (not detached), as in the formula and in
+    Robinson et al.'s hard-negative objective it builds on. Everything is computed
+    in the log domain: no exp of raw logits, so no overflow at logit_scale=100.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.5) -> None:
+        super().__init__()
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    @staticmethod
+    def _log_weights(logits: torch.Tensor, beta: float) -> torch.Tensor:
+        """log w_ij for each row anchor; the diagonal (positives) is -inf."""
+        k = logits.shape[0]
+        if k < 2:
+            raise ValueError("HN-NCE needs a global batch of at least 2 (it has no negatives otherwise)")
+        eye = torch.eye(k, dtype=torch.bool, device=logits.device)
+        scaled = (beta * logits).masked_fill(eye, float("-inf"))
+        # Normalised per anchor (keepdim=True): each row's weights sum to k-1.
+        return math.log(k - 1) + scaled - torch.logsumexp(scaled, dim=1, keepdim=True)
+
+    def importance_weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_i2t, w_t2i): row i holds anchor i's weights over its negatives, 0 on the diagonal."""
+        return self._log_weights(logits, self.beta).exp(), self._log_weights(logits.T, self.beta).exp()
+
+    def _one_direction(self, logits: torch.Tensor) -> torch.Tensor:
+        pos = logits.diagonal()
+        terms = self._log_weights(logits, self.beta) + logits
+        log_alpha = math.log(self.alpha) if self.alpha > 0 else float("-inf")
+        eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+        # Positive term α e^{s_ii} sits on the diagonal of the log-sum-exp.
+        terms = torch.where(eye, (log_alpha + logits).to(terms.dtype), terms)
+        return (torch.logsumexp(terms, dim=1) - pos).mean()
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        logits = global_logits(image_features, text_features, logit_scale)
+        loss = (self._one_direction(logits) + self._one_direction(logits.T)) / 2
+        return _out(loss, output_dict)
+
+
+def build_loss(name: str, alpha: float = 1.0, beta: float = 0.5) -> nn.Module:
+    """The loss a config names: `infonce` or `hn_nce`."""
+    if name == "infonce":
+        return InfoNCELoss()
+    if name == "hn_nce":
+        return HNNCELoss(alpha=alpha, beta=beta)
+    raise ValueError(f"unknown loss {name!r}; expected 'infonce' or 'hn_nce'")
