@@ -14,9 +14,10 @@ it on loopback. Reported:
   (`RunSummary.seconds`);
 - Ray start-up (`ray.init` of a local instance) separately;
 - the driver's peak RSS for two input sizes (it should not grow with input);
-- rows per CPU-second: rows divided by the CPU time of every process of the
-  run (driver, workers, and for Ray its daemons, measured in the run's network
-  namespace). Unlike rows/s it does not depend on what else the machine runs.
+- for the local runner, rows per CPU-second (driver + worker processes),
+  which does not depend on what else the machine runs. Not for Ray: its
+  workers are reaped by the raylet without their CPU time reaching any
+  ancestor, and they exit before the run returns, so a /proc sum undercounts.
 """
 
 from __future__ import annotations
@@ -79,29 +80,6 @@ def _cpu_seconds_self_and_children() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _cpu_seconds_netns() -> float | None:
-    """CPU time of every process in this process's network namespace, reaped children included.
-
-    Only meaningful in a private namespace (the Ray runs), where those are this
-    run's driver, Ray daemons and workers (the raylet reaps exited workers, so
-    their time is in its cutime/cstime).
-    """
-    if os.environ.get("CURATE_BENCH_IN_NETNS") != "1":
-        return None
-    me = os.readlink("/proc/self/ns/net")
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.readlink(f"/proc/{pid}/ns/net") != me:
-                continue
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return total / tick
-
-
 def measure(cfg_path: str, runner: str, cpus: int) -> dict:
     from curation.config import load_config
     from curation.engine import execute
@@ -114,13 +92,11 @@ def measure(cfg_path: str, runner: str, cpus: int) -> dict:
         t0 = time.perf_counter()
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - t0
-    cpu_probe = _cpu_seconds_netns if runner == "ray" else _cpu_seconds_self_and_children
-    cpu0 = cpu_probe()
+    cpu0 = _cpu_seconds_self_and_children()
     t0 = time.perf_counter()
     summary = execute(config)
     wall = time.perf_counter() - t0
-    cpu1 = cpu_probe()
-    cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    cpu = _cpu_seconds_self_and_children() - cpu0 if runner == "local" else None
     if runner == "ray":
         import ray
 
@@ -168,7 +144,6 @@ def run_child(cfg: Path, runner: str, cpus: int, netns: list[str]) -> dict:
     cmd = [sys.executable, __file__, "_measure", str(cfg), runner, str(cpus)]
     if runner == "ray" and netns:
         cmd = [*netns, *cmd]
-        env["CURATE_BENCH_IN_NETNS"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"measurement failed ({runner}, {cpus} cpu):\n{proc.stderr[-4000:]}")

@@ -219,16 +219,19 @@ def test_stages():
 def test_gpu_pool_shard_failure_and_retry_of_only_that_shard(tmp_path: Path, test_stages) -> None:
     """Two actor pools (captions on CPU, a GPU stage on a logical GPU); one shard fails, a re-run fixes it."""
     flag = tmp_path / "fail.flag"
-    stages = CAPTIONS + "  - test_chars: {gpus: 0.5, fail_flag: %s, poison_uid: '%s'}\n"
+    stages = CAPTIONS + "  - test_chars: {gpus: %s, fail_flag: %s, poison_uid: '%s'}\n"
+    # Local references declare no GPU (the local runner refuses GPU stages on a
+    # GPU-less machine); `gpus` changes where the stage runs, not what it computes.
     # The poisoned row must be one the cascaded GPU stage sees: one the caption stages keep.
-    ref = write_config(tmp_path, "ref", DEMO, rows_per_shard=250, stages=stages % (flag, "none"))
+    ref = write_config(tmp_path, "ref", DEMO, rows_per_shard=250, stages=stages % (0, flag, "none"))
     assert main(["run", str(ref), "--workers", "1", "--no-progress"]) == 0
     t = manifests(tmp_path / "ref")
     poison = t.filter(pc.and_(t.column("keep"), pc.equal(t.column("shard"), 2))).column("uid")[0].as_py()
 
-    cfg = write_config(tmp_path, "run", DEMO, rows_per_shard=250, stages=stages % (flag, poison))
+    local_cfg = write_config(tmp_path, "local", DEMO, rows_per_shard=250, stages=stages % (0, flag, poison))
+    cfg = write_config(tmp_path, "run", DEMO, rows_per_shard=250, stages=stages % (0.5, flag, poison))
     local = tmp_path / "local"
-    assert main(["run", str(cfg), "-o", str(local), "--workers", "1", "--no-progress"]) == 0
+    assert main(["run", str(local_cfg), "--workers", "1", "--no-progress"]) == 0
 
     flag.touch()
     out = tmp_path / "ray"
