@@ -14,7 +14,7 @@ import torch
 from train.config import load_train_config
 from train.loop import train
 
-# Measured (train/BENCHMARKS_train.md): this config reached 0.797 zero-shot top-1 (top-5 0.993) on the 2,000
+# Measured (BENCHMARKS.md, Trainer): this config reached 0.797 zero-shot top-1 (top-5 0.993) on the 2,000
 # committed test images after 200 steps (25.6k samples, ~4 epochs of the 6,000-image subset); a 150-step
 # variant without clipping reached 0.774;
 # chance is 0.10. The threshold leaves room for thread-count / platform numerics, not for a regression.
