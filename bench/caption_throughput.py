@@ -141,7 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000, help="unique captions for (r), (b), (c)")
     ap.add_argument("--naive-rows", type=int, default=10_000, help="captions for the (slow) naive baseline")
-    ap.add_argument("--batch-size", type=int, default=1024, help="nlp.pipe batch size")
+    ap.add_argument("--batch-size", type=int, default=256, help="nlp.pipe batch size")
     ap.add_argument("--batch-rows", type=int, default=10_000, help="rows per pipeline batch")
     ap.add_argument("--skip-1m", action="store_true", help="skip the 1M-row memory and stats measurement")
     ap.add_argument("--only-1m", action="store_true", help="only the 1M-row memory and stats measurement")

@@ -227,7 +227,6 @@ def main(argv: list[str] | None = None) -> dict:
             precision=args.precision,
             cpus=args.cpus,
             detect_batch_size=args.detect_batch_size,
-            batch_size=args.batch_size,
         )
         st = TextSpotting(params, StageContext(output_dir=Path(".")))
         st.setup()

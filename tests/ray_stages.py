@@ -41,7 +41,7 @@ class CaptionChars(Stage):
 
     @property
     def resources(self) -> Resources:
-        return Resources(cpus=1, gpus=self.params.gpus, batch_size=256)
+        return Resources(cpus=1, gpus=self.params.gpus)
 
     def compute(self, table: pa.Table) -> pa.Table:
         captions = table.column("caption")

@@ -29,7 +29,6 @@ class Resources:
 
     cpus: float = 1.0
     gpus: float = 0.0
-    batch_size: int = 4096
 
 
 @dataclass(frozen=True)

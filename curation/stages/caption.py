@@ -50,14 +50,14 @@ class CaptionParams:
     # The parse is shared by both caption stages, so these three must agree between them.
     model: str = DEFAULT_MODEL
     max_chars: int = 1000
-    batch_size: int = 1024
+    batch_size: int = 256
 
 
 class CaptionScorer:
     """spaCy pipeline, loaded once per worker, that turns captions into the four caption numbers."""
 
     def __init__(
-        self, model: str = DEFAULT_MODEL, max_chars: int = 1000, batch_size: int = 1024, dedupe: bool = True
+        self, model: str = DEFAULT_MODEL, max_chars: int = 1000, batch_size: int = 256, dedupe: bool = True
     ) -> None:
         self.model = model
         self.max_chars = max_chars
@@ -180,7 +180,7 @@ class _CaptionStage(Stage):
 
     @property
     def resources(self) -> Resources:
-        return Resources(cpus=1, gpus=0, batch_size=self.params.batch_size * 4)
+        return Resources(cpus=1, gpus=0)
 
     def _scorer(self) -> CaptionScorer:
         key = (self.params.model, self.params.max_chars, self.params.batch_size)

@@ -93,7 +93,7 @@ class Download(Stage):
     @property
     def resources(self) -> Resources:
         # Network-bound: one core drives `thread_count` download threads.
-        return Resources(cpus=1, gpus=0, batch_size=4096)
+        return Resources(cpus=1, gpus=0)
 
     def setup(self) -> None:
         import img2dataset  # noqa: F401 - slow import (torch via webdataset): pay it once per worker

@@ -84,8 +84,6 @@ class TextSpottingParams:
     # Drop when at least this fraction of the caption's tokens is written in the image.
     max_overlap: float = 0.5
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    # Rows per batch handed to compute() by the runner.
-    batch_size: int = 256
     # Images per detector forward (CUDA; on CPU same-shape images are grouped up to this).
     detect_batch_size: int = 16
     # Crops per recognizer forward.
@@ -460,7 +458,7 @@ class TextSpotting(Stage):
     @property
     def resources(self) -> Resources:
         gpus = 1.0 if self.device == "cuda" else 0.0
-        return Resources(cpus=max(1, self.params.cpus), gpus=gpus, batch_size=self.params.batch_size)
+        return Resources(cpus=max(1, self.params.cpus), gpus=gpus)
 
     def setup(self) -> None:
         if self._engine is None:
@@ -514,7 +512,6 @@ class TextSpotting(Stage):
         if not 0.0 <= p.max_overlap <= 1.0:
             problems.append(f"max_overlap must be in [0, 1], got {p.max_overlap}")
         for key in (
-            "batch_size",
             "detect_batch_size",
             "recognize_batch_size",
             "canvas_size",
