@@ -1,6 +1,6 @@
 """Caption-stage throughput (issue: the spine). Prints captions/s and the ratios against baselines.
 
-    python bench/caption_throughput.py                 # full run (~10 min on 2 cores)
+    python bench/caption_throughput.py                 # full run (~30 min on 2 idle cores)
     python bench/caption_throughput.py --rows 20000 --naive-rows 2000 --skip-1m   # quick look
 
 Input: the 10k real LAION captions in ../shared/data, expanded to --rows *unique*
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,24 +112,32 @@ def bench_dedupe(batch_rows: int, dup_fraction: float | None) -> tuple[float, fl
         caps = distinct + [rng.choice(distinct) for _ in range(len(caps) - len(distinct))]
         rng.shuffle(caps)
     dup = 1 - len(set(caps)) / len(caps)
-    scorers = {d: CaptionScorer(dedupe=d) for d in (False, True)}
-    for s in scorers.values():
-        s.load()
-        s.score(caps[:500])  # warm-up
-    rates = {}
-    for d, s in scorers.items():
-        t = timed(lambda s=s: [s.score(caps[i : i + batch_rows]) for i in range(0, len(caps), batch_rows)])
-        rates[d] = len(caps) / t
+    scorer = CaptionScorer()  # one pipeline for both settings, so only the setting differs
+    scorer.load()
+    scorer.score(caps[:500])  # warm-up
+    rates: dict[bool, float] = {False: 0.0, True: 0.0}
+    for _ in range(2):  # alternating, best of two: the effect is small when duplicates are rare
+        for d in (False, True):
+            scorer.dedupe = d
+            t = timed(
+                lambda: [scorer.score(caps[i : i + batch_rows]) for i in range(0, len(caps), batch_rows)]
+            )
+            rates[d] = max(rates[d], len(caps) / t)
     return dup, rates[False], rates[True]
 
 
 def run_cli(cfg: Path) -> tuple[float, float, float]:
-    """Wall time, driver peak RSS (MB), largest worker peak RSS (MB) of `curate run` in a fresh process."""
+    """Wall time, driver peak RSS (MB), largest worker peak RSS (MB) of `curate run` in a fresh process.
+
+    The driver's peak is VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so
+    a child of this (large) benchmark process would report the benchmark's own peak.
+    Workers are spawned by the small driver, so their ru_maxrss is their own.
+    """
     code = (
         "import resource, sys, time; from curation.cli import main; t=time.perf_counter(); "
         f"rc=main(['run', {str(cfg)!r}]); dt=time.perf_counter()-t; "
-        "print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+        "hwm=int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); "
+        "print(dt, hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     if p.returncode:
@@ -143,6 +152,9 @@ def main() -> None:
     ap.add_argument("--naive-rows", type=int, default=10_000, help="captions for the (slow) naive baseline")
     ap.add_argument("--batch-size", type=int, default=256, help="nlp.pipe batch size")
     ap.add_argument("--batch-rows", type=int, default=10_000, help="rows per pipeline batch")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="rounds of (r), (b), (c1), (c2); ratios are medians over rounds"
+    )
     ap.add_argument("--skip-1m", action="store_true", help="skip the 1M-row memory and stats measurement")
     ap.add_argument("--only-1m", action="store_true", help="only the 1M-row memory and stats measurement")
     args = ap.parse_args()
@@ -161,28 +173,39 @@ def main() -> None:
 
     a = bench_naive(captions[: args.naive_rows])
     print(f"(a) naive spacy.load + [nlp(c) ...], {args.naive_rows:,} captions: {a:8.0f} captions/s")
-    r = bench_raw(captions, args.batch_size)
-    print(f"(r) nlp.pipe, needed components only:              {r:8.0f} captions/s")
     per_shard = max(1, args.rows // 10)
-    cfg1 = make_config(tmp, data, tmp / "out1", per_shard, 1, args.batch_rows)
-    cfg2 = make_config(tmp, data, tmp / "out2", per_shard, 2, args.batch_rows)
-    b = bench_stages(cfg1, table, args.batch_rows)
-    print(f"(b) caption stages in-process, 1 worker:           {b:8.0f} captions/s")
-    w1, rss1, _ = run_cli(cfg1)
-    c1 = args.rows / w1
-    print(
-        f"(c) curate run, 1 worker (end to end):             {c1:8.0f} captions/s  (driver peak RSS {rss1:.0f} MB)"
-    )
-    w2, rss2d, rss2w = run_cli(cfg2)
-    c2 = args.rows / w2
-    print(
-        f"(c) curate run, 2 workers (end to end):            {c2:8.0f} captions/s  (driver {rss2d:.0f} MB, worker {rss2w:.0f} MB)"
-    )
+    # The ratios compare figures a few percent apart, less than this machine drifts over
+    # minutes, so each round measures (r), (b), (c1), (c2) back to back, ratios are taken
+    # within a round, and the median over rounds is reported.
+    rounds = []
+    for k in range(args.rounds):
+        cfg1 = make_config(tmp, data, tmp / f"out1_{k}", per_shard, 1, args.batch_rows)
+        cfg2 = make_config(tmp, data, tmp / f"out2_{k}", per_shard, 2, args.batch_rows)
+        r = bench_raw(captions, args.batch_size)
+        b = bench_stages(cfg1, table, args.batch_rows)
+        w1, rss1, _ = run_cli(cfg1)
+        w2, rss2d, rss2w = run_cli(cfg2)
+        c1, c2 = args.rows / w1, args.rows / w2
+        rounds.append({"r": r, "b": b, "c1": c1, "c2": c2})
+        print(f"round {k + 1}:")
+        print(f"  (r) nlp.pipe, needed components only:     {r:6.0f} captions/s")
+        print(f"  (b) caption stages in-process, 1 worker:  {b:6.0f} captions/s")
+        print(
+            f"  (c) curate run, 1 worker (end to end):    {c1:6.0f} captions/s  (driver peak RSS {rss1:.0f} MB)"
+        )
+        print(f"  (c) curate run, 2 workers (end to end):   {c2:6.0f} captions/s  "
+              f"(driver {rss2d:.0f} MB, largest worker {rss2w:.0f} MB)", flush=True)  # fmt: skip
+
+    def ratio(num: str, den: str | float) -> str:
+        values = [x[num] / (den if isinstance(den, float) else x[den]) for x in rounds]
+        each = ", ".join(f"{v:.2f}" for v in values)
+        return f"{statistics.median(values):5.2f}  (rounds: {each})"
+
     print()
-    print(f"(b)/(a)  = {b / a:5.2f}   target >= 2.0")
-    print(f"(b)/(r)  = {b / r:5.2f}   target >= 0.95")
-    print(f"(c1)/(b) = {c1 / b:5.2f}   target >= 0.9")
-    print(f"(c2)/(c1)= {c2 / c1:5.2f}   target >= 1.7")
+    print(f"(b)/(a)   = {ratio('b', a)}   target >= 2.0")
+    print(f"(b)/(r)   = {ratio('b', 'r')}   target >= 0.95")
+    print(f"(c1)/(b)  = {ratio('c1', 'b')}   target >= 0.9")
+    print(f"(c2)/(c1) = {ratio('c2', 'c1')}   target >= 1.7")
 
     for frac, label in ((None, "real 10k as sampled"), (0.3, "10k with 30% repeats")):
         dup, off, on = bench_dedupe(args.batch_rows, frac)
@@ -210,7 +233,8 @@ def bench_memory(tmp: Path, batch_rows: int) -> None:
                           "TEXT": distinct.column("TEXT").take(idx)})  # fmt: skip
         data = tmp / f"repeated_{rows}.parquet"
         pq.write_table(table, data, row_group_size=100_000)
-        cfg = make_config(tmp, data, tmp / f"out_mem_{rows}", 100_000, 2, batch_rows)
+        # 10k-row shards: both sizes run the 2-worker pool (1 shard would run in-process)
+        cfg = make_config(tmp, data, tmp / f"out_mem_{rows}", 10_000, 2, batch_rows)
         wall, driver, worker = run_cli(cfg)
         rss[rows] = (driver, worker)
         print(f"{rows:>9,} rows (each caption x10), 2 workers: {rows / wall:7.0f} rows/s, "

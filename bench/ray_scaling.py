@@ -34,7 +34,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path("/work/shared/data/laion_captions_10k.parquet")
+DEFAULT_DATA = next(
+    (p / "shared/data/laion_captions_10k.parquet" for p in ROOT.parents if (p / "shared/data").is_dir()),
+    ROOT.parent / "shared/data/laion_captions_10k.parquet",
+)
 STAGES = "  - caption_complexity: {min: 2}\n  - caption_action: {min: 1}\n"
 
 
@@ -80,6 +83,12 @@ def _cpu_seconds_self_and_children() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak (VmHWM): ru_maxrss would carry the parent's peak across exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def measure(cfg_path: str, runner: str, cpus: int) -> dict:
     from curation.config import load_config
     from curation.engine import execute
@@ -112,7 +121,7 @@ def measure(cfg_path: str, runner: str, cpus: int) -> dict:
         "cpu_s": cpu,
         "rows_per_cpu_s": summary.rows / cpu if cpu else None,
         "ray_start_s": ray_start,
-        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "driver_peak_rss_mb": _peak_rss_mb(),
     }
 
 
