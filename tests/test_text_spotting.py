@@ -332,6 +332,21 @@ def test_same_words_as_readtext_on_a_page(stage):
     _assert_same_words_as_readtext(stage, [encode(skdata.page(), "PNG"), encode(skdata.text(), "PNG")])
 
 
+def test_cpu_detector_is_folded_and_matches_easyocr_s(stage):
+    """The CPU path folds BatchNorm into the convs (NHWC); the heatmaps must not move."""
+    import torch
+
+    original = stage._engine.reader.detector
+    original = getattr(original, "module", original).eval()
+    folded = stage._engine.detector
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, _ = original(x)
+        got, _ = folded(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
 def test_empty_and_all_failed_batches(stage):
     empty = pa.table({"caption": pa.array([], pa.string()), "image": pa.array([], pa.binary())})
     assert stage.compute(empty).num_rows == 0
