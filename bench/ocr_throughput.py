@@ -264,8 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
             "images_per_s": len(rows) / seconds,
             "timings": t,
             "detect_share": t.get("detect", 0) / ocr if ocr else None,
+            "precision": st._engine.precision,
         }
-        line = f"(b) stage canvas={canvas}: {len(rows) / seconds:.2f} img/s ({seconds:.1f} s), detection {entry['detect_share']:.0%}"
+        line = f"(b) stage canvas={canvas} {st._engine.precision}: {len(rows) / seconds:.2f} img/s ({seconds:.1f} s), detection {entry['detect_share']:.0%}"
         if naive_found is not None:
             entry["speedup"] = results["readtext"]["seconds"] / seconds
             entry["agreement"] = agreement(naive_found, found, kinds)

@@ -23,6 +23,8 @@ from curation.stages.text_spotting import (  # noqa: E402
     OCR_COLUMNS,
     TextSpotting,
     TextSpottingParams,
+    _auto_precision,
+    _fold_batch_norm,
     caption_overlap,
     decode_image,
     reading_order,
@@ -332,19 +334,31 @@ def test_same_words_as_readtext_on_a_page(stage):
     _assert_same_words_as_readtext(stage, [encode(skdata.page(), "PNG"), encode(skdata.text(), "PNG")])
 
 
-def test_cpu_detector_is_folded_and_matches_easyocr_s(stage):
+def test_cpu_detector_folding_keeps_easyocr_s_heatmaps(stage):
     """The CPU path folds BatchNorm into the convs (NHWC); the heatmaps must not move."""
+    import copy
+
     import torch
+
+    def has_batch_norm(m):
+        return any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
 
     original = stage._engine.reader.detector
     original = getattr(original, "module", original).eval()
-    folded = stage._engine.detector
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert has_batch_norm(original), "the Reader's own detector must stay untouched"
+    folded = _fold_batch_norm(copy.deepcopy(original)).to(memory_format=torch.channels_last)
+    assert not has_batch_norm(folded)
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want, _ = original(x)
         got, _ = folded(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+    engine = stage._engine
+    assert not has_batch_norm(engine.detector)
+    assert next(engine.detector.parameters()).dtype == engine.dtype
+    assert engine.precision == _auto_precision("cpu") in ("bf16", "fp32")
+    assert _auto_precision("cuda") == "fp16"
 
 
 def test_empty_and_all_failed_batches(stage):
