@@ -65,6 +65,20 @@ class Source(ABC):
         """Normalised batches of at most `batch_rows` rows."""
 
 
+def split_rows(shards: list[Shard], path: str, n: int, per: int, left: float) -> float:
+    """Append shards of at most `per` of the `n` rows of `path`, stopping after `left` rows in all.
+
+    Returns the rows still allowed (for `--limit` across files).
+    """
+    start = 0
+    while start < n and left > 0:
+        end = int(min(start + per, n, start + left))
+        shards.append(Shard(index=len(shards), path=path, row_start=start, row_end=end))
+        left -= end - start
+        start = end
+    return left
+
+
 def expand_paths(path: str | list[str]) -> list[str]:
     """Local paths, globs and fsspec URLs, expanded and sorted; duplicates removed."""
     out: list[str] = []

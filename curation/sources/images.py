@@ -24,7 +24,7 @@ import fsspec
 import pyarrow as pa
 
 from curation.schema import ID_COLUMNS, STAGE_COLUMNS, make_uids
-from curation.sources.base import Problem, Shard, Source
+from curation.sources.base import Problem, Shard, Source, split_rows
 
 # In order of preference when a sample has several.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
@@ -75,16 +75,6 @@ def _batches(samples: Iterator[Sample], shard: Shard, batch_rows: int) -> Iterat
         yield _table(batch, shard.index)
 
 
-def _split(shards: list[Shard], path: str, n: int, per: int, left: float) -> float:
-    start = 0
-    while start < n and left > 0:
-        end = int(min(start + per, n, start + left))
-        shards.append(Shard(index=len(shards), path=path, row_start=start, row_end=end))
-        left -= end - start
-        start = end
-    return left
-
-
 class _ImageSource(Source):
     def carried_schema(self) -> pa.Schema:
         return pa.schema([pa.field(c, STAGE_COLUMNS[c]) for c in LOCATION_COLUMNS])
@@ -96,7 +86,7 @@ class _ImageSource(Source):
         shards: list[Shard] = []
         left: float = limit if limit is not None else float("inf")
         for f in self.files():
-            left = _split(shards, f, self._count(f), self.cfg.rows_per_shard, left)
+            left = split_rows(shards, f, self._count(f), self.cfg.rows_per_shard, left)
             if left <= 0:
                 break
         return shards

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.schema import carried_name
-from curation.sources.base import Problem, Shard, Source, normalise
+from curation.sources.base import Problem, Shard, Source, normalise, split_rows
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -58,13 +58,7 @@ class ParquetSource(Source):
         left = limit if limit is not None else float("inf")
         per = self.cfg.rows_per_shard
         for f in self.files():
-            n = _open(f).metadata.num_rows
-            start = 0
-            while start < n and left > 0:
-                end = int(min(start + per, n, start + left))
-                shards.append(Shard(index=len(shards), path=f, row_start=start, row_end=end))
-                left -= end - start
-                start = end
+            left = split_rows(shards, f, _open(f).metadata.num_rows, per, left)
             if left <= 0:
                 break
         return shards
