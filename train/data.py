@@ -12,6 +12,11 @@ decide the length.
 
 Batches are built inside the workers (as open_clip does); the DataLoader takes
 them round-robin from its workers, which is what makes the skip arithmetic exact.
+
+A batch is a dict: `image` [B,3,H,W] and `text` [B,L] always; `uid` (the
+samples' ids from their `.json`, None where absent) so features that need more
+per-sample data (distillation targets, hard-pair partners) can add keys
+without changing the loop's contract.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -63,7 +69,7 @@ def _raw_samples(path: str) -> Iterator[dict]:
 
 
 class ShardStream(IterableDataset):
-    """Endless stream of collated batches (images [B,3,H,W], tokens [B,L]) for one rank."""
+    """Endless stream of collated batches ({"image": [B,3,H,W], "text": [B,L], "uid": [B]}) for one rank."""
 
     def __init__(
         self,
@@ -125,6 +131,7 @@ class ShardStream(IterableDataset):
 
     # -- decoding ---------------------------------------------------------------------------
     def _decode(self, sample: dict) -> tuple[torch.Tensor, str]:
+        """(image tensor, caption) of one raw sample."""
         from PIL import Image
 
         key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -140,7 +147,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"cannot decode {sample['__key__']}.{key} in {sample['__url__']}: {e}") from e
         return image, sample["txt"].decode("utf-8")
 
-    def _collate(self, raw: list[dict], batch_seed: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _collate(self, raw: list[dict], batch_seed: str) -> dict[str, Any]:
         # Augmentation randomness is a function of the batch's position, so resume reproduces it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int.from_bytes(batch_seed.encode(), "little") % (1 << 63))
@@ -150,10 +157,13 @@ class ShardStream(IterableDataset):
                 decoded = [self._decode(s) for s in raw]
             finally:
                 random.setstate(state)
-        images = torch.stack([d[0] for d in decoded])
-        return images, self.tokenizer([d[1] for d in decoded])
+        return {
+            "image": torch.stack([d[0] for d in decoded]),
+            "text": self.tokenizer([d[1] for d in decoded]),
+            "uid": [_uid(s) for s in raw],
+        }
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         # The DataLoader takes its b-th batch from worker b % nw. Global step s was made by worker
@@ -170,6 +180,19 @@ class ShardStream(IterableDataset):
             if local >= skip:
                 yield self._collate(raw, f"aug-{self.seed}-{slot}-{slots}-{local}")
             local += 1
+
+
+def _uid(sample: dict) -> str | None:
+    """The sample's manifest uid from its `.json` member (`curate select` writes it), else None."""
+    raw = sample.get("json")
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return None
+    uid = meta.get("uid") if isinstance(meta, dict) else None
+    return str(uid) if uid is not None else None
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:

@@ -340,9 +340,9 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         window_start = time.perf_counter()
 
     for step in range(start_step + 1, n_steps + 1):  # steps are 1-based: "step N" = N updates done
-        images, texts = next(batches)
-        images = images.to(device, non_blocking=True)
-        texts = texts.to(device, non_blocking=True)
+        batch = next(batches)
+        images = batch["image"].to(device, non_blocking=True)
+        texts = batch["text"].to(device, non_blocking=True)
         lr = optimizer.param_groups[0]["lr"]
         with autocast_for(r.precision, device):
             out = train_model(images, texts)

