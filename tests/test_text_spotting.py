@@ -287,6 +287,15 @@ def test_stage_through_apply_stage(stage):
 
     photo, text = got[0], got[2]
     assert photo["ocr_boxes"] == 0 and photo["ocr_text"] == "" and photo["ocr_area"] == 0.0
+    assert photo["ocr_regions"] == []
+    # The boxes, as fractions of the image size, cover the line of text drawn across the image
+    # (16 px margins, about 40 px high around its middle).
+    assert len(text["ocr_regions"]) == text["ocr_boxes"]
+    xs = [x for r in text["ocr_regions"] for x in r["box"][0::2]]
+    ys = [y for r in text["ocr_regions"] for y in r["box"][1::2]]
+    assert all(len(r["box"]) == 8 and 0.0 <= v <= 1.0 for r in text["ocr_regions"] for v in r["box"])
+    assert min(xs) < 0.1 and max(xs) > 0.9 and 0.15 < min(ys) < 0.5 < max(ys) < 0.85
+    assert " ".join(r["text"] for r in text["ocr_regions"]) == text["ocr_text"]
     assert photo["ocr_caption_overlap"] == 0.0
     assert text["ocr_boxes"] >= 1 and 0.0 < text["ocr_area"] < 0.5
     assert text["ocr_caption_overlap"] >= 0.8
@@ -295,6 +304,7 @@ def test_stage_through_apply_stage(stage):
     assert all(skipped[c] is None for c in OCR_COLUMNS)  # cascade: no measurement for dropped rows
     for failed in got[4:7]:
         assert failed["ocr_text"] is None and failed["ocr_caption_overlap"] is None
+        assert failed["ocr_regions"] is None
     for converted in got[7:]:
         assert "sale" in converted["ocr_text"].lower()
 
