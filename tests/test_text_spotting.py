@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from curation.stages.text_spotting import (  # noqa: E402
     reading_order,
     tokens,
 )
+from tests.imageserver import png_bomb  # noqa: E402
 
 CTX = StageContext(output_dir=Path("/nonexistent"))
 
@@ -62,26 +61,6 @@ def text_image(text: str, size=None, bg=(245, 245, 235), fg=(15, 15, 15), mode="
     img = Image.new(mode, size, bg)
     ImageDraw.Draw(img).text((16, size[1] // 2 - 24), text, fill=fg, font=font())
     return img
-
-
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A valid PNG header claiming 10^10 pixels, with almost no data: must be refused unread."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body))
-            + kind
-            + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture(scope="module")
