@@ -1,6 +1,8 @@
 """Open an HTML file in headless Chromium and report what a person would see. Used by the report tests.
 
     python -m tests.browser REPORT.html [--screenshot OUT.png] [--height 900] [--full-page] [--colors 256]
+    python -m tests.browser runs/demo_report.html --screenshot docs/report.png --colors 128 \
+        --parts "header" "#funnel" "h3#drop-text_spotting" "h3#drop-text_spotting + .cards"   # docs/report.png
 
 Prints one JSON object: console messages, page errors, dialogs, every request
 the page made, the images (and how many decoded: naturalWidth > 0), the
@@ -43,7 +45,9 @@ def inspect(
     height: int = 900,
     full_page: bool = False,
     colors: int | None = None,
+    parts: list[str] | None = None,
 ) -> dict[str, Any]:
+    """What the page did and shows. `parts`: CSS selectors whose elements, stacked, make the screenshot."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
@@ -75,7 +79,9 @@ def inspect(
             found["polygons"] = page.evaluate("document.querySelectorAll('svg.boxes polygon').length")
             found["scripts"] = page.evaluate("document.scripts.length")
             found["text"] = page.inner_text("body")
-            if screenshot is not None:
+            if screenshot is not None and parts:
+                _stack([page.locator(sel).first.screenshot() for sel in parts], screenshot)
+            elif screenshot is not None:
                 page.screenshot(path=str(screenshot), full_page=full_page)
         finally:
             context.close()
@@ -89,6 +95,23 @@ def inspect(
     return found
 
 
+def _stack(pngs: list[bytes], out: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
+    pad = 16
+    sheet = Image.new(
+        "RGB", (max(i.width for i in images) + 2 * pad, sum(i.height + pad for i in images) + pad), "white"
+    )
+    y = pad
+    for img in images:
+        sheet.paste(img, (pad, y))
+        y += img.height + pad
+    sheet.save(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("html", type=Path)
@@ -97,10 +120,10 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=900)
     ap.add_argument("--full-page", action="store_true")
     ap.add_argument("--colors", type=int, help="save the screenshot as a palette PNG of this many colours")
+    ap.add_argument("--parts", nargs="+", help="CSS selectors: screenshot these elements, stacked")
     args = ap.parse_args()
-    print(
-        json.dumps(inspect(args.html, args.screenshot, args.width, args.height, args.full_page, args.colors))
-    )
+    found = inspect(args.html, args.screenshot, args.width, args.height, args.full_page, args.colors, args.parts)
+    print(json.dumps(found))
 
 
 if __name__ == "__main__":
