@@ -122,7 +122,9 @@ def main() -> None:
     ap.add_argument("--colors", type=int, help="save the screenshot as a palette PNG of this many colours")
     ap.add_argument("--parts", nargs="+", help="CSS selectors: screenshot these elements, stacked")
     args = ap.parse_args()
-    found = inspect(args.html, args.screenshot, args.width, args.height, args.full_page, args.colors, args.parts)
+    found = inspect(
+        args.html, args.screenshot, args.width, args.height, args.full_page, args.colors, args.parts
+    )
     print(json.dumps(found))
 
 

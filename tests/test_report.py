@@ -386,3 +386,38 @@ def test_ocr_boxes_are_drawn_from_ocr_regions(tmp_path):
     assert svg.all("polygon")[0]["points"] == "0.1000,0.2000 0.5000,0.2000 0.5000,0.4000 0.1000,0.4000"
     marked = _ocr({"caption": "Big sale today only", "ocr_text": "SALE</b> today"})
     assert "<mark>SALE</mark>&lt;/b&gt; <mark>today</mark>" in marked
+
+
+def test_histogram_bins_cover_every_value_once():
+    """One bar per integer, a cut long tail, a constant float, NaN and null counted as not scored."""
+    from curation.report.collect import histograms
+
+    n = 2000
+    table = pa.table(
+        {
+            "caption_complexity": pa.array([k % 5 for k in range(n)], pa.int32()),
+            "caption_tokens": pa.array([k % 40 if k % 400 else 5000 + k for k in range(n)], pa.int32()),
+            "ocr_area": pa.array([0.25] * n, pa.float32()),
+            "ocr_caption_overlap": pa.array(
+                [None if k % 7 == 0 else float("nan") if k == 1 else (k % 100) / 100 for k in range(n)],
+                pa.float32(),
+            ),
+        }
+    )
+    con = duckdb.connect()
+    con.register("samples", table)
+    columns = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE samples)").fetchall())
+    hs = {h.column: h for h in histograms(con, columns, {}, "caption_complexity >= 3")}
+    c = hs["caption_complexity"]
+    assert (
+        c.edges == [-0.5, 0.5, 1.5, 2.5, 3.5, 4.5]
+        and c.counts == [400] * 5
+        and c.selected == [0, 0, 0, 400, 400]
+    )
+    t = hs["caption_tokens"]
+    assert t.above == 5 and t.maximum == 5000 + 1600 and sum(t.counts) + t.above == n
+    a = hs["ocr_area"]
+    assert a.counts == [n] and a.edges[0] < 0.25 < a.edges[1]
+    o = hs["ocr_caption_overlap"]
+    nulls = len(range(0, n, 7))
+    assert o.missing == nulls + 1 and sum(o.counts) + o.above == n - nulls - 1

@@ -225,10 +225,11 @@ def _fill(con, h: Histogram, expr: str, lo: float, hi: float, q995: float, selec
         width = 1 if top - lo + 1 <= MAX_INTEGER_BARS else math.ceil((top - lo + 1) / NUMERIC_BINS)
         bins = math.ceil((top - lo + 1) / width)
         start = lo - 0.5
-    else:
-        bins = NUMERIC_BINS
-        width = (top - lo) / bins or 1.0
-        start = lo
+    elif top > lo:
+        bins, width, start = NUMERIC_BINS, (top - lo) / NUMERIC_BINS, lo
+    else:  # one value: one bar around it
+        width = 0.1 * max(abs(lo), 1.0)
+        bins, start = 1, lo - width / 2
     h.edges = [start + b * width for b in range(bins + 1)]
     sel = f"count(*) FILTER (WHERE {selected})" if selected else "0"
     x = f"{expr}::DOUBLE"
@@ -299,7 +300,7 @@ def sample_groups(con: duckdb.DuckDBPyConnection, cond: str, sample: int, seed: 
     wanted = sorted({u for r in rank.values() for u in r})
     if wanted:
         rows = con.sql(
-            f"SELECT * FROM samples WHERE {cond} AND list_contains($uids::VARCHAR[], uid)",
+            f"SELECT * FROM samples WHERE {cond} AND uid IN (SELECT unnest($uids::VARCHAR[]))",
             params={"uids": wanted},
         ).to_arrow_table()
         for row in rows.to_pylist():
