@@ -1,7 +1,10 @@
 """`curate report` wall time on a 1M-row caption output and on the demo image run; HTML size.
 
+Also the HTML size of the default sample (48 per outcome) when every row has an image: 1,000 real
+LAION captions paired with 256 px JPEG crops of scikit-image's photos, as webdataset input.
+
     python bench/report_speed.py                 # ~2 min on 2 cores: builds the outputs, 3 rounds each
-    python bench/report_speed.py --rounds 1 --skip-images
+    python bench/report_speed.py --rounds 1 --skip-images --skip-thumbnails
 
 The 1M-row output: `curate run` with the CAT caption stages over the 10k real
 LAION captions in ../shared/data (real scores, real run.json and ledger), then
@@ -94,6 +97,47 @@ def replicate(src: Path, dst: Path, copies: int, shards: int) -> int:
     return rows
 
 
+def photo_pairs(tmp: Path, n: int = 1000) -> Path:
+    """A webdataset tar of `n` real captions with distinct 256 px JPEG photos (crops of skimage's)."""
+    import io
+    import random
+    import tarfile
+
+    import skimage.data
+    from PIL import Image
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "hubble_deep_field", "retina"]
+    photos = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in names]
+    captions = pq.read_table(REPO / "data" / "laion_captions_1k.parquet").column("TEXT").to_pylist()
+    rng = random.Random(0)
+    path = tmp / "photos" / "part-0.tar"
+    path.parent.mkdir()
+    with tarfile.open(path, "w") as tar:
+        for k in range(n):
+            photo = photos[k % len(photos)]
+            side = rng.randint(min(photo.size) // 3, min(photo.size))
+            x, y = rng.randint(0, photo.width - side), rng.randint(0, photo.height - side)
+            buf = io.BytesIO()
+            photo.crop((x, y, x + side, y + side)).resize((256, 256)).save(buf, "JPEG", quality=95)
+            for name, data in (
+                (f"{k:06d}.jpg", buf.getvalue()),
+                (f"{k:06d}.txt", (captions[k] or "").encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cfg = tmp / "photos.yaml"
+    cfg.write_text(
+        f"""input: {{format: webdataset, path: "{path}", rows_per_shard: 500}}
+output: {tmp / "photos_run"}
+runner: {{type: local, workers: 2, progress: false}}
+stages: [{{caption_complexity: {{min: 2}}}}, {{caption_action: {{min: 1}}}}]
+"""
+    )
+    curate("run", str(cfg))
+    return tmp / "photos_run"
+
+
 def measure(label: str, commands: dict[str, list[str]], rounds: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {k: [] for k in commands}
     for r in range(rounds):
@@ -111,6 +155,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--copies", type=int, default=100, help="replicas of the 10k scored rows (100: 1M rows)")
     ap.add_argument("--skip-images", action="store_true", help="skip the demo image run (OCR on 34 pairs)")
+    ap.add_argument("--skip-thumbnails", action="store_true", help="skip the 1,000-photo run (HTML size)")
     ap.add_argument("--workdir", help="keep the outputs here (default: a temporary folder)")
     args = ap.parse_args()
     print("load average at start:", Path("/proc/loadavg").read_text().strip())
@@ -177,6 +222,24 @@ def main() -> None:
             results["demo_images"] = {"seconds": times, "median": med, "html_bytes": dhtml.stat().st_size}
             print(
                 f"demo image run (34 pairs, 20 thumbnails): report {med['report']:.2f} s, stats {med['stats']:.2f} s; HTML {dhtml.stat().st_size / 1e6:.2f} MB"
+            )
+        if not args.skip_thumbnails:
+            photos = photo_pairs(tmp)
+            phtml = tmp / "photos.html"
+            times = measure(
+                "1,000 photos", {"report": ["report", str(photos), "--out", str(phtml)]}, args.rounds
+            )
+            text = phtml.read_text()
+            thumbs = text.count('<img src="data:image/jpeg;base64,')
+            results["photos_1k"] = {
+                "seconds": times["report"],
+                "median": statistics.median(times["report"]),
+                "html_bytes": phtml.stat().st_size,
+                "thumbnails": thumbs,
+            }
+            print(
+                f"1,000 photo pairs, default sample: {thumbs} thumbnails, HTML {phtml.stat().st_size / 1e6:.2f} MB, "
+                f"report {statistics.median(times['report']):.2f} s"
             )
     print("load average at end:", Path("/proc/loadavg").read_text().strip())
     print(json.dumps(results, indent=1))

@@ -242,13 +242,21 @@ def _cards(
             picture = f'<div class="noimg">{esc(_no_image(row, thumb))}</div>'
         cards.append(
             f'<figure class="card">{picture}<figcaption>'
-            f'<p class="caption">{esc(_cut(row.get("caption") or "", CAPTION_CHARS)) or "<i>(no caption)</i>"}</p>'
+            + _caption(row.get("caption"))
             + _ocr(row)
             + _card_scores(row, columns, rules)
             + _meta(row)
             + "</figcaption></figure>"
         )
     return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def _caption(caption: str | None) -> str:
+    """The caption, clamped to a few lines on the card; the title (hover) holds up to CAPTION_CHARS."""
+    if not caption:
+        return '<p class="caption"><i>(no caption)</i></p>'
+    text = esc(_cut(caption, CAPTION_CHARS))
+    return f'<p class="caption" title="{text}">{text}</p>'
 
 
 def _no_image(row: dict[str, Any], thumb: str | None) -> str:
@@ -488,6 +496,7 @@ th{background:var(--bg);font-weight:600}td:not(.caption){font-variant-numeric:ta
 .boxes{position:absolute;inset:0;width:100%;height:100%}.boxes polygon{fill:rgba(228,87,86,.16);stroke:var(--drop);stroke-width:2px;vector-effect:non-scaling-stroke}
 .noimg{height:100px;display:flex;align-items:center;justify-content:center;text-align:center;background:var(--bg);border-radius:4px;color:var(--muted);font-size:12px;padding:8px}
 .caption{margin:0;font-size:13px;overflow-wrap:anywhere}
+.card .caption{display:-webkit-box;-webkit-line-clamp:5;line-clamp:5;-webkit-box-orient:vertical;overflow:hidden}
 .ocr{margin:0;font-size:12px;overflow-wrap:anywhere}.ocr span{color:var(--muted);font-size:11px;text-transform:uppercase;letter-spacing:.03em;margin-right:4px}
 mark{background:#ffd7d6;color:inherit;padding:0 1px;border-radius:2px}
 .chips{margin:0;display:flex;flex-wrap:wrap;gap:4px}.chip{font-size:11px;border:1px solid var(--line);border-radius:10px;padding:0 7px;color:var(--muted);background:var(--bg)}
