@@ -18,8 +18,12 @@ from typing import TYPE_CHECKING, Any
 from curation.report.collect import Categories, Histogram, ShardTiming, Threshold
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
 PASS = "#4c78a8"
 DROP = "#e45756"
@@ -69,7 +73,7 @@ def _svg(fig: Figure, rc: dict[str, Any]) -> str:
     return text[text.index("<svg") :]  # drop the XML prolog and DOCTYPE: the SVG goes inline
 
 
-def _render(draw, width: float, height: float, fixed: bool = False) -> str:
+def _render(draw: Callable[[Figure], None], width: float, height: float, fixed: bool = False) -> str:
     import matplotlib
 
     rc = _rc()
@@ -124,7 +128,7 @@ def funnel_chart(funnel: dict[str, Any]) -> str:
     return _render(draw, 7.5, 0.45 * (len(filters) + 2) + 0.9)
 
 
-def _patch(color: str, label: str):
+def _patch(color: str, label: str) -> Patch:
     from matplotlib.patches import Patch
 
     return Patch(color=color, label=label)
@@ -218,7 +222,7 @@ def _threshold(ax: Axes, h: Histogram, t: Threshold) -> None:
     )
 
 
-def _count_axis(axis) -> None:
+def _count_axis(axis: Axis) -> None:
     """Row counts: at most 5 integer ticks, written 950, 12,000, 340k, 1.2M."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 

@@ -216,7 +216,15 @@ def histograms(
     return out
 
 
-def _fill(con, h: Histogram, expr: str, lo: float, hi: float, q995: float, selected: str | None) -> None:
+def _fill(
+    con: duckdb.DuckDBPyConnection,
+    h: Histogram,
+    expr: str,
+    lo: float,
+    hi: float,
+    q995: float,
+    selected: str | None,
+) -> None:
     # A long tail (caption lengths, say) would squeeze everything into a few bars: cut it at
     # the 99.5th percentile and report what lies beyond instead.
     top = q995 if hi > q995 + 0.5 * (q995 - lo) else hi
