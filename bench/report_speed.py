@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,13 +46,22 @@ from tests.helpers import LAION_10K, write_config  # noqa: E402
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def curate(*args: str) -> float:
+CPU: dict[str, list[float]] = {}  # CPU seconds (user + sys) per command label: less sensitive to load
+
+
+def curate(*args: str, label: str | None = None) -> float:
     """Wall seconds of one `curate` command (a fresh interpreter, as a user runs it)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "curation.cli", *args], check=True, env=ENV, stdout=subprocess.DEVNULL
     )
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if label:
+        cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        CPU.setdefault(label, []).append(cpu)
+    return wall
 
 
 def scored_10k(tmp: Path) -> Path:
@@ -142,7 +152,7 @@ def measure(label: str, commands: dict[str, list[str]], rounds: int) -> dict[str
     times: dict[str, list[float]] = {k: [] for k in commands}
     for r in range(rounds):
         for name, args in commands.items():  # interleaved: load changes hit every command alike
-            times[name].append(curate(*args))
+            times[name].append(curate(*args, label=f"{label}: {name}"))
         print(
             f"  {label} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
             flush=True,
@@ -241,6 +251,11 @@ def main() -> None:
                 f"1,000 photo pairs, default sample: {thumbs} thumbnails, HTML {phtml.stat().st_size / 1e6:.2f} MB, "
                 f"report {statistics.median(times['report']):.2f} s"
             )
+    for label, cpu in CPU.items():
+        print(
+            f"CPU seconds, {label}: median {statistics.median(cpu):.2f} ({', '.join(f'{c:.2f}' for c in cpu)})"
+        )
+    results["cpu_seconds"] = CPU
     print("load average at end:", Path("/proc/loadavg").read_text().strip())
     print(json.dumps(results, indent=1))
 
