@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast lint bench lock clean
+.PHONY: demo test test-fast lint bench lock clean chromium
 
 $(BIN)/curate: requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ $(BIN)/curate: requirements.lock pyproject.toml
 demo: $(BIN)/curate
 	bash pipelines/demo.sh
 
-test: $(BIN)/curate
+test: $(BIN)/curate chromium
 	$(BIN)/python -m pytest -m "" tests
+
+# The report's browser test (tests/test_report_browser.py) opens a report in Debian's Chromium,
+# driven by Playwright (requirements.lock); CI runs as root with apt access.
+chromium:
+	@test -x /usr/bin/chromium || { $$(test "$$(id -u)" = 0 || echo sudo) apt-get update -qq && \
+		$$(test "$$(id -u)" = 0 || echo sudo) apt-get install -y -qq --no-install-recommends chromium; }
 
 test-fast: $(BIN)/curate
 	$(BIN)/python -m pytest -m "not slow" tests

@@ -20,6 +20,7 @@ Offline data curation for CLIP-style pre-training.
   curate status runs/demo                  shards done / total, failures
   curate stats runs/demo                   pass rate per filter, drop reasons, score histograms
   curate query runs/demo "SELECT count(*) FROM samples WHERE caption_complexity >= 3"
+  curate report runs/demo --out report.html   one HTML file: funnel, histograms, sample grids
 """
 
 
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_query)
 
     # Commands that live with their feature; absent only in a partial checkout.
-    for module in ("curation.select", "train.cli"):
+    for module in ("curation.select", "curation.report", "train.cli"):
         if importlib.util.find_spec(module.split(".")[0]) and importlib.util.find_spec(module):
             importlib.import_module(module).register(sub)
     return p

@@ -36,8 +36,17 @@ def connect(output: str | Path) -> duckdb.DuckDBPyConnection:
 
 
 def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
-    run = RunDir(output)
     con = connect(output)
+    columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+    histograms = {}
+    for col, typ in STAGE_COLUMNS.items():
+        if col in columns and (str(typ).startswith("int") or str(typ).startswith("float")):
+            histograms[col] = _histogram(con, col, integer=str(typ).startswith("int"), bins=bins)
+    return {**funnel(con, RunDir(output)), "histograms": histograms}
+
+
+def funnel(con: duckdb.DuckDBPyConnection, run: RunDir) -> dict[str, Any]:
+    """Rows, kept, drop reasons, and per configured stage (in order) the rows it reached and dropped."""
     rows, kept = con.execute("SELECT count(*), count(*) FILTER (WHERE keep) FROM samples").fetchone()
     reasons = dict(
         con.execute(
@@ -66,12 +75,6 @@ def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
             }
         )
         reached -= dropped
-
-    columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
-    histograms = {}
-    for col, typ in STAGE_COLUMNS.items():
-        if col in columns and (str(typ).startswith("int") or str(typ).startswith("float")):
-            histograms[col] = _histogram(con, col, integer=str(typ).startswith("int"), bins=bins)
     return {
         "rows_planned": planned,
         "rows": rows,
@@ -79,7 +82,6 @@ def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
         "keep_rate": kept / rows if rows else None,
         "filters": filters,
         "drop_reasons": reasons,
-        "histograms": histograms,
     }
 
 

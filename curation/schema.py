@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Identity columns, always first, always present.
 ID_COLUMNS: dict[str, pa.DataType] = {
@@ -50,6 +50,8 @@ STAGE_COLUMNS: dict[str, pa.DataType] = {
     # text_spotting (METHODS.md §1c; definitions in curation/stages/text_spotting.py)
     "ocr_text": pa.string(),
     "ocr_boxes": pa.int32(),
+    # one {text, box} per box; box = 4 corners x1,y1,...,x4,y4 as fractions of the image size
+    "ocr_regions": pa.list_(pa.struct([("text", pa.string()), ("box", pa.list_(pa.float32()))])),
     "ocr_area": pa.float32(),  # union of text boxes / image area
     "ocr_caption_overlap": pa.float32(),
     "ocr_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error

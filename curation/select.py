@@ -184,14 +184,21 @@ def _images(con: Any, run: Path, where: str, unreadable: list[str]) -> Iterator[
     for batch in reader:
         for row in batch.to_pylist():
             if group and row["image_path"] != group[0]["image_path"]:
-                yield from _read_group(run, group, unreadable)
+                yield from read_image_group(run, group, unreadable)
                 group = []
             group.append(row)
     if group:
-        yield from _read_group(run, group, unreadable)
+        yield from read_image_group(run, group, unreadable)
 
 
-def _read_group(run: Path, rows: list[dict], unreadable: list[str]) -> Iterator[tuple[dict, bytes]]:
+def read_image_group(run: Path, rows: list[dict], unreadable: list[str]) -> Iterator[tuple[dict, bytes]]:
+    """(row, image bytes) for manifest rows that share one `image_path`, opening it once.
+
+    A tar is read up to the last wanted key; where it can seek (a local file),
+    the members in between are skipped by their headers, not read, so a few
+    samples out of a large tar (`curate report`) cost little. What cannot be
+    read is described in `unreadable` instead.
+    """
     import fsspec
 
     path = rows[0]["image_path"]
@@ -205,16 +212,25 @@ def _read_group(run: Path, rows: list[dict], unreadable: list[str]) -> Iterator[
                 yield row, data
             return
         wanted = {row["key"]: row for row in rows}
-        with fsspec.open(where, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with fsspec.open(where, "rb") as f, tarfile.open(fileobj=f, mode=_tar_mode(f)) as tar:
             for info in tar:
                 key, _, ext = info.name.partition(".")
                 if info.isfile() and key in wanted and ext.lower() in IMAGE_EXTENSIONS:
                     member = tar.extractfile(info)
                     assert member is not None
                     yield wanted.pop(key), member.read()
+                    if not wanted:
+                        break
         unreadable += [f"{where}: no image for key {k}" for k in wanted]
     except (OSError, tarfile.TarError) as e:
         unreadable.append(f"{where}: {type(e).__name__}: {e}")
+
+
+def _tar_mode(f: Any) -> str:
+    try:
+        return "r:*" if f.seekable() else "r|*"
+    except (AttributeError, OSError):
+        return "r|*"
 
 
 def image_extension(data: bytes) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,3 +40,16 @@ stages:
 {stages}"""
     )
     return path
+
+
+def netns_prefix() -> list[str] | None:
+    """A command prefix that runs its argument in a fresh network namespace with loopback up
+    (nothing outside this machine is reachable from it); None where one cannot be made."""
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        return None
+    # -n needs root (CAP_SYS_ADMIN); -rn maps the user to root in a new user namespace.
+    for flags in (["-n"], ["-rn"]):
+        probe = subprocess.run(["unshare", *flags, "ip", "link", "set", "lo", "up"], capture_output=True)
+        if probe.returncode == 0:
+            return ["unshare", *flags, "sh", "-c", 'ip link set lo up && exec "$@"', "netns"]
+    return None

@@ -31,25 +31,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import main
+from tests.helpers import netns_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "laion_captions_1k.parquet"
 CAPTIONS = "  - caption_complexity: {min: 2}\n  - caption_action: {min: 1}\n"
 
 
-def _netns_prefix() -> list[str] | None:
-    """A command prefix that runs its argument in a fresh network namespace with loopback up."""
-    if not (shutil.which("unshare") and shutil.which("ip")):
-        return None
-    # -n needs root (CAP_SYS_ADMIN); -rn maps the user to root in a new user namespace.
-    for flags in (["-n"], ["-rn"]):
-        probe = subprocess.run(["unshare", *flags, "ip", "link", "set", "lo", "up"], capture_output=True)
-        if probe.returncode == 0:
-            return ["unshare", *flags, "sh", "-c", 'ip link set lo up && exec "$@"', "netns"]
-    return None
-
-
-NETNS = _netns_prefix()
+NETNS = netns_prefix()
 needs_netns = pytest.mark.skipif(
     NETNS is None, reason="cannot create a network namespace (unshare -n / -rn); Ray must stay on loopback"
 )

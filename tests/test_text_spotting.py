@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from curation.stages.text_spotting import (  # noqa: E402
     reading_order,
     tokens,
 )
+from tests.imageserver import png_bomb  # noqa: E402
 
 CTX = StageContext(output_dir=Path("/nonexistent"))
 
@@ -62,26 +61,6 @@ def text_image(text: str, size=None, bg=(245, 245, 235), fg=(15, 15, 15), mode="
     img = Image.new(mode, size, bg)
     ImageDraw.Draw(img).text((16, size[1] // 2 - 24), text, fill=fg, font=font())
     return img
-
-
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A valid PNG header claiming 10^10 pixels, with almost no data: must be refused unread."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body))
-            + kind
-            + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +266,15 @@ def test_stage_through_apply_stage(stage):
 
     photo, text = got[0], got[2]
     assert photo["ocr_boxes"] == 0 and photo["ocr_text"] == "" and photo["ocr_area"] == 0.0
+    assert photo["ocr_regions"] == []
+    # The boxes, as fractions of the image size, cover the line of text drawn across the image
+    # (16 px margins, about 40 px high around its middle).
+    assert len(text["ocr_regions"]) == text["ocr_boxes"]
+    xs = [x for r in text["ocr_regions"] for x in r["box"][0::2]]
+    ys = [y for r in text["ocr_regions"] for y in r["box"][1::2]]
+    assert all(len(r["box"]) == 8 and 0.0 <= v <= 1.0 for r in text["ocr_regions"] for v in r["box"])
+    assert min(xs) < 0.1 and max(xs) > 0.9 and 0.15 < min(ys) < 0.5 < max(ys) < 0.85
+    assert " ".join(r["text"] for r in text["ocr_regions"]) == text["ocr_text"]
     assert photo["ocr_caption_overlap"] == 0.0
     assert text["ocr_boxes"] >= 1 and 0.0 < text["ocr_area"] < 0.5
     assert text["ocr_caption_overlap"] >= 0.8
@@ -295,6 +283,7 @@ def test_stage_through_apply_stage(stage):
     assert all(skipped[c] is None for c in OCR_COLUMNS)  # cascade: no measurement for dropped rows
     for failed in got[4:7]:
         assert failed["ocr_text"] is None and failed["ocr_caption_overlap"] is None
+        assert failed["ocr_regions"] is None
     for converted in got[7:]:
         assert "sale" in converted["ocr_text"].lower()
 

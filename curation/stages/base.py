@@ -44,7 +44,9 @@ class Stage(ABC):
     Subclasses set `name` (the key used in YAML configs), `columns` (the raw
     measurements they add, all declared in `curation.schema.STAGE_COLUMNS`),
     `Params` (a dataclass of their YAML parameters) and `cascade` (True when
-    the stage should only see rows that earlier stages kept).
+    the stage should only see rows that earlier stages kept). A stage that
+    decides by a threshold on one of its columns says so in `thresholds()`
+    (a row passes when `column op value`); `curate report` draws it.
     """
 
     name: ClassVar[str]
@@ -82,6 +84,10 @@ class Stage(ABC):
     def check(self) -> list[str]:
         """Config problems this stage can see without running (empty: fine)."""
         return []
+
+    def thresholds(self) -> dict[str, tuple[str, float]]:
+        """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
+        return {}
 
 
 def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:

@@ -224,6 +224,10 @@ class CaptionComplexity(_CaptionStage):
         fail = pc.less(table.column("caption_complexity"), self.params.min)
         return pc.if_else(fail, pa.scalar("complexity"), pa.scalar(None, pa.string())).combine_chunks()
 
+    def thresholds(self) -> dict[str, tuple[str, float]]:
+        """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
+        return {"caption_complexity": (">=", self.params.min)}
+
 
 class CaptionAction(_CaptionStage):
     """Keep captions with at least `min` verbs that head a nominal subject."""
@@ -233,3 +237,7 @@ class CaptionAction(_CaptionStage):
     def decide(self, table: pa.Table) -> pa.Array:
         fail = pc.less(table.column("caption_actions"), self.params.min)
         return pc.if_else(fail, pa.scalar("action"), pa.scalar(None, pa.string())).combine_chunks()
+
+    def thresholds(self) -> dict[str, tuple[str, float]]:
+        """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
+        return {"caption_actions": (">=", self.params.min)}

@@ -21,6 +21,10 @@ Definitions (recorded per row; rows the cascade skips get nulls):
   (horizontal boxes line by line, top to bottom, left to right; then rotated
   boxes). Empty when no text was found.
 - `ocr_boxes`: number of text boxes (what `readtext` would return).
+- `ocr_regions`: the boxes themselves, in the order of `ocr_text`: one
+  `{text, box}` per box, `box` its four corners `[x1, y1, ..., x4, y4]`
+  (clockwise from the top left) as fractions of the image's width and height,
+  so they land on any resized copy of the image (`curate report` draws them).
 - `ocr_area`: area of the *union* of the text boxes (overlaps counted once)
   divided by the image area, rasterised at detector resolution; in [0, 1].
 - `ocr_caption_overlap`: |C ∩ O| / |C| where C is the set of distinct caption
@@ -53,9 +57,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.imageio import DEFAULT_MAX_PIXELS
+from curation.schema import STAGE_COLUMNS
 from curation.stages.base import Resources, Stage
 
-OCR_COLUMNS = ("ocr_text", "ocr_boxes", "ocr_area", "ocr_caption_overlap", "ocr_status")
+OCR_COLUMNS = ("ocr_text", "ocr_boxes", "ocr_regions", "ocr_area", "ocr_caption_overlap", "ocr_status")
 MODEL_FILES = ("craft_mlt_25k.pth", "english_g2.pth")
 # Statuses whose rows are dropped as 'decode': there is no image to judge.
 FAILED_STATUSES = ("no_image", "too_large", "truncated", "decode_error")
@@ -256,8 +261,13 @@ class OcrEngine:
         # CUDA: decode ahead in threads (PIL and cv2 release the GIL) while the GPU works.
         return self._pool.map(lambda b: decode_image(b, *args), images)
 
-    def run(self, images: list[bytes | None]) -> list[tuple[str, list[tuple[Any, str]], float] | str]:
-        """Per image: (status 'ok', [(box, text)], area) or just the failure status."""
+    def run(
+        self, images: list[bytes | None]
+    ) -> list[tuple[str, list[tuple[Any, str]], float, tuple[int, int]] | str]:
+        """Per image: (status 'ok', [(box, text)], area, decoded (height, width)) or the failure status.
+
+        Boxes are in pixels of the decoded image (which JPEG draft decoding may have shrunk).
+        """
         results: list[Any] = [None] * len(images)
         pending: list[tuple[int, _Decoded]] = []
         step = max(1, self.params.detect_batch_size)
@@ -285,7 +295,7 @@ class OcrEngine:
         self.timings["detect"] += middle - start
         self.timings["recognize"] += time.perf_counter() - middle
         for (i, d), (h, f), found in zip(items, boxes, texts):
-            results[i] = ("ok", found, _union_area(h, f, d))
+            results[i] = ("ok", found, _union_area(h, f, d), d.grey.shape[:2])
 
     # ------------------------------------------------------------------ detection
 
@@ -429,6 +439,15 @@ def reading_order(found: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
     return [found[s[3]] for line in lines for s in sorted(line, key=lambda s: s[2])]
 
 
+def regions(found: list[tuple[Any, str]], height: int, width: int) -> list[dict[str, Any]]:
+    """`ocr_regions` of one image: each box's text and corners as fractions of the image size."""
+    out = []
+    for box, text in found:
+        corners = np.asarray(box, np.float64).reshape(-1, 2) / (width, height)
+        out.append({"text": text.strip(), "box": np.clip(corners, 0.0, 1.0).reshape(-1).tolist()})
+    return out
+
+
 def _union_area(horizontal: list, free: list, d: _Decoded) -> float:
     """Fraction of the image covered by the union of the boxes, rasterised at detector resolution."""
     import cv2
@@ -481,6 +500,7 @@ class TextSpotting(Stage):
         captions = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * n
         texts: list[str | None] = [None] * n
         boxes: list[int | None] = [None] * n
+        found_regions: list[list[dict[str, Any]] | None] = [None] * n
         areas: list[float | None] = [None] * n
         overlaps: list[float | None] = [None] * n
         status: list[str] = []
@@ -488,17 +508,19 @@ class TextSpotting(Stage):
             if isinstance(r, str):
                 status.append(r)
                 continue
-            st, found, area = r
+            st, found, area, (height, width) = r
             status.append(st)
             text = " ".join(t.strip() for _, t in found if t and t.strip())
             texts[i] = text
             boxes[i] = len(found)
+            found_regions[i] = regions(found, height, width)
             areas[i] = min(1.0, area)
             overlaps[i] = caption_overlap(captions[i], text)
         return pa.table(
             {
                 "ocr_text": pa.array(texts, pa.string()),
                 "ocr_boxes": pa.array(boxes, pa.int32()),
+                "ocr_regions": pa.array(found_regions, STAGE_COLUMNS["ocr_regions"]),
                 "ocr_area": pa.array(areas, pa.float32()),
                 "ocr_caption_overlap": pa.array(overlaps, pa.float32()),
                 "ocr_status": pa.array(status, pa.string()),
@@ -514,6 +536,10 @@ class TextSpotting(Stage):
         reason = pc.if_else(text, pa.scalar("text_spotting"), null)
         reason = pc.if_else(pc.fill_null(failed, False), pa.scalar("decode"), reason)
         return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+
+    def thresholds(self) -> dict[str, tuple[str, float]]:
+        """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
+        return {"ocr_caption_overlap": ("<", self.params.max_overlap)}
 
     def check(self) -> list[str]:
         p = self.params
