@@ -29,18 +29,19 @@ def _fail(msg: str, code: int = EXIT_USAGE) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from curation.config import load_config
+    """The config with the command line's overrides, checked against the world (every problem at once)."""
+    from curation.validation import load_checked_config
 
     overrides = {}
     if getattr(args, "output", None):
         overrides["output"] = args.output
     if getattr(args, "runner", None):
         overrides["runner.type"] = args.runner
-    if getattr(args, "workers", None):
+    if getattr(args, "workers", None) is not None:  # 0 too: refused as in the config
         overrides["runner.workers"] = args.workers
     if getattr(args, "no_progress", False):
         overrides["runner.progress"] = False
-    return load_config(args.config, overrides=overrides)
+    return load_checked_config(args.config, overrides=overrides, limit=getattr(args, "limit", None))
 
 
 # ---------------------------------------------------------------------------- commands

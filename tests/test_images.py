@@ -21,10 +21,11 @@ import pytest
 from PIL import Image
 
 from curation.cli import main
-from curation.config import ConfigError, parse_config
+from curation.config import ConfigError
 from curation.schema import make_uid
 from curation.stages.base import StageContext, apply_stage
 from curation.stages.download import Download, DownloadParams
+from curation.validation import parse_checked_config
 from tests.helpers import REPO
 from tests.imageserver import ImageServer, jpeg
 
@@ -413,7 +414,7 @@ def test_image_folder_input_and_select_converts_other_formats(tmp_path):
 def test_download_config_problems_are_reported(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "x.jpg")
     with pytest.raises(ConfigError) as e:
-        parse_config(
+        parse_checked_config(
             f"""input: {{format: image_folder, path: {tmp_path}}}
 output: {tmp_path / "out"}
 stages:
@@ -424,7 +425,7 @@ stages:
     assert "image_folder input already has its images" in msg
     assert "timeout must be >= 1" in msg and "0..9" in msg
     with pytest.raises(ConfigError) as e:
-        parse_config(
+        parse_checked_config(
             f"""input: {{format: parquet, path: {REPO / "data" / "laion_captions_1k.parquet"}, url_column: URL,
   caption_column: TEXT}}
 output: {tmp_path / "out"}

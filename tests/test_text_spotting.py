@@ -219,7 +219,8 @@ def test_check_reports_config_problems(tmp_path):
 def test_cuda_without_a_gpu_is_a_local_runner_error_not_a_ray_one(tmp_path):
     import torch
 
-    from curation.config import ConfigError, parse_config
+    from curation.config import ConfigError
+    from curation.validation import parse_checked_config
     from tests.helpers import LAION_1K
 
     if torch.cuda.is_available():
@@ -229,10 +230,10 @@ def test_cuda_without_a_gpu_is_a_local_runner_error_not_a_ray_one(tmp_path):
         "runner: {type: RUNNER}\nstages:\n  - text_spotting: {device: cuda}\n"
     )
     with pytest.raises(ConfigError) as e:
-        parse_config(text.replace("RUNNER", "local"))
+        parse_checked_config(text.replace("RUNNER", "local"))
     assert "stages[0].text_spotting" in e.value.errors[0] and "needs a CUDA GPU" in e.value.errors[0]
     # on Ray the driver needs no GPU: the cluster's GPUs are checked when the run starts
-    assert parse_config(text.replace("RUNNER", "ray")).stages[0].name == "text_spotting"
+    assert parse_checked_config(text.replace("RUNNER", "ray")).stages[0].name == "text_spotting"
 
 
 # --------------------------------------------------------------------------- real OCR
