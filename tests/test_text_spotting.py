@@ -236,6 +236,27 @@ def test_cuda_without_a_gpu_is_a_local_runner_error_not_a_ray_one(tmp_path):
     assert parse_checked_config(text.replace("RUNNER", "ray")).stages[0].name == "text_spotting"
 
 
+def test_loading_and_running_the_reader_emits_no_torch_warning():
+    """EasyOCR quantizes its networks on CPU; torch's deprecation warnings about that are silenced
+    where the Reader is built. A fresh process: torch warns once per process, from C++."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    code = (
+        "from pathlib import Path\n"
+        "from curation.stages.text_spotting import OcrEngine, TextSpottingParams\n"
+        "engine = OcrEngine(TextSpottingParams(device='cpu'), 'cpu')\n"
+        "print(engine.run([Path('data/demo_images/text_00.jpg').read_bytes()])[0][0])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.split() == ["ok"]
+    assert "Warning" not in proc.stderr, proc.stderr
+
+
 # --------------------------------------------------------------------------- real OCR
 
 
