@@ -53,7 +53,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: Literal["infonce", "hn_nce"] = "infonce"
-    # HN-NCE only (METHODS.md §2a): weight of the positive in the denominator, and hardness of the negatives.
+    # HN-NCE only (docs/methods.md §2a): weight of the positive in the denominator, and hardness of the negatives.
     alpha: float = 1.0
     beta: float = 0.5
 

@@ -1,4 +1,4 @@
-"""CAT text spotting (METHODS.md §1c): OCR the image, measure how much of the caption is written in it.
+"""CAT text spotting (docs/methods.md §1c): OCR the image, measure how much of the caption is written in it.
 
 EasyOCR's `Reader.readtext` handles one image at a time. This stage runs the
 same two networks (CRAFT detector, English recognizer) and the same
