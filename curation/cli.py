@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from curation.argtypes import at_least, workers
 from curation.terminal import printable, stdout_is_broken
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -32,31 +33,6 @@ EXIT_BROKEN_PIPE = 141
 def _fail(msg: str, code: int = EXIT_USAGE) -> int:
     print(f"curate: error: {printable(msg)}", file=sys.stderr)
     return code
-
-
-def _at_least(minimum: int):
-    """An argparse type: an integer >= minimum, refused as a usage error (exit 2) otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _workers(text: str) -> int | str:
-    """`--workers`: 'auto' or an integer; the range is checked with the config (runner.workers)."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def _load(args: argparse.Namespace):
@@ -216,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="pipeline YAML (see pipelines/demo.yaml)")
     r.add_argument("--output", "-o", help="output directory (overrides `output:` in the config)")
     r.add_argument(
-        "--limit", type=_at_least(1), help="process only the first N input rows (part of the run record)"
+        "--limit", type=at_least(1), help="process only the first N input rows (part of the run record)"
     )
     r.add_argument("--runner", choices=["local", "ray"], help="override runner.type")
     r.add_argument(
         "--workers",
-        type=_workers,
+        type=workers,
         help="override runner.workers: N >= 1 or auto (local: processes; ray: CPU actors per stage group)",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
@@ -239,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--output", "-o", help="check this output directory instead of `output:` in the config")
     v.add_argument(
         "--limit",
-        type=_at_least(1),
+        type=at_least(1),
         help="check as `curate run --limit N` would (it is part of the run record)",
     )
     v.set_defaults(func=cmd_validate)
@@ -255,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("output")
     st.add_argument("--format", choices=["table", "json"], default="table")
     st.add_argument(
-        "--bins", type=_at_least(1), default=10, help="histogram buckets for wide-ranged scores (>= 1)"
+        "--bins", type=at_least(1), default=10, help="histogram buckets for wide-ranged scores (>= 1)"
     )
     st.set_defaults(func=cmd_stats)
 
@@ -287,7 +263,7 @@ control characters in captions as escapes (\\x1b); csv and json keep the data ex
     )
     q.add_argument("--force", action="store_true", help="with --out: replace an existing file")
     q.add_argument(
-        "--max-rows", type=_at_least(0), default=1000, help="rows printed in table format (default 1000)"
+        "--max-rows", type=at_least(0), default=1000, help="rows printed in table format (default 1000)"
     )
     q.set_defaults(func=cmd_query)
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curation.argtypes import at_least
+from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size, open_image
 from curation.terminal import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -56,7 +58,14 @@ def register(subparsers: Any) -> None:
         required=True,
         help="new or empty directory for the shards; with --uids-only, the .parquet file to write",
     )
-    p.add_argument("--shard-size", type=int, default=10_000, help="samples per tar (default 10,000)")
+    p.add_argument("--shard-size", type=at_least(1), default=10_000, help="samples per tar (default 10,000)")
+    p.add_argument(
+        "--max-pixels",
+        type=at_least(1),
+        default=DEFAULT_MAX_PIXELS,
+        help="images whose header declares more pixels are left out, undecoded (default 89,478,485: "
+        "Pillow's warning level); training would decode them",
+    )
     p.add_argument("--uids-only", action="store_true", help="write only the selected uids, as Parquet")
     p.set_defaults(func=cmd_select)
 
@@ -66,8 +75,6 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     from curation.query import NoManifests, QueryRefused, connect, explain_error, inside_run
 
-    if args.shard_size < 1:
-        return _fail("--shard-size must be >= 1")
     out = Path(args.out)
     problem = inside_run(out, Path(args.output))
     if problem:
@@ -79,7 +86,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     try:
         if args.uids_only:
             return select_uids(con, args.where, out)
-        result = select_shards(con, Path(args.output), args.where, out, args.shard_size)
+        result = select_shards(con, Path(args.output), args.where, out, args.shard_size, args.max_pixels)
     except SelectError as e:
         return _fail(str(e))
     except QueryRefused as e:
@@ -141,7 +148,9 @@ class SelectResult:
     unreadable: list[str] = field(default_factory=list)
 
 
-def select_shards(con: Any, run: Path, where: str, out: Path, shard_size: int) -> SelectResult:
+def select_shards(
+    con: Any, run: Path, where: str, out: Path, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> SelectResult:
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     if "image_path" not in columns:
         raise SelectError(
@@ -166,11 +175,11 @@ def select_shards(con: Any, run: Path, where: str, out: Path, shard_size: int) -
     tmp.mkdir()
     result = SelectResult(no_image=no_image)
     try:
-        with _ShardWriter(tmp, shard_size) as writer:
+        with _ShardWriter(tmp, shard_size, max_pixels) as writer:
             for row, image in _images(con, run, where, result.unreadable):
                 try:
                     writer.write(row, image)
-                except OSError as e:  # PIL cannot decode it (UnidentifiedImageError is an OSError)
+                except ImageRefused as e:  # too large (a decompression bomb), or not decodable
                     result.unreadable.append(f"{row['image_path']} {row['key'] or ''}: {e}")
         result.sizes = writer.sizes
         result.samples = sum(writer.sizes.values())
@@ -244,9 +253,10 @@ def image_extension(data: bytes) -> str | None:
 class _ShardWriter:
     """Numbered tars of at most `shard_size` samples; `sizes` counts what each holds."""
 
-    def __init__(self, folder: Path, shard_size: int) -> None:
+    def __init__(self, folder: Path, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.folder = folder
         self.shard_size = shard_size
+        self.max_pixels = max_pixels
         self.sizes: dict[str, int] = {}
         self.count = 0
         self._tar: tarfile.TarFile | None = None
@@ -254,15 +264,15 @@ class _ShardWriter:
         self._mtime = time.time()
 
     def write(self, row: dict, image: bytes) -> None:
-        """Add one sample; raises OSError, writing nothing, when `image` cannot be decoded."""
+        """Add one sample; raises ImageRefused, writing nothing, for an image too large or not decodable."""
         ext = image_extension(image)
         if ext is None:
-            # open_clip reads jpg/png/webp only: other formats (bmp, gif, tiff...) become PNG.
-            from PIL import Image
-
+            # open_clip reads jpg/png/webp only: other formats (bmp, gif, tiff...) become (RGB) PNG.
             buf = io.BytesIO()
-            Image.open(io.BytesIO(image)).save(buf, format="PNG")
+            open_image(image, self.max_pixels).save(buf, format="PNG")
             image, ext = buf.getvalue(), "png"
+        else:
+            image_size(image, self.max_pixels)  # the trainer decodes what is written: no bombs
         if self._tar is None or self.sizes[self._name] >= self.shard_size:
             self._open_next()
         assert self._tar is not None

@@ -210,3 +210,27 @@ def test_policy_config_problems_are_reported_with_their_keys(tmp_path):
     assert "stages[0].download (line 4): allow_local: 'no/such/folder' is not a folder" in msg
     assert "allow_private_addresses: '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network" in msg
     assert "max_pixels must be >= 1" in msg
+
+
+def test_select_leaves_out_image_bombs_of_inputs_that_bring_their_images(tmp_path, capsys):
+    """An image folder holds its own images (no download stage): select checks each header before
+    writing, since training decodes whatever the shards hold."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "bomb.png").write_bytes(png_bomb(10_000, 10_000))
+    Image.new("RGB", (10_000, 9_000)).save(folder / "big.bmp")  # converted to PNG: decoded, so checked first
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(folder / "fine.jpg")
+    for name in ("bomb", "big", "fine"):
+        (folder / f"{name}.txt").write_text(CAPTION)
+    (tmp_path / "c.yaml").write_text(
+        f"input: {{format: image_folder, path: {folder}}}\noutput: {tmp_path / 'out'}\n"
+        "runner: {workers: 1, progress: false}\nstages: [caption_complexity]\n"
+    )
+    assert main(["run", str(tmp_path / "c.yaml")]) == 0
+    capsys.readouterr()
+    assert main(["select", str(tmp_path / "out"), "--out", str(tmp_path / "sel")]) == 1
+    err = capsys.readouterr().err
+    assert "2 selected images could not be read" in err
+    assert "bomb.png : too_large: 10000x10000 pixels > max_pixels 89,478,485" in err
+    assert "big.bmp : too_large: 10000x9000 pixels" in err
+    assert (tmp_path / "sel" / "sizes.json").read_text().strip() == '{\n "00000.tar": 1\n}'

@@ -250,7 +250,15 @@ def test_numeric_options_are_validated_like_the_config(run, capsys):
         (["stats", str(run), "--bins", "x"], "argument --bins: expected an integer, got 'x'"),
         (["query", str(run), "SELECT 1", "--max-rows", "-1"], "argument --max-rows: must be >= 0, got -1"),
         (["run", cfg, "--limit", "0"], "argument --limit: must be >= 1, got 0"),
-        (["select", str(run), "--out", "x", "--shard-size", "0"], "--shard-size must be >= 1"),
+        (
+            ["select", str(run), "--out", "x", "--shard-size", "0"],
+            "argument --shard-size: must be >= 1, got 0",
+        ),
+        (
+            ["select", str(run), "--out", "x", "--max-pixels", "0"],
+            "argument --max-pixels: must be >= 1, got 0",
+        ),
+        (["eval", "--model", "curate-tiny", "--limit", "0"], "argument --limit: must be >= 1, got 0"),
     ]
     for argv, message in cases:
         capsys.readouterr()
