@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 
 from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size
 from curation.schema import STAGE_COLUMNS
-from curation.stages.base import Resources, Stage
+from curation.stages.base import Resources, Stage, StageContext
 from curation.urlpolicy import UrlPolicy, local_folders, parse_networks
 
 # img2dataset's per-sample columns we carry, under img2dataset's names.
@@ -113,7 +113,7 @@ class Download(Stage):
     cascade = True
     Params = DownloadParams
 
-    def __init__(self, params: DownloadParams, context: Any) -> None:
+    def __init__(self, params: DownloadParams, context: StageContext) -> None:
         super().__init__(params, context)
         # Marks our own refusals inside img2dataset's error messages (see the module docstring).
         self.tag = f"curate-{secrets.token_hex(8)}:"
