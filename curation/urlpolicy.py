@@ -153,9 +153,8 @@ class UrlPolicy:
         if last_error is not None:
             raise last_error
         if refused:
-            raise self.refusal(
-                f"{host}: {refused[0]} (download.allow_private_addresses allows such addresses)"
-            )
+            why = refused[0] if refused[0].startswith(f"{host} ") else f"{host}: {refused[0]}"
+            raise self.refusal(f"{why} (download.allow_private_addresses allows such addresses)")
         raise OSError(f"getaddrinfo returned no address for {host}")
 
     # ------------------------------------------------------------------ urllib

@@ -72,3 +72,21 @@ def test_readme_bash_blocks_run_in_order_on_a_fresh_copy(tmp_path):
         assert proc.returncode == 0, where
         assert "Traceback" not in proc.stderr, where
         assert "Warning" not in proc.stderr, where  # e.g. torch's quantization warnings on image runs
+
+
+def test_docs_link_only_to_files_the_repository_has():
+    """Relative links in the docs resolve inside the repository (no `../shared/...`)."""
+    docs = [REPO / "README.md", REPO / "train" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    link = re.compile(r"\]\(([^)\s]+)\)")
+    for doc in docs:
+        for target in link.findall(doc.read_text()):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            path = (doc.parent / target.split("#", 1)[0]).resolve()
+            assert path.is_relative_to(REPO) and path.exists(), (
+                f"{doc.relative_to(REPO)}: broken link {target}"
+            )
+    for folder in ("curation", "train", "pipelines", "docs"):
+        for f in (REPO / folder).rglob("*"):
+            if f.suffix in (".py", ".md", ".yaml"):
+                assert "shared/METHODS.md" not in f.read_text(), f
