@@ -8,8 +8,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
+
+from curation.argtypes import at_least, workers
+from curation.terminal import printable, stdout_is_broken
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -20,28 +24,32 @@ Offline data curation for CLIP-style pre-training.
   curate status runs/demo                  shards done / total, failures
   curate stats runs/demo                   pass rate per filter, drop reasons, score histograms
   curate query runs/demo "SELECT count(*) FROM samples WHERE caption_complexity >= 3"
+  curate select runs/demo --where "keep" --out subset.parquet --uids-only
   curate report runs/demo --out report.html   one HTML file: funnel, histograms, sample grids
 """
+# What a process killed by SIGPIPE reports (128 + 13): `curate ... | head` ends like `cat ... | head`.
+EXIT_BROKEN_PIPE = 141
 
 
 def _fail(msg: str, code: int = EXIT_USAGE) -> int:
-    print(f"curate: error: {msg}", file=sys.stderr)
+    print(f"curate: error: {printable(msg)}", file=sys.stderr)
     return code
 
 
 def _load(args: argparse.Namespace):
-    from curation.config import load_config
+    """The config with the command line's overrides, checked against the world (every problem at once)."""
+    from curation.validation import load_checked_config
 
     overrides = {}
     if getattr(args, "output", None):
         overrides["output"] = args.output
     if getattr(args, "runner", None):
         overrides["runner.type"] = args.runner
-    if getattr(args, "workers", None):
+    if getattr(args, "workers", None) is not None:  # 0 too: refused as in the config
         overrides["runner.workers"] = args.workers
     if getattr(args, "no_progress", False):
         overrides["runner.progress"] = False
-    return load_config(args.config, overrides=overrides)
+    return load_checked_config(args.config, overrides=overrides, limit=getattr(args, "limit", None))
 
 
 # ---------------------------------------------------------------------------- commands
@@ -71,8 +79,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
-    if args.limit is not None and args.limit < 1:
-        return _fail("--limit must be >= 1")
     try:
         summary = execute(cfg, limit=args.limit)
     except (RunConflict, RunLocked, RunnerError) as e:
@@ -91,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if summary.failures:
         for shard, err in sorted(summary.failures.items()):
-            print(f"  shard {shard} failed: {err.splitlines()[0]}", file=sys.stderr)
+            print(f"  shard {shard} failed: {printable(err.splitlines()[0])}", file=sys.stderr)
         print("re-run the same command to retry only the failed shards", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
@@ -122,44 +128,46 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
-    from curation.query import NoManifests, connect, format_table
+    from curation.query import (
+        OUT_FORMATS,
+        NoManifests,
+        QueryRefused,
+        connect,
+        explain_error,
+        format_table,
+        out_problem,
+        select_statement,
+        write_file,
+        write_text,
+    )
 
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        problem = out_problem(out, Path(args.output), args.force)
+        if problem:
+            return _fail(problem)
+        fmt = OUT_FORMATS[out.suffix.lower()]
+        if args.format not in (None, fmt):
+            return _fail(f"--format {args.format} contradicts --out {out.name} (written as {fmt})")
     try:
         con = connect(args.output)
     except NoManifests as e:
         return _fail(str(e))
-    sql = args.sql.strip().rstrip(";")
     try:
-        if args.out:
-            fmt = "parquet" if args.out.endswith(".parquet") else "csv" if args.out.endswith(".csv") else None
-            if fmt is None:
-                return _fail("--out must end in .parquet or .csv")
-            target = args.out.replace("'", "''")
-            con.execute(f"COPY ({sql}) TO '{target}' (FORMAT {fmt})")
-            n = con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]
-            print(f"wrote {n:,} rows to {args.out}")
-            return EXIT_OK
-        result = con.execute(sql)
-        if result.description is None:  # a statement without rows (e.g. SET)
-            return EXIT_OK
-        columns = [d[0] for d in result.description]
-        if args.format == "csv":
-            import csv
-
-            w = csv.writer(sys.stdout)
-            w.writerow(columns)
-            while batch := result.fetchmany(10_000):
-                w.writerows(batch)
-        elif args.format == "json":
-            import json
-
-            while batch := result.fetchmany(10_000):
-                for row in batch:
-                    print(json.dumps(dict(zip(columns, row)), default=str))
+        statement = select_statement(args.sql)
+        if out is not None:
+            n = write_file(con, statement, out, fmt)
+            print(f"wrote {n:,} rows to {out}")
+        elif args.format in ("csv", "json"):
+            write_text(con, statement, args.format, sys.stdout)
         else:
+            result = con.execute(statement)
+            columns = [d[0] for d in result.description]
             print(format_table(columns, result.fetchmany(args.max_rows + 1), max_rows=args.max_rows))
+    except QueryRefused as e:
+        return _fail(f"query refused: {e}")
     except duckdb.Error as e:
-        return _fail(f"query failed: {e}")
+        return _fail(f"query failed: {explain_error(e)}")
     return EXIT_OK
 
 
@@ -184,12 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("config", help="pipeline YAML (see pipelines/demo.yaml)")
     r.add_argument("--output", "-o", help="output directory (overrides `output:` in the config)")
-    r.add_argument("--limit", type=int, help="process only the first N input rows (part of the run record)")
+    r.add_argument(
+        "--limit", type=at_least(1), help="process only the first N input rows (part of the run record)"
+    )
     r.add_argument("--runner", choices=["local", "ray"], help="override runner.type")
     r.add_argument(
         "--workers",
-        type=int,
-        help="override runner.workers (local: processes; ray: CPU actors per stage group)",
+        type=workers,
+        help="override runner.workers: N >= 1 or auto (local: processes; ray: CPU actors per stage group)",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     r.set_defaults(func=cmd_run)
@@ -198,10 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
         "validate",
         help="check a config without running it",
         description="Report every problem in CONFIG at once (unknown keys, wrong types, missing input files "
-        "or columns, unwritable output), each with its key path and line.",
+        "or columns, unwritable output, an output that holds a run made with another config), each with "
+        "its key path and line. Nothing runs.\n\n  curate validate pipelines/demo.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     v.add_argument("config")
-    v.add_argument("--output", "-o", help=argparse.SUPPRESS)
+    v.add_argument("--output", "-o", help="check this output directory instead of `output:` in the config")
+    v.add_argument(
+        "--limit",
+        type=at_least(1),
+        help="check as `curate run --limit N` would (it is part of the run record)",
+    )
     v.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("status", help="shards done / total, rows, failures of an output")
@@ -214,19 +231,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("output")
     st.add_argument("--format", choices=["table", "json"], default="table")
-    st.add_argument("--bins", type=int, default=10, help="histogram buckets for wide-ranged scores")
+    st.add_argument(
+        "--bins", type=at_least(1), default=10, help="histogram buckets for wide-ranged scores (>= 1)"
+    )
     st.set_defaults(func=cmd_stats)
 
     q = sub.add_parser(
         "query",
-        help="DuckDB SQL over the view `samples` (all finished manifests)",
-        description='Example: curate query runs/demo "SELECT drop_reason, count(*) FROM samples GROUP BY 1"',
+        help="one read-only DuckDB SELECT over the view `samples` (all finished manifests)",
+        description="""\
+Run one read-only SELECT over the view `samples` (every finished manifest row of OUTPUT).
+
+  curate query runs/demo "SELECT drop_reason, count(*) FROM samples GROUP BY 1"
+  curate query runs/demo "SELECT uid, caption FROM samples WHERE keep" --format csv > kept.csv
+  curate query runs/demo "SELECT * FROM samples WHERE caption_actions >= 2" --out subsets/two.parquet
+
+The connection reads this run's manifests and nothing else: statements that would write,
+attach, load or reconfigure (COPY, EXPORT, ATTACH, INSTALL, LOAD, SET, PRAGMA, CREATE...)
+are refused, and so are table functions over other files (read_csv('/etc/passwd')).
+--out is the only way to write: FILE.parquet, FILE.csv or FILE.json (JSON lines), outside
+the run directory, never over an existing file unless --force. The table format shows
+control characters in captions as escapes (\\x1b); csv and json keep the data exact.""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     q.add_argument("output")
     q.add_argument("sql")
-    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    q.add_argument("--out", help="write the result to FILE.parquet or FILE.csv instead of printing")
-    q.add_argument("--max-rows", type=int, default=1000, help="rows printed in table format")
+    q.add_argument(
+        "--format", choices=["table", "csv", "json"], default=None, help="how to print (default: table)"
+    )
+    q.add_argument(
+        "--out", help="write the result to FILE.parquet, FILE.csv or FILE.json instead of printing"
+    )
+    q.add_argument("--force", action="store_true", help="with --out: replace an existing file")
+    q.add_argument(
+        "--max-rows", type=at_least(0), default=1000, help="rows printed in table format (default 1000)"
+    )
     q.set_defaults(func=cmd_query)
 
     # Commands that live with their feature; absent only in a partial checkout.
@@ -237,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        if not stdout_is_broken():
+            raise  # another pipe (a worker's, a socket's): a real failure
+        # The reader went away (`| head`): stop quietly, and keep the interpreter's final flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _dispatch(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,12 +1,17 @@
-"""YAML -> typed, validated config.
+"""YAML -> typed config: keys, types and the ranges a value must have on its own.
 
-Every problem is collected before any work starts and reported together, each
-with its key path and, where the YAML has it, the line in the file.
+Every problem is collected and reported together, each with its key path and,
+where the YAML has it, the line in the file. What needs the world (input files
+and their columns, the output directory, installed models, GPUs) is checked by
+`curation.validation`, which reports its problems the same way and in the same
+pass; this module only reads the text.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import types
 import typing
@@ -15,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from curation.stages import STAGES
 
 KeyPath = tuple[str | int, ...]
 
@@ -69,6 +76,8 @@ class Config:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     stages: list[StageSpec] = field(default_factory=list)
     source: str | None = None
+    # YAML line of each key path, so later checks (curation.validation) can name it too.
+    lines: dict[KeyPath, int] = field(default_factory=dict, repr=False, compare=False)
 
     def result_fingerprint(self) -> dict[str, Any]:
         """Everything that changes what a run writes (not how fast or where)."""
@@ -79,23 +88,37 @@ class Config:
             "stages": [{s.name: dataclasses.asdict(s.params)} for s in self.stages],
         }
 
+    def run_fingerprint(self, limit: int | None) -> tuple[dict[str, Any], str]:
+        """(fingerprint, hash) stored in run.json: a run with another hash would write other results."""
+        fingerprint = {**self.result_fingerprint(), "limit": limit}
+        blob = json.dumps(fingerprint, sort_keys=True, default=str).encode()
+        return fingerprint, hashlib.sha256(blob).hexdigest()[:16]
+
+    def problem(self, key: KeyPath, msg: str) -> str:
+        """A problem at `key`, worded as every config error is: `input.path (line 3): msg`."""
+        return describe(self.lines, key, msg)
+
 
 # --------------------------------------------------------------------------- loading
 
 
+@dataclass
+class Parsed:
+    """What reading a config gave: the config (None when too broken to check further) and its problems."""
+
+    config: Config | None
+    errors: list[str]
+    source: str
+
+
 def load_config(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None) -> Config:
-    """Read, type-check and validate a config file. Raises ConfigError listing every problem.
+    """Read and type-check a config file. Raises ConfigError listing every problem.
 
     Relative paths inside the config are relative to the working directory, as
     with any command-line tool. `overrides` maps dotted keys ("runner.type") to values.
+    Use `curation.validation.load_checked_config` to also check it against the world.
     """
-    path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError([f"cannot read config: {e.strerror}"], source) from None
-    return parse_config(text, source=source, overrides=overrides)
+    return _raise_if_errors(read_config(path, overrides=overrides))
 
 
 def parse_config(
@@ -104,6 +127,28 @@ def parse_config(
     source: str = "<string>",
     overrides: dict[str, Any] | None = None,
 ) -> Config:
+    """`load_config` of a string."""
+    return _raise_if_errors(parse(text, source=source, overrides=overrides))
+
+
+def read_config(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None) -> Parsed:
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError([f"cannot read config: {e.strerror}"], source) from None
+    return parse(text, source=source, overrides=overrides)
+
+
+def _raise_if_errors(parsed: Parsed) -> Config:
+    if parsed.errors:
+        raise ConfigError(parsed.errors, parsed.source)
+    assert parsed.config is not None
+    return parsed.config
+
+
+def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None) -> Parsed:
+    """Type-check a config, collecting every problem; raises ConfigError only for unreadable YAML."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -116,9 +161,7 @@ def parse_config(
     errors: list[str] = []
 
     def err(key: KeyPath, msg: str) -> None:
-        line = _closest_line(lines, key)
-        where = f" (line {line})" if line else ""
-        errors.append(f"{_fmt(key) or '<top>'}{where}: {msg}")
+        errors.append(describe(lines, key, msg))
 
     if not isinstance(data, dict):
         raise ConfigError(
@@ -146,15 +189,13 @@ def parse_config(
 
     cfg = None
     if inp is not None and output is not None and runner is not None:
-        cfg = Config(input=inp, output=output, runner=runner, stages=stages, source=source)
-        _semantic_checks(cfg, err)
-    if errors:
-        raise ConfigError(errors, source)
-    assert cfg is not None
-    return cfg
+        cfg = Config(input=inp, output=output, runner=runner, stages=stages, source=source, lines=lines)
+        _range_checks(cfg, err)
+    return Parsed(cfg, errors, source)
 
 
-def _semantic_checks(cfg: Config, err) -> None:
+def _range_checks(cfg: Config, err) -> None:
+    """Values that are wrong on their own, whatever the machine."""
     if cfg.input.rows_per_shard < 1:
         err(("input", "rows_per_shard"), "must be >= 1")
     if cfg.runner.batch_rows < 1:
@@ -163,15 +204,14 @@ def _semantic_checks(cfg: Config, err) -> None:
         err(("runner", "workers"), "must be >= 1 or 'auto'")
     if not cfg.stages:
         err(("stages",), "no stages: add at least one, e.g. `- caption_complexity: {min: 2}`")
-    from curation.stages import check_pipeline
-
-    for key, msg in check_pipeline(cfg):
-        err(key, msg)
+    seen = set()
+    for spec in cfg.stages:
+        if spec.name in seen:
+            err(spec.key_path, f"stage {spec.name!r} appears twice")
+        seen.add(spec.name)
 
 
 def _build_stages(raw: Any, err) -> list[StageSpec]:
-    from curation.stages import STAGES
-
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -307,6 +347,13 @@ def _line_index(node: yaml.Node | None) -> dict[KeyPath, int]:
     if node is not None:
         walk(node, ())
     return out
+
+
+def describe(lines: dict[KeyPath, int], key: KeyPath, msg: str) -> str:
+    """`input.path (line 3): msg`: how every config problem is worded."""
+    line = _closest_line(lines, key)
+    where = f" (line {line})" if line else ""
+    return f"{_fmt(key) or '<top>'}{where}: {msg}"
 
 
 def _closest_line(lines: dict[KeyPath, int], key: KeyPath) -> int | None:

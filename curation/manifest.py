@@ -100,14 +100,9 @@ class RunDir:
         for d in (self.root, self.manifests, self.ledger, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         if self.exists():
-            rec = self.record()
-            if rec["config_hash"] != config_hash:
-                raise RunConflict(_explain_conflict(self.root, rec["fingerprint"], fingerprint))
-            if rec.get("schema_version") != SCHEMA_VERSION:
-                raise RunConflict(
-                    f"{self.root} was written with manifest schema v{rec.get('schema_version')}, "
-                    f"this version writes v{SCHEMA_VERSION}; choose a new --output"
-                )
+            problem = self.conflict(fingerprint, config_hash)
+            if problem:
+                raise RunConflict(problem)
             return self.plan()
         _write_json_atomic(
             self.record_path,
@@ -121,6 +116,24 @@ class RunDir:
             },
         )
         return plan
+
+    def conflict(self, fingerprint: dict, config_hash: str) -> str | None:
+        """Why this output cannot take a run with this fingerprint (None: it can, or it holds no run)."""
+        if not self.exists():
+            return None
+        try:
+            rec = self.record()
+            old_hash, old_fingerprint = rec["config_hash"], rec["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{self.record_path} is unreadable ({type(e).__name__}): choose a new output"
+        if old_hash != config_hash:
+            return _explain_conflict(self.root, old_fingerprint, fingerprint)
+        if rec.get("schema_version") != SCHEMA_VERSION:
+            return (
+                f"{self.root} was written with manifest schema v{rec.get('schema_version')}, "
+                f"this version writes v{SCHEMA_VERSION}; choose a new --output"
+            )
+        return None
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

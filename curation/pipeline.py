@@ -51,9 +51,18 @@ class Pipeline:
         return table
 
     def run_shard(
-        self, run: RunDir, shard: Shard, schema: pa.Schema, on_rows: Callable[[int], None] | None = None
+        self,
+        run: RunDir,
+        shard: Shard,
+        schema: pa.Schema,
+        on_rows: Callable[[int], None] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> ShardOutcome:
-        """Read, process and atomically write one shard. Failures are returned, not raised."""
+        """Read, process and atomically write one shard. Failures are returned, not raised.
+
+        `before_commit` runs just before the shard is renamed into place (a worker checks
+        there that its driver is still alive).
+        """
         self.setup()
         writer = None
         try:
@@ -62,6 +71,8 @@ class Pipeline:
                 writer.write(self.process_batch(batch))
                 if on_rows:
                     on_rows(batch.num_rows)
+            if before_commit:
+                before_commit()
             return ShardOutcome(shard.index, result=writer.commit())
         except Exception as e:
             if writer is not None:

@@ -1,38 +1,183 @@
-"""DuckDB over a run's manifests: the `samples` view, `curate stats` and `curate status`.
+"""DuckDB over a run's manifests: the `samples` view, `curate query`, `curate stats` and `curate status`.
 
 Only finished shards are visible (temporary files live elsewhere), so every
 query here is safe while a run is in progress.
+
+SQL from the command line is untrusted (a copied snippet, a script's input), and
+DuckDB can read any file, write any file, attach databases and install
+extensions from the network. So the connection is locked down before it sees
+any user SQL: it may read the run's finished manifest files and nothing else
+(`allowed_paths`, then `enable_external_access = false`), no extension is
+installed or loaded, and the configuration is locked so no statement can undo
+that. User SQL goes through `select_statement`, which accepts one read-only SELECT
+(WITH, FROM, VALUES, DESCRIBE, SUMMARIZE, SHOW...) and refuses everything else
+(COPY, EXPORT, ATTACH, INSTALL, LOAD, SET, PRAGMA, CREATE...) with a message
+saying why. Results are written by this module, never by DuckDB: `--out` is the
+only way to write, and never into a run directory.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import duckdb
 
 from curation.manifest import RunDir
 from curation.schema import STAGE_COLUMNS
+from curation.terminal import printable
+
+# File formats of `curate query --out` by extension, and what `--format` prints.
+OUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+FETCH_ROWS = 10_000
 
 
 class NoManifests(Exception):
     pass
 
 
+class QueryRefused(Exception):
+    """A statement `curate query` does not run: it would write, attach, load or reconfigure."""
+
+
 def connect(output: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with a view `samples` over all finished manifests of `output`."""
+    """An in-memory DuckDB with a view `samples` over the finished manifests of `output`, locked down."""
     run = RunDir(output)
     if not run.root.is_dir():
         raise NoManifests(f"{output} does not exist")
-    if not any(run.manifests.glob("shard-*.parquet")):
+    files = sorted(str(p.resolve()) for p in run.manifests.glob("shard-*.parquet"))
+    if not files:
         hint = "the run has not finished a shard yet" if run.exists() else "is this a `curate run` output?"
         raise NoManifests(f"no manifests under {run.manifests} ({hint})")
-    con = duckdb.connect()
-    glob = str(run.manifests / "shard-*.parquet").replace("'", "''")
-    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet('{glob}', union_by_name = true)")
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "allow_community_extensions": False,
+            "allow_unsigned_extensions": False,
+        },
+    )
+    listed = ", ".join(_sql_string(f) for f in files)
+    # The files, not a glob: a glob would need the directory listable, and a shard committed
+    # after this point is not part of this connection's snapshot anyway.
+    con.execute(f"SET allowed_paths = [{listed}]")
+    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
+
+
+def select_statement(sql: str) -> duckdb.Statement:
+    """`sql` parsed, if it is one read-only SELECT; raises QueryRefused otherwise (duckdb.Error if unparsable).
+
+    Run the returned statement itself (`con.execute(st)` for rows, `con.sql(st)` for Arrow), so what
+    runs is exactly what was checked.
+    """
+    statements = duckdb.extract_statements(sql)
+    if len(statements) != 1:
+        raise QueryRefused(f"one statement at a time (got {len(statements)})")
+    (statement,) = statements
+    if statement.type != duckdb.StatementType.SELECT:
+        name = statement.type.name
+        if name == "COPY":
+            raise QueryRefused(
+                "COPY is refused: curate query only reads; write a result with --out FILE.parquet|csv|json"
+            )
+        raise QueryRefused(
+            f"{name} statements are refused: curate query runs one read-only SELECT over the view `samples`"
+        )
+    return statement
+
+
+def explain_error(e: duckdb.Error) -> str:
+    """A DuckDB error as one line, with what the lockdown means when it was the cause."""
+    msg = " ".join(str(e).split())
+    if isinstance(e, duckdb.PermissionException):
+        msg += " (curate query reads only this run's finished manifests, through the view `samples`)"
+    return msg
+
+
+def _sql_string(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def _rows(result: duckdb.DuckDBPyConnection) -> Iterator[tuple]:
+    while batch := result.fetchmany(FETCH_ROWS):
+        yield from batch
+
+
+def write_text(con: duckdb.DuckDBPyConnection, statement: duckdb.Statement, fmt: str, stream: TextIO) -> int:
+    """Write a SELECT's rows as CSV (header row first) or JSON lines, exactly; returns the number of rows."""
+    result = con.execute(statement)
+    columns = [d[0] for d in result.description]
+    n = 0
+    if fmt == "csv":
+        writer = csv.writer(stream)
+        writer.writerow(columns)
+        for row in _rows(result):
+            writer.writerow(row)
+            n += 1
+    elif fmt == "json":
+        for row in _rows(result):
+            stream.write(json.dumps(dict(zip(columns, row)), default=str) + "\n")
+            n += 1
+    else:
+        raise ValueError(f"unknown text format {fmt!r}")
+    return n
+
+
+def write_file(con: duckdb.DuckDBPyConnection, statement: duckdb.Statement, path: Path, fmt: str) -> int:
+    """Write a SELECT's rows to `path` atomically (a temporary file renamed into place); returns the rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            reader = con.sql(statement).to_arrow_reader(FETCH_ROWS)
+            n = 0
+            with pq.ParquetWriter(tmp, reader.schema, compression="zstd") as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+                    n += batch.num_rows
+        else:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                n = write_text(con, statement, fmt, f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def inside_run(out: Path, run_root: Path) -> str | None:
+    """A problem when `out` (symlinks resolved) lies in the run directory, which only `curate run` writes."""
+    if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(run_root)):
+        return f"--out {out} is inside the run directory {run_root}: choose a path outside it"
+    return None
+
+
+def out_problem(out: Path, run_root: Path, force: bool) -> str | None:
+    """Why `curate query --out` may not write `out` (None: it may)."""
+    if out.suffix.lower() not in OUT_FORMATS:
+        return f"--out must end in {', '.join(OUT_FORMATS)} (the file format), got {out.name!r}"
+    problem = inside_run(out, run_root)
+    if problem:
+        return problem
+    real = Path(os.path.realpath(out))
+    if real.is_dir():
+        return f"--out {out} is a directory"
+    if real.exists() and not force:
+        return f"--out {out} exists; choose a new file or pass --force to replace it"
+    return None
 
 
 def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
@@ -47,7 +192,9 @@ def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
 
 def funnel(con: duckdb.DuckDBPyConnection, run: RunDir) -> dict[str, Any]:
     """Rows, kept, drop reasons, and per configured stage (in order) the rows it reached and dropped."""
-    rows, kept = con.execute("SELECT count(*), count(*) FILTER (WHERE keep) FROM samples").fetchone()
+    rows, kept, uids = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE keep), count(DISTINCT uid) FROM samples"
+    ).fetchone()
     reasons = dict(
         con.execute(
             "SELECT drop_reason, count(*) FROM samples WHERE NOT keep GROUP BY 1 ORDER BY 2 DESC"
@@ -78,6 +225,8 @@ def funnel(con: duckdb.DuckDBPyConnection, run: RunDir) -> dict[str, Any]:
     return {
         "rows_planned": planned,
         "rows": rows,
+        # Rows whose (url, caption) pair, hence uid, an earlier row already had.
+        "repeated_rows": rows - uids,
         "kept": kept,
         "keep_rate": kept / rows if rows else None,
         "filters": filters,
@@ -151,7 +300,7 @@ def _cell(v: Any) -> str:
         return "NULL"
     if isinstance(v, float):
         return f"{v:.4g}"
-    s = str(v)
+    s = printable(str(v))
     return s if len(s) <= 80 else s[:77] + "..."
 
 
@@ -171,6 +320,11 @@ def render_stats(stats: dict[str, Any]) -> str:
         f"rows       {stats['rows']:,}" + (f" of {planned:,} planned" if planned is not None else "")
     )
     lines.append(f"kept       {stats['kept']:,} ({pct(stats['keep_rate'])})")
+    if stats["repeated_rows"]:
+        lines.append(
+            f"repeats    {stats['repeated_rows']:,} rows repeat an earlier row's (url, caption) pair "
+            "(same uid; `curate select` writes each uid once)"
+        )
     if stats["filters"]:
         lines.append("\nfilters (in pipeline order; a row is counted at the first stage that drops it)")
         lines.append(
@@ -198,7 +352,7 @@ def render_status(st: dict[str, Any]) -> str:
         f"rows     {st['rows_done']:,}/{st['rows_total']:,} done, {st['kept']:,} kept",
     ]
     for shard, err in st["failures"].items():
-        lines.append(f"  shard {shard} failed: {err}")
+        lines.append(f"  shard {shard} failed: {printable(err)}")
     return "\n".join(lines)
 
 

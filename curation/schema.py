@@ -25,7 +25,7 @@ ID_COLUMNS: dict[str, pa.DataType] = {
 # Raw measurements that stages add. A stage declares which of these it writes;
 # keeping every type here means two stages can never disagree on one.
 STAGE_COLUMNS: dict[str, pa.DataType] = {
-    # caption_complexity / caption_action (METHODS.md §1a-1b)
+    # caption_complexity / caption_action (docs/methods.md §1a-1b)
     "caption_complexity": pa.int32(),
     "caption_actions": pa.int32(),
     "caption_verbs": pa.int32(),
@@ -47,7 +47,7 @@ STAGE_COLUMNS: dict[str, pa.DataType] = {
     "image_path": pa.string(),
     # Encoded image bytes handed from download/sources to image stages; transient.
     "image": pa.binary(),
-    # text_spotting (METHODS.md §1c; definitions in curation/stages/text_spotting.py)
+    # text_spotting (docs/methods.md §1c; definitions in curation/stages/text_spotting.py)
     "ocr_text": pa.string(),
     "ocr_boxes": pa.int32(),
     # one {text, box} per box; box = 4 corners x1,y1,...,x4,y4 as fractions of the image size

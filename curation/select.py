@@ -9,6 +9,10 @@ Images are read from where the manifest says they live (`image_path`, `key`):
 tars under the run's `images/` (download stage), the input tars (webdataset
 input) or image files (image_folder input). Each tar is read once, streaming,
 so a selection is bounded by disk speed, not memory.
+
+A uid is a (url, caption) pair: an input that repeats a pair has several manifest
+rows with one uid (nothing is dropped from a manifest), and a selection holds
+each uid at most once, so a pair listed twice is not trained on twice.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from curation.argtypes import at_least
+from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size, open_image
+from curation.terminal import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
@@ -50,7 +58,14 @@ def register(subparsers: Any) -> None:
         required=True,
         help="new or empty directory for the shards; with --uids-only, the .parquet file to write",
     )
-    p.add_argument("--shard-size", type=int, default=10_000, help="samples per tar (default 10,000)")
+    p.add_argument("--shard-size", type=at_least(1), default=10_000, help="samples per tar (default 10,000)")
+    p.add_argument(
+        "--max-pixels",
+        type=at_least(1),
+        default=DEFAULT_MAX_PIXELS,
+        help="images whose header declares more pixels are left out, undecoded (default 89,478,485: "
+        "Pillow's warning level); training would decode them",
+    )
     p.add_argument("--uids-only", action="store_true", help="write only the selected uids, as Parquet")
     p.set_defaults(func=cmd_select)
 
@@ -58,11 +73,12 @@ def register(subparsers: Any) -> None:
 def cmd_select(args: argparse.Namespace) -> int:
     import duckdb
 
-    from curation.query import NoManifests, connect
+    from curation.query import NoManifests, QueryRefused, connect, explain_error, inside_run
 
-    if args.shard_size < 1:
-        return _fail("--shard-size must be >= 1")
     out = Path(args.out)
+    problem = inside_run(out, Path(args.output))
+    if problem:
+        return _fail(problem)
     try:
         con = connect(args.output)
     except NoManifests as e:
@@ -70,11 +86,13 @@ def cmd_select(args: argparse.Namespace) -> int:
     try:
         if args.uids_only:
             return select_uids(con, args.where, out)
-        result = select_shards(con, Path(args.output), args.where, out, args.shard_size)
+        result = select_shards(con, Path(args.output), args.where, out, args.shard_size, args.max_pixels)
     except SelectError as e:
         return _fail(str(e))
+    except QueryRefused as e:
+        return _fail(f"--where {args.where!r} refused: {e}")
     except duckdb.Error as e:
-        return _fail(f"--where {args.where!r}: {e}")
+        return _fail(f"--where {args.where!r}: {explain_error(e)}")
     print(
         f"wrote {result.samples:,} samples in {len(result.sizes)} shard(s) to {out}"
         + (
@@ -89,7 +107,7 @@ def cmd_select(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         for msg in result.unreadable[:10]:
-            print(f"  {msg}", file=sys.stderr)
+            print(f"  {printable(msg)}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -99,7 +117,7 @@ class SelectError(Exception):
 
 
 def _fail(msg: str) -> int:
-    print(f"curate: error: {msg}", file=sys.stderr)
+    print(f"curate: error: {printable(msg)}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -107,23 +125,14 @@ def _fail(msg: str) -> int:
 
 
 def select_uids(con: Any, where: str, out: Path) -> int:
+    from curation.query import select_statement, write_file
+
     if out.suffix != ".parquet":
         raise SelectError("with --uids-only, --out is the Parquet file to write (FILE.parquet)")
     if out.exists():
         raise SelectError(f"{out} exists; choose a new file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    target = str(tmp).replace("'", "''")
-    try:
-        con.execute(
-            f"COPY (SELECT uid FROM samples WHERE ({where}) ORDER BY uid) TO '{target}' (FORMAT parquet)"
-        )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    import pyarrow.parquet as pq
-
-    n = pq.ParquetFile(out).metadata.num_rows
+    statement = select_statement(f"SELECT DISTINCT uid FROM samples WHERE ({where}) ORDER BY uid")
+    n = write_file(con, statement, out, "parquet")
     print(f"wrote {n:,} uids to {out}")
     return EXIT_OK
 
@@ -139,7 +148,9 @@ class SelectResult:
     unreadable: list[str] = field(default_factory=list)
 
 
-def select_shards(con: Any, run: Path, where: str, out: Path, shard_size: int) -> SelectResult:
+def select_shards(
+    con: Any, run: Path, where: str, out: Path, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> SelectResult:
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     if "image_path" not in columns:
         raise SelectError(
@@ -148,9 +159,15 @@ def select_shards(con: Any, run: Path, where: str, out: Path, shard_size: int) -
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SelectError(f"{out} exists and is not an empty directory; choose a new --out")
-    # fetchall, not fetchone: DuckDB keeps a half-read result open and refuses the next query
-    sql = f"SELECT count(*) FROM samples WHERE ({where}) AND image_path IS NULL"
-    [(no_image,)] = con.execute(sql).fetchall()
+    from curation.query import select_statement
+
+    # Selected uids none of whose rows has an image. fetchall, not fetchone: DuckDB keeps a
+    # half-read result open and refuses the next query.
+    sql = (
+        f"SELECT count(*) FROM (SELECT uid FROM samples WHERE ({where}) GROUP BY uid "
+        "HAVING count(image_path) = 0)"
+    )
+    [(no_image,)] = con.execute(select_statement(sql)).fetchall()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -158,11 +175,11 @@ def select_shards(con: Any, run: Path, where: str, out: Path, shard_size: int) -
     tmp.mkdir()
     result = SelectResult(no_image=no_image)
     try:
-        with _ShardWriter(tmp, shard_size) as writer:
+        with _ShardWriter(tmp, shard_size, max_pixels) as writer:
             for row, image in _images(con, run, where, result.unreadable):
                 try:
                     writer.write(row, image)
-                except OSError as e:  # PIL cannot decode it (UnidentifiedImageError is an OSError)
+                except ImageRefused as e:  # too large (a decompression bomb), or not decodable
                     result.unreadable.append(f"{row['image_path']} {row['key'] or ''}: {e}")
         result.sizes = writer.sizes
         result.samples = sum(writer.sizes.values())
@@ -176,10 +193,15 @@ def select_shards(con: Any, run: Path, where: str, out: Path, shard_size: int) -
 
 
 def _images(con: Any, run: Path, where: str, unreadable: list[str]) -> Iterator[tuple[dict, bytes]]:
-    """(manifest row, image bytes) of every selected sample, reading each tar once."""
-    reader = con.sql(
-        f"SELECT * FROM samples WHERE ({where}) AND image_path IS NOT NULL ORDER BY image_path, key, uid"
-    ).to_arrow_reader(10_000)
+    """(manifest row, image bytes) of every selected uid (its first row with an image), reading each tar once."""
+    from curation.query import select_statement
+
+    sql = (
+        f"SELECT * FROM samples WHERE ({where}) AND image_path IS NOT NULL "
+        "QUALIFY row_number() OVER (PARTITION BY uid ORDER BY shard, image_path, key) = 1 "
+        "ORDER BY image_path, key, uid"
+    )
+    reader = con.sql(select_statement(sql)).to_arrow_reader(10_000)
     group: list[dict] = []
     for batch in reader:
         for row in batch.to_pylist():
@@ -247,9 +269,10 @@ def image_extension(data: bytes) -> str | None:
 class _ShardWriter:
     """Numbered tars of at most `shard_size` samples; `sizes` counts what each holds."""
 
-    def __init__(self, folder: Path, shard_size: int) -> None:
+    def __init__(self, folder: Path, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.folder = folder
         self.shard_size = shard_size
+        self.max_pixels = max_pixels
         self.sizes: dict[str, int] = {}
         self.count = 0
         self._tar: tarfile.TarFile | None = None
@@ -257,15 +280,15 @@ class _ShardWriter:
         self._mtime = time.time()
 
     def write(self, row: dict, image: bytes) -> None:
-        """Add one sample; raises OSError, writing nothing, when `image` cannot be decoded."""
+        """Add one sample; raises ImageRefused, writing nothing, for an image too large or not decodable."""
         ext = image_extension(image)
         if ext is None:
-            # open_clip reads jpg/png/webp only: other formats (bmp, gif, tiff...) become PNG.
-            from PIL import Image
-
+            # open_clip reads jpg/png/webp only: other formats (bmp, gif, tiff...) become (RGB) PNG.
             buf = io.BytesIO()
-            Image.open(io.BytesIO(image)).save(buf, format="PNG")
+            open_image(image, self.max_pixels).save(buf, format="PNG")
             image, ext = buf.getvalue(), "png"
+        else:
+            image_size(image, self.max_pixels)  # the trainer decodes what is written: no bombs
         if self._tar is None or self.sizes[self._name] >= self.shard_size:
             self._open_next()
         assert self._tar is not None

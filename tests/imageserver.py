@@ -1,5 +1,6 @@
 """A real HTTP server on 127.0.0.1 serving the cases a web crawl meets: good images,
-404s, hangs, slow responses, garbage bytes, truncated JPEGs, a PNG with alpha, redirects.
+404s, hangs, slow responses, garbage bytes, truncated JPEGs, a PNG with alpha, redirects
+(also to any URL: `/goto/<percent-encoded URL>`), and any bytes a test puts in `server.files`.
 
 Paths encode the case, so a test builds URLs like `server.url("/img/cat.jpg")`
 and reads back how often each path was requested (`server.hits`).
@@ -13,6 +14,7 @@ import io
 import struct
 import threading
 import time
+import urllib.parse
 import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,7 +39,7 @@ def png_alpha(size: tuple[int, int] = (40, 30)) -> bytes:
     return buf.getvalue()
 
 
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+def png_header_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A valid PNG header claiming 10^10 pixels, with almost no data: must be refused unread."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
@@ -57,9 +59,29 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     )
 
 
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid greyscale PNG of width x height black pixels: 30000 x 30000 is 875 KB on disk and
+    900 MB decoded (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = 500
+    block = (b"\0" * (1 + width)) * rows  # each row: filter byte 0, then the pixels
+    z = zlib.compressobj(6)
+    parts = [z.compress(block) for _ in range(height // rows)]
+    parts += [z.compress(b"\0" * (1 + width) * (height % rows)), z.flush()]
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+    )
+
+
 class ImageServer:
     def __init__(self, slow_seconds: float = 0.3, hang_seconds: float = 5.0) -> None:
         self.hits: Counter[str] = Counter()
+        # Exact paths served with these bytes (image/png), before the cases below.
+        self.files: dict[str, bytes] = {}
         self.slow_seconds = slow_seconds
         self.hang_seconds = hang_seconds
         # Set to answer hanging requests at once (after a test has killed its run).
@@ -91,7 +113,14 @@ class ImageServer:
     def _answer(self, h: BaseHTTPRequestHandler) -> None:
         path = h.path
         kind = path.split("/")[1]
-        if kind == "img":
+        if path in self.files:
+            self._send(h, 200, self.files[path], "image/png")
+        elif kind == "goto":
+            h.send_response(302)
+            h.send_header("Location", urllib.parse.unquote(path.split("/", 2)[2]))
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+        elif kind == "img":
             self._send(h, 200, jpeg(path), "image/jpeg")
         elif kind == "png":
             self._send(h, 200, png_alpha(), "image/png")

@@ -1,4 +1,4 @@
-"""Caption complexity and action (METHODS.md §1a-1b) with a real spaCy model."""
+"""Caption complexity and action (docs/methods.md §1a-1b) with a real spaCy model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ CTX = StageContext(output_dir=None)  # caption stages write nothing
 
 
 def naive(nlp, text: str) -> dict[str, int]:
-    """METHODS.md's definitions, written literally."""
+    """docs/methods.md's definitions, written literally."""
     doc = nlp(text)
     heads_of_subjects = {t.head.i for t in doc if t.dep_ in ("nsubj", "nsubjpass") and t.head.i != t.i}
     return {

@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import main
-from curation.config import ConfigError, load_config, parse_config
+from curation.config import ConfigError, load_config
+from curation.validation import parse_checked_config
 from tests.helpers import LAION_1K, REPO, write_config
 
 
 def errors_of(text: str) -> list[str]:
     with pytest.raises(ConfigError) as e:
-        parse_config(text, source="x.yaml")
+        parse_checked_config(text, source="x.yaml")
     return e.value.errors
 
 

@@ -21,13 +21,16 @@ import pytest
 from PIL import Image
 
 from curation.cli import main
-from curation.config import ConfigError, parse_config
+from curation.config import ConfigError
 from curation.schema import make_uid
 from curation.stages.base import StageContext, apply_stage
 from curation.stages.download import Download, DownloadParams
+from curation.validation import parse_checked_config
 from tests.helpers import REPO
 from tests.imageserver import ImageServer, jpeg
 
+# The test server listens on 127.0.0.1: downloads from it must opt in (the default refuses loopback).
+LOOPBACK = "127.0.0.1/32"
 GOOD = "A man rides a red bicycle down the street."  # passes both caption filters
 SHORT = "dog"  # dropped by caption_complexity: its url must never be requested
 
@@ -70,7 +73,7 @@ runner: {{type: local, workers: 1, progress: false}}
 stages:
   - caption_complexity: {{min: 2}}
   - caption_action: {{min: 1}}
-  - download: {{timeout: {timeout}, thread_count: 16}}
+  - download: {{timeout: {timeout}, thread_count: 16, allow_private_addresses: [{LOOPBACK}]}}
 """
     )
     return path
@@ -152,7 +155,8 @@ def test_cascade_requests_only_rows_the_caption_filters_kept_and_follows_redirec
 
 
 def test_download_hands_image_bytes_to_the_next_stage(tmp_path, image_server):
-    stage = Download(DownloadParams(timeout=1, thread_count=4), StageContext(output_dir=tmp_path))
+    params = DownloadParams(timeout=1, thread_count=4, allow_private_addresses=[LOOPBACK])
+    stage = Download(params, StageContext(output_dir=tmp_path))
     urls = [image_server.url(p) for p in ("/img/x.jpg", "/404/y.jpg", "/img/skipped.jpg")]
     table = pa.table(
         {
@@ -413,7 +417,7 @@ def test_image_folder_input_and_select_converts_other_formats(tmp_path):
 def test_download_config_problems_are_reported(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "x.jpg")
     with pytest.raises(ConfigError) as e:
-        parse_config(
+        parse_checked_config(
             f"""input: {{format: image_folder, path: {tmp_path}}}
 output: {tmp_path / "out"}
 stages:
@@ -424,7 +428,7 @@ stages:
     assert "image_folder input already has its images" in msg
     assert "timeout must be >= 1" in msg and "0..9" in msg
     with pytest.raises(ConfigError) as e:
-        parse_config(
+        parse_checked_config(
             f"""input: {{format: parquet, path: {REPO / "data" / "laion_captions_1k.parquet"}, url_column: URL,
   caption_column: TEXT}}
 output: {tmp_path / "out"}
@@ -435,9 +439,10 @@ stages:
     assert "resize_mode" in str(e.value) and "max_image_area" in str(e.value)
 
 
-def test_demo_image_pipeline_is_valid_and_its_bundled_pairs_exist(monkeypatch, capsys):
+def test_demo_image_pipeline_is_valid_and_its_bundled_pairs_exist(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)  # the demo's paths are relative to the repository root
-    assert main(["validate", "pipelines/demo_images.yaml"]) == 0
+    # a fresh output: runs/demo_images may hold a developer's earlier demo run
+    assert main(["validate", "pipelines/demo_images.yaml", "--output", str(tmp_path / "out")]) == 0
     pairs = pq.read_table(REPO / "data" / "demo_pairs.parquet").to_pylist()
     present = [p for p in pairs if (REPO / p["url"].removeprefix("file:")).exists()]
     assert len(pairs) - len(present) == 1  # one deliberately missing file

@@ -28,7 +28,7 @@ from curation.report.thumbnails import THUMBNAIL_SIZE
 from curation.schema import STAGE_COLUMNS
 from curation.stages import STAGES, StageContext
 from tests.helpers import LAION_1K, write_config
-from tests.imageserver import jpeg, png_bomb
+from tests.imageserver import jpeg, png_header_bomb
 
 HOSTILE = [
     "</script><script>alert('caption')</script> A man rides a red bicycle down the street.",
@@ -179,6 +179,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(caption_run, tmp_path, 
     assert "is a directory" in capsys.readouterr().err
 
 
+def test_a_where_that_smuggles_a_statement_is_refused(caption_run, tmp_path, capsys):
+    manifest = sorted((caption_run / "manifests").glob("*.parquet"))[0]
+    before = manifest.read_bytes()
+    smuggled = f"true); COPY (SELECT 1 AS x) TO '{manifest}' (FORMAT parquet); SELECT (1"
+    assert main(["report", str(caption_run), "--where", smuggled, "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and err.count("\n") == 1
+    assert manifest.read_bytes() == before and not (tmp_path / "r.html").exists()
+
+
 def test_help_teaches_with_examples(capsys):
     with pytest.raises(SystemExit):
         main(["report", "--help"])
@@ -315,7 +325,7 @@ def image_run(tmp_path_factory) -> Path:
     samples = [
         ("a", "jpg", _jpeg_bytes((300, 200)), good),
         ("b", "jpg", jpeg("b", (64, 48)), "A woman walks her dog in the park."),
-        ("c", "png", png_bomb(), "A child holds a very large picture of the sea."),
+        ("c", "png", png_header_bomb(), "A child holds a very large picture of the sea."),
         ("d", "jpg", _jpeg_bytes()[:300], "A dog chases the ball across the grass."),
         ("e", "jpg", b"not an image at all", "The cat sleeps on the warm window sill."),
         ("f", "jpg", jpeg("f"), HOSTILE[1]),

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -122,6 +123,67 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path, work
     )
     assert collections.Counter(t.column("uid").to_pylist()) == want
     assert not list((out / "manifests" / ".tmp").iterdir())
+
+
+def _session(sid: int) -> dict[int, str]:
+    """Live processes (not zombies) of session `sid`: pid -> command line."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            # after the command name in parentheses: state ppid pgrp session ...
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            found[int(entry)] = cmdline
+    return found
+
+
+def test_kill_9_of_the_driver_ends_its_workers_and_the_resource_tracker(tmp_path):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, out, rows_per_shard=40, workers=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curation.cli", "run", str(cfg)],
+        cwd=REPO,
+        start_new_session=True,  # a session of its own: how this test finds every process it starts
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while len(list((out / "ledger").glob("shard-*.json"))) < 2:
+            assert proc.poll() is None, "the run finished before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        children = {pid: cmd for pid, cmd in _session(proc.pid).items() if pid != proc.pid}
+        assert sum("spawn_main" in cmd for cmd in children.values()) == 2, children
+        assert any("resource_tracker" in cmd for cmd in children.values()), children
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only: nobody tells the workers
+        proc.wait()
+        dead_at = time.time()
+        deadline = dead_at + 30
+        while _session(proc.pid):
+            assert time.time() < deadline, f"left running after the driver died: {_session(proc.pid)}"
+            time.sleep(0.05)
+    finally:
+        for pid in _session(proc.pid):  # never leave strays behind, even when the test fails
+            os.kill(pid, signal.SIGKILL)
+    written = [*(out / "manifests").glob("shard-*.parquet"), *(out / "ledger").glob("shard-*.json")]
+    # a rename in flight at the instant of the kill may land; nothing may be written afterwards
+    assert all(p.stat().st_ctime < dead_at + 0.5 for p in written)
+    done = len(list((out / "ledger").glob("shard-*.json")))
+    assert 2 <= done < 25
+
+    assert main(["run", str(cfg)]) == 0
+    t = manifest(out)
+    src = pq.read_table(LAION_1K)
+    want = collections.Counter(
+        make_uid(u, c) for u, c in zip(src.column("URL").to_pylist(), src.column("TEXT").to_pylist())
+    )
+    assert collections.Counter(t.column("uid").to_pylist()) == want
 
 
 def _corrupt_data_pages(path) -> None:

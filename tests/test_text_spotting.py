@@ -28,7 +28,7 @@ from curation.stages.text_spotting import (  # noqa: E402
     reading_order,
     tokens,
 )
-from tests.imageserver import png_bomb  # noqa: E402
+from tests.imageserver import png_header_bomb  # noqa: E402
 
 CTX = StageContext(output_dir=Path("/nonexistent"))
 
@@ -127,7 +127,7 @@ def test_decode_statuses():
     assert decode_image(jpeg[: len(jpeg) // 2], *args).status == "truncated"
     png = encode(photo, "PNG")
     assert decode_image(png[: len(png) // 2], *args).status == "truncated"
-    assert decode_image(png_bomb(), *args).status == "too_large"
+    assert decode_image(png_header_bomb(), *args).status == "too_large"
     assert decode_image(jpeg, 640, 1.0, 100).status == "too_large"  # the cap is a parameter
     for img in (
         Image.fromarray(photo).convert("L"),  # grayscale
@@ -198,7 +198,8 @@ def test_check_reports_config_problems(tmp_path):
 def test_cuda_without_a_gpu_is_a_local_runner_error_not_a_ray_one(tmp_path):
     import torch
 
-    from curation.config import ConfigError, parse_config
+    from curation.config import ConfigError
+    from curation.validation import parse_checked_config
     from tests.helpers import LAION_1K
 
     if torch.cuda.is_available():
@@ -208,10 +209,31 @@ def test_cuda_without_a_gpu_is_a_local_runner_error_not_a_ray_one(tmp_path):
         "runner: {type: RUNNER}\nstages:\n  - text_spotting: {device: cuda}\n"
     )
     with pytest.raises(ConfigError) as e:
-        parse_config(text.replace("RUNNER", "local"))
+        parse_checked_config(text.replace("RUNNER", "local"))
     assert "stages[0].text_spotting" in e.value.errors[0] and "needs a CUDA GPU" in e.value.errors[0]
     # on Ray the driver needs no GPU: the cluster's GPUs are checked when the run starts
-    assert parse_config(text.replace("RUNNER", "ray")).stages[0].name == "text_spotting"
+    assert parse_checked_config(text.replace("RUNNER", "ray")).stages[0].name == "text_spotting"
+
+
+def test_loading_and_running_the_reader_emits_no_torch_warning():
+    """EasyOCR quantizes its networks on CPU; torch's deprecation warnings about that are silenced
+    where the Reader is built. A fresh process: torch warns once per process, from C++."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    code = (
+        "from pathlib import Path\n"
+        "from curation.stages.text_spotting import OcrEngine, TextSpottingParams\n"
+        "engine = OcrEngine(TextSpottingParams(device='cpu'), 'cpu')\n"
+        "print(engine.run([Path('data/demo_images/text_00.jpg').read_bytes()])[0][0])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.split() == ["ok"]
+    assert "Warning" not in proc.stderr, proc.stderr
 
 
 # --------------------------------------------------------------------------- real OCR
@@ -227,7 +249,7 @@ def test_stage_through_apply_stage(stage):
         (caption, encode(text_image(caption)), False),  # already dropped: must not be OCR'd
         ("a cat lying on a table", None, True),
         ("a cat lying on a table", encode(small(skdata.chelsea()))[:500], True),
-        ("a big sale sign", png_bomb(), True),
+        ("a big sale sign", png_header_bomb(), True),
         ("big sale today", encode(text_image("BIG SALE TODAY", mode="L", bg=255, fg=0), "PNG"), True),
         (
             "big sale today",

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from curation.argtypes import at_least
+
 TRAIN_HELP = """\
 Train a CLIP model (any open_clip architecture) contrastively on webdataset shards,
 e.g. the subset `curate select` wrote.
@@ -77,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SHARDS",
         help="webdataset shards (brace or glob pattern) of image-caption pairs",
     )
-    e.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    e.add_argument("--limit", type=at_least(1), default=None, help="evaluate at most this many images (>= 1)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     e.add_argument("--json", dest="json_out", help="also write the results to this file")
     e.set_defaults(func=run_eval)

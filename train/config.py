@@ -53,7 +53,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: Literal["infonce", "hn_nce"] = "infonce"
-    # HN-NCE only (METHODS.md §2a): weight of the positive in the denominator, and hardness of the negatives.
+    # HN-NCE only (docs/methods.md §2a): weight of the positive in the denominator, and hardness of the negatives.
     alpha: float = 1.0
     beta: float = 0.5
 
@@ -170,49 +170,54 @@ def parse_train_config(
         if name == "data" and "data" not in data:
             continue
         built[name] = _build(cls, data.get(name) or {}, (name,), err)
-
+    # On every section that type-checked, so that all problems come in one pass.
+    _semantic_checks(built, err)
     if errors or any(v is None for v in built.values()):
         raise ConfigError(errors, source)
-    cfg = TrainConfig(output_dir=output_dir, source=source, **built)
-    _semantic_checks(cfg, err)
-    if errors:
-        raise ConfigError(errors, source)
-    return cfg
+    return TrainConfig(output_dir=output_dir, source=source, **built)
 
 
-def _semantic_checks(cfg: TrainConfig, err) -> None:
-    r, o = cfg.train, cfg.optim
-    if (r.steps is None) == (r.epochs is None):
-        err(("train", "steps"), "give exactly one of train.steps or train.epochs")
-    if r.steps is not None and r.steps < 1:
-        err(("train", "steps"), "must be >= 1")
-    if r.epochs is not None and r.epochs <= 0:
-        err(("train", "epochs"), "must be > 0")
-    if r.batch_size < 1:
-        err(("train", "batch_size"), "must be >= 1")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-        if getattr(r, key) < 0:
-            err(("train", key), "must be >= 0")
-    if cfg.loss.name == "hn_nce" and r.batch_size < 2:
-        err(("train", "batch_size"), "hn_nce needs at least 2 samples per batch (negatives)")
-    if cfg.loss.alpha < 0:
+def _semantic_checks(built: dict[str, Any], err) -> None:
+    """Ranges and rules between keys, for the sections in `built` that are not None."""
+    r: RunConfig | None = built.get("train")
+    o: OptimConfig | None = built.get("optim")
+    loss: LossConfig | None = built.get("loss")
+    data: DataConfig | None = built.get("data")
+    model: ModelConfig | None = built.get("model")
+    if r is not None:
+        if (r.steps is None) == (r.epochs is None):
+            err(("train", "steps"), "give exactly one of train.steps or train.epochs")
+        if r.steps is not None and r.steps < 1:
+            err(("train", "steps"), "must be >= 1")
+        if r.epochs is not None and r.epochs <= 0:
+            err(("train", "epochs"), "must be > 0")
+        if r.batch_size < 1:
+            err(("train", "batch_size"), "must be >= 1")
+        elif loss is not None and loss.name == "hn_nce" and r.batch_size < 2:
+            err(("train", "batch_size"), "hn_nce needs at least 2 samples per batch (negatives)")
+        for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(r, key) < 0:
+                err(("train", key), "must be >= 0")
+        if not (r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda")):
+            err(("train", "device"), f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {r.device!r}")
+    if loss is not None and loss.alpha < 0:
         err(("loss", "alpha"), "must be >= 0")
-    if o.lr <= 0:
-        err(("optim", "lr"), "must be > 0")
-    if o.min_lr < 0 or o.min_lr > o.lr:
-        err(("optim", "min_lr"), "must be between 0 and optim.lr")
-    if o.warmup_steps < 0:
-        err(("optim", "warmup_steps"), "must be >= 0")
-    if o.grad_clip_norm is not None and o.grad_clip_norm <= 0:
-        err(("optim", "grad_clip_norm"), "must be > 0 or null")
-    if cfg.data.workers < 0:
-        err(("data", "workers"), "must be >= 0")
-    if cfg.data.shuffle_buffer < 1:
-        err(("data", "shuffle_buffer"), "must be >= 1 (1 = no shuffling)")
-    if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_file():
-        err(("model", "pretrained"), f"not a local file: {cfg.model.pretrained!r} (nothing is downloaded)")
-    if not (r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda")):
-        err(("train", "device"), f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {r.device!r}")
+    if o is not None:
+        if o.lr <= 0:
+            err(("optim", "lr"), "must be > 0")
+        if o.min_lr < 0 or o.min_lr > o.lr:
+            err(("optim", "min_lr"), "must be between 0 and optim.lr")
+        if o.warmup_steps < 0:
+            err(("optim", "warmup_steps"), "must be >= 0")
+        if o.grad_clip_norm is not None and o.grad_clip_norm <= 0:
+            err(("optim", "grad_clip_norm"), "must be > 0 or null")
+    if data is not None:
+        if data.workers < 0:
+            err(("data", "workers"), "must be >= 0")
+        if data.shuffle_buffer < 1:
+            err(("data", "shuffle_buffer"), "must be >= 1 (1 = no shuffling)")
+    if model is not None and model.pretrained is not None and not Path(model.pretrained).is_file():
+        err(("model", "pretrained"), f"not a local file: {model.pretrained!r} (nothing is downloaded)")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

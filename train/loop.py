@@ -10,6 +10,7 @@ differs; a warning says so).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,9 +224,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
 def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> TrainResult:
     r = cfg.train
     out_dir = Path(cfg.output_dir)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    # Nothing is written to output_dir until everything that can fail at the start has worked
+    # (model, shards, step count, checkpoint, first batch): a failed start leaves no folder behind.
 
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(r.seed)
@@ -284,11 +285,20 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         shuffle_buffer=cfg.data.shuffle_buffer,
         start_step=start_step,
     )
-    batches = iter(make_loader(stream, cfg.data.workers, pin_memory=device.type == "cuda"))
+    batches: Iterator[dict[str, Any]] = iter(
+        make_loader(stream, cfg.data.workers, pin_memory=device.type == "cuda")
+    )
     # Creating the loader iterator draws from the RNG; restore afterwards so resume matches exactly.
     if rng_state is not None:
         _set_rng_state(rng_state)
+    if start_step < n_steps:
+        # The loop's first draw, taken now (nothing between here and the loop uses the RNG), so a
+        # shard that cannot be read fails the start, before anything is written.
+        batches = itertools.chain([next(batches)], batches)
 
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     metrics = MetricsWriter(out_dir, start_step) if dist.is_main else None
     bar = None
     if dist.is_main and r.progress:

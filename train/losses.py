@@ -70,7 +70,7 @@ class InfoNCELoss(nn.Module):
 
 
 class HNNCELoss(nn.Module):
-    """DiHT's HN-NCE (METHODS.md §2a): negatives re-weighted by importance w_ij ∝ exp(β s_ij).
+    """DiHT's HN-NCE (docs/methods.md §2a): negatives re-weighted by importance w_ij ∝ exp(β s_ij).
 
     For anchor i (a row of `logits`), over its negatives j ≠ i:
         w_ij = (k-1) · softmax_{j≠i}(β s_ij)          (so Σ_{j≠i} w_ij = k-1 for every anchor)

@@ -18,8 +18,7 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
     from curation.pipeline import Pipeline
 
     pipeline = Pipeline(config)
-    fingerprint = {**config.result_fingerprint(), "limit": limit}
-    config_hash = _hash(fingerprint)
+    fingerprint, config_hash = config.run_fingerprint(limit)
     run = RunDir(config.output)
     with run.lock():
         plan = run.prepare(
@@ -41,10 +40,3 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
             return run_local(config, run, pending, pipeline.schema, progress)
         finally:
             progress.close()
-
-
-def _hash(fingerprint: dict) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -4,14 +4,24 @@ Each worker loads the stages' models once (process initializer) and runs with
 one BLAS/OpenMP thread, so throughput scales with processes, not threads
 fighting over cores. Memory stays flat: a worker holds one batch at a time and
 streams its shard into the manifest writer.
+
+Workers die with the driver. A `kill -9` of `curate run` gives the driver no
+chance to stop its pool, so each worker asks the kernel for SIGKILL when its
+parent dies (Linux `prctl(PR_SET_PDEATHSIG)`), and checks that its parent is
+still the driver before it commits a shard: no shard is written after the
+driver is gone, and nothing is left running. multiprocessing's resource tracker
+exits on its own once the driver and the workers, which hold its pipe, are gone.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
 import time
 from contextlib import contextmanager
 
@@ -69,18 +79,40 @@ def _account(summary: RunSummary, outcome: ShardOutcome, progress: Progress) -> 
 # ---------------------------------------------------------------------------- pool
 
 _worker: dict = {}
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(config: Config, root: str, rows_queue) -> None:
+def _init_worker(config: Config, root: str, rows_queue, driver_pid: int) -> None:
+    _die_with_driver(driver_pid)
+    _worker["driver"] = driver_pid
     _worker["pipeline"] = Pipeline(config)
     _worker["run"] = RunDir(root)
     _worker["queue"] = rows_queue
     _worker["pipeline"].setup()
 
 
+def _die_with_driver(driver_pid: int) -> None:
+    """SIGKILL this process when its parent (the driver, which spawned it) dies."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _exit_if_orphaned(driver_pid)  # the driver may have died before the prctl
+
+
+def _exit_if_orphaned(driver_pid: int) -> None:
+    if os.getppid() != driver_pid:
+        os._exit(1)  # nothing to clean: the shard's temp file is removed by the next run
+
+
 def _work(shard: Shard, schema: pa.Schema) -> ShardOutcome:
     q = _worker["queue"]
-    return _worker["pipeline"].run_shard(_worker["run"], shard, schema, on_rows=q.put)
+    return _worker["pipeline"].run_shard(
+        _worker["run"],
+        shard,
+        schema,
+        on_rows=q.put,
+        before_commit=lambda: _exit_if_orphaned(_worker["driver"]),
+    )
 
 
 @contextmanager
@@ -108,7 +140,7 @@ def _run_pool(config, run, pending, schema, progress, workers, summary) -> None:
             max_workers=workers,
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(config, str(run.root), rows_queue),
+            initargs=(config, str(run.root), rows_queue, os.getpid()),
         ) as pool,
     ):
         futures = {pool.submit(_work, shard, schema): shard for shard in pending}

@@ -19,7 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from curation.manifest import RunDir, shard_name
-from curation.query import funnel
+from curation.query import QueryRefused, funnel, select_statement
 from curation.schema import STAGE_COLUMNS, TRANSIENT_COLUMNS
 
 # Raw columns that are identifiers, free text or hashes: nothing to histogram.
@@ -107,6 +107,12 @@ class ReportError(Exception):
     """Bad input for a report (an invalid --where); one line, shown to the user."""
 
 
+def _read(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> duckdb.DuckDBPyRelation:
+    """Run one read-only SELECT. Every query here may embed the user's --where, so each one is
+    checked as a whole (one statement, a SELECT) before it runs, as `curate query` does."""
+    return con.sql(select_statement(sql), params=params)
+
+
 def collect(output: str | Path, where: str | None = None, sample: int = 48, seed: int = 0) -> ReportData:
     """Everything the report shows, from the run's manifests and records (raises NoManifests)."""
     from curation.query import connect
@@ -117,10 +123,12 @@ def collect(output: str | Path, where: str | None = None, sample: int = 48, seed
     matching = None
     if where:
         try:
-            [(matching,)] = con.execute(f"SELECT count(*) FROM samples WHERE {cond}").fetchall()
+            [(matching,)] = _read(con, f"SELECT count(*) FROM samples WHERE {cond}").fetchall()
+        except QueryRefused as e:
+            raise ReportError(f"--where {where!r} refused: {e}") from None
         except duckdb.Error as e:
             raise ReportError(f"--where {where!r}: {str(e).splitlines()[0]}") from None
-    columns = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE samples)").fetchall())
+    columns = dict(_read(con, "SELECT column_name, column_type FROM (DESCRIBE samples)").fetchall())
     record = run.record() if run.exists() else None
     thresholds, skipped = run_thresholds(record, run.root)
     selected = cond if where else None
@@ -203,7 +211,7 @@ def histograms(
     for _, expr, _ in numeric:
         x = f"(CASE WHEN isfinite({expr}::DOUBLE) THEN {expr}::DOUBLE END)"
         parts += [f"min({x})", f"max({x})", f"approx_quantile({x}, 0.995)", f"count({x})"]
-    [ranges] = con.execute(f"SELECT count(*), {', '.join(parts)} FROM samples").fetchall()
+    [ranges] = _read(con, f"SELECT count(*), {', '.join(parts)} FROM samples").fetchall()
     total = ranges[0]
     out = []
     for k, (name, expr, title) in enumerate(numeric):
@@ -241,10 +249,11 @@ def _fill(
     h.edges = [start + b * width for b in range(bins + 1)]
     sel = f"count(*) FILTER (WHERE {selected})" if selected else "0"
     x = f"{expr}::DOUBLE"
-    rows = con.execute(
+    rows = _read(
+        con,
         f"SELECT CASE WHEN {x} > {float(h.edges[-1])!r} THEN {bins} "
         f"ELSE least(greatest(floor(({x} - {float(start)!r}) / {float(width)!r}), 0), {bins - 1}) END::INT, "
-        f"count(*), {sel} FROM samples WHERE isfinite({x}) GROUP BY 1"
+        f"count(*), {sel} FROM samples WHERE isfinite({x}) GROUP BY 1",
     ).fetchall()
     h.counts = [0] * bins
     picked = [0] * bins
@@ -263,8 +272,8 @@ def categories(
     out = []
     sel = f"count(*) FILTER (WHERE {selected})" if selected else "0"
     for name in names:
-        rows = con.execute(
-            f"SELECT {_quote(name)}::VARCHAR, count(*), {sel} FROM samples GROUP BY 1 ORDER BY 2 DESC, 1"
+        rows = _read(
+            con, f"SELECT {_quote(name)}::VARCHAR, count(*), {sel} FROM samples GROUP BY 1 ORDER BY 2 DESC, 1"
         ).fetchall()
         missing = sum(n for v, n, _ in rows if v is None)
         values = [(v, n, s) for v, n, s in rows if v is not None]
@@ -296,9 +305,10 @@ def sample_groups(con: duckdb.DuckDBPyConnection, cond: str, sample: int, seed: 
     whole rows are then read for the few uids picked.
     """
     n = max(1, int(sample))
-    outcomes = con.execute(
+    outcomes = _read(
+        con,
         f"SELECT keep, drop_reason, count(*), min_by(uid, hash(uid, {int(seed)}), {n}) "
-        f"FROM samples WHERE {cond} GROUP BY ALL"
+        f"FROM samples WHERE {cond} GROUP BY ALL",
     ).fetchall()
     groups: dict[tuple[bool, str | None], SampleGroup] = {}
     rank: dict[tuple[bool, str | None], dict[str, int]] = {}
@@ -307,7 +317,8 @@ def sample_groups(con: duckdb.DuckDBPyConnection, cond: str, sample: int, seed: 
         rank[(keep, reason)] = {u: k for k, u in enumerate(uids)} if sample > 0 else {}
     wanted = sorted({u for r in rank.values() for u in r})
     if wanted:
-        rows = con.sql(
+        rows = _read(
+            con,
             f"SELECT * FROM samples WHERE {cond} AND uid IN (SELECT unnest($uids::VARCHAR[]))",
             params={"uids": wanted},
         ).to_arrow_table()

@@ -1,4 +1,4 @@
-"""CAT caption checks (METHODS.md §1a-1b): parse complexity and action verbs.
+"""CAT caption checks (docs/methods.md §1a-1b): parse complexity and action verbs.
 
 Both stages share one spaCy parse: whichever runs first computes every caption
 column, the other only decides. Scoring is vectorised over all tokens of a

@@ -24,24 +24,38 @@ batch to the same directory and replaces it. A batch is downloaded into
 `.tmp-<batch>` and renamed into place when complete, so a tar at a final path
 is never truncated; and only committed manifests point at tars, so images of a
 shard that never committed are never read by `curate select`.
+
+Untrusted input, refused per row and never as a shard failure:
+- URLs go through `curation.urlpolicy` (img2dataset fetches with
+  `urllib.request.urlopen`; the policy's opener is installed around each
+  img2dataset job): http(s) only, `file:` only under `allow_local`, no
+  non-public address unless `allow_private_addresses`. Status `refused`.
+- Images whose header declares more than `max_pixels` are refused before
+  img2dataset decodes them (`curation.imageio.image_size`). Status `too_large`.
+Both reach the manifest as img2dataset error messages starting with a random
+per-stage tag, which no server can forge, and become these statuses here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
+import secrets
 import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size
 from curation.schema import STAGE_COLUMNS
-from curation.stages.base import Resources, Stage
+from curation.stages.base import Resources, Stage, StageContext
+from curation.urlpolicy import UrlPolicy, local_folders, parse_networks
 
 # img2dataset's per-sample columns we carry, under img2dataset's names.
 I2D_COLUMNS = ("status", "error_message", "width", "height", "original_width", "original_height", "sha256")
@@ -80,6 +94,15 @@ class DownloadParams:
     user_agent_token: str | None = None
     # null: img2dataset's default [noai, noimageai, noindex, noimageindex]; []: honour none
     disallowed_header_directives: list[str] | None = None
+    # Folders whose files `file:` URLs may read (real paths checked: no `..` or symlink escape);
+    # null: file: URLs are refused. Relative to the working directory.
+    allow_local: list[str] | None = None
+    # Addresses that are not public (private, loopback, link-local, ...: 169.254.169.254 is a
+    # cloud VM's metadata service): false refuses them, true allows them, a list of networks
+    # (["10.1.0.0/16"]) allows those.
+    allow_private_addresses: bool | list[str] = False
+    # Images whose header declares more pixels are refused before decoding (`too_large`).
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 class Download(Stage):
@@ -89,6 +112,19 @@ class Download(Stage):
     columns: ClassVar[tuple[str, ...]] = DOWNLOAD_COLUMNS
     cascade = True
     Params = DownloadParams
+
+    def __init__(self, params: DownloadParams, context: StageContext) -> None:
+        super().__init__(params, context)
+        # Marks our own refusals inside img2dataset's error messages (see the module docstring).
+        self.tag = f"curate-{secrets.token_hex(8)}:"
+
+    @property
+    def policy(self) -> UrlPolicy:
+        return UrlPolicy(
+            allow_local=local_folders(self.params.allow_local),
+            allow_private=parse_networks(self.params.allow_private_addresses),
+            tag=self.tag,
+        )
 
     @property
     def resources(self) -> Resources:
@@ -115,6 +151,15 @@ class Download(Stage):
             problems.append("encode_quality is PNG compression for encode_format png: 0..9")
         elif not 0 <= p.encode_quality <= 100:
             problems.append("encode_quality must be 0..100")
+        if p.max_pixels < 1:
+            problems.append("max_pixels must be >= 1")
+        for folder in p.allow_local or []:
+            if not Path(folder).is_dir():
+                problems.append(f"allow_local: {folder!r} is not a folder")
+        try:
+            parse_networks(p.allow_private_addresses)
+        except ValueError as e:
+            problems.append(f"allow_private_addresses: {e}")
         return problems
 
     # ------------------------------------------------------------------ compute
@@ -179,9 +224,9 @@ class Download(Stage):
         directives = p.disallowed_header_directives
         if directives is None:
             directives = ["noai", "noimageai", "noindex", "noimageindex"]
-        return Downloader(
+        downloader = Downloader(
             sample_writer_class=WebDatasetSampleWriter,
-            resizer=resizer,
+            resizer=_HeaderCheckedResizer(resizer, p.max_pixels, self.tag),
             thread_count=p.thread_count,
             save_caption=True,
             extract_exif=p.extract_exif,
@@ -197,6 +242,7 @@ class Download(Stage):
             user_agent_token=p.user_agent_token,
             disallowed_header_directives=directives or None,
         )
+        return _PolicyDownloader(downloader, self.policy)
 
     def _download(self, jobs: list[tuple[int, str]], tmp: Path, per: int) -> None:
         downloader = self._downloader(tmp, per)
@@ -240,18 +286,55 @@ class Download(Stage):
             if out["status"][i] is None:  # img2dataset logs and skips a sample whose handling raised
                 out["status"][i] = "failed_to_download"
                 out["error_message"][i] = "img2dataset wrote no record for this sample"
+            message = out["error_message"][i]
+            if message and message.startswith(self.tag):  # our refusal, not a network or decoder error
+                status, _, detail = message[len(self.tag) :].partition(": ")
+                out["status"][i], out["error_message"][i] = status, detail
         return pa.table({c: pa.array(out[c], STAGE_COLUMNS[c]) for c in DOWNLOAD_COLUMNS})
 
     # ------------------------------------------------------------------ decide
     def decide(self, table: pa.Table) -> pa.Array:
         status = table.column("status")
+        undecodable = pc.is_in(status, value_set=pa.array(["failed_to_resize", "too_large"]))
         reason = pc.case_when(
-            pc.make_struct(pc.equal(status, "failed_to_resize"), pc.not_equal(status, "success")),
+            pc.make_struct(undecodable, pc.not_equal(status, "success")),
             pa.scalar("decode"),
             pa.scalar("download"),
         )
         # null status: the row was not requested (cascade), so this stage has no say.
         return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+
+
+class _PolicyDownloader:
+    """img2dataset's Downloader, run with the URL policy's opener installed (picklable: img2dataset's
+    multiprocessing distributor sends it to its own processes)."""
+
+    def __init__(self, downloader: Any, policy: UrlPolicy) -> None:
+        self.downloader = downloader
+        self.policy = policy
+
+    def __call__(self, row: Any) -> Any:
+        with self.policy.installed():
+            return self.downloader(row)
+
+
+class _HeaderCheckedResizer:
+    """img2dataset's Resizer behind a pixel limit read from the image header: bombs are never decoded."""
+
+    def __init__(self, resizer: Any, max_pixels: int, tag: str) -> None:
+        self.resizer = resizer
+        self.max_pixels = max_pixels
+        self.tag = tag
+
+    def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
+        try:
+            image_size(img_stream.getvalue(), self.max_pixels)
+        except ImageRefused as e:
+            # An unreadable header is not decoded either: its pixel count is unknown.
+            message = f"{self.tag}too_large: {e.detail}" if e.status == "too_large" else str(e)
+            return None, None, None, None, None, message
+        img_stream.seek(0)
+        return self.resizer(img_stream, blurring_bbox_list)
 
 
 def _tar_members(path: Path, ext: str) -> dict[str, bytes]:

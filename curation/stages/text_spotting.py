@@ -1,4 +1,4 @@
-"""CAT text spotting (METHODS.md §1c): OCR the image, measure how much of the caption is written in it.
+"""CAT text spotting (docs/methods.md §1c): OCR the image, measure how much of the caption is written in it.
 
 EasyOCR's `Reader.readtext` handles one image at a time. This stage runs the
 same two networks (CRAFT detector, English recognizer) and the same
@@ -215,13 +215,19 @@ class OcrEngine:
         if device == "cpu":
             # The worker owns `cpus` cores; more threads than that only contend.
             torch.set_num_threads(max(1, params.cpus))
-        self.reader = easyocr.Reader(
-            ["en"],
-            gpu=device if device == "cuda" else False,
-            model_storage_directory=_model_dir(params),
-            download_enabled=False,
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            # On CPU the Reader quantizes its networks (torch.ao.quantization.quantize_dynamic), and
+            # torch warns, in every worker of every image run, that this API is deprecated. The
+            # warnings are about EasyOCR's choice, not about anything a user can change.
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+            self.reader = easyocr.Reader(
+                ["en"],
+                gpu=device if device == "cuda" else False,
+                model_storage_directory=_model_dir(params),
+                download_enabled=False,
+                verbose=False,
+            )
         det = self.reader.detector
         # EasyOCR wraps it in DataParallel on CUDA. A copy: casting or folding it in place
         # would break the Reader's own readtext (which the benchmark and tests compare to).

@@ -57,3 +57,27 @@ def test_semantic_checks() -> None:
         parse_train_config(GOOD + "optimizer: {}\n")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["train.steps"])
+
+
+def test_type_and_range_problems_are_reported_in_one_pass() -> None:
+    text = """\
+data:
+  shards: x.tar
+  workers: -1
+output_dir: runs/x
+loss:
+  alpha: -1
+optim:
+  lr: fast
+train:
+  steps: 10
+  batch_size: 0
+"""
+    with pytest.raises(ConfigError) as exc:
+        parse_train_config(text, source="bad.yaml")
+    errors = exc.value.errors
+    assert "optim.lr (line 8): expected a number, got 'fast'" in errors
+    assert "train.batch_size (line 11): must be >= 1" in errors
+    assert "loss.alpha (line 6): must be >= 0" in errors
+    assert "data.workers (line 3): must be >= 0" in errors
+    assert len(errors) == 4

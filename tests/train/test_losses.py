@@ -20,7 +20,7 @@ def _features(k: int, d: int = 16, seed: int = 0, dtype: torch.dtype = torch.flo
 
 
 def reference_hn_nce(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, alpha: float, beta: float):
-    """METHODS.md §2a written out literally with loops and plain exp (use float64)."""
+    """docs/methods.md §2a written out literally with loops and plain exp (use float64)."""
     s = scale * img @ txt.T
     k = s.shape[0]
 

@@ -147,6 +147,25 @@ def test_cli_train_and_eval(fmnist_shards, tmp_path, make_config, capsys) -> Non
     assert _cli(["train", str(cfg), "--set", f"data.shards={tmp_path}/none-*.tar"]) == 2
 
 
+def test_a_failed_start_leaves_no_output_folder(fmnist_shards, tmp_path, make_config, capsys) -> None:
+    out = tmp_path / "run"
+    cfg = make_config(tmp_path / "c.yaml", fmnist_shards, out)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "00000.tar").write_bytes(b"not a tar file " * 200)
+    for overrides, code in (
+        ([f"data.shards={tmp_path}/none-*.tar"], 2),  # no shards
+        (["model.name=no-such-model"], 2),  # unknown architecture
+        (["train.steps=null", "train.epochs=1", f"data.sizes={tmp_path}/none.json"], 2),  # no sizes
+        ([f"data.shards={broken}/00000.tar"], 1),  # the first batch cannot be read
+    ):
+        argv = ["train", str(cfg)] + [x for o in overrides for x in ("--set", o)]
+        assert _cli(argv) == code, (overrides, capsys.readouterr().err[-2000:])
+        assert not out.exists(), overrides
+    assert _cli(["train", str(cfg), "--set", "train.steps=1"]) == 0
+    assert (out / "config.json").exists() and list_checkpoints(out)
+
+
 def test_retrieval_recall_definition() -> None:
     from train.evaluate import retrieval_recall
 

@@ -1,0 +1,35 @@
+"""argparse types shared by every `curate` command: numbers checked where they are parsed.
+
+A bad value is a usage error (exit 2, one line naming the option), never a traceback
+later (`--bins 0` used to divide by zero) and never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def workers(text: str) -> int | str:
+    """'auto' or an integer; its range is the config's rule (runner.workers), checked there."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None

@@ -1,0 +1,284 @@
+"""Fetching untrusted URLs: which schemes, which local folders, which addresses.
+
+A URL list from the web is hostile input. Left to urllib, `file:///etc/passwd`
+is read, `ftp://` and `data:` URLs are fetched, and `http://169.254.169.254/`
+(a cloud VM's metadata service: the classic SSRF) answers. So the download
+stage fetches through an opener built here, which allows:
+
+- `http` and `https`;
+- `file:` only for files whose real path (symlinks and `..` resolved) lies
+  under a folder the config names (`download: {allow_local: [data/images]}`),
+  and never as a redirect target;
+- nothing else: every other scheme is refused before any I/O.
+
+Addresses that are not public (private, loopback, link-local, multicast,
+reserved, ...) are refused unless `allow_private_addresses` is true or names
+networks that are allowed (`[10.1.0.0/16]`). The check runs where the socket
+connects, on the address it connects to: a redirect to a private address, or
+a DNS name that answers a public address to a first lookup and a private one
+to the next (rebinding), is refused too, since there is no second lookup.
+
+A refusal raises `UrlRefused`; its text starts with `tag` so that a caller that
+only gets the text back (img2dataset records `str(error)`) can tell a refusal
+from a network failure that a server could word the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.message
+import http.client
+import ipaddress
+import os
+import socket
+import stat
+import urllib.error
+import urllib.parse
+import urllib.request
+import urllib.response
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+FETCHED_SCHEMES = ("http", "https")
+
+
+class UrlRefused(Exception):
+    """The URL (or the address it resolves to) may not be fetched; nothing was read."""
+
+    def __init__(self, reason: str, tag: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.tag = tag
+
+    def __str__(self) -> str:
+        return f"{self.tag}{self.reason}"
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    # Real paths of the folders `file:` URLs may read (resolve them with `local_folders`).
+    allow_local: tuple[str, ...] = ()
+    # False: public addresses only; True: any; a tuple of networks: public ones plus these.
+    allow_private: bool | tuple[str, ...] = False
+    # Prefix of every refusal's text (see the module docstring).
+    tag: str = ""
+
+    # ------------------------------------------------------------------ URLs
+    def check_url(self, url: str, *, redirect: bool = False) -> None:
+        """Raise UrlRefused unless `url`'s scheme may be fetched (a redirect may only go to http/https)."""
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        if scheme in FETCHED_SCHEMES:
+            return
+        if scheme == "file" and not redirect:
+            self.local_path(url)
+            return
+        if redirect:
+            raise self.refusal(f"redirect to a {scheme}: URL (redirects go to http and https only)")
+        named = f"scheme {scheme!r}" if scheme else "a URL without a scheme"
+        raise self.refusal(f"{named} is not fetched (http, https, and file: under download.allow_local are)")
+
+    def local_path(self, url: str) -> str:
+        """The real path a `file:` URL names, if it lies under an allowed folder; else UrlRefused."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise self.refusal(f"file: URL on another host ({parts.netloc})")
+        if not self.allow_local:
+            raise self.refusal("file: URLs are not read unless download.allow_local names their folder")
+        path = urllib.parse.unquote(parts.path)
+        try:
+            real = os.path.realpath(path)
+        except ValueError as e:  # an embedded NUL
+            raise self.refusal(f"file: path is not a path ({e})") from None
+        if not any(
+            real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.allow_local
+        ):
+            raise self.refusal(f"file: path {real} is outside download.allow_local")
+        return real
+
+    # ------------------------------------------------------------------ addresses
+    def address_refusal(self, ip: str) -> str | None:
+        """Why a connection to `ip` is refused, or None."""
+        if self.allow_private is True:
+            return None
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(ip.split("%", 1)[0])
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        kind = next(
+            (
+                label
+                for attr, label in (
+                    ("is_loopback", "loopback"),
+                    ("is_link_local", "link-local"),
+                    ("is_multicast", "multicast"),
+                    ("is_unspecified", "unspecified"),
+                    ("is_private", "private"),
+                    ("is_reserved", "reserved"),
+                )
+                if getattr(addr, attr)
+            ),
+            None if addr.is_global else "non-public",
+        )
+        if kind is None:
+            return None
+        if isinstance(self.allow_private, tuple) and any(
+            addr in ipaddress.ip_network(net, strict=False) for net in self.allow_private
+        ):
+            return None
+        return f"{ip} is a {kind} address"
+
+    def create_connection(
+        self, address: tuple[str, int], timeout: Any = None, source_address: Any = None
+    ) -> socket.socket:
+        """`socket.create_connection`, connecting only to addresses the policy allows."""
+        host, port = address
+        last_error: OSError | None = None
+        refused: list[str] = []
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            why = self.address_refusal(sockaddr[0])
+            if why:
+                refused.append(why)
+                continue
+            sock = socket.socket(family, kind, proto)
+            try:
+                if isinstance(timeout, (int, float)):
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                last_error = e
+                sock.close()
+        if last_error is not None:
+            raise last_error
+        if refused:
+            why = refused[0] if refused[0].startswith(f"{host} ") else f"{host}: {refused[0]}"
+            raise self.refusal(f"{why} (download.allow_private_addresses allows such addresses)")
+        raise OSError(f"getaddrinfo returned no address for {host}")
+
+    # ------------------------------------------------------------------ urllib
+    def opener(self) -> urllib.request.OpenerDirector:
+        """An opener that fetches http(s) and allowed local files, and refuses everything else."""
+        opener = urllib.request.OpenerDirector()
+        for handler in (
+            _SchemeCheck(self),
+            _HTTPHandler(self),
+            _HTTPSHandler(self),
+            _RedirectHandler(self),
+            _LocalFileHandler(self),
+            urllib.request.HTTPDefaultErrorHandler(),
+            urllib.request.HTTPErrorProcessor(),
+            urllib.request.UnknownHandler(),
+        ):
+            opener.add_handler(handler)
+        return opener
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Make `urllib.request.urlopen` (what img2dataset calls) use this policy's opener, in this process."""
+        previous = urllib.request._opener  # the module's own global (None until someone installs one)
+        urllib.request.install_opener(self.opener())
+        try:
+            yield
+        finally:
+            urllib.request.install_opener(previous)  # type: ignore[arg-type]
+
+    def refusal(self, reason: str) -> UrlRefused:
+        return UrlRefused(f"refused: {reason}", self.tag)
+
+
+def local_folders(folders: list[str] | None) -> tuple[str, ...]:
+    """Real paths of the folders `file:` URLs may read (relative to the working directory)."""
+    return tuple(os.path.realpath(f) for f in folders or ())
+
+
+def parse_networks(value: bool | list[str] | None) -> bool | tuple[str, ...]:
+    """`allow_private_addresses` as the policy takes it; raises ValueError naming a bad network."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    for net in value:
+        ipaddress.ip_network(net, strict=False)
+    return tuple(value)
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+class _SchemeCheck(urllib.request.BaseHandler):
+    """Runs before every open, redirects included (the opener calls `default_open` first)."""
+
+    handler_order = 100
+
+    def __init__(self, policy: UrlPolicy) -> None:
+        self.policy = policy
+
+    def default_open(self, req: urllib.request.Request) -> None:
+        self.policy.check_url(req.full_url)
+        return None  # go on to the scheme's handler
+
+
+def _connection_factory(policy: UrlPolicy, cls: type[http.client.HTTPConnection]):
+    def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+        conn = cls(host, **kwargs)
+        # http.client connects through this attribute (HTTPS wraps the socket afterwards, with SNI).
+        conn._create_connection = policy.create_connection  # type: ignore[attr-defined]
+        return conn
+
+    return make
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, policy: UrlPolicy) -> None:
+        super().__init__()
+        self._make = _connection_factory(policy, http.client.HTTPConnection)
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._make, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, policy: UrlPolicy) -> None:
+        super().__init__()
+        self._make = _connection_factory(policy, http.client.HTTPSConnection)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._make, req, context=self._context)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """A redirect goes only to http(s); the address it names is checked when its connection is made."""
+
+    def __init__(self, policy: UrlPolicy) -> None:
+        self.policy = policy
+
+    def http_error_302(self, req, fp, code, msg, headers):  # type: ignore[no-untyped-def]
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            self.policy.check_url(urllib.parse.urljoin(req.full_url, location), redirect=True)
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+class _LocalFileHandler(urllib.request.BaseHandler):
+    """`file:` URLs under the allowed folders: regular files only (no FIFO, no device), opened at their
+    real path without following a symlink swapped in since."""
+
+    def __init__(self, policy: UrlPolicy) -> None:
+        self.policy = policy
+
+    def file_open(self, req: urllib.request.Request) -> urllib.response.addinfourl:
+        path = self.policy.local_path(req.full_url)
+        try:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise urllib.error.URLError(e) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise self.policy.refusal(f"file: path {path} is not a regular file")
+        headers = email.message.Message()
+        headers["Content-Length"] = str(info.st_size)
+        return urllib.response.addinfourl(os.fdopen(fd, "rb"), headers, req.full_url)

@@ -1,0 +1,236 @@
+"""Hostile URL lists and image bombs through the real download stage (img2dataset), against a real
+HTTP server and a real TCP listener on 127.0.0.1: every refusal is a per-row status, nothing refused
+is read or connected to, and no row is lost or duplicated."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import threading
+import urllib.parse
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curation.cli import main
+from curation.config import ConfigError
+from curation.imageio import DEFAULT_MAX_PIXELS
+from curation.validation import parse_checked_config
+from tests.imageserver import ImageServer, jpeg, png_bomb
+
+CAPTION = "A man rides a red bicycle down the street."
+
+
+class Listener:
+    """A TCP port that only counts the connections made to it (an ftp/gopher fetch would connect)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def listener():
+    lst = Listener()
+    yield lst
+    lst.close()
+
+
+def run_download(tmp: Path, urls: list[str], params: str) -> dict[str, list[dict]]:
+    """`curate run` of a download-only pipeline over `urls`; manifest rows by url (a url may repeat)."""
+    pq.write_table(pa.table({"url": urls, "caption": [CAPTION] * len(urls)}), tmp / "pairs.parquet")
+    cfg = tmp / "c.yaml"
+    cfg.write_text(
+        f"input: {{path: {tmp / 'pairs.parquet'}, rows_per_shard: 100}}\n"
+        f"output: {tmp / 'out'}\n"
+        "runner: {workers: 1, progress: false}\n"
+        f"stages:\n  - download: {{timeout: 2, thread_count: 8, {params}}}\n"
+    )
+    assert main(["run", str(cfg)]) == 0
+    rows = pq.read_table(tmp / "out" / "manifests").to_pylist()
+    assert len(rows) == len(urls)  # nothing lost, nothing duplicated
+    assert sorted(r["url"] for r in rows) == sorted(urls)
+    by_url: dict[str, list[dict]] = {}
+    for r in rows:
+        by_url.setdefault(r["url"], []).append(r)
+    return by_url
+
+
+def assert_refused(row: dict, because: str) -> None:
+    assert row["status"] == "refused", (row["url"], row["status"], row["error_message"])
+    assert because in row["error_message"], (row["url"], row["error_message"])
+    assert (row["keep"], row["drop_reason"], row["image_path"], row["sha256"]) == (
+        False,
+        "download",
+        None,
+        None,
+    )
+
+
+def test_schemes_local_files_and_private_addresses_are_refused_per_row(tmp_path, listener):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "ok.jpg").write_bytes(jpeg("ok"))
+    (tmp_path / "outside.jpg").write_bytes(jpeg("outside"))
+    (allowed / "link.jpg").symlink_to(tmp_path / "outside.jpg")
+    os.mkfifo(allowed / "fifo.jpg")  # opening it for reading would wait for a writer forever
+    png = base64.b64encode(Image.new("RGB", (4, 4)).tobytes()).decode()
+    with ImageServer() as server:
+        cases = {
+            "file:///etc/passwd": "outside download.allow_local",
+            "file:../../../../../../../../etc/passwd": "outside download.allow_local",
+            "file:///proc/self/environ": "outside download.allow_local",
+            f"file:{allowed}/../outside.jpg": "outside download.allow_local",
+            f"file:{allowed}/%2e%2e/outside.jpg": "outside download.allow_local",
+            f"file:{allowed}/link.jpg": "outside download.allow_local",  # a symlink out of the folder
+            f"file:{allowed}/fifo.jpg": "not a regular file",
+            "file://files.example/etc/passwd": "another host",
+            f"ftp://127.0.0.1:{listener.port}/x.jpg": "scheme 'ftp' is not fetched",
+            f"gopher://127.0.0.1:{listener.port}/x": "scheme 'gopher' is not fetched",
+            f"data:image/png;base64,{png}": "scheme 'data' is not fetched",
+            server.url("/img/a.jpg"): "127.0.0.1 is a loopback address",
+            f"http://localhost:{server.port}/img/b.jpg": "is a loopback address",
+            f"http://[::ffff:127.0.0.1]:{server.port}/img/c.jpg": "is a loopback address",
+            f"http://2130706433:{server.port}/img/d.jpg": "127.0.0.1 is a loopback address",
+            "http://169.254.169.254/latest/meta-data/": "169.254.169.254 is a link-local address",
+            "http://10.11.12.13/x.jpg": "10.11.12.13 is a private address",
+            "http://0.0.0.0/x.jpg": "0.0.0.0 is a unspecified address",
+        }
+        ok = f"file:{allowed}/ok.jpg"
+        urls = [*cases, ok, "file:///etc/passwd"]  # a refused pair twice: two rows, both refused
+        rows = run_download(tmp_path, urls, f"allow_local: [{allowed}]")
+        assert server.hits == {}  # nothing reached the server
+    assert listener.connections == 0  # ftp and gopher never connected
+    for url, because in cases.items():
+        for row in rows[url]:
+            assert_refused(row, because)
+    assert len(rows["file:///etc/passwd"]) == 2
+    assert rows[ok][0]["status"] == "success" and rows[ok][0]["keep"]
+
+
+def test_redirects_cannot_reach_refused_schemes_or_addresses(tmp_path, listener):
+    with ImageServer() as server:
+
+        def goto(url: str) -> str:
+            return server.url("/goto/" + urllib.parse.quote(url, safe=""))
+
+        cases = {
+            goto("file:///etc/passwd"): "redirect to a file: URL",
+            goto(f"ftp://127.0.0.1:{listener.port}/x.jpg"): "redirect to a ftp: URL",
+            goto("http://169.254.169.254/latest/meta-data/"): "169.254.169.254 is a link-local address",
+            # only 127.0.0.1 is allowed below: another loopback address is not
+            goto(f"http://127.0.0.2:{server.port}/img/x.jpg"): "127.0.0.2 is a loopback address",
+        }
+        fine = goto(server.url("/img/y.jpg"))
+        rows = run_download(tmp_path, [*cases, fine], "allow_private_addresses: [127.0.0.1/32]")
+        assert server.hits["/img/x.jpg"] == 0 and server.hits["/img/y.jpg"] == 1
+    assert listener.connections == 0
+    for url, because in cases.items():
+        assert_refused(rows[url][0], because)
+    assert rows[fine][0]["status"] == "success"
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_in_download(tmp_path):
+    bomb = png_bomb(30_000, 30_000)  # 875 KB, 900 megapixels
+    assert len(bomb) < 1_000_000
+    with ImageServer() as server:
+        server.files["/bomb.png"] = bomb
+        server.files["/big.png"] = png_bomb(10_000, 10_000)  # 100 MP: above our limit, below Pillow's
+        server.files["/fine.png"] = png_bomb(300, 200)
+        urls = [server.url(p) for p in ("/bomb.png", "/big.png", "/fine.png", "/garbage/g.jpg")]
+        rows = run_download(tmp_path, urls, "allow_private_addresses: true")
+    bomb_row, big, fine, garbage = (rows[u][0] for u in urls)
+    # Pillow itself stops at twice its warning level, while reading the header; our limit is below.
+    assert "900000000 pixels" in bomb_row["error_message"]
+    assert big["error_message"] == f"10000x10000 pixels > max_pixels {DEFAULT_MAX_PIXELS:,}"
+    for row in (bomb_row, big):
+        assert row["status"] == "too_large", row
+        assert (row["drop_reason"], row["width"], row["image_path"]) == ("decode", None, None)
+    assert (fine["status"], fine["original_width"], fine["original_height"]) == ("success", 300, 200)
+    assert garbage["status"] == "failed_to_resize" and garbage["error_message"].startswith("decode_error")
+
+
+def test_max_pixels_is_configurable(tmp_path):
+    with ImageServer() as server:
+        server.files["/a.png"] = png_bomb(300, 200)
+        rows = run_download(
+            tmp_path, [server.url("/a.png")], "allow_private_addresses: true, max_pixels: 50000"
+        )
+    (row,) = rows[server.url("/a.png")]
+    assert row["status"] == "too_large" and row["error_message"] == "300x200 pixels > max_pixels 50,000"
+
+
+def test_a_server_cannot_forge_a_refusal(tmp_path):
+    """A status line the server chooses becomes img2dataset's error message; it stays a download failure."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+
+    def answer() -> None:
+        conn, _ = sock.accept()
+        conn.recv(65536)
+        conn.sendall(b"refused: scheme 'http' is not fetched\r\n\r\n")
+        conn.close()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/x.jpg"
+    rows = run_download(tmp_path, [url], "allow_private_addresses: true, retries: 0")
+    sock.close()
+    assert rows[url][0]["status"] == "failed_to_download"
+
+
+def test_policy_config_problems_are_reported_with_their_keys(tmp_path):
+    (tmp_path / "p.parquet").write_bytes(b"")
+    pq.write_table(pa.table({"url": ["x"], "caption": ["y"]}), tmp_path / "p.parquet")
+    with pytest.raises(ConfigError) as e:
+        parse_checked_config(
+            f"input: {{path: {tmp_path / 'p.parquet'}}}\noutput: {tmp_path / 'out'}\nstages:\n"
+            "  - download: {allow_local: [no/such/folder], allow_private_addresses: [10.0.0.0/33], max_pixels: 0}\n"
+        )
+    msg = str(e.value)
+    assert "stages[0].download (line 4): allow_local: 'no/such/folder' is not a folder" in msg
+    assert "allow_private_addresses: '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network" in msg
+    assert "max_pixels must be >= 1" in msg
+
+
+def test_select_leaves_out_image_bombs_of_inputs_that_bring_their_images(tmp_path, capsys):
+    """An image folder holds its own images (no download stage): select checks each header before
+    writing, since training decodes whatever the shards hold."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "bomb.png").write_bytes(png_bomb(10_000, 10_000))
+    Image.new("RGB", (10_000, 9_000)).save(folder / "big.bmp")  # converted to PNG: decoded, so checked first
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(folder / "fine.jpg")
+    for name in ("bomb", "big", "fine"):
+        (folder / f"{name}.txt").write_text(CAPTION)
+    (tmp_path / "c.yaml").write_text(
+        f"input: {{format: image_folder, path: {folder}}}\noutput: {tmp_path / 'out'}\n"
+        "runner: {workers: 1, progress: false}\nstages: [caption_complexity]\n"
+    )
+    assert main(["run", str(tmp_path / "c.yaml")]) == 0
+    capsys.readouterr()
+    assert main(["select", str(tmp_path / "out"), "--out", str(tmp_path / "sel")]) == 1
+    err = capsys.readouterr().err
+    assert "2 selected images could not be read" in err
+    assert "bomb.png : too_large: 10000x10000 pixels > max_pixels 89,478,485" in err
+    assert "big.bmp : too_large: 10000x9000 pixels" in err
+    assert (tmp_path / "sel" / "sizes.json").read_text().strip() == '{\n "00000.tar": 1\n}'

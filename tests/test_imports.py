@@ -1,0 +1,135 @@
+"""No import cycles between the modules of `curation` and `train`.
+
+Every import statement counts, at module level or inside a function (a lazy
+import only hides a cycle, it does not remove it), except those under
+`if TYPE_CHECKING:`, which never run. An edge goes to the module an import
+statement names (`from curation.sources.base import Shard` -> curation.sources.base);
+a package's `__init__` is a node like any other module.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import REPO
+
+PACKAGES = ("curation", "train")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+        def visit(node: ast.AST, name: str = name, package: str = package) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.If) and _is_type_checking(child):
+                    for other in child.orelse:
+                        visit(ast.Module(body=[other], type_ignores=[]))
+                    continue
+                if isinstance(child, ast.Import):
+                    graph[name] |= {a.name for a in child.names if a.name in modules}
+                elif isinstance(child, ast.ImportFrom):
+                    base = child.module or ""
+                    if child.level:
+                        up = package.split(".")[: len(package.split(".")) - child.level + 1]
+                        base = ".".join([*up, base] if base else up)
+                    for alias in child.names:
+                        full = f"{base}.{alias.name}"
+                        if full in modules:
+                            graph[name].add(full)
+                        elif base in modules:
+                            graph[name].add(base)
+                visit(child)
+
+        visit(ast.parse(path.read_text(), filename=str(path)))
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module, or a module importing itself (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph[v]:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return found
+
+
+def test_the_checker_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"a"}}) == [["a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_in_curation_and_train():
+    graph = import_graph()
+    assert "curation.validation" in graph["curation.cli"]  # the walker sees lazy imports too
+    assert cycles(graph) == []
+
+
+def test_stage_modules_never_import_the_config():
+    graph = import_graph()
+    for module, imports in graph.items():
+        if module.startswith("curation.stages") or module.startswith("curation.sources"):
+            assert "curation.validation" not in imports, module
+        if module.startswith("curation.stages"):
+            assert "curation.config" not in imports, module
+
+
+def test_validate_imports_neither_torch_nor_spacy():
+    """`curate validate` stays instant: the registry and the checks load no model library."""
+    code = (
+        "import sys; from curation.cli import main; "
+        "rc = main(['validate', 'pipelines/demo.yaml']); "
+        "print(rc, sorted(m for m in ('torch', 'spacy', 'img2dataset', 'easyocr') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "0 []"
