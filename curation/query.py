@@ -22,16 +22,23 @@ class NoManifests(Exception):
 
 
 def connect(output: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with a view `samples` over all finished manifests of `output`."""
+    """An in-memory DuckDB with a view `samples` over all finished manifests of `output`
+    (a `curate run` output), or `hard_pairs` over the table a `curate mine` output holds."""
     run = RunDir(output)
     if not run.root.is_dir():
         raise NoManifests(f"{output} does not exist")
-    if not any(run.manifests.glob("shard-*.parquet")):
+    hard_pairs = run.root / "hard_pairs.parquet"
+    has_manifests = any(run.manifests.glob("shard-*.parquet"))
+    if not has_manifests and not hard_pairs.is_file():
         hint = "the run has not finished a shard yet" if run.exists() else "is this a `curate run` output?"
         raise NoManifests(f"no manifests under {run.manifests} ({hint})")
     con = duckdb.connect()
-    glob = str(run.manifests / "shard-*.parquet").replace("'", "''")
-    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet('{glob}', union_by_name = true)")
+    if has_manifests:
+        glob = str(run.manifests / "shard-*.parquet").replace("'", "''")
+        con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet('{glob}', union_by_name = true)")
+    if hard_pairs.is_file():
+        path = str(hard_pairs).replace("'", "''")
+        con.execute(f"CREATE VIEW hard_pairs AS SELECT * FROM read_parquet('{path}')")
     return con
 
 
