@@ -3,8 +3,8 @@
 1. base: curate-tiny trained with train/configs/fashion_mnist.yaml (200 steps, seed 0) on the
    6,000 committed training images;
 2. `curate mine` with the base checkpoint's own towers (k=50, near_duplicate=0.98);
-3. continued from the base checkpoint for the same number of steps (two epochs of hard-pair
-   anchors by default) with train/configs/helip.yaml's optimiser settings, three arms:
+3. continued from the base checkpoint for the same number of steps (two epochs, 94 steps of
+   128: every anchor once with its partner) with train/configs/helip.yaml's optimiser settings, three arms:
      a. random batches + InfoNCE        (the usual shuffled stream)
      b. hard-pair batches + InfoNCE
      c. hard-pair batches + InfoNCE + HNML (γ = 0.3)
@@ -110,7 +110,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="runs/helip")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=float, default=2.0, help="continued length in hard-pair epochs")
+    p.add_argument("--epochs", type=float, default=2.0, help="continued length in epochs (as train.epochs)")
     p.add_argument("--steps", type=int, default=None, help="continued steps (overrides --epochs)")
     p.add_argument("--workers", type=int, default=1)
     a = p.parse_args()
@@ -134,8 +134,8 @@ def main() -> None:
         curate("mine", "--shards", train_pattern, "--checkpoint", str(base_ck), "--output", str(mined.parent),
                "--no-progress")  # fmt: skip
 
-    # Same length for every arm: `epochs` of hard-pair anchors at batch 128 (64 anchors per step).
-    steps = a.steps or -(-int(a.epochs * 2 * 6000) // 128)
+    # Same length for every arm: `epochs` passes over the 6,000 samples at batch 128, as helip.yaml.
+    steps = a.steps or -(-int(a.epochs * 6000) // 128)
     results: dict[str, list[dict]] = {"base": [evaluate(base_ck, test_pattern, root / "base_eval.json")]}
     for arm, spec in ARMS.items():
         for seed in [int(s) for s in a.seeds.split(",")]:

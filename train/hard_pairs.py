@@ -189,10 +189,6 @@ class HardPairStream(ShardStream):
             )
         self._order: tuple[int, np.ndarray] = (-1, self.table.anchors)  # (epoch, its anchor order), cached
 
-    @property
-    def anchors_per_epoch(self) -> int:
-        return len(self.table.anchors)
-
     def epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.table.anchors)
 

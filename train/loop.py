@@ -251,8 +251,6 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
             rank=dist.rank,
             world_size=dist.world_size,
         )
-        # An epoch of hard-pair data is one pass over the anchors, each with a partner: 2 samples per anchor.
-        num_samples = 2 * hard_stream.anchors_per_epoch
     n_steps = total_steps(cfg, dist.world_size, num_samples)
 
     o = cfg.optim

@@ -182,8 +182,8 @@ def test_hard_pair_training_with_margin_loss_resumes_exactly(
     sections = {
         "hard_pairs": {"path": str(table), "top": TOP},
         "loss": {"name": "infonce", "hnml": 0.3},
-        # epochs count passes over the anchors: 0.0625 x 512 anchors / 8 anchors per step = 4 steps
-        "train": {"steps": None, "epochs": 0.0625, "checkpoint_every": 2, "keep_checkpoints": 0},
+        # epochs count samples as without hard pairs: 0.125 x 512 / 16 = 4 steps
+        "train": {"steps": None, "epochs": 0.125, "checkpoint_every": 2, "keep_checkpoints": 0},
         "data": {"workers": 1},
     }
     full, split = tmp_path / "full", tmp_path / "split"

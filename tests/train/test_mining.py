@@ -251,3 +251,39 @@ def test_killed_mid_embedding_resumes_without_loss_or_duplicates(fmnist_shards, 
     assert sorted(e["shard"] for e in entries) == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
     assert not list((out / "embeddings" / ".tmp").iterdir())
     assert _table(out) == _table(ref)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_runner_mines_the_same_table(mined, fmnist_shards, checkpoint, tmp_path) -> None:
+    """Query blocks as Ray tasks (a private network namespace, as tests/test_ray_runner.py) == local."""
+    from tests.test_ray_runner import NETNS
+    from tests.test_ray_runner import curate as in_ray_session
+
+    if NETNS is None:
+        pytest.skip("cannot create a network namespace (unshare -n / -rn); Ray must stay on loopback")
+    out = tmp_path / "ray"
+    proc, codes = in_ray_session(
+        [
+            "mine",
+            "--shards",
+            str(fmnist_shards / "*.tar"),
+            "--checkpoint",
+            str(checkpoint),
+            "-o",
+            str(out),
+            "--k",
+            "8",
+            "--runner",
+            "ray",
+            "--set",
+            "runner.queries_per_task=100",
+            "--no-progress",
+        ]
+    )
+    assert codes == [0], proc.stderr[-3000:]
+    local = tmp_path / "local"
+    rc = curate(["mine", "--shards", str(fmnist_shards / "*.tar"), "--checkpoint", str(checkpoint), "-o", str(local),
+                 "--k", "8", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    assert _table(out) == _table(local)  # 6 tasks of 100 queries (the last 12) == one process
