@@ -137,8 +137,9 @@ def main() -> None:
     # Same length for every arm: `epochs` passes over the 6,000 samples at batch 128, as helip.yaml.
     steps = a.steps or -(-int(a.epochs * 6000) // 128)
     results: dict[str, list[dict]] = {"base": [evaluate(base_ck, test_pattern, root / "base_eval.json")]}
-    for arm, spec in ARMS.items():
-        for seed in [int(s) for s in a.seeds.split(",")]:
+    # Seed-major: an interrupted run still has every arm for the seeds it finished.
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        for arm, spec in ARMS.items():
             out = root / f"{arm}_s{seed}"
             ck = out / "checkpoints" / f"step_{steps:08d}.pt"
             if not ck.exists():

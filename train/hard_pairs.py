@@ -226,9 +226,15 @@ class HardPairStream(ShardStream):
         return np.concatenate([anchors[sl], partners[sl]])
 
     def partner_matrix(self, ids: np.ndarray) -> torch.Tensor:
-        top = self.table.top[ids]  # [B, top]
-        m = (top[:, :, None] == ids[None, None, :]).any(axis=1)
-        np.fill_diagonal(m, False)
+        """[B, B] bool: True at (i, j) when sample j is among the first `top` hard pairs of sample i."""
+        where: dict[int, list[int]] = {}
+        for p, x in enumerate(ids.tolist()):
+            where.setdefault(x, []).append(p)
+        m = np.zeros((len(ids), len(ids)), dtype=bool)
+        for i, row in enumerate(self.table.top[ids].tolist()):
+            for t in row:
+                for p in where.get(t, ()):
+                    m[i, p] = p != i
         return torch.from_numpy(m)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -255,6 +255,8 @@ def _faiss_search(
     kc = min(n, oversample * k + extra)
     out_idx = torch.full((len(queries), k), PAD, dtype=torch.int64)
     out_score = torch.full((len(queries), k), float("-inf"), dtype=u.dtype)
+    # Re-scoring gathers [rows, kc, d] candidates: rows chosen to keep that near 256 MB.
+    block = max(1, min(block, (64 << 20) // max(1, kc * max(u.shape[1], v.shape[1]))))
     for q0 in range(queries.start, queries.stop, block):
         q1 = min(queries.stop, q0 + block)
         _, cand = index.search(joint[q0:q1], kc)
