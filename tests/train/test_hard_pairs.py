@@ -202,3 +202,21 @@ def test_hard_pair_training_with_margin_loss_resumes_exactly(
                                         **{**sections, "loss": {"name": "infonce"}})))  # fmt: skip
     c = [json.loads(x)["loss"] for x in (plain / "metrics.jsonl").read_text().splitlines()]
     assert a[0] > c[0]
+
+
+def test_shipped_recipes_parse(table, tmp_path) -> None:
+    """train/configs/helip.yaml and mine_fashion_mnist.yaml are valid once their inputs exist."""
+    from train.mine import parse_mine_config
+
+    repo = Path(__file__).resolve().parents[2]
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(b"")
+    cfg = load_train_config(
+        repo / "train/configs/helip.yaml",
+        overrides={"model.pretrained": str(ck), "hard_pairs.path": str(table)},
+    )
+    assert cfg.loss.hnml == 0.3 and cfg.hard_pairs is not None and cfg.hard_pairs.top == 50
+    assert cfg.train.epochs == 2 and cfg.train.batch_size % 2 == 0
+    text = (repo / "train/configs/mine_fashion_mnist.yaml").read_text()
+    mine_cfg = parse_mine_config(text, overrides={"encoders.checkpoint": str(ck)})
+    assert mine_cfg.mining.k == 50 and mine_cfg.output == "runs/fmnist_mined"
