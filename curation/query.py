@@ -46,12 +46,15 @@ class QueryRefused(Exception):
 
 
 def connect(output: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with a view `samples` over the finished manifests of `output`, locked down."""
+    """An in-memory DuckDB, locked down, with a view `samples` over the finished manifests of `output`
+    (a `curate run` output) and `hard_pairs` over the table a `curate mine` output holds."""
     run = RunDir(output)
     if not run.root.is_dir():
         raise NoManifests(f"{output} does not exist")
     files = sorted(str(p.resolve()) for p in run.manifests.glob("shard-*.parquet"))
-    if not files:
+    hard_pairs = run.root / "hard_pairs.parquet"
+    pairs = [str(hard_pairs.resolve())] if hard_pairs.is_file() else []
+    if not files and not pairs:
         hint = "the run has not finished a shard yet" if run.exists() else "is this a `curate run` output?"
         raise NoManifests(f"no manifests under {run.manifests} ({hint})")
     con = duckdb.connect(
@@ -63,11 +66,14 @@ def connect(output: str | Path) -> duckdb.DuckDBPyConnection:
             "allow_unsigned_extensions": False,
         },
     )
-    listed = ", ".join(_sql_string(f) for f in files)
     # The files, not a glob: a glob would need the directory listable, and a shard committed
     # after this point is not part of this connection's snapshot anyway.
-    con.execute(f"SET allowed_paths = [{listed}]")
-    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
+    con.execute(f"SET allowed_paths = [{', '.join(_sql_string(f) for f in files + pairs)}]")
+    if files:
+        listed = ", ".join(_sql_string(f) for f in files)
+        con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
+    if pairs:
+        con.execute(f"CREATE VIEW hard_pairs AS SELECT * FROM read_parquet({_sql_string(pairs[0])})")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con

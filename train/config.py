@@ -20,6 +20,7 @@ from curation.config import ConfigError, _build, _closest_line, _fmt, _line_inde
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "HardPairsConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -56,6 +57,19 @@ class LossConfig:
     # HN-NCE only (docs/methods.md §2a): weight of the positive in the denominator, and hardness of the negatives.
     alpha: float = 1.0
     beta: float = 0.5
+    # HELIP's hard negative margin loss (docs/methods.md §3c): γ, added to the contrastive loss; 0 or null = off.
+    # Needs `hard_pairs` (it reads each batch's hard-partner matrix).
+    hnml: float | None = None
+
+
+@dataclass
+class HardPairsConfig:
+    """HELIP batches (docs/methods.md §3b): half anchors, half one hard partner per anchor (train/hard_pairs.py)."""
+
+    # Parquet written by `curate mine` (uid, hard_uids, hard_scores), mined on the same shards.
+    path: str
+    # Partners are drawn from the first `top` entries of each anchor's list.
+    top: int = 50
 
 
 @dataclass
@@ -104,6 +118,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
+    # Optional: hard-pair batches; null = the usual shuffled stream.
+    hard_pairs: HardPairsConfig | None = None
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +135,8 @@ _SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": RunConfig,
 }
+# Sections that are absent (null) unless the config has them.
+_OPTIONAL_SECTIONS: dict[str, type] = {"hard_pairs": HardPairsConfig}
 
 
 def load_train_config(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -156,7 +174,7 @@ def parse_train_config(
     for key, value in (overrides or {}).items():
         _set_path(data, key, value)
 
-    allowed = {*_SECTIONS, "output_dir"}
+    allowed = {*_SECTIONS, *_OPTIONAL_SECTIONS, "output_dir"}
     for k in data:
         if k not in allowed:
             err((k,), f"unknown key; expected one of {sorted(allowed)}")
@@ -170,6 +188,9 @@ def parse_train_config(
         if name == "data" and "data" not in data:
             continue
         built[name] = _build(cls, data.get(name) or {}, (name,), err)
+    for name, cls in _OPTIONAL_SECTIONS.items():
+        if data.get(name) is not None:
+            built[name] = _build(cls, data[name], (name,), err)
     # On every section that type-checked, so that all problems come in one pass.
     _semantic_checks(built, err)
     if errors or any(v is None for v in built.values()):
@@ -202,6 +223,22 @@ def _semantic_checks(built: dict[str, Any], err) -> None:
             err(("train", "device"), f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {r.device!r}")
     if loss is not None and loss.alpha < 0:
         err(("loss", "alpha"), "must be >= 0")
+    if loss is not None and loss.hnml is not None:
+        if loss.hnml < 0:
+            err(("loss", "hnml"), "must be >= 0 (0 or null = off)")
+        if loss.hnml and "hard_pairs" not in built:
+            err(
+                ("loss", "hnml"),
+                "the margin loss needs hard-pair batches: add `hard_pairs: {path: mined.parquet}`",
+            )
+    hard: HardPairsConfig | None = built.get("hard_pairs")
+    if hard is not None:
+        if r is not None and r.batch_size % 2:
+            err(("train", "batch_size"), "must be even with hard_pairs (half anchors, half partners)")
+        if hard.top < 1:
+            err(("hard_pairs", "top"), "must be >= 1")
+        if not Path(hard.path).is_file():
+            err(("hard_pairs", "path"), f"not a file: {hard.path!r} (write it with `curate mine`)")
     if o is not None:
         if o.lr <= 0:
             err(("optim", "lr"), "must be > 0")

@@ -27,7 +27,8 @@ import torch
 
 from train.config import TrainConfig
 from train.data import ShardStream, count_samples, expand_shards, make_loader
-from train.losses import build_loss
+from train.hard_pairs import HardPairStream
+from train.losses import HardNegativeMarginLoss, build_loss
 from train.model import build_model, param_groups
 
 log = logging.getLogger("train")
@@ -237,6 +238,20 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
 
     shards = expand_shards(cfg.data.shards)
     num_samples = count_samples(shards, cfg.data.sizes)
+    hard_stream = None
+    if cfg.hard_pairs is not None:
+        # Built (and the table checked against the data) before anything else is: a mismatch fails fast.
+        hard_stream = HardPairStream(
+            shards,
+            r.batch_size,
+            built.preprocess_train,
+            built.tokenizer,
+            table_path=cfg.hard_pairs.path,
+            top=cfg.hard_pairs.top,
+            seed=r.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
     n_steps = total_steps(cfg, dist.world_size, num_samples)
 
     o = cfg.optim
@@ -273,18 +288,24 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
     if r.compile:
         train_model = torch.compile(train_model)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.beta)
+    margin_fn = HardNegativeMarginLoss(cfg.loss.hnml) if cfg.loss.hnml else None
 
-    stream = ShardStream(
-        shards,
-        r.batch_size,
-        built.preprocess_train,
-        built.tokenizer,
-        seed=r.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        start_step=start_step,
-    )
+    stream: ShardStream
+    if hard_stream is not None:
+        hard_stream.start_step = start_step  # known only now that the checkpoint is loaded
+        stream = hard_stream
+    else:
+        stream = ShardStream(
+            shards,
+            r.batch_size,
+            built.preprocess_train,
+            built.tokenizer,
+            seed=r.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            start_step=start_step,
+        )
     batches: Iterator[dict[str, Any]] = iter(
         make_loader(stream, cfg.data.workers, pin_memory=device.type == "cuda")
     )
@@ -357,6 +378,9 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         with autocast_for(r.precision, device):
             out = train_model(images, texts)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            if margin_fn is not None:
+                partners = batch["partners"].to(device, non_blocking=True)
+                loss = loss + margin_fn(out["image_features"], out["text_features"], partners)
         scaler.scale(loss).backward()
         if o.grad_clip_norm is not None:
             scaler.unscale_(optimizer)

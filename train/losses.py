@@ -125,6 +125,64 @@ class HNNCELoss(nn.Module):
         return _out(loss, output_dict)
 
 
+class HardNegativeMarginLoss(nn.Module):
+    r"""HELIP's hard negative margin loss (docs/methods.md §3c), already multiplied by γ.
+
+    For anchor i with hard-partner set H_i (the texts j with `partners[i, j]`), sim = cosine:
+
+        ℓ(i) = 1/|B| Σ_{j ∈ B \ ({i} ∪ H_i)} max(0, sim(I_i, T_j) - min_{h ∈ H_i} sim(I_i, T_h))
+        loss = γ · mean_i ℓ(i)          (rows without partners contribute 0 to the mean)
+
+    |B| is the global batch. Under data parallelism features are gathered with gradients like
+    the contrastive losses, and `partners` ([B, B] over the rank's local batch) is gathered into
+    the block-diagonal global matrix: a sample's hard partners are drawn into its own rank's batch.
+    Cosines are computed in float32 whatever the autocast dtype.
+    """
+
+    def __init__(self, gamma: float = 0.3) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        partners: torch.Tensor,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        b = image_features.shape[0]
+        if partners.shape != (b, b) or partners.dtype != torch.bool:
+            raise ValueError(
+                f"partners must be a bool [{b}, {b}] matrix, got {partners.dtype} {tuple(partners.shape)}"
+            )
+        all_image, all_text = gather_with_grad(image_features, text_features)
+        hard = _block_diagonal(partners.to(all_image.device))
+        k = hard.shape[0]
+        eye = torch.eye(k, dtype=torch.bool, device=hard.device)
+        hard = hard & ~eye
+        sim = all_image.float() @ all_text.float().T
+        has = hard.any(dim=1)
+        # The least similar hard partner of each anchor sets its bar; rows without partners get 0 (masked below).
+        bar = sim.masked_fill(~hard, float("inf")).amin(dim=1)
+        bar = torch.where(has, bar, torch.zeros_like(bar))
+        excess = (sim - bar[:, None]).clamp(min=0).masked_fill(hard | eye | ~has[:, None], 0.0)
+        loss = self.gamma * (excess.sum(dim=1) / k).mean()
+        return {"hard_negative_margin_loss": loss} if output_dict else loss
+
+
+def _block_diagonal(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's [B, B] matrix on the diagonal of the global [W·B, W·B] one (False elsewhere)."""
+    _, world_size = _world()
+    if world_size == 1:
+        return local
+    as_bytes = local.to(torch.uint8).contiguous()  # gloo has no bool collectives
+    parts = [torch.empty_like(as_bytes) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, as_bytes)
+    return torch.block_diag(*parts).bool()
+
+
 def build_loss(name: str, alpha: float = 1.0, beta: float = 0.5) -> nn.Module:
     """The loss a config names: `infonce` or `hn_nce`."""
     if name == "infonce":
