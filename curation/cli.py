@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_query)
 
     # Commands that live with their feature; absent only in a partial checkout.
-    for module in ("curation.select", "train.cli"):
+    for module in ("curation.select", "curation.dedup", "train.cli"):
         if importlib.util.find_spec(module.split(".")[0]) and importlib.util.find_spec(module):
             importlib.import_module(module).register(sub)
     return p

@@ -14,7 +14,7 @@ from typing import Any
 import duckdb
 
 from curation.manifest import RunDir
-from curation.schema import STAGE_COLUMNS
+from curation.schema import HASH_COLUMNS, STAGE_COLUMNS
 
 
 class NoManifests(Exception):
@@ -32,7 +32,15 @@ def connect(output: str | Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     glob = str(run.manifests / "shard-*.parquet").replace("'", "''")
     con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet('{glob}', union_by_name = true)")
+    # `curate dedup`'s table, when it has run: uid, dup_group, dup_rank, dup_keep, dup_kind
+    dedup = run.root / "dedup" / "dedup.parquet"
+    if dedup.is_file():
+        con.execute(f"CREATE VIEW dedup AS SELECT * FROM read_parquet('{_quote(dedup)}')")
     return con
+
+
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
@@ -70,7 +78,8 @@ def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     histograms = {}
     for col, typ in STAGE_COLUMNS.items():
-        if col in columns and (str(typ).startswith("int") or str(typ).startswith("float")):
+        numeric = str(typ).startswith("int") or str(typ).startswith("float")
+        if col in columns and numeric and col not in HASH_COLUMNS:
             histograms[col] = _histogram(con, col, integer=str(typ).startswith("int"), bins=bins)
     return {
         "rows_planned": planned,

@@ -11,17 +11,45 @@ from typing import TYPE_CHECKING
 
 from curation.stages.base import Resources, Stage, StageContext, apply_stage
 from curation.stages.caption import CaptionAction, CaptionComplexity
+from curation.stages.caption_language import CaptionLanguage
+from curation.stages.caption_length import CaptionLength
+from curation.stages.clip_score import ClipScore
 from curation.stages.download import Download
+from curation.stages.image_size import ImageSize
+from curation.stages.phash import Phash
 from curation.stages.text_spotting import TextSpotting
 
 if TYPE_CHECKING:
     from curation.config import Config
 
 STAGES: dict[str, type[Stage]] = {
-    cls.name: cls for cls in (CaptionComplexity, CaptionAction, Download, TextSpotting)
+    cls.name: cls
+    for cls in (
+        CaptionComplexity,
+        CaptionAction,
+        Download,
+        TextSpotting,
+        CaptionLength,
+        CaptionLanguage,
+        ImageSize,
+        Phash,
+        ClipScore,
+    )
 }
 
-__all__ = ["STAGES", "Resources", "Stage", "StageContext", "apply_stage", "build_stages", "check_pipeline"]
+# Stages that read the image bytes (or, for image_size, the sizes the download records).
+IMAGE_STAGES = ("text_spotting", "clip_score", "phash", "image_size")
+
+__all__ = [
+    "IMAGE_STAGES",
+    "STAGES",
+    "Resources",
+    "Stage",
+    "StageContext",
+    "apply_stage",
+    "build_stages",
+    "check_pipeline",
+]
 
 
 def build_stages(config: Config) -> list[Stage]:
@@ -47,6 +75,13 @@ def check_pipeline(config: Config) -> list[tuple[tuple, str]]:
                 "caption stages share one parse: set model, max_chars and batch_size identically",
             )
         )
+    if config.input.format == "parquet":
+        # Parquet input has URLs, not images: stages that look at pixels must come after download.
+        downloaded = False
+        for spec in config.stages:
+            downloaded = downloaded or spec.name == "download"
+            if spec.name in IMAGE_STAGES and not downloaded:
+                problems.append((spec.key_path, f"{spec.name} needs images: put it after the download stage"))
     if config.input.format != "parquet":
         for spec in config.stages:
             if spec.name == "download":
