@@ -77,7 +77,7 @@ class LanguageIdentifier:
     def _top1(self, text: str) -> Any:
         try:
             found = self._predict(text + "\n", 1, 0.0, "replace")
-        except UnicodeEncodeError:  # lone surrogates cannot be UTF-8 encoded
+        except (TypeError, UnicodeError):  # lone surrogates: pybind11 cannot pass them as UTF-8
             found = self._predict(text.encode("utf-8", "replace").decode("utf-8") + "\n", 1, 0.0, "replace")
         return found[0] if found else None
 
