@@ -11,6 +11,7 @@ blocks (popcount of XOR) and must give the same groups.
 
     python bench/dedup_scaling.py                   # radius 6 (curate dedup's default): 100k (+ all-pairs), 1M, 10M
     python bench/dedup_scaling.py --radius 4 --sizes 100000,1000000,10000000
+    python bench/dedup_scaling.py --radius 4 --blocks 7 --baseline-size 0   # one m at every size
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def one(n: int, radius: int, method: str) -> dict:
+def one(n: int, radius: int, method: str, blocks: int | None = None) -> dict:
     import numpy as np
 
     from curation.dedup import _choose_blocks, components, near_pairs
@@ -84,7 +85,7 @@ def one(n: int, radius: int, method: str) -> dict:
     if method == "all-pairs":
         a, b = all_pairs(hashes, radius)
     else:
-        a, b = near_pairs(hashes, radius)
+        a, b = near_pairs(hashes, radius, blocks=blocks)
     labels = components(n, a, b)
     seconds = time.perf_counter() - start
     sizes = np.bincount(labels, minlength=n)
@@ -97,7 +98,7 @@ def one(n: int, radius: int, method: str) -> dict:
         "pairs": len(a),
         "rows_in_groups": int((sizes[labels] > 1).sum()),
         "groups": int((sizes > 1).sum()),
-        "blocks": _choose_blocks(len(np.unique(hashes)), radius),
+        "blocks": blocks or _choose_blocks(len(np.unique(hashes)), radius),
         "labels_sha": __import__("hashlib").sha256(labels.tobytes()).hexdigest()[:16],
     }
 
@@ -106,18 +107,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--radius", type=int, default=6)
     ap.add_argument("--sizes", default="100000,1000000,10000000")
-    ap.add_argument("--baseline-size", type=int, default=100_000)
+    ap.add_argument("--baseline-size", type=int, default=100_000, help="all-pairs baseline size (0: none)")
+    ap.add_argument("--blocks", type=int, help="fix the number of bit blocks m (default: the cost model's)")
     ap.add_argument("--one", nargs=2, metavar=("N", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(int(args.one[0]), args.radius, args.one[1])))
+        print(json.dumps(one(int(args.one[0]), args.radius, args.one[1], args.blocks)))
         return
 
     print(f"load average: {Path('/proc/loadavg').read_text().strip()}")
-    runs = [(args.baseline_size, "all-pairs")] + [(int(s), "blocks") for s in args.sizes.split(",")]
+    runs = [(args.baseline_size, "all-pairs")] if args.baseline_size else []
+    runs += [(int(s), "blocks") for s in args.sizes.split(",")]
     results = {}
     for n, method in runs:
         cmd = [sys.executable, __file__, "--radius", str(args.radius), "--one", str(n), method]
+        cmd += ["--blocks", str(args.blocks)] if args.blocks else []
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         results[(n, method)] = r
         print(

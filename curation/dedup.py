@@ -328,11 +328,14 @@ def _phash_links(rows: pa.Table, params: DedupParams, work: Path, say) -> tuple[
     return _cached(work / "phash.npz", compute)
 
 
-def near_pairs(hashes: np.ndarray, radius: int, max_pairs: int = 20_000_000) -> tuple[np.ndarray, np.ndarray]:
+def near_pairs(
+    hashes: np.ndarray, radius: int, max_pairs: int = 20_000_000, blocks: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (i < j) of 64-bit hashes at most `radius` bits apart, without comparing all pairs.
 
     Identical hashes are linked to the first of their kind; distinct values are
-    compared only when they agree on m - radius of m bit blocks (see the module doc).
+    compared only when they agree on m - radius of m bit blocks (see the module
+    doc). `blocks` fixes m (> radius) instead of the cost model's choice.
     """
     from curation.stages.phash import hamming
 
@@ -342,11 +345,11 @@ def near_pairs(hashes: np.ndarray, radius: int, max_pairs: int = 20_000_000) -> 
     a_parts, b_parts = [first[inverse[same]]], [same]
     u = len(values)
     if radius > 0 and u > 1:
-        blocks = _blocks(_choose_blocks(u, radius))
-        for chosen in combinations(range(len(blocks)), len(blocks) - radius):
+        masks = _blocks(blocks if blocks is not None else _choose_blocks(u, radius))
+        for chosen in combinations(range(len(masks)), len(masks) - radius):
             mask = np.uint64(0)
             for k in chosen:
-                mask |= blocks[k]
+                mask |= masks[k]
             keys = values & mask
             order = np.argsort(keys)
             for x, y in _runs_pairs(keys[order], max_pairs):

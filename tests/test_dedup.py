@@ -42,7 +42,11 @@ def test_near_pairs_give_the_groups_of_all_pairs(radius):
     a, b = near_pairs(hashes, radius)
     assert np.all(a < b)
     assert np.all(np.bitwise_count(hashes.view(np.uint64)[a] ^ hashes.view(np.uint64)[b]) <= radius)
-    np.testing.assert_array_equal(components(len(hashes), a, b), brute_force_groups(hashes, radius))
+    expected = brute_force_groups(hashes, radius)
+    np.testing.assert_array_equal(components(len(hashes), a, b), expected)
+    if radius:  # any number of blocks > radius finds the same pairs, only the cost differs
+        a, b = near_pairs(hashes, radius, blocks=radius + 3)
+        np.testing.assert_array_equal(components(len(hashes), a, b), expected)
 
 
 def test_components_and_kmeans_are_deterministic():

@@ -136,9 +136,11 @@ class ClipScorer:
                 pending = []
         if pending:
             chunks.append(self._forward(self.model.encode_image, torch.stack(pending)))
-        dim = self.model.text_projection.shape[-1] if chunks == [] else chunks[0].shape[1]
-        out = torch.zeros((len(images), int(dim)), device=self.device)
-        if chunks:
+        if not chunks:  # no image decoded: the embedding width from one blank input
+            blank = torch.zeros((1, 3, *self.input_size))
+            chunks, rows = [self._forward(self.model.encode_image, blank)[:0]], []
+        out = torch.zeros((len(images), chunks[0].shape[1]), device=self.device)
+        if rows:
             out[torch.as_tensor(rows, device=self.device)] = torch.cat(chunks)
         return out, status
 
