@@ -329,39 +329,40 @@ def _phash_links(rows: pa.Table, params: DedupParams, work: Path, say) -> tuple[
 
 
 def near_pairs(
-    hashes: np.ndarray, radius: int, max_pairs: int = 20_000_000, blocks: int | None = None
+    hashes: np.ndarray, radius: int, max_pairs: int = 5_000_000, blocks: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (i < j) of 64-bit hashes at most `radius` bits apart, without comparing all pairs.
 
     Identical hashes are linked to the first of their kind; distinct values are
     compared only when they agree on m - radius of m bit blocks (see the module
-    doc). `blocks` fixes m (> radius) instead of the cost model's choice.
+    doc), and each close pair is reported once. `blocks` fixes m (> radius)
+    instead of the cost model's choice.
     """
-    from curation.stages.phash import hamming
 
     values, first, inverse = np.unique(hashes.view(np.uint64), return_index=True, return_inverse=True)
     # rows repeating a value link to the value's first row
     same = np.flatnonzero(first[inverse] != np.arange(len(hashes)))
     a_parts, b_parts = [first[inverse[same]]], [same]
-    u = len(values)
-    if radius > 0 and u > 1:
-        masks = _blocks(blocks if blocks is not None else _choose_blocks(u, radius))
+    if radius > 0 and len(values) > 1:
+        masks = _blocks(blocks if blocks is not None else _choose_blocks(len(values), radius))
         for chosen in combinations(range(len(masks)), len(masks) - radius):
-            mask = np.uint64(0)
-            for k in chosen:
-                mask |= masks[k]
-            keys = values & mask
+            key_mask = np.bitwise_or.reduce([masks[k] for k in chosen])
+            # A pair agreeing on several block sets is reported only by the first set in this
+            # enumeration (the m - r lowest blocks it agrees on): it must differ on every
+            # unchosen block below the highest chosen one.
+            must_differ = [masks[k] for k in range(max(chosen)) if k not in chosen]
+            keys = values & key_mask
             order = np.argsort(keys)
             for x, y in _runs_pairs(keys[order], max_pairs):
                 x, y = order[x], order[y]
-                close = hamming(values[x], values[y]) <= radius
-                a_parts.append(first[x[close]])
-                b_parts.append(first[y[close]])
+                diff = values[x] ^ values[y]
+                keep = np.bitwise_count(diff) <= radius
+                for m in must_differ:
+                    keep &= (diff & m) != 0
+                a_parts.append(first[x[keep]])
+                b_parts.append(first[y[keep]])
     a, b = np.concatenate(a_parts), np.concatenate(b_parts)
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    # a pair agreeing on several block sets is found once per set: keep one
-    pairs = np.unique(lo.astype(np.int64) << 32 | hi.astype(np.int64)) if len(lo) else np.zeros(0, np.int64)
-    return pairs >> 32, pairs & 0xFFFFFFFF
+    return np.minimum(a, b), np.maximum(a, b)
 
 
 def _blocks(m: int) -> list[np.uint64]:
