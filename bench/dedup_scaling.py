@@ -5,8 +5,9 @@ independent uniform hashes; 20% are copies of one of them with 0 bit flips
 (40% of the copies: byte-identical re-posts) or 1 to radius+2 flips (re-encoded,
 resized, cropped copies; some beyond the radius, which must not link).
 
-Each size runs in a fresh process, which reports its wall time (pairs + groups)
-and its peak RSS (VmHWM). The all-pairs baseline at 100k compares every pair in
+Each size runs in a fresh process, which reports its wall and CPU time (pairs +
+groups; numpy runs single-threaded here, so on a shared machine CPU time is the
+steadier measure) and its peak RSS (VmHWM). The all-pairs baseline at 100k compares every pair in
 blocks (popcount of XOR) and must give the same groups.
 
     python bench/dedup_scaling.py                   # radius 6 (curate dedup's default): 100k (+ all-pairs), 1M, 10M
@@ -81,18 +82,19 @@ def one(n: int, radius: int, method: str, blocks: int | None = None) -> dict:
 
     hashes = synthetic(n, radius)
     base_rss = peak_rss_mb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if method == "all-pairs":
         a, b = all_pairs(hashes, radius)
     else:
         a, b = near_pairs(hashes, radius, blocks=blocks)
     labels = components(n, a, b)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     sizes = np.bincount(labels, minlength=n)
     return {
         "n": n,
         "method": method,
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "peak_rss_mb": peak_rss_mb(),
         "rss_before_mb": base_rss,
         "pairs": len(a),
@@ -125,7 +127,7 @@ def main() -> None:
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         results[(n, method)] = r
         print(
-            f"{method:>9} n={n:>10,}  {r['seconds']:8.2f} s  {n / r['seconds']:>12,.0f} hashes/s  "
+            f"{method:>9} n={n:>10,}  {r['seconds']:8.2f} s wall  {r['cpu_seconds']:8.2f} s CPU  "
             f"peak RSS {r['peak_rss_mb']:7.0f} MB (data {r['rss_before_mb']:.0f} MB)  pairs {r['pairs']:,}  "
             f"groups {r['groups']:,} ({r['rows_in_groups']:,} rows)  m={r['blocks']}",
             flush=True,
@@ -139,7 +141,8 @@ def main() -> None:
     sizes = sorted(n for n, m in results if m == "blocks")
     for small, large in itertools.pairwise(sizes):
         t = results[(large, "blocks")]["seconds"] / results[(small, "blocks")]["seconds"]
-        print(f"{small:,} -> {large:,} ({large / small:.0f}x rows): time x{t:.1f}")
+        c = results[(large, "blocks")]["cpu_seconds"] / results[(small, "blocks")]["cpu_seconds"]
+        print(f"{small:,} -> {large:,} ({large / small:.0f}x rows): wall time x{t:.1f}, CPU time x{c:.1f}")
     print(f"load average: {Path('/proc/loadavg').read_text().strip()}")
 
 
