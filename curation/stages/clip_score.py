@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -185,17 +185,17 @@ class ClipScore(Stage):
     """Score every kept pair with a local open_clip model; optionally drop those below `min`."""
 
     name = "clip_score"
+    # Every column the stage can write; an instance without keep_embedding writes only CLIP_COLUMNS.
+    columns: ClassVar[tuple[str, ...]] = (*CLIP_COLUMNS, EMBEDDING_COLUMN)
     cascade = True
     Params = ClipScoreParams
 
     def __init__(self, params: ClipScoreParams, context) -> None:
         super().__init__(params, context)
+        if not params.keep_embedding:
+            self.columns = CLIP_COLUMNS  # type: ignore[misc]  # this instance's manifest has no embedding
         self._scorer: ClipScorer | None = None
         self._device: str | None = None
-
-    @property
-    def columns(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (*CLIP_COLUMNS, EMBEDDING_COLUMN) if self.params.keep_embedding else CLIP_COLUMNS
 
     @property
     def device(self) -> str:
