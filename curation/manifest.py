@@ -56,6 +56,22 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path, held_message: str) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (released if the process dies); RunLocked(held_message) if taken."""
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLocked(held_message) from None
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @dataclass
 class ShardResult:
     shard: int
@@ -135,20 +151,9 @@ class RunDir:
             )
         return None
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunLocked(f"another `curate run` is writing to {self.root}") from None
-            f.write(str(os.getpid()))
-            f.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return exclusive_lock(self.root / ".lock", f"another `curate run` is writing to {self.root}")
 
     def is_locked(self) -> bool:
         path = self.root / ".lock"

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import duckdb
 
 from curation.manifest import RunDir
-from curation.schema import STAGE_COLUMNS
+from curation.schema import HASH_COLUMNS, STAGE_COLUMNS
 from curation.terminal import printable
 
 # File formats of `curate query --out` by extension, and what `--format` prints.
@@ -68,10 +68,15 @@ def connect(output: str | Path) -> duckdb.DuckDBPyConnection:
     )
     # The files, not a glob: a glob would need the directory listable, and a shard committed
     # after this point is not part of this connection's snapshot anyway.
-    con.execute(f"SET allowed_paths = [{', '.join(_sql_string(f) for f in files + pairs)}]")
+    # `curate dedup`'s table, when it has run: uid, dup_group, dup_rank, dup_keep, dup_kind
+    dedup = run.root / "dedup" / "dedup.parquet"
+    dedups = [str(dedup.resolve())] if files and dedup.is_file() else []
+    con.execute(f"SET allowed_paths = [{', '.join(_sql_string(f) for f in files + pairs + dedups)}]")
     if files:
         listed = ", ".join(_sql_string(f) for f in files)
         con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
+    if dedups:
+        con.execute(f"CREATE VIEW dedup AS SELECT * FROM read_parquet({_sql_string(dedups[0])})")
     if pairs:
         con.execute(f"CREATE VIEW hard_pairs AS SELECT * FROM read_parquet({_sql_string(pairs[0])})")
     con.execute("SET enable_external_access = false")
@@ -191,7 +196,8 @@ def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     histograms = {}
     for col, typ in STAGE_COLUMNS.items():
-        if col in columns and (str(typ).startswith("int") or str(typ).startswith("float")):
+        numeric = str(typ).startswith("int") or str(typ).startswith("float")
+        if col in columns and numeric and col not in HASH_COLUMNS:
             histograms[col] = _histogram(con, col, integer=str(typ).startswith("int"), bins=bins)
     return {**funnel(con, RunDir(output)), "histograms": histograms}
 

@@ -55,7 +55,27 @@ STAGE_COLUMNS: dict[str, pa.DataType] = {
     "ocr_area": pa.float32(),  # union of text boxes / image area
     "ocr_caption_overlap": pa.float32(),
     "ocr_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
+    # clip_score (curation/stages/clip_score.py): cosine of the image and caption embeddings
+    "clip_score": pa.float32(),
+    "clip_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error | no_caption
+    "clip_image_embedding": pa.list_(pa.float16()),  # L2-normalised; only with keep_embedding: true
+    # caption_length: whitespace-separated words and Unicode code points of the raw caption
+    "caption_words": pa.int32(),
+    "caption_chars": pa.int32(),
+    # caption_language: fastText lid.176 top-1 language (ISO 639 code) and its probability
+    "caption_lang": pa.string(),
+    "caption_lang_score": pa.float32(),
+    # image_size: from original_width/original_height (download) or the image header; no decode
+    "aspect_ratio": pa.float32(),  # long side / short side, >= 1
+    "min_side": pa.int32(),  # short side in pixels
+    "image_size_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
+    # phash: 64-bit DCT perceptual hash (definition in curation/stages/phash.py), as signed int64
+    "phash": pa.int64(),
+    "phash_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
 }
+
+# Numeric columns that identify content rather than measure it: no histograms, no thresholds.
+HASH_COLUMNS: frozenset[str] = frozenset({"phash"})
 
 # Decision columns, always last.
 DECISION_COLUMNS: dict[str, pa.DataType] = {

@@ -49,7 +49,11 @@ def register(subparsers: Any) -> None:
             'open_clip (--train-data "DIR/{00000..0000N}.tar") and `curate train`. '
             "With --uids-only, write a Parquet file of the selected uids instead (a DataComp-style subset file)."
         ),
-        epilog='example: curate select runs/laion --where "keep AND caption_complexity >= 3" --out subsets/cat3',
+        epilog=(
+            'examples:\n  curate select runs/laion --where "keep AND caption_complexity >= 3" --out subsets/cat3\n'
+            "  curate select runs/laion --where keep --dedup --top-fraction 0.3 --by clip_score --out subsets/top30"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("output", help="a `curate run` output directory")
     p.add_argument("--where", default="keep", help="SQL condition over the manifest columns (default: keep)")
@@ -67,6 +71,21 @@ def register(subparsers: Any) -> None:
         "Pillow's warning level); training would decode them",
     )
     p.add_argument("--uids-only", action="store_true", help="write only the selected uids, as Parquet")
+    p.add_argument(
+        "--dedup",
+        action="store_true",
+        help="one sample per duplicate group of `curate dedup` (the best-ranked one among those --where selects)",
+    )
+    p.add_argument(
+        "--top-fraction",
+        type=float,
+        metavar="F",
+        help="keep the top fraction F of the selected rows by --by, over the whole run (DataComp's "
+        "CLIP-score baselines: --top-fraction 0.3 --by clip_score)",
+    )
+    p.add_argument(
+        "--by", metavar="COLUMN", help="the numeric column --top-fraction ranks by (higher is better)"
+    )
     p.set_defaults(func=cmd_select)
 
 
@@ -83,10 +102,15 @@ def cmd_select(args: argparse.Namespace) -> int:
         con = connect(args.output)
     except NoManifests as e:
         return _fail(str(e))
+    if (args.top_fraction is None) != (args.by is None):
+        return _fail("--top-fraction and --by go together, e.g. --top-fraction 0.3 --by clip_score")
+    if args.top_fraction is not None and not 0 < args.top_fraction <= 1:
+        return _fail("--top-fraction must be in (0, 1]")
     try:
+        where = narrow(con, args.where, dedup=args.dedup, top_fraction=args.top_fraction, by=args.by)
         if args.uids_only:
-            return select_uids(con, args.where, out)
-        result = select_shards(con, Path(args.output), args.where, out, args.shard_size, args.max_pixels)
+            return select_uids(con, where, out)
+        result = select_shards(con, Path(args.output), where, out, args.shard_size, args.max_pixels)
     except SelectError as e:
         return _fail(str(e))
     except QueryRefused as e:
@@ -326,3 +350,59 @@ class _ShardWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------- dedup, top fraction
+
+
+def narrow(
+    con: Any, where: str, *, dedup: bool = False, top_fraction: float | None = None, by: str | None = None
+) -> str:
+    """`where` further restricted to one row per duplicate group and/or the top fraction by a column.
+
+    Both are decided over the whole run by DuckDB, in that order: duplicates
+    first (a group's best-ranked row among those `where` selects), then the
+    fraction, with DataComp's rule: with n rows having a value, the threshold
+    is the value at 0-based position int(n * fraction) in descending order, and
+    rows at or above it are kept.
+    """
+    if not dedup and top_fraction is None:
+        return where
+    from curation.query import select_statement  # the user's `where` is in these queries
+
+    columns = {r[0]: r[1] for r in con.execute("DESCRIBE samples").fetchall()}
+    if dedup:
+        views = {
+            r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+        }
+        if "dedup" not in views:
+            raise SelectError("--dedup needs the duplicate table: run `curate dedup OUTPUT` first")
+        chosen = (
+            f"SELECT uid FROM samples LEFT JOIN dedup USING (uid) WHERE ({where}) "
+            "QUALIFY dup_group IS NULL OR row_number() OVER (PARTITION BY dup_group ORDER BY dup_rank) = 1"
+        )
+        where = f"({where}) AND uid IN ({chosen})"
+    if top_fraction is not None:
+        assert by is not None
+        if by not in columns:
+            raise SelectError(f"--by {by!r}: no such column in the manifests")
+        if not any(t in columns[by] for t in ("INT", "FLOAT", "DOUBLE", "DECIMAL", "REAL")):
+            raise SelectError(f"--by {by!r} is {columns[by]}, not a numeric column")
+        col = '"' + by.replace('"', '""') + '"'
+        [(n,)] = con.execute(select_statement(f"SELECT count({col}) FROM samples WHERE ({where})")).fetchall()
+        position = int(n * top_fraction)
+        rows = con.execute(
+            select_statement(
+                f"SELECT {col} FROM samples WHERE ({where}) AND {col} IS NOT NULL ORDER BY {col} DESC "
+                f"LIMIT 1 OFFSET {position}"
+            )
+        ).fetchall()
+        threshold = rows[0][0] if rows else None
+        where = f"({where}) AND {col} IS NOT NULL" + (
+            f" AND {col} >= {threshold!r}" if threshold is not None else ""
+        )
+        print(
+            f"top {100 * top_fraction:g}% by {by} of {n:,} rows: "
+            + (f"{by} >= {threshold:.6g}" if threshold is not None else "all of them")
+        )
+    return where

@@ -60,12 +60,7 @@ def check_config(config: Config, *, limit: int | None = None) -> list[Problem]:
     problems: list[Problem] = list(check_input(config.input))
     problems += _check_output(config, limit)
     problems += _check_shared_parse(config)
-    if config.input.format != "parquet":
-        problems += [
-            (spec.key_path, f"{config.input.format} input already has its images: remove the download stage")
-            for spec in config.stages
-            if spec.name == "download"
-        ]
+    problems += _check_image_order(config)
     stages = build_stages(config)
     if config.runner.type == "local":
         problems += _check_local_gpus(config, stages)
@@ -90,6 +85,23 @@ def _check_shared_parse(config: Config) -> list[Problem]:
             )
         ]
     return []
+
+
+def _check_image_order(config: Config) -> list[Problem]:
+    """URL input has no images until `download`; image inputs bring their own and need no download."""
+    if config.input.format != "parquet":
+        return [
+            (spec.key_path, f"{config.input.format} input already has its images: remove the download stage")
+            for spec in config.stages
+            if spec.name == "download"
+        ]
+    problems: list[Problem] = []
+    downloaded = False
+    for spec in config.stages:
+        downloaded = downloaded or spec.name == "download"
+        if STAGES[spec.name].needs_images and not downloaded:
+            problems.append((spec.key_path, f"{spec.name} needs images: put it after the download stage"))
+    return problems
 
 
 def _check_local_gpus(config: Config, stages: list[Stage]) -> list[Problem]:

@@ -296,7 +296,7 @@ def test_columns_added_to_the_schema_are_charted_without_code_changes(caption_ru
         "clip_score",
         "concept_probs",
     ]
-    assert categorical == ["caption_status", "caption_lang", "clip_status"]
+    assert categorical == ["caption_status", "clip_status", "caption_lang"]  # schema order
     text, _ = report(tmp_path, run)
     titles = svg_texts(text)
     assert "clip_score" in titles and "concept_probs[0]: top-1 concept confidence" in titles

@@ -206,13 +206,13 @@ def test_cuda_without_a_gpu_is_a_local_runner_error_not_a_ray_one(tmp_path):
         pytest.skip("this machine has a GPU")
     text = (
         f"input: {{path: {LAION_1K}, url_column: URL, caption_column: TEXT}}\noutput: {tmp_path}/o\n"
-        "runner: {type: RUNNER}\nstages:\n  - text_spotting: {device: cuda}\n"
+        "runner: {type: RUNNER}\nstages:\n  - download: {}\n  - text_spotting: {device: cuda}\n"
     )
     with pytest.raises(ConfigError) as e:
         parse_checked_config(text.replace("RUNNER", "local"))
-    assert "stages[0].text_spotting" in e.value.errors[0] and "needs a CUDA GPU" in e.value.errors[0]
+    assert "stages[1].text_spotting" in e.value.errors[0] and "needs a CUDA GPU" in e.value.errors[0]
     # on Ray the driver needs no GPU: the cluster's GPUs are checked when the run starts
-    assert parse_checked_config(text.replace("RUNNER", "ray")).stages[0].name == "text_spotting"
+    assert parse_checked_config(text.replace("RUNNER", "ray")).stages[1].name == "text_spotting"
 
 
 def test_loading_and_running_the_reader_emits_no_torch_warning():

@@ -43,8 +43,10 @@ class Stage(ABC):
 
     Subclasses set `name` (the key used in YAML configs), `columns` (the raw
     measurements they add, all declared in `curation.schema.STAGE_COLUMNS`),
-    `Params` (a dataclass of their YAML parameters) and `cascade` (True when
-    the stage should only see rows that earlier stages kept). A stage that
+    `Params` (a dataclass of their YAML parameters), `cascade` (True when
+    the stage should only see rows that earlier stages kept) and `needs_images`
+    (True when it reads the image bytes or the sizes a download records, so
+    on URL input it must come after `download`). A stage that
     decides by a threshold on one of its columns says so in `thresholds()`
     (a row passes when `column op value`); `curate report` draws it.
     """
@@ -52,6 +54,7 @@ class Stage(ABC):
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]
     cascade: ClassVar[bool] = False
+    needs_images: ClassVar[bool] = False
     Params: ClassVar[type]
 
     def __init__(self, params: Any, context: StageContext) -> None:

@@ -56,6 +56,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.devices import resolve_device
 from curation.imageio import DEFAULT_MAX_PIXELS
 from curation.schema import STAGE_COLUMNS
 from curation.stages.base import Resources, Stage
@@ -123,14 +124,6 @@ class _Decoded:
     resized: np.ndarray | None = None  # uint8 RGB, long side <= canvas_size
     grey: np.ndarray | None = None  # uint8, decoded resolution (crops for recognition)
     ratio: float = 1.0  # resized / decoded
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _model_dir(params: TextSpottingParams) -> str:
@@ -476,6 +469,7 @@ class TextSpotting(Stage):
     name = "text_spotting"
     columns: ClassVar[tuple[str, ...]] = OCR_COLUMNS
     cascade = True
+    needs_images = True
     Params = TextSpottingParams
 
     def __init__(self, params: TextSpottingParams, context) -> None:
@@ -486,7 +480,7 @@ class TextSpotting(Stage):
     @property
     def device(self) -> str:
         if self._device is None:
-            self._device = _resolve_device(self.params.device)
+            self._device = resolve_device(self.params.device)
         return self._device
 
     @property

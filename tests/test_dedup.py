@@ -1,0 +1,302 @@
+"""`curate dedup`: near-duplicate pairs without all-pairs, groups over a whole run, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation.cli import main
+from curation.dedup import DedupParams, components, near_pairs, run_dedup, spherical_kmeans
+from curation.schema import make_uid
+from tests.helpers import REPO
+from tests.images import PHOTOS, encode, near_duplicates, photo
+
+
+def brute_force_groups(hashes: np.ndarray, radius: int) -> np.ndarray:
+    h = hashes.view(np.uint64)
+    close = np.bitwise_count(h[:, None] ^ h[None, :]) <= radius
+    a, b = np.nonzero(np.triu(close, 1))
+    return components(len(h), a, b)
+
+
+@pytest.mark.parametrize("radius", [0, 1, 3, 6, 9])
+def test_near_pairs_give_the_groups_of_all_pairs(radius):
+    rng = np.random.default_rng(radius)
+    base = rng.integers(0, 2**64, 1500, dtype=np.uint64)
+    copies = base[rng.integers(0, len(base), 600)].copy()
+    for i in range(len(copies)):  # 0 .. radius + 2 flipped bits: some copies fall outside the radius
+        for bit in rng.choice(64, rng.integers(0, radius + 3), replace=False):
+            copies[i] ^= np.uint64(1) << np.uint64(bit)
+    hashes = np.concatenate([base, copies, base[:40]]).view(np.int64)
+    a, b = near_pairs(hashes, radius)
+    assert np.all(a < b)
+    assert np.all(np.bitwise_count(hashes.view(np.uint64)[a] ^ hashes.view(np.uint64)[b]) <= radius)
+    expected = brute_force_groups(hashes, radius)
+    np.testing.assert_array_equal(components(len(hashes), a, b), expected)
+    # any number of blocks > radius finds the same pairs, only the cost differs; with many blocks
+    # the key is too wide to share 64 bits with the row index and is hashed (more candidates)
+    for blocks in {radius + 3, max(8, radius + 1)} if radius else ():
+        a, b = near_pairs(hashes, radius, blocks=blocks)
+        assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once
+        np.testing.assert_array_equal(components(len(hashes), a, b), expected)
+
+
+def test_components_and_kmeans_are_deterministic():
+    labels = components(7, np.array([0, 5, 3, 2]), np.array([1, 6, 4, 4]))
+    assert labels.tolist() == [0, 0, 2, 2, 2, 5, 5]
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(500, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    first = spherical_kmeans(emb, 12, 20, seed=3)
+    assert np.array_equal(first, spherical_kmeans(emb, 12, 20, seed=3))
+    assert set(first.tolist()) <= set(range(12))
+
+
+# --------------------------------------------------------------------------- a real run
+
+
+@pytest.fixture(scope="module")
+def photo_run(tmp_path_factory) -> Path:
+    """An image_folder run over real photos, their near-duplicates and an exact copy in another shard."""
+    root = tmp_path_factory.mktemp("dedup")
+    imgs = root / "imgs"
+    imgs.mkdir()
+    for name in PHOTOS:
+        img = photo(name)
+        (imgs / f"{name}.png").write_bytes(encode(img, "PNG"))
+        (imgs / f"{name}.txt").write_text(f"a photo: {name}")
+        for kind, copy in near_duplicates(img).items():
+            data = copy if isinstance(copy, bytes) else encode(copy, "JPEG", quality=90)
+            (imgs / f"{name}_{kind}.jpg").write_bytes(data)
+            (imgs / f"{name}_{kind}.txt").write_text(f"{name}, {kind} copy")
+    # the same bytes and caption under another name sorting into the last shard: an exact duplicate
+    shutil.copy(imgs / "coffee.png", imgs / "zz_coffee.png")
+    (imgs / "zz_coffee.txt").write_text("a  photo:&#32;coffee")  # the same caption once cleaned
+    cfg = root / "p.yaml"
+    cfg.write_text(
+        f"input: {{format: image_folder, path: {imgs}, rows_per_shard: 7}}\n"
+        f"output: {root / 'run'}\n"
+        "runner: {type: local, workers: 1, progress: false}\n"
+        "stages:\n  - image_size: {min_side: 0}\n  - phash: {}\n"
+    )
+    assert main(["run", str(cfg)]) == 0
+    return root / "run"
+
+
+def file_of(con, uid_rows) -> list[str]:
+    return [Path(u).name for (u,) in uid_rows]
+
+
+def test_near_duplicates_of_real_photos_are_grouped_and_distinct_photos_are_not(photo_run, capsys):
+    assert main(["dedup", str(photo_run)]) == 0
+    out = capsys.readouterr()
+    assert "semantic: skipped, the run has no clip_image_embedding column" in out.err
+    con = duckdb.connect()
+    manifests = photo_run / "manifests" / "*.parquet"
+    table = pq.read_table(photo_run / "dedup" / "dedup.parquet")
+    assert table.column_names == ["uid", "dup_group", "dup_rank", "dup_keep", "dup_kind"]
+    rows = con.execute(
+        f"SELECT regexp_extract(url, '[^/]+$'), dup_group, dup_rank, dup_keep, dup_kind, shard "
+        f"FROM '{manifests}' JOIN '{photo_run / 'dedup' / 'dedup.parquet'}' USING (uid)"
+    ).fetchall()
+    group_of = {f: g for f, g, *_ in rows}
+    photo_of = {f: f.split("_")[0].split(".")[0] for f in group_of}
+    photo_of["zz_coffee.png"] = "coffee"
+    for name in PHOTOS:  # every copy of a photo in one group ...
+        assert len({g for f, g in group_of.items() if photo_of[f] == name}) == 1, name
+        assert sum(photo_of[f] == name for f in group_of) == 4 + (name == "coffee")
+    # ... and no two photos share one
+    assert len(set(group_of.values())) == len(PHOTOS)
+    kinds = {f: k for f, _, _, _, k, _ in rows}
+    shards = {f: s for f, *_, s in rows}
+    assert kinds["zz_coffee.png"] == "exact" and kinds["coffee.png"] == "exact"
+    assert shards["zz_coffee.png"] != shards["coffee.png"]  # found across shards
+    assert kinds["astronaut_half.jpg"] == "phash"
+    # one representative per group: the largest image (the rule has no keep/clip_score to go by here),
+    # so never the halved or cropped copy; ties (the re-encoded JPEG) go to the smaller uid
+    keep = sorted(f for f, _, _, k, _, _ in rows if k)
+    assert len(keep) == len(PHOTOS)
+    assert not any(f.endswith(("_half.jpg", "_crop.jpg")) for f in keep)
+
+
+def test_query_and_select_join_the_table(photo_run, tmp_path, capsys):
+    run_dedup(photo_run, DedupParams())
+    assert (
+        main(
+            [
+                "query",
+                str(photo_run),
+                "SELECT count(*) AS n FROM samples JOIN dedup USING (uid) WHERE dup_keep",
+            ]
+        )
+        == 0
+    )
+    assert f"{len(PHOTOS)}" in capsys.readouterr().out
+    out = tmp_path / "uids.parquet"
+    assert main(["select", str(photo_run), "--dedup", "--uids-only", "--out", str(out)]) == 0
+    assert pq.read_table(out).num_rows == len(PHOTOS)  # every sample here has a duplicate
+    # --dedup picks the best-ranked row among those --where selects, even if it is not the run-wide one
+    out2 = tmp_path / "jpgs.parquet"
+    assert (
+        main(
+            [
+                "select",
+                str(photo_run),
+                "--where",
+                "url LIKE '%.jpg'",
+                "--dedup",
+                "--uids-only",
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
+    assert pq.read_table(out2).num_rows == len(PHOTOS)
+    shards = tmp_path / "shards"
+    assert main(["select", str(photo_run), "--dedup", "--out", str(shards)]) == 0
+    assert sum(__import__("json").loads((shards / "sizes.json").read_text()).values()) == len(PHOTOS)
+    capsys.readouterr()
+
+
+def test_rerun_is_a_no_op_and_parameters_change_it(photo_run, capsys):
+    first = run_dedup(photo_run, DedupParams())
+    table = pq.read_table(photo_run / "dedup" / "dedup.parquet")
+    assert main(["dedup", str(photo_run)]) == 0
+    assert "up to date" in capsys.readouterr().err
+    assert pq.read_table(photo_run / "dedup" / "dedup.parquet").equals(table)
+    strict = run_dedup(photo_run, DedupParams(radius=0))
+    assert strict["fingerprint"] != first["fingerprint"]
+    assert strict["rows_in_groups"] < first["rows_in_groups"]  # crops and resizes are not bit-identical
+    run_dedup(photo_run, DedupParams())  # leave the default table for the other tests
+
+
+def test_bad_usage_is_one_clear_line(tmp_path, photo_run, capsys):
+    for argv in (
+        ["dedup", str(tmp_path / "nothing")],
+        ["dedup", str(photo_run), "--kinds", "exact,fuzzy"],
+        ["dedup", str(photo_run), "--radius", "40"],
+        ["dedup", str(photo_run), "--eps", "0"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("curate: error: ") and "Traceback" not in err
+    (tmp_path / "run" / "manifests").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"uid": ["a"], "keep": [True]}), tmp_path / "run" / "manifests" / "shard-00000.parquet"
+    )
+    assert (
+        main(
+            ["select", str(tmp_path / "run"), "--dedup", "--uids-only", "--out", str(tmp_path / "u.parquet")]
+        )
+        == 2
+    )
+    assert "run `curate dedup OUTPUT` first" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- semantic, resume
+
+
+def synthetic_run(root: Path, n: int, dim: int, seed: int = 0) -> Path:
+    """Manifests as a run with clip_score(keep_embedding) and phash writes them, over synthetic values."""
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    copies = rng.integers(0, n, n // 10)
+    emb[-len(copies) :] = emb[copies] + rng.normal(scale=0.01, size=(len(copies), dim))  # near-identical
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    hashes = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+    hashes[-len(copies) :] = hashes[copies]
+    (root / "manifests").mkdir(parents=True)
+    for shard, rows in enumerate(np.array_split(np.arange(n), 4)):
+        pq.write_table(
+            pa.table(
+                {
+                    "uid": [make_uid(f"u{i}", "c") for i in rows],
+                    "shard": pa.array([shard] * len(rows), pa.int32()),
+                    "keep": rng.random(len(rows)) < 0.9,
+                    "clip_score": pa.array(rng.random(len(rows)), pa.float32()),
+                    "phash": hashes[rows],
+                    "clip_image_embedding": pa.array(
+                        list(emb[rows].astype(np.float16)), pa.list_(pa.float16())
+                    ),
+                }
+            ),
+            root / "manifests" / f"shard-{shard:05d}.parquet",
+        )
+    return root
+
+
+def test_semantic_links_are_the_close_pairs_within_clusters(tmp_path):
+    run = synthetic_run(tmp_path / "run", 800, 24)
+    summary = run_dedup(run, DedupParams(kinds=("semantic",), eps=0.02, clusters=4))
+    assert summary["rows_by_kind"]["semantic"] > 0 and summary["skipped"] == {}
+    table = pq.read_table(run / "dedup" / "dedup.parquet")
+    con = duckdb.connect()
+    glob = run / "manifests" / "*.parquet"
+    emb_rows = con.execute(f"SELECT uid, clip_image_embedding FROM '{glob}' ORDER BY uid").fetchall()
+    emb = np.array([e for _, e in emb_rows], np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    # every near-identical pair (cosine > 0.98) landed in one group, whatever cluster it fell in
+    a, b = np.nonzero(np.triu(emb @ emb.T > 0.98, 1))
+    group = dict(zip(table.column("uid").to_pylist(), table.column("dup_group").to_pylist()))
+    uids = [u for u, _ in emb_rows]
+    assert len(a) > 0
+    assert all(uids[i] in group and group[uids[i]] == group.get(uids[j]) for i, j in zip(a, b))
+    assert set(table.column("dup_kind").to_pylist()) == {"semantic"}
+    # one representative each, chosen by the rule: kept rows first, then the higher clip_score
+    rep = con.execute(
+        f"SELECT dup_group, bool_and(keep OR NOT dup_keep) OR NOT bool_or(keep) FROM '{glob}' JOIN "
+        f"'{run / 'dedup' / 'dedup.parquet'}' USING (uid) GROUP BY 1"
+    ).fetchall()
+    assert all(ok for _, ok in rep)
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_same_groups(tmp_path):
+    reference = synthetic_run(tmp_path / "reference", 60_000, 32)
+    run_dedup(reference, DedupParams(clusters=600))
+    expected = pq.read_table(reference / "dedup" / "dedup.parquet")
+
+    run = synthetic_run(tmp_path / "killed", 60_000, 32)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "curation.cli", "dedup", str(run), "--clusters", "600"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    # kill it once the phash links are saved, while the semantic step (k-means) runs
+    while not list((run / "dedup" / ".work").glob("*/phash.npz")) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "dedup finished before it could be killed"
+    assert not (run / "dedup" / "dedup.parquet").exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert "links" in done.stderr
+    assert pq.read_table(run / "dedup" / "dedup.parquet").equals(expected)
+    assert not (run / "dedup" / ".work").exists()
+
+
+def test_repeated_input_rows_count_once(tmp_path):
+    run = tmp_path / "run"
+    (run / "manifests").mkdir(parents=True)
+    uids = [make_uid("a", "x"), make_uid("a", "x"), make_uid("b", "y")]
+    pq.write_table(
+        pa.table(
+            {"uid": uids, "shard": pa.array([0, 0, 0], pa.int32()), "keep": [True] * 3, "phash": [5, 5, 7]}
+        ),
+        run / "manifests" / "shard-00000.parquet",
+    )
+    summary = run_dedup(run, DedupParams())
+    assert summary["rows"] == 2 and summary["rows_in_groups"] == 2  # 5 and 7 are 1 bit apart
+    assert REPO.is_dir()
