@@ -35,7 +35,6 @@ Definitions (recorded per row; rows the cascade skips get nulls):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -52,6 +51,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.accel import cpu_has_native_bf16, resolve_device
 from curation.imageio import DEFAULT_MAX_PIXELS
 from curation.stages.base import Resources, Stage
 
@@ -120,14 +120,6 @@ class _Decoded:
     ratio: float = 1.0  # resized / decoded
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _model_dir(params: TextSpottingParams) -> str:
     if params.model_dir:
         return params.model_dir
@@ -169,13 +161,7 @@ def _auto_precision(device: str) -> str:
     """
     if device == "cuda":
         return "fp16"
-    import torch
-
-    native = False
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        with contextlib.suppress(AttributeError, RuntimeError):  # private probes: absent in some builds
-            native = native or bool(getattr(torch.cpu, probe)())
-    return "bf16" if native else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def _fold_batch_norm(model: Any) -> Any:
@@ -461,7 +447,7 @@ class TextSpotting(Stage):
     @property
     def device(self) -> str:
         if self._device is None:
-            self._device = _resolve_device(self.params.device)
+            self._device = resolve_device(self.params.device)
         return self._device
 
     @property
