@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Identity columns, always first, always present.
 ID_COLUMNS: dict[str, pa.DataType] = {
@@ -53,6 +53,10 @@ STAGE_COLUMNS: dict[str, pa.DataType] = {
     "ocr_area": pa.float32(),  # union of text boxes / image area
     "ocr_caption_overlap": pa.float32(),
     "ocr_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
+    # concepts (METHODS.md §2b; curation/stages/concepts.py): a teacher's top-k, most probable first
+    "concept_ids": pa.list_(pa.int32()),  # indices into the teacher's vocabulary
+    "concept_probs": pa.list_(pa.float32()),  # descending
+    "concept_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
 }
 
 # Decision columns, always last.

@@ -19,6 +19,10 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
 
     pipeline = Pipeline(config)
     fingerprint = {**config.result_fingerprint(), "limit": limit}
+    # Only stages that load model files add a key, so other runs keep the hash they always had.
+    models = {stage.name: fp for stage in pipeline.stages if (fp := stage.fingerprint())}
+    if models:
+        fingerprint["stage_fingerprints"] = models
     config_hash = _hash(fingerprint)
     run = RunDir(config.output)
     with run.lock():

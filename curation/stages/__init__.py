@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from curation.stages.base import Resources, Stage, StageContext, apply_stage
 from curation.stages.caption import CaptionAction, CaptionComplexity
+from curation.stages.concepts import Concepts
 from curation.stages.download import Download
 from curation.stages.text_spotting import TextSpotting
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from curation.config import Config
 
 STAGES: dict[str, type[Stage]] = {
-    cls.name: cls for cls in (CaptionComplexity, CaptionAction, Download, TextSpotting)
+    cls.name: cls for cls in (CaptionComplexity, CaptionAction, Download, TextSpotting, Concepts)
 }
 
 __all__ = ["STAGES", "Resources", "Stage", "StageContext", "apply_stage", "build_stages", "check_pipeline"]
