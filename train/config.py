@@ -20,6 +20,7 @@ from curation.config import ConfigError, _build, _closest_line, _fmt, _line_inde
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -56,6 +57,20 @@ class LossConfig:
     # HN-NCE only (METHODS.md §2a): weight of the positive in the denominator, and hardness of the negatives.
     alpha: float = 1.0
     beta: float = 0.5
+
+
+@dataclass
+class DistillConfig:
+    """Concept distillation (METHODS.md §2b): a linear head from the image embedding onto the concept
+    vocabulary, trained on the targets `curate select` stored with each sample ({key}.concepts.json)."""
+
+    # Weight of the distillation loss added to the contrastive loss; 0 turns distillation off.
+    weight: float = 1.0
+    # bce: stored probabilities as soft binary targets, 0 for all other concepts; kl: the stored top-k
+    # renormalised into a distribution (for softmax teachers).
+    loss: Literal["bce", "kl"] = "bce"
+    # The concept vocabulary (one name per line); null = vocabulary.txt beside the first shard.
+    vocabulary: str | None = None
 
 
 @dataclass
@@ -104,7 +119,13 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
+    # Present only when the YAML has a `distill:` section.
+    distill: DistillConfig | None = None
     source: str | None = None
+
+    @property
+    def distilling(self) -> bool:
+        return self.distill is not None and self.distill.weight > 0
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -119,6 +140,8 @@ _SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": RunConfig,
 }
+# Sections that exist only when the YAML has them (a feature switched on by its presence).
+_OPTIONAL_SECTIONS: dict[str, type] = {"distill": DistillConfig}
 
 
 def load_train_config(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -143,7 +166,9 @@ def parse_train_config(
         raise ConfigError([f"malformed YAML at {where}{getattr(e, 'problem', None) or e}"], source) from None
     if not isinstance(data, dict):
         raise ConfigError(
-            ["the config must be a YAML mapping with keys data, output_dir, model, loss, optim, train"],
+            [
+                "the config must be a YAML mapping with keys data, output_dir, model, loss, optim, train, distill"
+            ],
             source,
         )
     lines = _line_index(node)
@@ -156,7 +181,7 @@ def parse_train_config(
     for key, value in (overrides or {}).items():
         _set_path(data, key, value)
 
-    allowed = {*_SECTIONS, "output_dir"}
+    allowed = {*_SECTIONS, *_OPTIONAL_SECTIONS, "output_dir"}
     for k in data:
         if k not in allowed:
             err((k,), f"unknown key; expected one of {sorted(allowed)}")
@@ -171,6 +196,9 @@ def parse_train_config(
             continue
         built[name] = _build(cls, data.get(name) or {}, (name,), err)
 
+    for name, cls in _OPTIONAL_SECTIONS.items():
+        if name in data:
+            built[name] = _build(cls, data.get(name) or {}, (name,), err)
     if errors or any(v is None for v in built.values()):
         raise ConfigError(errors, source)
     cfg = TrainConfig(output_dir=output_dir, source=source, **built)
@@ -211,6 +239,11 @@ def _semantic_checks(cfg: TrainConfig, err) -> None:
         err(("data", "shuffle_buffer"), "must be >= 1 (1 = no shuffling)")
     if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_file():
         err(("model", "pretrained"), f"not a local file: {cfg.model.pretrained!r} (nothing is downloaded)")
+    if cfg.distill is not None:
+        if cfg.distill.weight < 0:
+            err(("distill", "weight"), "must be >= 0 (0 turns distillation off)")
+        if cfg.distill.vocabulary is not None and not Path(cfg.distill.vocabulary).is_file():
+            err(("distill", "vocabulary"), f"not a file: {cfg.distill.vocabulary!r}")
     if not (r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda")):
         err(("train", "device"), f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {r.device!r}")
 

@@ -16,7 +16,10 @@ them round-robin from its workers, which is what makes the skip arithmetic exact
 A batch is a dict: `image` [B,3,H,W] and `text` [B,L] always; `uid` (the
 samples' ids from their `.json`, None where absent) so features that need more
 per-sample data (distillation targets, hard-pair partners) can add keys
-without changing the loop's contract.
+without changing the loop's contract. With `concepts=V` (distillation on),
+`concept_ids` [B,k] int64 and `concept_probs` [B,k] float32 hold each sample's
+`{key}.concepts.json` targets, padded to the batch's largest k with id -1 and
+probability 0.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CONCEPTS_KEY = "concepts.json"  # the member `curate select` writes: {"ids": [...], "probs": [...]}
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -83,6 +87,7 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 2000,
         start_step: int = 0,
+        concepts: int | None = None,
     ) -> None:
         super().__init__()
         self.shards = list(shards)
@@ -94,6 +99,8 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer
         self.start_step = start_step
+        # Vocabulary size when batches carry distillation targets; None = they do not.
+        self.concepts = concepts
 
     # -- raw (undecoded) samples of one slot -------------------------------------------------
     def _slot_samples(self, slot: int, slots: int) -> Iterator[dict]:
@@ -157,11 +164,14 @@ class ShardStream(IterableDataset):
                 decoded = [self._decode(s) for s in raw]
             finally:
                 random.setstate(state)
-        return {
+        batch = {
             "image": torch.stack([d[0] for d in decoded]),
             "text": self.tokenizer([d[1] for d in decoded]),
             "uid": [_uid(s) for s in raw],
         }
+        if self.concepts is not None:
+            batch["concept_ids"], batch["concept_probs"] = concept_targets(raw, self.concepts)
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -180,6 +190,39 @@ class ShardStream(IterableDataset):
             if local >= skip:
                 yield self._collate(raw, f"aug-{self.seed}-{slot}-{slots}-{local}")
             local += 1
+
+
+def concept_targets(raw: list[dict], vocabulary_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B,k] int64 ids padded with -1, [B,k] float32 probs padded with 0) from the samples' concepts.json."""
+    rows = []
+    for sample in raw:
+        where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
+        data = sample.get(CONCEPTS_KEY)
+        if data is None:
+            raise ValueError(
+                f"{where} has no {CONCEPTS_KEY}: distillation needs shards selected from a run with a "
+                "concepts stage (`curate select`), or remove the distill section"
+            )
+        try:
+            targets = json.loads(data)
+            ids, probs = [int(i) for i in targets["ids"]], [float(p) for p in targets["probs"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{where}: malformed {CONCEPTS_KEY}: {e}") from None
+        if len(ids) != len(probs):
+            raise ValueError(f"{where}: {CONCEPTS_KEY} has {len(ids)} ids but {len(probs)} probs")
+        if ids and not (min(ids) >= 0 and max(ids) < vocabulary_size):
+            raise ValueError(
+                f"{where}: concept ids {min(ids)}..{max(ids)} fall outside the vocabulary of "
+                f"{vocabulary_size} names (distill.vocabulary is not the one these targets index)"
+            )
+        rows.append((ids, probs))
+    k = max(1, max(len(ids) for ids, _ in rows))
+    out_ids = torch.full((len(rows), k), -1, dtype=torch.int64)
+    out_probs = torch.zeros((len(rows), k), dtype=torch.float32)
+    for b, (ids, probs) in enumerate(rows):
+        out_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        out_probs[b, : len(probs)] = torch.tensor(probs, dtype=torch.float32)
+    return out_ids, out_probs
 
 
 def _uid(sample: dict) -> str | None:
