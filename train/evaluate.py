@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,7 +86,11 @@ def zero_shot_accuracy(
     device: str = "cpu",
 ) -> ZeroShotResult:
     weights = zero_shot_classifier(built, classnames, templates, device)
-    logits = encode_images(built, images, device=device) @ weights
+    return classification_accuracy(encode_images(built, images, device=device) @ weights, labels)
+
+
+def classification_accuracy(logits: torch.Tensor, labels: Sequence[int]) -> ZeroShotResult:
+    """Top-1 / top-5 accuracy of class scores [N, C] against labels (shared by zero-shot and the probes)."""
     y = torch.as_tensor(np.asarray(labels))
     topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
     top1 = (topk[:, 0] == y).float().mean().item()
@@ -94,15 +99,26 @@ def zero_shot_accuracy(
 
 
 def retrieval_recall(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    groups: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """Recall@k for pairs (image i, text i): image->text and text->image."""
+    """Recall@k for pairs (image i, text i): image->text and text->image.
+
+    `groups` (one per pair): every item of the query's group counts as a match,
+    as with COCO's five captions per image, or class-level retrieval where all
+    captions of a class are interchangeable. Default: only the pair's partner.
+    """
+    n = len(image_emb)
+    g = torch.as_tensor(np.asarray(groups)) if groups is not None else torch.arange(n)
+    match = g[:, None] == g[None, :]
     sims = image_emb @ text_emb.T
-    target = torch.arange(len(sims))
     out = {}
     for name, s in (("image_to_text", sims), ("text_to_image", sims.T)):
-        # rank of the true partner = number of candidates scoring strictly higher
-        rank = (s > s[target, target][:, None]).sum(dim=1)
+        # rank of the best match = number of non-matching candidates scoring strictly higher
+        best = s.masked_fill(~match, float("-inf")).amax(dim=1, keepdim=True)
+        rank = ((s > best) & ~match).sum(dim=1)
         for k in ks:
             out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
     return out
@@ -140,6 +156,25 @@ def fashion_mnist_zero_shot(
     return zero_shot_accuracy(
         built, list(images), labels, fashion_mnist.CLASSES, fashion_mnist.TEMPLATES, device
     )
+
+
+def read_image_folder(root: Path) -> tuple[list, list[int], list[str]]:
+    """(PIL images, labels, class names) of ROOT/CLASS_NAME/*.jpg|png|webp; '_' in folder names reads as ' '."""
+    from PIL import Image
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"not 'fashion-mnist' and not a directory: {root}")
+    dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if not dirs:
+        raise ValueError(f"{root} has no class sub-folders")
+    images, labels = [], []
+    for label, d in enumerate(dirs):
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}:
+                with Image.open(f) as im:
+                    images.append(im.convert("RGB"))
+                labels.append(label)
+    return images, labels, [d.name.replace("_", " ") for d in dirs]
 
 
 ProgressFn = Callable[[str], None]
