@@ -125,6 +125,7 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
         stages[precision] = stage
     plain_loop(pngs[:8], 20)  # warm-up
     rows: dict[str, list[float]] = {"plain_loop_fp32": [], "stage_b32_fp32": [], "stage_b32_auto": []}
+    outputs: dict[str, pa.Table] = {}
     for r in range(args.rounds):
         t = time.perf_counter()
         plain = plain_loop(pngs, 20)
@@ -133,15 +134,28 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
             t = time.perf_counter()
             result = stages[precision].compute(table)
             rows[f"stage_b32_{precision}"].append(len(pngs) / (time.perf_counter() - t))
-            if precision == "fp32":
-                ids = result.column("concept_ids").to_pylist()
-                same_top1 = float(np.mean([a[0] == b[0] for a, b in zip(ids, plain)]))
+            outputs[precision] = result
+        ids = outputs["fp32"].column("concept_ids").to_pylist()
+        same_top1 = float(np.mean([a[0] == b[0] for a, b in zip(ids, plain)]))
         print(f"round {r}: " + ", ".join(f"{k}={v[-1]:.1f} img/s" for k, v in rows.items()), flush=True)
     ratios = {
         k: [s / p for s, p in zip(rows[k], rows["plain_loop_fp32"])]
         for k in ("stage_b32_fp32", "stage_b32_auto")
     }
+    # What the reduced precision changes in the stored targets: top-1 agreement, largest probability change.
+    p32 = outputs["fp32"].to_pydict()
+    pau = outputs["auto"].to_pydict()
+    top1_agree = float(np.mean([a[0] == b[0] for a, b in zip(p32["concept_ids"], pau["concept_ids"])]))
+    max_dp = max(
+        abs(dict(zip(ia, pa_))[i] - p) if i in ia else p
+        for ib, pb, ia, pa_ in zip(
+            p32["concept_ids"], p32["concept_probs"], pau["concept_ids"], pau["concept_probs"]
+        )
+        for i, p in zip(ib, pb)
+    )
     return {
+        "auto_vs_fp32_top1_agreement": top1_agree,
+        "auto_vs_fp32_max_abs_prob_change": max_dp,
         "images": len(pngs),
         "threads": args.threads,
         "auto_precision_resolves_to": resolve_precision("auto", "cpu"),

@@ -351,3 +351,17 @@ def test_resume_refuses_another_teacher_or_vocabulary(tmp_path, capsys):
     # and select refuses a vocabulary changed after scoring
     assert main(["select", str(tmp_path / "run2"), "--out", str(tmp_path / "sel")]) == 2
     assert "changed since" in capsys.readouterr().err
+
+
+def test_demo_concepts_pipeline_and_distill_config_are_valid(monkeypatch, capsys):
+    from tests.helpers import REPO
+    from train.config import load_train_config
+
+    monkeypatch.chdir(REPO)  # the demo's file: URLs and paths are relative to the repository root
+    assert main(["validate", "pipelines/demo_concepts.yaml"]) == 0
+    assert (
+        "stages: caption_complexity, caption_action, download, text_spotting, concepts"
+        in capsys.readouterr().out
+    )
+    cfg = load_train_config("train/configs/demo_distill.yaml")
+    assert cfg.distilling and cfg.distill.loss == "bce" and cfg.loss.name == "hn_nce"
