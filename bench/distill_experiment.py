@@ -208,7 +208,14 @@ def analyse_targets(run: Path) -> dict:
     for caption, ids, probs in rows:
         cls = next(c for c in sorted(CLASSES, key=len, reverse=True) if f" {c}." in f" {caption}")
         by_class.setdefault(cls, []).append((ids, probs))
-    report = {}
+    # How much class information the targets carry: predict each image's class as the majority class of
+    # its top-1 concept (in-sample: the concept -> class map is counted on the same images).
+    owner: dict[int, Counter] = {}
+    for cls, items in by_class.items():
+        for ids, _ in items:
+            owner.setdefault(ids[0], Counter())[cls] += 1
+    majority = sum(max(c.values()) for c in owner.values()) / max(1, sum(len(v) for v in by_class.values()))
+    report: dict = {}
     for cls in CLASSES:
         items = by_class.get(cls, [])
         top1 = Counter(ids[0] for ids, _ in items)
@@ -227,7 +234,11 @@ def analyse_targets(run: Path) -> dict:
                 for ids, probs in items[:3]
             ],
         }
-    return {"concepts_by_class": report}
+    return {
+        "concepts_by_class": report,
+        "class_from_top1_concept_accuracy": majority,
+        "distinct_top1_concepts": len(owner),
+    }
 
 
 # --------------------------------------------------------------------------- ablation

@@ -16,7 +16,7 @@ them round-robin from its workers, which is what makes the skip arithmetic exact
 A batch is a dict: `image` [B,3,H,W] and `text` [B,L] always; `uid` (the
 samples' ids from their `.json`, None where absent) so features that need more
 per-sample data (distillation targets, hard-pair partners) can add keys
-without changing the loop's contract. With `concepts=V` (distillation on),
+without changing the loop's contract. With `concept_vocabulary_size=V` (distillation on),
 `concept_ids` [B,k] int64 and `concept_probs` [B,k] float32 hold each sample's
 `{key}.concepts.json` targets, padded to the batch's largest k with id -1 and
 probability 0.
@@ -87,7 +87,7 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 2000,
         start_step: int = 0,
-        concepts: int | None = None,
+        concept_vocabulary_size: int | None = None,
     ) -> None:
         super().__init__()
         self.shards = list(shards)
@@ -99,8 +99,8 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer
         self.start_step = start_step
-        # Vocabulary size when batches carry distillation targets; None = they do not.
-        self.concepts = concepts
+        # Set when batches carry distillation targets (ids are checked against it); None = they do not.
+        self.concept_vocabulary_size = concept_vocabulary_size
 
     # -- raw (undecoded) samples of one slot -------------------------------------------------
     def _slot_samples(self, slot: int, slots: int) -> Iterator[dict]:
@@ -169,8 +169,8 @@ class ShardStream(IterableDataset):
             "text": self.tokenizer([d[1] for d in decoded]),
             "uid": [_uid(s) for s in raw],
         }
-        if self.concepts is not None:
-            batch["concept_ids"], batch["concept_probs"] = concept_targets(raw, self.concepts)
+        if self.concept_vocabulary_size is not None:
+            batch["concept_ids"], batch["concept_probs"] = concept_targets(raw, self.concept_vocabulary_size)
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

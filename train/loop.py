@@ -5,6 +5,10 @@ are checkpointed, and the data stream (train/data.py) skips to the step without
 decoding, so a resumed run repeats the loss curve of an uninterrupted one as
 long as world size and data.workers are unchanged (otherwise the data order
 differs; a warning says so).
+
+With a `distill` section the trained module is `ConceptStudent` (the model plus
+a linear concept head); the checkpoint keeps the model's state dict as it is and
+stores the head beside it, so open_clip still loads the file.
 """
 
 from __future__ import annotations
@@ -334,7 +338,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         world_size=dist.world_size,
         shuffle_buffer=cfg.data.shuffle_buffer,
         start_step=start_step,
-        concepts=len(vocabulary) if vocabulary is not None else None,
+        concept_vocabulary_size=len(vocabulary) if vocabulary is not None else None,
     )
     batches = iter(make_loader(stream, cfg.data.workers, pin_memory=device.type == "cuda"))
     # Creating the loader iterator draws from the RNG; restore afterwards so resume matches exactly.

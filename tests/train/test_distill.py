@@ -127,7 +127,7 @@ def test_stream_batches_carry_padded_targets(fmnist_concept_shards: Path) -> Non
         built.preprocess_val,
         built.tokenizer,
         shuffle_buffer=1,
-        concepts=len(CONCEPT_VOCABULARY),
+        concept_vocabulary_size=len(CONCEPT_VOCABULARY),
     )
     batch = next(iter(stream))
     assert batch["concept_ids"].shape == (8, 3) and batch["concept_ids"].dtype == torch.int64
