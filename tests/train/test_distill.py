@@ -252,3 +252,33 @@ def test_distill_config(tmp_path: Path, fmnist_shards, make_config, capsys) -> N
     )
     assert _cli(["train", str(cfg_path)]) == 2
     assert "has no concepts.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_with_distillation(fmnist_concept_shards, tmp_path, make_config) -> None:
+    """DDP wraps model and head together: 2 gloo ranks train, rank 0 saves the head beside state_dict."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "run"
+    cfg = make_config(
+        tmp_path / "c.yaml",
+        fmnist_concept_shards,
+        out,
+        train={"steps": 3, "batch_size": 8},
+        loss={"name": "hn_nce"},
+        distill={"weight": 1.0, "loss": "kl"},
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, "-m", "train", str(cfg)], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = _metrics(out)
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(math.isfinite(r["distill_loss"]) for r in recs)
+    ck = torch.load(out / "checkpoints" / "step_00000003.pt", weights_only=True)
+    assert ck["world_size"] == 2 and ck["concept_head"]["weight"].shape == (len(CONCEPT_VOCABULARY), 128)
+    assert not any(k.startswith(("module.", "clip.", "head.")) for k in ck["state_dict"])
