@@ -217,12 +217,10 @@ def concept_targets(raw: list[dict], vocabulary_size: int) -> tuple[torch.Tensor
             )
         rows.append((ids, probs))
     k = max(1, max(len(ids) for ids, _ in rows))
-    out_ids = torch.full((len(rows), k), -1, dtype=torch.int64)
-    out_probs = torch.zeros((len(rows), k), dtype=torch.float32)
-    for b, (ids, probs) in enumerate(rows):
-        out_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        out_probs[b, : len(probs)] = torch.tensor(probs, dtype=torch.float32)
-    return out_ids, out_probs
+    # Padded in Python, converted once: one tensor per batch, not two per sample.
+    ids_rows = [ids + [-1] * (k - len(ids)) for ids, _ in rows]
+    probs_rows = [probs + [0.0] * (k - len(probs)) for _, probs in rows]
+    return torch.tensor(ids_rows, dtype=torch.int64), torch.tensor(probs_rows, dtype=torch.float32)
 
 
 def _uid(sample: dict) -> str | None:
