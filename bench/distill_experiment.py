@@ -12,6 +12,8 @@ Phases (each one's results are cached under --out, so an interrupted run resumes
               infonce, hn_nce, infonce + distill, hn_nce + distill, seeds 0..2 (`curate train`);
               zero-shot top-1 on the 2,000 committed test images and class-level retrieval R@1
   fewshot     `curate eval --few-shot 0,1,2,4,8,16 --draws 5` on one checkpoint per variant (seed 0)
+  fewshot_shift  the same on a shifted task the models never saw (grey levels inverted), as an image
+              folder task (--task DIR with train/ and test/): zero-shot drops, the shots matter
   steptime    training step time with vs without distillation, interleaved rounds (target <= 1.05x)
 
     PYTHONPATH=. python bench/distill_experiment.py                      # everything
@@ -348,6 +350,46 @@ def fewshot(args: argparse.Namespace, out: Path) -> dict:
     return results
 
 
+def shifted_task(out: Path) -> Path:
+    """Fashion-MNIST with inverted grey levels (white garments on black -> black on white), as an image-folder
+    task: DIR/train/CLASS (100 per class, the shot pool) and DIR/test/CLASS (the 2,000 test images). The
+    models never saw inverted images, so zero-shot drops and the shots carry information it lacks."""
+    from PIL import Image
+
+    from train import fashion_mnist
+
+    root = out / "fmnist_inverted_task"
+    if (root / "done").exists():
+        return root
+    for split, per_class in (("train", 100), ("test", None)):
+        images, labels = fashion_mnist.load(split)
+        for c, name in enumerate(fashion_mnist.CLASSES):
+            folder = root / split / name.replace(" ", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            idx = [i for i, y in enumerate(labels) if y == c][:per_class]
+            for i in idx:
+                Image.fromarray(255 - images[i], mode="L").save(folder / f"{i:05d}.png")
+    (root / "templates.txt").write_text("\n".join(fashion_mnist.TEMPLATES) + "\n")
+    (root / "done").write_text("")
+    return root
+
+
+def fewshot_shift(args: argparse.Namespace, out: Path) -> dict:
+    root = shifted_task(out)
+    results = {}
+    for name in args.fewshot_variants:
+        ck = out / "runs" / f"{name}_seed0" / "checkpoints" / "step_00000200.pt"
+        path = out / f"few_shot_inverted_{name}.json"
+        if not path.exists():
+            _curate(
+                "eval", "--checkpoint", str(ck), "--few-shot", "0,1,2,4,8,16", "--task", str(root),
+                "--templates", str(root / "templates.txt"), "--draws", "5", "--json", str(path),
+            )  # fmt: skip
+        curves = json.loads(path.read_text())["few_shot"]["curves"]
+        results[name] = {k: [(p["shots"], p["mean"], p["std"]) for p in v] for k, v in curves.items()}
+    return results
+
+
 # --------------------------------------------------------------------------- step time
 
 
@@ -416,7 +458,9 @@ def distill_loss_microbench(batch: int = 128, dim: int = 128, vocab: int = 1000,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--phases", nargs="+", default=["throughput", "targets", "ablation", "fewshot", "steptime"]
+        "--phases",
+        nargs="+",
+        default=["throughput", "targets", "ablation", "fewshot", "fewshot_shift", "steptime"],
     )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "distill")
     p.add_argument("--images", type=int, default=256, help="throughput: images per measurement")
@@ -432,6 +476,7 @@ def main() -> int:
         "targets": targets,
         "ablation": ablation,
         "fewshot": fewshot,
+        "fewshot_shift": fewshot_shift,
         "steptime": steptime,
     }
     for name in args.phases:
