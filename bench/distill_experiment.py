@@ -12,8 +12,8 @@ Phases (each one's results are cached under --out, so an interrupted run resumes
               infonce, hn_nce, infonce + distill, hn_nce + distill, seeds 0..2 (`curate train`);
               zero-shot top-1 on the 2,000 committed test images and class-level retrieval R@1
   fewshot     `curate eval --few-shot 0,1,2,4,8,16 --draws 5` on one checkpoint per variant (seed 0)
-  fewshot_shift  the same on a shifted task the models never saw (grey levels inverted), as an image
-              folder task (--task DIR with train/ and test/): zero-shot drops, the shots matter
+  fewshot_shift  the same on shifted tasks the models never saw (grey levels inverted; upside down), as
+              image-folder tasks (--task DIR with train/ and test/): zero-shot drops, the shots matter
   steptime    training step time with vs without distillation, interleaved rounds (target <= 1.05x)
 
     PYTHONPATH=. python bench/distill_experiment.py                      # everything
@@ -350,15 +350,19 @@ def fewshot(args: argparse.Namespace, out: Path) -> dict:
     return results
 
 
-def shifted_task(out: Path) -> Path:
-    """Fashion-MNIST with inverted grey levels (white garments on black -> black on white), as an image-folder
-    task: DIR/train/CLASS (100 per class, the shot pool) and DIR/test/CLASS (the 2,000 test images). The
-    models never saw inverted images, so zero-shot drops and the shots carry information it lacks."""
+# Shifted versions of Fashion-MNIST the models never saw: zero-shot drops (to 0.07-0.08 inverted, ~0.45 upside
+# down), so the shots carry information the zero-shot classifier lacks.
+SHIFTS = {"inverted": lambda a: 255 - a, "upside_down": lambda a: a[::-1]}
+
+
+def shifted_task(out: Path, shift: str) -> Path:
+    """An image-folder task (--task DIR): DIR/train/CLASS (100 per class, the shot pool), DIR/test/CLASS (the
+    2,000 test images), with `shift` applied to every image."""
     from PIL import Image
 
     from train import fashion_mnist
 
-    root = out / "fmnist_inverted_task"
+    root = out / f"fmnist_{shift}_task"
     if (root / "done").exists():
         return root
     for split, per_class in (("train", 100), ("test", None)):
@@ -368,25 +372,28 @@ def shifted_task(out: Path) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             idx = [i for i, y in enumerate(labels) if y == c][:per_class]
             for i in idx:
-                Image.fromarray(255 - images[i], mode="L").save(folder / f"{i:05d}.png")
+                Image.fromarray(SHIFTS[shift](images[i]), mode="L").save(folder / f"{i:05d}.png")
     (root / "templates.txt").write_text("\n".join(fashion_mnist.TEMPLATES) + "\n")
     (root / "done").write_text("")
     return root
 
 
 def fewshot_shift(args: argparse.Namespace, out: Path) -> dict:
-    root = shifted_task(out)
-    results = {}
-    for name in args.fewshot_variants:
-        ck = out / "runs" / f"{name}_seed0" / "checkpoints" / "step_00000200.pt"
-        path = out / f"few_shot_inverted_{name}.json"
-        if not path.exists():
-            _curate(
-                "eval", "--checkpoint", str(ck), "--few-shot", "0,1,2,4,8,16", "--task", str(root),
-                "--templates", str(root / "templates.txt"), "--draws", "5", "--json", str(path),
-            )  # fmt: skip
-        curves = json.loads(path.read_text())["few_shot"]["curves"]
-        results[name] = {k: [(p["shots"], p["mean"], p["std"]) for p in v] for k, v in curves.items()}
+    results: dict = {}
+    for shift in SHIFTS:
+        root = shifted_task(out, shift)
+        for name in args.fewshot_variants:
+            ck = out / "runs" / f"{name}_seed0" / "checkpoints" / "step_00000200.pt"
+            path = out / f"few_shot_{shift}_{name}.json"
+            if not path.exists():
+                _curate(
+                    "eval", "--checkpoint", str(ck), "--few-shot", "0,1,2,4,8,16", "--task", str(root),
+                    "--templates", str(root / "templates.txt"), "--draws", "5", "--json", str(path),
+                )  # fmt: skip
+            curves = json.loads(path.read_text())["few_shot"]["curves"]
+            results[f"{shift}/{name}"] = {
+                k: [(p["shots"], p["mean"], p["std"]) for p in v] for k, v in curves.items()
+            }
     return results
 
 
