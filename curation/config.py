@@ -88,9 +88,17 @@ class Config:
             "stages": [{s.name: dataclasses.asdict(s.params)} for s in self.stages],
         }
 
-    def run_fingerprint(self, limit: int | None) -> tuple[dict[str, Any], str]:
-        """(fingerprint, hash) stored in run.json: a run with another hash would write other results."""
+    def run_fingerprint(
+        self, limit: int | None, stage_fingerprints: dict[str, dict[str, Any]] | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """(fingerprint, hash) stored in run.json: a run with another hash would write other results.
+
+        `stage_fingerprints` ({stage: Stage.fingerprint()}, non-empty ones only) adds what the params
+        cannot show: the contents of the model files a stage loads.
+        """
         fingerprint = {**self.result_fingerprint(), "limit": limit}
+        if stage_fingerprints:
+            fingerprint["stage_fingerprints"] = stage_fingerprints
         blob = json.dumps(fingerprint, sort_keys=True, default=str).encode()
         return fingerprint, hashlib.sha256(blob).hexdigest()[:16]
 

@@ -72,6 +72,10 @@ STAGE_COLUMNS: dict[str, pa.DataType] = {
     # phash: 64-bit DCT perceptual hash (definition in curation/stages/phash.py), as signed int64
     "phash": pa.int64(),
     "phash_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
+    # concepts (docs/methods.md §2b; curation/stages/concepts.py): a teacher's top-k, most probable first
+    "concept_ids": pa.list_(pa.int32()),  # indices into the teacher's vocabulary
+    "concept_probs": pa.list_(pa.float32()),  # descending
+    "concept_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
 }
 
 # Numeric columns that identify content rather than measure it: no histograms, no thresholds.

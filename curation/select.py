@@ -2,8 +2,10 @@
 
 The shards are what open_clip's training script and ours read:
 
-    DIR/00000.tar, DIR/00001.tar, ...   {key}.jpg|png|webp, {key}.txt (caption), {key}.json (manifest row)
+    DIR/00000.tar, DIR/00001.tar, ...   {key}.jpg|png|webp, {key}.txt (caption), {key}.json (manifest row),
+                                        {key}.concepts.json (distillation targets, runs with a concepts stage)
     DIR/sizes.json                      {"00000.tar": 10000, ...}
+    DIR/vocabulary.txt                  the concept vocabulary, one name per line (runs with a concepts stage)
 
 Images are read from where the manifest says they live (`image_path`, `key`):
 tars under the run's `images/` (download stage), the input tars (webdataset
@@ -35,6 +37,7 @@ from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size, open_
 from curation.terminal import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+VOCABULARY_FILE = "vocabulary.txt"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 
 
@@ -193,6 +196,9 @@ def select_shards(
     )
     [(no_image,)] = con.execute(select_statement(sql)).fetchall()
 
+    # Read before any image: a vocabulary that no longer matches the run fails the selection up front.
+    vocabulary = run_vocabulary(run) if "concept_ids" in columns else None
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -208,12 +214,38 @@ def select_shards(
         result.sizes = writer.sizes
         result.samples = sum(writer.sizes.values())
         (tmp / "sizes.json").write_text(json.dumps(writer.sizes, indent=1) + "\n")
+        if vocabulary is not None:
+            from curation.teachers import write_vocabulary
+
+            write_vocabulary(tmp / VOCABULARY_FILE, vocabulary)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def run_vocabulary(run: Path) -> list[str]:
+    """The concept vocabulary of a run's concepts stage, checked against the hash its run.json recorded."""
+    from curation.teachers import TeacherError, resolve_vocabulary, vocabulary_sha256
+
+    record = json.loads((run / "run.json").read_text())
+    fingerprint = record.get("fingerprint", {})
+    params = next((s["concepts"] for s in fingerprint.get("stages", []) if "concepts" in s), None)
+    recorded = fingerprint.get("stage_fingerprints", {}).get("concepts", {}).get("vocabulary_sha256")
+    if params is None or recorded is None:
+        raise SelectError(f"{run}/run.json records no concepts stage, but its manifests have concept columns")
+    try:
+        names = resolve_vocabulary(params["teacher"], params.get("vocabulary"))
+    except TeacherError as e:
+        raise SelectError(f"the run's concept vocabulary: {e}") from None
+    if vocabulary_sha256(names) != recorded:
+        raise SelectError(
+            f"the concept vocabulary {params.get('vocabulary') or params['teacher']!r} changed since {run} was "
+            "scored: its concept ids no longer index it. Restore the file, or re-run the concepts stage."
+        )
+    return names
 
 
 def _images(con: Any, run: Path, where: str, unreadable: list[str]) -> Iterator[tuple[dict, bytes]]:
@@ -322,6 +354,11 @@ class _ShardWriter:
         self._add(f"{key}.{ext}", image)
         self._add(f"{key}.txt", (row.get("caption") or "").encode("utf-8"))
         self._add(f"{key}.json", json.dumps(meta, default=str, ensure_ascii=False).encode("utf-8"))
+        if row.get("concept_ids") is not None:
+            # 8 significant digits round-trip the manifest's float32 probabilities exactly.
+            probs = [float(f"{p:.8g}") for p in row["concept_probs"]]
+            targets = {"ids": row["concept_ids"], "probs": probs}
+            self._add(f"{key}.concepts.json", json.dumps(targets).encode("utf-8"))
         self.sizes[self._name] += 1
         self.count += 1
 

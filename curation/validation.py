@@ -21,7 +21,7 @@ from typing import Any
 from curation.config import Config, ConfigError, KeyPath, Parsed, parse, read_config
 from curation.manifest import RunDir
 from curation.sources import check_input
-from curation.stages import STAGES, Stage, build_stages
+from curation.stages import STAGES, Stage, build_stages, model_fingerprints
 from curation.stages.caption import CAPTION_COLUMNS
 
 Problem = tuple[KeyPath, str]
@@ -58,19 +58,21 @@ def _checked(parsed: Parsed, limit: int | None) -> Config:
 def check_config(config: Config, *, limit: int | None = None) -> list[Problem]:
     """Problems visible before any work starts: input, output, stage set-up, rules between stages."""
     problems: list[Problem] = list(check_input(config.input))
-    problems += _check_output(config, limit)
     problems += _check_shared_parse(config)
     problems += _check_image_order(config)
     stages = build_stages(config)
     if config.runner.type == "local":
         problems += _check_local_gpus(config, stages)
+    stage_problems: list[Problem] = []
     for spec, stage in zip(config.stages, stages):
-        problems += [(spec.key_path, msg) for msg in stage.check()]
+        stage_problems += [(spec.key_path, msg) for msg in stage.check()]
         for f in dataclasses.fields(spec.params):
             v = getattr(spec.params, f.name)
             if f.name in ("batch_size", "max_chars") and isinstance(v, int) and v < 1:
-                problems.append(((*spec.key_path, f.name), "must be >= 1"))
-    return problems
+                stage_problems.append(((*spec.key_path, f.name), "must be >= 1"))
+    # The run's fingerprint hashes the stages' model files, which exist only when the stages check out.
+    problems += _check_output(config, limit, None if stage_problems else stages)
+    return problems + stage_problems
 
 
 def _check_shared_parse(config: Config) -> list[Problem]:
@@ -123,7 +125,9 @@ def _check_local_gpus(config: Config, stages: list[Stage]) -> list[Problem]:
     ]
 
 
-def _check_output(config: Config, limit: int | None) -> list[Problem]:
+def _check_output(config: Config, limit: int | None, stages: list[Stage] | None) -> list[Problem]:
+    """A writable local directory, holding no run made with another config (checked when `stages`
+    is given: the fingerprint needs their model files)."""
     output = config.output
     if "://" in output:
         return [(("output",), "output must be a local directory (manifests are written with atomic renames)")]
@@ -134,5 +138,7 @@ def _check_output(config: Config, limit: int | None) -> list[Problem]:
         return [(("output",), f"{p} exists and is not a directory")]
     if not os.access(p, os.W_OK | os.X_OK):
         return [(("output",), f"output directory is not writable: {p} (permission denied)")]
-    conflict = RunDir(output).conflict(*config.run_fingerprint(limit))
+    if stages is None:
+        return []
+    conflict = RunDir(output).conflict(*config.run_fingerprint(limit, model_fingerprints(stages)))
     return [(("output",), conflict)] if conflict else []

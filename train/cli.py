@@ -27,15 +27,20 @@ Exit codes: 0 done, 1 training failed, 2 bad config or usage.
 """
 
 EVAL_HELP = """\
-Evaluate a checkpoint: zero-shot classification and image-text retrieval.
+Evaluate a checkpoint: zero-shot classification, image-text retrieval, few-shot linear probes.
 
   curate eval --checkpoint runs/fmnist/checkpoints/step_00000400.pt --zero-shot fashion-mnist
   curate eval train/configs/fashion_mnist.yaml          # newest checkpoint of that run
   curate eval --checkpoint CK.pt --retrieval "shards/{00000..00003}.tar" --limit 5000
   curate eval --model ViT-B-32 --checkpoint openclip.pt --zero-shot imagenet_val/ \\
       --templates templates.txt                          # folder of CLASS_NAME/*.jpg
+  curate eval train/configs/fashion_mnist.yaml --few-shot 0,1,2,4,8,16 --task fashion-mnist --draws 5
 
 Prints JSON (top1/top5; R@1/5/10 image->text and text->image); --json also writes it.
+--few-shot runs DiHT's probe (a linear classifier initialised from the zero-shot classifier,
+cross-entropy + lambda ||W - W_zs||^2, lambda cross-validated on the shots) and a plain linear
+probe, for each shot count over --draws random draws; it writes the JSON (--json, default
+OUTPUT_DIR/few_shot_TASK.json for a config) and an accuracy-vs-shots plot beside it (.png).
 Exit codes: 0 done, 1 evaluation failed, 2 bad usage.
 """
 
@@ -79,7 +84,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SHARDS",
         help="webdataset shards (brace or glob pattern) of image-caption pairs",
     )
-    e.add_argument("--limit", type=at_least(1), default=None, help="evaluate at most this many images (>= 1)")
+    e.add_argument(
+        "--few-shot",
+        metavar="N,N,...",
+        help="shot counts per class for the few-shot probes, e.g. 0,1,2,4,8,16 (0 = zero-shot)",
+    )
+    e.add_argument(
+        "--task",
+        default="fashion-mnist",
+        metavar="fashion-mnist|DIR",
+        help="few-shot task: 'fashion-mnist' (shots from its training split) or DIR with train/CLASS_NAME/* "
+        "and test/CLASS_NAME/*",
+    )
+    e.add_argument(
+        "--draws", type=at_least(1), default=5, help="few-shot: random draws of the shots (default 5)"
+    )
+    e.add_argument("--seed", type=int, default=0, help="few-shot: seed of the first draw")
+    e.add_argument(
+        "--limit", type=at_least(1), default=None, help="evaluate at most this many (test) images (>= 1)"
+    )
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     e.add_argument("--json", dest="json_out", help="also write the results to this file")
     e.set_defaults(func=run_eval)
@@ -149,6 +172,20 @@ def run_eval(args: argparse.Namespace) -> int:
     from train.config import ConfigError, load_train_config
 
     checkpoint = args.checkpoint
+    try:
+        args.shots = _parse_shots(args.few_shot) if args.few_shot is not None else None
+    except ValueError as e:
+        print(f"error: --few-shot: {e}", file=sys.stderr)
+        return 2
+    if args.draws < 1:
+        print("error: --draws must be >= 1", file=sys.stderr)
+        return 2
+    if args.shots is not None and args.json_out is None and not args.config:
+        print(
+            "error: --few-shot writes a JSON and a plot: give --json PATH (or a training config)",
+            file=sys.stderr,
+        )
+        return 2
     if checkpoint is None and args.config:
         try:
             cfg = load_train_config(args.config)
@@ -162,6 +199,9 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"error: no checkpoint in {cfg.output_dir}/checkpoints", file=sys.stderr)
             return 2
         checkpoint = str(found)
+        if args.shots is not None and args.json_out is None:
+            task = "fashion-mnist" if args.task == "fashion-mnist" else Path(args.task).name
+            args.json_out = str(Path(cfg.output_dir) / f"few_shot_{task}.json")
     if checkpoint is None and args.model is None:
         print("error: give a config, --checkpoint, or --model", file=sys.stderr)
         return 2
@@ -184,12 +224,12 @@ def _eval(args: argparse.Namespace, checkpoint: str | None, device: str) -> int:
     templates = None
     if args.templates:
         templates = [ln.strip() for ln in Path(args.templates).read_text().splitlines() if ln.strip()]
-    zero_shot = args.zero_shot or (None if args.retrieval else "fashion-mnist")
+    zero_shot = args.zero_shot or (None if args.retrieval or args.shots is not None else "fashion-mnist")
     if zero_shot == "fashion-mnist":
         images, labels = fashion_mnist.load("test", args.fashion_mnist_source)
         classes, templates = fashion_mnist.CLASSES, templates or fashion_mnist.TEMPLATES
     elif zero_shot is not None:
-        images, labels, classes = _image_folder(Path(zero_shot))
+        images, labels, classes = evaluate.read_image_folder(Path(zero_shot))
         templates = templates or ["a photo of a {}."]
     if zero_shot is not None:
         if args.limit:
@@ -205,29 +245,40 @@ def _eval(args: argparse.Namespace, checkpoint: str | None, device: str) -> int:
             evaluate.encode_texts(built, caps, device=device),
         )
         results["retrieval"] = {"n": len(imgs), **rec}
+    if args.shots is not None:
+        from train import probe
+
+        task = probe.load_task(args.task, args.fashion_mnist_source, templates)
+        if args.limit:
+            task.test_images, task.test_labels = (
+                task.test_images[: args.limit],
+                task.test_labels[: args.limit],
+            )
+        results["few_shot"] = probe.few_shot_curves(
+            built, task, args.shots, draws=args.draws, seed=args.seed, device=device
+        )
     text = json.dumps(results, indent=1)
     print(text)
     if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+        path = Path(args.json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+        if args.shots is not None:
+            from train import probe
+
+            png = probe.plot_curves(results["few_shot"], path.with_suffix(".png"))
+            print(f"wrote {path} and {png}", file=sys.stderr)
     return 0
 
 
-def _image_folder(root: Path) -> tuple[list, list[int], list[str]]:
-    from PIL import Image
-
-    if not root.is_dir():
-        raise FileNotFoundError(f"--zero-shot: not 'fashion-mnist' and not a directory: {root}")
-    dirs = sorted(d for d in root.iterdir() if d.is_dir())
-    if not dirs:
-        raise ValueError(f"{root} has no class sub-folders")
-    images, labels = [], []
-    for label, d in enumerate(dirs):
-        for f in sorted(d.iterdir()):
-            if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}:
-                with Image.open(f) as im:
-                    images.append(im.convert("RGB"))
-                labels.append(label)
-    return images, labels, [d.name.replace("_", " ") for d in dirs]
+def _parse_shots(text: str) -> list[int]:
+    try:
+        shots = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, e.g. 0,1,2,4,8,16; got {text!r}") from None
+    if not shots or shots[0] < 0:
+        raise ValueError(f"shot counts must be integers >= 0; got {text!r}")
+    return shots
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from curation.config import ConfigError, _build, _closest_line, _fmt, _line_inde
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
     "HardPairsConfig",
     "LossConfig",
     "ModelConfig",
@@ -73,6 +74,20 @@ class HardPairsConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Concept distillation (docs/methods.md §2b): a linear head from the image embedding onto the concept
+    vocabulary, trained on the targets `curate select` stored with each sample ({key}.concepts.json)."""
+
+    # Weight of the distillation loss added to the contrastive loss; 0 turns distillation off.
+    weight: float = 1.0
+    # bce: stored probabilities as soft binary targets, 0 for all other concepts; kl: the stored top-k
+    # renormalised into a distribution (for softmax teachers).
+    loss: Literal["bce", "kl"] = "bce"
+    # The concept vocabulary (one name per line); null = vocabulary.txt beside the first shard.
+    vocabulary: str | None = None
+
+
+@dataclass
 class OptimConfig:
     """AdamW; weight decay skips norms, biases, 1-d params and the logit scale (as open_clip does)."""
 
@@ -120,7 +135,13 @@ class TrainConfig:
     train: RunConfig = field(default_factory=RunConfig)
     # Optional: hard-pair batches; null = the usual shuffled stream.
     hard_pairs: HardPairsConfig | None = None
+    # Optional: concept distillation; null = off.
+    distill: DistillConfig | None = None
     source: str | None = None
+
+    @property
+    def distilling(self) -> bool:
+        return self.distill is not None and self.distill.weight > 0
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -135,8 +156,8 @@ _SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": RunConfig,
 }
-# Sections that are absent (null) unless the config has them.
-_OPTIONAL_SECTIONS: dict[str, type] = {"hard_pairs": HardPairsConfig}
+# Sections that are absent (null) unless the config has them: a feature switched on by its presence.
+_OPTIONAL_SECTIONS: dict[str, type] = {"hard_pairs": HardPairsConfig, "distill": DistillConfig}
 
 
 def load_train_config(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -161,7 +182,9 @@ def parse_train_config(
         raise ConfigError([f"malformed YAML at {where}{getattr(e, 'problem', None) or e}"], source) from None
     if not isinstance(data, dict):
         raise ConfigError(
-            ["the config must be a YAML mapping with keys data, output_dir, model, loss, optim, train"],
+            [
+                "the config must be a YAML mapping with keys data, output_dir, model, loss, optim, train, hard_pairs, distill"
+            ],
             source,
         )
     lines = _line_index(node)
@@ -255,6 +278,12 @@ def _semantic_checks(built: dict[str, Any], err) -> None:
             err(("data", "shuffle_buffer"), "must be >= 1 (1 = no shuffling)")
     if model is not None and model.pretrained is not None and not Path(model.pretrained).is_file():
         err(("model", "pretrained"), f"not a local file: {model.pretrained!r} (nothing is downloaded)")
+    dist: DistillConfig | None = built.get("distill")
+    if dist is not None:
+        if dist.weight < 0:
+            err(("distill", "weight"), "must be >= 0 (0 turns distillation off)")
+        if dist.vocabulary is not None and not Path(dist.vocabulary).is_file():
+            err(("distill", "vocabulary"), f"not a file: {dist.vocabulary!r}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -16,13 +16,15 @@ them round-robin from its workers, which is what makes the skip arithmetic exact
 A batch is a dict: `image` [B,3,H,W] and `text` [B,L] always; `uid` (the
 samples' ids from their `.json`, None where absent) so features that need more
 per-sample data (distillation targets, hard-pair partners) can add keys
-without changing the loop's contract.
+without changing the loop's contract. With `concept_vocabulary_size=V` (distillation on),
+`concept_ids` [B,k] int64 and `concept_probs` [B,k] float32 hold each sample's
+`{key}.concepts.json` targets, padded to the batch's largest k with id -1 and
+probability 0.
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -33,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CONCEPTS_KEY = "concepts.json"  # the member `curate select` writes: {"ids": [...], "probs": [...]}
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -83,6 +86,7 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 2000,
         start_step: int = 0,
+        concept_vocabulary_size: int | None = None,
     ) -> None:
         super().__init__()
         self.shards = list(shards)
@@ -94,6 +98,8 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer
         self.start_step = start_step
+        # Set when batches carry distillation targets (ids are checked against it); None = they do not.
+        self.concept_vocabulary_size = concept_vocabulary_size
 
     # -- raw (undecoded) samples of one slot -------------------------------------------------
     def _slot_samples(self, slot: int, slots: int) -> Iterator[dict]:
@@ -131,8 +137,8 @@ class ShardStream(IterableDataset):
 
     # -- decoding ---------------------------------------------------------------------------
     def _decode(self, sample: dict) -> tuple[torch.Tensor, str]:
-        """(image tensor, caption) of one raw sample."""
-        from PIL import Image
+        """(image tensor, caption) of one raw sample; images decode through curation.imageio's limits."""
+        from curation.imageio import ImageRefused, open_image, to_rgb
 
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         if key is None or "txt" not in sample:
@@ -141,9 +147,8 @@ class ShardStream(IterableDataset):
                 f"({'/'.join(IMAGE_KEYS)}) or a .txt caption; found {sorted(k for k in sample if not k.startswith('__'))}"
             )
         try:
-            with Image.open(io.BytesIO(sample[key])) as im:
-                image = self.image_transform(im.convert("RGB"))
-        except Exception as e:
+            image = self.image_transform(to_rgb(open_image(sample[key])))
+        except ImageRefused as e:
             raise ValueError(f"cannot decode {sample['__key__']}.{key} in {sample['__url__']}: {e}") from e
         return image, sample["txt"].decode("utf-8")
 
@@ -157,11 +162,14 @@ class ShardStream(IterableDataset):
                 decoded = [self._decode(s) for s in raw]
             finally:
                 random.setstate(state)
-        return {
+        batch = {
             "image": torch.stack([d[0] for d in decoded]),
             "text": self.tokenizer([d[1] for d in decoded]),
             "uid": [_uid(s) for s in raw],
         }
+        if self.concept_vocabulary_size is not None:
+            batch["concept_ids"], batch["concept_probs"] = concept_targets(raw, self.concept_vocabulary_size)
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -180,6 +188,37 @@ class ShardStream(IterableDataset):
             if local >= skip:
                 yield self._collate(raw, f"aug-{self.seed}-{slot}-{slots}-{local}")
             local += 1
+
+
+def concept_targets(raw: list[dict], vocabulary_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B,k] int64 ids padded with -1, [B,k] float32 probs padded with 0) from the samples' concepts.json."""
+    rows = []
+    for sample in raw:
+        where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
+        data = sample.get(CONCEPTS_KEY)
+        if data is None:
+            raise ValueError(
+                f"{where} has no {CONCEPTS_KEY}: distillation needs shards selected from a run with a "
+                "concepts stage (`curate select`), or remove the distill section"
+            )
+        try:
+            targets = json.loads(data)
+            ids, probs = [int(i) for i in targets["ids"]], [float(p) for p in targets["probs"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{where}: malformed {CONCEPTS_KEY}: {e}") from None
+        if len(ids) != len(probs):
+            raise ValueError(f"{where}: {CONCEPTS_KEY} has {len(ids)} ids but {len(probs)} probs")
+        if ids and not (min(ids) >= 0 and max(ids) < vocabulary_size):
+            raise ValueError(
+                f"{where}: concept ids {min(ids)}..{max(ids)} fall outside the vocabulary of "
+                f"{vocabulary_size} names (distill.vocabulary is not the one these targets index)"
+            )
+        rows.append((ids, probs))
+    k = max(1, max(len(ids) for ids, _ in rows))
+    # Padded in Python, converted once: one tensor per batch, not two per sample.
+    ids_rows = [ids + [-1] * (k - len(ids)) for ids, _ in rows]
+    probs_rows = [probs + [0.0] * (k - len(probs)) for _, probs in rows]
+    return torch.tensor(ids_rows, dtype=torch.int64), torch.tensor(probs_rows, dtype=torch.float32)
 
 
 def _uid(sample: dict) -> str | None:

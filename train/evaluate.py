@@ -8,14 +8,18 @@ shards); the ground truth of image i is caption i and vice versa.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from train.model import BuiltModel, build_model
+
+log = logging.getLogger("train")
 
 
 @dataclass
@@ -85,7 +89,11 @@ def zero_shot_accuracy(
     device: str = "cpu",
 ) -> ZeroShotResult:
     weights = zero_shot_classifier(built, classnames, templates, device)
-    logits = encode_images(built, images, device=device) @ weights
+    return classification_accuracy(encode_images(built, images, device=device) @ weights, labels)
+
+
+def classification_accuracy(logits: torch.Tensor, labels: Sequence[int]) -> ZeroShotResult:
+    """Top-1 / top-5 accuracy of class scores [N, C] against labels (shared by zero-shot and the probes)."""
     y = torch.as_tensor(np.asarray(labels))
     topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
     top1 = (topk[:, 0] == y).float().mean().item()
@@ -94,38 +102,58 @@ def zero_shot_accuracy(
 
 
 def retrieval_recall(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    groups: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """Recall@k for pairs (image i, text i): image->text and text->image."""
+    """Recall@k for pairs (image i, text i): image->text and text->image.
+
+    `groups` (one per pair): every item of the query's group counts as a match,
+    as with COCO's five captions per image, or class-level retrieval where all
+    captions of a class are interchangeable. Default: only the pair's partner.
+    """
+    n = len(image_emb)
+    g = torch.as_tensor(np.asarray(groups)) if groups is not None else torch.arange(n)
+    match = g[:, None] == g[None, :]
     sims = image_emb @ text_emb.T
-    target = torch.arange(len(sims))
     out = {}
     for name, s in (("image_to_text", sims), ("text_to_image", sims.T)):
-        # rank of the true partner = number of candidates scoring strictly higher
-        rank = (s > s[target, target][:, None]).sum(dim=1)
+        # rank of the best match = number of non-matching candidates scoring strictly higher
+        best = s.masked_fill(~match, float("-inf")).amax(dim=1, keepdim=True)
+        rank = ((s > best) & ~match).sum(dim=1)
         for k in ks:
             out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
     return out
 
 
 def read_pairs(shards: list[str], limit: int | None = None) -> tuple[list, list[str]]:
-    """(PIL images, captions) from webdataset shards, in shard order."""
-    import io
-
-    from PIL import Image
-
+    """(PIL images, captions) from webdataset shards, in shard order; pairs whose image cannot be
+    decoded (curation.imageio's limits) are left out, with a warning that counts them."""
+    from curation.imageio import ImageRefused, open_image, to_rgb
     from train.data import IMAGE_KEYS, _raw_samples
 
     images, captions = [], []
+    refused: dict[str, int] = {}
     for path in shards:
         for s in _raw_samples(path):
             key = next((k for k in IMAGE_KEYS if k in s), None)
             if key is None or "txt" not in s:
                 continue
-            images.append(Image.open(io.BytesIO(s[key])).convert("RGB"))
-            captions.append(s["txt"].decode("utf-8"))
+            try:
+                images.append(to_rgb(open_image(s[key])))
+            except ImageRefused as e:
+                refused[e.status] = refused.get(e.status, 0) + 1
+                continue
+            captions.append(s["txt"].decode("utf-8", "replace"))
             if limit is not None and len(images) >= limit:
-                return images, captions
+                break
+        if limit is not None and len(images) >= limit:
+            break
+    if refused:
+        log.warning(
+            "retrieval: left out %d pairs whose image was refused: %s", sum(refused.values()), refused
+        )
     return images, captions
 
 
@@ -140,6 +168,36 @@ def fashion_mnist_zero_shot(
     return zero_shot_accuracy(
         built, list(images), labels, fashion_mnist.CLASSES, fashion_mnist.TEMPLATES, device
     )
+
+
+def read_image_folder(root: Path) -> tuple[list, list[int], list[str]]:
+    """(PIL images, labels, class names) of ROOT/CLASS_NAME/*.jpg|png|webp; '_' in folder names reads as ' '.
+
+    Images that cannot be decoded (curation.imageio's limits) are left out, with a warning that counts them.
+    """
+    from curation.imageio import ImageRefused, open_image, to_rgb
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"not 'fashion-mnist' and not a directory: {root}")
+    dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if not dirs:
+        raise ValueError(f"{root} has no class sub-folders")
+    images, labels = [], []
+    refused: list[str] = []
+    for label, d in enumerate(dirs):
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}:
+                try:
+                    images.append(to_rgb(open_image(f.read_bytes())))
+                except ImageRefused as e:
+                    refused.append(f"{f.name} ({e.status})")
+                    continue
+                labels.append(label)
+    if refused:
+        log.warning(
+            "%s: left out %d images that were refused: %s", root, len(refused), ", ".join(refused[:5])
+        )
+    return images, labels, [d.name.replace("_", " ") for d in dirs]
 
 
 ProgressFn = Callable[[str], None]

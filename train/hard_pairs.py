@@ -168,10 +168,12 @@ class HardPairStream(ShardStream):
         rank: int = 0,
         world_size: int = 1,
         start_step: int = 0,
+        concept_vocabulary_size: int | None = None,
     ) -> None:
         super().__init__(
             shards, batch_size, image_transform, tokenizer,
             seed=seed, rank=rank, world_size=world_size, shuffle_buffer=1, start_step=start_step,
+            concept_vocabulary_size=concept_vocabulary_size,
         )  # fmt: skip
         if batch_size % 2:
             raise ValueError(

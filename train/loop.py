@@ -5,6 +5,10 @@ are checkpointed, and the data stream (train/data.py) skips to the step without
 decoding, so a resumed run repeats the loss curve of an uninterrupted one as
 long as world size and data.workers are unchanged (otherwise the data order
 differs; a warning says so).
+
+With a `distill` section the trained module is `ConceptStudent` (the model plus
+a linear concept head); the checkpoint keeps the model's state dict as it is and
+stores the head beside it, so open_clip still loads the file.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import torch
 from train.config import TrainConfig
 from train.data import ShardStream, count_samples, expand_shards, make_loader
 from train.hard_pairs import HardPairStream
-from train.losses import HardNegativeMarginLoss, build_loss
-from train.model import build_model, param_groups
+from train.losses import ConceptDistillationLoss, HardNegativeMarginLoss, build_loss
+from train.model import ConceptStudent, build_model, embed_dim, param_groups
 
 log = logging.getLogger("train")
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
@@ -213,6 +217,46 @@ def total_steps(cfg: TrainConfig, world_size: int, num_samples: int | None) -> i
     return max(1, math.ceil(cfg.train.epochs * num_samples / (cfg.train.batch_size * world_size)))
 
 
+def distill_vocabulary(cfg: TrainConfig, shards: list[str]) -> list[str]:
+    """The concept vocabulary: distill.vocabulary, else vocabulary.txt beside the first shard."""
+    from curation.teachers import TeacherError, read_vocabulary
+
+    assert cfg.distill is not None
+    path = (
+        Path(cfg.distill.vocabulary) if cfg.distill.vocabulary else Path(shards[0]).parent / "vocabulary.txt"
+    )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"distillation needs the concept vocabulary: {path} not found (`curate select` writes it beside "
+            "the shards of a run with a concepts stage; or set distill.vocabulary)"
+        )
+    try:
+        return read_vocabulary(path)
+    except TeacherError as e:
+        raise ValueError(str(e)) from None
+
+
+def _restore_concept_head(ck: dict[str, Any], student: ConceptStudent | None, path: Path) -> None:
+    """Resume restores the head with the model; a checkpoint and a config that disagree are refused."""
+    if student is None:
+        if "concept_head" in ck:
+            raise ValueError(
+                f"{path} was trained with concept distillation: keep the distill section to resume"
+            )
+        return
+    if "concept_head" not in ck:
+        raise ValueError(
+            f"{path} was trained without concept distillation: remove the distill section to resume"
+        )
+    try:
+        student.head.load_state_dict(ck["concept_head"])
+    except RuntimeError:
+        raise ValueError(
+            f"{path}: its concept head has {ck['concept_head']['weight'].shape[0]} outputs, the vocabulary "
+            f"{student.head.out_features}"
+        ) from None
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     dist, device = init_distributed(cfg.train.device)
     try:
@@ -238,6 +282,9 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
 
     shards = expand_shards(cfg.data.shards)
     num_samples = count_samples(shards, cfg.data.sizes)
+    # Read before any stream is built: a missing vocabulary fails the start.
+    vocabulary = distill_vocabulary(cfg, shards) if cfg.distilling else None
+    vocabulary_size = len(vocabulary) if vocabulary is not None else None
     hard_stream = None
     if cfg.hard_pairs is not None:
         # Built (and the table checked against the data) before anything else is: a mismatch fails fast.
@@ -251,12 +298,20 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
             seed=r.seed,
             rank=dist.rank,
             world_size=dist.world_size,
+            concept_vocabulary_size=vocabulary_size,
         )
     n_steps = total_steps(cfg, dist.world_size, num_samples)
 
+    # Concept distillation: the head is created after the model, so the model's initial weights
+    # (same seed) are those of a run without distillation.
+    student: ConceptStudent | None = None
+    if vocabulary is not None:
+        student = ConceptStudent(model, embed_dim(built), len(vocabulary)).to(device)
+    net: torch.nn.Module = student if student is not None else model  # what the optimizer trains
+
     o = cfg.optim
     optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+        param_groups(net, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
     )
     schedule = WarmupCosine(o.lr, o.warmup_steps, n_steps, o.min_lr, cosine=o.schedule == "cosine")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -269,6 +324,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
     if ckpt_path is not None:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ck["state_dict"])
+        _restore_concept_head(ck, student, ckpt_path)
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
@@ -281,14 +337,15 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
                     "world size or data.workers changed since the checkpoint: the data order will differ"
                 )
 
-    train_model: torch.nn.Module = model
+    train_model: torch.nn.Module = net
     if dist.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        train_model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     if r.compile:
         train_model = torch.compile(train_model)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.beta)
     margin_fn = HardNegativeMarginLoss(cfg.loss.hnml) if cfg.loss.hnml else None
+    distill_fn = ConceptDistillationLoss(cfg.distill.loss) if student is not None and cfg.distill else None
 
     stream: ShardStream
     if hard_stream is not None:
@@ -305,6 +362,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
             world_size=dist.world_size,
             shuffle_buffer=cfg.data.shuffle_buffer,
             start_step=start_step,
+            concept_vocabulary_size=vocabulary_size,
         )
     batches: Iterator[dict[str, Any]] = iter(
         make_loader(stream, cfg.data.workers, pin_memory=device.type == "cuda")
@@ -328,7 +386,8 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         bar = tqdm(total=n_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     global_batch = r.batch_size * dist.world_size
-    pending: list[tuple[int, torch.Tensor, float, torch.Tensor]] = []
+    # (step, loss, lr, logit scale, extra per-step losses such as the distillation term)
+    pending: list[tuple[int, torch.Tensor, float, torch.Tensor, dict[str, torch.Tensor]]] = []
     window_start, last_loss, checkpoint, total_time, timed_steps = (
         time.perf_counter(),
         float("nan"),
@@ -348,7 +407,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         total_time, timed_steps = total_time + elapsed, timed_steps + len(pending)
         sps = global_batch * len(pending) / elapsed
         mem = _memory_gb(device)
-        for step, loss, lr, scale in pending:
+        for step, loss, lr, scale, extra in pending:
             last_loss = float(loss)
             rec = {
                 "step": step,
@@ -357,6 +416,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
                 "logit_scale": float(scale),
                 "samples_per_s": sps,
                 "mem_gb": mem,
+                **{k: float(v) for k, v in extra.items()},
             }
             if metrics is not None:
                 metrics.write(rec)
@@ -375,23 +435,33 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         images = batch["image"].to(device, non_blocking=True)
         texts = batch["text"].to(device, non_blocking=True)
         lr = optimizer.param_groups[0]["lr"]
+        extra: dict[str, torch.Tensor] = {}
         with autocast_for(r.precision, device):
             out = train_model(images, texts)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
             if margin_fn is not None:
                 partners = batch["partners"].to(device, non_blocking=True)
                 loss = loss + margin_fn(out["image_features"], out["text_features"], partners)
+            if distill_fn is not None:
+                assert cfg.distill is not None
+                distill = distill_fn(
+                    out["concept_logits"],
+                    batch["concept_ids"].to(device, non_blocking=True),
+                    batch["concept_probs"].to(device, non_blocking=True),
+                )
+                extra = {"contrastive_loss": loss.detach(), "distill_loss": distill.detach()}
+                loss = loss + cfg.distill.weight * distill
         scaler.scale(loss).backward()
         if o.grad_clip_norm is not None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         with torch.no_grad():  # CLIP's clamp: temperature no lower than 1/100
             model.logit_scale.clamp_(0, math.log(100))
-        pending.append((step, loss.detach(), lr, model.logit_scale.detach().exp()))
+        pending.append((step, loss.detach(), lr, model.logit_scale.detach().exp(), extra))
 
         if r.log_every == 0 or step % r.log_every == 0 or step == n_steps:
             flush()
@@ -412,6 +482,12 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
                         "world_size": dist.world_size,
                         "workers": cfg.data.workers,
                         "config": cfg.to_dict(),
+                        # Beside the model, never inside state_dict: the file still loads in open_clip.
+                        **(
+                            {"concept_head": student.head.state_dict(), "concept_vocabulary": vocabulary}
+                            if student is not None
+                            else {}
+                        ),
                     },
                 )
                 if r.keep_checkpoints:

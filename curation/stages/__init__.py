@@ -16,6 +16,7 @@ from curation.stages.caption import CaptionAction, CaptionComplexity
 from curation.stages.caption_language import CaptionLanguage
 from curation.stages.caption_length import CaptionLength
 from curation.stages.clip_score import ClipScore
+from curation.stages.concepts import Concepts
 from curation.stages.download import Download
 from curation.stages.image_size import ImageSize
 from curation.stages.phash import Phash
@@ -36,12 +37,29 @@ STAGES: dict[str, type[Stage]] = {
         ImageSize,
         Phash,
         ClipScore,
+        Concepts,
     )
 }
 
-__all__ = ["STAGES", "Resources", "Stage", "StageContext", "apply_stage", "build_stages"]
+__all__ = [
+    "STAGES",
+    "Resources",
+    "Stage",
+    "StageContext",
+    "apply_stage",
+    "build_stages",
+    "model_fingerprints",
+]
 
 
 def build_stages(config: Config) -> list[Stage]:
     context = StageContext(output_dir=Path(config.output))
     return [STAGES[spec.name](spec.params, context) for spec in config.stages]
+
+
+def model_fingerprints(stages: list[Stage]) -> dict[str, dict]:
+    """{stage: Stage.fingerprint()} of the stages that load model files, for the run's config hash.
+
+    Only those stages add a key, so the hash of every other run stays what it always was.
+    """
+    return {stage.name: fp for stage in stages if (fp := stage.fingerprint())}

@@ -92,6 +92,12 @@ class Stage(ABC):
         """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
         return {}
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What else, beyond its params, decides this stage's results: the contents of the model files it
+        loads (a checkpoint overwritten in place, an edited vocabulary). Folded into the run's config hash
+        by `curation.engine.execute`, once per run in the driver, so a resume cannot mix two models."""
+        return {}
+
 
 def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
     """Compute the stage's columns (unless present) and fold its decision into keep/drop_reason.

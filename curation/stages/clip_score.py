@@ -251,6 +251,13 @@ class ClipScore(Stage):
         """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
         return {} if self.params.min is None else {"clip_score": (">=", self.params.min)}
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The checkpoint by content: one overwritten in place would otherwise score a resumed run twice."""
+        from curation.teachers import file_sha256
+
+        assert self.params.checkpoint is not None  # check() refuses a config without one
+        return {"model": self.params.model, "checkpoint_sha256": file_sha256(self.params.checkpoint)}
+
     def check(self) -> list[str]:
         import importlib.util
 

@@ -39,7 +39,6 @@ Definitions (recorded per row; rows the cascade skips get nulls):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -56,7 +55,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.devices import resolve_device
+from curation.devices import cpu_has_native_bf16, resolve_device
 from curation.imageio import DEFAULT_MAX_PIXELS
 from curation.schema import STAGE_COLUMNS
 from curation.stages.base import Resources, Stage
@@ -167,13 +166,7 @@ def _auto_precision(device: str) -> str:
     """
     if device == "cuda":
         return "fp16"
-    import torch
-
-    native = False
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        with contextlib.suppress(AttributeError, RuntimeError):  # private probes: absent in some builds
-            native = native or bool(getattr(torch.cpu, probe)())
-    return "bf16" if native else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def _fold_batch_norm(model: Any) -> Any:

@@ -99,3 +99,29 @@ def test_ranks_read_disjoint_samples(fmnist_shards: Path) -> None:
         batches = _batches(shards, 0, 4, 0, rank=rank, world_size=2)
         seen.append({img.flatten().sum().item() for imgs, _ in batches for img in imgs})
     assert seen[0] and seen[1] and not (seen[0] & seen[1])
+
+
+def test_hostile_images_are_refused_from_their_header(tmp_path: Path) -> None:
+    """Training and evaluation decode through curation.imageio: a header claiming 10^10 pixels is
+    refused before any pixel is read; an evaluation folder leaves it (and a corrupt file) out."""
+    import io
+
+    from PIL import Image
+
+    from tests.imageserver import png_header_bomb
+    from train.evaluate import read_image_folder
+
+    stream = ShardStream([], 2, lambda im: im, lambda texts: texts)
+    bomb = {"__key__": "x", "__url__": "s.tar", "png": png_header_bomb(), "txt": b"a caption"}
+    with pytest.raises(ValueError, match="too_large"):
+        stream._decode(bomb)
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        buf = io.BytesIO()
+        Image.new("L", (8, 8), 128).save(buf, "PNG")
+        (tmp_path / name / "ok.png").write_bytes(buf.getvalue())
+    (tmp_path / "cat" / "bomb.png").write_bytes(png_header_bomb())
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    images, labels, names = read_image_folder(tmp_path)
+    assert labels == [0, 1] and names == ["cat", "dog"]
+    assert all(im.mode == "RGB" and im.size == (8, 8) for im in images)

