@@ -584,7 +584,8 @@ def _groups(
     keys.append(label)
     order = np.lexsort(keys)  # last key is the primary one: group, then the rule
     order = order[size[label[order]] > 1]
-    group_start = np.r_[True, label[order][1:] != label[order][:-1]]
+    # (an empty `order`, a run without duplicates, must give empty columns, not one stray True)
+    group_start = np.r_[True, label[order][1:] != label[order][:-1]] if len(order) else np.zeros(0, bool)
     starts = np.flatnonzero(group_start)
     rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
     # groups are numbered in the order of their smallest uid

@@ -300,3 +300,20 @@ def test_repeated_input_rows_count_once(tmp_path):
     summary = run_dedup(run, DedupParams())
     assert summary["rows"] == 2 and summary["rows_in_groups"] == 2  # 5 and 7 are 1 bit apart
     assert REPO.is_dir()
+
+
+def test_a_run_without_duplicates_gives_an_empty_table(tmp_path):
+    """No link at all (distinct hashes far apart): an empty dedup table, and select --dedup keeps all."""
+    run = tmp_path / "run"
+    (run / "manifests").mkdir(parents=True)
+    uids = [make_uid(str(i), "x") for i in range(3)]
+    hashes = [0, 0x00FF00FF00FF00FF, 0x7F00FF00FF00FF00]
+    pq.write_table(
+        pa.table({"uid": uids, "shard": pa.array([0] * 3, pa.int32()), "keep": [True] * 3, "phash": hashes}),
+        run / "manifests" / "shard-00000.parquet",
+    )
+    summary = run_dedup(run, DedupParams())
+    assert summary["rows"] == 3 and summary["rows_in_groups"] == 0
+    out = tmp_path / "uids.parquet"
+    assert main(["select", str(run), "--dedup", "--uids-only", "--out", str(out)]) == 0
+    assert pq.read_table(out).num_rows == 3
