@@ -15,6 +15,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -155,8 +156,24 @@ def _raise_if_errors(parsed: Parsed) -> Config:
     return parsed.config
 
 
-def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None) -> Parsed:
-    """Type-check a config, collecting every problem; raises ConfigError only for unreadable YAML."""
+@dataclass
+class YamlMapping:
+    """A config file's top-level mapping, the line of each key, and the problems found so far."""
+
+    data: dict[str, Any]
+    lines: dict[KeyPath, int]
+    errors: list[str] = field(default_factory=list)
+
+    def err(self, key: KeyPath, msg: str) -> None:
+        self.errors.append(describe(self.lines, key, msg))
+
+
+def read_yaml_mapping(
+    text: str, source: str, keys: Sequence[str], overrides: dict[str, Any] | None = None
+) -> YamlMapping:
+    """YAML text -> its mapping with `overrides` (dotted keys) applied and unknown top-level keys
+    reported; raises ConfigError for text that is not YAML or not a mapping. Every config of the
+    project (pipeline, training, mining) is read by this, so their errors read alike."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -165,23 +182,21 @@ def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | No
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError([f"malformed YAML at {where}{problem}"], source) from None
-    lines = _line_index(node)
-    errors: list[str] = []
-
-    def err(key: KeyPath, msg: str) -> None:
-        errors.append(describe(lines, key, msg))
-
     if not isinstance(data, dict):
-        raise ConfigError(
-            ["the config must be a YAML mapping with keys input, output, runner, stages"], source
-        )
+        raise ConfigError([f"the config must be a YAML mapping with keys {', '.join(keys)}"], source)
+    doc = YamlMapping(data, _line_index(node))
     for key, value in (overrides or {}).items():
         _set_path(data, key, value)
-
-    allowed = {"input", "output", "runner", "stages"}
     for k in data:
-        if k not in allowed:
-            err((k,), f"unknown key; expected one of {sorted(allowed)}")
+        if k not in keys:
+            doc.err((k,), f"unknown key; expected one of {sorted(keys)}")
+    return doc
+
+
+def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None) -> Parsed:
+    """Type-check a config, collecting every problem; raises ConfigError only for unreadable YAML."""
+    doc = read_yaml_mapping(text, source, ("input", "output", "runner", "stages"), overrides)
+    data, lines, errors, err = doc.data, doc.lines, doc.errors, doc.err
     if "input" not in data:
         err(("input",), "missing (where the pairs come from)")
     if "output" not in data:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 from PIL import Image
@@ -37,23 +35,3 @@ def near_duplicates(img: Image.Image) -> dict[str, Image.Image | bytes]:
         "half": img.resize((w // 2, h // 2), Image.Resampling.BILINEAR),
         "crop": img.crop((dx, dy, w - dx, h - dy)),
     }
-
-
-def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
-    """A valid PNG header declaring width x height pixels, with almost no data: refused unread."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body))
-            + kind
-            + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )

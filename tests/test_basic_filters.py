@@ -15,7 +15,8 @@ from curation.stages.caption_length import CaptionLength, CaptionLengthParams
 from curation.stages.image_size import ImageSize, ImageSizeParams
 from curation.stages.phash import Phash, PhashParams, hamming, phash_image
 from tests.helpers import LAION_1K
-from tests.images import PHOTOS, encode, near_duplicates, photo, png_bomb
+from tests.images import PHOTOS, encode, near_duplicates, photo
+from tests.imageserver import png_header_bomb
 
 CTX = StageContext(output_dir=Path("/nonexistent"))
 
@@ -127,7 +128,7 @@ def test_image_size_from_original_dimensions_without_images():
 def test_image_size_from_the_header_of_image_inputs():
     coffee = photo("coffee")  # 600 x 400
     jpeg = encode(coffee)
-    images = [jpeg, encode(coffee.resize((150, 100)), "PNG"), png_bomb(), b"garbage", jpeg[:100]]
+    images = [jpeg, encode(coffee.resize((150, 100)), "PNG"), png_header_bomb(), b"garbage", jpeg[:100]]
     out = apply_stage(ImageSize(ImageSizeParams(), CTX), pa.table({"image": images}))
     assert out.column("min_side").to_pylist()[:2] == [400, 100]
     assert out.column("image_size_status").to_pylist() == [
@@ -176,7 +177,9 @@ def test_phash_stage_near_duplicates_close_distinct_far():
 
 def test_phash_statuses_and_an_earlier_sha256_wins():
     good = encode(photo("coins"))
-    table = pa.table({"image": [good, None, b"junk", good[:200], png_bomb()], "sha256": ["img2dataset"] * 5})
+    table = pa.table(
+        {"image": [good, None, b"junk", good[:200], png_header_bomb()], "sha256": ["img2dataset"] * 5}
+    )
     out = apply_stage(Phash(PhashParams(), CTX), table)
     assert out.column("phash_status").to_pylist() == [
         "ok",

@@ -17,7 +17,8 @@ from curation.cli import main  # noqa: E402
 from curation.schema import STAGE_COLUMNS  # noqa: E402
 from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
 from curation.stages.clip_score import ClipScore, ClipScoreParams  # noqa: E402
-from tests.images import PHOTOS, encode, photo, png_bomb  # noqa: E402
+from tests.images import PHOTOS, encode, photo  # noqa: E402
+from tests.imageserver import png_header_bomb  # noqa: E402
 from train.model import MODEL_CONFIG_DIR, build_model  # noqa: E402
 
 CTX = StageContext(output_dir=Path("/nonexistent"))
@@ -115,7 +116,7 @@ def test_bad_images_and_captions_are_statuses(stage):
     good = encode(photo("coffee"))
     table = pa.table(
         {
-            "image": [good, None, b"not an image", good[: len(good) // 2], png_bomb(), good, good],
+            "image": [good, None, b"not an image", good[: len(good) // 2], png_header_bomb(), good, good],
             "caption": ["a cup", "a cup", "a cup", "a cup", "a cup", "", None],
         }
     )

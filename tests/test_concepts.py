@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ from curation.teachers import (  # noqa: E402
     load_teacher,
     read_vocabulary,
 )
+from tests.imageserver import png_header_bomb  # noqa: E402
 
 CTX = StageContext(output_dir=Path("/nonexistent"))
 
@@ -43,22 +42,6 @@ def jpeg(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).convert("RGB").save(buf, "JPEG", quality=92)
     return buf.getvalue()
-
-
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A valid PNG header claiming 10^10 pixels, with almost no data: refused from the header."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-        return struct.pack(">I", len(body)) + kind + body + crc
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +114,7 @@ def test_batched_equals_one_at_a_time(stage):
 
 def test_bad_images_become_statuses_and_decode_drops(stage):
     good = jpeg(skdata.coffee())
-    images = [good, None, b"", good[: len(good) // 2], b"not an image at all", png_bomb(), good]
+    images = [good, None, b"", good[: len(good) // 2], b"not an image at all", png_header_bomb(), good]
     table = pa.table({"uid": [str(i) for i in range(len(images))], "image": pa.array(images, pa.binary())})
     table = table.append_column("keep", pa.array([True] * 6 + [False]))  # an earlier stage dropped the last
     out = apply_stage(stage, table)

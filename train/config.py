@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from curation.config import ConfigError, _build, _closest_line, _fmt, _line_index, _set_path
+from curation.config import ConfigError, _build, read_yaml_mapping
 
 __all__ = [
     "ConfigError",
@@ -173,34 +173,9 @@ def load_train_config(path: str | os.PathLike, *, overrides: dict[str, Any] | No
 def parse_train_config(
     text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError([f"malformed YAML at {where}{getattr(e, 'problem', None) or e}"], source) from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            [
-                "the config must be a YAML mapping with keys data, output_dir, model, loss, optim, train, hard_pairs, distill"
-            ],
-            source,
-        )
-    lines = _line_index(node)
-    errors: list[str] = []
-
-    def err(key: tuple, msg: str) -> None:
-        line = _closest_line(lines, key)
-        errors.append(f"{_fmt(key) or '<top>'}{f' (line {line})' if line else ''}: {msg}")
-
-    for key, value in (overrides or {}).items():
-        _set_path(data, key, value)
-
-    allowed = {*_SECTIONS, *_OPTIONAL_SECTIONS, "output_dir"}
-    for k in data:
-        if k not in allowed:
-            err((k,), f"unknown key; expected one of {sorted(allowed)}")
+    keys = ("data", "output_dir", *_SECTIONS, *_OPTIONAL_SECTIONS)
+    doc = read_yaml_mapping(text, source, tuple(dict.fromkeys(keys)), overrides)
+    data, errors, err = doc.data, doc.errors, doc.err
     if "data" not in data:
         err(("data",), "missing (the shards to train on: `data: {shards: DIR/{00000..00009}.tar}`)")
     output_dir = data.get("output_dir")

@@ -329,7 +329,11 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         start_step, rng_state = int(ck["step"]), ck["rng"]
-        same = ck.get("world_size") == dist.world_size and ck.get("workers") == cfg.data.workers
+        # Hard-pair batches are a function of (seed, step, world size) alone; the stream's order also
+        # depends on how many workers split it.
+        same = ck.get("world_size") == dist.world_size and (
+            cfg.hard_pairs is not None or ck.get("workers") == cfg.data.workers
+        )
         if dist.is_main:
             log.info("resumed from %s at step %d", ckpt_path, start_step)
             if not same:

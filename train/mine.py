@@ -31,9 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import yaml
-
-from curation.config import ConfigError, _build, _closest_line, _fmt, _line_index, _set_path
+from curation.config import ConfigError, _build, read_yaml_mapping
 from curation.manifest import RunDir, RunLocked, _explain_conflict, _write_json_atomic
 
 log = logging.getLogger("train")
@@ -133,27 +131,10 @@ def parse_mine_config(
     text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None
 ) -> MineConfig:
     """YAML -> MineConfig; raises ConfigError listing every problem with its key and line."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"malformed YAML: {e}"], source) from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            ["the config must be a mapping with keys data, output, encoders, mining, runner"], source
-        )
-    lines = _line_index(node) if node is not None else {}
-    errors: list[str] = []
-
-    def err(key: tuple, msg: str) -> None:
-        line = _closest_line(lines, key)
-        errors.append(f"{_fmt(key) or '<top>'}{f' (line {line})' if line else ''}: {msg}")
-
-    for key, value in (overrides or {}).items():
-        _set_path(data, key, value)
-    for k in data:
-        if k not in {*_SECTIONS, "output"}:
-            err((k,), f"unknown key; expected one of {sorted({*_SECTIONS, 'output'})}")
+    doc = read_yaml_mapping(
+        text or "{}", source, ("data", "output", "encoders", "mining", "runner"), overrides
+    )
+    data, errors, err = doc.data, doc.errors, doc.err
     if "data" not in data:
         err(("data",), "missing (the subset to mine: `data: {shards: DIR/{00000..00009}.tar}`)")
     if not isinstance(data.get("output"), str):

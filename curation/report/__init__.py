@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from curation.terminal import printable
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_SAMPLE = 48
 
@@ -107,7 +109,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         for msg in result.unreadable[:10]:
-            print(f"  {msg}", file=sys.stderr)
+            print(f"  {printable(msg)}", file=sys.stderr)  # uids and paths come from the data
     return EXIT_OK
 
 

@@ -99,6 +99,29 @@ class Stage(ABC):
         return {}
 
 
+class ModelStage(Stage):
+    """A stage that runs a torch model on `params.device` with `params.cpus` threads.
+
+    `device` follows the one rule of curation.devices (`auto` = CUDA when this process sees a
+    GPU), resolved once; `resources` declare the GPU, so the Ray runner gives the stage its own
+    GPU pool and the local runner can refuse a CUDA stage on a machine without one.
+    """
+
+    _device: str | None = None
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            from curation.devices import resolve_device
+
+            self._device = resolve_device(self.params.device)
+        return self._device
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=max(1, self.params.cpus), gpus=1.0 if self.device == "cuda" else 0.0)
+
+
 def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
     """Compute the stage's columns (unless present) and fold its decision into keep/drop_reason.
 

@@ -33,9 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.devices import resolve_device
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
-from curation.stages.base import Resources, Stage
+from curation.stages.base import ModelStage
 
 CLIP_COLUMNS = ("clip_score", "clip_status")
 EMBEDDING_COLUMN = "clip_image_embedding"
@@ -181,7 +180,7 @@ class ClipScorer:
             self._pool.shutdown(wait=False)
 
 
-class ClipScore(Stage):
+class ClipScore(ModelStage):
     """Score every kept pair with a local open_clip model; optionally drop those below `min`."""
 
     name = "clip_score"
@@ -196,17 +195,6 @@ class ClipScore(Stage):
         if not params.keep_embedding:
             self.columns = CLIP_COLUMNS  # type: ignore[misc]  # this instance's manifest has no embedding
         self._scorer: ClipScorer | None = None
-        self._device: str | None = None
-
-    @property
-    def device(self) -> str:
-        if self._device is None:
-            self._device = resolve_device(self.params.device)
-        return self._device
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(cpus=max(1, self.params.cpus), gpus=1.0 if self.device == "cuda" else 0.0)
 
     def setup(self) -> None:
         if self._scorer is None:

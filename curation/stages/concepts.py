@@ -32,9 +32,9 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.devices import cpu_has_native_bf16, resolve_device
+from curation.devices import cpu_has_native_bf16
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
-from curation.stages.base import Resources, Stage
+from curation.stages.base import ModelStage
 
 CONCEPT_COLUMNS = ("concept_ids", "concept_probs", "concept_status")
 CPU_CHUNK = 8
@@ -78,7 +78,7 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-class Concepts(Stage):
+class Concepts(ModelStage):
     """Store a teacher's top-k concepts per kept image; drop images that cannot be decoded."""
 
     name = "concepts"
@@ -90,18 +90,7 @@ class Concepts(Stage):
     def __init__(self, params: ConceptsParams, context) -> None:
         super().__init__(params, context)
         self._teacher: Any = None
-        self._device: str | None = None
         self._pool: ThreadPoolExecutor | None = None
-
-    @property
-    def device(self) -> str:
-        if self._device is None:
-            self._device = resolve_device(self.params.device)
-        return self._device
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(cpus=max(1, self.params.cpus), gpus=1.0 if self.device == "cuda" else 0.0)
 
     def fingerprint(self) -> dict[str, Any]:
         from curation.teachers import teacher_fingerprint

@@ -55,10 +55,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.devices import cpu_has_native_bf16, resolve_device
+from curation.devices import cpu_has_native_bf16
 from curation.imageio import DEFAULT_MAX_PIXELS
 from curation.schema import STAGE_COLUMNS
-from curation.stages.base import Resources, Stage
+from curation.stages.base import ModelStage
 
 OCR_COLUMNS = ("ocr_text", "ocr_boxes", "ocr_regions", "ocr_area", "ocr_caption_overlap", "ocr_status")
 MODEL_FILES = ("craft_mlt_25k.pth", "english_g2.pth")
@@ -456,7 +456,7 @@ def _union_area(horizontal: list, free: list, d: _Decoded) -> float:
     return float(mask.sum()) / float(h * w)
 
 
-class TextSpotting(Stage):
+class TextSpotting(ModelStage):
     """Drop pairs whose caption is largely written in the image (DiHT's CAT text-spotting rule)."""
 
     name = "text_spotting"
@@ -468,18 +468,6 @@ class TextSpotting(Stage):
     def __init__(self, params: TextSpottingParams, context) -> None:
         super().__init__(params, context)
         self._engine: OcrEngine | None = None
-        self._device: str | None = None
-
-    @property
-    def device(self) -> str:
-        if self._device is None:
-            self._device = resolve_device(self.params.device)
-        return self._device
-
-    @property
-    def resources(self) -> Resources:
-        gpus = 1.0 if self.device == "cuda" else 0.0
-        return Resources(cpus=max(1, self.params.cpus), gpus=gpus)
 
     def setup(self) -> None:
         if self._engine is None:
