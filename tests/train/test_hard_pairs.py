@@ -220,3 +220,24 @@ def test_shipped_recipes_parse(table, tmp_path) -> None:
     text = (repo / "train/configs/mine_fashion_mnist.yaml").read_text()
     mine_cfg = parse_mine_config(text, overrides={"encoders.checkpoint": str(ck)})
     assert mine_cfg.mining.k == 50 and mine_cfg.output == "runs/fmnist_mined"
+
+
+def test_hard_pair_batches_carry_distillation_targets(
+    fmnist_concept_shards, table, tmp_path, make_config
+) -> None:
+    """HELIP's batches and DiHT's concept distillation together: partners come with their targets."""
+    stream = _stream(fmnist_concept_shards, table, concept_vocabulary_size=30)
+    batch = next(iter(stream))
+    assert batch["partners"].shape == (16, 16)
+    assert batch["concept_ids"].shape[0] == 16 and (batch["concept_ids"][:, 0] >= 0).all()
+    out = tmp_path / "both"
+    sections = {
+        "hard_pairs": {"path": str(table), "top": TOP},
+        "loss": {"name": "infonce", "hnml": 0.3},
+        "distill": {"weight": 1.0},
+        "train": {"steps": 2},
+        "data": {"workers": 0},
+    }
+    train(load_train_config(make_config(tmp_path / "b.yaml", fmnist_concept_shards, out, **sections)))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["distill_loss"] > 0 for r in rows)
