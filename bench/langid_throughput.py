@@ -1,15 +1,16 @@
-"""caption_language on the 10k real LAION captions: captions/s and the share called English.
+"""caption_language on real LAION captions (--captions; BENCHMARKS.md used a 10k sample): captions/s and the share called English.
 
 Measures the stage as the pipeline runs it (`apply_stage` on one Arrow batch of
-10,000 captions: fastText lid.176.ftz via fasttext-predict) and, for the record,
+all the captions: fastText lid.176.ftz via fasttext-predict) and, for the record,
 py3langid (the other PyPI language identifier with its model inside the package):
 its speed, its English share and how often the two agree.
 
-    python bench/langid_throughput.py
+    python bench/langid_throughput.py [--captions PATH]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from captions import add_captions_argument  # noqa: E402
 
 
 def main() -> None:
@@ -25,10 +28,12 @@ def main() -> None:
 
     from curation.stages import StageContext, apply_stage
     from curation.stages.caption_language import CaptionLanguage, CaptionLanguageParams
-    from tests.helpers import LAION_10K
 
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_captions_argument(ap)
+    args = ap.parse_args()
     print(f"load average: {Path('/proc/loadavg').read_text().strip()}")
-    captions = pq.read_table(LAION_10K, columns=["TEXT"]).column("TEXT")
+    captions = pq.read_table(args.captions, columns=["TEXT"]).column("TEXT")
     table = pa.table({"caption": captions})
     stage = CaptionLanguage(CaptionLanguageParams(), StageContext(Path(".")))
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Ray runner scaling: local vs Ray on the same cores, Ray on 1 vs 2 CPUs, start-up, driver memory.
 
-    python bench/ray_scaling.py                     # 500k captions (the 10k LAION sample, replicated)
+    python bench/ray_scaling.py                     # 500k captions (--captions replicated; BENCHMARKS.md used a 10k LAION sample)
     python bench/ray_scaling.py --rows 100000 --small-rows 20000
 
 Every measurement runs in a fresh process (so its peak RSS is its own) over the
@@ -34,10 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = next(
-    (p / "shared/data/laion_captions_10k.parquet" for p in ROOT.parents if (p / "shared/data").is_dir()),
-    ROOT.parent / "shared/data/laion_captions_10k.parquet",
-)
+sys.path.insert(0, str(ROOT / "bench"))
+from captions import add_captions_argument  # noqa: E402
+
 STAGES = "  - caption_complexity: {min: 2}\n  - caption_action: {min: 1}\n"
 
 
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(cfg, runner, int(cpus))))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="captions Parquet with URL, TEXT")
+    add_captions_argument(p)
     p.add_argument("--rows", type=int, default=500_000, help="input rows for the throughput runs")
     p.add_argument("--small-rows", type=int, default=100_000, help="second input size for driver memory")
     p.add_argument("--shard-rows", type=int, default=10_000)
@@ -181,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="curate-bench-"))
     results: dict[str, dict] = {}
     try:
-        big = make_input(args.data, args.rows, tmp)
-        small = make_input(args.data, args.small_rows, tmp)
+        big = make_input(args.captions, args.rows, tmp)
+        small = make_input(args.captions, args.small_rows, tmp)
 
         def run(name: str, data: Path, runner: str, cpus: int) -> None:
             cfg = write_config(data, tmp / name, args.shard_rows, args.batch_rows)

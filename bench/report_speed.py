@@ -7,7 +7,7 @@ LAION captions paired with 256 px JPEG crops of scikit-image's photos, as webdat
     python bench/report_speed.py --rounds 1 --skip-images --skip-thumbnails
 
 The 1M-row output: `curate run` with the CAT caption stages over the 10k real
-LAION captions in ../shared/data (real scores, real run.json and ledger), then
+LAION captions of --captions (BENCHMARKS.md: a 10k sample; real scores, real run.json and ledger), then
 replicated 100x into 10 shards of 100k rows with fresh uids, written with the
 run machinery itself (RunDir + ShardWriter: the manifest schema, zstd, ledger).
 Parsing 1M captions would take ~17 min of both cores here and give the same
@@ -41,7 +41,10 @@ sys.path.insert(0, str(REPO))
 from curation.manifest import RunDir  # noqa: E402
 from curation.schema import make_uids  # noqa: E402
 from curation.sources.base import Shard  # noqa: E402
-from tests.helpers import LAION_10K, write_config  # noqa: E402
+from tests.helpers import write_config  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from captions import add_captions_argument  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -64,9 +67,9 @@ def curate(*args: str, label: str | None = None) -> float:
     return wall
 
 
-def scored_10k(tmp: Path) -> Path:
+def scored_10k(tmp: Path, captions: Path) -> Path:
     out = tmp / "laion10k"
-    cfg = write_config(tmp / "laion10k.yaml", LAION_10K, out, rows_per_shard=5000, workers=2)
+    cfg = write_config(tmp / "laion10k.yaml", captions, out, rows_per_shard=5000, workers=2)
     curate("run", str(cfg))
     return out
 
@@ -167,13 +170,14 @@ def main() -> None:
     ap.add_argument("--skip-images", action="store_true", help="skip the demo image run (OCR on 34 pairs)")
     ap.add_argument("--skip-thumbnails", action="store_true", help="skip the 1,000-photo run (HTML size)")
     ap.add_argument("--workdir", help="keep the outputs here (default: a temporary folder)")
+    add_captions_argument(ap)
     args = ap.parse_args()
     print("load average at start:", Path("/proc/loadavg").read_text().strip())
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp_name:
         tmp = Path(tmp_name)
         t = time.perf_counter()
-        src = scored_10k(tmp)
+        src = scored_10k(tmp, args.captions)
         big = tmp / "laion1m"
         rows = replicate(src, big, args.copies, shards=10)
         print(
