@@ -92,9 +92,9 @@ def main() -> None:
     import pyarrow as pa
     import torch
 
+    from curation.models.clip import build_model
     from curation.stages import StageContext
     from curation.stages.clip_score import ClipScore, ClipScoreParams
-    from train.model import build_model
 
     torch.set_num_threads(args.threads)
     images, captions = make_pairs(args.pairs)

@@ -87,7 +87,7 @@ def plain_loop(images: list[bytes], top_k: int) -> list[list[int]]:
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    from curation.teachers import _efficientnet_lite0, default_checkpoint
+    from curation.models.teachers import _efficientnet_lite0, default_checkpoint
 
     model = _efficientnet_lite0(default_checkpoint()).eval()
     transform = create_transform(**resolve_data_config({}, model=model))
@@ -199,8 +199,8 @@ stages:
 
 def analyse_targets(run: Path) -> dict:
     """Which ImageNet concepts the teacher gives each Fashion-MNIST class: top-1 frequencies and examples."""
+    from curation.models.teachers import imagenet_vocabulary
     from curation.query import connect
-    from curation.teachers import imagenet_vocabulary
 
     vocab = imagenet_vocabulary()
     con = connect(str(run))
@@ -271,14 +271,9 @@ def train_variant(out: Path, name: str, seed: int, shards: Path) -> Path:
 def evaluate_checkpoint(checkpoint: Path) -> dict:
     import numpy as np
 
+    from curation.models.clip import encode_images, encode_texts, load_for_eval
     from train import fashion_mnist
-    from train.evaluate import (
-        encode_images,
-        encode_texts,
-        load_for_eval,
-        retrieval_recall,
-        zero_shot_accuracy,
-    )
+    from train.evaluate import retrieval_recall, zero_shot_accuracy
 
     built = load_for_eval(str(checkpoint))
     images, labels = fashion_mnist.load("test")

@@ -83,12 +83,12 @@ def main() -> None:
 
     import torch
 
+    from curation.models.clip import build_model
     from train.data import ShardStream, expand_shards
     from train.fashion_mnist import write_shards
     from train.hard_pairs import HardPairStream, TarIndex
-    from train.mine import write_hard_pairs
-    from train.mining import mine_hard_pairs
-    from train.model import build_model
+    from train.mining.output import write_hard_pairs
+    from train.mining.search import mine_hard_pairs
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

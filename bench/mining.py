@@ -75,7 +75,7 @@ def one(method: str, n: int, queries: int, out: str | None) -> None:
     """Child process: one timed search; prints a JSON record."""
     import torch
 
-    from train.mining import mine_hard_pairs
+    from train.mining.search import mine_hard_pairs
 
     u, v = _embeddings(n)
     base_rss = _peak_rss_mb()

@@ -72,7 +72,7 @@ def open_clip_baseline(args: argparse.Namespace, logs: Path, name: str) -> float
     from open_clip_train.main import main as oc_main
     from webdataset.tariterators import tar_file_expander
 
-    from train.model import MODEL_CONFIG_DIR
+    from curation.models.clip import MODEL_CONFIG_DIR
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)  # so "curate-tiny" resolves by name
     ocd.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)  # see module docstring

@@ -269,7 +269,7 @@ control characters in captions as escapes (\\x1b); csv and json keep the data ex
     q.set_defaults(func=cmd_query)
 
     # Commands that live with their feature; absent only in a partial checkout.
-    for module in ("curation.select", "curation.report", "curation.dedup", "train.cli", "train.mine"):
+    for module in ("curation.select", "curation.report", "curation.dedup", "train.cli", "train.mining.cli"):
         if importlib.util.find_spec(module.split(".")[0]) and importlib.util.find_spec(module):
             importlib.import_module(module).register(sub)
     return p

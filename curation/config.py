@@ -22,8 +22,6 @@ from typing import Any, Literal
 
 import yaml
 
-from curation.stages import STAGES
-
 KeyPath = tuple[str | int, ...]
 
 
@@ -202,8 +200,8 @@ def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | No
     if "output" not in data:
         err(("output",), "missing (the run's output directory)")
 
-    inp = _build(InputConfig, data.get("input"), ("input",), err) if "input" in data else None
-    runner = _build(RunnerConfig, data.get("runner", {}) or {}, ("runner",), err)
+    inp = build_dataclass(InputConfig, data.get("input"), ("input",), err) if "input" in data else None
+    runner = build_dataclass(RunnerConfig, data.get("runner", {}) or {}, ("runner",), err)
     output = data.get("output")
     if output is not None and not isinstance(output, str):
         err(("output",), f"expected a path string, got {type(output).__name__}")
@@ -235,6 +233,9 @@ def _range_checks(cfg: Config, err) -> None:
 
 
 def _build_stages(raw: Any, err) -> list[StageSpec]:
+    # Imported here: reading a training or mining config must not import every stage module.
+    from curation.stages import STAGES
+
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -252,7 +253,7 @@ def _build_stages(raw: Any, err) -> list[StageSpec]:
         if name not in STAGES:
             err(key, f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
             continue
-        built = _build(STAGES[name].Params, params or {}, (*key, name), err)
+        built = build_dataclass(STAGES[name].Params, params or {}, (*key, name), err)
         if built is not None:
             specs.append(StageSpec(name=name, params=built, key_path=(*key, name)))
     return specs
@@ -261,7 +262,7 @@ def _build_stages(raw: Any, err) -> list[StageSpec]:
 # --------------------------------------------------------------------------- typing
 
 
-def _build(cls: type, raw: Any, key: KeyPath, err) -> Any:
+def build_dataclass(cls: type, raw: Any, key: KeyPath, err) -> Any:
     """Instantiate dataclass `cls` from a mapping, reporting unknown/missing/mistyped keys."""
     if not isinstance(raw, dict):
         err(key, f"expected a mapping, got {type(raw).__name__}")

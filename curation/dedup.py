@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from curation.manifest import RunDir, RunLocked, _write_json_atomic, exclusive_lock
+from curation.manifest import RunDir, RunLocked, exclusive_lock, write_json_atomic
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 KINDS = ("exact", "phash", "semantic")  # strictest first: a row's dup_kind is its strictest link
@@ -243,7 +243,7 @@ def run_dedup(
             "skipped": skipped,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_json_atomic(summary_path, summary)
+        write_json_atomic(summary_path, summary)
         shutil.rmtree(folder / ".work", ignore_errors=True)
         return summary
 

@@ -47,7 +47,7 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, default=str)
@@ -120,7 +120,7 @@ class RunDir:
             if problem:
                 raise RunConflict(problem)
             return self.plan()
-        _write_json_atomic(
+        write_json_atomic(
             self.record_path,
             {
                 "schema_version": SCHEMA_VERSION,
@@ -143,7 +143,7 @@ class RunDir:
         except (OSError, ValueError, KeyError, TypeError) as e:
             return f"{self.record_path} is unreadable ({type(e).__name__}): choose a new output"
         if old_hash != config_hash:
-            return _explain_conflict(self.root, old_fingerprint, fingerprint)
+            return explain_conflict(self.root, old_fingerprint, fingerprint)
         if rec.get("schema_version") != SCHEMA_VERSION:
             return (
                 f"{self.root} was written with manifest schema v{rec.get('schema_version')}, "
@@ -218,12 +218,12 @@ class RunDir:
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def commit_ledger(self, result: ShardResult) -> None:
-        _write_json_atomic(self.ledger / f"{shard_name(result.shard)}.json", result.to_json())
+        write_json_atomic(self.ledger / f"{shard_name(result.shard)}.json", result.to_json())
         with contextlib.suppress(FileNotFoundError):
             (self.ledger / f"{shard_name(result.shard)}.failed.json").unlink()
 
     def record_failure(self, index: int, error: str) -> None:
-        _write_json_atomic(
+        write_json_atomic(
             self.ledger / f"{shard_name(index)}.failed.json",
             {"shard": index, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         )
@@ -290,7 +290,7 @@ def summarise(table: pa.Table, index: int, seconds: float) -> ShardResult:
     return ShardResult(index, table.num_rows, kept, _count_reasons(table), seconds)
 
 
-def _explain_conflict(root: Path, old: dict, new: dict) -> str:
+def explain_conflict(root: Path, old: dict, new: dict) -> str:
     diffs = []
 
     def walk(a: Any, b: Any, key: str) -> None:

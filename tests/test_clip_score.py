@@ -14,12 +14,12 @@ pytest.importorskip("open_clip")
 pytest.importorskip("skimage")
 
 from curation.cli import main  # noqa: E402
+from curation.models.clip import MODEL_CONFIG_DIR, build_model  # noqa: E402
 from curation.schema import STAGE_COLUMNS  # noqa: E402
 from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
 from curation.stages.clip_score import ClipScore, ClipScoreParams  # noqa: E402
 from tests.images import PHOTOS, encode, photo  # noqa: E402
 from tests.imageserver import png_header_bomb  # noqa: E402
-from train.model import MODEL_CONFIG_DIR, build_model  # noqa: E402
 
 CTX = StageContext(output_dir=Path("/nonexistent"))
 CAPTIONS = [
@@ -57,7 +57,7 @@ def stage(checkpoint) -> ClipScore:
 
 def reference_scores(checkpoint: Path, images, captions) -> tuple[np.ndarray, np.ndarray]:
     """open_clip's own encode_image / encode_text, one pair at a time."""
-    from train.evaluate import load_for_eval
+    from curation.models.clip import load_for_eval
 
     built = load_for_eval(str(checkpoint))
     scores, embeddings = [], []

@@ -18,10 +18,7 @@ skdata = pytest.importorskip("skimage.data")
 from PIL import Image  # noqa: E402
 
 from curation.cli import main  # noqa: E402
-from curation.schema import STAGE_COLUMNS  # noqa: E402
-from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
-from curation.stages.concepts import CONCEPT_COLUMNS, Concepts, ConceptsParams  # noqa: E402
-from curation.teachers import (  # noqa: E402
+from curation.models.teachers import (  # noqa: E402
     OPEN_CLIP_TEMPLATE,
     TeacherError,
     _efficientnet_lite0,
@@ -33,6 +30,9 @@ from curation.teachers import (  # noqa: E402
     load_teacher,
     read_vocabulary,
 )
+from curation.schema import STAGE_COLUMNS  # noqa: E402
+from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
+from curation.stages.concepts import CONCEPT_COLUMNS, Concepts, ConceptsParams  # noqa: E402
 from tests.imageserver import png_header_bomb  # noqa: E402
 
 CTX = StageContext(output_dir=Path("/nonexistent"))
@@ -216,8 +216,7 @@ def test_timm_and_torchvision_teachers_reproduce_their_models(tmp_path):
 def test_open_clip_teacher_is_the_zero_shot_classifier(tmp_path):
     import torch.nn.functional as F
 
-    from train.evaluate import zero_shot_classifier
-    from train.model import build_model
+    from curation.models.clip import build_model, zero_shot_classifier
 
     torch.manual_seed(0)
     built = build_model("curate-tiny")

@@ -17,7 +17,7 @@ RECIPES = ("datacomp_basic", "cat", "cat_clip")
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     torch = pytest.importorskip("torch")
-    from train.model import build_model
+    from curation.models.clip import build_model
 
     path = tmp_path_factory.mktemp("ck") / "clip.pt"
     torch.save(

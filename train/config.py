@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from curation.config import ConfigError, _build, read_yaml_mapping
+from curation.config import ConfigError, build_dataclass, read_yaml_mapping
 
 __all__ = [
     "ConfigError",
@@ -185,10 +185,10 @@ def parse_train_config(
     for name, cls in _SECTIONS.items():
         if name == "data" and "data" not in data:
             continue
-        built[name] = _build(cls, data.get(name) or {}, (name,), err)
+        built[name] = build_dataclass(cls, data.get(name) or {}, (name,), err)
     for name, cls in _OPTIONAL_SECTIONS.items():
         if data.get(name) is not None:
-            built[name] = _build(cls, data[name], (name,), err)
+            built[name] = build_dataclass(cls, data[name], (name,), err)
     # On every section that type-checked, so that all problems come in one pass.
     _semantic_checks(built, err)
     if errors or any(v is None for v in built.values()):

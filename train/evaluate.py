@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from train.model import BuiltModel, build_model
+from curation.models.clip import BuiltModel, encode_images, zero_shot_classifier
 
 log = logging.getLogger("train")
 
@@ -27,57 +26,6 @@ class ZeroShotResult:
     top1: float
     top5: float
     n: int
-
-
-def load_for_eval(checkpoint: str | None, model_name: str | None = None, device: str = "cpu") -> BuiltModel:
-    """A curate checkpoint knows its model name; an open_clip state dict needs `model_name`."""
-    name = model_name
-    if checkpoint is not None and name is None:
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        name = ck.get("model_name") if isinstance(ck, dict) else None
-        if name is None:
-            raise ValueError(f"{checkpoint} does not name its model; pass --model")
-    if name is None:
-        raise ValueError("give a checkpoint or a model name")
-    built = build_model(name, checkpoint, device=device)
-    built.model.eval()
-    return built
-
-
-@torch.no_grad()
-def encode_images(
-    built: BuiltModel, images: Sequence, batch_size: int = 256, device: str = "cpu"
-) -> torch.Tensor:
-    """`images`: PIL images (or uint8 HxW arrays); returns L2-normalised embeddings."""
-    from PIL import Image
-
-    out = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i : i + batch_size]
-        pils = [Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in chunk]
-        x = torch.stack([built.preprocess_val(im.convert("RGB")) for im in pils]).to(device)
-        out.append(F.normalize(built.model.encode_image(x).float(), dim=-1).cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def encode_texts(
-    built: BuiltModel, texts: Sequence[str], batch_size: int = 512, device: str = "cpu"
-) -> torch.Tensor:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tokens = built.tokenizer(list(texts[i : i + batch_size])).to(device)
-        out.append(F.normalize(built.model.encode_text(tokens).float(), dim=-1).cpu())
-    return torch.cat(out)
-
-
-def zero_shot_classifier(
-    built: BuiltModel, classnames: Sequence[str], templates: Sequence[str], device: str = "cpu"
-) -> torch.Tensor:
-    """[D, C]: per class, the renormalised mean of its prompt embeddings (CLIP's prompt ensembling)."""
-    prompts = [t.format(c) for c in classnames for t in templates]
-    emb = encode_texts(built, prompts, device=device).view(len(classnames), len(templates), -1)
-    return F.normalize(emb.mean(dim=1), dim=-1).T
 
 
 def zero_shot_accuracy(

@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
+from curation.models.clip import build_model, embed_dim
 from train.config import TrainConfig
 from train.data import ShardStream, count_samples, expand_shards, make_loader
 from train.hard_pairs import HardPairStream
 from train.losses import ConceptDistillationLoss, HardNegativeMarginLoss, build_loss
-from train.model import ConceptStudent, build_model, embed_dim, param_groups
+from train.model import ConceptStudent, param_groups
 
 log = logging.getLogger("train")
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
@@ -219,7 +220,7 @@ def total_steps(cfg: TrainConfig, world_size: int, num_samples: int | None) -> i
 
 def distill_vocabulary(cfg: TrainConfig, shards: list[str]) -> list[str]:
     """The concept vocabulary: distill.vocabulary, else vocabulary.txt beside the first shard."""
-    from curation.teachers import TeacherError, read_vocabulary
+    from curation.models.teachers import TeacherError, read_vocabulary
 
     assert cfg.distill is not None
     path = (

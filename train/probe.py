@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.evaluate import classification_accuracy, encode_images, zero_shot_classifier
-from train.model import BuiltModel
+from curation.models.clip import BuiltModel, encode_images, zero_shot_classifier
+from train.evaluate import classification_accuracy
 
 # λ candidates for the cross-validation (both probes), from almost no pull to almost frozen.
 LAMBDAS = tuple(10.0**k for k in range(-5, 4))

@@ -73,7 +73,7 @@ class ClipScorer:
     def __init__(self, params: ClipScoreParams, device: str) -> None:
         import torch
 
-        from train.evaluate import load_for_eval
+        from curation.models.clip import load_for_eval
 
         self.torch = torch
         self.params = params
@@ -241,7 +241,7 @@ class ClipScore(ModelStage):
 
     def fingerprint(self) -> dict[str, Any]:
         """The checkpoint by content: one overwritten in place would otherwise score a resumed run twice."""
-        from curation.teachers import file_sha256
+        from curation.models.teachers import file_sha256
 
         assert self.params.checkpoint is not None  # check() refuses a config without one
         return {"model": self.params.model, "checkpoint_sha256": file_sha256(self.params.checkpoint)}
@@ -266,6 +266,6 @@ class ClipScore(ModelStage):
             return [*problems, f"clip_score needs {' and '.join(missing)}; pip install 'curate[train]'"]
         if p.precision == "fp16" and self.device == "cpu":
             problems.append("precision fp16 is not supported on CPU (use fp32 or bf16)")
-        from train.model import checkpoint_problems
+        from curation.models.clip import checkpoint_problems
 
         return problems + checkpoint_problems(p.checkpoint, p.model)

@@ -93,7 +93,7 @@ class Concepts(ModelStage):
         self._pool: ThreadPoolExecutor | None = None
 
     def fingerprint(self) -> dict[str, Any]:
-        from curation.teachers import teacher_fingerprint
+        from curation.models.teachers import teacher_fingerprint
 
         p = self.params
         return teacher_fingerprint(p.teacher, p.model, p.checkpoint, p.vocabulary)
@@ -103,7 +103,7 @@ class Concepts(ModelStage):
             return
         import torch
 
-        from curation.teachers import load_teacher
+        from curation.models.teachers import load_teacher
 
         p = self.params
         if self.device == "cpu":
@@ -191,7 +191,7 @@ class Concepts(ModelStage):
         return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
 
     def check(self) -> list[str]:
-        from curation.teachers import check_teacher
+        from curation.models.teachers import check_teacher
 
         p = self.params
         problems = [

@@ -47,7 +47,7 @@ def test_open_clip_train_reads_the_same_shards(fmnist_shards: Path, monkeypatch:
     monkeypatch.setattr(ocd, "tar_file_expander", functools.partial(tar_file_expander, eof_value=None))
     get_wds_dataset = ocd.get_wds_dataset
 
-    from train.model import build_model
+    from curation.models.clip import build_model
 
     built = build_model("curate-tiny")
     args = Namespace(
@@ -70,7 +70,7 @@ def test_open_clip_train_reads_the_same_shards(fmnist_shards: Path, monkeypatch:
 def _batches(
     shards: list[str], start: int, n: int, workers: int, **kw
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from train.model import build_model
+    from curation.models.clip import build_model
 
     built = build_model("curate-tiny")
     stream = ShardStream(

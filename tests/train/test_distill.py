@@ -118,7 +118,7 @@ def test_loss_is_stable_in_bf16_autocast() -> None:
 
 
 def test_stream_batches_carry_padded_targets(fmnist_concept_shards: Path) -> None:
-    from train.model import build_model
+    from curation.models.clip import build_model
 
     built = build_model("curate-tiny")
     stream = ShardStream(
@@ -181,7 +181,7 @@ def test_distilled_checkpoint_loads_in_open_clip_and_head_learns(
 
     import open_clip
 
-    from train.model import MODEL_CONFIG_DIR
+    from curation.models.clip import MODEL_CONFIG_DIR
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     open_clip.create_model_and_transforms("curate-tiny", pretrained=str(result.checkpoint))  # strict load

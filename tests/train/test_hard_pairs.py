@@ -18,8 +18,8 @@ from train.config import ConfigError, load_train_config
 from train.data import expand_shards, make_loader
 from train.hard_pairs import HardPairStream, TarIndex
 from train.loop import list_checkpoints, train
-from train.mine import write_hard_pairs
-from train.mining import mine_hard_pairs
+from train.mining.output import write_hard_pairs
+from train.mining.search import mine_hard_pairs
 
 TOP = 5
 
@@ -44,7 +44,7 @@ def table(fmnist_shards, tmp_path_factory) -> Path:
 
 @functools.cache
 def _model():
-    from train.model import build_model
+    from curation.models.clip import build_model
 
     return build_model("curate-tiny")
 
@@ -206,7 +206,7 @@ def test_hard_pair_training_with_margin_loss_resumes_exactly(
 
 def test_shipped_recipes_parse(table, tmp_path) -> None:
     """train/configs/helip.yaml and mine_fashion_mnist.yaml are valid once their inputs exist."""
-    from train.mine import parse_mine_config
+    from train.mining.config import parse_mine_config
 
     repo = Path(__file__).resolve().parents[2]
     ck = tmp_path / "ck.pt"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from curation.cli import main as curate
-from train.mining import mine_hard_pairs
+from train.mining.search import mine_hard_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,7 +113,7 @@ def test_rejects_mismatched_inputs() -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised curate-tiny checkpoint in the trainer's format."""
-    from train.model import build_model
+    from curation.models.clip import build_model
 
     torch.manual_seed(0)
     built = build_model("curate-tiny")
@@ -137,7 +137,7 @@ def _table(out: Path) -> list[dict]:
 
 def test_mine_writes_hard_pairs_for_every_uid(mined, fmnist_shards, capsys) -> None:
     from curation.query import connect
-    from train.mine import read_parameters
+    from train.mining.output import read_parameters
 
     rows = _table(mined)
     assert len(rows) == 512 and len({r["uid"] for r in rows}) == 512
@@ -149,7 +149,7 @@ def test_mine_writes_hard_pairs_for_every_uid(mined, fmnist_shards, capsys) -> N
     params = read_parameters(mined / "hard_pairs.parquet")
     assert params["k"] == 8 and params["near_duplicate"] == 0.98 and params["pairs"] == 512
     # The same scores the library gives on the stored embeddings.
-    from train.mine import MineDir, load_embeddings
+    from train.mining.store import MineDir, load_embeddings
 
     shards = sorted(str(p) for p in fmnist_shards.glob("*.tar"))
     u_ids, img, txt = load_embeddings(MineDir(mined), shards)
@@ -203,7 +203,7 @@ def test_bad_usage_is_one_clear_line(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_separate_text_model_minilm(fmnist_shards, checkpoint, tmp_path) -> None:
-    from train.mine import MineDir, load_embeddings
+    from train.mining.store import MineDir, load_embeddings
 
     out = tmp_path / "minilm"
     shard = str(fmnist_shards / "00000.tar")
@@ -228,8 +228,9 @@ def test_separate_text_model_minilm(fmnist_shards, checkpoint, tmp_path) -> None
 @pytest.mark.slow
 def test_separate_image_teacher_and_text_model(fmnist_shards, checkpoint, tmp_path, capsys) -> None:
     """HELIP's own set-up: two frozen encoders of the user's choice, no CLIP checkpoint at all."""
-    from curation.teachers import default_checkpoint, load_teacher
-    from train.mine import MineDir, load_embeddings, read_parameters
+    from curation.models.teachers import default_checkpoint, load_teacher
+    from train.mining.output import read_parameters
+    from train.mining.store import MineDir, load_embeddings
 
     out = tmp_path / "teacher"
     shard = str(fmnist_shards / "00000.tar")
@@ -261,7 +262,7 @@ def test_separate_image_teacher_and_text_model(fmnist_shards, checkpoint, tmp_pa
 
 def test_image_teacher_config_problems(tmp_path) -> None:
     from curation.config import ConfigError
-    from train.mine import parse_mine_config
+    from train.mining.config import parse_mine_config
 
     base = f"data: {{shards: {tmp_path}/x.tar}}\noutput: {tmp_path}/out\n"
     with pytest.raises(ConfigError) as e:

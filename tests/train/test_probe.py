@@ -25,7 +25,7 @@ def _cli(argv: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def built():
-    from train.model import build_model
+    from curation.models.clip import build_model
 
     torch.manual_seed(0)
     b = build_model("curate-tiny")

@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_fashion_mnist_zero_shot_far_above_chance(tmp_path: Path) -> None:
+    from curation.models.clip import load_for_eval
     from train import fashion_mnist
-    from train.evaluate import fashion_mnist_zero_shot, load_for_eval
+    from train.evaluate import fashion_mnist_zero_shot
 
     shards = tmp_path / "shards"
     fashion_mnist.write_shards(shards, "train")  # all 6,000 subset training images

