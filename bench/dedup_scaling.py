@@ -78,7 +78,7 @@ def peak_rss_mb() -> float:
 def one(n: int, radius: int, method: str, blocks: int | None = None) -> dict:
     import numpy as np
 
-    from curation.dedup import _choose_blocks, components, near_pairs
+    from curation.near_duplicates import choose_blocks, components, near_pairs
 
     hashes = synthetic(n, radius)
     base_rss = peak_rss_mb()
@@ -100,7 +100,7 @@ def one(n: int, radius: int, method: str, blocks: int | None = None) -> dict:
         "pairs": len(a),
         "rows_in_groups": int((sizes[labels] > 1).sum()),
         "groups": int((sizes > 1).sum()),
-        "blocks": blocks or _choose_blocks(len(np.unique(hashes)), radius),
+        "blocks": blocks or choose_blocks(len(np.unique(hashes)), radius),
         "labels_sha": __import__("hashlib").sha256(labels.tobytes()).hexdigest()[:16],
     }
 

@@ -26,8 +26,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from curation.core.text import tokens
 from curation.stages.base import StageContext
-from curation.stages.text_spotting import TextSpotting, TextSpottingParams, tokens
+from curation.stages.text_spotting import TextSpotting, TextSpottingParams
 
 PHOTOS = (
     "astronaut",

@@ -215,7 +215,7 @@ def select_shards(
         result.samples = sum(writer.sizes.values())
         (tmp / "sizes.json").write_text(json.dumps(writer.sizes, indent=1) + "\n")
         if vocabulary is not None:
-            from curation.models.teachers import write_vocabulary
+            from curation.models.vocabulary import write_vocabulary
 
             write_vocabulary(tmp / VOCABULARY_FILE, vocabulary)
         if out.exists():
@@ -228,7 +228,8 @@ def select_shards(
 
 def run_vocabulary(run: Path) -> list[str]:
     """The concept vocabulary of a run's concepts stage, checked against the hash its run.json recorded."""
-    from curation.models.teachers import TeacherError, resolve_vocabulary, vocabulary_sha256
+    from curation.models.teachers import TeacherError, resolve_vocabulary
+    from curation.models.vocabulary import VocabularyError, vocabulary_sha256
 
     record = json.loads((run / "run.json").read_text())
     fingerprint = record.get("fingerprint", {})
@@ -238,7 +239,7 @@ def run_vocabulary(run: Path) -> list[str]:
         raise SelectError(f"{run}/run.json records no concepts stage, but its manifests have concept columns")
     try:
         names = resolve_vocabulary(params["teacher"], params.get("vocabulary"))
-    except TeacherError as e:
+    except (TeacherError, VocabularyError) as e:
         raise SelectError(f"the run's concept vocabulary: {e}") from None
     if vocabulary_sha256(names) != recorded:
         raise SelectError(

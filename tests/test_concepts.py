@@ -28,8 +28,8 @@ from curation.models.teachers import (  # noqa: E402
     efficientnet_pytorch_to_timm,
     imagenet_vocabulary,
     load_teacher,
-    read_vocabulary,
 )
+from curation.models.vocabulary import VocabularyError, read_vocabulary  # noqa: E402
 from curation.schema import STAGE_COLUMNS  # noqa: E402
 from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
 from curation.stages.concepts import CONCEPT_COLUMNS, Concepts, ConceptsParams  # noqa: E402
@@ -241,9 +241,9 @@ def test_vocabulary_files(tmp_path):
     (tmp_path / "v.txt").write_text("a cat\n  a dog  \n\n\n")
     assert read_vocabulary(tmp_path / "v.txt") == ["a cat", "a dog"]  # trailing blank lines ignored
     (tmp_path / "e.txt").write_text("\n")
-    with pytest.raises(TeacherError, match="empty"):
+    with pytest.raises(VocabularyError, match="empty"):
         read_vocabulary(tmp_path / "e.txt")
-    with pytest.raises(TeacherError, match="cannot read"):
+    with pytest.raises(VocabularyError, match="cannot read"):
         read_vocabulary(tmp_path / "missing.txt")
 
 

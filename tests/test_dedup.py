@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import main
-from curation.dedup import DedupParams, components, near_pairs, run_dedup, spherical_kmeans
+from curation.dedup import DedupParams, run_dedup
+from curation.near_duplicates import components, near_pairs, spherical_kmeans
 from curation.schema import make_uid
 from tests.helpers import REPO
 from tests.images import PHOTOS, encode, near_duplicates, photo

@@ -1,4 +1,7 @@
-"""No import cycles between the modules of `curation` and `train`.
+"""No import cycles between the modules of `curation` and `train`, and imports only run down the layers.
+
+The layers (docs/architecture.md), lowest first: core -> models -> the rest of
+`curation` -> `train` -> the CLI entry point, which alone sees everything.
 
 Every import statement counts, at module level or inside a function (a lazy
 import only hides a cycle, it does not remove it), except those under
@@ -38,8 +41,13 @@ def _is_type_checking(node: ast.If) -> bool:
 
 
 def import_graph() -> dict[str, set[str]]:
+    return {m: {target for target, _ in names} for m, names in imported_names().items()}
+
+
+def imported_names() -> dict[str, set[tuple[str, str | None]]]:
+    """Per module, (module imported, name taken from it or None) for every import statement."""
     modules = _modules()
-    graph: dict[str, set[str]] = {m: set() for m in modules}
+    graph: dict[str, set[tuple[str, str | None]]] = {m: set() for m in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
 
@@ -50,7 +58,7 @@ def import_graph() -> dict[str, set[str]]:
                         visit(ast.Module(body=[other], type_ignores=[]))
                     continue
                 if isinstance(child, ast.Import):
-                    graph[name] |= {a.name for a in child.names if a.name in modules}
+                    graph[name] |= {(a.name, None) for a in child.names if a.name in modules}
                 elif isinstance(child, ast.ImportFrom):
                     base = child.module or ""
                     if child.level:
@@ -59,9 +67,9 @@ def import_graph() -> dict[str, set[str]]:
                     for alias in child.names:
                         full = f"{base}.{alias.name}"
                         if full in modules:
-                            graph[name].add(full)
+                            graph[name].add((full, None))
                         elif base in modules:
-                            graph[name].add(base)
+                            graph[name].add((base, alias.name))
                 visit(child)
 
         visit(ast.parse(path.read_text(), filename=str(path)))
@@ -133,3 +141,87 @@ def test_validate_imports_neither_torch_nor_spacy():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "0 []"
+
+
+# --------------------------------------------------------------------------- layers
+
+# Modules of the bottom layer that still live at the top of `curation/` rather than in curation/core/.
+CORE_MODULES = (
+    "curation.imageio",
+    "curation.devices",
+    "curation.argtypes",
+    "curation.terminal",
+    "curation.urlpolicy",
+)
+LAYERS = ("core", "models", "curation", "train", "cli")
+
+
+def layer(module: str) -> str:
+    if module == "curation.cli" or module.startswith("curation.cli."):
+        return "cli"  # the entry point: registers `train`'s commands, so it alone sees everything
+    if module.startswith("train"):
+        return "train"
+    if module.startswith("curation.models"):
+        return "models"
+    if module.startswith("curation.core") or module in CORE_MODULES:
+        return "core"
+    return "curation"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{module} ({layer(module)}) imports {target} ({layer(target)})"
+        for module, targets in graph.items()
+        for target in targets
+        if LAYERS.index(layer(target)) > LAYERS.index(layer(module))
+    )
+
+
+def test_the_layer_checker_finds_an_upward_import():
+    assert upward_imports({"curation.models.clip": {"curation.imageio", "train.model"}}) == [
+        "curation.models.clip (models) imports train.model (train)"
+    ]
+    assert upward_imports({"curation.imageio": {"curation.stages.base"}}) != []
+    assert upward_imports({"curation.cli": {"train.cli"}, "train.loop": {"curation.models.clip"}}) == []
+
+
+def test_imports_run_down_the_layers():
+    """core -> models -> curation -> train -> cli: no module imports one of a higher layer."""
+    graph = import_graph()
+    assert {layer(m) for m in graph} == set(LAYERS)  # every layer is populated, so the test can fail
+    assert upward_imports(graph) == []
+
+
+def test_curation_never_imports_train():
+    graph = import_graph()
+    offenders = [
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        if module.startswith("curation") and layer(module) != "cli"
+        for target in targets
+        if target.startswith("train")
+    ]
+    assert offenders == []
+
+
+def test_train_uses_only_the_public_surface_of_curation():
+    """No `from curation.x import _private` (nor a private module) in `train`."""
+    offenders = [
+        f"{module}: {target}{'.' + name if name else ''}"
+        for module, names in imported_names().items()
+        if module.startswith("train")
+        for target, name in names
+        if target.startswith("curation")
+        and (any(part.startswith("_") for part in target.split(".")) or (name or "").startswith("_"))
+    ]
+    assert offenders == []
+
+
+def test_reading_training_and_mining_configs_loads_no_stage():
+    """train's configs reuse curation's YAML reader, which must not import the stage registry."""
+    code = (
+        "import sys, train.config, train.mining.config; "
+        "print(sorted(m for m in sys.modules if m.startswith('curation.stages')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

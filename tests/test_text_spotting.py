@@ -15,18 +15,15 @@ skdata = pytest.importorskip("skimage.data")
 
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from curation.core.text import tokens  # noqa: E402
+from curation.models.ocr import auto_precision, decode_image, fold_batch_norm, reading_order  # noqa: E402
 from curation.schema import STAGE_COLUMNS  # noqa: E402
 from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
 from curation.stages.text_spotting import (  # noqa: E402
     OCR_COLUMNS,
     TextSpotting,
     TextSpottingParams,
-    _auto_precision,
-    _fold_batch_norm,
     caption_overlap,
-    decode_image,
-    reading_order,
-    tokens,
 )
 from tests.imageserver import png_header_bomb  # noqa: E402
 
@@ -225,7 +222,7 @@ def test_loading_and_running_the_reader_emits_no_torch_warning():
 
     code = (
         "from pathlib import Path\n"
-        "from curation.stages.text_spotting import OcrEngine, TextSpottingParams\n"
+        "from curation.models.ocr import OcrEngine\nfrom curation.stages.text_spotting import TextSpottingParams\n"
         "engine = OcrEngine(TextSpottingParams(device='cpu'), 'cpu')\n"
         "print(engine.run([Path('data/demo_images/text_00.jpg').read_bytes()])[0][0])\n"
     )
@@ -357,7 +354,7 @@ def test_cpu_detector_folding_keeps_easyocr_s_heatmaps(stage):
     original = stage._engine.reader.detector
     original = getattr(original, "module", original).eval()
     assert has_batch_norm(original), "the Reader's own detector must stay untouched"
-    folded = _fold_batch_norm(copy.deepcopy(original)).to(memory_format=torch.channels_last)
+    folded = fold_batch_norm(copy.deepcopy(original)).to(memory_format=torch.channels_last)
     assert not has_batch_norm(folded)
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -368,8 +365,8 @@ def test_cpu_detector_folding_keeps_easyocr_s_heatmaps(stage):
     engine = stage._engine
     assert not has_batch_norm(engine.detector)
     assert next(engine.detector.parameters()).dtype == engine.dtype
-    assert engine.precision == _auto_precision("cpu") in ("bf16", "fp32")
-    assert _auto_precision("cuda") == "fp16"
+    assert engine.precision == auto_precision("cpu") in ("bf16", "fp32")
+    assert auto_precision("cuda") == "fp16"
 
 
 def test_empty_and_all_failed_batches(stage):

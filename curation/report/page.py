@@ -15,6 +15,7 @@ import statistics
 import time
 from typing import Any
 
+from curation.core.text import tokens, words
 from curation.report.collect import ReportData, SampleGroup, ShardTiming, Threshold, plotted
 from curation.report.thumbnails import Thumbnail
 
@@ -26,7 +27,6 @@ ROUTINE_STATUSES = frozenset({"ok", "success"})
 FAIL_CLASS = ' class="fail"'
 CAPTION_CHARS = 400  # longer captions are cut in the cards (the full text is in the manifest)
 SHARD_ROWS = 500  # rows of the per-shard table
-_WORD = re.compile(r"[^\W_]+")
 
 
 def esc(value: Any) -> str:
@@ -287,15 +287,13 @@ def _ocr(row: dict[str, Any]) -> str:
     text = row.get("ocr_text")
     if not text:
         return ""
-    from curation.stages.text_spotting import tokens
-
     caption = tokens(row.get("caption"))
     out, last = [], 0
     # The words the caption shares with the image are what text spotting drops a pair for.
-    for m in _WORD.finditer(text):
+    for m in words(text):
         out.append(esc(text[last : m.start()]))
         word = m.group(0)
-        shared = len(word) >= 2 and word.lower() in caption
+        shared = word.lower() in caption  # tokens() holds only words of 2+ characters
         out.append(f"<mark>{esc(word)}</mark>" if shared else esc(word))
         last = m.end()
     out.append(esc(text[last:]))

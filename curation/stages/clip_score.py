@@ -241,7 +241,7 @@ class ClipScore(ModelStage):
 
     def fingerprint(self) -> dict[str, Any]:
         """The checkpoint by content: one overwritten in place would otherwise score a resumed run twice."""
-        from curation.models.teachers import file_sha256
+        from curation.models.checkpoints import file_sha256
 
         assert self.params.checkpoint is not None  # check() refuses a config without one
         return {"model": self.params.model, "checkpoint_sha256": file_sha256(self.params.checkpoint)}
@@ -263,7 +263,7 @@ class ClipScore(ModelStage):
             ]
         missing = [m for m in ("torch", "open_clip") if importlib.util.find_spec(m) is None]
         if missing:
-            return [*problems, f"clip_score needs {' and '.join(missing)}; pip install 'curate[train]'"]
+            return [*problems, f"clip_score needs {' and '.join(missing)}; pip install 'curate[clip]'"]
         if p.precision == "fp16" and self.device == "cpu":
             problems.append("precision fp16 is not supported on CPU (use fp32 or bf16)")
         from curation.models.clip import checkpoint_problems
