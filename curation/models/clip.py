@@ -105,7 +105,7 @@ def load_for_eval(checkpoint: str | None, model_name: str | None = None, device:
     """A curate checkpoint knows its model name; an open_clip state dict needs `model_name`."""
     name = model_name
     if checkpoint is not None and name is None:
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        ck = torch_load(checkpoint)  # memory-mapped: only the name is read here
         name = ck.get("model_name") if isinstance(ck, dict) else None
         if name is None:
             raise ValueError(f"{checkpoint} does not name its model; pass --model")

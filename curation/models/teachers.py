@@ -158,19 +158,56 @@ class TeacherBackend:
 
 
 class _Classifier(TeacherBackend):
-    """An image classifier whose last layer scores the vocabulary (timm, torchvision, the default)."""
+    """An image classifier whose last layer scores the vocabulary (timm, torchvision)."""
 
-    def network(self, model: str | None, checkpoint: str, n_names: int) -> Any:
+    def architecture(self, model: str, n_names: int) -> Any:
+        """The untrained network (on torch's meta device for checks)."""
+        raise NotImplementedError
+
+    def classifier_key(self, net: Any, n_names: int) -> str | None:
+        """State-dict key of the classifier's weight (its first dimension is the number of classes)."""
         raise NotImplementedError
 
     def wrap(self, net: Any, model: str | None, n_names: int) -> tuple[Callable, int, Callable, list]:
         """(preprocess, resize side, forward, modules to move to the device)."""
         raise NotImplementedError
 
-    def check_fit(
-        self, model: str | None, checkpoint: str, names: list[str], custom_vocabulary: bool
-    ) -> list[str]:
-        return _check_classifier(self.name, model or "", checkpoint, len(names))
+    def network(self, model: str | None, checkpoint: str, n_names: int) -> Any:
+        net = self.architecture(model or "", n_names)
+        net.load_state_dict(_read_state_dict(checkpoint), strict=True)
+        return net
+
+    def check_fit(self, model, checkpoint, names, custom_vocabulary):
+        """Build `model` on the meta device and compare its tensors with the checkpoint's, by name and shape."""
+        import torch
+
+        n_names = len(names)
+        try:
+            with torch.device("meta"):
+                net = self.architecture(model or "", n_names)
+            state = _read_state_dict(checkpoint)
+        except TeacherError as e:
+            return [str(e)]
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+        head = self.classifier_key(net, n_names)
+        if head is not None and head in got and got[head][0] != n_names:
+            return [
+                f"vocabulary has {n_names} names, but the checkpoint's classifier ({head}) has {got[head][0]} outputs"
+            ]
+        missing = sorted(set(expected) - set(got))
+        unexpected = sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        parts = [
+            f"{len(keys)} {label} (e.g. {keys[0]})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        ]
+        if parts:
+            return [
+                f"checkpoint {checkpoint!r} does not fit {self.name} model {model!r}: " + ", ".join(parts)
+            ]
+        return []
 
     def build(self, model, checkpoint, names, device, dtype):
         import torch
@@ -190,10 +227,12 @@ class _Timm(_Classifier):
     name = "timm"
     library = "timm"
 
-    def network(self, model, checkpoint, n_names):
-        net = _timm_model(model, n_names)
-        net.load_state_dict(_read_state_dict(checkpoint), strict=True)
-        return net
+    def architecture(self, model, n_names):
+        return _timm_model(model, n_names)
+
+    def classifier_key(self, net, n_names):
+        name = net.pretrained_cfg.get("classifier") if hasattr(net, "pretrained_cfg") else None
+        return f"{name}.weight" if name else None
 
     def wrap(self, net, model, n_names):
         _fold_timm_batchnorm(net)
@@ -248,10 +287,19 @@ class _Torchvision(_Classifier):
     name = "torchvision"
     library = "torchvision"
 
-    def network(self, model, checkpoint, n_names):
-        net = _torchvision_model(model, n_names)
-        net.load_state_dict(_read_state_dict(checkpoint), strict=True)
-        return net
+    def architecture(self, model, n_names):
+        return _torchvision_model(model, n_names)
+
+    def classifier_key(self, net, n_names):
+        found = _final_linear(net, n_names)
+        return f"{found[0]}.weight" if found else None
+
+    def unusable(self, net, model, n_names):
+        if _final_linear(net, n_names) is None:
+            return [
+                f"torchvision model {model!r} does not end in a Linear classifier; use teacher: timm or open_clip"
+            ]
+        return []
 
     def wrap(self, net, model, n_names):
         transform, resize = _torchvision_transform(model)
@@ -272,7 +320,9 @@ class _OpenClip(TeacherBackend):
     needs_model = False  # a `curate train` checkpoint names its model
 
     def check_fit(self, model, checkpoint, names, custom_vocabulary):
-        return _check_open_clip(model, checkpoint)
+        from curation.models.clip import checkpoint_problems
+
+        return checkpoint_problems(checkpoint, model)
 
     def fingerprint(self):
         return {"template": OPEN_CLIP_TEMPLATE}
@@ -409,69 +459,6 @@ def check_teacher(
     path = backend.checkpoint(checkpoint)
     assert path is not None
     return backend.check_fit(model, path, names, custom_vocabulary=bool(vocabulary))
-
-
-def _check_open_clip(model: str | None, checkpoint: str) -> list[str]:
-    from curation.models.clip import resolve_model_name
-
-    if model is None:
-        try:
-            ck = torch_load(checkpoint)
-        except Exception as e:
-            return [f"cannot read checkpoint {checkpoint!r}: {type(e).__name__}: {e}"]
-        model = ck.get("model_name") if isinstance(ck, dict) else None
-        if model is None:
-            return [f"{checkpoint} does not name its model (an open_clip state dict): set `model`"]
-    try:
-        resolve_model_name(model)
-    except (ValueError, FileNotFoundError) as e:
-        return [str(e).split(". Known:")[0]]
-    return []
-
-
-def _check_classifier(teacher: str, model: str, checkpoint: str, n_names: int) -> list[str]:
-    """Build `model` on the meta device and compare its tensors with the checkpoint's, by name and shape."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            net = _timm_model(model, n_names) if teacher == "timm" else _torchvision_model(model, n_names)
-    except TeacherError as e:
-        return [str(e)]
-    try:
-        state = _read_state_dict(checkpoint)
-    except TeacherError as e:
-        return [str(e)]
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
-    head = _classifier_key(net, teacher, n_names)
-    if head is not None and head in got and got[head][0] != n_names:
-        return [
-            f"vocabulary has {n_names} names, but the checkpoint's classifier ({head}) has {got[head][0]} outputs"
-        ]
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-        return [f"checkpoint {checkpoint!r} does not fit {teacher} model {model!r}: " + ", ".join(parts)]
-    if teacher == "torchvision" and _final_linear(net, n_names) is None:
-        return [
-            f"torchvision model {model!r} does not end in a Linear classifier; use teacher: timm or open_clip"
-        ]
-    return []
-
-
-def _classifier_key(net: Any, teacher: str, n_names: int) -> str | None:
-    """State-dict key of the classifier's weight (its first dimension is the number of classes)."""
-    if teacher == "timm":
-        name = net.pretrained_cfg.get("classifier") if hasattr(net, "pretrained_cfg") else None
-        return f"{name}.weight" if name else None
-    found = _final_linear(net, n_names)
-    return f"{found[0]}.weight" if found else None
 
 
 # --------------------------------------------------------------------------- checkpoints

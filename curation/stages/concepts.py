@@ -1,6 +1,6 @@
 """Concept targets for distillation (docs/methods.md §2b): a frozen image teacher's top-k concepts per image.
 
-The teacher (curation/teachers.py) runs once, here, and its predictions are
+The teacher (curation/models/teachers.py) runs once, here, and its predictions are
 stored with the sample; `curate select` carries them into the training shards
 and `curate train` distils them (no teacher forward pass during training).
 

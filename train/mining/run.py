@@ -127,19 +127,9 @@ def mine(cfg: MineConfig, progress: bool = True) -> MineResult:
 def _search(cfg: MineConfig, image, text):
     from train.mining.search import mine_hard_pairs, mine_hard_pairs_ray
 
-    m = cfg.mining
-    kwargs = {
-        "method": m.method,
-        "pool_size": m.pool_size,
-        "pool_refresh": m.pool_refresh,
-        "seed": m.seed,
-        "faiss_index": m.faiss_index,
-        "faiss_candidates": m.faiss_candidates,
-        "query_block": m.query_block,
-        "candidate_block": m.candidate_block,
-    }
+    kwargs = dataclasses.asdict(cfg.mining)  # MiningConfig's keys are the searches' parameters
     if cfg.runner.type == "local":
-        return mine_hard_pairs(image, text, m.k, m.near_duplicate, device=cfg.encoders.device, **kwargs)
+        return mine_hard_pairs(image, text, device=cfg.encoders.device, **kwargs)
     import ray
 
     started_here = not ray.is_initialized()
@@ -149,8 +139,6 @@ def _search(cfg: MineConfig, image, text):
         return mine_hard_pairs_ray(
             image,
             text,
-            m.k,
-            m.near_duplicate,
             queries_per_task=cfg.runner.queries_per_task,
             cpus_per_task=cfg.runner.cpus_per_task,
             gpus_per_task=cfg.runner.gpus_per_task,
