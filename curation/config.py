@@ -46,6 +46,8 @@ class InputConfig:
     rows_per_shard: int = 100_000
     # Input columns to carry into the manifest; null carries all of them.
     columns: list[str] | None = None
+    # webdataset and image_folder inputs: a tar member or file declaring more bytes is refused unread.
+    max_member_bytes: int = 64 * 2**20
 
 
 @dataclass
@@ -219,6 +221,8 @@ def _range_checks(cfg: Config, err) -> None:
     """Values that are wrong on their own, whatever the machine."""
     if cfg.input.rows_per_shard < 1:
         err(("input", "rows_per_shard"), "must be >= 1")
+    if cfg.input.max_member_bytes < 1:
+        err(("input", "max_member_bytes"), "must be >= 1")
     if cfg.runner.batch_rows < 1:
         err(("runner", "batch_rows"), "must be >= 1")
     if isinstance(cfg.runner.workers, int) and cfg.runner.workers < 1:

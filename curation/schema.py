@@ -45,6 +45,10 @@ STAGE_COLUMNS: dict[str, pa.DataType] = {
     # sample's key inside that tar (null for a plain file).
     "key": pa.string(),
     "image_path": pa.string(),
+    # Inputs that bring their images (webdataset, image_folder): whether the sample could be read
+    # (ok | too_large | duplicate_key | bad_caption | outside_folder | not_a_file | unreadable), and why not.
+    "read_status": pa.string(),
+    "read_error": pa.string(),
     # Encoded image bytes handed from download/sources to image stages; transient.
     "image": pa.binary(),
     # text_spotting (docs/methods.md §1c; definitions in curation/stages/text_spotting.py)

@@ -25,20 +25,27 @@ import json
 import os
 import shutil
 import sys
-import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from curation.argtypes import at_least
+from curation.core.shards import (
+    CAPTION,
+    CONCEPTS,
+    IMAGE_EXTENSIONS,
+    META,
+    VOCABULARY_FILE,
+    ShardError,
+    ShardWriter,
+    normalise_key,
+    read_samples,
+)
 from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size, open_image
 from curation.terminal import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-VOCABULARY_FILE = "vocabulary.txt"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 
 
 def register(subparsers: Any) -> None:
@@ -213,7 +220,6 @@ def select_shards(
                     result.unreadable.append(f"{row['image_path']} {row['key'] or ''}: {e}")
         result.sizes = writer.sizes
         result.samples = sum(writer.sizes.values())
-        (tmp / "sizes.json").write_text(json.dumps(writer.sizes, indent=1) + "\n")
         if vocabulary is not None:
             from curation.models.vocabulary import write_vocabulary
 
@@ -281,6 +287,7 @@ def read_image_group(run: Path, rows: list[dict], unreadable: list[str]) -> Iter
     import fsspec
 
     path = rows[0]["image_path"]
+    shared: set[str] = set()
     # Relative paths are relative to the run's output (downloads); input files are absolute.
     where = path if "://" in path else str(run / path)
     try:
@@ -290,26 +297,30 @@ def read_image_group(run: Path, rows: list[dict], unreadable: list[str]) -> Iter
             for row in rows:
                 yield row, data
             return
-        wanted = {row["key"]: row for row in rows}
-        with fsspec.open(where, "rb") as f, tarfile.open(fileobj=f, mode=_tar_mode(f)) as tar:
-            for info in tar:
-                key, _, ext = info.name.partition(".")
-                if info.isfile() and key in wanted and ext.lower() in IMAGE_EXTENSIONS:
-                    member = tar.extractfile(info)
-                    assert member is not None
-                    yield wanted.pop(key), member.read()
-                    if not wanted:
-                        break
+        wanted: dict[str, dict] = {}
+        for row in rows:
+            key = normalise_key(row["key"])  # manifests of older runs hold `./`-prefixed keys
+            if key in wanted or key in shared:
+                # Two selected rows naming one key: whichever image is read, one row gets another's.
+                shared.add(key)
+                wanted.pop(key, None)
+            else:
+                wanted[key] = row
+        unreadable += [f"{where}: key {k} names more than one sample of this tar" for k in sorted(shared)]
+        samples = read_samples(where, read=lambda key, ext: key in wanted and ext in IMAGE_EXTENSIONS)
+        for sample in samples:
+            if sample.key not in wanted:
+                continue
+            if sample.status is not None:
+                unreadable.append(f"{where}: {sample.key}: {sample.status}: {sample.detail}")
+                wanted.pop(sample.key)
+            elif (image := sample.image()) is not None:
+                yield wanted.pop(sample.key), image[1]
+            if not wanted:
+                break
         unreadable += [f"{where}: no image for key {k}" for k in wanted]
-    except (OSError, tarfile.TarError) as e:
+    except (OSError, ShardError) as e:
         unreadable.append(f"{where}: {type(e).__name__}: {e}")
-
-
-def _tar_mode(f: Any) -> str:
-    try:
-        return "r:*" if f.seekable() else "r|*"
-    except (AttributeError, OSError):
-        return "r|*"
 
 
 def image_extension(data: bytes) -> str | None:
@@ -324,17 +335,16 @@ def image_extension(data: bytes) -> str | None:
 
 
 class _ShardWriter:
-    """Numbered tars of at most `shard_size` samples; `sizes` counts what each holds."""
+    """`curation.core.shards.ShardWriter`, with the checks training needs: each image's header within
+    `max_pixels`, and formats open_clip cannot read converted to PNG."""
 
     def __init__(self, folder: Path, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.folder = folder
-        self.shard_size = shard_size
         self.max_pixels = max_pixels
-        self.sizes: dict[str, int] = {}
-        self.count = 0
-        self._tar: tarfile.TarFile | None = None
-        self._name = ""
-        self._mtime = time.time()
+        self.shards = ShardWriter(folder, shard_size)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return self.shards.sizes
 
     def write(self, row: dict, image: bytes) -> None:
         """Add one sample; raises ImageRefused, writing nothing, for an image too large or not decodable."""
@@ -346,48 +356,25 @@ class _ShardWriter:
             image, ext = buf.getvalue(), "png"
         else:
             image_size(image, self.max_pixels)  # the trainer decodes what is written: no bombs
-        if self._tar is None or self.sizes[self._name] >= self.shard_size:
-            self._open_next()
-        assert self._tar is not None
-        key = f"{self.count:09d}"
+        key = f"{self.shards.count:09d}"
         # `key` names the sample in these shards; where its image came from stays in source_key/image_path.
         meta = {**row, "key": key, "source_key": row.get("key")}
-        self._add(f"{key}.{ext}", image)
-        self._add(f"{key}.txt", (row.get("caption") or "").encode("utf-8"))
-        self._add(f"{key}.json", json.dumps(meta, default=str, ensure_ascii=False).encode("utf-8"))
+        members = {
+            ext: image,
+            CAPTION: (row.get("caption") or "").encode("utf-8"),
+            META: json.dumps(meta, default=str, ensure_ascii=False).encode("utf-8"),
+        }
         if row.get("concept_ids") is not None:
             # 8 significant digits round-trip the manifest's float32 probabilities exactly.
             probs = [float(f"{p:.8g}") for p in row["concept_probs"]]
-            targets = {"ids": row["concept_ids"], "probs": probs}
-            self._add(f"{key}.concepts.json", json.dumps(targets).encode("utf-8"))
-        self.sizes[self._name] += 1
-        self.count += 1
-
-    def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = self._mtime
-        info.mode = 0o444
-        assert self._tar is not None
-        self._tar.addfile(info, io.BytesIO(data))
-
-    def _open_next(self) -> None:
-        self.close()
-        self._name = f"{len(self.sizes):05d}.tar"
-        self.sizes[self._name] = 0
-        # Held open across `write` calls and closed by `close`, hence no `with`.
-        self._tar = tarfile.open(self.folder / self._name, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-
-    def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+            members[CONCEPTS] = json.dumps({"ids": row["concept_ids"], "probs": probs}).encode("utf-8")
+        self.shards.add(key, members)
 
     def __enter__(self) -> _ShardWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, *exc: Any) -> None:
+        self.shards.__exit__(*exc)
 
 
 # ---------------------------------------------------------------------------- dedup, top fraction

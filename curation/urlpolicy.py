@@ -18,6 +18,14 @@ connects, on the address it connects to: a redirect to a private address, or
 a DNS name that answers a public address to a first lookup and a private one
 to the next (rebinding), is refused too, since there is no second lookup.
 
+Every request is bounded, whatever the server does: `total_timeout` seconds from
+the first connect to the last byte of the body (redirects included; a server
+that sends its headers and then one byte a second ends there: "timed out after
+Ns total"), and `max_bytes` bytes per response (a declared Content-Length over
+it is refused before the body is read; without one, the bytes are counted as
+they arrive). Both are enforced on the socket itself, so they hold for
+whatever reads the response (img2dataset calls `read()` once, unbounded).
+
 A refusal raises `UrlRefused`; its text starts with `tag` so that a caller that
 only gets the text back (img2dataset records `str(error)`) can tell a refusal
 from a network failure that a server could word the same way.
@@ -31,7 +39,10 @@ import http.client
 import ipaddress
 import os
 import socket
+import ssl
 import stat
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -63,6 +74,10 @@ class UrlPolicy:
     allow_private: bool | tuple[str, ...] = False
     # Prefix of every refusal's text (see the module docstring).
     tag: str = ""
+    # Seconds from connect to the end of the body, redirects included; None: no bound.
+    total_timeout: float | None = None
+    # Bytes per response (headers included when counted as they arrive); None: no bound.
+    max_bytes: int | None = None
 
     # ------------------------------------------------------------------ URLs
     def check_url(self, url: str, *, redirect: bool = False) -> None:
@@ -132,6 +147,7 @@ class UrlPolicy:
     ) -> socket.socket:
         """`socket.create_connection`, connecting only to addresses the policy allows."""
         host, port = address
+        limits = _Limits(self, getattr(_request, "deadline", None), timeout)
         last_error: OSError | None = None
         refused: list[str] = []
         for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
@@ -139,16 +155,16 @@ class UrlPolicy:
             if why:
                 refused.append(why)
                 continue
-            sock = socket.socket(family, kind, proto)
+            sock = _BoundedSocket(family, kind, proto)
             try:
-                if isinstance(timeout, (int, float)):
-                    sock.settimeout(timeout)
+                sock.settimeout(limits.timeout())
                 if source_address:
                     sock.bind(source_address)
                 sock.connect(sockaddr)
+                sock.limits = limits  # reads are bounded from here on (HTTPS: on the wrapped socket)
                 return sock
             except OSError as e:
-                last_error = e
+                last_error = limits.explain(e)
                 sock.close()
         if last_error is not None:
             raise last_error
@@ -160,9 +176,10 @@ class UrlPolicy:
     # ------------------------------------------------------------------ urllib
     def opener(self) -> urllib.request.OpenerDirector:
         """An opener that fetches http(s) and allowed local files, and refuses everything else."""
-        opener = urllib.request.OpenerDirector()
+        opener = _Opener(self.total_timeout)
         for handler in (
             _SchemeCheck(self),
+            _SizeCheck(self),
             _HTTPHandler(self),
             _HTTPSHandler(self),
             _RedirectHandler(self),
@@ -239,7 +256,7 @@ class _HTTPHandler(urllib.request.HTTPHandler):
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
     def __init__(self, policy: UrlPolicy) -> None:
-        super().__init__()
+        super().__init__(context=_https_context())
         self._make = _connection_factory(policy, http.client.HTTPSConnection)
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
@@ -282,3 +299,136 @@ class _LocalFileHandler(urllib.request.BaseHandler):
         headers = email.message.Message()
         headers["Content-Length"] = str(info.st_size)
         return urllib.response.addinfourl(os.fdopen(fd, "rb"), headers, req.full_url)
+
+
+# ---------------------------------------------------------------------------- bounds
+
+# The deadline of the request this thread is making (img2dataset fetches from a thread pool).
+_request = threading.local()
+
+
+class _Opener(urllib.request.OpenerDirector):
+    """Starts each request's clock; a redirect (a nested `open`) runs on the clock of its request."""
+
+    def __init__(self, total_timeout: float | None) -> None:
+        super().__init__()
+        self.total_timeout = total_timeout
+
+    def open(self, fullurl: Any, data: Any = None, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT) -> Any:  # type: ignore[attr-defined]
+        depth = getattr(_request, "depth", 0)
+        if depth == 0:
+            _request.deadline = None if self.total_timeout is None else time.monotonic() + self.total_timeout
+        _request.depth = depth + 1
+        try:
+            return super().open(fullurl, data, timeout)
+        finally:
+            _request.depth = depth
+
+
+class _Limits:
+    """One connection's bounds: its request's deadline, the per-read timeout, the bytes it may receive."""
+
+    def __init__(self, policy: UrlPolicy, deadline: float | None, read_timeout: Any) -> None:
+        self.policy = policy
+        self.deadline = deadline
+        self.read_timeout = read_timeout if isinstance(read_timeout, (int, float)) else None
+        self.received = 0
+
+    def timeout(self) -> float | None:
+        """The timeout of the next socket operation; TimeoutError once the deadline has passed."""
+        if self.deadline is None:
+            return self.read_timeout
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.expired()
+        return left if self.read_timeout is None else min(left, self.read_timeout)
+
+    def expired(self) -> TimeoutError:
+        return TimeoutError(f"timed out after {self.policy.total_timeout:g}s total")
+
+    def explain(self, error: OSError) -> OSError:
+        """A socket timeout caused by the deadline says so."""
+        if (
+            isinstance(error, TimeoutError)
+            and self.deadline is not None
+            and time.monotonic() >= self.deadline
+        ):
+            return self.expired()
+        return error
+
+    def count(self, n: int) -> None:
+        self.received += n
+        limit = self.policy.max_bytes
+        if limit is not None and self.received > limit:
+            raise UrlRefused(
+                f"too_large: response over download.max_bytes ({limit:,} bytes)", self.policy.tag
+            )
+
+
+class _BoundedReads:
+    """Socket reads under the connection's `_Limits` (a mixin for the plain and the TLS socket)."""
+
+    limits: _Limits | None = None
+
+    def recv_into(self, buffer: Any, *args: Any, **kwargs: Any) -> int:
+        if self.limits is None:
+            return super().recv_into(buffer, *args, **kwargs)  # type: ignore[misc]
+        self.settimeout(self.limits.timeout())  # type: ignore[attr-defined]
+        try:
+            n = super().recv_into(buffer, *args, **kwargs)  # type: ignore[misc]
+        except OSError as e:
+            raise self.limits.explain(e) from None
+        self.limits.count(n)
+        return n
+
+    def recv(self, *args: Any, **kwargs: Any) -> bytes:
+        if self.limits is None:
+            return super().recv(*args, **kwargs)  # type: ignore[misc]
+        self.settimeout(self.limits.timeout())  # type: ignore[attr-defined]
+        try:
+            data = super().recv(*args, **kwargs)  # type: ignore[misc]
+        except OSError as e:
+            raise self.limits.explain(e) from None
+        self.limits.count(len(data))
+        return data
+
+
+class _BoundedSocket(_BoundedReads, socket.socket):
+    pass
+
+
+class _BoundedSSLSocket(_BoundedReads, ssl.SSLSocket):
+    @classmethod
+    def _create(cls, sock: socket.socket, *args: Any, **kwargs: Any) -> _BoundedSSLSocket:  # type: ignore[override]
+        limits = getattr(sock, "limits", None)
+        wrapped = super()._create(sock, *args, **kwargs)  # type: ignore[misc]
+        wrapped.limits = limits
+        return wrapped
+
+
+def _https_context() -> ssl.SSLContext:
+    """http.client's default context (verified certificates, HTTP/1.1), with bounded reads."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["http/1.1"])
+    context.sslsocket_class = _BoundedSSLSocket
+    return context
+
+
+class _SizeCheck(urllib.request.BaseHandler):
+    """Refuses a response whose declared Content-Length is over `max_bytes`, before its body is read."""
+
+    def __init__(self, policy: UrlPolicy) -> None:
+        self.policy = policy
+
+    def http_response(self, req: urllib.request.Request, response: Any) -> Any:
+        limit = self.policy.max_bytes
+        declared = (response.headers.get("Content-Length") or "").strip()
+        if limit is not None and declared.isdigit() and int(declared) > limit:
+            response.close()
+            raise UrlRefused(
+                f"too_large: response declares {int(declared):,} bytes > download.max_bytes ({limit:,})",
+                self.policy.tag,
+            )
+        return response
+
+    https_response = file_response = http_response

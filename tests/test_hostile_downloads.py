@@ -223,8 +223,9 @@ def test_select_leaves_out_image_bombs_of_inputs_that_bring_their_images(tmp_pat
     for name in ("bomb", "big", "fine"):
         (folder / f"{name}.txt").write_text(CAPTION)
     (tmp_path / "c.yaml").write_text(
-        f"input: {{format: image_folder, path: {folder}}}\noutput: {tmp_path / 'out'}\n"
-        "runner: {workers: 1, progress: false}\nstages: [caption_complexity]\n"
+        # big.bmp holds 270 MB: above the default input.max_member_bytes, so raise it for select to see it
+        f"input: {{format: image_folder, path: {folder}, max_member_bytes: 300000000}}\n"
+        f"output: {tmp_path / 'out'}\nrunner: {{workers: 1, progress: false}}\nstages: [caption_complexity]\n"
     )
     assert main(["run", str(tmp_path / "c.yaml")]) == 0
     capsys.readouterr()

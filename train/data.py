@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,8 +35,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from curation.core.shards import CONCEPTS
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-CONCEPTS_KEY = "concepts.json"  # the member `curate select` writes: {"ids": [...], "probs": [...]}
+CONCEPTS_KEY = CONCEPTS  # the member `curate select` writes: {"ids": [...], "probs": [...]}
+
+log = logging.getLogger(__name__)
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -66,9 +71,15 @@ def count_samples(shards: list[str], sizes_path: str | None = None) -> int | Non
 
 
 def _raw_samples(path: str) -> Iterator[dict]:
-    from webdataset.tariterators import tarfile_samples
+    """webdataset-style samples ({"__key__", "__url__", extension: bytes}) of one tar, read through
+    `curation.core.shards`: members over its size limit and repeated keys are left out, with a warning."""
+    from curation.core.shards import read_samples
 
-    yield from tarfile_samples([{"url": path}])
+    for s in read_samples(path):
+        if s.status is not None:
+            log.warning("%s: left out sample %r: %s", path, s.key, s.detail)
+            continue
+        yield {"__key__": s.key, "__url__": path, **s.members}
 
 
 class ShardStream(IterableDataset):

@@ -8,14 +8,22 @@ Sample ids stay stable across runs: the `url` of a webdataset sample is the
 `url` of its `.json` member (img2dataset writes one, so ids match a download
 run over the same pairs), else `<tar path>#<key>`; the `url` of an image file is
 its absolute path.
+
+Inputs are untrusted. A sample that cannot be read safely becomes a row with
+`read_status` (and `read_error` saying why), no image, `keep` false and
+`drop_reason` "input"; the rest of its shard goes on:
+- webdataset (`curation.core.shards`): a member over `input.max_member_bytes`
+  (`too_large`), a key naming two samples of a tar (`duplicate_key`, both), a
+  `.json` caption that is not a string (`bad_caption`);
+- image_folder (`curation.core.folders`): a file or caption whose real path
+  lies outside the folder (`outside_folder`), a FIFO or device (`not_a_file`), a
+  file over `input.max_member_bytes` (`too_large`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +31,25 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 
-from curation.schema import ID_COLUMNS, STAGE_COLUMNS, make_uids
+from curation.core.folders import FileRefused, list_files, read_inside
+from curation.core.shards import (
+    CAPTION,
+    IMAGE_EXTENSIONS,
+    META,
+    ShardError,
+    TarSample,
+    count_samples,
+    read_samples,
+    repeated_keys,
+)
+from curation.schema import DECISION_COLUMNS, ID_COLUMNS, STAGE_COLUMNS, make_uids
 from curation.sources.base import Problem, Shard, Source, split_rows
 
-# In order of preference when a sample has several.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
-LOCATION_COLUMNS = ("key", "image_path")
-# webdataset's own rule: the key is everything up to the first dot of the file name.
-_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+LOCATION_COLUMNS = ("key", "image_path", "read_status", "read_error")
+READ_OK = "ok"
+BAD_CAPTION = "bad_caption"
+# drop_reason (and drop_stage) of a row whose sample was refused while reading the input
+INPUT_REASON = "input"
 
 
 @dataclass
@@ -40,11 +59,15 @@ class Sample:
     url: str
     caption: str | None = None
     image: bytes | None = None
+    status: str = READ_OK
+    detail: str | None = None
 
 
 def _table(samples: list[Sample], shard: int) -> pa.Table:
     urls = [s.url for s in samples]
     captions = [s.caption for s in samples]
+    ok = [s.status == READ_OK for s in samples]
+    refused = [None if k else INPUT_REASON for k in ok]
     return pa.table(
         {
             "uid": make_uids(urls, captions),
@@ -55,7 +78,13 @@ def _table(samples: list[Sample], shard: int) -> pa.Table:
             "image_path": pa.array(
                 [s.image_path if s.image is not None else None for s in samples], pa.string()
             ),
+            "read_status": pa.array([s.status for s in samples], STAGE_COLUMNS["read_status"]),
+            "read_error": pa.array([s.detail for s in samples], STAGE_COLUMNS["read_error"]),
             "image": pa.array([s.image for s in samples], STAGE_COLUMNS["image"]),
+            # A refused sample is dropped before any stage sees it (cascading stages skip it).
+            "keep": pa.array(ok, DECISION_COLUMNS["keep"]),
+            "drop_reason": pa.array(refused, DECISION_COLUMNS["drop_reason"]),
+            "drop_stage": pa.array(refused, DECISION_COLUMNS["drop_stage"]),
         }
     )
 
@@ -122,63 +151,45 @@ class WebDatasetSource(_ImageSource):
         problems = self._check_columns()
         for f in files:
             try:
-                with fsspec.open(f, "rb") as fh, tarfile.open(fileobj=fh, mode="r:*") as tar:
-                    tar.next()
-            except Exception as e:
-                problems.append(
-                    (("input", "path"), f"{f} is not a readable tar file ({type(e).__name__}: {e})")
-                )
+                next(read_samples(f, read=lambda key, ext: False), None)
+            except ShardError as e:
+                problems.append((("input", "path"), str(e)))
                 if len(problems) >= 10:
                     break
         return problems
 
     def _count(self, path: str) -> int:
         # Headers only: a seekable tar skips over the member data.
-        return sum(1 for _ in _group(path, read=False))
+        return count_samples(path)
 
     def read(self, shard: Shard, batch_rows: int) -> Iterator[pa.Table]:
-        samples = (self._sample(shard.path, key, members) for key, members in _group(shard.path, read=True))
-        yield from _batches(samples, shard, batch_rows)
+        # Every sample of a repeated key is refused, the first one too: a headers-only pass finds them.
+        repeated = repeated_keys(shard.path)
+        samples = read_samples(shard.path, max_member_bytes=self.cfg.max_member_bytes, refuse_keys=repeated)
+        yield from _batches((self._sample(shard.path, s) for s in samples), shard, batch_rows)
 
-    def _sample(self, path: str, key: str, members: dict[str, bytes]) -> Sample:
+    def _sample(self, path: str, tar_sample: TarSample) -> Sample:
+        key, members = tar_sample.key, tar_sample.members
         meta: dict = {}
-        if "json" in members:
+        if META in members:
             try:
-                meta = json.loads(members["json"])
+                meta = json.loads(members[META])
             except ValueError:
                 meta = {}
             meta = meta if isinstance(meta, dict) else {}
-        caption = (
-            members["txt"].decode("utf-8", "replace")
-            if "txt" in members
-            else meta.get(self.cfg.caption_column)
-        )
-        url = meta.get(self.cfg.url_column) or f"{path}#{key}"
-        image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-        return Sample(key=key, image_path=path, url=str(url), caption=caption, image=image)
-
-
-def _group(path: str, read: bool) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample: consecutive members sharing a key, as webdataset groups them."""
-    current: str | None = None
-    members: dict[str, bytes] = {}
-    with fsspec.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            m = _KEY_SUFFIX.match(info.name)
-            if not m:
-                continue
-            key, suffix = m.group(1), m.group(2).lower()
-            if key != current:
-                if current is not None:
-                    yield current, members
-                current, members = key, {}
-            if read:
-                f = tar.extractfile(info)
-                members[suffix] = f.read() if f else b""
-    if current is not None:
-        yield current, members
+        url = meta.get(self.cfg.url_column)
+        url = url if isinstance(url, str) and url else f"{path}#{key}"
+        if tar_sample.status is not None:
+            return Sample(key, path, url, status=tar_sample.status, detail=tar_sample.detail)
+        if CAPTION in members:
+            caption = members[CAPTION].decode("utf-8", "replace")
+        else:
+            caption = meta.get(self.cfg.caption_column)
+            if caption is not None and not isinstance(caption, str):
+                detail = f"{key}.json field {self.cfg.caption_column!r} is a {type(caption).__name__}, not a string"
+                return Sample(key, path, url, status=BAD_CAPTION, detail=detail)
+        image = tar_sample.image()
+        return Sample(key, path, url, caption=caption, image=image[1] if image else None)
 
 
 # --------------------------------------------------------------------------- image folder
@@ -227,22 +238,22 @@ class ImageFolderSource(_ImageSource):
             )
         wanted = files[shard.row_start : shard.row_end]
         sub = Shard(shard.index, shard.path, 0, len(wanted))
-        yield from _batches((_file_sample(f) for f in wanted), sub, batch_rows)
+        limit = self.cfg.max_member_bytes
+        yield from _batches((_file_sample(f, shard.path, limit) for f in wanted), sub, batch_rows)
 
 
 def _images(folder: str) -> list[str]:
-    out = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in names:
-            if not name.startswith(".") and name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
-                out.append(os.path.join(root, name))
-    return sorted(out)
+    return list_files(folder, IMAGE_EXTENSIONS)
 
 
-def _file_sample(path: str) -> Sample:
-    caption_file = Path(path).with_suffix(".txt")
-    caption = (
-        caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.exists() else None
-    )
-    return Sample(key=None, image_path=path, url=path, caption=caption, image=Path(path).read_bytes())
+def _file_sample(path: str, folder: str, max_bytes: int) -> Sample:
+    """The image file and its caption, each read only if it is a regular file inside `folder`."""
+    try:
+        image = read_inside(path, folder, max_bytes)
+        caption_file = Path(path).with_suffix(".txt")
+        caption = None
+        if os.path.lexists(caption_file):
+            caption = read_inside(caption_file, folder, max_bytes).decode("utf-8", "replace").strip()
+    except FileRefused as e:
+        return Sample(key=None, image_path=path, url=path, status=e.status, detail=e.detail)
+    return Sample(key=None, image_path=path, url=path, caption=caption, image=image)

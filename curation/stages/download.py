@@ -9,8 +9,10 @@ the manifest, joined on img2dataset's `key`.
 Why not `img2dataset.download(...)` per batch: it starts a logger process and a
 `spawn` pool, each of which re-imports img2dataset (and through webdataset,
 torch): 10+ seconds per batch on a loaded machine, for nothing, since our
-runners already spread shards over processes. `processes_count > 1` still uses
-img2dataset's multiprocessing distributor, for batches big enough to pay for it.
+runners already spread shards over processes. `processes_count > 1` uses a
+`spawn` pool like img2dataset's multiprocessing distributor, whose processes die
+with the process that started them (`curation.core.processes`): a `kill -9` of
+`curate run` leaves no download process behind.
 
 Image layout (see docs/images.md):
 
@@ -32,7 +34,13 @@ Untrusted input, refused per row and never as a shard failure:
   non-public address unless `allow_private_addresses`. Status `refused`.
 - Images whose header declares more than `max_pixels` are refused before
   img2dataset decodes them (`curation.imageio.image_size`). Status `too_large`.
-Both reach the manifest as img2dataset error messages starting with a random
+- A response declaring more than `max_bytes` is refused before its body is
+  read, and one that sends more is cut off there. Status `too_large`.
+- A request taking longer than `total_timeout` seconds in all (img2dataset's
+  `timeout` bounds each socket read only, so a server sending a byte a second
+  never times out) is cut off. Status `failed_to_download`, "timed out after
+  Ns total".
+Refusals reach the manifest as img2dataset error messages starting with a random
 per-stage tag, which no server can forge, and become these statuses here.
 """
 
@@ -41,9 +49,9 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import secrets
 import shutil
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -52,6 +60,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.core.shards import read_samples
 from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size
 from curation.schema import STAGE_COLUMNS
 from curation.stages.base import Resources, Stage, StageContext
@@ -88,7 +97,12 @@ class DownloadParams:
     extract_exif: bool = True
     processes_count: int = 1
     thread_count: int = 256
+    # Seconds per socket operation (img2dataset's `timeout`).
     timeout: int = 10
+    # Seconds per request in all, from connect to the last byte, redirects included.
+    total_timeout: float = 60
+    # Bytes per response; more is refused (`too_large`). Images above 32 MiB are rare and suspect.
+    max_bytes: int = 32 * 2**20
     retries: int = 0
     max_shard_retry: int = 1
     user_agent_token: str | None = None
@@ -124,6 +138,8 @@ class Download(Stage):
             allow_local=local_folders(self.params.allow_local),
             allow_private=parse_networks(self.params.allow_private_addresses),
             tag=self.tag,
+            total_timeout=self.params.total_timeout,
+            max_bytes=self.params.max_bytes,
         )
 
     @property
@@ -153,6 +169,10 @@ class Download(Stage):
             problems.append("encode_quality must be 0..100")
         if p.max_pixels < 1:
             problems.append("max_pixels must be >= 1")
+        if p.max_bytes < 1:
+            problems.append("max_bytes must be >= 1")
+        if not p.total_timeout > 0:
+            problems.append("total_timeout must be > 0")
         for folder in p.allow_local or []:
             if not Path(folder).is_dir():
                 problems.append(f"allow_local: {folder!r} is not a folder")
@@ -247,11 +267,7 @@ class Download(Stage):
     def _download(self, jobs: list[tuple[int, str]], tmp: Path, per: int) -> None:
         downloader = self._downloader(tmp, per)
         if self.params.processes_count > 1 and len(jobs) > 1:
-            from img2dataset.distributor import multiprocessing_distributor
-
-            multiprocessing_distributor(
-                self.params.processes_count, downloader, jobs, None, self.params.max_shard_retry
-            )
+            _pool_download(downloader, jobs, self.params.processes_count, self.params.max_shard_retry)
         else:
             for job in jobs:
                 for _ in range(1 + self.params.max_shard_retry):
@@ -305,6 +321,23 @@ class Download(Stage):
         return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
 
 
+def _pool_download(downloader: Any, jobs: list, processes: int, max_shard_retry: int) -> None:
+    """img2dataset's multiprocessing distributor (a `spawn` pool, failed jobs retried), with
+    processes that die with this one."""
+    import multiprocessing
+
+    from curation.core.processes import die_with_parent
+
+    with multiprocessing.get_context("spawn").Pool(
+        processes, initializer=die_with_parent, initargs=(os.getpid(),), maxtasksperchild=5
+    ) as pool:
+        todo = jobs
+        for _ in range(1 + max_shard_retry):
+            todo = [row for ok, row in pool.imap_unordered(downloader, todo) if not ok]
+            if not todo:
+                break
+
+
 class _PolicyDownloader:
     """img2dataset's Downloader, run with the URL policy's opener installed (picklable: img2dataset's
     multiprocessing distributor sends it to its own processes)."""
@@ -338,15 +371,6 @@ class _HeaderCheckedResizer:
 
 
 def _tar_members(path: Path, ext: str) -> dict[str, bytes]:
-    """Image bytes by sample key from one img2dataset tar."""
-    out = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, suffix = member.name.partition(".")
-            if suffix == ext:
-                f = tar.extractfile(member)
-                assert f is not None
-                out[key] = f.read()
-    return out
+    """Image bytes by sample key from one img2dataset tar (written by this stage: no size limit)."""
+    samples = read_samples(str(path), read=lambda key, e: e == ext, max_member_bytes=2**63)
+    return {s.key: s.members[ext] for s in samples if ext in s.members}

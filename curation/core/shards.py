@@ -1,0 +1,251 @@
+"""The webdataset shard format: what `curate select` writes and every tar reader reads.
+
+    DIR/00000.tar, DIR/00001.tar, ...   {key}.jpg|png|webp, {key}.txt (caption), {key}.json (manifest row),
+                                        {key}.concepts.json (distillation targets, runs with a concepts stage)
+    DIR/sizes.json                      {"00000.tar": 10000, ...} (open_clip's convention)
+    DIR/vocabulary.txt                  the concept vocabulary, one name per line (runs with a concepts stage)
+
+A sample is a run of consecutive members sharing a key, as webdataset groups
+them. The key is webdataset's: the member's folder plus its file name up to the
+first dot (`a.b/0001.concepts.json` is key `a.b/0001`, extension
+`concepts.json`), with the path normalised so that `./0001.jpg` (what
+`tar -C dir -cf x.tar .` writes) and `0001.jpg` name the same sample.
+
+Input tars are untrusted, so the reader refuses per sample rather than failing
+the tar or trusting it:
+- a member that declares more than `max_member_bytes` is never read (a 10 KB
+  GNU sparse member or a 1 MB `.tar.gz` can declare gigabytes): `too_large`;
+- a key that appears again after other samples would let a reader pair one
+  sample's image with another's caption: `duplicate_key`, for every occurrence
+  the reader can see (all of them with `repeated_keys`, a headers-only pass);
+- members that are not regular files (links, devices, folders) are skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import tarfile
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+
+CAPTION = "txt"
+META = "json"
+CONCEPTS = "concepts.json"
+SIZES_FILE = "sizes.json"
+VOCABULARY_FILE = "vocabulary.txt"
+# Image extensions a sample may carry, in order of preference when it has several.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+# Generous for an image or a caption; a member declaring more is refused unread.
+DEFAULT_MAX_MEMBER_BYTES = 64 * 2**20
+
+TOO_LARGE = "too_large"
+DUPLICATE_KEY = "duplicate_key"
+
+
+class ShardError(Exception):
+    """A tar that cannot be read at all (not a tar, truncated)."""
+
+
+@dataclass
+class TarSample:
+    key: str
+    # extension -> bytes, for the members the caller asked to read
+    members: dict[str, bytes] = field(default_factory=dict)
+    # None: usable. Else why not (TOO_LARGE, DUPLICATE_KEY), with `detail`; `members` may then be partial.
+    status: str | None = None
+    detail: str | None = None
+
+    def refuse(self, status: str, detail: str) -> None:
+        if self.status is None:
+            self.status, self.detail = status, detail
+
+    def image(self) -> tuple[str, bytes] | None:
+        """(extension, bytes) of the preferred image member, if any was read."""
+        return next(((e, self.members[e]) for e in IMAGE_EXTENSIONS if e in self.members), None)
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """(key, lower-case extension) of a member name; None for names that belong to no sample."""
+    path = posixpath.normpath(name.replace("\\", "/")).lstrip("/")
+    folder, _, base = path.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem or not ext or path.startswith("../") or path == "..":
+        return None
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def normalise_key(key: str) -> str:
+    """A key as `split_member_name` gives it (`./0001` -> `0001`)."""
+    parts = split_member_name(f"{key}.x")
+    return parts[0] if parts else key
+
+
+def _tar_mode(f: Any) -> str:
+    try:
+        return "r:*" if f.seekable() else "r|*"
+    except (AttributeError, OSError):
+        return "r|*"
+
+
+def _open(source: str | IO[bytes]) -> Any:
+    """A context manager over the tar's bytes: a path, an fsspec URL or an open binary file."""
+    if isinstance(source, (str, os.PathLike)):
+        return fsspec.open(str(source), "rb")
+    return _Borrowed(source)
+
+
+class _Borrowed:
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+
+    def __enter__(self) -> IO[bytes]:
+        return self.f
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def read_samples(
+    source: str | IO[bytes],
+    *,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    read: Callable[[str, str], bool] | None = None,
+    refuse_keys: Collection[str] = (),
+) -> Iterator[TarSample]:
+    """Samples of a tar (plain, gzip, bz2, xz; a path, fsspec URL or binary file), in tar order.
+
+    `read(key, extension)` says which members to read (default: all); the others are
+    skipped by their headers (on a seekable file their data is not read).
+    `refuse_keys` (see `repeated_keys`) marks samples as duplicates up front.
+    Raises ShardError for a file that is not a readable tar.
+    """
+    seen: set[str] = set()
+    sample: TarSample | None = None
+    where = source if isinstance(source, str) else getattr(source, "name", "tar")
+    try:
+        with _open(source) as fh, tarfile.open(fileobj=fh, mode=_tar_mode(fh)) as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                parts = split_member_name(info.name)
+                if parts is None:
+                    continue
+                key, ext = parts
+                if sample is None or key != sample.key:
+                    if sample is not None:
+                        yield sample
+                    sample = TarSample(key)
+                    if key in seen or key in refuse_keys:
+                        sample.refuse(DUPLICATE_KEY, f"key {key!r} names more than one sample in this tar")
+                    seen.add(key)
+                elif ext in sample.members:
+                    sample.refuse(DUPLICATE_KEY, f"member {info.name!r} appears twice in sample {key!r}")
+                if info.size > max_member_bytes:
+                    sample.refuse(
+                        TOO_LARGE,
+                        f"member {info.name!r} declares {info.size:,} bytes > the limit of {max_member_bytes:,}",
+                    )
+                    continue
+                if read is None or read(key, ext):
+                    f = tar.extractfile(info)
+                    sample.members[ext] = f.read(info.size) if f is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(f"{where} is not a readable tar ({type(e).__name__}: {e})") from e
+    if sample is not None:
+        yield sample
+
+
+def repeated_keys(source: str | IO[bytes]) -> set[str]:
+    """Keys that name more than one sample of the tar (headers only)."""
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for s in read_samples(source, read=lambda key, ext: False, max_member_bytes=2**63):
+        (repeated if s.key in seen else seen).add(s.key)
+    return repeated
+
+
+def count_samples(source: str | IO[bytes]) -> int:
+    """Samples in a tar, as `read_samples` yields them (headers only)."""
+    return sum(1 for _ in read_samples(source, read=lambda key, ext: False, max_member_bytes=2**63))
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Numbered tars (00000.tar, ...) of at most `shard_size` samples each, into `folder`.
+
+    Each tar is written under a temporary name and renamed when it is full or the
+    writer closes, so a tar under its final name is complete. `sizes` counts what
+    each holds; `close` writes them to sizes.json.
+    """
+
+    def __init__(self, folder: str | Path, shard_size: int, mtime: float | None = None) -> None:
+        self.folder = Path(folder)
+        self.shard_size = shard_size
+        self.sizes: dict[str, int] = {}
+        self._tar: tarfile.TarFile | None = None
+        self._name = ""
+        self._mtime = time.time() if mtime is None else mtime
+
+    @property
+    def count(self) -> int:
+        return sum(self.sizes.values())
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """Write one sample: `members` maps extensions (`jpg`, CAPTION, META, CONCEPTS) to bytes."""
+        if split_member_name(f"{key}.x") != (key, "x"):
+            raise ValueError(f"{key!r} is not a sample key (no dots, no `./`, no `..`)")
+        if self._tar is None or self.sizes[self._name] >= self.shard_size:
+            self._open_next()
+        assert self._tar is not None
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = self._mtime
+            info.mode = 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self.sizes[self._name] += 1
+
+    def _open_next(self) -> None:
+        self._finish()
+        self._name = f"{len(self.sizes):05d}.tar"
+        self.sizes[self._name] = 0
+        # Held open across `add` calls and closed by `_finish`, hence no `with`.
+        self._tar = tarfile.open(self._tmp(self._name), "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+
+    def _tmp(self, name: str) -> Path:
+        return self.folder / f".{name}.tmp"
+
+    def _finish(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            os.replace(self._tmp(self._name), self.folder / self._name)
+
+    def close(self) -> None:
+        self._finish()
+        write_sizes(self.folder, self.sizes)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            self._tmp(self._name).unlink(missing_ok=True)
+
+
+def write_sizes(folder: str | Path, sizes: dict[str, int]) -> None:
+    (Path(folder) / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
