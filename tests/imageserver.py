@@ -1,6 +1,8 @@
 """A real HTTP server on 127.0.0.1 serving the cases a web crawl meets: good images,
 404s, hangs, slow responses, garbage bytes, truncated JPEGs, a PNG with alpha, redirects
-(also to any URL: `/goto/<percent-encoded URL>`), and any bytes a test puts in `server.files`.
+(also to any URL: `/goto/<percent-encoded URL>`), a body that drips one byte a second (`/drip/`),
+bodies of 1.5 GB with or without Content-Length (`/huge/declared/...`, `/huge/streamed/...`), and any
+bytes a test puts in `server.files`.
 
 Paths encode the case, so a test builds URLs like `server.url("/img/cat.jpg")`
 and reads back how often each path was requested (`server.hits`).
@@ -78,7 +80,13 @@ def png_bomb(width: int, height: int) -> bytes:
 
 
 class ImageServer:
-    def __init__(self, slow_seconds: float = 0.3, hang_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        slow_seconds: float = 0.3,
+        hang_seconds: float = 5.0,
+        drip_seconds: float = 1.0,
+        huge_bytes: int = 1_500_000_000,
+    ) -> None:
         self.hits: Counter[str] = Counter()
         # Exact paths served with these bytes (image/png), before the cases below.
         self.files: dict[str, bytes] = {}
@@ -88,6 +96,12 @@ class ImageServer:
         self.release = threading.Event()
         # Set when the first /hang/ request arrives.
         self.hanging = threading.Event()
+        self.drip_seconds = drip_seconds
+        # Set when a /drip/ response has sent its headers.
+        self.dripping = threading.Event()
+        # Body size of /huge/ responses, and what each has sent before the client hung up.
+        self.huge_bytes = huge_bytes
+        self.huge_sent: dict[str, int] = {}
         self._lock = threading.Lock()
         server = self
 
@@ -131,6 +145,32 @@ class ImageServer:
             self.hanging.set()
             self.release.wait(self.hang_seconds)
             self._send(h, 200, jpeg(path), "image/jpeg")
+        elif kind == "drip":
+            # Headers at once, then one byte a second: every socket read succeeds, the body never ends.
+            body = jpeg(path) + b"\0" * 10_000
+            h.send_response(200)
+            h.send_header("Content-Type", "image/jpeg")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            self.dripping.set()
+            for i in range(len(body)):
+                if self.release.wait(self.drip_seconds):
+                    return
+                h.wfile.write(body[i : i + 1])
+                h.wfile.flush()
+        elif kind == "huge":
+            # A valid JPEG then zeros: `declared` sends Content-Length, `streamed` does not (ends at close).
+            self.huge_sent[path] = 0
+            h.send_response(200)
+            h.send_header("Content-Type", "image/jpeg")
+            if path.split("/")[2] == "declared":
+                h.send_header("Content-Length", str(self.huge_bytes))
+            h.end_headers()
+            chunk = jpeg(path) + b"\0" * (2**20)
+            while self.huge_sent[path] < self.huge_bytes:
+                h.wfile.write(chunk)
+                self.huge_sent[path] += len(chunk)
+            h.close_connection = True
         elif kind == "garbage":
             self._send(h, 200, hashlib.sha256(path.encode()).digest() * 20, "image/jpeg")
         elif kind == "truncated":

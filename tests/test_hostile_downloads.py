@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from curation.cli import main
 from curation.config import ConfigError
 from curation.imageio import DEFAULT_MAX_PIXELS
 from curation.validation import parse_checked_config
+from tests.helpers import REPO
 from tests.imageserver import ImageServer, jpeg, png_bomb
 
 CAPTION = "A man rides a red bicycle down the street."
@@ -235,3 +240,107 @@ def test_select_leaves_out_image_bombs_of_inputs_that_bring_their_images(tmp_pat
     assert "bomb.png : too_large: 10000x10000 pixels > max_pixels 89,478,485" in err
     assert "big.bmp : too_large: 10000x9000 pixels" in err
     assert (tmp_path / "sel" / "sizes.json").read_text().strip() == '{\n "00000.tar": 1\n}'
+
+
+@pytest.mark.timeout(120)  # without a bound on the whole request this run never ends
+def test_a_server_that_drips_its_body_is_cut_off_at_total_timeout(tmp_path):
+    """Each socket read gets its byte within `timeout`; only the total bound ends the request."""
+    with ImageServer(drip_seconds=1.0) as server:
+        urls = [server.url("/drip/a.jpg"), server.url("/img/good.jpg"), server.url("/img/other.jpg")]
+        rows = run_download(tmp_path, urls, "allow_private_addresses: true, total_timeout: 3")
+        assert server.dripping.is_set()
+    drip, good, other = (rows[u][0] for u in urls)
+    assert (drip["status"], drip["error_message"]) == ("failed_to_download", "timed out after 3s total")
+    assert (drip["keep"], drip["drop_reason"], drip["image_path"]) == (False, "download", None)
+    assert good["status"] == other["status"] == "success"
+
+
+@pytest.mark.timeout(120)
+def test_a_huge_response_is_refused_early_or_cut_off_at_max_bytes(tmp_path):
+    """1.5 GB bodies: a declared Content-Length is refused before the body is read; without one the
+    bytes are counted and the transfer stops at `max_bytes` (here 1 MB)."""
+    with ImageServer() as server:
+        urls = [
+            server.url("/huge/declared/a.jpg"),
+            server.url("/huge/streamed/b.jpg"),
+            server.url("/img/good.jpg"),
+        ]
+        rows = run_download(tmp_path, urls, "allow_private_addresses: true, max_bytes: 1000000")
+        sent = dict(server.huge_sent)
+    declared, streamed, good = (rows[u][0] for u in urls)
+    assert declared["status"] == "too_large"
+    assert declared["error_message"] == (
+        "response declares 1,500,000,000 bytes > download.max_bytes (1,000,000)"
+    )
+    assert streamed["status"] == "too_large"
+    assert streamed["error_message"] == "response over download.max_bytes (1,000,000 bytes)"
+    for row in (declared, streamed):
+        assert (row["keep"], row["image_path"], row["sha256"]) == (False, None, None)
+    assert good["status"] == "success"
+    # The server stopped long before 1.5 GB: the client hung up (socket buffers hold a few MB).
+    assert all(n < 200_000_000 for n in sent.values()), sent
+
+
+def test_max_bytes_default_is_sized_for_images(tmp_path):
+    """A 40 MB body (a valid JPEG followed by zeros, as in the report) is refused by default."""
+    with ImageServer(huge_bytes=40_000_000) as server:
+        url = server.url("/huge/streamed/c.jpg")
+        rows = run_download(tmp_path, [url], "allow_private_addresses: true")
+    (row,) = rows[url]
+    assert row["status"] == "too_large"
+    assert row["error_message"] == f"response over download.max_bytes ({32 * 2**20:,} bytes)"
+
+
+def test_download_bounds_are_checked_with_their_keys(tmp_path):
+    pq.write_table(pa.table({"url": ["x"], "caption": ["y"]}), tmp_path / "p.parquet")
+    with pytest.raises(ConfigError) as e:
+        parse_checked_config(
+            f"input: {{path: {tmp_path / 'p.parquet'}}}\noutput: {tmp_path / 'out'}\nstages:\n"
+            "  - download: {max_bytes: 0, total_timeout: 0}\n"
+        )
+    assert "max_bytes must be >= 1" in str(e.value)
+    assert "total_timeout must be > 0" in str(e.value)
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_with_download_processes_leaves_no_process_behind(tmp_path):
+    """`download.processes_count: 2` runs img2dataset jobs in a spawn pool: its processes and
+    multiprocessing's resource tracker end with the driver, as the runner's own workers do."""
+    from tests.test_run import _session
+
+    urls = [f"/hang/{i}.jpg" for i in range(8)]
+    with ImageServer(hang_seconds=600) as server:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            f"input: {{path: {tmp_path / 'pairs.parquet'}, url_column: url}}\n"
+            f"output: {tmp_path / 'out'}\nrunner: {{workers: 1, progress: false}}\n"
+            "stages:\n  - download: {processes_count: 2, thread_count: 2, timeout: 600, total_timeout: 600, "
+            "allow_private_addresses: true}\n"
+        )
+        pq.write_table(
+            pa.table({"url": [server.url(u) for u in urls], "caption": [CAPTION] * len(urls)}),
+            tmp_path / "pairs.parquet",
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "curation.cli", "run", str(cfg)],
+            cwd=REPO,
+            start_new_session=True,  # a session of its own: how this test finds every process it starts
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert server.hanging.wait(240), "the download pool never fetched"
+            children = {pid: cmd for pid, cmd in _session(proc.pid).items() if pid != proc.pid}
+            assert sum("spawn_main" in cmd for cmd in children.values()) >= 2, children
+            assert any("resource_tracker" in cmd for cmd in children.values()), children
+            os.kill(proc.pid, signal.SIGKILL)  # the driver only: nobody tells the pool
+            proc.wait()
+            deadline = time.monotonic() + 60
+            while _session(proc.pid):
+                assert time.monotonic() < deadline, (
+                    f"left running after the driver died: {_session(proc.pid)}"
+                )
+                time.sleep(0.05)
+        finally:
+            for pid in _session(proc.pid):  # never leave strays behind, even when the test fails
+                os.kill(pid, signal.SIGKILL)

@@ -123,6 +123,8 @@ def read_image_folder(root: Path) -> tuple[list, list[int], list[str]]:
 
     Images that cannot be decoded (curation.imageio's limits) are left out, with a warning that counts them.
     """
+    from curation.core.folders import FileRefused, read_inside
+    from curation.core.shards import DEFAULT_MAX_MEMBER_BYTES
     from curation.imageio import ImageRefused, open_image, to_rgb
 
     if not root.is_dir():
@@ -136,8 +138,9 @@ def read_image_folder(root: Path) -> tuple[list, list[int], list[str]]:
         for f in sorted(d.iterdir()):
             if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}:
                 try:
-                    images.append(to_rgb(open_image(f.read_bytes())))
-                except ImageRefused as e:
+                    # inside ROOT, regular files, bounded: a FIFO or a link to /dev/zero never blocks
+                    images.append(to_rgb(open_image(read_inside(f, root, DEFAULT_MAX_MEMBER_BYTES))))
+                except (ImageRefused, FileRefused) as e:
                     refused.append(f"{f.name} ({e.status})")
                     continue
                 labels.append(label)
