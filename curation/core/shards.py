@@ -114,7 +114,7 @@ class _Borrowed:
 
 
 def read_samples(
-    source: str | IO[bytes],
+    source: str | os.PathLike | IO[bytes],
     *,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     read: Callable[[str, str], bool] | None = None,
@@ -129,7 +129,7 @@ def read_samples(
     """
     seen: set[str] = set()
     sample: TarSample | None = None
-    where = source if isinstance(source, str) else getattr(source, "name", "tar")
+    where = str(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "tar")
     try:
         with _open(source) as fh, tarfile.open(fileobj=fh, mode=_tar_mode(fh)) as tar:
             for info in tar:
