@@ -287,7 +287,7 @@ def test_select_never_pairs_two_samples_of_one_key(tars):
 def test_trainer_eval_and_mine_read_tars_through_the_same_limits(tars, caplog):
     from train.data import _raw_samples
     from train.evaluate import read_pairs
-    from train.mine import _samples
+    from train.mining.store import _samples
 
     keys = [s["__key__"] for name in ("mixed", "sparse", "gz") for s in _raw_samples(str(tars[name]))]
     # the trainer cannot see the repeated key's first occurrence as unsafe in one pass; the second is left out
