@@ -276,10 +276,14 @@ control characters in captions as escapes (\\x1b); csv and json keep the data ex
 
 
 def main(argv: list[str] | None = None) -> int:
+    from curation.core.storage import StorageError
+
     try:
         code = _dispatch(argv)
         sys.stdout.flush()
         return code
+    except StorageError as e:  # an unusable store (credentials, bucket, endpoint down): one line
+        return _fail(str(e))
     except BrokenPipeError:
         if not stdout_is_broken():
             raise  # another pipe (a worker's, a socket's): a real failure

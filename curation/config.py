@@ -77,6 +77,9 @@ class Config:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     stages: list[StageSpec] = field(default_factory=list)
     source: str | None = None
+    # fsspec options for an `output` URL (endpoint_url, ...). Never part of a fingerprint or run.json:
+    # it may hold credentials, and where a run is written does not change what it writes.
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     # YAML line of each key path, so later checks (curation.validation) can name it too.
     lines: dict[KeyPath, int] = field(default_factory=dict, repr=False, compare=False)
 
@@ -195,7 +198,9 @@ def read_yaml_mapping(
 
 def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None) -> Parsed:
     """Type-check a config, collecting every problem; raises ConfigError only for unreadable YAML."""
-    doc = read_yaml_mapping(text, source, ("input", "output", "runner", "stages"), overrides)
+    doc = read_yaml_mapping(
+        text, source, ("input", "output", "runner", "stages", "storage_options"), overrides
+    )
     data, lines, errors, err = doc.data, doc.lines, doc.errors, doc.err
     if "input" not in data:
         err(("input",), "missing (where the pairs come from)")
@@ -209,10 +214,22 @@ def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | No
         err(("output",), f"expected a path string, got {type(output).__name__}")
         output = None
     stages = _build_stages(data.get("stages"), err)
+    storage_options = data.get("storage_options") or {}
+    if not isinstance(storage_options, dict) or not all(isinstance(k, str) for k in storage_options):
+        err(("storage_options",), "expected a mapping of fsspec options (endpoint_url: ..., ...)")
+        storage_options = {}
 
     cfg = None
     if inp is not None and output is not None and runner is not None:
-        cfg = Config(input=inp, output=output, runner=runner, stages=stages, source=source, lines=lines)
+        cfg = Config(
+            input=inp,
+            output=output,
+            runner=runner,
+            stages=stages,
+            source=source,
+            lines=lines,
+            storage_options=storage_options,
+        )
         _range_checks(cfg, err)
     return Parsed(cfg, errors, source)
 

@@ -1,26 +1,29 @@
-"""Run directories: atomic shard writes, the ledger, the run record, resume.
+"""Run directories on the storage layer (curation.core.storage): shard commits, the ledger, the run record.
 
-Layout of an output directory:
+Layout of an output (a local directory or a URL such as s3://bucket/run):
 
-    run.json                   config fingerprint + hash, schema version, shard plan
-    manifests/shard-00000.parquet   one file per finished shard (never rewritten)
-    manifests/.tmp/            shards being written; renamed into place when complete
-    ledger/shard-00000.json    written after the rename: the shard is done
+    run.json                        config fingerprint + hash, schema version, shard plan
+    manifests/shard-00000.parquet   one object per finished shard
+    manifests/.tmp/                 local outputs only: shards being written, renamed into place
+    ledger/shard-00000.json         written after the shard's object: the shard is done
     ledger/shard-00000.failed.json  last failure of a shard; removed when it succeeds
-    .lock                      held by the driver of a run
+    ledger/done.jsonl               the done entries folded into one object (fewer reads at scale)
+    .lock                           held by the driver of a run
 
-The ledger entry is the truth about "done". A manifest file without a ledger
-entry (a crash between rename and ledger write) is verified and adopted, not
-rewritten, so a finished shard file is never written twice.
+Commit protocol, the same on every store: the shard's manifest object is written
+completely (rename on local disk, one PUT or a completed multipart upload on an
+object store), then its ledger entry. The ledger entry is the truth about "done":
+a manifest without one is never trusted (it may be a killed attempt's) and is
+rewritten when the run resumes; readers (`query`, `stats`, `report`) read only
+manifests that have a ledger entry.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import shutil
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,15 +34,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.core.storage import LockHeld, Store, is_url, open_store
 from curation.schema import SCHEMA_VERSION, TRANSIENT_COLUMNS
 from curation.sources.base import Shard
+
+LEDGER_ENTRY = re.compile(r"shard-(\d+)\.json$")
+FAILED_ENTRY = re.compile(r"shard-(\d+)\.failed\.json$")
+FOLDED = "done.jsonl"
 
 
 class RunConflict(Exception):
     """The output directory belongs to a run with a different, result-changing config."""
 
 
-class RunLocked(Exception):
+class RunLocked(LockHeld):
     """Another driver is writing to this output directory."""
 
 
@@ -48,28 +56,12 @@ def shard_name(index: int) -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    open_store(path.parent).put_json(path.name, data)
 
 
-@contextlib.contextmanager
-def exclusive_lock(path: Path, held_message: str) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (released if the process dies); RunLocked(held_message) if taken."""
-    with open(path, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLocked(held_message) from None
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def exclusive_lock(path: Path, held_message: str) -> contextlib.AbstractContextManager[None]:
+    """Hold `path` as a lock on its store; RunLocked(held_message) if a live process holds it."""
+    return exclusive_lock_on(open_store(path.parent), path.name, held_message)
 
 
 @dataclass
@@ -79,28 +71,47 @@ class ShardResult:
     kept: int
     drop_reasons: dict[str, int]
     seconds: float
+    finished: float | None = None  # unix time of the commit
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
 class RunDir:
-    def __init__(self, output: str | os.PathLike) -> None:
-        self.root = Path(output)
-        self.manifests = self.root / "manifests"
-        self.ledger = self.root / "ledger"
-        self.tmp = self.manifests / ".tmp"
+    def __init__(self, output: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
+        self.store: Store = open_store(output, storage_options)
+        self.storage_options = dict(storage_options or {})
+        # Local outputs keep their Path (callers build paths under it); URLs stay as written.
+        self.root: Path | str = self.store.url if is_url(output) else Path(output)
+        self.manifest_store = self.store.child("manifests")
+        self.ledger_store = self.store.child("ledger")
+
+    @property
+    def local(self) -> bool:
+        return self.store.local
+
+    @property
+    def manifests(self) -> Path:
+        return Path(self.manifest_store.root)
+
+    @property
+    def ledger(self) -> Path:
+        return Path(self.ledger_store.root)
+
+    @property
+    def tmp(self) -> Path:
+        return self.manifest_store.staging()
 
     # ------------------------------------------------------------------ run record
     @property
-    def record_path(self) -> Path:
-        return self.root / "run.json"
+    def record_path(self) -> str:
+        return self.store.url_of("run.json")
 
     def exists(self) -> bool:
-        return self.record_path.exists()
+        return self.store.exists("run.json")
 
     def record(self) -> dict[str, Any]:
-        return json.loads(self.record_path.read_text())
+        return self.store.get_json("run.json")
 
     def plan(self) -> list[Shard]:
         return [Shard.from_json(s) for s in self.record()["shards"]]
@@ -113,15 +124,17 @@ class RunDir:
         On resume the stored plan wins, so adding files to an input glob does not
         silently reshuffle which rows belong to which shard.
         """
-        for d in (self.root, self.manifests, self.ledger, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+        self.store.makedirs()
+        if self.local:
+            for d in (self.manifests, self.ledger, self.tmp):
+                d.mkdir(parents=True, exist_ok=True)
         if self.exists():
             problem = self.conflict(fingerprint, config_hash)
             if problem:
                 raise RunConflict(problem)
             return self.plan()
-        write_json_atomic(
-            self.record_path,
+        self.store.put_json(
+            "run.json",
             {
                 "schema_version": SCHEMA_VERSION,
                 "config_hash": config_hash,
@@ -152,94 +165,120 @@ class RunDir:
         return None
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return exclusive_lock(self.root / ".lock", f"another `curate run` is writing to {self.root}")
+        return exclusive_lock_on(self.store, ".lock", f"another `curate run` is writing to {self.root}")
 
     def is_locked(self) -> bool:
-        path = self.root / ".lock"
-        if not path.exists():
-            return False
-        with open(path) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+        return self.store.is_locked(".lock")
 
-    # ------------------------------------------------------------------ shards
-    def manifest_path(self, index: int) -> Path:
-        return self.manifests / f"{shard_name(index)}.parquet"
+    # ------------------------------------------------------------------ ledger
+    def manifest_path(self, index: int) -> str:
+        """The committed manifest of shard `index`, as a local path or URL."""
+        return self.manifest_store.url_of(f"{shard_name(index)}.parquet")
+
+    def _ledger_names(self) -> list[str]:
+        return self.ledger_store.list("")
+
+    def _folded(self, names: list[str]) -> dict[int, dict]:
+        if FOLDED not in names:
+            return {}
+        out = {}
+        for line in self.ledger_store.get_bytes(FOLDED).decode().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                out[entry["shard"]] = entry
+        return out
+
+    def done_indices(self) -> set[int]:
+        """Shards with a ledger entry: one listing of ledger/, no reads of the entries."""
+        names = self._ledger_names()
+        return {int(m.group(1)) for n in names if (m := LEDGER_ENTRY.fullmatch(n))} | set(self._folded(names))
 
     def done(self) -> dict[int, dict]:
-        out = {}
-        for p in self.ledger.glob("shard-*.json"):
-            if p.name.endswith(".failed.json"):
-                continue
-            entry = json.loads(p.read_text())
+        names = self._ledger_names()
+        out = self._folded(names)
+        missing = [n for n in names if (m := LEDGER_ENTRY.fullmatch(n)) and int(m.group(1)) not in out]
+        for data in self.ledger_store.get_many(missing).values():
+            entry = json.loads(data)
             out[entry["shard"]] = entry
         return out
 
+    def committed(self, index: int) -> dict | None:
+        """The ledger entry of shard `index`, if it is done."""
+        try:
+            return self.ledger_store.get_json(f"{shard_name(index)}.json")
+        except (FileNotFoundError, ValueError):
+            return None
+
     def failures(self) -> dict[int, dict]:
+        names = [n for n in self._ledger_names() if FAILED_ENTRY.fullmatch(n)]
         out = {}
-        for p in self.ledger.glob("shard-*.failed.json"):
-            entry = json.loads(p.read_text())
+        for data in self.ledger_store.get_many(names).values():
+            entry = json.loads(data)
             out[entry["shard"]] = entry
         return out
 
     def pending(self, plan: list[Shard]) -> list[Shard]:
-        done = self.done()
-        todo = []
-        for shard in plan:
-            if shard.index in done:
-                continue
-            if self._adopt(shard):
-                continue
-            todo.append(shard)
-        return todo
+        done = self.done_indices()
+        return [shard for shard in plan if shard.index not in done]
 
-    def _adopt(self, shard: Shard) -> bool:
-        """A complete manifest without a ledger entry: record it instead of redoing it."""
-        path = self.manifest_path(shard.index)
-        if not path.exists():
-            return False
-        try:
-            table = pq.read_table(path, columns=["keep", "drop_reason"])
-        except Exception:
-            return False  # unreadable: the shard is redone and the file replaced
-        if shard.row_end >= 0 and table.num_rows != shard.rows:
-            return False
-        self.commit_ledger(summarise(table, shard.index, seconds=0.0))
-        return True
+    def fold_ledger(self) -> None:
+        """Write every done entry into ledger/done.jsonl (one object), so readers make one request, not one
+        per shard. The single entries stay: the folded object only ever adds to them (driver, under the lock).
+        """
+        names = self._ledger_names()
+        singles = sum(1 for n in names if LEDGER_ENTRY.fullmatch(n))
+        if singles - len(self._folded(names)) < 64:
+            return
+        entries = self.done()
+        lines = "".join(json.dumps(entries[k], default=str) + "\n" for k in sorted(entries))
+        self.ledger_store.put_bytes(FOLDED, lines.encode())
 
     def clean_tmp(self) -> None:
         """Remove partial files of killed runs (only while holding the lock)."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        if self.local:
+            import shutil
+
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True, exist_ok=True)
 
     def commit_ledger(self, result: ShardResult) -> None:
-        write_json_atomic(self.ledger / f"{shard_name(result.shard)}.json", result.to_json())
-        with contextlib.suppress(FileNotFoundError):
-            (self.ledger / f"{shard_name(result.shard)}.failed.json").unlink()
+        if result.finished is None:
+            result.finished = time.time()
+        self.ledger_store.put_json(f"{shard_name(result.shard)}.json", result.to_json())
+        self.ledger_store.remove(f"{shard_name(result.shard)}.failed.json")
 
     def record_failure(self, index: int, error: str) -> None:
-        write_json_atomic(
-            self.ledger / f"{shard_name(index)}.failed.json",
+        self.ledger_store.put_json(
+            f"{shard_name(index)}.failed.json",
             {"shard": index, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         )
+
+    def committed_manifests(self) -> list[str]:
+        """Names (shard-NNNNN.parquet) of the manifests readers may see: those with a ledger entry."""
+        return [f"{shard_name(i)}.parquet" for i in sorted(self.done_indices())]
 
     def writer(self, index: int, schema: pa.Schema) -> ShardWriter:
         return ShardWriter(self, index, schema)
 
 
+@contextlib.contextmanager
+def exclusive_lock_on(store: Store, rel: str, held_message: str) -> Iterator[None]:
+    try:
+        with store.lock(rel, held_message):
+            yield
+    except LockHeld as e:
+        if isinstance(e, RunLocked):
+            raise
+        raise RunLocked(str(e)) from None
+
+
 class ShardWriter:
-    """Streams batches of one shard into a temporary file; `commit` renames it into place."""
+    """Streams batches of one shard into a local staging file; `commit` puts it in place, then the ledger entry."""
 
     def __init__(self, run: RunDir, index: int, schema: pa.Schema) -> None:
         self.run = run
         self.index = index
         self.schema = schema
-        self.final = run.manifest_path(index)
         # Unique per writer: a retried task (Ray) never shares a temp file with a zombie attempt.
         self.tmp = run.tmp / f"{shard_name(index)}.{os.getpid()}.{time.monotonic_ns()}.parquet"
         self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
@@ -258,9 +297,7 @@ class ShardWriter:
 
     def commit(self) -> ShardResult:
         self._writer.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.final)
+        self.run.manifest_store.put_file(self.tmp, f"{shard_name(self.index)}.parquet")
         result = ShardResult(
             self.index, self.rows, self.kept, self.reasons, time.perf_counter() - self.started
         )
@@ -285,12 +322,7 @@ def _count_reasons(table: pa.Table) -> dict[str, int]:
     return {c["values"]: c["counts"] for c in counts}
 
 
-def summarise(table: pa.Table, index: int, seconds: float) -> ShardResult:
-    kept = int(pc.sum(table.column("keep")).as_py() or 0)
-    return ShardResult(index, table.num_rows, kept, _count_reasons(table), seconds)
-
-
-def explain_conflict(root: Path, old: dict, new: dict) -> str:
+def explain_conflict(root: Path | str, old: dict, new: dict) -> str:
     diffs = []
 
     def walk(a: Any, b: Any, key: str) -> None:

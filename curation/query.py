@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -45,18 +46,43 @@ class QueryRefused(Exception):
     """A statement `curate query` does not run: it would write, attach, load or reconfigure."""
 
 
-def connect(output: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB, locked down, with a view `samples` over the finished manifests of `output`
-    (a `curate run` output) and `hard_pairs` over the table a `curate mine` output holds."""
-    run = RunDir(output)
-    if not run.root.is_dir():
+def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB, locked down, with a view `samples` over the committed manifests of `output`
+    (a `curate run` output: a local directory or a URL) and `hard_pairs` over the table a `curate mine`
+    output holds.
+
+    On an object store the committed manifests are first copied (concurrently) into a private
+    temporary folder, and DuckDB reads those local copies under the same lock-down: DuckDB itself
+    never gets network access or the store's credentials (its httpfs extension would need both).
+    """
+    run = RunDir(output, storage_options)
+    local = run.local
+    if local and not Path(run.root).is_dir():
         raise NoManifests(f"{output} does not exist")
-    files = sorted(str(p.resolve()) for p in run.manifests.glob("shard-*.parquet"))
-    hard_pairs = run.root / "hard_pairs.parquet"
-    pairs = [str(hard_pairs.resolve())] if hard_pairs.is_file() else []
-    if not files and not pairs:
+    if not local:
+        run.store.check()
+    names = run.committed_manifests()
+    pairs_found = (Path(run.root) / "hard_pairs.parquet").is_file() if local else False
+    # `curate dedup`'s table, when it has run: uid, dup_group, dup_rank, dup_keep, dup_kind
+    dedup_found = bool(names) and (
+        (Path(run.root) / "dedup" / "dedup.parquet").is_file()
+        if local
+        else run.store.exists("dedup/dedup.parquet")
+    )
+    if not names and not pairs_found:
         hint = "the run has not finished a shard yet" if run.exists() else "is this a `curate run` output?"
-        raise NoManifests(f"no manifests under {run.manifests} ({hint})")
+        raise NoManifests(f"no manifests under {run.store.url_of('manifests')} ({hint})")
+    if local:
+        files = [str(Path(run.manifests, n).resolve()) for n in names]
+        pairs = [str((Path(run.root) / "hard_pairs.parquet").resolve())] if pairs_found else []
+        dedups = [str((Path(run.root) / "dedup" / "dedup.parquet").resolve())] if dedup_found else []
+    else:
+        folder = Path(_scratch.mkdtemp(prefix="curate-query-"))
+        files = [str(p) for p in run.manifest_store.get_to_local(names, folder / "manifests")]
+        dedups = (
+            [str(p) for p in run.store.get_to_local(["dedup/dedup.parquet"], folder)] if dedup_found else []
+        )
+        pairs = []
     con = duckdb.connect(
         ":memory:",
         config={
@@ -68,9 +94,6 @@ def connect(output: str | Path) -> duckdb.DuckDBPyConnection:
     )
     # The files, not a glob: a glob would need the directory listable, and a shard committed
     # after this point is not part of this connection's snapshot anyway.
-    # `curate dedup`'s table, when it has run: uid, dup_group, dup_rank, dup_keep, dup_kind
-    dedup = run.root / "dedup" / "dedup.parquet"
-    dedups = [str(dedup.resolve())] if files and dedup.is_file() else []
     con.execute(f"SET allowed_paths = [{', '.join(_sql_string(f) for f in files + pairs + dedups)}]")
     if files:
         listed = ", ".join(_sql_string(f) for f in files)
@@ -82,6 +105,21 @@ def connect(output: str | Path) -> duckdb.DuckDBPyConnection:
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+class _Scratch:
+    """Temporary folders that live as long as this process (the copies a connection reads)."""
+
+    def __init__(self) -> None:
+        self._dirs: list[tempfile.TemporaryDirectory] = []
+
+    def mkdtemp(self, prefix: str) -> str:
+        d = tempfile.TemporaryDirectory(prefix=prefix)
+        self._dirs.append(d)
+        return d.name
+
+
+_scratch = _Scratch()
 
 
 def select_statement(sql: str) -> duckdb.Statement:
@@ -272,8 +310,10 @@ def _histogram(con, col: str, integer: bool, bins: int) -> dict[str, Any]:
     return {"buckets": buckets, "null": n_null}
 
 
-def compute_status(output: str | Path) -> dict[str, Any]:
-    run = RunDir(output)
+def compute_status(output: str | Path, storage_options: dict | None = None) -> dict[str, Any]:
+    run = RunDir(output, storage_options)
+    if not run.local:
+        run.store.check()
     if not run.exists():
         raise NoManifests(f"{output} has no run.json: not a `curate run` output (yet)")
     plan = run.plan()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.config import Config, ConfigError, KeyPath, Parsed, parse, read_config
+from curation.core.storage import StorageError, is_url
 from curation.manifest import RunDir
 from curation.sources import check_input
 from curation.stages import STAGES, Stage, build_stages, model_fingerprints
@@ -126,11 +127,19 @@ def _check_local_gpus(config: Config, stages: list[Stage]) -> list[Problem]:
 
 
 def _check_output(config: Config, limit: int | None, stages: list[Stage] | None) -> list[Problem]:
-    """A writable local directory, holding no run made with another config (checked when `stages`
-    is given: the fingerprint needs their model files)."""
+    """A writable local directory or a usable store (credentials, bucket), holding no run made with
+    another config (checked when `stages` is given: the fingerprint needs their model files)."""
     output = config.output
-    if "://" in output:
-        return [(("output",), "output must be a local directory (manifests are written with atomic renames)")]
+    if is_url(output):
+        try:
+            run = RunDir(output, config.storage_options)
+            run.store.check()
+        except StorageError as e:
+            return [(("output",), str(e))]
+        if stages is None:
+            return []
+        conflict = run.conflict(*config.run_fingerprint(limit, model_fingerprints(stages)))
+        return [(("output",), conflict)] if conflict else []
     p = Path(output)
     while not p.exists():
         p = p.parent

@@ -6,6 +6,8 @@ checks the run record, skips finished shards and hands the rest to a runner.
 
 from __future__ import annotations
 
+import contextlib
+
 from curation.config import Config
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
@@ -20,7 +22,8 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
 
     pipeline = Pipeline(config)
     fingerprint, config_hash = config.run_fingerprint(limit, model_fingerprints(pipeline.stages))
-    run = RunDir(config.output)
+    run = RunDir(config.output, config.storage_options)
+    run.store.check()  # wrong credentials, a missing bucket: one line, before any work
     with run.lock():
         plan = run.prepare(
             fingerprint, config_hash, pipeline.source.plan(limit), [s.name for s in config.stages]
@@ -41,3 +44,5 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
             return run_local(config, run, pending, pipeline.schema, progress)
         finally:
             progress.close()
+            with contextlib.suppress(Exception):  # an optimisation for readers; the entries stay the truth
+                run.fold_ledger()

@@ -30,8 +30,9 @@ import pyarrow as pa
 from curation.config import Config
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
+from curation.engine.task import ShardOutcome, ShardTask, account
 from curation.manifest import RunDir
-from curation.pipeline import Pipeline, ShardOutcome
+from curation.pipeline import Pipeline
 from curation.sources import Shard
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
@@ -57,23 +58,14 @@ def run_local(
     started = time.perf_counter()
     workers = resolve_workers(config, len(pending))
     if workers == 1:
-        pipeline = Pipeline(config)
+        task = ShardTask(run, Pipeline(config), schema)
+        task.setup()
         for shard in pending:
-            _account(summary, pipeline.run_shard(run, shard, schema, on_rows=progress.rows), progress)
+            account(summary, task(shard, on_rows=progress.rows), progress, rows_shown=True)
     else:
         _run_pool(config, run, pending, schema, progress, workers, summary)
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def _account(summary: RunSummary, outcome: ShardOutcome, progress: Progress) -> None:
-    if outcome.result is not None:
-        summary.shards_ok += 1
-        summary.rows += outcome.result.rows
-        summary.kept += outcome.result.kept
-    else:
-        summary.failures[outcome.shard] = outcome.error or "unknown error"
-    progress.shard_finished(outcome.result is not None)
 
 
 # ---------------------------------------------------------------------------- pool
@@ -82,13 +74,12 @@ _worker: dict = {}
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(config: Config, root: str, rows_queue, driver_pid: int) -> None:
+def _init_worker(config: Config, root: str, schema: pa.Schema, rows_queue, driver_pid: int) -> None:
     _die_with_driver(driver_pid)
     _worker["driver"] = driver_pid
-    _worker["pipeline"] = Pipeline(config)
-    _worker["run"] = RunDir(root)
+    _worker["task"] = ShardTask(RunDir(root, config.storage_options), Pipeline(config), schema)
     _worker["queue"] = rows_queue
-    _worker["pipeline"].setup()
+    _worker["task"].setup()
 
 
 def _die_with_driver(driver_pid: int) -> None:
@@ -104,14 +95,9 @@ def _exit_if_orphaned(driver_pid: int) -> None:
         os._exit(1)  # nothing to clean: the shard's temp file is removed by the next run
 
 
-def _work(shard: Shard, schema: pa.Schema) -> ShardOutcome:
-    q = _worker["queue"]
-    return _worker["pipeline"].run_shard(
-        _worker["run"],
-        shard,
-        schema,
-        on_rows=q.put,
-        before_commit=lambda: _exit_if_orphaned(_worker["driver"]),
+def _work(shard: Shard) -> ShardOutcome:
+    return _worker["task"](
+        shard, on_rows=_worker["queue"].put, before_commit=lambda: _exit_if_orphaned(_worker["driver"])
     )
 
 
@@ -140,10 +126,10 @@ def _run_pool(config, run, pending, schema, progress, workers, summary) -> None:
             max_workers=workers,
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(config, str(run.root), rows_queue, os.getpid()),
+            initargs=(config, str(run.root), schema, rows_queue, os.getpid()),
         ) as pool,
     ):
-        futures = {pool.submit(_work, shard, schema): shard for shard in pending}
+        futures = {pool.submit(_work, shard): shard for shard in pending}
         not_done = set(futures)
         try:
             while not_done:
@@ -157,7 +143,7 @@ def _run_pool(config, run, pending, schema, progress, workers, summary) -> None:
                         msg = f"worker process failed: {type(e).__name__}: {e}"
                         run.record_failure(shard.index, msg)
                         outcome = ShardOutcome(shard.index, error=msg)
-                    _account(summary, outcome, progress)
+                    account(summary, outcome, progress, rows_shown=True)
         except KeyboardInterrupt:
             for fut in not_done:
                 fut.cancel()

@@ -25,7 +25,7 @@ copy that the local runner does not pay.
 
 Failures:
 - A per-shard exception (unreadable file, a stage bug) is caught in the actor,
-  recorded with `RunDir.record_failure`, and comes back as an error row; the
+  recorded by the shard task (`curation.engine.task`), and comes back as an error row; the
   other shards go on and the run exits 1 (a re-run retries only those).
 - A worker process that dies (killed, OOM, segfault) is restarted by Ray
   (`max_restarts=-1`) and its task retried (`max_task_retries`). A retry
@@ -44,7 +44,6 @@ import logging
 import socket
 import sys
 import time
-import traceback
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -57,9 +56,10 @@ from curation.config import Config, RunnerConfig
 from curation.engine.errors import RunnerError
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
-from curation.manifest import RunDir, ShardResult, ShardWriter, shard_name
+from curation.engine.task import ShardOutcome, ShardTask, account
+from curation.manifest import RunDir, ShardResult
 from curation.sources import Shard
-from curation.stages import Stage, apply_stage, build_stages
+from curation.stages import Stage, build_stages
 
 # Retries of a shard whose worker process died. Finite, so a shard that
 # crashes its worker every time (a segfault in a native decoder) ends up
@@ -125,7 +125,7 @@ def run_ray(
     plan_total = len(run.plan())
     summary = RunSummary(shards_total=plan_total, shards_skipped=plan_total - len(pending))
     groups = plan_groups(build_stages(config))
-    owned = connect(config.runner)
+    owned = connect(config.runner.address, config.runner.workers)
     try:
         sizes = size_pools(groups, config.runner, len(pending))
         env = ray_environment()
@@ -138,7 +138,7 @@ def run_ray(
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
-                    _account(row, summary, progress, reported, per_node)
+                    _account_row(row, summary, progress, reported, per_node)
         except Exception as e:  # Ray Data gave up (e.g. actors that cannot start on some node)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunnerError(
@@ -168,7 +168,7 @@ def _say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _account(
+def _account_row(
     row: dict[str, Any], summary: RunSummary, progress: Progress, reported: set[int], per_node: Counter[str]
 ) -> None:
     shard = Shard.from_json(json.loads(row["shard"]))
@@ -176,42 +176,38 @@ def _account(
         return  # never count a shard twice, whatever a retry delivers
     reported.add(shard.index)
     per_node[row["node"] or "?"] += 1
-    if row["result"] is not None:
-        result = ShardResult(**json.loads(row["result"]))
-        summary.shards_ok += 1
-        summary.rows += result.rows
-        summary.kept += result.kept
-        progress.rows(result.rows)
-        progress.shard_finished(True)
-    else:
-        summary.failures[shard.index] = row["error"] or "unknown error"
-        progress.shard_finished(False)
+    result = ShardResult(**json.loads(row["result"])) if row["result"] is not None else None
+    outcome = ShardOutcome(shard.index, result=result, error=None if result else row["error"])
+    account(summary, outcome, progress, rows_shown=False)
 
 
-def connect(runner: RunnerConfig) -> bool:
-    """Start or join Ray; True when this call did it (and the caller must shut it down).
+def connect(address: str | None, workers: int | str | None = None) -> bool:
+    """Start or join Ray, for every command that uses it (`run`, `mine`); True when this call did it
+    (and the caller must shut it down).
 
-    An existing connection (a notebook, the benchmark) is reused as is.
+    `address` None starts a fresh local instance with `workers` CPUs (an int; "auto" or None: all
+    of them) and never joins a running one. An existing connection in this process (a notebook,
+    the benchmark) is reused as is.
     """
     import ray
 
     if ray.is_initialized():
         return False
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-    if runner.address is None:
+    if address is None:
         # "local", not None: ray.init() would silently join a cluster found via
-        # RAY_ADDRESS or /tmp/ray, and the config promises a fresh local instance.
-        num_cpus = runner.workers if isinstance(runner.workers, int) else None
+        # RAY_ADDRESS or /tmp/ray, and the caller promises a fresh local instance.
+        num_cpus = workers if isinstance(workers, int) else None
         try:
             ray.init(address="local", num_cpus=num_cpus, **quiet)
         except Exception as e:
             raise RunnerError(f"could not start a local Ray instance: {type(e).__name__}: {e}") from e
         return True
-    check_reachable(runner.address)
+    check_reachable(address)
     try:
-        ray.init(address=runner.address, **quiet)
+        ray.init(address=address, **quiet)
     except Exception as e:  # ConnectionError, AuthenticationError, version mismatch ...
-        raise RunnerError(f"could not join the Ray cluster at runner.address={runner.address!r}: {e}") from e
+        raise RunnerError(f"could not join the Ray cluster at runner.address={address!r}: {e}") from e
     return True
 
 
@@ -328,31 +324,33 @@ def build_dataset(
 
 
 class _ShardWorker:
-    """Ray Data actor for one group of stages: loads their models once, then takes shards one at a time."""
+    """Ray Data actor for one group of stages: loads their models once, then runs the shard task per shard."""
 
     def __init__(
         self, config: Config, root: str, schema: pa.Schema, group: Group, read: bool, write: bool
     ) -> None:
+        import ray
+
         from curation.pipeline import Pipeline
 
-        self.run = RunDir(root)
-        if not self.run.record_path.exists():
-            import ray
-
+        run = RunDir(root, config.storage_options)
+        if run.local and not run.exists():
             node = ray.get_runtime_context().get_node_id()
             raise RunnerError(
                 f"the output directory {root} is not visible on Ray node {node[:8]} "
-                f"(host {socket.gethostname()}): on a cluster, output must be on a filesystem every node mounts"
+                f"(host {socket.gethostname()}): on a cluster, write to object storage (s3://...) "
+                "or to a filesystem every node mounts"
             )
-        self.pipeline = Pipeline(config)
-        self.stages = self.pipeline.stages[group.first : group.stop]
-        for stage in self.stages:
-            stage.setup()
-        self.schema = schema
-        self.batch_rows = config.runner.batch_rows
-        self.read, self.write = read, write
-        import ray
-
+        self.task = ShardTask(
+            run,
+            Pipeline(config),
+            schema,
+            slice(group.first, group.stop),
+            read=read,
+            write=write,
+            skip_committed=True,  # a retry of a task whose first attempt got as far as the ledger
+        )
+        self.task.setup()
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -363,48 +361,14 @@ class _ShardWorker:
         if row.get("result") is not None or row.get("error") is not None:
             return row  # finished (or failed) upstream: pass it through
         shard = Shard.from_json(json.loads(row["shard"]))
-        out: dict[str, Any] = {
+        outcome = self.task(shard, upstream=_ipc_batches(row["data"]))
+        return {
             "shard": row["shard"],
-            "data": None,
-            "result": None,
-            "error": None,
+            "data": _ipc_bytes(iter(outcome.tables)) if outcome.tables is not None else None,
+            "result": json.dumps(outcome.result.to_json()) if outcome.result else None,
+            "error": outcome.error,
             "node": self.node,
         }
-        done = self._committed(shard.index)
-        if done is not None:  # a retry of a task whose first attempt got as far as the ledger
-            out["result"] = json.dumps(done)
-            return out
-        writer: ShardWriter | None = None
-        try:
-            batches = (
-                self.pipeline.source.read(shard, self.batch_rows) if self.read else _ipc_batches(row["data"])
-            )
-            if self.write:
-                writer = self.run.writer(shard.index, self.schema)
-                for table in batches:
-                    writer.write(self._process(table))
-                out["result"] = json.dumps(writer.commit().to_json())
-            else:
-                out["data"] = _ipc_bytes(self._process(t) for t in batches)
-        except Exception as e:
-            if writer is not None:
-                writer.abort()
-            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-            self.run.record_failure(shard.index, f"{detail}\n{traceback.format_exc(limit=-3)}")
-            out["error"] = detail
-        return out
-
-    def _process(self, table: pa.Table) -> pa.Table:
-        for stage in self.stages:
-            table = apply_stage(stage, table)
-        return table
-
-    def _committed(self, index: int) -> dict | None:
-        path = self.run.ledger / f"{shard_name(index)}.json"
-        try:
-            return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
 
 
 def _ipc_bytes(tables: Iterator[pa.Table]) -> bytes:

@@ -347,8 +347,10 @@ def _pipeline_order(groups: list[SampleGroup], stats: dict[str, Any]) -> list[Sa
 def shard_timings(run: RunDir) -> list[ShardTiming]:
     out = []
     for index, entry in sorted(run.done().items()):
-        path = run.ledger / f"{shard_name(index)}.json"
-        finished = path.stat().st_mtime if path.exists() else math.nan
+        finished = entry.get("finished")
+        if finished is None:  # a ledger written before entries carried their commit time
+            path = run.ledger / f"{shard_name(index)}.json"
+            finished = path.stat().st_mtime if run.local and path.exists() else math.nan
         out.append(ShardTiming(index, entry["rows"], entry["kept"], float(entry["seconds"]), finished))
     return out
 
