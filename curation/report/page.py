@@ -43,7 +43,7 @@ def render(
     """The page. `charts` maps section keys to inline SVG ('funnel', 'hist:COL', 'cat:COL', 'timings')."""
     f = data.funnel
     rec = data.facts.record or {}
-    title = f"curate report: {data.output.name or data.output}"
+    title = f"curate report: {str(data.output).rstrip('/').rsplit('/', 1)[-1] or data.output}"
     sections = [
         _header(data, title),
         _funnel(data, charts),
