@@ -1,0 +1,324 @@
+"""Runs on object storage, against a real S3 server on 127.0.0.1 (moto's, bytes over HTTP).
+
+`curate run` (local runner; Ray runner in its private network namespace) writes to
+s3://, and status/query/stats/report read it; the manifests equal a local run's;
+a driver killed mid-run resumes with every row exactly once; the store going away
+for seconds mid-run costs retries (or failed shards a re-run finishes), never rows;
+wrong credentials and a missing bucket stop the run before any work, in one line.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation.cli import main
+from curation.schema import make_uid
+from tests.helpers import LAION_1K, LAION_10K, REPO, netns_prefix, write_config
+from tests.s3server import S3Server, start_authenticating_server
+
+FAST_STAGE = "  - caption_length: {}\n"  # no model: the S3 round trips dominate
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch) -> str:
+    name = f"curate-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=name)
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    return name
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.update(NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1")
+    return env
+
+
+def ledger(s3: S3Server, bucket: str, prefix: str) -> dict[int, dict]:
+    c = s3.client()
+    out = {}
+    for key in s3.keys(bucket, f"{prefix}/ledger/shard-"):
+        if not key.endswith(".failed.json"):
+            entry = json.loads(c.get_object(Bucket=bucket, Key=key)["Body"].read())
+            out[entry["shard"]] = entry
+    return out
+
+
+def committed_manifests(s3: S3Server, bucket: str, prefix: str) -> pa.Table:
+    """The manifests that have a ledger entry, read straight from the server."""
+    c = s3.client()
+    tables = []
+    for index in sorted(ledger(s3, bucket, prefix)):
+        body = c.get_object(Bucket=bucket, Key=f"{prefix}/manifests/shard-{index:05d}.parquet")["Body"].read()
+        tables.append(pq.read_table(io.BytesIO(body)))
+    return pa.concat_tables(tables)
+
+
+def source_uids(path: Path) -> collections.Counter:
+    src = pq.read_table(path, columns=["URL", "TEXT"])
+    return collections.Counter(
+        make_uid(u, c) for u, c in zip(src.column("URL").to_pylist(), src.column("TEXT").to_pylist())
+    )
+
+
+def test_run_on_s3_equals_local_run_and_status_query_stats_report_read_it(
+    tmp_path, s3, bucket, monkeypatch, capsys
+):
+    secret = s3.env["AWS_SECRET_ACCESS_KEY"]
+    # Endpoint and credentials from the YAML's storage_options, none from the environment.
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k)
+    cfg = write_config(tmp_path / "s3.yaml", LAION_1K, f"s3://{bucket}/run", rows_per_shard=300, workers=2)
+    options = {"endpoint_url": s3.endpoint, "key": "testing", "secret": secret}
+    cfg.write_text(cfg.read_text() + f"storage_options: {json.dumps(options)}\n")
+    assert main(["run", str(cfg)]) == 0, capsys.readouterr().err
+    local = tmp_path / "local"
+    assert main(["run", str(cfg), "-o", str(local), "--workers", "1"]) == 0
+
+    on_s3 = committed_manifests(s3, bucket, "run").sort_by("uid")
+    on_disk = pq.read_table(local / "manifests").sort_by("uid")
+    assert on_s3.num_rows == 1000 and len(set(on_s3.column("uid").to_pylist())) == 1000
+    assert on_s3.schema == on_disk.schema
+    assert on_s3.equals(on_disk), "uids, scores or decisions differ between s3 and local disk"
+    record = s3.client().get_object(Bucket=bucket, Key="run/run.json")["Body"].read().decode()
+    assert secret not in record and s3.endpoint not in record
+    assert "run/ledger/shard-00000.json" in s3.keys(bucket, "run/ledger/")
+    assert not s3.keys(bucket, "run/.lock"), "the driver's lock object outlived the run"
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+
+    # Readers take the endpoint and credentials from the environment, as the AWS tools do.
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{bucket}/run"
+    assert main(["run", str(cfg)]) == 0
+    assert "0 shard(s) written, 4 already done" in capsys.readouterr().out
+    assert main(["status", url, "--format", "json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert (st["shards_done"], st["rows_done"], st["running"]) == (4, 1000, False)
+    assert (
+        main(
+            ["query", url, "SELECT count(*) AS n, count(DISTINCT uid) AS u, sum(keep::INT) AS k FROM samples"]
+        )
+        == 0
+    )
+    kept = int(pa.compute.sum(on_disk.column("keep")).as_py())
+    assert capsys.readouterr().out.split()[-3:] == ["1000", "1000", str(kept)]
+    # The lock-down holds on object storage too: nothing but the run's committed manifests.
+    assert main(["query", url, "SELECT * FROM read_parquet('/etc/passwd')"]) == 2
+    assert "Permission Error" in capsys.readouterr().err
+    assert main(["query", url, f"SELECT * FROM read_parquet('s3://{bucket}/run/manifests/*.parquet')"]) == 2
+    capsys.readouterr()
+    assert main(["stats", url, "--format", "json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["rows"], stats["kept"]) == (1000, kept)
+    report = tmp_path / "report.html"
+    assert main(["report", url, "--out", str(report)]) == 0
+    assert "1,000 rows" in capsys.readouterr().out and report.stat().st_size > 10_000
+
+
+def test_driver_killed_mid_run_on_s3_then_resume_writes_every_row_once(tmp_path, s3, bucket):
+    cfg = write_config(
+        tmp_path / "c.yaml", LAION_10K, f"s3://{bucket}/run", rows_per_shard=100, workers=2, stages=FAST_STAGE
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curation.cli", "run", str(cfg)],
+        cwd=REPO,
+        env=_env(s3.env),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 180
+    while len(s3.keys(bucket, "run/ledger/")) < 5:
+        assert proc.poll() is None, "run finished before it could be killed; use more input"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = ledger(s3, bucket, "run")
+    assert 5 <= len(before) < 100
+    assert s3.keys(bucket, "run/.lock"), "the killed driver's lock object should still be there"
+
+    # The dead driver's lock (same host, pid gone) is taken over; committed shards are not redone.
+    assert main(["run", str(cfg)]) == 0
+    after = ledger(s3, bucket, "run")
+    assert set(after) == set(range(100))
+    assert {k: after[k] for k in before} == before
+    t = committed_manifests(s3, bucket, "run")
+    assert collections.Counter(t.column("uid").to_pylist()) == source_uids(LAION_10K)
+
+
+def test_s3_server_down_for_seconds_mid_run_loses_and_duplicates_nothing(tmp_path, s3, bucket):
+    cfg = write_config(
+        tmp_path / "c.yaml", LAION_10K, f"s3://{bucket}/run", rows_per_shard=50, workers=1, stages=FAST_STAGE
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curation.cli", "run", str(cfg)],
+        cwd=REPO,
+        env=_env(s3.env),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while len(s3.keys(bucket, "run/ledger/")) < 5:
+            assert proc.poll() is None, "run finished before the server could be stopped; use more input"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        s3.stop()  # connections refused from now on
+        time.sleep(4)
+        assert proc.poll() is None, "the run gave up while the store was down for 4 s"
+        s3.start()  # same port, same objects
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode in (0, 1), err[-2000:]
+    if proc.returncode == 1:  # shards that ran out of retries are recorded; a re-run finishes them
+        assert "failed" in err
+        assert main(["run", str(cfg)]) == 0
+    assert set(ledger(s3, bucket, "run")) == set(range(200))
+    t = committed_manifests(s3, bucket, "run")
+    assert collections.Counter(t.column("uid").to_pylist()) == source_uids(LAION_10K)
+
+
+def test_missing_bucket_fails_before_any_work_in_one_line(tmp_path, s3, bucket, capsys):
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, "s3://no-such-bucket-here/run", stages=FAST_STAGE)
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "bucket 'no-such-bucket-here' does not exist" in err
+    assert "Traceback" not in err
+    assert main(["status", "s3://no-such-bucket-here/run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"curate: error: bucket 'no-such-bucket-here' does not exist (s3://no-such-bucket-here at {s3.endpoint}); "
+        "create it first"
+    ]
+
+
+def test_wrong_credentials_fail_before_any_work_in_one_line(tmp_path):
+    server = start_authenticating_server("guarded")
+    try:
+        cfg = write_config(tmp_path / "c.yaml", LAION_1K, "s3://guarded/run", stages=FAST_STAGE)
+        base = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+        wrong = {**base, "AWS_ACCESS_KEY_ID": server.key_id, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+        cmd = [sys.executable, "-m", "curation.cli", "run", str(cfg)]
+        bad = subprocess.run(cmd, cwd=REPO, env=_env(wrong), capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2, bad.stderr
+        assert "access denied to s3://guarded" in bad.stderr and "AWS_ACCESS_KEY_ID" in bad.stderr
+        assert "Traceback" not in bad.stderr and "not-the-secret" not in bad.stderr
+        right = {**base, "AWS_ACCESS_KEY_ID": server.key_id, "AWS_SECRET_ACCESS_KEY": server.secret}
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=server.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=server.key_id,
+            aws_secret_access_key=server.secret,
+        )
+        assert s3.list_objects_v2(Bucket="guarded")["KeyCount"] == 0  # no work was done
+        good = subprocess.run(cmd, cwd=REPO, env=_env(right), capture_output=True, text=True, timeout=300)
+        assert good.returncode == 0, good.stderr
+        assert server.secret not in good.stdout + good.stderr
+    finally:
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
+
+
+def test_a_second_driver_is_refused_while_the_first_holds_the_lock(s3, bucket):
+    from curation.core.storage import LockHeld, open_store
+
+    store = open_store(f"s3://{bucket}/run")
+    with store.lock(".lock", "busy"):
+        with pytest.raises(LockHeld, match="busy"), open_store(f"s3://{bucket}/run").lock(".lock", "busy"):
+            pass
+        assert store.is_locked(".lock")
+    assert not store.is_locked(".lock") and not store.exists(".lock")
+    # A lock object whose holder is dead (this host, a pid that does not exist) is taken over.
+    dead = {"token": "x", "host": os.uname().nodename, "pid": 2**22 + 7, "heartbeat": time.time()}
+    store.put_json(".lock", dead)
+    with store.lock(".lock", "busy"):
+        assert store.get_json(".lock")["pid"] == os.getpid()
+
+
+# ---------------------------------------------------------------------------- Ray
+
+NETNS = netns_prefix()
+
+# Inside the namespace: an S3 server on its loopback, then `curate run --runner ray`, status and
+# query, all against s3://. Ray's workers inherit the AWS_* environment set here.
+RAY_DRIVER = textwrap.dedent(
+    r"""
+    import json, os, sys
+    from tests.s3server import S3Server
+    server = S3Server(); server.start()
+    os.environ.update(server.env)
+    server.client().create_bucket(Bucket="raybucket")
+    from curation.cli import main
+    cfg = sys.argv[1]
+    print("RUN", main(["run", cfg, "--runner", "ray"]), flush=True)
+    print("STATUS", main(["status", "s3://raybucket/run"]), flush=True)
+    print("QUERY", main(["query", "s3://raybucket/run", "SELECT count(DISTINCT uid) FROM samples"]), flush=True)
+    t = []
+    import io, pyarrow as pa, pyarrow.parquet as pq
+    c = server.client()
+    for key in sorted(server.keys("raybucket", "run/manifests/")):
+        t.append(pq.read_table(io.BytesIO(c.get_object(Bucket="raybucket", Key=key)["Body"].read())))
+    pq.write_table(pa.concat_tables(t), sys.argv[2])
+    server.stop()
+    """
+)
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(NETNS is None, reason="cannot create a network namespace; Ray must stay on loopback")
+def test_ray_runner_writes_to_s3_inside_its_namespace(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, "s3://raybucket/run", rows_per_shard=250)
+    env = _env({"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
+    from tests.test_ray_runner import SESSION_TOKEN
+
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=SESSION_TOKEN)
+    copied = tmp_path / "from_s3.parquet"
+    proc = subprocess.run(
+        [*NETNS, sys.executable, "-c", RAY_DRIVER, str(cfg), str(copied)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "RUN 0" in proc.stdout and "STATUS 0" in proc.stdout and "QUERY 0" in proc.stdout, proc.stderr[
+        -3000:
+    ]
+    assert "4 shard(s) written" in proc.stdout
+    local = tmp_path / "local"
+    assert main(["run", str(cfg), "-o", str(local)]) == 0
+    a = pq.read_table(copied).sort_by("uid")
+    b = pq.read_table(local / "manifests").sort_by("uid")
+    assert a.num_rows == 1000 and a.equals(b)
