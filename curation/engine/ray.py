@@ -361,7 +361,7 @@ class _ShardWorker:
         if row.get("result") is not None or row.get("error") is not None:
             return row  # finished (or failed) upstream: pass it through
         shard = Shard.from_json(json.loads(row["shard"]))
-        outcome = self.task(shard, upstream=_ipc_batches(row["data"]))
+        outcome = self.task(shard, upstream=_ipc_batches(row.get("data")))
         return {
             "shard": row["shard"],
             "data": _ipc_bytes(iter(outcome.tables)) if outcome.tables is not None else None,
