@@ -571,3 +571,40 @@ def _port_open(holder_pid: int, port: int) -> bool:
         f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)",
     ]
     return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+@needs_netns
+def test_null_address_starts_a_fresh_instance_and_never_joins_a_running_one(tmp_path: Path) -> None:
+    """`connect(None)` (used by `curate run` and `curate mine`) beside a running head that
+    RAY_ADDRESS points at: it must start its own instance, not join that one."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp = Path(tempfile.mkdtemp(prefix="curate-ray-"))
+    probe = (
+        "import ray; from curation.engine.ray import connect\n"
+        "owned = connect(None, 1)\n"
+        "print('OWNED', owned, 'GCS', ray.get_runtime_context().gcs_address,"
+        " 'CPUS', ray.cluster_resources().get('CPU'))\n"
+        "ray.shutdown()\n"
+    )
+    script = (
+        f"{ray_bin} start --head --port=6390 --num-cpus=3 --temp-dir={temp} --include-dashboard=false "
+        "--disable-usage-stats --node-ip-address=127.0.0.1 >/dev/null 2>&1 || exit 3\n"
+        f'RAY_ADDRESS=127.0.0.1:6390 {sys.executable} -c "$PROBE"; rc=$?\n'
+        f"{ray_bin} stop --force >/dev/null 2>&1\n"
+        "exit $rc\n"
+    )
+    env = {**_env(), "PROBE": probe}
+    try:
+        proc = subprocess.run(
+            [*NETNS, "sh", "-c", script], capture_output=True, text=True, timeout=240, env=env, cwd=ROOT
+        )
+    finally:
+        _reap_zombies()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = re.search(r"OWNED (\S+) GCS (\S+) CPUS (\S+)", proc.stdout)
+    assert found, proc.stdout + proc.stderr[-2000:]
+    owned, gcs, cpus = found.groups()
+    assert owned == "True"
+    assert not gcs.endswith(":6390"), f"joined the running head at {gcs}"
+    assert float(cpus) == 1.0
