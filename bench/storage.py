@@ -1,7 +1,7 @@
 """Object storage vs local disk (issue 16), against a real S3 server (moto's) on 127.0.0.1.
 
-    nice -n 10 python bench/storage.py                            # both parts, ~3 min on 2 busy cores
-    nice -n 10 python bench/storage.py --rows 20000 --shards 1000 5000 20000
+    nice -n 10 python bench/storage.py                            # all parts, ~8 min on 2 busy cores
+    nice -n 10 python bench/storage.py --rows 20000 --repeats 2 --shards 1000 2000
 
 (a) Throughput: the caption pipeline (`caption_complexity` + `caption_action`), `curate run`
     end to end in a subprocess, 1 worker, the default shard size (100,000 rows: the whole input
@@ -184,9 +184,11 @@ def driver_overhead(tmp: Path, env: dict[str, str], counts: list[int]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=10_000, help="rows for (a)")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--shards", type=int, nargs="+", default=[1000, 4000, 16000], help="shard counts for (b)")
+    p.add_argument("--rows", type=int, default=100_000, help="rows for (a): one default-size shard")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--shards", type=int, nargs="+", default=[500, 1000, 2000, 4000], help="shard counts for (b)"
+    )
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-overhead", action="store_true")
     args = p.parse_args()

@@ -221,15 +221,22 @@ class RunDir:
         done = self.done_indices()
         return [shard for shard in plan if shard.index not in done]
 
-    def fold_ledger(self) -> None:
+    def fold_ledger(self, known: list[dict] | None = None) -> None:
         """Write every done entry into ledger/done.jsonl (one object), so readers make one request, not one
-        per shard. The single entries stay: the folded object only ever adds to them (driver, under the lock).
+        per shard. `known`: entries the caller already holds (what this run committed), not read again.
+        The single entries stay the truth: the folded object only ever lists committed shards (driver,
+        under the lock).
         """
         names = self._ledger_names()
-        singles = sum(1 for n in names if LEDGER_ENTRY.fullmatch(n))
-        if singles - len(self._folded(names)) < 64:
-            return
-        entries = self.done()
+        entries = self._folded(names)
+        before = len(entries)
+        entries.update({e["shard"]: e for e in known or []})
+        missing = [n for n in names if (m := LEDGER_ENTRY.fullmatch(n)) and int(m.group(1)) not in entries]
+        for data in self.ledger_store.get_many(missing).values():
+            entry = json.loads(data)
+            entries[entry["shard"]] = entry
+        if len(entries) - before < 64:
+            return  # a few single entries cost readers little; not worth rewriting the folded object
         lines = "".join(json.dumps(entries[k], default=str) + "\n" for k in sorted(entries))
         self.ledger_store.put_bytes(FOLDED, lines.encode())
 

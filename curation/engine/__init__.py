@@ -32,17 +32,18 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
         pending = run.pending(plan)
         total_rows = sum(s.rows for s in pending) if all(s.row_end >= 0 for s in pending) else None
         progress = Progress(total_rows, len(plan), len(plan) - len(pending), enabled=config.runner.progress)
+        summary = RunSummary(shards_total=len(plan), shards_skipped=len(plan))
         try:
-            if not pending:
-                return RunSummary(shards_total=len(plan), shards_skipped=len(plan))
-            if config.runner.type == "ray":
+            if config.runner.type == "ray" and pending:
                 from curation.engine.ray import run_ray
 
-                return run_ray(config, run, pending, pipeline.schema, progress)
-            from curation.engine.local import run_local
+                summary = run_ray(config, run, pending, pipeline.schema, progress)
+            elif pending:
+                from curation.engine.local import run_local
 
-            return run_local(config, run, pending, pipeline.schema, progress)
+                summary = run_local(config, run, pending, pipeline.schema, progress)
         finally:
             progress.close()
             with contextlib.suppress(Exception):  # an optimisation for readers; the entries stay the truth
-                run.fold_ledger()
+                run.fold_ledger(summary.committed)
+        return summary

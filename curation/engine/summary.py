@@ -12,6 +12,8 @@ class RunSummary:
     kept: int = 0
     seconds: float = 0.0
     failures: dict[int, str] = field(default_factory=dict)
+    # Ledger entries committed by this invocation (the driver folds them into ledger/done.jsonl).
+    committed: list[dict] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:

@@ -108,6 +108,7 @@ def account(summary: RunSummary, outcome: ShardOutcome, progress: Progress, *, r
         summary.shards_ok += 1
         summary.rows += outcome.result.rows
         summary.kept += outcome.result.kept
+        summary.committed.append(outcome.result.to_json())
         if not rows_shown:
             progress.rows(outcome.result.rows)
     else:
