@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from curation.config import ConfigError
+from curation.engine.errors import RunnerError
 from curation.manifest import RunLocked
 from curation.models.encoders import MINILM
 from train.mining.config import parse_mine_config
@@ -113,7 +114,7 @@ def run_mine(args: argparse.Namespace) -> int:
     except RunLocked:
         print(f"curate: error: another process is writing to {cfg.output}", file=sys.stderr)
         return EXIT_USAGE
-    except (MineConflict, FileNotFoundError, ValueError) as e:
+    except (MineConflict, FileNotFoundError, ValueError, RunnerError) as e:
         print(f"curate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Exception:

@@ -132,9 +132,9 @@ def _search(cfg: MineConfig, image, text):
         return mine_hard_pairs(image, text, device=cfg.encoders.device, **kwargs)
     import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=cfg.runner.address, include_dashboard=False, log_to_driver=False)
+    from curation.engine.ray import connect
+
+    started_here = connect(cfg.runner.address)  # null address: a fresh local instance, never a running one
     try:
         return mine_hard_pairs_ray(
             image,

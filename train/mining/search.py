@@ -303,13 +303,14 @@ def mine_hard_pairs_ray(
 
     The embeddings are put into Ray's object store once and every task reads that one copy
     (zero-copy on a node). Joins the running Ray instance if this process has one
-    (`ray.init(address=...)` beforehand), else starts a local one. Results come back in query order.
+    (`curation.engine.ray.connect` beforehand), else starts a local one. Results come back in query order.
     """
     import ray
 
     _check(image_emb, text_emb, k)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    from curation.engine.ray import connect
+
+    connect(None)  # a no-op when this process has joined one; never joins a running instance by itself
     n = image_emb.shape[0]
     shared_u = ray.put(image_emb.contiguous().numpy())
     shared_v = ray.put(text_emb.contiguous().numpy())
