@@ -18,6 +18,7 @@ per-round ratios locked / plain. Target: about 1.0 (no slower than before).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -71,6 +72,10 @@ def write_manifests(root: Path, rows: int, shards: int) -> None:
             }
         )
         pq.write_table(t, root / "manifests" / f"shard-{s:05d}.parquet", compression="zstd")
+        # Its ledger entry commits the shard (curate reads only committed manifests).
+        (root / "ledger").mkdir(exist_ok=True)
+        entry = {"shard": s, "rows": per, "kept": int(keep.sum())}
+        (root / "ledger" / f"shard-{s:05d}.json").write_text(json.dumps(entry))
 
 
 def plain(root: Path, sql: str) -> int:

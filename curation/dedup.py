@@ -182,7 +182,7 @@ def run_dedup(
         raise DedupError(str(e)) from None
     folder.mkdir(exist_ok=True)
     with exclusive_lock(folder / ".lock", f"another `curate dedup` is writing to {folder}"):
-        manifests = sorted(run.manifests.glob("shard-*.parquet"))
+        manifests = [run.manifests / name for name in run.committed_manifests()]  # never uncommitted ones
         fingerprint = _fingerprint(params, manifests)
         summary_path = folder / SUMMARY
         if not force and (folder / TABLE).exists() and summary_path.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -193,10 +194,7 @@ def test_bad_usage_is_one_clear_line(tmp_path, photo_run, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("curate: error: ") and "Traceback" not in err
-    (tmp_path / "run" / "manifests").mkdir(parents=True)
-    pq.write_table(
-        pa.table({"uid": ["a"], "keep": [True]}), tmp_path / "run" / "manifests" / "shard-00000.parquet"
-    )
+    commit(pa.table({"uid": ["a"], "keep": [True]}), tmp_path / "run")
     assert (
         main(
             ["select", str(tmp_path / "run"), "--dedup", "--uids-only", "--out", str(tmp_path / "u.parquet")]
@@ -209,6 +207,15 @@ def test_bad_usage_is_one_clear_line(tmp_path, photo_run, capsys):
 # --------------------------------------------------------------------------- semantic, resume
 
 
+def commit(table: pa.Table, run: Path, shard: int = 0) -> None:
+    """Write `table` as shard `shard` of `run` and its ledger entry (readers see only committed shards)."""
+    (run / "manifests").mkdir(parents=True, exist_ok=True)
+    (run / "ledger").mkdir(exist_ok=True)
+    pq.write_table(table, run / "manifests" / f"shard-{shard:05d}.parquet")
+    entry = {"shard": shard, "rows": table.num_rows, "kept": 0}
+    (run / "ledger" / f"shard-{shard:05d}.json").write_text(json.dumps(entry))
+
+
 def synthetic_run(root: Path, n: int, dim: int, seed: int = 0) -> Path:
     """Manifests as a run with clip_score(keep_embedding) and phash writes them, over synthetic values."""
     rng = np.random.default_rng(seed)
@@ -218,9 +225,8 @@ def synthetic_run(root: Path, n: int, dim: int, seed: int = 0) -> Path:
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     hashes = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
     hashes[-len(copies) :] = hashes[copies]
-    (root / "manifests").mkdir(parents=True)
     for shard, rows in enumerate(np.array_split(np.arange(n), 4)):
-        pq.write_table(
+        commit(
             pa.table(
                 {
                     "uid": [make_uid(f"u{i}", "c") for i in rows],
@@ -233,7 +239,8 @@ def synthetic_run(root: Path, n: int, dim: int, seed: int = 0) -> Path:
                     ),
                 }
             ),
-            root / "manifests" / f"shard-{shard:05d}.parquet",
+            root,
+            shard,
         )
     return root
 
@@ -290,13 +297,12 @@ def test_sigkill_then_rerun_gives_the_same_groups(tmp_path):
 
 def test_repeated_input_rows_count_once(tmp_path):
     run = tmp_path / "run"
-    (run / "manifests").mkdir(parents=True)
     uids = [make_uid("a", "x"), make_uid("a", "x"), make_uid("b", "y")]
-    pq.write_table(
+    commit(
         pa.table(
             {"uid": uids, "shard": pa.array([0, 0, 0], pa.int32()), "keep": [True] * 3, "phash": [5, 5, 7]}
         ),
-        run / "manifests" / "shard-00000.parquet",
+        run,
     )
     summary = run_dedup(run, DedupParams())
     assert summary["rows"] == 2 and summary["rows_in_groups"] == 2  # 5 and 7 are 1 bit apart
@@ -306,12 +312,11 @@ def test_repeated_input_rows_count_once(tmp_path):
 def test_a_run_without_duplicates_gives_an_empty_table(tmp_path):
     """No link at all (distinct hashes far apart): an empty dedup table, and select --dedup keeps all."""
     run = tmp_path / "run"
-    (run / "manifests").mkdir(parents=True)
     uids = [make_uid(str(i), "x") for i in range(3)]
     hashes = [0, 0x00FF00FF00FF00FF, 0x7F00FF00FF00FF00]
-    pq.write_table(
+    commit(
         pa.table({"uid": uids, "shard": pa.array([0] * 3, pa.int32()), "keep": [True] * 3, "phash": hashes}),
-        run / "manifests" / "shard-00000.parquet",
+        tmp_path / "run",
     )
     summary = run_dedup(run, DedupParams())
     assert summary["rows"] == 3 and summary["rows_in_groups"] == 0
