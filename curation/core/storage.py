@@ -324,6 +324,8 @@ def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] |
         return Store(text, fsspec.filesystem("file"), os.path.abspath(local).rstrip("/") or "/")
     options = dict(storage_options or {})
     protocol = text.split("://", 1)[0]
+    if protocol not in fsspec.available_protocols():
+        raise StorageError(f"{text}: unknown storage protocol {protocol}:// (s3://, gs://, memory://, ...)")
     if protocol in ("s3", "s3a"):
         # Listings are always re-read: another process (a worker, a second command) writes here.
         options.setdefault("use_listings_cache", False)
