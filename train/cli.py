@@ -217,9 +217,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace, checkpoint: str | None, device: str) -> int:
+    from curation.models import clip
     from train import evaluate, fashion_mnist
 
-    built = evaluate.load_for_eval(checkpoint, args.model, device=device)
+    built = clip.load_for_eval(checkpoint, args.model, device=device)
     results: dict = {"checkpoint": checkpoint, "model": built.name}
     templates = None
     if args.templates:
@@ -241,8 +242,8 @@ def _eval(args: argparse.Namespace, checkpoint: str | None, device: str) -> int:
 
         imgs, caps = evaluate.read_pairs(expand_shards(args.retrieval), args.limit)
         rec = evaluate.retrieval_recall(
-            evaluate.encode_images(built, imgs, device=device),
-            evaluate.encode_texts(built, caps, device=device),
+            clip.encode_images(built, imgs, device=device),
+            clip.encode_texts(built, caps, device=device),
         )
         results["retrieval"] = {"n": len(imgs), **rec}
     if args.shots is not None:
