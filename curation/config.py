@@ -13,26 +13,25 @@ import dataclasses
 import hashlib
 import json
 import os
-import types
-import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from curation.params import ConfigError, KeyPath, build, describe, param, read_yaml_mapping
 
-KeyPath = tuple[str | int, ...]
-
-
-class ConfigError(Exception):
-    """One or more problems with a config; `errors` holds one message each."""
-
-    def __init__(self, errors: list[str], source: str | None = None) -> None:
-        self.errors = errors
-        self.source = source
-        head = f"{source}: " if source else ""
-        super().__init__(head + f"{len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors))
+__all__ = [
+    "Config",
+    "ConfigError",
+    "InputConfig",
+    "KeyPath",
+    "Parsed",
+    "RunnerConfig",
+    "StageSpec",
+    "load_config",
+    "parse",
+    "parse_config",
+    "read_config",
+]
 
 
 @dataclass
@@ -43,11 +42,11 @@ class InputConfig:
     format: Literal["parquet", "webdataset", "image_folder"] = "parquet"
     url_column: str = "url"
     caption_column: str = "caption"
-    rows_per_shard: int = 100_000
+    rows_per_shard: int = param(100_000, ge=1)
     # Input columns to carry into the manifest; null carries all of them.
     columns: list[str] | None = None
     # webdataset and image_folder inputs: a tar member or file declaring more bytes is refused unread.
-    max_member_bytes: int = 64 * 2**20
+    max_member_bytes: int = param(64 * 2**20, ge=1)
 
 
 @dataclass
@@ -55,9 +54,9 @@ class RunnerConfig:
     """How the work is executed. Does not change results, so it is not hashed."""
 
     type: Literal["local", "ray"] = "local"
-    workers: int | Literal["auto"] = "auto"
+    workers: int | Literal["auto"] = param("auto", ge=1)
     # Rows read from a shard and pushed through all stages at once; bounds memory.
-    batch_rows: int = 10_000
+    batch_rows: int = param(10_000, ge=1)
     progress: bool = True
     # Ray only: null starts a local instance; "auto" or "ray://host:10001" joins a cluster.
     address: str | None = None
@@ -159,43 +158,6 @@ def _raise_if_errors(parsed: Parsed) -> Config:
     return parsed.config
 
 
-@dataclass
-class YamlMapping:
-    """A config file's top-level mapping, the line of each key, and the problems found so far."""
-
-    data: dict[str, Any]
-    lines: dict[KeyPath, int]
-    errors: list[str] = field(default_factory=list)
-
-    def err(self, key: KeyPath, msg: str) -> None:
-        self.errors.append(describe(self.lines, key, msg))
-
-
-def read_yaml_mapping(
-    text: str, source: str, keys: Sequence[str], overrides: dict[str, Any] | None = None
-) -> YamlMapping:
-    """YAML text -> its mapping with `overrides` (dotted keys) applied and unknown top-level keys
-    reported; raises ConfigError for text that is not YAML or not a mapping. Every config of the
-    project (pipeline, training, mining) is read by this, so their errors read alike."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError([f"malformed YAML at {where}{problem}"], source) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"the config must be a YAML mapping with keys {', '.join(keys)}"], source)
-    doc = YamlMapping(data, _line_index(node))
-    for key, value in (overrides or {}).items():
-        _set_path(data, key, value)
-    for k in data:
-        if k not in keys:
-            doc.err((k,), f"unknown key; expected one of {sorted(keys)}")
-    return doc
-
-
 def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None) -> Parsed:
     """Type-check a config, collecting every problem; raises ConfigError only for unreadable YAML."""
     doc = read_yaml_mapping(
@@ -207,8 +169,8 @@ def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | No
     if "output" not in data:
         err(("output",), "missing (the run's output directory)")
 
-    inp = build_dataclass(InputConfig, data.get("input"), ("input",), err) if "input" in data else None
-    runner = build_dataclass(RunnerConfig, data.get("runner", {}) or {}, ("runner",), err)
+    inp = build(InputConfig, data.get("input"), ("input",), err) if "input" in data else None
+    runner = build(RunnerConfig, data.get("runner", {}) or {}, ("runner",), err)
     output = data.get("output")
     if output is not None and not isinstance(output, str):
         err(("output",), f"expected a path string, got {type(output).__name__}")
@@ -230,20 +192,12 @@ def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | No
             lines=lines,
             storage_options=storage_options,
         )
-        _range_checks(cfg, err)
+        _stage_list_checks(cfg, err)
     return Parsed(cfg, errors, source)
 
 
-def _range_checks(cfg: Config, err) -> None:
-    """Values that are wrong on their own, whatever the machine."""
-    if cfg.input.rows_per_shard < 1:
-        err(("input", "rows_per_shard"), "must be >= 1")
-    if cfg.input.max_member_bytes < 1:
-        err(("input", "max_member_bytes"), "must be >= 1")
-    if cfg.runner.batch_rows < 1:
-        err(("runner", "batch_rows"), "must be >= 1")
-    if isinstance(cfg.runner.workers, int) and cfg.runner.workers < 1:
-        err(("runner", "workers"), "must be >= 1 or 'auto'")
+def _stage_list_checks(cfg: Config, err) -> None:
+    """A pipeline has stages, each once (ranges of single values are declared on the params)."""
     if not cfg.stages:
         err(("stages",), "no stages: add at least one, e.g. `- caption_complexity: {min: 2}`")
     seen = set()
@@ -254,9 +208,6 @@ def _range_checks(cfg: Config, err) -> None:
 
 
 def _build_stages(raw: Any, err) -> list[StageSpec]:
-    # Imported here: reading a training or mining config must not import every stage module.
-    from curation.stages import STAGES
-
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -271,153 +222,12 @@ def _build_stages(raw: Any, err) -> list[StageSpec]:
             err(key, "each stage is a single-key map `name: {params}`")
             continue
         ((name, params),) = item.items()
+        from curation.stages import STAGES  # only pipeline configs need the stage registry
+
         if name not in STAGES:
             err(key, f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
             continue
-        built = build_dataclass(STAGES[name].Params, params or {}, (*key, name), err)
+        built = build(STAGES[name].Params, params or {}, (*key, name), err)
         if built is not None:
             specs.append(StageSpec(name=name, params=built, key_path=(*key, name)))
     return specs
-
-
-# --------------------------------------------------------------------------- typing
-
-
-def build_dataclass(cls: type, raw: Any, key: KeyPath, err) -> Any:
-    """Instantiate dataclass `cls` from a mapping, reporting unknown/missing/mistyped keys."""
-    if not isinstance(raw, dict):
-        err(key, f"expected a mapping, got {type(raw).__name__}")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    ok = True
-    for k in raw:
-        if k not in fields:
-            err((*key, k), f"unknown key; expected one of {sorted(fields)}")
-            ok = False
-    kwargs = {}
-    for name, f in fields.items():
-        if name in raw:
-            value, problem = _coerce(raw[name], hints[name])
-            if problem:
-                err((*key, name), problem)
-                ok = False
-            else:
-                kwargs[name] = value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            err((*key, name), "missing required key")
-            ok = False
-    return cls(**kwargs) if ok else None
-
-
-def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        problems = []
-        for arm in typing.get_args(tp):
-            v, p = _coerce(value, arm)
-            if p is None:
-                return v, None
-            problems.append(p)
-        return None, f"expected {_type_name(tp)}, got {value!r}"
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value, None
-        return None, f"expected one of {list(choices)}, got {value!r}"
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            return None, f"expected a list, got {type(value).__name__}"
-        out = []
-        for v in value:
-            cv, p = _coerce(v, item_tp)
-            if p:
-                return None, f"list item: {p}"
-            out.append(cv)
-        return out, None
-    if tp is type(None):
-        return (None, None) if value is None else (None, "expected null")
-    if tp is bool:
-        return (value, None) if isinstance(value, bool) else (None, f"expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value, None
-        return None, f"expected an integer, got {value!r}"
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), None
-        return None, f"expected a number, got {value!r}"
-    if tp is str:
-        return (value, None) if isinstance(value, str) else (None, f"expected a string, got {value!r}")
-    if tp is Any:
-        return value, None
-    return None, f"unsupported type {tp}"
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        bool: "true/false",
-        type(None): "null",
-    }.get(tp, str(tp))
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _line_index(node: yaml.Node | None) -> dict[KeyPath, int]:
-    out: dict[KeyPath, int] = {}
-
-    def walk(n: yaml.Node, key: KeyPath) -> None:
-        out[key] = n.start_mark.line + 1
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                kk = (*key, k.value)
-                walk(v, kk)
-                out[kk] = k.start_mark.line + 1
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                walk(v, (*key, i))
-
-    if node is not None:
-        walk(node, ())
-    return out
-
-
-def describe(lines: dict[KeyPath, int], key: KeyPath, msg: str) -> str:
-    """`input.path (line 3): msg`: how every config problem is worded."""
-    line = _closest_line(lines, key)
-    where = f" (line {line})" if line else ""
-    return f"{_fmt(key) or '<top>'}{where}: {msg}"
-
-
-def _closest_line(lines: dict[KeyPath, int], key: KeyPath) -> int | None:
-    while key:
-        if key in lines:
-            return lines[key]
-        key = key[:-1]
-    return None
-
-
-def _fmt(key: KeyPath) -> str:
-    out = ""
-    for k in key:
-        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
-    return out
-
-
-def _set_path(data: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        data = data.setdefault(p, {}) if isinstance(data.get(p), dict) or p not in data else data[p]
-    data[parts[-1]] = value

@@ -13,7 +13,7 @@ The CLI calls `load_checked_config`; the engine trusts the config it is given
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,7 @@ from curation.config import Config, ConfigError, KeyPath, Parsed, parse, read_co
 from curation.core.storage import StorageError, is_url
 from curation.manifest import RunDir
 from curation.sources import check_input
-from curation.stages import STAGES, Stage, build_stages, model_fingerprints
-from curation.stages.caption import CAPTION_COLUMNS
+from curation.stages import STAGES, Stage, build_stages, model_fingerprints, param_problems_of
 
 Problem = tuple[KeyPath, str]
 
@@ -50,6 +49,7 @@ def _checked(parsed: Parsed, limit: int | None) -> Config:
     cfg = parsed.config
     if cfg is not None:
         errors += [cfg.problem(key, msg) for key, msg in check_config(cfg, limit=limit)]
+    errors = list(dict.fromkeys(errors))  # a range problem is found by parsing and by check_config
     if errors:
         raise ConfigError(errors, parsed.source)
     assert cfg is not None
@@ -59,51 +59,63 @@ def _checked(parsed: Parsed, limit: int | None) -> Config:
 def check_config(config: Config, *, limit: int | None = None) -> list[Problem]:
     """Problems visible before any work starts: input, output, stage set-up, rules between stages."""
     problems: list[Problem] = list(check_input(config.input))
-    problems += _check_shared_parse(config)
+    problems += _check_shared_params(config)
     problems += _check_image_order(config)
-    stages = build_stages(config)
+    problems += param_problems_of(config)
+    stages = build_stages(config, checked=False)
     if config.runner.type == "local":
         problems += _check_local_gpus(config, stages)
     stage_problems: list[Problem] = []
     for spec, stage in zip(config.stages, stages):
+        missing = [m for m in stage.packages if importlib.util.find_spec(m) is None]
+        if missing:  # check() may need them; find_spec, not import: validation stays instant
+            hints = dict.fromkeys(stage.packages[m] for m in missing)
+            stage_problems.append(
+                (spec.key_path, f"{spec.name} needs {' and '.join(missing)}: {'; '.join(hints)}")
+            )
+            continue
         stage_problems += [(spec.key_path, msg) for msg in stage.check()]
-        for f in dataclasses.fields(spec.params):
-            v = getattr(spec.params, f.name)
-            if f.name in ("batch_size", "max_chars") and isinstance(v, int) and v < 1:
-                stage_problems.append(((*spec.key_path, f.name), "must be >= 1"))
     # The run's fingerprint hashes the stages' model files, which exist only when the stages check out.
     problems += _check_output(config, limit, None if stage_problems else stages)
     return problems + stage_problems
 
 
-def _check_shared_parse(config: Config) -> list[Problem]:
-    """Both caption stages use one spaCy parse, so they must ask for the same one."""
-    specs = [s for s in config.stages if STAGES[s.name].columns == CAPTION_COLUMNS]
-    shared = {(s.params.model, s.params.max_chars, s.params.batch_size) for s in specs}
-    if len(shared) > 1:
-        return [
-            (
-                specs[-1].key_path,
-                "caption stages share one parse: set model, max_chars and batch_size identically",
+def _check_shared_params(config: Config) -> list[Problem]:
+    """Stages writing the same columns compute them once, so their `shared_params` must agree."""
+    problems: list[Problem] = []
+    groups: dict[tuple[str, ...], list] = {}
+    for spec in config.stages:
+        cls = STAGES[spec.name]
+        if cls.shared_params:
+            groups.setdefault(tuple(cls.columns), []).append(spec)
+    for specs in groups.values():
+        keys = STAGES[specs[0].name].shared_params
+        if len({tuple(getattr(s.params, k) for k in keys) for s in specs}) > 1:
+            names = " and ".join(s.name for s in specs)
+            problems.append(
+                (specs[-1].key_path, f"{names} share one computation: set {', '.join(keys)} identically")
             )
-        ]
-    return []
+    return problems
 
 
 def _check_image_order(config: Config) -> list[Problem]:
-    """URL input has no images until `download`; image inputs bring their own and need no download."""
+    """URL input has no images until a stage provides them (download); image inputs bring their own."""
     if config.input.format != "parquet":
         return [
-            (spec.key_path, f"{config.input.format} input already has its images: remove the download stage")
+            (
+                spec.key_path,
+                f"{config.input.format} input already has its images: remove the {spec.name} stage",
+            )
             for spec in config.stages
-            if spec.name == "download"
+            if STAGES[spec.name].provides_images
         ]
     problems: list[Problem] = []
-    downloaded = False
+    have_images = False
     for spec in config.stages:
-        downloaded = downloaded or spec.name == "download"
-        if STAGES[spec.name].needs_images and not downloaded:
+        cls = STAGES[spec.name]
+        if cls.needs_images and not have_images:
             problems.append((spec.key_path, f"{spec.name} needs images: put it after the download stage"))
+        have_images = have_images or cls.provides_images
     return problems
 
 

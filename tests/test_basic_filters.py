@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curation.params import param_problems
 from curation.stages import STAGES, StageContext, apply_stage
 from curation.stages.caption_language import CaptionLanguage, CaptionLanguageParams, LanguageIdentifier
 from curation.stages.caption_length import CaptionLength, CaptionLengthParams
@@ -44,8 +45,8 @@ def test_caption_length_decisions_and_thresholds():
     capped = CaptionLength(CaptionLengthParams(min_words=0, min_chars=0, max_words=4), CTX)
     assert reasons(capped, table) == [None, None, None, "caption_length"]
     assert capped.thresholds() == {"caption_words": ("<=", 4.0)}
-    assert CaptionLength(CaptionLengthParams(min_words=5, max_words=2), CTX).check() == [
-        "max_words must be >= min_words"
+    assert param_problems(CaptionLengthParams(min_words=5, max_words=2)) == [
+        ("max_words", "must be >= min_words (5), got 2")
     ]
 
 

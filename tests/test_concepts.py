@@ -186,7 +186,7 @@ stages:
     )
     assert main(["validate", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "stages[0].concepts (line 4): top_k must be >= 1" in err
+    assert "stages[0].concepts.top_k (line 4): must be >= 1, got 0" in err
     assert "checkpoint not found" in err and "needs `vocabulary`" in err
 
 

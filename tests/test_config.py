@@ -129,7 +129,7 @@ def test_caption_stages_must_agree_on_the_shared_parse(tmp_path):
         f"input: {{path: {LAION_1K}, url_column: URL, caption_column: TEXT}}\noutput: {tmp_path}/o\n"
         "stages:\n  - caption_complexity: {max_chars: 100}\n  - caption_action: {max_chars: 200}\n"
     )
-    assert "share one parse" in errs[0]
+    assert "share one computation: set model, max_chars, batch_size" in errs[0]
 
 
 def test_validate_command_exit_codes(tmp_path, capsys):

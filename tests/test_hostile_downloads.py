@@ -214,7 +214,7 @@ def test_policy_config_problems_are_reported_with_their_keys(tmp_path):
     msg = str(e.value)
     assert "stages[0].download (line 4): allow_local: 'no/such/folder' is not a folder" in msg
     assert "allow_private_addresses: '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network" in msg
-    assert "max_pixels must be >= 1" in msg
+    assert "stages[0].download.max_pixels (line 4): must be >= 1, got 0" in msg
 
 
 def test_select_leaves_out_image_bombs_of_inputs_that_bring_their_images(tmp_path, capsys):

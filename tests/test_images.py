@@ -426,7 +426,7 @@ stages:
         )
     msg = str(e.value)
     assert "image_folder input already has its images" in msg
-    assert "timeout must be >= 1" in msg and "0..9" in msg
+    assert "download.timeout (line 4): must be >= 1, got 0" in msg and "0..9" in msg
     with pytest.raises(ConfigError) as e:
         parse_checked_config(
             f"""input: {{format: parquet, path: {REPO / "data" / "laion_captions_1k.parquet"}, url_column: URL,

@@ -270,7 +270,7 @@ def test_numeric_options_are_validated_like_the_config(run, capsys):
         assert message in capsys.readouterr().err, argv
     # --workers 0 is what `runner: {workers: 0}` is: the config's own error, with its key
     assert main(["run", cfg, "--workers", "0"]) == 2
-    assert "runner.workers (line 8): must be >= 1 or 'auto'" in capsys.readouterr().err
+    assert "runner.workers (line 8): must be >= 1, got 0" in capsys.readouterr().err
     assert main(["run", cfg, "--workers", "auto"]) == 0  # and auto works on the CLI too
 
 

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from curation.config import ConfigError, build_dataclass, read_yaml_mapping
+from curation.params import ConfigError, build, param, parse_value, read_yaml_mapping
 
 __all__ = [
     "ConfigError",
@@ -39,9 +37,9 @@ class DataConfig:
     # JSON map tar name -> sample count; null looks for sizes.json beside the first shard.
     sizes: str | None = None
     # DataLoader worker processes per rank (decode + transforms); 0 decodes in the training process.
-    workers: int = 2
+    workers: int = param(2, ge=0)
     # Samples held in the shuffle buffer of each worker.
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = param(2000, ge=1, hint="1 = no shuffling")
 
 
 @dataclass
@@ -56,11 +54,11 @@ class ModelConfig:
 class LossConfig:
     name: Literal["infonce", "hn_nce"] = "infonce"
     # HN-NCE only (docs/methods.md §2a): weight of the positive in the denominator, and hardness of the negatives.
-    alpha: float = 1.0
-    beta: float = 0.5
+    alpha: float = param(1.0, ge=0)
+    beta: float = param(0.5, ge=0)
     # HELIP's hard negative margin loss (docs/methods.md §3c): γ, added to the contrastive loss; 0 or null = off.
     # Needs `hard_pairs` (it reads each batch's hard-partner matrix).
-    hnml: float | None = None
+    hnml: float | None = param(None, ge=0, hint="0 or null = off")
 
 
 @dataclass
@@ -70,7 +68,7 @@ class HardPairsConfig:
     # Parquet written by `curate mine` (uid, hard_uids, hard_scores), mined on the same shards.
     path: str
     # Partners are drawn from the first `top` entries of each anchor's list.
-    top: int = 50
+    top: int = param(50, ge=1)
 
 
 @dataclass
@@ -79,7 +77,7 @@ class DistillConfig:
     vocabulary, trained on the targets `curate select` stored with each sample ({key}.concepts.json)."""
 
     # Weight of the distillation loss added to the contrastive loss; 0 turns distillation off.
-    weight: float = 1.0
+    weight: float = param(1.0, ge=0, hint="0 turns distillation off")
     # bce: stored probabilities as soft binary targets, 0 for all other concepts; kl: the stored top-k
     # renormalised into a distribution (for softmax teachers).
     loss: Literal["bce", "kl"] = "bce"
@@ -91,37 +89,37 @@ class DistillConfig:
 class OptimConfig:
     """AdamW; weight decay skips norms, biases, 1-d params and the logit scale (as open_clip does)."""
 
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
+    lr: float = param(5e-4, gt=0)
+    weight_decay: float = param(0.2, ge=0)
+    beta1: float = param(0.9, ge=0, lt=1)
+    beta2: float = param(0.98, ge=0, lt=1)
+    eps: float = param(1e-6, gt=0)
     # Linear warm-up from 0, then cosine decay to min_lr at the last step.
-    warmup_steps: int = 100
-    min_lr: float = 0.0
+    warmup_steps: int = param(100, ge=0)
+    min_lr: float = param(0.0, ge=0, le="lr")
     schedule: Literal["cosine", "constant"] = "cosine"
     # Max global L2 norm of the gradients; null disables clipping.
-    grad_clip_norm: float | None = None
+    grad_clip_norm: float | None = param(None, gt=0, hint="null disables clipping")
 
 
 @dataclass
 class RunConfig:
     # Per rank; the global batch (and the negatives of each anchor) is batch_size x world size.
-    batch_size: int = 64
+    batch_size: int = param(64, ge=1)
     # Exactly one of steps / epochs. An epoch is sum(sizes.json) / global batch steps.
-    steps: int | None = None
-    epochs: float | None = None
+    steps: int | None = param(None, ge=1)
+    epochs: float | None = param(None, gt=0)
     precision: Literal["fp32", "bf16", "amp"] = "fp32"
     grad_checkpointing: bool = False
     compile: bool = False
     # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu. Or "cpu", "cuda", "cuda:1".
     device: str = "auto"
     seed: int = 0
-    log_every: int = 10
+    log_every: int = param(10, ge=0)
     # Save every N steps (and always at the end); 0 saves only at the end.
-    checkpoint_every: int = 0
+    checkpoint_every: int = param(0, ge=0)
     # Keep the newest N step checkpoints; 0 keeps all.
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = param(2, ge=0)
     progress: bool = True
 
 
@@ -185,10 +183,10 @@ def parse_train_config(
     for name, cls in _SECTIONS.items():
         if name == "data" and "data" not in data:
             continue
-        built[name] = build_dataclass(cls, data.get(name) or {}, (name,), err)
+        built[name] = build(cls, data.get(name) or {}, (name,), err)
     for name, cls in _OPTIONAL_SECTIONS.items():
         if data.get(name) is not None:
-            built[name] = build_dataclass(cls, data[name], (name,), err)
+            built[name] = build(cls, data[name], (name,), err)
     # On every section that type-checked, so that all problems come in one pass.
     _semantic_checks(built, err)
     if errors or any(v is None for v in built.values()):
@@ -197,68 +195,33 @@ def parse_train_config(
 
 
 def _semantic_checks(built: dict[str, Any], err) -> None:
-    """Ranges and rules between keys, for the sections in `built` that are not None."""
+    """Rules between keys and files, for the sections in `built` that are not None (ranges are on the params)."""
     r: RunConfig | None = built.get("train")
-    o: OptimConfig | None = built.get("optim")
     loss: LossConfig | None = built.get("loss")
-    data: DataConfig | None = built.get("data")
     model: ModelConfig | None = built.get("model")
     if r is not None:
         if (r.steps is None) == (r.epochs is None):
             err(("train", "steps"), "give exactly one of train.steps or train.epochs")
-        if r.steps is not None and r.steps < 1:
-            err(("train", "steps"), "must be >= 1")
-        if r.epochs is not None and r.epochs <= 0:
-            err(("train", "epochs"), "must be > 0")
-        if r.batch_size < 1:
-            err(("train", "batch_size"), "must be >= 1")
-        elif loss is not None and loss.name == "hn_nce" and r.batch_size < 2:
+        if loss is not None and loss.name == "hn_nce" and r.batch_size < 2:
             err(("train", "batch_size"), "hn_nce needs at least 2 samples per batch (negatives)")
-        for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(r, key) < 0:
-                err(("train", key), "must be >= 0")
         if not (r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda")):
             err(("train", "device"), f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {r.device!r}")
-    if loss is not None and loss.alpha < 0:
-        err(("loss", "alpha"), "must be >= 0")
-    if loss is not None and loss.hnml is not None:
-        if loss.hnml < 0:
-            err(("loss", "hnml"), "must be >= 0 (0 or null = off)")
-        if loss.hnml and "hard_pairs" not in built:
-            err(
-                ("loss", "hnml"),
-                "the margin loss needs hard-pair batches: add `hard_pairs: {path: mined.parquet}`",
-            )
+    if loss is not None and loss.hnml and "hard_pairs" not in built:
+        err(
+            ("loss", "hnml"),
+            "the margin loss needs hard-pair batches: add `hard_pairs: {path: mined.parquet}`",
+        )
     hard: HardPairsConfig | None = built.get("hard_pairs")
     if hard is not None:
         if r is not None and r.batch_size % 2:
             err(("train", "batch_size"), "must be even with hard_pairs (half anchors, half partners)")
-        if hard.top < 1:
-            err(("hard_pairs", "top"), "must be >= 1")
         if not Path(hard.path).is_file():
             err(("hard_pairs", "path"), f"not a file: {hard.path!r} (write it with `curate mine`)")
-    if o is not None:
-        if o.lr <= 0:
-            err(("optim", "lr"), "must be > 0")
-        if o.min_lr < 0 or o.min_lr > o.lr:
-            err(("optim", "min_lr"), "must be between 0 and optim.lr")
-        if o.warmup_steps < 0:
-            err(("optim", "warmup_steps"), "must be >= 0")
-        if o.grad_clip_norm is not None and o.grad_clip_norm <= 0:
-            err(("optim", "grad_clip_norm"), "must be > 0 or null")
-    if data is not None:
-        if data.workers < 0:
-            err(("data", "workers"), "must be >= 0")
-        if data.shuffle_buffer < 1:
-            err(("data", "shuffle_buffer"), "must be >= 1 (1 = no shuffling)")
     if model is not None and model.pretrained is not None and not Path(model.pretrained).is_file():
         err(("model", "pretrained"), f"not a local file: {model.pretrained!r} (nothing is downloaded)")
     dist: DistillConfig | None = built.get("distill")
-    if dist is not None:
-        if dist.weight < 0:
-            err(("distill", "weight"), "must be >= 0 (0 turns distillation off)")
-        if dist.vocabulary is not None and not Path(dist.vocabulary).is_file():
-            err(("distill", "vocabulary"), f"not a file: {dist.vocabulary!r}")
+    if dist is not None and dist.vocabulary is not None and not Path(dist.vocabulary).is_file():
+        err(("distill", "vocabulary"), f"not a file: {dist.vocabulary!r}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -268,5 +231,5 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError([f"--set expects KEY=VALUE, got {item!r}"])
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_value(value)
     return out

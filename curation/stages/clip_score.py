@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
+from curation.params import param
 from curation.stages.base import ModelStage
 
 CLIP_COLUMNS = ("clip_score", "clip_status")
@@ -47,17 +48,17 @@ class ClipScoreParams:
     # open_clip model name or JSON config path; null = the name a `curate train` checkpoint stores.
     model: str | None = None
     # Drop rows scoring below this; null records the score only (select by fraction later).
-    min: float | None = None
+    min: float | None = param(None, ge=-1, le=1, hint="a cosine similarity")
     device: Literal["auto", "cuda", "cpu"] = "auto"
     # auto: fp32 on CPU (scores exact to open_clip's), fp16 autocast on CUDA.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Images (and distinct captions) per forward pass.
-    batch_size: int = 256
+    batch_size: int = param(256, ge=1)
     # Also store the L2-normalised image embedding (float16 list column).
     keep_embedding: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = param(DEFAULT_MAX_PIXELS, ge=1)
     # CPU cores of one worker: torch threads on CPU, decode threads on CUDA.
-    cpus: int = 2
+    cpus: int = param(2, ge=1)
 
 
 @dataclass
@@ -184,6 +185,7 @@ class ClipScore(ModelStage):
     """Score every kept pair with a local open_clip model; optionally drop those below `min`."""
 
     name = "clip_score"
+    packages: ClassVar[dict[str, str]] = {m: "pip install 'curate[clip]'" for m in ("torch", "open_clip")}
     # Every column the stage can write; an instance without keep_embedding writes only CLIP_COLUMNS.
     columns: ClassVar[tuple[str, ...]] = (*CLIP_COLUMNS, EMBEDDING_COLUMN)
     cascade = True
@@ -247,23 +249,14 @@ class ClipScore(ModelStage):
         return {"model": self.params.model, "checkpoint_sha256": file_sha256(self.params.checkpoint)}
 
     def check(self) -> list[str]:
-        import importlib.util
-
         p = self.params
-        problems = [
-            f"{key} must be >= 1" for key in ("batch_size", "cpus", "max_pixels") if getattr(p, key) < 1
-        ]
-        if p.min is not None and not -1.0 <= p.min <= 1.0:
-            problems.append(f"min is a cosine similarity, in [-1, 1]; got {p.min}")
+        problems = []
         if p.checkpoint is None:
             return [
                 *problems,
                 "checkpoint is required: a local open_clip checkpoint file "
                 "(a `curate train` checkpoint or an open_clip state dict; nothing is downloaded)",
             ]
-        missing = [m for m in ("torch", "open_clip") if importlib.util.find_spec(m) is None]
-        if missing:
-            return [*problems, f"clip_score needs {' and '.join(missing)}; pip install 'curate[clip]'"]
         if p.precision == "fp16" and self.device == "cpu":
             problems.append("precision fp16 is not supported on CPU (use fp32 or bf16)")
         from curation.models.clip import checkpoint_problems

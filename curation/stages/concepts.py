@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from curation.devices import cpu_has_native_bf16
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
+from curation.params import param
 from curation.stages.base import ModelStage
 
 CONCEPT_COLUMNS = ("concept_ids", "concept_probs", "concept_status")
@@ -51,20 +52,20 @@ class ConceptsParams:
     # Class names, one per line, in the classifier's output order; null only for efficientnet_lite0.
     vocabulary: str | None = None
     # Concepts stored per image.
-    top_k: int = 20
+    top_k: int = param(20, ge=1)
     # How logits become probabilities; null = the teacher's own (softmax; sigmoid for SigLIP-style open_clip).
     kind: Literal["softmax", "sigmoid"] | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"
     # Images per teacher forward.
-    batch_size: int = 32
+    batch_size: int = param(32, ge=1)
     # fp32 stores the teacher's own predictions. bf16 is ~1.6x faster on CPUs with AVX512-BF16/AMX but moves
     # low-confidence probabilities (measured: 9% of top-1 concepts change on Fashion-MNIST). auto = bf16 where
     # the device computes it natively (CUDA with bf16 support, such CPUs), else fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     # Larger images are refused from their header (curation/imageio.py).
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = param(DEFAULT_MAX_PIXELS, ge=1)
     # CPU cores of one worker: torch threads on CPU, decode threads on CUDA.
-    cpus: int = 2
+    cpus: int = param(2, ge=1)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -194,11 +195,7 @@ class Concepts(ModelStage):
         from curation.models.teachers import check_teacher
 
         p = self.params
-        problems = [
-            f"{key} must be >= 1"
-            for key in ("top_k", "batch_size", "cpus", "max_pixels")
-            if getattr(p, key) < 1
-        ]
+        problems = []
         if p.precision == "fp16" and self.device == "cpu":
             problems.append("precision fp16 is not supported on CPU (use fp32 or bf16)")
         return problems + check_teacher(p.teacher, p.model, p.checkpoint, p.vocabulary)

@@ -62,6 +62,7 @@ import pyarrow.parquet as pq
 
 from curation.core.shards import read_samples
 from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size
+from curation.params import param
 from curation.schema import STAGE_COLUMNS
 from curation.stages.base import Resources, Stage, StageContext
 from curation.urlpolicy import UrlPolicy, local_folders, parse_networks
@@ -77,7 +78,7 @@ OOM_SHARD_COUNT = 5
 class DownloadParams:
     """img2dataset's parameters, with img2dataset's defaults (see `img2dataset.download`)."""
 
-    image_size: int = 256
+    image_size: int = param(256, ge=1)
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "border"
     resize_only_if_bigger: bool = False
     upscale_interpolation: Literal[
@@ -86,25 +87,25 @@ class DownloadParams:
     downscale_interpolation: Literal[
         "nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"
     ] = "area"
-    encode_quality: int = 95
+    encode_quality: int = param(95, ge=0, le=100, hint="PNG compression 0..9 with encode_format png")
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     skip_reencode: bool = False
     disable_all_reencoding: bool = False
-    min_image_size: int = 0
+    min_image_size: int = param(0, ge=0)
     # null: no limit (img2dataset's default is infinity, which YAML cannot spell portably)
-    max_image_area: float | None = None
-    max_aspect_ratio: float | None = None
+    max_image_area: float | None = param(None, gt=0)
+    max_aspect_ratio: float | None = param(None, gt=0)
     extract_exif: bool = True
-    processes_count: int = 1
-    thread_count: int = 256
+    processes_count: int = param(1, ge=1)
+    thread_count: int = param(256, ge=1)
     # Seconds per socket operation (img2dataset's `timeout`).
-    timeout: int = 10
+    timeout: int = param(10, ge=1)
     # Seconds per request in all, from connect to the last byte, redirects included.
-    total_timeout: float = 60
+    total_timeout: float = param(60, gt=0)
     # Bytes per response; more is refused (`too_large`). Images above 32 MiB are rare and suspect.
-    max_bytes: int = 32 * 2**20
-    retries: int = 0
-    max_shard_retry: int = 1
+    max_bytes: int = param(32 * 2**20, ge=1)
+    retries: int = param(0, ge=0)
+    max_shard_retry: int = param(1, ge=0)
     user_agent_token: str | None = None
     # null: img2dataset's default [noai, noimageai, noindex, noimageindex]; []: honour none
     disallowed_header_directives: list[str] | None = None
@@ -116,13 +117,15 @@ class DownloadParams:
     # (["10.1.0.0/16"]) allows those.
     allow_private_addresses: bool | list[str] = False
     # Images whose header declares more pixels are refused before decoding (`too_large`).
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = param(DEFAULT_MAX_PIXELS, ge=1)
 
 
 class Download(Stage):
     """Download the images of rows still kept; failures become `status`/`error_message` values."""
 
     name = "download"
+    provides_images = True
+    packages: ClassVar[dict[str, str]] = {"img2dataset": "pip install 'curate[images]'"}
     columns: ClassVar[tuple[str, ...]] = DOWNLOAD_COLUMNS
     cascade = True
     Params = DownloadParams
@@ -151,28 +154,10 @@ class Download(Stage):
         import img2dataset  # noqa: F401 - slow import (torch via webdataset): pay it once per worker
 
     def check(self) -> list[str]:
-        import importlib.util
-
         p = self.params
         problems = []
-        if importlib.util.find_spec("img2dataset") is None:
-            problems.append("img2dataset is not installed (pip install 'curate[images]')")
-        for name in ("processes_count", "thread_count", "timeout", "image_size"):
-            if getattr(p, name) < 1:
-                problems.append(f"{name} must be >= 1")
-        for name in ("retries", "max_shard_retry", "min_image_size"):
-            if getattr(p, name) < 0:
-                problems.append(f"{name} must be >= 0")
-        if p.encode_format == "png" and not 0 <= p.encode_quality <= 9:
+        if p.encode_format == "png" and p.encode_quality > 9:
             problems.append("encode_quality is PNG compression for encode_format png: 0..9")
-        elif not 0 <= p.encode_quality <= 100:
-            problems.append("encode_quality must be 0..100")
-        if p.max_pixels < 1:
-            problems.append("max_pixels must be >= 1")
-        if p.max_bytes < 1:
-            problems.append("max_bytes must be >= 1")
-        if not p.total_timeout > 0:
-            problems.append("total_timeout must be > 0")
         for folder in p.allow_local or []:
             if not Path(folder).is_dir():
                 problems.append(f"allow_local: {folder!r} is not a folder")

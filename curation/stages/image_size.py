@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
+from curation.params import param
 from curation.stages.base import Stage
 
 SIZE_COLUMNS = ("aspect_ratio", "min_side", "image_size_status")
@@ -33,11 +34,11 @@ SIZE_COLUMNS = ("aspect_ratio", "min_side", "image_size_status")
 @dataclass(frozen=True)
 class ImageSizeParams:
     # Keep images whose short side is at least this many pixels (DataComp: 200).
-    min_side: int = 200
+    min_side: int = param(200, ge=0)
     # ... and whose long side / short side is at most this (DataComp: 3.0); null = any shape.
-    max_aspect_ratio: float | None = 3.0
+    max_aspect_ratio: float | None = param(3.0, ge=1, hint="long side / short side")
     # Headers declaring more pixels are refused (only read for inputs without img2dataset's sizes).
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = param(DEFAULT_MAX_PIXELS, ge=1)
 
 
 def _dimensions(table: pa.Table, max_pixels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -110,14 +111,3 @@ class ImageSize(Stage):
         if self.params.max_aspect_ratio is not None:
             out["aspect_ratio"] = ("<=", self.params.max_aspect_ratio)
         return out
-
-    def check(self) -> list[str]:
-        p = self.params
-        problems = []
-        if p.min_side < 0:
-            problems.append("min_side must be >= 0")
-        if p.max_aspect_ratio is not None and p.max_aspect_ratio < 1:
-            problems.append("max_aspect_ratio is long side / short side: >= 1")
-        if p.max_pixels < 1:
-            problems.append("max_pixels must be >= 1")
-        return problems

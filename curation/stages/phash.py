@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
+from curation.params import param
 from curation.stages.base import Stage
 
 PHASH_COLUMNS = ("phash", "phash_status", "sha256")
@@ -78,7 +79,7 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PhashParams:
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = param(DEFAULT_MAX_PIXELS, ge=1)
 
 
 class Phash(Stage):
@@ -131,6 +132,3 @@ class Phash(Stage):
         )
         reason = pc.if_else(failed, pa.scalar("decode"), pa.scalar(None, pa.string()))
         return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
-
-    def check(self) -> list[str]:
-        return ["max_pixels must be >= 1"] if self.params.max_pixels < 1 else []

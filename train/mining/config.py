@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from curation.config import ConfigError, build_dataclass, read_yaml_mapping
 from curation.models.encoders import MINILM
+from curation.params import ConfigError, build, read_yaml_mapping
 
 
 @dataclass
@@ -89,9 +89,7 @@ def parse_mine_config(
     if not isinstance(data.get("output"), str):
         err(("output",), "missing or not a string (where embeddings and hard_pairs.parquet go)")
     built = {
-        n: build_dataclass(c, data.get(n) or {}, (n,), err)
-        for n, c in _SECTIONS.items()
-        if n in data or n != "data"
+        n: build(c, data.get(n) or {}, (n,), err) for n, c in _SECTIONS.items() if n in data or n != "data"
     }
     if errors or any(v is None for v in built.values()):
         raise ConfigError(errors, source)
