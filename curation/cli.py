@@ -59,12 +59,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from curation.config import ConfigError
 
     try:
+        if _is_training_config(args.config):
+            return _validate_training(args)
         cfg = _load(args)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
     stages = ", ".join(s.name for s in cfg.stages)
     print(f"{args.config}: ok ({cfg.input.format} input, stages: {stages}, output {cfg.output})")
+    return EXIT_OK
+
+
+def _is_training_config(path: str) -> bool:
+    """A `curate train` config (it has `output_dir`, a pipeline has `output`); raises ConfigError on bad YAML."""
+    from curation.params import read_yaml_mapping
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return False  # the pipeline reader reports it
+    return "output_dir" in read_yaml_mapping(text, path, ()).data
+
+
+def _validate_training(args: argparse.Namespace) -> int:
+    """A dry run of `curate train`: the config, its shards and sample counts, model and weights."""
+    from curation.params import ConfigError
+    from train.config import dry_run_problems, load_train_config
+
+    cfg = load_train_config(args.config)
+    problems = dry_run_problems(cfg)
+    if problems:
+        raise ConfigError(problems, args.config)
+    print(f"{args.config}: ok (training config: model {cfg.model.name}, shards {cfg.data.shards})")
     return EXIT_OK
 
 
@@ -209,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a config without running it",
         description="Report every problem in CONFIG at once (unknown keys, wrong types, missing input files "
         "or columns, unwritable output, an output that holds a run made with another config), each with "
-        "its key path and line. Nothing runs.\n\n  curate validate pipelines/demo.yaml",
+        "its key path and line. Nothing runs. A training config (`curate train`) gets a dry run: shards, "
+        "sample counts, model and weights.\n\n  curate validate pipelines/demo.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     v.add_argument("config")

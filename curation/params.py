@@ -95,13 +95,18 @@ _OPS: tuple[tuple[str, str, Callable[[float, float], bool]], ...] = (
 
 def param_problems(obj: Any) -> list[tuple[str, str]]:
     """(field, problem) for every value of dataclass instance `obj` outside its declared range, or not finite."""
-    out = []
+    found = {}
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        problem = _value_problem(obj, f, value)
+        problem = _value_problem(obj, f, getattr(obj, f.name))
         if problem:
-            out.append((f.name, problem))
-    return out
+            found[f.name] = (problem, _sibling_bounds(f))
+    # A value judged against a sibling that is itself wrong says nothing new: report the sibling only.
+    return [(name, problem) for name, (problem, siblings) in found.items() if not siblings & found.keys()]
+
+
+def _sibling_bounds(f: dataclasses.Field) -> set[str]:
+    rng: Range | None = f.metadata.get("range")
+    return {b for b in (rng.ge, rng.gt, rng.le, rng.lt) if isinstance(b, str)} if rng else set()
 
 
 def _value_problem(obj: Any, f: dataclasses.Field, value: Any) -> str | None:

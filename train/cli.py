@@ -61,6 +61,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=fmt,
     )
     e.add_argument("config", nargs="?", help="training config: evaluates that run's newest checkpoint")
+    e.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the training config, as `curate train --set` did (repeatable)",
+    )
     e.add_argument("--checkpoint", help="checkpoint file (curate or open_clip state dict)")
     e.add_argument(
         "--model", help="open_clip model name or JSON config (default: the one the checkpoint names)"
@@ -169,7 +177,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _setup_logging()
     import torch
 
-    from train.config import ConfigError, load_train_config
+    from train.config import ConfigError, load_train_config, parse_overrides
 
     checkpoint = args.checkpoint
     try:
@@ -180,6 +188,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.draws < 1:
         print("error: --draws must be >= 1", file=sys.stderr)
         return 2
+    if args.overrides and not args.config:
+        print("error: --set overrides keys of a training config: give the config", file=sys.stderr)
+        return 2
     if args.shots is not None and args.json_out is None and not args.config:
         print(
             "error: --few-shot writes a JSON and a plot: give --json PATH (or a training config)",
@@ -188,7 +199,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     if checkpoint is None and args.config:
         try:
-            cfg = load_train_config(args.config)
+            cfg = load_train_config(args.config, overrides=parse_overrides(args.overrides))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

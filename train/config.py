@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from curation.params import ConfigError, build, param, parse_value, read_yaml_mapping
+from curation.models.files import open_clip_config_problem
+from curation.params import ConfigError, build, describe, param, parse_value, read_yaml_mapping
 
 __all__ = [
     "ConfigError",
@@ -136,6 +137,8 @@ class TrainConfig:
     # Optional: concept distillation; null = off.
     distill: DistillConfig | None = None
     source: str | None = None
+    # YAML line of each key path, for problems found after parsing (`dry_run_problems`).
+    lines: dict[tuple, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def distilling(self) -> bool:
@@ -144,6 +147,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("source")
+        out.pop("lines")
         return out
 
 
@@ -191,7 +195,7 @@ def parse_train_config(
     _semantic_checks(built, err)
     if errors or any(v is None for v in built.values()):
         raise ConfigError(errors, source)
-    return TrainConfig(output_dir=output_dir, source=source, **built)
+    return TrainConfig(output_dir=output_dir, source=source, lines=doc.lines, **built)
 
 
 def _semantic_checks(built: dict[str, Any], err) -> None:
@@ -217,11 +221,45 @@ def _semantic_checks(built: dict[str, Any], err) -> None:
             err(("train", "batch_size"), "must be even with hard_pairs (half anchors, half partners)")
         if not Path(hard.path).is_file():
             err(("hard_pairs", "path"), f"not a file: {hard.path!r} (write it with `curate mine`)")
+    if model is not None and (refused := open_clip_config_problem(model.name)):
+        err(("model", "name"), refused)
     if model is not None and model.pretrained is not None and not Path(model.pretrained).is_file():
         err(("model", "pretrained"), f"not a local file: {model.pretrained!r} (nothing is downloaded)")
     dist: DistillConfig | None = built.get("distill")
     if dist is not None and dist.vocabulary is not None and not Path(dist.vocabulary).is_file():
         err(("distill", "vocabulary"), f"not a file: {dist.vocabulary!r}")
+
+
+def dry_run_problems(cfg: TrainConfig) -> list[str]:
+    """What `curate train` would stop on before its first step, found without training: the shards and
+    their sample counts, the model name, the pretrained weights (read weights-only). For `curate validate`."""
+    from curation.models.clip import checkpoint_problems, resolve_model_name
+    from train.data import count_samples, expand_shards
+
+    problems: list[tuple[tuple, str]] = []
+    try:
+        shards = expand_shards(cfg.data.shards)
+    except FileNotFoundError as e:
+        problems.append((("data", "shards"), str(e)))
+    else:
+        try:
+            counted = count_samples(shards, cfg.data.sizes)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append((("data", "sizes"), str(e)))
+        else:
+            if cfg.train.epochs is not None and counted is None:
+                problems.append(
+                    (("train", "epochs"), "needs sample counts: put sizes.json beside the shards")
+                )
+    try:
+        resolve_model_name(cfg.model.name)
+    except (ValueError, FileNotFoundError) as e:
+        problems.append((("model", "name"), str(e).split(". Known:")[0]))
+    else:
+        if cfg.model.pretrained is not None:
+            found = checkpoint_problems(cfg.model.pretrained, cfg.model.name)
+            problems += [(("model", "pretrained"), p) for p in found]
+    return [describe(cfg.lines, key, msg) for key, msg in problems]
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -63,11 +63,22 @@ def count_samples(shards: list[str], sizes_path: str | None = None) -> int | Non
         if sizes_path:
             raise FileNotFoundError(f"sizes file not found: {sizes_path}")
         return None
-    sizes = json.loads(path.read_text())
+    try:
+        sizes = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(sizes, dict):
+        raise ValueError(
+            f"{path}: expected an object of tar name -> sample count, got a {type(sizes).__name__}"
+        )
     missing = [s for s in shards if Path(s).name not in sizes]
     if missing:
         raise ValueError(f"{path} has no entry for {len(missing)} shard(s), e.g. {Path(missing[0]).name}")
-    return sum(int(sizes[Path(s).name]) for s in shards)
+    for name in (Path(s).name for s in shards):
+        count = sizes[name]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{path}: {name}: expected a sample count (an integer >= 0), got {count!r}")
+    return sum(sizes[Path(s).name] for s in shards)
 
 
 def _raw_samples(path: str) -> Iterator[dict]:

@@ -37,7 +37,11 @@ def resolve_model_name(name: str) -> str:
     """An open_clip name as is; a path to a JSON model config is registered and named by its stem."""
     import open_clip
 
+    from curation.models.files import open_clip_config_problem
+
     _register_packaged_configs()
+    if refused := open_clip_config_problem(name):
+        raise ValueError(refused)
     if name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
@@ -172,8 +176,9 @@ def checkpoint_problems(checkpoint: str, name: str | None = None) -> list[str]:
     try:
         ck = torch_load(path)
     except Exception as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return [f"cannot read checkpoint {checkpoint}: {detail}"]
+        from curation.models.files import load_error_line
+
+        return [f"cannot read checkpoint {checkpoint}: {load_error_line(e)}"]
     state = ck.get("state_dict", ck) if isinstance(ck, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         return [f"{checkpoint} is neither a `curate train` checkpoint nor an open_clip state dict"]

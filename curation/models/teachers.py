@@ -469,7 +469,9 @@ def _read_state_dict(path: str) -> dict[str, Any]:
     try:
         obj = torch_load(path)
     except Exception as e:
-        raise TeacherError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
+        from curation.models.files import load_error_line
+
+        raise TeacherError(f"cannot read checkpoint {path!r}: {load_error_line(e)}") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -126,8 +126,10 @@ class CaptionLanguage(Stage):
         if not p.languages:
             problems.append("languages is empty: name at least one ISO code, e.g. [en]")
         if p.model is not None:
-            if not Path(p.model).is_file():
-                problems.append(f"language model file not found: {p.model}")
+            from curation.models.files import fasttext_model_problem
+
+            if unloadable := fasttext_model_problem(p.model):
+                problems.append(unloadable)
         else:
             try:
                 path = packaged_model()

@@ -198,4 +198,11 @@ class Concepts(ModelStage):
         problems = []
         if p.precision == "fp16" and self.device == "cpu":
             problems.append("precision fp16 is not supported on CPU (use fp32 or bf16)")
-        return problems + check_teacher(p.teacher, p.model, p.checkpoint, p.vocabulary)
+        problems += check_teacher(p.teacher, p.model, p.checkpoint, p.vocabulary)
+        if problems:
+            return problems
+        from curation.models.files import torch_weights_problem
+        from curation.models.teachers import default_checkpoint
+
+        unreadable = torch_weights_problem(p.checkpoint or default_checkpoint())
+        return [unreadable] if unreadable else []

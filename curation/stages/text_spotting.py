@@ -173,4 +173,8 @@ class TextSpotting(ModelStage):
             problems.append(
                 f"EasyOCR model files missing in {model_dir}: {', '.join(missing)} (downloads are disabled)"
             )
-        return problems
+            return problems
+        from curation.models.files import torch_weights_problem
+
+        unreadable = (torch_weights_problem(os.path.join(model_dir, f)) for f in MODEL_FILES)
+        return problems + [u for u in unreadable if u]

@@ -1,0 +1,82 @@
+"""Model files a config names, checked before any work: readable, of the right format, offline.
+
+Each function returns one line saying why the file would not load (None: it loads), so `curate
+validate` reports every model file of a config with its key instead of a run crashing on it later.
+Checkpoints are opened weights-only and memory-mapped (no pickle code runs, large files cost
+milliseconds); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# open_clip model JSONs are a few hundred bytes; a larger one is not a model config.
+MAX_MODEL_JSON_BYTES = 1 << 20
+# Keys of an open_clip text tower that name a Hugging Face model, which open_clip fetches from the Hub.
+HF_TEXT_KEYS = ("hf_model_name", "hf_tokenizer_name")
+
+
+def open_clip_config_problem(name: str | None) -> str | None:
+    """Why an open_clip model name or JSON config path is refused (None: accepted).
+
+    A JSON whose text tower names a Hugging Face model would make open_clip contact the Hub; curate
+    promises nothing is downloaded, so it refuses such a config whatever HF_HUB_OFFLINE says.
+    """
+    if name is None or not name.endswith(".json"):
+        return None
+    path = Path(name)
+    try:
+        if path.stat().st_size > MAX_MODEL_JSON_BYTES:
+            return f"model config {name} is larger than {MAX_MODEL_JSON_BYTES} bytes: not an open_clip JSON"
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        return f"model config file not found: {name}"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"cannot read model config {name}: {getattr(e, 'strerror', None) or e}"
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("vision_cfg"), dict):
+        return f"{name} is not an open_clip model config (no vision_cfg)"
+    text = cfg.get("text_cfg")
+    named = [k for k in HF_TEXT_KEYS if isinstance(text, dict) and text.get(k)]
+    if named:
+        return (
+            f"{name}: text_cfg.{named[0]} names a Hugging Face model, which open_clip would fetch from the "
+            "Hub; curate downloads nothing (use a model with a built-in text tower)"
+        )
+    return None
+
+
+def torch_weights_problem(path: str | Path) -> str | None:
+    """Why `path` is not a torch checkpoint loadable weights-only (None: it is)."""
+    from curation.models.checkpoints import torch_load
+
+    p = Path(path)
+    if not p.is_file():
+        return f"checkpoint not found: {p} (nothing is downloaded)"
+    try:
+        torch_load(p)
+    except Exception as e:
+        return f"cannot read checkpoint {p}: {load_error_line(e)}"
+    return None
+
+
+def fasttext_model_problem(path: str | Path) -> str | None:
+    """Why `path` is not a fastText model (.bin/.ftz) that loads (None: it loads)."""
+    p = Path(path)
+    if not p.is_file():
+        return f"language model file not found: {p}"
+    try:
+        import fasttext  # fasttext-predict: inference only
+
+        fasttext.load_model(str(p))
+    except Exception as e:
+        return f"cannot load fastText model {p}: {load_error_line(e)}"
+    return None
+
+
+def load_error_line(e: BaseException) -> str:
+    """The error's first line, without torch's advice to load with weights_only=False (never take it)."""
+    text = str(e).strip()
+    if text.startswith("Weights only load failed"):
+        return "it holds objects other than tensors (refused: checkpoints are loaded weights-only)"
+    return text.splitlines()[0] if text else type(e).__name__
