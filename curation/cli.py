@@ -114,6 +114,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             "\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr
         )
         return 130
+    if summary.shards_skipped == summary.shards_total and not summary.failures:
+        share = f" ({100 * summary.run_kept / summary.run_rows:.1f}%)" if summary.run_rows else ""
+        print(
+            f"{cfg.output}: 0 shard(s) written, {summary.shards_skipped} already done, 0 failed; "
+            f"nothing left to do: the run holds {summary.run_rows:,} rows, {summary.run_kept:,} kept{share}"
+        )
+        return EXIT_OK
     rate = summary.rows / summary.seconds if summary.seconds else 0.0
     kept = f"{summary.kept:,} kept ({100 * summary.kept / summary.rows:.1f}%)" if summary.rows else "0 kept"
     print(

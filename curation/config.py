@@ -92,14 +92,15 @@ class Config:
         }
 
     def run_fingerprint(
-        self, limit: int | None, stage_fingerprints: dict[str, dict[str, Any]] | None = None
+        self, stage_fingerprints: dict[str, dict[str, Any]] | None = None
     ) -> tuple[dict[str, Any], str]:
         """(fingerprint, hash) stored in run.json: a run with another hash would write other results.
 
         `stage_fingerprints` ({stage: Stage.fingerprint()}, non-empty ones only) adds what the params
-        cannot show: the contents of the model files a stage loads.
+        cannot show: the contents of the model files a stage loads. `--limit` is not part of it: it
+        says how many rows to do, not what a row's result is, so a trial run can be extended.
         """
-        fingerprint = {**self.result_fingerprint(), "limit": limit}
+        fingerprint = self.result_fingerprint()
         if stage_fingerprints:
             fingerprint["stage_fingerprints"] = stage_fingerprints
         blob = json.dumps(fingerprint, sort_keys=True, default=str).encode()

@@ -117,12 +117,20 @@ class RunDir:
         return [Shard.from_json(s) for s in self.record()["shards"]]
 
     def prepare(
-        self, fingerprint: dict, config_hash: str, plan: list[Shard], stage_names: list[str]
+        self,
+        fingerprint: dict,
+        config_hash: str,
+        plan: list[Shard],
+        stage_names: list[str],
+        *,
+        limit: int | None = None,
     ) -> list[Shard]:
         """Create the run record, or check that it matches; returns the plan to execute.
 
         On resume the stored plan wins, so adding files to an input glob does not
-        silently reshuffle which rows belong to which shard.
+        silently reshuffle which rows belong to which shard. A run made with `--limit`
+        resumed with a larger limit (or none) is extended: its shards stay as they are
+        (done ones are not redone) and new shards cover the rows they leave out.
         """
         self.store.makedirs()
         if self.local:
@@ -132,13 +140,23 @@ class RunDir:
             problem = self.conflict(fingerprint, config_hash)
             if problem:
                 raise RunConflict(problem)
-            return self.plan()
+            rec = self.record()
+            stored = self.plan()
+            old_limit = rec.get("limit", rec["fingerprint"].get("limit"))  # older records kept it there
+            if old_limit is None or (limit is not None and limit <= old_limit):
+                return stored
+            extended = extend_plan(stored, plan)
+            self.store.put_json(
+                "run.json", {**rec, "limit": limit, "shards": [s.to_json() for s in extended]}
+            )
+            return extended
         self.store.put_json(
             "run.json",
             {
                 "schema_version": SCHEMA_VERSION,
                 "config_hash": config_hash,
                 "fingerprint": fingerprint,
+                "limit": limit,
                 "stages": stage_names,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "shards": [s.to_json() for s in plan],
@@ -155,8 +173,9 @@ class RunDir:
             old_hash, old_fingerprint = rec["config_hash"], rec["fingerprint"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             return f"{self.record_path} is unreadable ({type(e).__name__}): choose a new output"
-        if old_hash != config_hash:
-            return explain_conflict(self.root, old_fingerprint, fingerprint)
+        # Records written before --limit left the fingerprint hold it there: compare without it.
+        if old_hash != config_hash and _without_limit(old_fingerprint) != _without_limit(fingerprint):
+            return explain_conflict(self.root, _without_limit(old_fingerprint), _without_limit(fingerprint))
         if rec.get("schema_version") != SCHEMA_VERSION:
             return (
                 f"{self.root} was written with manifest schema v{rec.get('schema_version')}, "
@@ -327,6 +346,36 @@ def to_manifest(table: pa.Table, schema: pa.Schema) -> pa.Table:
 def _count_reasons(table: pa.Table) -> dict[str, int]:
     counts = pc.value_counts(table.column("drop_reason").drop_null()).to_pylist()
     return {c["values"]: c["counts"] for c in counts}
+
+
+def extend_plan(stored: list[Shard], wanted: list[Shard]) -> list[Shard]:
+    """`stored`, then new shards (numbered after it) for the rows of `wanted` that no stored shard covers."""
+    covered: dict[str, list[tuple[int, float]]] = {}
+    for s in stored:
+        covered.setdefault(s.path, []).append((s.row_start, s.row_end if s.row_end >= 0 else float("inf")))
+    out = list(stored)
+    next_index = max((s.index for s in stored), default=-1) + 1
+
+    def add(path: str, start: int, end: int) -> None:
+        nonlocal next_index
+        out.append(Shard(next_index, path, start, end))
+        next_index += 1
+
+    for s in wanted:
+        start, end = s.row_start, (s.row_end if s.row_end >= 0 else float("inf"))
+        for lo, hi in sorted(covered.get(s.path, [])):
+            if hi <= start or lo >= end:
+                continue
+            if lo > start:
+                add(s.path, start, int(lo))
+            start = max(start, hi)
+        if start < end:
+            add(s.path, int(start), s.row_end if end == float("inf") else int(end))
+    return out
+
+
+def _without_limit(fingerprint: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in fingerprint.items() if k != "limit"}, default=str))
 
 
 def explain_conflict(root: Path | str, old: dict, new: dict) -> str:

@@ -166,5 +166,5 @@ def _check_output(config: Config, limit: int | None, stages: list[Stage] | None)
         return [(("output",), f"output directory is not writable: {p} (permission denied)")]
     if stages is None:
         return []
-    conflict = RunDir(output).conflict(*config.run_fingerprint(limit, model_fingerprints(stages)))
+    conflict = RunDir(output).conflict(*config.run_fingerprint(model_fingerprints(stages)))
     return [(("output",), conflict)] if conflict else []

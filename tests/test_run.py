@@ -47,7 +47,7 @@ def test_every_input_row_appears_once_with_scores_and_decision(tmp_path, capsys)
     con.register("m", t)
     # the decision is exactly the rule applied to the recorded scores
     bad = con.execute(
-        """SELECT count(*) FROM m WHERE keep != (caption_complexity >= 2 AND caption_actions >= 1)
+        """SELECT count(*) FROM m WHERE keep != (caption_complexity >= 2 AND caption_verbs >= 1)
            OR (drop_reason = 'complexity') != (caption_complexity < 2)
            OR (drop_reason IS NULL) != keep
            OR (drop_stage = 'caption_complexity') != (drop_reason = 'complexity')"""

@@ -21,18 +21,26 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
     from curation.stages import model_fingerprints
 
     pipeline = Pipeline(config)
-    fingerprint, config_hash = config.run_fingerprint(limit, model_fingerprints(pipeline.stages))
+    fingerprint, config_hash = config.run_fingerprint(model_fingerprints(pipeline.stages))
     run = RunDir(config.output, config.storage_options)
     run.store.check()  # wrong credentials, a missing bucket: one line, before any work
     with run.lock():
         plan = run.prepare(
-            fingerprint, config_hash, pipeline.source.plan(limit), [s.name for s in config.stages]
+            fingerprint,
+            config_hash,
+            pipeline.source.plan(limit),
+            [s.name for s in config.stages],
+            limit=limit,
         )
         run.clean_tmp()
         pending = run.pending(plan)
         total_rows = sum(s.rows for s in pending) if all(s.row_end >= 0 for s in pending) else None
         progress = Progress(total_rows, len(plan), len(plan) - len(pending), enabled=config.runner.progress)
         summary = RunSummary(shards_total=len(plan), shards_skipped=len(plan))
+        if not pending:  # say what the run holds, not "0 rows"
+            done = run.done().values()
+            summary.run_rows = sum(r.get("rows", 0) for r in done)
+            summary.run_kept = sum(r.get("kept", 0) for r in done)
         try:
             if config.runner.type == "ray" and pending:
                 from curation.engine.ray import run_ray

@@ -11,7 +11,7 @@ import html
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -231,15 +231,26 @@ class CaptionComplexity(_CaptionStage):
         return {"caption_complexity": (">=", self.params.min)}
 
 
+@dataclass(frozen=True)
+class ActionParams(CaptionParams):
+    # What must number at least `min`: `verbs`, any VERB token (the rule DiHT's subset size supports,
+    # docs/methods.md §1b), or `actions`, verbs heading a nominal subject (stricter: about half as many kept).
+    count: Literal["verbs", "actions"] = "verbs"
+
+
+ACTION_COLUMN = {"verbs": "caption_verbs", "actions": "caption_actions"}
+
+
 class CaptionAction(_CaptionStage):
-    """Keep captions with at least `min` verbs that head a nominal subject."""
+    """Keep captions with at least `min` verbs (`count: verbs`) or verbs heading a subject (`count: actions`)."""
 
     name = "caption_action"
+    Params = ActionParams
 
     def decide(self, table: pa.Table) -> pa.Array:
-        fail = pc.less(table.column("caption_actions"), self.params.min)
+        fail = pc.less(table.column(ACTION_COLUMN[self.params.count]), self.params.min)
         return pc.if_else(fail, pa.scalar("action"), pa.scalar(None, pa.string())).combine_chunks()
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
         """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
-        return {"caption_actions": (">=", self.params.min)}
+        return {ACTION_COLUMN[self.params.count]: (">=", self.params.min)}
