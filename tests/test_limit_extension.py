@@ -55,7 +55,9 @@ def test_limited_run_extends_to_the_whole_input(tmp_path, capsys):
     for argv in (["run", str(cfg)], ["run", str(cfg), "--limit", "10"]):
         assert main(argv) == 0
         said = capsys.readouterr().out
-        assert f"5 already done, 0 failed; nothing left to do: the run holds 1,000 rows, {kept:,} kept" in said
+        assert (
+            f"5 already done, 0 failed; nothing left to do: the run holds 1,000 rows, {kept:,} kept" in said
+        )
     assert len(_rows(out)) == 1000
 
 
