@@ -53,6 +53,7 @@ import pyarrow as pa
 
 from curation.manifest import RunDir, RunLocked, exclusive_lock, write_json_atomic
 from curation.near_duplicates import close_pairs, exact_pairs, near_pairs, rank_groups, spherical_kmeans
+from curation.params import param, param_problems
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 KINDS = ("exact", "phash", "semantic")  # strictest first: a row's dup_kind is its strictest link
@@ -62,10 +63,10 @@ SUMMARY = "dedup.json"
 
 @dataclass(frozen=True)
 class DedupParams:
-    radius: int = 6
-    eps: float = 0.03
-    clusters: int | None = None  # null: about one cluster per 1,000 embeddings
-    iterations: int = 20
+    radius: int = param(6, ge=0, le=16, hint="bits; a larger radius links unrelated images at scale")
+    eps: float = param(0.03, gt=0, lt=1)
+    clusters: int | None = param(None, ge=1)  # null: about one cluster per 1,000 embeddings
+    iterations: int = param(20, ge=1)
     seed: int = 0
     kinds: tuple[str, ...] = KINDS
 
@@ -123,15 +124,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         return _fail(f"--kinds: unknown kind(s) {unknown or kinds}; choose from {', '.join(KINDS)}")
-    if not 0 <= args.radius <= 16:
-        return _fail("--radius must be 0..16 bits (a larger radius links unrelated images at scale)")
-    if not 0 < args.eps < 1:
-        return _fail("--eps must be in (0, 1)")
-    if args.clusters is not None and args.clusters < 1:
-        return _fail("--clusters must be >= 1")
-    if args.iterations < 1:
-        return _fail("--iterations must be >= 1")
     params = DedupParams(args.radius, args.eps, args.clusters, args.iterations, args.seed, kinds)
+    if problems := param_problems(params):
+        return _fail("; ".join(f"--{name}: {problem}" for name, problem in problems))
     try:
         summary = run_dedup(args.output, params, force=args.force, say=_say)
     except (DedupError, RunLocked) as e:

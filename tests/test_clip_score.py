@@ -188,7 +188,10 @@ def test_config_errors_before_any_work(tmp_path, checkpoint, capsys):
         (f"{{checkpoint: {checkpoint}, model: {deeper_text}}}", "text tower differs"),
         (f"{{checkpoint: {checkpoint}, model: {narrow_image}}}", "image tower differs"),
         (f"{{checkpoint: {bare}}}", "does not name its model"),
-        (f"{{checkpoint: {checkpoint}, min: 2.0, batch_size: 0}}", "min is a cosine similarity"),
+        (
+            f"{{checkpoint: {checkpoint}, min: 2.0, batch_size: 0}}",
+            "min (line 5): must be >= -1 and <= 1, got 2 (a cosine similarity)",
+        ),
     ]
     for params, message in cases:
         assert main(["validate", str(_config(tmp_path, params))]) == 2, params

@@ -228,3 +228,11 @@ def test_hostile_inputs_leave_no_partial_output(tmp_path):
     assert main(["run", str(cfg)]) == 2
     assert not (tmp_path / "o").exists()
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_command_line_numbers_use_the_same_declarations(tmp_path, capsys):
+    """`curate dedup` options are DedupParams fields: the same ranges, NaN refused, every problem at once."""
+    assert main(["dedup", str(tmp_path), "--radius", "20", "--eps", "nan", "--iterations", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("curate: error: --radius: must be >= 0 and <= 16, got 20")
+    assert "--eps: must be a finite number, got nan" in err and "--iterations: must be >= 1, got 0" in err

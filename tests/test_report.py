@@ -111,7 +111,7 @@ def test_caption_run_report_funnel_histograms_thresholds_and_tables(caption_run,
     ids = page.ids()
     assert {
         "threshold-caption_complexity-caption_complexity",
-        "threshold-caption_action-caption_actions",
+        "threshold-caption_action-caption_verbs",
     } <= ids
     assert "keep &gt;= 2" in text and "keep &gt;= 1" in text
     # grids: kept, then reasons in pipeline order, each with min(48, total) rows
@@ -221,7 +221,8 @@ def _decide(name: str, params: dict, columns: dict) -> list[str | None]:
     "name, params, column, values, extra",
     [
         ("caption_complexity", {"min": 3}, "caption_complexity", [0, 2, 3, 4, 9], {}),
-        ("caption_action", {"min": 1}, "caption_actions", [0, 1, 2], {}),
+        ("caption_action", {"min": 1}, "caption_verbs", [0, 1, 2], {}),
+        ("caption_action", {"min": 2, "count": "actions"}, "caption_actions", [0, 1, 2, 3], {}),
         ("text_spotting", {"max_overlap": 0.5}, "ocr_caption_overlap", [0.0, 0.49, 0.5, 0.51, 1.0], "ocr"),
     ],
 )

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from curation.core.text import tokens  # noqa: E402
 from curation.models.ocr import auto_precision, decode_image, fold_batch_norm, reading_order  # noqa: E402
+from curation.params import param_problems  # noqa: E402
 from curation.schema import STAGE_COLUMNS  # noqa: E402
 from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
 from curation.stages.text_spotting import (  # noqa: E402
@@ -183,9 +184,9 @@ def test_check_reports_config_problems(tmp_path):
     problems = st.check()
     assert any("craft_mlt_25k.pth" in p for p in problems)
     assert TextSpotting(TextSpottingParams(device="cpu"), CTX).check() == []
-    assert any(
-        "max_overlap" in p for p in TextSpotting(TextSpottingParams(device="cpu", max_overlap=2), CTX).check()
-    )
+    assert param_problems(TextSpottingParams(device="cpu", max_overlap=2)) == [
+        ("max_overlap", "must be >= 0 and <= 1, got 2")
+    ]
     import torch
 
     if not torch.cuda.is_available():

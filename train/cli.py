@@ -185,9 +185,6 @@ def run_eval(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: --few-shot: {e}", file=sys.stderr)
         return 2
-    if args.draws < 1:
-        print("error: --draws must be >= 1", file=sys.stderr)
-        return 2
     if args.overrides and not args.config:
         print("error: --set overrides keys of a training config: give the config", file=sys.stderr)
         return 2

@@ -83,7 +83,7 @@ class Stage(ABC):
         """
 
     @abstractmethod
-    def decide(self, table: pa.Table) -> pa.Array:
+    def decide(self, table: pa.Table) -> pa.Array | pa.ChunkedArray:
         """Drop reason per row (string), null where the row passes this stage.
 
         Called on the full batch after `compute`; rows the stage skipped
@@ -157,6 +157,8 @@ def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
 
     keep = table.column("keep").to_numpy(zero_copy_only=False)
     reasons = stage.decide(table)
+    if isinstance(reasons, pa.ChunkedArray):  # compute on a table's columns gives chunks
+        reasons = reasons.combine_chunks()
     if len(reasons) != table.num_rows:
         raise RuntimeError(
             f"stage {stage.name!r} decided {len(reasons)} rows for a batch of {table.num_rows}"

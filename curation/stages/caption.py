@@ -224,7 +224,7 @@ class CaptionComplexity(_CaptionStage):
 
     def decide(self, table: pa.Table) -> pa.Array:
         fail = pc.less(table.column("caption_complexity"), self.params.min)
-        return pc.if_else(fail, pa.scalar("complexity"), pa.scalar(None, pa.string())).combine_chunks()
+        return pc.if_else(fail, pa.scalar("complexity"), pa.scalar(None, pa.string()))
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
         """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
@@ -249,7 +249,7 @@ class CaptionAction(_CaptionStage):
 
     def decide(self, table: pa.Table) -> pa.Array:
         fail = pc.less(table.column(ACTION_COLUMN[self.params.count]), self.params.min)
-        return pc.if_else(fail, pa.scalar("action"), pa.scalar(None, pa.string())).combine_chunks()
+        return pc.if_else(fail, pa.scalar("action"), pa.scalar(None, pa.string()))
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
         """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""

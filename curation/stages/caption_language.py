@@ -114,7 +114,7 @@ class CaptionLanguage(Stage):
             score = pc.fill_null(table.column("caption_lang_score"), 0.0)
             ok = pc.and_(ok, pc.greater_equal(score, pa.scalar(self.params.min_score, pa.float32())))
         reason = pc.if_else(ok, pa.scalar(None, pa.string()), pa.scalar("language"))
-        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+        return reason
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
         """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""

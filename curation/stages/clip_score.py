@@ -235,7 +235,7 @@ class ClipScore(ModelStage):
             scored = pc.is_valid(table.column("clip_status"))  # rows the cascade skipped are not judged
             reason = pc.if_else(pc.and_(low, scored), pa.scalar("clip_score"), null)
         reason = pc.if_else(failed, pa.scalar("decode"), reason)
-        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+        return reason
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
         """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""

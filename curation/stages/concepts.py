@@ -189,7 +189,7 @@ class Concepts(ModelStage):
             pc.is_in(table.column("concept_status"), value_set=pa.array(IMAGE_STATUSES)), False
         )
         reason = pc.if_else(failed, pa.scalar("decode"), pa.scalar(None, pa.string()))
-        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+        return reason
 
     def check(self) -> list[str]:
         from curation.models.teachers import check_teacher

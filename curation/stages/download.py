@@ -303,7 +303,7 @@ class Download(Stage):
             pa.scalar("download"),
         )
         # null status: the row was not requested (cascade), so this stage has no say.
-        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+        return reason
 
 
 def _pool_download(downloader: Any, jobs: list, processes: int, max_shard_retry: int) -> None:

@@ -103,7 +103,7 @@ class ImageSize(Stage):
         null = pa.scalar(None, pa.string())
         reason = pc.if_else(bad, pa.scalar("image_size"), null)
         reason = pc.if_else(failed, pa.scalar("decode"), reason)
-        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+        return reason
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
         """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""

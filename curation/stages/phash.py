@@ -131,4 +131,4 @@ class Phash(Stage):
             pc.is_in(table.column("phash_status"), value_set=pa.array(IMAGE_STATUSES)), False
         )
         reason = pc.if_else(failed, pa.scalar("decode"), pa.scalar(None, pa.string()))
-        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+        return reason

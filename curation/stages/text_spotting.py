@@ -152,7 +152,7 @@ class TextSpotting(ModelStage):
         null = pa.scalar(None, pa.string())
         reason = pc.if_else(text, pa.scalar("text_spotting"), null)
         reason = pc.if_else(pc.fill_null(failed, False), pa.scalar("decode"), reason)
-        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+        return reason
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
         """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
