@@ -72,7 +72,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _is_training_config(path: str) -> bool:
     """A `curate train` config (it has `output_dir`, a pipeline has `output`); raises ConfigError on bad YAML."""
-    from curation.params import read_yaml_mapping
+    from curation.core.params import read_yaml_mapping
 
     try:
         text = Path(path).read_text()
@@ -83,7 +83,7 @@ def _is_training_config(path: str) -> bool:
 
 def _validate_training(args: argparse.Namespace) -> int:
     """A dry run of `curate train`: the config, its shards and sample counts, model and weights."""
-    from curation.params import ConfigError
+    from curation.core.params import ConfigError
     from train.config import dry_run_problems, load_train_config
 
     cfg = load_train_config(args.config)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from curation.params import ConfigError, KeyPath, build, describe, param, read_yaml_mapping
+from curation.core.params import ConfigError, KeyPath, build, describe, param, read_yaml_mapping
 
 __all__ = [
     "Config",

@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from curation.core.params import param, param_problems
 from curation.manifest import RunDir, RunLocked, exclusive_lock, write_json_atomic
 from curation.near_duplicates import close_pairs, exact_pairs, near_pairs, rank_groups, spherical_kmeans
-from curation.params import param, param_problems
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 KINDS = ("exact", "phash", "semantic")  # strictest first: a row's dup_kind is its strictest link

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.params import param_problems
+from curation.core.params import param_problems
 from curation.stages import STAGES, StageContext, apply_stage
 from curation.stages.caption_language import CaptionLanguage, CaptionLanguageParams, LanguageIdentifier
 from curation.stages.caption_length import CaptionLength, CaptionLengthParams

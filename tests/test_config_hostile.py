@@ -13,7 +13,7 @@ import torch
 
 from curation.cli import main
 from curation.config import Config, InputConfig, StageSpec, parse_config
-from curation.params import ConfigError, param_problems
+from curation.core.params import ConfigError, param_problems
 from curation.stages import STAGES
 from curation.stages.caption import ComplexityParams
 from tests.helpers import LAION_1K, write_config
@@ -124,7 +124,7 @@ def test_reading_a_config_imports_no_stage():
     import sys
 
     code = (
-        "import sys, train.config, curation.params; "
+        "import sys, train.config, curation.core.params; "
         "print(sorted(m for m in sys.modules if m.startswith('curation.stages')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

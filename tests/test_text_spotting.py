@@ -15,9 +15,9 @@ skdata = pytest.importorskip("skimage.data")
 
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from curation.core.params import param_problems  # noqa: E402
 from curation.core.text import tokens  # noqa: E402
 from curation.models.ocr import auto_precision, decode_image, fold_batch_norm, reading_order  # noqa: E402
-from curation.params import param_problems  # noqa: E402
 from curation.schema import STAGE_COLUMNS  # noqa: E402
 from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
 from curation.stages.text_spotting import (  # noqa: E402

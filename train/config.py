@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from curation.core.params import ConfigError, build, describe, param, parse_value, read_yaml_mapping
 from curation.models.files import open_clip_config_problem
-from curation.params import ConfigError, build, describe, param, parse_value, read_yaml_mapping
 
 __all__ = [
     "ConfigError",

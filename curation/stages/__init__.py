@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from curation.params import ConfigError, param_problems
+from curation.core.params import ConfigError, param_problems
 from curation.stages.base import Resources, Stage, StageContext, apply_stage
 from curation.stages.caption import CaptionAction, CaptionComplexity
 from curation.stages.caption_language import CaptionLanguage

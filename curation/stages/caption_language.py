@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.params import param
+from curation.core.params import param
 from curation.stages.base import Stage
 
 LANGUAGE_COLUMNS = ("caption_lang", "caption_lang_score")

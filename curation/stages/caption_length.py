@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.params import param
+from curation.core.params import param
 from curation.stages.base import Stage
 
 LENGTH_COLUMNS = ("caption_words", "caption_chars")

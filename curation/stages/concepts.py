@@ -32,9 +32,9 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.params import param
 from curation.devices import cpu_has_native_bf16
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
-from curation.params import param
 from curation.stages.base import ModelStage
 
 CONCEPT_COLUMNS = ("concept_ids", "concept_probs", "concept_status")

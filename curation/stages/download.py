@@ -60,9 +60,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.core.params import param
 from curation.core.shards import read_samples
 from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size
-from curation.params import param
 from curation.schema import STAGE_COLUMNS
 from curation.stages.base import Resources, Stage, StageContext
 from curation.urlpolicy import UrlPolicy, local_folders, parse_networks

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.params import param
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
-from curation.params import param
 from curation.stages.base import Stage
 
 SIZE_COLUMNS = ("aspect_ratio", "min_side", "image_size_status")

@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.params import param
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
-from curation.params import param
 from curation.stages.base import Stage
 
 PHASH_COLUMNS = ("phash", "phash_status", "sha256")

@@ -33,10 +33,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.params import param
 from curation.core.text import tokens
 from curation.imageio import DEFAULT_MAX_PIXELS
 from curation.models.ocr import MODEL_FILES, OcrEngine, ocr_model_dir
-from curation.params import param
 from curation.schema import STAGE_COLUMNS
 from curation.stages.base import ModelStage
 

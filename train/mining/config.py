@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from curation.core.params import ConfigError, build, read_yaml_mapping
 from curation.models.encoders import MINILM
-from curation.params import ConfigError, build, read_yaml_mapping
 
 
 @dataclass
