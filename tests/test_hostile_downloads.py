@@ -298,8 +298,8 @@ def test_download_bounds_are_checked_with_their_keys(tmp_path):
             f"input: {{path: {tmp_path / 'p.parquet'}}}\noutput: {tmp_path / 'out'}\nstages:\n"
             "  - download: {max_bytes: 0, total_timeout: 0}\n"
         )
-    assert "max_bytes must be >= 1" in str(e.value)
-    assert "total_timeout must be > 0" in str(e.value)
+    assert "stages[0].download.max_bytes (line 4): must be >= 1, got 0" in str(e.value)
+    assert "stages[0].download.total_timeout (line 4): must be > 0, got 0" in str(e.value)
 
 
 @pytest.mark.timeout(300)
