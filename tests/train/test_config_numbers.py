@@ -148,3 +148,24 @@ def test_eval_set_overrides_the_training_config(fmnist_shards, make_config, tmp_
     assert f"no checkpoint in {tmp_path / 'run'}/checkpoints" in capsys.readouterr().err
     assert main(["eval", "--model", "curate-tiny", "--set", "optim.lr=1"]) == 2
     assert "--set overrides keys of a training config" in capsys.readouterr().err
+
+
+def test_mine_refuses_a_hugging_face_text_tower_and_reads_numbers_as_typed(tmp_path, capsys):
+    hf = tmp_path / "hf.json"
+    hf.write_text(
+        json.dumps({"embed_dim": 8, "vision_cfg": {"image_size": 32}, "text_cfg": {"hf_model_name": "x"}})
+    )
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(b"")
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(
+        f"data: {{shards: x}}\noutput: o\nencoders: {{checkpoint: {ck}, model: {hf}}}\n"
+        "mining: {near_duplicate: 9.9e-1, k: 1e1}\n"
+    )
+    assert main(["mine", str(cfg)]) == 2
+    assert "mining.k (line 4): expected an integer, got 10.0" in capsys.readouterr().err  # as in Python
+    cfg.write_text(cfg.read_text().replace("k: 1e1", "k: 10"))
+    assert main(["mine", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "encoders.model (line 3): " in err and "text_cfg.hf_model_name names a Hugging Face model" in err
+    assert "near_duplicate" not in err  # 9.9e-1 is read as the number it is

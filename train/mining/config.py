@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from curation.core.params import ConfigError, build, read_yaml_mapping
 from curation.models.encoders import MINILM
+from curation.models.files import open_clip_config_problem
 
 
 @dataclass
@@ -103,6 +104,8 @@ def parse_mine_config(
         )
     elif e.checkpoint is not None and not Path(e.checkpoint).is_file():
         err(("encoders", "checkpoint"), f"not a local file: {e.checkpoint!r} (nothing is downloaded)")
+    if refused := open_clip_config_problem(e.model):
+        err(("encoders", "model"), refused)
     if e.text_model is not None and e.text_model != MINILM and not Path(e.text_model).is_dir():
         err(
             ("encoders", "text_model"),
