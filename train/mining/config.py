@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from curation.core.params import ConfigError, build, read_yaml_mapping
+from curation.core.params import ConfigError, build, param, read_yaml_mapping
 from curation.models.encoders import MINILM
 from curation.models.files import open_clip_config_problem
 
@@ -32,21 +32,21 @@ class EncodersConfig:
     image_teacher_checkpoint: str | None = None
     image_teacher_vocabulary: str | None = None
     device: str = "auto"
-    batch_size: int = 256
+    batch_size: int = param(256, ge=1)
 
 
 @dataclass
 class MiningConfig:
-    k: int = 50
-    near_duplicate: float = 0.98
+    k: int = param(50, ge=1)
+    near_duplicate: float = param(0.98, ge=-1, le=1, hint="a cosine; 1 = exclude only exact duplicates' self")
     method: Literal["exact", "pool", "faiss"] = "exact"
-    pool_size: int = 3_000_000
-    pool_refresh: int = 100_000
+    pool_size: int = param(3_000_000, ge=1)
+    pool_refresh: int = param(100_000, ge=1)
     seed: int = 0
     faiss_index: str = "Flat"
-    faiss_candidates: int = 4
-    query_block: int = 2048
-    candidate_block: int = 16384
+    faiss_candidates: int = param(4, ge=1)
+    query_block: int = param(2048, ge=1)
+    candidate_block: int = param(16384, ge=1)
 
 
 @dataclass
@@ -54,9 +54,9 @@ class MineRunnerConfig:
     type: Literal["local", "ray"] = "local"
     # ray: null starts a local instance; "auto" or "ray://host:10001" joins a cluster.
     address: str | None = None
-    queries_per_task: int = 65536
-    cpus_per_task: int = 1
-    gpus_per_task: float = 0.0
+    queries_per_task: int = param(65536, ge=1)
+    cpus_per_task: int = param(1, ge=1)
+    gpus_per_task: float = param(0.0, ge=0)
 
 
 @dataclass
@@ -92,10 +92,15 @@ def parse_mine_config(
     built = {
         n: build(c, data.get(n) or {}, (n,), err) for n, c in _SECTIONS.items() if n in data or n != "data"
     }
-    if errors or any(v is None for v in built.values()):
+    # Out-of-range values are reported, yet their sections are built: the file checks below still run.
+    if (
+        "data" not in built
+        or not isinstance(data.get("output"), str)
+        or any(v is None for v in built.values())
+    ):
         raise ConfigError(errors, source)
     cfg = MineConfig(output=data["output"], source=source, **built)
-    e, m, r = cfg.encoders, cfg.mining, cfg.runner
+    e, m = cfg.encoders, cfg.mining
     if e.checkpoint is None and (e.image_teacher is None or e.text_model is None):
         err(
             ("encoders", "checkpoint"),
@@ -122,23 +127,11 @@ def parse_mine_config(
         v is not None for v in (e.image_teacher_model, e.image_teacher_checkpoint, e.image_teacher_vocabulary)
     ):
         err(("encoders", "image_teacher"), "image_teacher_* keys are given but image_teacher is not")
-    if e.batch_size < 1:
-        err(("encoders", "batch_size"), "must be >= 1")
-    for key in ("k", "pool_size", "pool_refresh", "faiss_candidates", "query_block", "candidate_block"):
-        if getattr(m, key) < 1:
-            err(("mining", key), "must be >= 1")
-    if not -1.0 <= m.near_duplicate <= 1.0:
-        err(
-            ("mining", "near_duplicate"),
-            "a cosine: between -1 and 1 (1 = exclude only exact duplicates' self)",
-        )
     if m.method == "faiss":
         import importlib.util
 
         if importlib.util.find_spec("faiss") is None:
             err(("mining", "method"), "faiss is not installed (pip install faiss-cpu)")
-    if r.queries_per_task < 1 or r.cpus_per_task < 1:
-        err(("runner",), "queries_per_task and cpus_per_task must be >= 1")
     if errors:
         raise ConfigError(errors, source)
     return cfg
