@@ -155,7 +155,7 @@ def _check_output(config: Config, limit: int | None, stages: list[Stage] | None)
             return [(("output",), str(e))]
         if stages is None:
             return []
-        conflict = run.conflict(*config.run_fingerprint(limit, model_fingerprints(stages)))
+        conflict = run.conflict(*config.run_fingerprint(model_fingerprints(stages)))
         return [(("output",), conflict)] if conflict else []
     p = Path(output)
     while not p.exists():
