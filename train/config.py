@@ -110,7 +110,11 @@ class RunConfig:
     # Exactly one of steps / epochs. An epoch is sum(sizes.json) / global batch steps.
     steps: int | None = param(None, ge=1)
     epochs: float | None = param(None, gt=0)
-    precision: Literal["fp32", "bf16", "amp"] = "fp32"
+    # Split each step into micro-batches of this size (dividing batch_size) for memory only: the
+    # contrastive batch and the gradients stay those of batch_size (GradCache). null = no split.
+    micro_batch: int | None = param(None, ge=1)
+    # auto: bf16 autocast on CUDA, fp32 on CPU. amp = fp16 autocast with loss scaling.
+    precision: Literal["auto", "fp32", "bf16", "amp"] = "auto"
     grad_checkpointing: bool = False
     compile: bool = False
     # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu. Or "cpu", "cuda", "cuda:1".
@@ -208,6 +212,8 @@ def _semantic_checks(built: dict[str, Any], err) -> None:
             err(("train", "steps"), "give exactly one of train.steps or train.epochs")
         if loss is not None and loss.name == "hn_nce" and r.batch_size < 2:
             err(("train", "batch_size"), "hn_nce needs at least 2 samples per batch (negatives)")
+        if r.micro_batch is not None and r.micro_batch >= 1 and r.batch_size % r.micro_batch:
+            err(("train", "micro_batch"), f"must divide train.batch_size ({r.batch_size}), or null")
         if not (r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda")):
             err(("train", "device"), f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {r.device!r}")
     if loss is not None and loss.hnml and "hard_pairs" not in built:

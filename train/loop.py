@@ -6,6 +6,19 @@ decoding, so a resumed run repeats the loss curve of an uninterrupted one as
 long as world size and data.workers are unchanged (otherwise the data order
 differs; a warning says so).
 
+A step's contrastive batch is `train.batch_size` per rank whatever the memory:
+with `train.micro_batch` the step runs GradCache-style (Gao et al. 2021): the
+embeddings of all micro-batches first, without autograd graphs; the loss terms on
+the whole batch with those embeddings as leaf tensors; then each micro-batch again
+with autograd, backpropagating the cached embedding gradients. The gradients are
+those of the unsplit batch (test: float64, every loss), peak activation memory
+that of one micro-batch. Unlike open_clip's `--accum-freq`, which recomputes the
+whole loss once per micro-batch with the current one's features live (so the
+logit scale's gradient is summed accum_freq times), the loss is computed once and
+the logit scale's gradient enters once. The forward RNG state of each micro-batch
+is replayed for its re-forward (dropout draws the same masks) and restored after
+it, so the RNG stream after a step does not depend on the split.
+
 With a `distill` section the trained module is `ConceptStudent` (the model plus
 a linear concept head); the checkpoint keeps the model's state dict as it is and
 stores the head beside it, so open_clip still loads the file.
@@ -33,7 +46,7 @@ from curation.models.clip import build_model, embed_dim
 from train.config import TrainConfig
 from train.data import ShardStream, count_samples, expand_shards, make_loader
 from train.hard_pairs import HardPairStream
-from train.losses import ConceptDistillationLoss, HardNegativeMarginLoss, build_loss
+from train.losses import ConceptDistillationLoss, HardNegativeMarginLoss, TrainingObjective, build_loss
 from train.model import ConceptStudent, param_groups
 
 log = logging.getLogger("train")
@@ -77,6 +90,13 @@ def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     return d, device
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast on CUDA (what GPU users expect), fp32 on CPU (CPU bf16 matmuls are slow)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -111,6 +131,91 @@ class WarmupCosine:
         progress = min(1.0, (step - self.warmup) / span)
         lr = self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.base_lr - self.min_lr)
         return lr / self.base_lr
+
+
+# --------------------------------------------------------------------------- one step
+
+
+# Outputs of the model that the loss terms read per sample: cached (and their gradients replayed)
+# per micro-batch. The logit scale is one number for the whole batch.
+_PER_SAMPLE_OUTPUTS = ("image_features", "text_features", "concept_logits")
+
+
+def _forward_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generator states a forward pass may draw from (dropout): CPU, and the device's on CUDA."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_forward_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    objective: TrainingObjective,
+    batch: dict[str, torch.Tensor],
+    micro_batch: int | None = None,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, torch.Tensor]:
+    """Forward and backward of one step on `batch` (already on the device); returns the detached loss terms.
+
+    The gradients are accumulated into the parameters' `.grad`, scaled by `scaler` if given.
+    `micro_batch` (dividing the batch) bounds activation memory without changing the gradients.
+    `precision` is resolved already (fp32, bf16 or amp).
+    """
+    device = batch["image"].device
+    scale = scaler.scale if scaler is not None else (lambda t: t)
+
+    def amp() -> contextlib.AbstractContextManager:
+        return autocast_for(precision, device)
+
+    n = batch["image"].shape[0]
+    if micro_batch is None or micro_batch >= n:
+        with amp():
+            terms = objective(model(batch["image"], batch["text"]), batch)
+        scale(sum(terms.values())).backward()
+        return {k: v.detach() for k, v in terms.items()}
+    if n % micro_batch:
+        raise ValueError(f"micro_batch {micro_batch} does not divide the batch of {n}")
+
+    chunks = list(zip(batch["image"].split(micro_batch), batch["text"].split(micro_batch)))
+    # 1. Embeddings of every micro-batch, no autograd graph kept.
+    rng_before: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    cached: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for images, texts in chunks:
+            rng_before.append(_forward_rng(device))
+            with amp():
+                out = model(images, texts)
+            for key in _PER_SAMPLE_OUTPUTS:
+                if key in out:
+                    cached.setdefault(key, []).append(out[key])
+            logit_scale = out["logit_scale"]
+    rng_after = _forward_rng(device)
+    # 2. The loss on the whole batch, the embeddings as leaves: their gradients are the cache.
+    leaves = {key: torch.cat(parts).requires_grad_() for key, parts in cached.items()}
+    scale_leaf = logit_scale.detach().requires_grad_()
+    with amp():
+        terms = objective({**leaves, "logit_scale": scale_leaf}, batch)
+    scale(sum(terms.values())).backward()
+    cache = {key: leaf.grad.split(micro_batch) for key, leaf in leaves.items()}
+    # 3. Each micro-batch again with autograd, its embeddings' cached gradients pushed through.
+    no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce once, in the last backward
+    for c, (images, texts) in enumerate(chunks):
+        last = c == len(chunks) - 1
+        _set_forward_rng(rng_before[c], device)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            with amp():
+                out = model(images, texts)
+            surrogate = sum((out[key] * grads[c].to(out[key].dtype)).sum() for key, grads in cache.items())
+            if last:  # the logit scale's gradient enters once; in the synced backward so DDP sees it used
+                surrogate = surrogate + (out["logit_scale"] * scale_leaf.grad).sum()
+            surrogate.backward()
+    _set_forward_rng(rng_after, device)
+    return {k: v.detach() for k, v in terms.items()}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -316,7 +421,8 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
     )
     schedule = WarmupCosine(o.lr, o.warmup_steps, n_steps, o.min_lr, cosine=o.schedule == "cosine")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=r.precision == "amp")
+    precision = resolve_precision(r.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp")
 
     start_step, rng_state = 0, None
     ckpt_path = latest_checkpoint(out_dir) if resume else None
@@ -348,9 +454,13 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         train_model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     if r.compile:
         train_model = torch.compile(train_model)
-    loss_fn = build_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.beta)
-    margin_fn = HardNegativeMarginLoss(cfg.loss.hnml) if cfg.loss.hnml else None
-    distill_fn = ConceptDistillationLoss(cfg.distill.loss) if student is not None and cfg.distill else None
+    # Local loss is exact (train/losses.py), so it is always on: memory per rank linear in the global batch.
+    objective = TrainingObjective(
+        build_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.beta, local_loss=True),
+        margin=HardNegativeMarginLoss(cfg.loss.hnml) if cfg.loss.hnml else None,
+        distill=ConceptDistillationLoss(cfg.distill.loss) if student is not None and cfg.distill else None,
+        distill_weight=cfg.distill.weight if cfg.distill else 0.0,
+    )
 
     stream: ShardStream
     if hard_stream is not None:
@@ -391,8 +501,32 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         bar = tqdm(total=n_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     global_batch = r.batch_size * dist.world_size
-    # (step, loss, lr, logit scale, extra per-step losses such as the distillation term)
-    pending: list[tuple[int, torch.Tensor, float, torch.Tensor, dict[str, torch.Tensor]]] = []
+    if dist.is_main:
+        log.info(
+            "device %s, world size %d, precision %s, compile %s, grad_checkpointing %s, grad_clip_norm %s, "
+            "contrastive batch %d (%d per rank, micro-batch %s), local loss %s, %d steps",
+            device,
+            dist.world_size,
+            precision,
+            r.compile,
+            r.grad_checkpointing,
+            o.grad_clip_norm,
+            global_batch,
+            r.batch_size,
+            r.micro_batch or "off",
+            "on" if dist.world_size > 1 else "n/a (1 rank)",
+            n_steps,
+        )
+        if o.warmup_steps >= n_steps:
+            log.warning(
+                "optim.warmup_steps (%d) >= the run's %d steps: the learning rate never leaves warm-up "
+                "(it ends at %.3g of optim.lr)",
+                o.warmup_steps,
+                n_steps,
+                n_steps / max(1, o.warmup_steps),
+            )
+    # (step, loss terms, lr, logit scale)
+    pending: list[tuple[int, dict[str, torch.Tensor], float, torch.Tensor]] = []
     window_start, last_loss, checkpoint, total_time, timed_steps = (
         time.perf_counter(),
         float("nan"),
@@ -412,8 +546,14 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         total_time, timed_steps = total_time + elapsed, timed_steps + len(pending)
         sps = global_batch * len(pending) / elapsed
         mem = _memory_gb(device)
-        for step, loss, lr, scale, extra in pending:
-            last_loss = float(loss)
+        names = list(pending[0][1])
+        terms = torch.stack([torch.stack([t[k].float() for k in names]) for _, t, _, _ in pending])
+        if dist.world_size > 1:
+            # Each rank's terms cover its own samples (local loss, distillation): the run's loss is their mean.
+            torch.distributed.all_reduce(terms)
+            terms /= dist.world_size
+        for (step, _, lr, scale), values in zip(pending, terms.tolist()):
+            last_loss = sum(values)
             rec = {
                 "step": step,
                 "loss": last_loss,
@@ -421,7 +561,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
                 "logit_scale": float(scale),
                 "samples_per_s": sps,
                 "mem_gb": mem,
-                **{k: float(v) for k, v in extra.items()},
+                **(dict(zip(names, values)) if len(names) > 1 else {}),
             }
             if metrics is not None:
                 metrics.write(rec)
@@ -436,27 +576,9 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         window_start = time.perf_counter()
 
     for step in range(start_step + 1, n_steps + 1):  # steps are 1-based: "step N" = N updates done
-        batch = next(batches)
-        images = batch["image"].to(device, non_blocking=True)
-        texts = batch["text"].to(device, non_blocking=True)
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items() if torch.is_tensor(v)}
         lr = optimizer.param_groups[0]["lr"]
-        extra: dict[str, torch.Tensor] = {}
-        with autocast_for(r.precision, device):
-            out = train_model(images, texts)
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-            if margin_fn is not None:
-                partners = batch["partners"].to(device, non_blocking=True)
-                loss = loss + margin_fn(out["image_features"], out["text_features"], partners)
-            if distill_fn is not None:
-                assert cfg.distill is not None
-                distill = distill_fn(
-                    out["concept_logits"],
-                    batch["concept_ids"].to(device, non_blocking=True),
-                    batch["concept_probs"].to(device, non_blocking=True),
-                )
-                extra = {"contrastive_loss": loss.detach(), "distill_loss": distill.detach()}
-                loss = loss + cfg.distill.weight * distill
-        scaler.scale(loss).backward()
+        terms = forward_backward(train_model, objective, batch, r.micro_batch, precision, scaler)
         if o.grad_clip_norm is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip_norm)
@@ -466,7 +588,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         scheduler.step()
         with torch.no_grad():  # CLIP's clamp: temperature no lower than 1/100
             model.logit_scale.clamp_(0, math.log(100))
-        pending.append((step, loss.detach(), lr, model.logit_scale.detach().exp(), extra))
+        pending.append((step, terms, lr, model.logit_scale.detach().exp()))
 
         if r.log_every == 0 or step % r.log_every == 0 or step == n_steps:
             flush()

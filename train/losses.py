@@ -1,14 +1,34 @@
-"""Contrastive losses in open_clip's calling convention.
+"""Contrastive losses in open_clip's calling convention, and the training objective that sums them.
 
 `loss(image_features, text_features, logit_scale, output_dict=False)` with
 L2-normalised features and `logit_scale = 1/τ` (already exponentiated, as
-open_clip models return it). Under data parallelism each rank passes its local
-features; they are gathered *with gradients* (open_clip's
-`ClipLoss(gather_with_grad=True)`) so the negatives come from the global batch
-and every rank computes the same global loss. With DDP's gradient averaging that
-gives exactly the gradient of one process on the concatenated batch (the
-gather's backward sums the world_size identical contributions, DDP divides by
-world_size).
+open_clip models return it).
+
+Under data parallelism each rank passes its local features; they are gathered
+*with gradients* (open_clip's `gather_with_grad=True`) so the negatives come
+from the global batch. By default each rank then computes only **its own rows**
+of the logits against the gathered features (open_clip's `local_loss`): memory
+per rank is B x W·B instead of W·B x W·B. This is exact for every loss here,
+because each anchor's term reads only its own row of the global similarity
+matrix (docs/methods.md §2a, "local loss"):
+
+- InfoNCE: row i's cross-entropy needs s_i· only.
+- HN-NCE image-to-text: w_ij is normalised over anchor i's negatives j≠i, which
+  all sit in row i.
+- HN-NCE text-to-image: text anchor j's weights normalise over column j of S
+  (images i≠j). Column j is <I_·, T_j>/τ for *all* images, i.e. the row of
+  T_j @ all_images^T: each rank computes its own texts against all gathered
+  images, never the transpose of its image rows (which holds only W·B entries
+  of B columns, not B full columns).
+- HNML: anchor i's margin reads sim(I_i, T_·) and its partner row; partners are
+  drawn into the anchor's own rank's batch, so the global partner row is the
+  local one placed at the rank's offset, zero elsewhere.
+
+Each rank's loss is the mean over its anchors; the global loss is the mean of
+the ranks' losses (equal batch per rank). The gather's backward sums every
+rank's contribution into each rank's features (W x dL/df), which DDP's gradient
+averaging divides by W: parameter gradients equal one process on the
+concatenated batch, as with the global computation (test: 2 gloo ranks vs 1).
 """
 
 from __future__ import annotations
@@ -45,7 +65,13 @@ def global_logits(
 ) -> torch.Tensor:
     """s_ij = logit_scale * <I_i, T_j> over the global batch, in float32 (stable under bf16/fp16 autocast)."""
     all_image, all_text = gather_with_grad(image_features, text_features)
-    return (logit_scale * all_image.float() @ all_text.float().T).float()
+    return _scaled(all_image, all_text, logit_scale)
+
+
+def _scaled(rows: torch.Tensor, columns: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    # float32 at least (bf16/fp16 autocast), float64 kept as is (the exactness tests).
+    dtype = torch.promote_types(rows.dtype, torch.float32)
+    return logit_scale * rows.to(dtype) @ columns.to(dtype).T
 
 
 def _out(loss: torch.Tensor, output_dict: bool) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -53,8 +79,33 @@ def _out(loss: torch.Tensor, output_dict: bool) -> torch.Tensor | dict[str, torc
     return {"contrastive_loss": loss} if output_dict else loss
 
 
-class InfoNCELoss(nn.Module):
-    """CLIP's symmetric cross-entropy over the global batch."""
+class _RowLoss(nn.Module):
+    """A symmetric contrastive loss whose every anchor reads only its own row of the similarity matrix.
+
+    Subclasses define `direction(logits, first)`: the mean loss of anchors whose rows
+    are `logits` [n, k] and whose positives sit at columns first, first+1, ...
+    """
+
+    def __init__(self, local_loss: bool = True) -> None:
+        super().__init__()
+        self.local_loss = local_loss
+
+    def direction(self, logits: torch.Tensor, first: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows_loss(
+        self,
+        image_rows: torch.Tensor,
+        text_rows: torch.Tensor,
+        all_image: torch.Tensor,
+        all_text: torch.Tensor,
+        first: int,
+        logit_scale: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """The loss of the anchors `image_rows`/`text_rows` (global positions first...) against all features."""
+        i2t = self.direction(_scaled(image_rows, all_text, logit_scale), first)
+        t2i = self.direction(_scaled(text_rows, all_image, logit_scale), first)
+        return (i2t + t2i) / 2
 
     def forward(
         self,
@@ -63,66 +114,75 @@ class InfoNCELoss(nn.Module):
         logit_scale: torch.Tensor | float,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        logits = global_logits(image_features, text_features, logit_scale)
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        rank, world_size = _world()
+        all_image, all_text = gather_with_grad(image_features, text_features)
+        if self.local_loss and world_size > 1:
+            first = rank * image_features.shape[0]
+            loss = self.rows_loss(image_features, text_features, all_image, all_text, first, logit_scale)
+        else:
+            loss = self.rows_loss(all_image, all_text, all_image, all_text, 0, logit_scale)
         return _out(loss, output_dict)
 
 
-class HNNCELoss(nn.Module):
+class InfoNCELoss(_RowLoss):
+    """CLIP's symmetric cross-entropy over the global batch."""
+
+    def direction(self, logits: torch.Tensor, first: int) -> torch.Tensor:
+        labels = torch.arange(first, first + logits.shape[0], device=logits.device)
+        return F.cross_entropy(logits, labels)
+
+
+class HNNCELoss(_RowLoss):
     """DiHT's HN-NCE (docs/methods.md §2a): negatives re-weighted by importance w_ij ∝ exp(β s_ij).
 
     For anchor i (a row of `logits`), over its negatives j ≠ i:
         w_ij = (k-1) · softmax_{j≠i}(β s_ij)          (so Σ_{j≠i} w_ij = k-1 for every anchor)
         ℓ_i  = -s_ii + log(α e^{s_ii} + Σ_{j≠i} w_ij e^{s_ij})
-    Text-to-image applies the same to the transposed matrix, so its weights are
-    normalised over images for each text anchor. α=1, β=0 is InfoNCE exactly.
+    Text-to-image applies the same to the text rows (T @ I^T, the columns of S), so its
+    weights are normalised over images for each text anchor. α=1, β=0 is InfoNCE exactly.
     The weights are part of the graph (not detached), as in the formula and in
     Robinson et al.'s hard-negative objective it builds on. Everything is computed
     in the log domain: no exp of raw logits, so no overflow at logit_scale=100.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.5) -> None:
-        super().__init__()
+    def __init__(self, alpha: float = 1.0, beta: float = 0.5, local_loss: bool = True) -> None:
+        super().__init__(local_loss)
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.alpha = float(alpha)
         self.beta = float(beta)
 
     @staticmethod
-    def _log_weights(logits: torch.Tensor, beta: float) -> torch.Tensor:
-        """log w_ij for each row anchor; the diagonal (positives) is -inf."""
-        k = logits.shape[0]
+    def _positives(logits: torch.Tensor, first: int) -> torch.Tensor:
+        """Bool mask of each row's positive (column first + row)."""
+        n, k = logits.shape
+        rows = torch.arange(n, device=logits.device)
+        mask = torch.zeros(n, k, dtype=torch.bool, device=logits.device)
+        mask[rows, rows + first] = True
+        return mask
+
+    @staticmethod
+    def _log_weights(logits: torch.Tensor, beta: float, first: int = 0) -> torch.Tensor:
+        """log w_ij for each row anchor; the positive is -inf."""
+        k = logits.shape[1]
         if k < 2:
             raise ValueError("HN-NCE needs a global batch of at least 2 (it has no negatives otherwise)")
-        eye = torch.eye(k, dtype=torch.bool, device=logits.device)
-        scaled = (beta * logits).masked_fill(eye, float("-inf"))
+        scaled = (beta * logits).masked_fill(HNNCELoss._positives(logits, first), float("-inf"))
         # Normalised per anchor (keepdim=True): each row's weights sum to k-1.
         return math.log(k - 1) + scaled - torch.logsumexp(scaled, dim=1, keepdim=True)
 
     def importance_weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w_i2t, w_t2i): row i holds anchor i's weights over its negatives, 0 on the diagonal."""
+        """(w_i2t, w_t2i) of a square global matrix: row i holds anchor i's weights, 0 on the diagonal."""
         return self._log_weights(logits, self.beta).exp(), self._log_weights(logits.T, self.beta).exp()
 
-    def _one_direction(self, logits: torch.Tensor) -> torch.Tensor:
-        pos = logits.diagonal()
-        terms = self._log_weights(logits, self.beta) + logits
+    def direction(self, logits: torch.Tensor, first: int) -> torch.Tensor:
+        positive = self._positives(logits, first)
+        pos = logits[positive]
+        terms = self._log_weights(logits, self.beta, first) + logits
         log_alpha = math.log(self.alpha) if self.alpha > 0 else float("-inf")
-        eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-        # Positive term α e^{s_ii} sits on the diagonal of the log-sum-exp.
-        terms = torch.where(eye, (log_alpha + logits).to(terms.dtype), terms)
+        # Positive term α e^{s_ii} sits in the log-sum-exp at the positive's column.
+        terms = torch.where(positive, (log_alpha + logits).to(terms.dtype), terms)
         return (torch.logsumexp(terms, dim=1) - pos).mean()
-
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor | float,
-        output_dict: bool = False,
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        logits = global_logits(image_features, text_features, logit_scale)
-        loss = (self._one_direction(logits) + self._one_direction(logits.T)) / 2
-        return _out(loss, output_dict)
 
 
 class HardNegativeMarginLoss(nn.Module):
@@ -134,16 +194,34 @@ class HardNegativeMarginLoss(nn.Module):
         loss = γ · mean_i ℓ(i)          (rows without partners contribute 0 to the mean)
 
     |B| is the global batch. Under data parallelism features are gathered with gradients like
-    the contrastive losses, and `partners` ([B, B] over the rank's local batch) is gathered into
-    the block-diagonal global matrix: a sample's hard partners are drawn into its own rank's batch.
+    the contrastive losses; `partners` ([B, B] over the rank's local batch) places each rank's
+    block on the diagonal of the global matrix (a sample's hard partners are drawn into its own
+    rank's batch). With `local_loss` each rank takes its own anchors' rows only (no gather of
+    the partner matrix); otherwise every rank computes the whole matrix.
     Cosines are computed in float32 whatever the autocast dtype.
     """
 
-    def __init__(self, gamma: float = 0.3) -> None:
+    def __init__(self, gamma: float = 0.3, local_loss: bool = True) -> None:
         super().__init__()
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.gamma = float(gamma)
+        self.local_loss = local_loss
+
+    def rows_loss(
+        self, image_rows: torch.Tensor, all_text: torch.Tensor, hard: torch.Tensor, first: int
+    ) -> torch.Tensor:
+        """γ · mean over the anchors `image_rows` (global positions first...) of ℓ; `hard` is [n, k]."""
+        n, k = hard.shape
+        positive = HNNCELoss._positives(hard, first)
+        hard = hard & ~positive
+        sim = _scaled(image_rows, all_text, 1.0)
+        has = hard.any(dim=1)
+        # The least similar hard partner of each anchor sets its bar; rows without partners get 0 (masked below).
+        bar = sim.masked_fill(~hard, float("inf")).amin(dim=1)
+        bar = torch.where(has, bar, torch.zeros_like(bar))
+        excess = (sim - bar[:, None]).clamp(min=0).masked_fill(hard | positive | ~has[:, None], 0.0)
+        return self.gamma * (excess.sum(dim=1) / k).mean()
 
     def forward(
         self,
@@ -157,18 +235,15 @@ class HardNegativeMarginLoss(nn.Module):
             raise ValueError(
                 f"partners must be a bool [{b}, {b}] matrix, got {partners.dtype} {tuple(partners.shape)}"
             )
+        rank, world_size = _world()
         all_image, all_text = gather_with_grad(image_features, text_features)
-        hard = _block_diagonal(partners.to(all_image.device))
-        k = hard.shape[0]
-        eye = torch.eye(k, dtype=torch.bool, device=hard.device)
-        hard = hard & ~eye
-        sim = all_image.float() @ all_text.float().T
-        has = hard.any(dim=1)
-        # The least similar hard partner of each anchor sets its bar; rows without partners get 0 (masked below).
-        bar = sim.masked_fill(~hard, float("inf")).amin(dim=1)
-        bar = torch.where(has, bar, torch.zeros_like(bar))
-        excess = (sim - bar[:, None]).clamp(min=0).masked_fill(hard | eye | ~has[:, None], 0.0)
-        loss = self.gamma * (excess.sum(dim=1) / k).mean()
+        partners = partners.to(all_image.device)
+        if self.local_loss and world_size > 1:
+            hard = torch.zeros(b, b * world_size, dtype=torch.bool, device=partners.device)
+            hard[:, rank * b : (rank + 1) * b] = partners
+            loss = self.rows_loss(image_features, all_text, hard, rank * b)
+        else:
+            loss = self.rows_loss(all_image, all_text, _block_diagonal(partners), 0)
         return {"hard_negative_margin_loss": loss} if output_dict else loss
 
 
@@ -230,10 +305,42 @@ class ConceptDistillationLoss(nn.Module):
         return per_sample.sum() / has_target.sum().clamp_min(1)
 
 
-def build_loss(name: str, alpha: float = 1.0, beta: float = 0.5) -> nn.Module:
+def build_loss(name: str, alpha: float = 1.0, beta: float = 0.5, local_loss: bool = True) -> _RowLoss:
     """The loss a config names: `infonce` or `hn_nce`."""
     if name == "infonce":
-        return InfoNCELoss()
+        return InfoNCELoss(local_loss)
     if name == "hn_nce":
-        return HNNCELoss(alpha=alpha, beta=beta)
+        return HNNCELoss(alpha=alpha, beta=beta, local_loss=local_loss)
     raise ValueError(f"unknown loss {name!r}; expected 'infonce' or 'hn_nce'")
+
+
+class TrainingObjective(nn.Module):
+    """Everything the trainer minimises, as open_clip's `output_dict`: named terms, each already weighted.
+
+    `forward(out, batch)` reads the model's output dict (`image_features`,
+    `text_features`, `logit_scale`, and `concept_logits` when distilling) and the
+    batch's `partners` / `concept_ids` / `concept_probs`; the total loss is the sum
+    of the returned values. The terms depend on the model only through `out`, so
+    the trainer can evaluate them on cached embeddings (micro-batches, train/loop.py).
+    """
+
+    def __init__(
+        self,
+        contrastive: _RowLoss,
+        margin: HardNegativeMarginLoss | None = None,
+        distill: ConceptDistillationLoss | None = None,
+        distill_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.contrastive, self.margin, self.distill = contrastive, margin, distill
+        self.distill_weight = float(distill_weight)
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image, text = out["image_features"], out["text_features"]
+        terms = {"contrastive_loss": self.contrastive(image, text, out["logit_scale"])}
+        if self.margin is not None:
+            terms["hard_negative_margin_loss"] = self.margin(image, text, batch["partners"])
+        if self.distill is not None:
+            distill = self.distill(out["concept_logits"], batch["concept_ids"], batch["concept_probs"])
+            terms["distill_loss"] = self.distill_weight * distill
+        return terms

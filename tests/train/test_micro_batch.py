@@ -1,0 +1,154 @@
+"""GradCache micro-batches: the gradients of the unsplit batch (float64, every loss), RNG replay, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import load_train_config
+from train.losses import (
+    ConceptDistillationLoss,
+    HardNegativeMarginLoss,
+    TrainingObjective,
+    build_loss,
+)
+from train.loop import _forward_rng, forward_backward, list_checkpoints, train
+from train.model import ConceptStudent, build_model
+
+B, VOCAB = 8, 11
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    partners = torch.zeros(B, B, dtype=torch.bool)
+    for i in range(B // 2):  # half anchors, half their partners, as the hard-pair stream builds batches
+        partners[i, B // 2 + i] = partners[B // 2 + i, i] = True
+    ids = torch.randint(0, VOCAB, (B, 3), generator=g)
+    ids[1] = -1  # a sample without targets
+    ids[2, 2] = -1  # padding
+    return {
+        "image": torch.randn(B, 3, 28, 28, generator=g, dtype=torch.float64),
+        "text": torch.randint(1, 1000, (B, 12), generator=g),
+        "partners": partners,
+        "concept_ids": ids,
+        "concept_probs": torch.rand(B, 3, generator=g, dtype=torch.float64),
+    }
+
+
+def _net(distill: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model("curate-tiny").model
+    with torch.no_grad():  # a temperature away from its init, so its gradient is not trivially shaped
+        model.logit_scale.fill_(2.0)
+    net = ConceptStudent(model, 128, VOCAB) if distill else model
+    return net.double()
+
+
+def _grads(net, objective, batch, micro_batch):
+    net.zero_grad(set_to_none=True)
+    terms = forward_backward(net, objective, batch, micro_batch)
+    return terms, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss", ["infonce", "hn_nce"])
+@pytest.mark.parametrize("hard_pairs", [False, True], ids=["plain", "hnml"])
+@pytest.mark.parametrize("distill", [False, True], ids=["clip", "distill"])
+def test_micro_batches_give_the_gradients_of_the_unsplit_batch(loss, hard_pairs, distill) -> None:
+    net = _net(distill)
+    objective = TrainingObjective(
+        build_loss(loss, alpha=0.8, beta=0.7),
+        margin=HardNegativeMarginLoss(0.3) if hard_pairs else None,
+        distill=ConceptDistillationLoss("bce") if distill else None,
+        distill_weight=0.5,
+    )
+    batch = _batch()
+    whole_terms, whole = _grads(net, objective, batch, None)
+    assert set(whole_terms) == {"contrastive_loss"} | ({"hard_negative_margin_loss"} if hard_pairs else set()) | (
+        {"distill_loss"} if distill else set()
+    )
+    assert len(whole) == sum(1 for p in net.parameters() if p.requires_grad)  # every parameter has a gradient
+    if hard_pairs:
+        assert whole_terms["hard_negative_margin_loss"] > 0
+    for micro in (1, 2, 4):
+        terms, split = _grads(net, objective, batch, micro)
+        assert split.keys() == whole.keys()
+        for k in whole_terms:
+            assert torch.allclose(terms[k], whole_terms[k], rtol=1e-12, atol=0), (micro, k)
+        for name, g in whole.items():
+            assert torch.allclose(split[name], g, rtol=1e-9, atol=1e-12), (micro, name, (split[name] - g).abs().max())
+
+
+class _DropoutTowers(torch.nn.Module):
+    """open_clip's output dict from two linear towers with dropout: the forward draws from the RNG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image, self.text = torch.nn.Linear(6, 4).double(), torch.nn.Linear(5, 4).double()
+        self.drop = torch.nn.Dropout(0.5)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, image, text):
+        norm = torch.nn.functional.normalize
+        return {
+            "image_features": norm(self.drop(self.image(image)), dim=-1),
+            "text_features": norm(self.drop(self.text(text)), dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+        }
+
+
+def test_the_re_forward_replays_each_micro_batch_dropout_masks() -> None:
+    """The reference: the micro-batches forwarded with autograd from the same RNG state, the loss on the
+    concatenation. Without the replay the re-forward would draw new masks and the gradients would differ."""
+    torch.manual_seed(0)
+    net = _DropoutTowers()
+    objective = TrainingObjective(build_loss("hn_nce"))
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(B, 6, generator=g, dtype=torch.float64)}
+    batch["text"] = torch.randn(B, 5, generator=g, dtype=torch.float64)
+
+    torch.manual_seed(123)
+    outs = [net(i, t) for i, t in zip(batch["image"].split(2), batch["text"].split(2))]
+    rng_after_reference = _forward_rng(torch.device("cpu"))[0]
+    merged = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
+    sum(objective({**merged, "logit_scale": outs[-1]["logit_scale"]}, batch).values()).backward()
+    reference = {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    net.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    forward_backward(net, objective, batch, micro_batch=2)
+    assert torch.equal(torch.get_rng_state(), rng_after_reference)  # the step draws as much as one pass
+    for name, grad in reference.items():
+        assert torch.allclose(net.get_parameter(name).grad, grad, rtol=1e-10, atol=1e-14), name
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_micro_batched_run_follows_the_unsplit_one_and_resumes_exactly(fmnist_shards, tmp_path, make_config):
+    sections = {
+        "train": {"steps": 4, "checkpoint_every": 2, "batch_size": 16},
+        "loss": {"name": "hn_nce"},
+        "optim": {"lr": 2e-3, "warmup_steps": 2, "grad_clip_norm": 1.0},
+    }
+    whole_dir, micro_dir, resumed_dir = tmp_path / "whole", tmp_path / "micro", tmp_path / "resumed"
+    train(load_train_config(make_config(tmp_path / "w.yaml", fmnist_shards, whole_dir, **sections)))
+    micro = {**sections, "train": {**sections["train"], "micro_batch": 4}}
+    train(load_train_config(make_config(tmp_path / "m.yaml", fmnist_shards, micro_dir, **micro)))
+    resumed_cfg = make_config(tmp_path / "r.yaml", fmnist_shards, resumed_dir, **micro)
+    train(load_train_config(resumed_cfg))
+    for p in list_checkpoints(resumed_dir)[1:]:  # a crash after step 2's checkpoint
+        p.unlink()
+    train(load_train_config(resumed_cfg), resume=True)
+
+    whole, split, resumed = _metrics(whole_dir), _metrics(micro_dir), _metrics(resumed_dir)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b, c in zip(whole, split, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)  # float32: summation order differs
+        assert c["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    w_split = torch.load(micro_dir / "checkpoints" / "step_00000004.pt", weights_only=True)["state_dict"]
+    w_res = torch.load(resumed_dir / "checkpoints" / "step_00000004.pt", weights_only=True)["state_dict"]
+    assert all(torch.allclose(w_split[k], w_res[k], atol=1e-6) for k in w_split)
