@@ -212,7 +212,7 @@ class HardNegativeMarginLoss(nn.Module):
         self, image_rows: torch.Tensor, all_text: torch.Tensor, hard: torch.Tensor, first: int
     ) -> torch.Tensor:
         """γ · mean over the anchors `image_rows` (global positions first...) of ℓ; `hard` is [n, k]."""
-        n, k = hard.shape
+        k = hard.shape[1]
         positive = HNNCELoss._positives(hard, first)
         hard = hard & ~positive
         sim = _scaled(image_rows, all_text, 1.0)
@@ -335,7 +335,9 @@ class TrainingObjective(nn.Module):
         self.contrastive, self.margin, self.distill = contrastive, margin, distill
         self.distill_weight = float(distill_weight)
 
-    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         image, text = out["image_features"], out["text_features"]
         terms = {"contrastive_loss": self.contrastive(image, text, out["logit_scale"])}
         if self.margin is not None:

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from train.config import load_train_config
+from train.loop import _forward_rng, forward_backward, list_checkpoints, train
 from train.losses import (
     ConceptDistillationLoss,
     HardNegativeMarginLoss,
     TrainingObjective,
     build_loss,
 )
-from train.loop import _forward_rng, forward_backward, list_checkpoints, train
 from train.model import ConceptStudent, build_model
 
 B, VOCAB = 8, 11
@@ -66,9 +66,9 @@ def test_micro_batches_give_the_gradients_of_the_unsplit_batch(loss, hard_pairs,
     )
     batch = _batch()
     whole_terms, whole = _grads(net, objective, batch, None)
-    assert set(whole_terms) == {"contrastive_loss"} | ({"hard_negative_margin_loss"} if hard_pairs else set()) | (
-        {"distill_loss"} if distill else set()
-    )
+    assert set(whole_terms) == {"contrastive_loss"} | (
+        {"hard_negative_margin_loss"} if hard_pairs else set()
+    ) | ({"distill_loss"} if distill else set())
     assert len(whole) == sum(1 for p in net.parameters() if p.requires_grad)  # every parameter has a gradient
     if hard_pairs:
         assert whole_terms["hard_negative_margin_loss"] > 0
@@ -78,7 +78,11 @@ def test_micro_batches_give_the_gradients_of_the_unsplit_batch(loss, hard_pairs,
         for k in whole_terms:
             assert torch.allclose(terms[k], whole_terms[k], rtol=1e-12, atol=0), (micro, k)
         for name, g in whole.items():
-            assert torch.allclose(split[name], g, rtol=1e-9, atol=1e-12), (micro, name, (split[name] - g).abs().max())
+            assert torch.allclose(split[name], g, rtol=1e-9, atol=1e-12), (
+                micro,
+                name,
+                (split[name] - g).abs().max(),
+            )
 
 
 class _DropoutTowers(torch.nn.Module):
