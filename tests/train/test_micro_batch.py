@@ -132,12 +132,16 @@ def _metrics(output_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_micro_batched_run_follows_the_unsplit_one_and_resumes_exactly(fmnist_shards, tmp_path, make_config):
+def test_micro_batched_run_follows_the_unsplit_one_and_resumes_exactly(
+    fmnist_shards, tmp_path, make_config, caplog
+):
     sections = {
         "train": {"steps": 4, "checkpoint_every": 2, "batch_size": 16},
         "loss": {"name": "hn_nce"},
-        "optim": {"lr": 2e-3, "warmup_steps": 2, "grad_clip_norm": 1.0},
+        # warm-up as long as the run: the log warns
+        "optim": {"lr": 2e-3, "warmup_steps": 4, "grad_clip_norm": 1.0},
     }
+    caplog.set_level("INFO", logger="train")
     whole_dir, micro_dir, resumed_dir = tmp_path / "whole", tmp_path / "micro", tmp_path / "resumed"
     train(load_train_config(make_config(tmp_path / "w.yaml", fmnist_shards, whole_dir, **sections)))
     micro = {**sections, "train": {**sections["train"], "micro_batch": 4}}
@@ -148,6 +152,9 @@ def test_micro_batched_run_follows_the_unsplit_one_and_resumes_exactly(fmnist_sh
         p.unlink()
     train(load_train_config(resumed_cfg), resume=True)
 
+    log = caplog.text
+    assert "precision fp32" in log and "grad_clip_norm 1.0" in log and "micro-batch 4" in log
+    assert "optim.warmup_steps (4) >= the run's 4 steps" in log
     whole, split, resumed = _metrics(whole_dir), _metrics(micro_dir), _metrics(resumed_dir)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b, c in zip(whole, split, resumed):
@@ -156,3 +163,39 @@ def test_micro_batched_run_follows_the_unsplit_one_and_resumes_exactly(fmnist_sh
     w_split = torch.load(micro_dir / "checkpoints" / "step_00000004.pt", weights_only=True)["state_dict"]
     w_res = torch.load(resumed_dir / "checkpoints" / "step_00000004.pt", weights_only=True)["state_dict"]
     assert all(torch.allclose(w_split[k], w_res[k], atol=1e-6) for k in w_split)
+
+
+def test_micro_batch_must_divide_the_batch() -> None:
+    from train.config import ConfigError, parse_train_config
+
+    text = "data: {shards: x.tar}\noutput_dir: o\ntrain: {steps: 1, batch_size: 16, micro_batch: %s}\n"
+    assert parse_train_config(text % 4).train.micro_batch == 4
+    assert parse_train_config(text % "null").train.micro_batch is None
+    for bad in (5, 0):
+        with pytest.raises(ConfigError, match="micro_batch"):
+            parse_train_config(text % bad)
+
+
+def _checkpointing_grads(name: str, checkpointing: bool, micro_batch: int | None) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_model(name).model.double()
+    model.set_grad_checkpointing(checkpointing)
+    size = model.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.randn(4, 3, size, size, generator=g, dtype=torch.float64),
+        "text": torch.randint(1, 1000, (4, model.context_length), generator=g),
+    }
+    forward_backward(model, TrainingObjective(build_loss("hn_nce")), batch, micro_batch)
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["curate-tiny", pytest.param("ViT-B-32", marks=pytest.mark.slow)])
+def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
+    """open_clip's set_grad_checkpointing, with and without micro-batches (float64)."""
+    plain = _checkpointing_grads(name, False, None)
+    for micro in (None, 2):
+        ckpt = _checkpointing_grads(name, True, micro)
+        for n, g in plain.items():
+            assert torch.allclose(ckpt[n], g, rtol=1e-9, atol=1e-12), (name, micro, n)
