@@ -151,7 +151,7 @@ class Setup:
             "output_dir": str(self.root / "runs" / name),
             "model": {"name": self.model},
             "loss": {"name": "hn_nce"},
-            "optim": {"lr": 1e-4, "warmup_steps": 2},
+            "optim": {"lr": 1e-4, "warmup_steps": 1},
             "train": {
                 "batch_size": batch,
                 "steps": 12 if self.cuda else 2,

@@ -5,7 +5,9 @@ CPU; on CUDA the peak allocation is reset per process anyway): the model is buil
 warm-up step taken, then --steps timed steps of `train.loop.forward_backward` + AdamW on
 random inputs. Peak memory is counted above the level after the model and the inputs exist,
 so it is the step's own (activations, logits, gradients, optimizer state). Ratios are against
-the unsplit step measured in the same run.
+the unsplit step measured in the same run. On the CPU the step time is the process's CPU
+time with one torch thread (wall time on a shared machine measures the other jobs; CPU time
+of one thread does not), on CUDA the wall time.
 
     nice -n 10 python bench/micro_batch.py                                    # CPU, curate-tiny, batch 512
     python bench/micro_batch.py --model ViT-B-32 --batch-size 1024 --micro 256 128 --precision bf16   # GPU
@@ -48,6 +50,9 @@ def one(args: argparse.Namespace, micro: int | None) -> dict:
     device = torch.device(
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     torch.manual_seed(0)
     built = build_model(args.model, device=device)
     model = built.model
@@ -83,9 +88,9 @@ def one(args: argparse.Namespace, micro: int | None) -> dict:
     step()  # warm-up: allocations, optimizer state
     times = []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         step()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return {
         "micro_batch": micro,
         "step_s": statistics.median(times),
@@ -115,7 +120,10 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]
-    print(f"model {args.model}, contrastive batch {args.batch_size}, {args.loss}+hnml, {base['device']}")
+    clock = "wall" if base["device"].startswith("cuda") else "CPU, 1 thread"
+    print(
+        f"model {args.model}, contrastive batch {args.batch_size}, {args.loss}+hnml, {base['device']}, {clock}"
+    )
     print(f"{'micro_batch':>12} {'step s':>8} {'peak MB':>9} {'time ratio':>11} {'memory ratio':>13}")
     for r in rows:
         print(

@@ -519,8 +519,8 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         )
         if o.warmup_steps >= n_steps:
             log.warning(
-                "optim.warmup_steps (%d) >= the run's %d steps: the learning rate never leaves warm-up "
-                "(it ends at %.3g of optim.lr)",
+                "optim.warmup_steps (%d) >= the run's %d steps: the run ends inside warm-up, at %.3g x "
+                "optim.lr, and the learning rate never decays",
                 o.warmup_steps,
                 n_steps,
                 n_steps / max(1, o.warmup_steps),

@@ -45,11 +45,17 @@ def test_fashion_mnist_zero_shot_far_above_chance(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_ranks(fmnist_shards: Path, tmp_path: Path, make_config) -> None:
-    """The real multi-process path: torchrun -m train with 2 gloo ranks, DDP, global-batch HN-NCE."""
+@pytest.mark.parametrize("micro_batch", [None, 4], ids=["whole", "micro"])
+def test_torchrun_two_cpu_ranks(fmnist_shards: Path, tmp_path: Path, make_config, micro_batch) -> None:
+    """The real multi-process path: torchrun -m train with 2 gloo ranks, DDP, global-batch HN-NCE with the
+    local loss; with micro-batches DDP skips the all-reduce (no_sync) in all but the last backward."""
     out = tmp_path / "run"
     cfg = make_config(
-        tmp_path / "c.yaml", fmnist_shards, out, train={"steps": 3, "batch_size": 8}, loss={"name": "hn_nce"}
+        tmp_path / "c.yaml",
+        fmnist_shards,
+        out,
+        train={"steps": 3, "batch_size": 8, "micro_batch": micro_batch},
+        loss={"name": "hn_nce"},
     )
     env = {
         **os.environ,
