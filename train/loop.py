@@ -8,9 +8,10 @@ differs; a warning says so).
 
 A step's contrastive batch is `train.batch_size` per rank whatever the memory:
 with `train.micro_batch` the step runs GradCache-style (Gao et al. 2021): the
-embeddings of all micro-batches first, without autograd graphs; the loss terms on
-the whole batch with those embeddings as leaf tensors; then each micro-batch again
-with autograd, backpropagating the cached embedding gradients. The gradients are
+embeddings of all micro-batches first, without autograd graphs but for the first
+micro-batch's; the loss terms on the whole batch with those embeddings as leaf
+tensors; then each micro-batch again with autograd (the first from its kept graph),
+backpropagating the cached embedding gradients. The gradients are
 those of the unsplit batch (test: float64, every loss), peak activation memory
 that of one micro-batch. Unlike open_clip's `--accum-freq`, which recomputes the
 whole loss once per micro-batch with the current one's features live (so the
@@ -182,38 +183,50 @@ def forward_backward(
         raise ValueError(f"micro_batch {micro_batch} does not divide the batch of {n}")
 
     chunks = list(zip(batch["image"].split(micro_batch), batch["text"].split(micro_batch)))
-    # 1. Embeddings of every micro-batch, no autograd graph kept.
+    no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce once, in the last backward
+
+    def local_only() -> contextlib.AbstractContextManager:
+        # Under DDP a forward inside no_sync makes its backward accumulate without the all-reduce.
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
+
+    # 1. Embeddings of every micro-batch. Only the first keeps its autograd graph (its backward
+    # needs no re-forward); the others are computed without one and re-forwarded in 3.
     rng_before: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    cached: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad():
-        for images, texts in chunks:
-            rng_before.append(_forward_rng(device))
-            with amp():
-                out = model(images, texts)
-            for key in _PER_SAMPLE_OUTPUTS:
-                if key in out:
-                    cached.setdefault(key, []).append(out[key])
-            logit_scale = out["logit_scale"]
+    outputs: list[dict[str, torch.Tensor]] = []
+    for c, (images, texts) in enumerate(chunks):
+        rng_before.append(_forward_rng(device))
+        with local_only() if c == 0 else torch.no_grad(), amp():
+            outputs.append(model(images, texts))
+    kept: dict[str, torch.Tensor] | None = outputs[0]
     rng_after = _forward_rng(device)
     # 2. The loss on the whole batch, the embeddings as leaves: their gradients are the cache.
-    leaves = {key: torch.cat(parts).requires_grad_() for key, parts in cached.items()}
-    scale_leaf = logit_scale.detach().requires_grad_()
+    leaves = {
+        key: torch.cat([out[key].detach() for out in outputs]).requires_grad_()
+        for key in _PER_SAMPLE_OUTPUTS
+        if key in outputs[0]
+    }
+    scale_leaf = outputs[-1]["logit_scale"].detach().requires_grad_()
+    del outputs
     with amp():
         terms = objective({**leaves, "logit_scale": scale_leaf}, batch)
     scale(sum(terms.values())).backward()
     cache = {key: leaf.grad.split(micro_batch) for key, leaf in leaves.items()}
-    # 3. Each micro-batch again with autograd, its embeddings' cached gradients pushed through.
-    no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce once, in the last backward
+    # 3. Each micro-batch's embeddings backpropagated with their cached gradients; all but the
+    # first forwarded again with autograd, from the RNG state of their first forward.
     for c, (images, texts) in enumerate(chunks):
         last = c == len(chunks) - 1
-        _set_forward_rng(rng_before[c], device)
-        with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            with amp():
-                out = model(images, texts)
+        with contextlib.nullcontext() if last else local_only():
+            if kept is not None:
+                out, kept = kept, None
+            else:
+                _set_forward_rng(rng_before[c], device)
+                with amp():
+                    out = model(images, texts)
             surrogate = sum((out[key] * grads[c].to(out[key].dtype)).sum() for key, grads in cache.items())
             if last:  # the logit scale's gradient enters once; in the synced backward so DDP sees it used
                 surrogate = surrogate + (out["logit_scale"] * scale_leaf.grad).sum()
             surrogate.backward()
+            del out, surrogate
     _set_forward_rng(rng_after, device)
     return {k: v.detach() for k, v in terms.items()}
 
