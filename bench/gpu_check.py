@@ -88,7 +88,7 @@ class Setup:
     def checkpoint(self) -> Path:
         import torch
 
-        from train.model import build_model
+        from curation.models.clip import build_model
 
         path = self.root / "clip.pt"
         if not path.exists():
@@ -110,8 +110,8 @@ class Setup:
 
         from train.fashion_mnist import write_shards
         from train.hard_pairs import TarIndex
-        from train.mine import write_hard_pairs
-        from train.mining import mine_hard_pairs
+        from train.mining.output import write_hard_pairs
+        from train.mining.search import mine_hard_pairs
 
         plain = self.root / "plain"
         write_shards(plain, "train", limit=1024 if self.cuda else 128, samples_per_shard=128)
@@ -201,7 +201,7 @@ def check_mining_exact(setup: Setup) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from train.mining import mine_hard_pairs
+    from train.mining.search import mine_hard_pairs
 
     n, d = (200_000, 512) if setup.cuda else (4_000, 64)
     g = torch.Generator().manual_seed(0)
@@ -290,9 +290,9 @@ def _ddp_rank(rank: int, world: int, port: int, cuda: bool, out) -> None:
     import torch
     import torch.distributed as dist
 
+    from curation.models.clip import build_model
     from train.loop import forward_backward
     from train.losses import TrainingObjective, build_loss
-    from train.model import build_model
 
     dist.init_process_group(
         "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world

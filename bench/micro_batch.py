@@ -43,9 +43,9 @@ def one(args: argparse.Namespace, micro: int | None) -> dict:
     """One configuration, in this process."""
     import torch
 
+    from curation.models.clip import build_model
     from train.loop import forward_backward, resolve_precision
     from train.losses import HardNegativeMarginLoss, TrainingObjective, build_loss
-    from train.model import build_model
 
     device = torch.device(
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

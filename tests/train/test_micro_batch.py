@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from curation.models.clip import build_model
 from train.config import load_train_config
 from train.loop import _forward_rng, forward_backward, list_checkpoints, train
 from train.losses import (
@@ -16,7 +17,7 @@ from train.losses import (
     TrainingObjective,
     build_loss,
 )
-from train.model import ConceptStudent, build_model
+from train.model import ConceptStudent
 
 B, VOCAB = 8, 11
 
