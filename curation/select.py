@@ -96,6 +96,16 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--by", metavar="COLUMN", help="the numeric column --top-fraction ranks by (higher is better)"
     )
+    p.add_argument(
+        "--balance",
+        metavar="ENTRIES",
+        help="MetaCLIP balancing after the other options: `concepts` (top-1 concept) and/or metadata files "
+        "(one entry a line, substring-matched); docs/balance.md",
+    )
+    p.add_argument(
+        "--balance-t", type=float, default=20_000, metavar="T", help="pairs per entry (default 20000)"
+    )
+    p.add_argument("--balance-seed", type=int, default=0, metavar="N", help="seed of the draws (default 0)")
     p.set_defaults(func=cmd_select)
 
 
@@ -118,6 +128,8 @@ def cmd_select(args: argparse.Namespace) -> int:
         return _fail("--top-fraction must be in (0, 1]")
     try:
         where = narrow(con, args.where, dedup=args.dedup, top_fraction=args.top_fraction, by=args.by)
+        if args.balance:
+            where = _balance(con, where, args)
         if args.uids_only:
             return select_uids(con, where, out)
         result = select_shards(con, Path(args.output), where, out, args.shard_size, args.max_pixels)
@@ -148,6 +160,19 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 class SelectError(Exception):
     pass
+
+
+def _balance(con: Any, where: str, args: argparse.Namespace) -> str:
+    from curation.balance import BalanceError, balanced_where, describe, parse_spec
+
+    try:
+        where, result = balanced_where(
+            con, where, parse_spec(args.balance, args.balance_t, args.balance_seed)
+        )
+    except BalanceError as e:
+        raise SelectError(str(e)) from None
+    print(describe(result, args.balance_t))
+    return where
 
 
 def _fail(msg: str) -> int:

@@ -1,0 +1,165 @@
+"""MetaCLIP's balancing: cap how many pairs each metadata entry contributes (`curate select --balance`).
+
+MetaCLIP (Xu et al., "Demystifying CLIP Data", ICLR 2024) curates by (1) substring-matching every
+caption against a metadata list (WordNet / Wikipedia terms) and dropping pairs that match no entry,
+(2) counting the pairs matched to each entry, and (3) keeping each pair with probability
+min(1, t / count(entry)) per entry: a pair matched to several entries is sampled once per entry and kept
+if any of those draws keeps it. Entries rarer than t keep all their pairs (the tail); frequent entries
+are cut down to about t each (the head).
+
+Entries here come from:
+- a metadata list: every line of a text file is an entry; a pair matches it when the entry occurs in the
+  caption as a substring, both lowercased (MetaCLIP matches case-sensitively, its 500k entries carry the
+  case variants; a short list of lowercase words needs case folding to match "Frog" and "frog");
+- `concepts`: the `concepts` teacher's top-1 concept (`concept_ids[1]`) as one more entry per pair,
+  named `concept:ID` (the image side of the pair, for runs whose captions match little).
+
+Determinism: the pairs are ordered by uid, each pair's entries by metadata order (its concept last), and
+one uniform draw per (pair, entry) is taken from `numpy.random.default_rng(seed)` in that order. The same
+rows, entries, t and seed give the same subset, whatever order the manifests list the rows in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONCEPTS = "concepts"
+
+
+class BalanceError(ValueError):
+    """A --balance request that cannot run: bad spec, unreadable metadata, missing columns."""
+
+
+@dataclass(frozen=True)
+class BalanceSpec:
+    t: float
+    metadata: tuple[str, ...] = ()
+    concepts: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.t > 0:
+            raise BalanceError(f"t must be > 0 (got {self.t})")
+        if not self.metadata and not self.concepts:
+            raise BalanceError("no entries: give a metadata file and/or `concepts`")
+
+
+@dataclass
+class BalanceResult:
+    kept: list[str]  # uids, sorted
+    rows: int  # rows considered
+    unmatched: int  # rows matching no entry (dropped, as in MetaCLIP)
+    entry_counts: dict[str, int] = field(default_factory=dict)  # pairs matched per entry, before sampling
+    kept_per_entry: dict[str, int] = field(default_factory=dict)  # kept pairs matched per entry
+
+
+def parse_spec(entries: str, t: float, seed: int = 0) -> BalanceSpec:
+    """`--balance` as users type it: comma-separated `concepts` and/or metadata files (one entry a line)."""
+    metadata: list[str] = []
+    concepts = False
+    for part in (p.strip() for p in entries.split(",")):
+        if not part:
+            continue
+        if part == CONCEPTS:
+            concepts = True
+            continue
+        path = Path(part)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BalanceError(
+                f"--balance {part!r}: not `concepts` and not a readable UTF-8 metadata file ({e})"
+            ) from None
+        metadata += [s for s in (line.strip().lower() for line in lines) if s]
+    if not metadata and not concepts:
+        raise BalanceError(f"--balance {entries!r}: no entries (empty metadata file?)")
+    return BalanceSpec(t=t, metadata=tuple(dict.fromkeys(metadata)), concepts=concepts, seed=seed)
+
+
+def match_entries(
+    captions: Sequence[str | None], metadata: Sequence[str], concepts: Sequence[int | None] | None = None
+) -> list[list[str]]:
+    """Each row's entries: metadata entries occurring in its lowercased caption, in metadata order, then
+    `concept:ID` for its top-1 concept when `concepts` is given. O(rows x entries) substring tests: meant
+    for metadata lists of up to a few thousand entries."""
+    out = []
+    for i, caption in enumerate(captions):
+        text = (caption or "").lower()
+        row = [e for e in metadata if e in text]
+        if concepts is not None and concepts[i] is not None:
+            row.append(f"concept:{concepts[i]}")
+        out.append(row)
+    return out
+
+
+def balance(uids: Sequence[str], entries: Sequence[Sequence[str]], t: float, seed: int = 0) -> BalanceResult:
+    """MetaCLIP's sampling over rows given with their matched entries (see the module docstring)."""
+    if len(uids) != len(entries):
+        raise BalanceError("one entry list per uid")
+    if not t > 0:
+        raise BalanceError(f"t must be > 0 (got {t})")
+    order = sorted(range(len(uids)), key=lambda i: uids[i])
+    counts: dict[str, int] = {}
+    for row in entries:
+        for e in row:
+            counts[e] = counts.get(e, 0) + 1
+    prob = {e: min(1.0, t / c) for e, c in counts.items()}
+    draws = np.random.default_rng(seed).random(sum(len(entries[i]) for i in order))
+    kept, kept_per_entry, used = [], dict.fromkeys(counts, 0), 0
+    for i in order:
+        row = entries[i]
+        u = draws[used : used + len(row)]
+        used += len(row)
+        if any(u[j] < prob[e] for j, e in enumerate(row)):
+            kept.append(uids[i])
+            for e in row:
+                kept_per_entry[e] += 1
+    return BalanceResult(
+        kept=kept,
+        rows=len(uids),
+        unmatched=sum(1 for row in entries if not row),
+        entry_counts=counts,
+        kept_per_entry=kept_per_entry,
+    )
+
+
+def balance_run(con: Any, where: str, spec: BalanceSpec) -> BalanceResult:
+    """Balance the rows of a run's `samples` view that `where` selects (a locked-down `curation.query`
+    connection; `where` is the user's SQL condition, run as one read-only SELECT)."""
+    from curation.query import select_statement
+
+    columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+    wanted = ["uid", "caption"] + (["concept_ids"] if spec.concepts else [])
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        hint = " (run a `concepts` stage for --balance concepts)" if "concept_ids" in missing else ""
+        raise BalanceError(f"--balance needs the column(s) {', '.join(missing)}{hint}")
+    top1 = ", concept_ids[1]" if spec.concepts else ""
+    rows = con.execute(select_statement(f"SELECT uid, caption{top1} FROM samples WHERE ({where})")).fetchall()
+    uids = [r[0] for r in rows]
+    concepts = [r[2] for r in rows] if spec.concepts else None
+    entries = match_entries([r[1] for r in rows], spec.metadata, concepts)
+    return balance(uids, entries, spec.t, spec.seed)
+
+
+def balanced_where(con: Any, where: str, spec: BalanceSpec) -> tuple[str, BalanceResult]:
+    """`where` restricted to the balanced rows: the kept uids are registered on `con` as `balanced_uids`."""
+    import pyarrow as pa
+
+    result = balance_run(con, where, spec)
+    con.register("balanced_uids", pa.table({"uid": pa.array(result.kept, pa.string())}))
+    return f"({where}) AND uid IN (SELECT uid FROM balanced_uids)", result
+
+
+def describe(result: BalanceResult, t: float) -> str:
+    """One line for the terminal."""
+    head = sum(1 for c in result.entry_counts.values() if c > t)
+    return (
+        f"balance (t={t:g}): {len(result.kept):,} of {result.rows:,} rows kept; {result.unmatched:,} matched "
+        f"no entry; {len(result.entry_counts):,} entries matched, {head:,} of them above t"
+    )
