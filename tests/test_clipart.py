@@ -1,0 +1,101 @@
+"""The clip-art benchmark's data: the builder on the committed subset, its split, its server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curation.imageio import open_image
+from curation.stages.phash import hamming, phash_image
+from tests.helpers import REPO
+from train import clipart
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clipart")
+    result = clipart.build(out, clipart.SUBSET, test_fraction=0.3, min_class_size=4)
+    return out, result
+
+
+def test_pool_and_test_tables_in_laion_shape(built):
+    out, result = built
+    pool = pq.read_table(out / "pool.parquet")
+    test = pq.read_table(out / "test.parquet")
+    assert {"URL", "TEXT", "source", "sha256"} <= set(pool.column_names)
+    assert {"path", "label", "class", "split", "sha256"} <= set(test.column_names)
+    assert pool.num_rows == result.pool > 20 and test.num_rows == result.test > 5
+    assert set(pool.column("source").to_pylist()) == {"openclipart", "tuxpaint"}
+    classes = json.loads((out / "build.json").read_text())["classes"]
+    t = test.to_pydict()
+    # Labels are the category folders' classes, not words of the captions.
+    assert all(classes[label] == name for label, name in zip(t["label"], t["class"]))
+    assert set(t["split"]) == {"test", "shots"}
+    captions = pool.column("TEXT").to_pylist()
+    assert "A shrimp." in captions  # tuxpaint's English line
+    assert "Dog 03 Drawn With Straight Lines" in captions  # an SVG's dc:title
+    # Every URL points at the default port and names a copied image whose bytes have that sha256.
+    for url, sha in zip(pool.column("URL").to_pylist(), pool.column("sha256").to_pylist()):
+        assert url.startswith(clipart.URL_PREFIX) and sha in url
+        assert (out / url.removeprefix(clipart.URL_PREFIX)).is_file()
+
+
+def test_no_near_duplicate_of_a_test_image_in_the_pool(built):
+    out, result = built
+    pool = pq.read_table(out / "pool.parquet").to_pydict()
+    test = pq.read_table(out / "test.parquet").to_pydict()
+
+    def phash(rel: str) -> int:
+        return phash_image(open_image((out / rel).read_bytes()))
+
+    test_hashes = np.array([phash(p) for p in test["path"]], np.int64)
+    pool_hashes = np.array([phash(u.removeprefix(clipart.URL_PREFIX)) for u in pool["URL"]], np.int64)
+    distances = hamming(pool_hashes[:, None], test_hashes[None, :])
+    assert distances.min() > 6
+    assert not set(pool["sha256"]) & set(test["sha256"])
+    # The subset holds generated stars that are near-copies of each other: the split had to drop some.
+    assert result.counts.get("pool_dropped_near_duplicate_of_test", 0) >= 1
+
+
+def test_svg_metadata_reads_the_work_not_the_agents():
+    svg = (
+        "<svg><metadata><cc:Work><dc:title>Red &amp; flower</dc:title><dc:description>  five\n petals"
+        "</dc:description><dc:subject><rdf:Bag><rdf:li>plant</rdf:li><rdf:li></rdf:li></rdf:Bag></dc:subject>"
+        "<dc:creator><cc:Agent><dc:title>Someone</dc:title></cc:Agent></dc:creator></cc:Work></metadata></svg>"
+    )
+    assert clipart.svg_metadata(svg) == ("Red & flower", "five petals", ["plant"])
+    assert clipart.svg_metadata("<svg/>") == ("", "", [])
+    assert clipart.caption_of("Red flower", "Red flower") == "Red flower"
+    assert clipart.caption_of("Red flower.", "Five petals") == "Red flower. Five petals"
+    assert clipart.caption_of("Red flower", "Five petals") == "Red flower. Five petals"
+
+
+def test_served_urls_fetch_the_images(built, tmp_path):
+    out, _ = built
+    with clipart.serve(out) as base:
+        pool = pq.read_table(clipart.pool_for(out, base, tmp_path / "pool.parquet")).to_pydict()
+        url = pool["URL"][0]
+        assert url.startswith(base) and base != clipart.URL_PREFIX
+        with urllib.request.urlopen(url, timeout=10) as r:
+            data = r.read()
+    import hashlib
+
+    assert hashlib.sha256(data).hexdigest() == pool["sha256"][0]
+
+
+def test_missing_packages_say_what_to_install(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "train.clipart", "build", str(tmp_path / "o"), "--from", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "apt-get install openclipart-png openclipart-svg tuxpaint-stamps-default" in done.stderr
+    assert "Traceback" not in done.stderr
