@@ -366,14 +366,15 @@ def serve(directory: Path, port: int = 0) -> Iterator[str]:
         server.server_close()
 
 
-def pool_for(directory: Path, base_url: str, out: Path, limit: int | None = None) -> Path:
-    """pool.parquet with its URLs pointing at `base_url` (the port the server bound), as `out`."""
+def pool_for(directory: Path, base_url: str, out: Path, limit: int | None = None, seed: int = 0) -> Path:
+    """pool.parquet with its URLs pointing at `base_url` (the port the server bound), as `out`; with
+    `limit`, a random sample of that many rows (`seed`), in pool order."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     pool = pq.read_table(directory / "pool.parquet")
-    if limit is not None:
-        pool = pool.slice(0, limit)
+    if limit is not None and limit < pool.num_rows:
+        pool = pool.take(np.sort(np.random.default_rng(seed).permutation(pool.num_rows)[:limit]))
     urls = pc.replace_substring(pool.column("URL"), URL_PREFIX, base_url)
     pool = pool.set_column(pool.schema.get_field_index("URL"), "URL", urls)
     pq.write_table(pool.drop_columns(["keywords"]).combine_chunks(), out)

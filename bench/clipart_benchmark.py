@@ -1,0 +1,568 @@
+"""Real pictures, captions people wrote: what each curation choice does to a model, at equal compute.
+
+The data is the clip-art pool of `python -m train.clipart build` (Open Clip Art + Tux Paint stamps, from
+the Debian packages `openclipart-png openclipart-svg tuxpaint-stamps-default`, or `--from` another root,
+e.g. the committed subset). Phases, each cached under --out as PHASE.result.json (an interrupted run
+resumes; within `train`/`eval`, every finished run is kept too):
+
+  build       python -m train.clipart build (skipped when --data already holds pool.parquet)
+  pipeline    an HTTP server on 127.0.0.1 (a free port; pool.parquet's URLs are rewritten to it), then the
+              real path: `curate run` (download through img2dataset, phash, concepts teacher, caption
+              complexity/action, caption length, image size, text spotting, caption language; every stage
+              records, only text spotting and language set `keep`), `curate dedup --kinds exact,phash`,
+              `curate report`; funnel per arm with examples of the pairs each filter removes
+  throughput  the phash, concepts and text-spotting stages on the downloaded clip art, images/s, in-process
+  select      `curate select` per arm: all, cat, cat_no_ocr, dedup, datacomp_basic, balance
+  train       `curate train` (curate-tiny) per (arm, loss, seed), the same steps x batch for every arm
+  eval        zero-shot top-1/top-5 over the held-out classes, retrieval R@1/R@5 on held-out pairs, few-shot
+  table       mean +- sample std over seeds, paired differences vs `all`/infonce; results.json, results.md
+
+    PYTHONPATH=. python bench/clipart_benchmark.py --small          # a few hundred pairs, minutes
+    PYTHONPATH=. python bench/clipart_benchmark.py                  # the whole pool, hours on 2 CPU cores
+    PYTHONPATH=. python bench/clipart_benchmark.py --small --from train/assets/clipart_subset  # no packages
+
+Exit 2 (and what to install) when the packages are absent and no --from / --data is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Subsets, as `curate select` arguments over the one scored run. Column names: docs/filters.md.
+ARMS: dict[str, list[str]] = {
+    "all": ["--where", "true"],
+    "cat": [
+        "--where",
+        "caption_complexity >= 2 AND caption_actions >= 1 AND coalesce(ocr_caption_overlap, 0) < 0.5",
+    ],
+    "cat_no_ocr": ["--where", "caption_complexity >= 2 AND caption_actions >= 1"],
+    "dedup": ["--where", "true", "--dedup"],
+    # DataComp's basic_filter: > 2 words, > 5 chars, English (fastText top-1), min side >= 200, ratio < 3
+    "datacomp_basic": [
+        "--where",
+        "caption_words >= 3 AND caption_chars >= 6 AND caption_lang = 'en' AND min_side >= 200 "
+        "AND aspect_ratio <= 3.0",
+    ],
+    "balance": ["--where", "true", "--balance", "{metadata},concepts", "--balance-t", "{t}"],
+}
+LOSSES = {
+    "infonce": {"loss.name": "infonce"},
+    "hn_nce": {"loss.name": "hn_nce"},
+    "infonce+distill": {"loss.name": "infonce", "distill.weight": 1.0, "distill.loss": "bce"},
+}
+PHASES = ["build", "pipeline", "throughput", "select", "train", "eval", "table"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _run(*cmd: str) -> str:
+    done = subprocess.run(list(cmd), cwd=REPO, env=_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def _curate(*args: str) -> str:
+    return _run(sys.executable, "-m", "curation.cli", *args)
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _save(path: Path, data: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    return data
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {
+        "mean": statistics.mean(values) if values else float("nan"),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build(args: argparse.Namespace, out: Path) -> dict:
+    from train import clipart
+
+    data = args.data
+    if not (data / "pool.parquet").exists():
+        t = time.perf_counter()
+        small = args.root != clipart.SYSTEM_ROOT
+        result = clipart.build(
+            data, args.root, test_fraction=0.3 if small else 0.15, min_class_size=4 if small else 20
+        )
+        return {**result.counts, "seconds": time.perf_counter() - t, "loadavg": _loadavg()}
+    return json.loads((data / "build.json").read_text())
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def pipeline_yaml(out: Path, pool: Path, rows_per_shard: int) -> Path:
+    path = out / "pipeline.yaml"
+    path.write_text(
+        f"""input: {{format: parquet, path: "{pool}", url_column: URL, caption_column: TEXT,
+        rows_per_shard: {rows_per_shard}}}
+output: "{out / "run"}"
+runner: {{type: local, workers: 1, progress: false}}
+stages:
+  - download: {{image_size: 256, thread_count: 16, timeout: 20, allow_private_addresses: [127.0.0.1/32]}}
+  - phash: {{}}
+  - concepts: {{teacher: efficientnet_lite0, top_k: 20, batch_size: 32, device: cpu, cpus: 2}}
+  - caption_complexity: {{min: 0}}
+  - caption_action: {{min: 0}}
+  - caption_length: {{min_words: 0, min_chars: 0}}
+  - image_size: {{min_side: 0}}
+  - text_spotting: {{max_overlap: 0.5, device: cpu, cpus: 2}}
+  - caption_language: {{languages: [en]}}
+"""
+    )
+    return path
+
+
+def pipeline(args: argparse.Namespace, out: Path) -> dict:
+    from train import clipart
+
+    timings = {}
+    with clipart.serve(args.data) as base:
+        pool = clipart.pool_for(args.data, base, out / "pool_input.parquet", limit=args.limit, seed=0)
+        cfg = pipeline_yaml(out, pool, args.rows_per_shard)
+        t = time.perf_counter()
+        _curate("run", str(cfg), "--no-progress")
+        timings["curate_run_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _curate("dedup", str(out / "run"), "--kinds", "exact,phash")
+    timings["curate_dedup_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _curate("report", str(out / "run"), "--out", str(out / "report.html"))
+    timings["curate_report_s"] = time.perf_counter() - t
+    return {**timings, "loadavg": _loadavg(), **funnel(args, out)}
+
+
+def funnel(args: argparse.Namespace, out: Path) -> dict:
+    """Rows per status, what each arm's condition keeps, and examples of the captions it drops."""
+    from curation.query import connect
+
+    con = connect(str(out / "run"))
+    total = con.execute("SELECT count(*) FROM samples").fetchone()[0]
+    status = dict(con.execute("SELECT status, count(*) FROM samples GROUP BY ALL ORDER BY 2 DESC").fetchall())
+    errors = con.execute(
+        "SELECT error_message, count(*) FROM samples WHERE status != 'success' GROUP BY ALL ORDER BY 2 DESC LIMIT 5"
+    ).fetchall()
+    statuses = {
+        col: dict(con.execute(f"SELECT {col}, count(*) FROM samples GROUP BY ALL").fetchall())
+        for col in ("phash_status", "concept_status", "ocr_status", "caption_status", "image_size_status")
+    }
+    arms = {}
+    for arm, argv in ARMS.items():
+        where = argv[1]
+        n = con.execute(f"SELECT count(*) FROM samples WHERE status = 'success' AND ({where})").fetchone()[0]
+        dropped = con.execute(
+            f"SELECT caption FROM samples WHERE status = 'success' AND NOT coalesce(({where}), false) "
+            "ORDER BY hash(uid) LIMIT 8"
+        ).fetchall()
+        arms[arm] = {"rows_where": n, "examples_dropped": [r[0] for r in dropped]}
+    dups = con.execute(
+        "SELECT count(*) FILTER (WHERE dup_group IS NOT NULL), count(DISTINCT dup_group) FROM dedup"
+    ).fetchone()
+    ocr = con.execute(
+        "SELECT caption, ocr_text, ocr_caption_overlap FROM samples WHERE ocr_caption_overlap >= 0.5 "
+        "ORDER BY hash(uid) LIMIT 8"
+    ).fetchall()
+    return {
+        "rows": total,
+        "download_status": status,
+        "download_errors": [list(e) for e in errors],
+        "stage_statuses": statuses,
+        "arms_where": arms,
+        "rows_in_duplicate_groups": dups[0],
+        "duplicate_groups": dups[1],
+        "ocr_repeats_caption_examples": [list(r) for r in ocr],
+    }
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def _run_images(out: Path, n: int) -> list[tuple[bytes, str]]:
+    """(image bytes, caption) of the first n downloaded pairs, from the run's own tars."""
+    pairs = []
+    for tar_path in sorted((out / "run").rglob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in sorted(members):
+                if name.endswith(".jpg"):
+                    stem = name[:-4]
+                    image = tar.extractfile(members[name]).read()
+                    caption = (
+                        tar.extractfile(members[stem + ".txt"]).read().decode()
+                        if stem + ".txt" in members
+                        else ""
+                    )
+                    pairs.append((image, caption))
+                    if len(pairs) >= n:
+                        return pairs
+    return pairs
+
+
+def throughput(args: argparse.Namespace, out: Path) -> dict:
+    import pyarrow as pa
+    import torch
+
+    from curation.stages import StageContext
+    from curation.stages.concepts import Concepts, ConceptsParams
+    from curation.stages.phash import Phash, PhashParams
+    from curation.stages.text_spotting import TextSpotting, TextSpottingParams
+
+    torch.set_num_threads(2)
+    pairs = _run_images(out, args.throughput_images)
+    table = pa.table(
+        {"image": pa.array([p[0] for p in pairs], pa.binary()), "caption": [p[1] for p in pairs]}
+    )
+    stages = {
+        "phash": Phash(PhashParams(), StageContext(out)),
+        "concepts_fp32_b32": Concepts(ConceptsParams(batch_size=32, device="cpu", cpus=2), StageContext(out)),
+        "text_spotting_cpu": TextSpotting(TextSpottingParams(device="cpu", cpus=2), StageContext(out)),
+    }
+    result = {"images": len(pairs), "loadavg_before": _loadavg()}
+    for name, stage in stages.items():
+        stage.setup()
+        stage.compute(table.slice(0, min(8, len(pairs))))  # warm-up
+        t = time.perf_counter()
+        scored = stage.compute(table)
+        seconds = time.perf_counter() - t
+        result[name] = {"images_per_s": len(pairs) / seconds, "seconds": seconds}
+        status_col = next((c for c in scored.column_names if c.endswith("_status")), None)
+        if status_col:
+            result[name]["statuses"] = dict(Counter(scored.column(status_col).to_pylist()))
+    result["loadavg_after"] = _loadavg()
+    return result
+
+
+# --------------------------------------------------------------------------- select
+
+
+def imagenet_metadata(out: Path) -> Path:
+    """The balance arm's metadata list: ImageNet-1k class names (every synonym), not the test classes."""
+    from curation.teachers import imagenet_vocabulary
+
+    names = sorted(
+        {s.strip().lower() for line in imagenet_vocabulary() for s in line.split(",") if len(s.strip()) > 2}
+    )
+    path = out / "imagenet_metadata.txt"
+    path.write_text("\n".join(names) + "\n")
+    return path
+
+
+def select(args: argparse.Namespace, out: Path) -> dict:
+    metadata = imagenet_metadata(out)
+    result = {}
+    for arm in args.arms:
+        dest = out / "subsets" / arm
+        if not (dest / "sizes.json").exists():
+            argv = [a.format(metadata=metadata, t=args.balance_t) for a in ARMS[arm]]
+            tmp = dest.with_name(arm + ".partial")
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            printed = _curate("select", str(out / "run"), *argv, "--shard-size", "100000", "--out", str(tmp))
+            (tmp / "select_stdout.txt").write_text(printed)
+            tmp.rename(dest)
+        sizes = json.loads((dest / "sizes.json").read_text())
+        result[arm] = {
+            "samples": sum(sizes.values()),
+            "stdout": (dest / "select_stdout.txt").read_text().strip(),
+        }
+    return result
+
+
+# --------------------------------------------------------------------------- train
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(arm, loss) pairs: every arm with infonce; the other losses on `--loss-arms` (all arms by default)."""
+    cells = [(arm, "infonce") for arm in args.arms]
+    cells += [(arm, loss) for arm in args.loss_arms for loss in args.losses if loss != "infonce"]
+    return cells
+
+
+def train(args: argparse.Namespace, out: Path) -> dict:
+    recipe = REPO / "train" / "configs" / "fashion_mnist.yaml"
+    done = {}
+    for arm, loss in plan(args):
+        shards = out / "subsets" / arm
+        n = sum(json.loads((shards / "sizes.json").read_text()).values())
+        for seed in args.seeds:
+            run = out / "runs" / f"{arm}__{loss}__s{seed}"
+            final = run / "checkpoints" / f"step_{args.steps:08d}.pt"
+            if not final.exists():
+                if n < 2:
+                    done[run.name] = {"skipped": f"subset has {n} samples"}
+                    continue
+                sets = {
+                    "data.shards": str(shards / "00000.tar"),
+                    "data.workers": 0,
+                    "output_dir": str(run),
+                    "train.seed": seed,
+                    "train.steps": args.steps,
+                    "train.batch_size": min(args.batch_size, n),
+                    "train.checkpoint_every": args.steps,
+                    "train.progress": False,
+                    "optim.warmup_steps": max(1, args.steps // 10),
+                    **LOSSES[loss],
+                }
+                argv = ["train", str(recipe)]
+                for k, v in sets.items():
+                    argv += ["--set", f"{k}={v}"]
+                t = time.perf_counter()
+                _curate(*argv)
+                (run / "wall.json").write_text(
+                    json.dumps({"seconds": time.perf_counter() - t, "loadavg": _loadavg()})
+                )
+            done[run.name] = {"checkpoint": str(final), **json.loads((run / "wall.json").read_text())}
+    return done
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def evaluate(args: argparse.Namespace, out: Path) -> dict:
+    import numpy as np
+    import torch
+
+    from train import clipart
+    from train.evaluate import (
+        encode_images,
+        encode_texts,
+        load_for_eval,
+        retrieval_recall,
+        zero_shot_accuracy,
+    )
+    from train.probe import ProbeTask, few_shot_curves
+
+    torch.set_num_threads(2)
+    images, labels, classes, splits, captions = clipart.load_test(args.data)
+    test = [i for i, s in enumerate(splits) if s == "test"]
+    shots = [i for i, s in enumerate(splits) if s == "shots"]
+    t_images, t_labels = [images[i] for i in test], labels[test]
+    t_captions = [captions[i] for i in test]
+    # Identical captions (boilerplate titles) are interchangeable: they count as one group.
+    group_of = {c: g for g, c in enumerate(dict.fromkeys(t_captions))}
+    groups = np.asarray([group_of[c] for c in t_captions])
+    task = ProbeTask(
+        "clipart", classes, clipart.TEMPLATES, [images[i] for i in shots], labels[shots], t_images, t_labels
+    )
+    results = {}
+    for run in sorted((out / "runs").glob("*__*__s*")):
+        cached = run / "eval.json"
+        if not cached.exists():
+            cks = sorted((run / "checkpoints").glob("step_*.pt"))
+            if not cks:
+                continue
+            built = load_for_eval(str(cks[-1]))
+            zs = zero_shot_accuracy(built, t_images, t_labels, classes, clipart.TEMPLATES)
+            rec = retrieval_recall(
+                encode_images(built, t_images), encode_texts(built, t_captions), (1, 5), groups=groups
+            )
+            few = few_shot_curves(built, task, args.shots, draws=args.draws, seed=0)
+            _save(
+                cached,
+                {
+                    "zero_shot_top1": zs.top1,
+                    "zero_shot_top5": zs.top5,
+                    **rec,
+                    "few_shot": {
+                        name: {p["shots"]: p["mean"] for p in points}
+                        for name, points in few["curves"].items()
+                    },
+                },
+            )
+        results[run.name] = json.loads(cached.read_text())
+    return {"n_test": len(test), "n_shot_pool": len(shots), "classes": classes, "runs": results}
+
+
+# --------------------------------------------------------------------------- table
+
+METRICS = [
+    "zero_shot_top1",
+    "zero_shot_top5",
+    "image_to_text_R@1",
+    "image_to_text_R@5",
+    "text_to_image_R@1",
+    "text_to_image_R@5",
+]
+
+
+def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
+    runs = results["eval"]["runs"]
+    cells = {}
+    for arm, loss in plan(args):
+        per_seed = {s: runs.get(f"{arm}__{loss}__s{s}") for s in args.seeds}
+        per_seed = {s: r for s, r in per_seed.items() if r}
+        cell = {m: _mean_std([100 * r[m] for r in per_seed.values()]) for m in METRICS}
+        shot_counts = sorted({int(k) for r in per_seed.values() for k in r["few_shot"]["zero_shot_init"]})
+        cell["few_shot_zero_shot_init"] = {
+            n: _mean_std([100 * r["few_shot"]["zero_shot_init"][str(n)] for r in per_seed.values()])
+            for n in shot_counts
+        }
+        # Paired by seed against all/infonce: same initialisation seed, same steps x batch.
+        base = {s: runs.get(f"all__infonce__s{s}") for s in per_seed}
+        cell["paired_diff_vs_all_infonce_zero_shot_top1"] = _mean_std(
+            [100 * (per_seed[s]["zero_shot_top1"] - base[s]["zero_shot_top1"]) for s in per_seed if base[s]]
+        )
+        cells[f"{arm} / {loss}"] = cell
+    sizes = results.get("select", {})
+    lines = [
+        f"Clip-art benchmark ({'small' if args.small else 'full'}): {args.steps} steps x batch {args.batch_size} "
+        f"per run, seeds {args.seeds}; mean ± sample std over seeds, in %.",
+        "",
+        "| arm / loss | pairs | zero-shot top-1 | Δ top-1 vs all/infonce (paired) | zero-shot top-5 | i→t R@1 | i→t R@5 "
+        "| t→i R@1 | t→i R@5 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def f(ms: dict) -> str:
+        return f"{ms['mean']:.2f} ± {ms['std']:.2f}" if ms["n"] else "-"
+
+    for name, cell in cells.items():
+        arm = name.split(" / ")[0]
+        lines.append(
+            f"| {name} | {sizes.get(arm, {}).get('samples', '?')} | {f(cell['zero_shot_top1'])} | "
+            f"{f(cell['paired_diff_vs_all_infonce_zero_shot_top1'])} | {f(cell['zero_shot_top5'])} | "
+            f"{f(cell['image_to_text_R@1'])} | {f(cell['image_to_text_R@5'])} | {f(cell['text_to_image_R@1'])} | "
+            f"{f(cell['text_to_image_R@5'])} |"
+        )
+    lines += ["", "Few-shot (zero-shot initialised probe), test top-1 %:", ""]
+    shot_counts = sorted({n for c in cells.values() for n in c["few_shot_zero_shot_init"]})
+    lines += [
+        "| arm / loss | " + " | ".join(f"{n} shots" for n in shot_counts) + " |",
+        "|---|" + "---:|" * len(shot_counts),
+    ]
+    for name, cell in cells.items():
+        lines.append(
+            f"| {name} | " + " | ".join(f(cell["few_shot_zero_shot_init"][n]) for n in shot_counts) + " |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return cells
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train import clipart
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="a few hundred pairs, few steps: minutes")
+    p.add_argument(
+        "--from",
+        dest="root",
+        type=Path,
+        default=clipart.SYSTEM_ROOT,
+        help="package root (default /usr/share)",
+    )
+    p.add_argument("--data", type=Path, default=None, help="the built pool (default OUT/data)")
+    p.add_argument("--out", type=Path, default=None, help="default bench/out/clipart[_small]")
+    p.add_argument("--phases", nargs="+", choices=PHASES, default=PHASES)
+    p.add_argument("--limit", type=int, default=None, help="pool pairs through the pipeline (default: all)")
+    p.add_argument("--rows-per-shard", type=int, default=None)
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    p.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
+    p.add_argument(
+        "--loss-arms", nargs="+", choices=list(ARMS), default=None, help="arms trained with every loss"
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--balance-t", type=float, default=None)
+    p.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    p.add_argument("--draws", type=int, default=3)
+    p.add_argument("--throughput-images", type=int, default=None)
+    args = p.parse_args(argv)
+    small = args.small
+    args.out = args.out or REPO / "bench" / "out" / ("clipart_small" if small else "clipart")
+    args.data = args.data or args.out / "data"
+    defaults = {
+        "limit": (300, None),
+        "rows_per_shard": (100, 1000),
+        "steps": (30, 1000),
+        "batch_size": (32, 128),
+        "balance_t": (10, 50),
+        "throughput_images": (64, 256),
+    }
+    for key, (s, full) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, s if small else full)
+    if args.loss_arms is None:
+        args.loss_arms = ["all"] if small else list(args.arms)
+    if small:
+        args.shots = [s for s in args.shots if s <= 2]
+    if not (args.data / "pool.parquet").exists():
+        try:
+            clipart.find_sources(args.root)
+        except clipart.PackagesMissing as e:
+            print(f"clipart_benchmark: error: {e}", file=sys.stderr)
+            return 2
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    steps = {
+        "build": build,
+        "pipeline": pipeline,
+        "throughput": throughput,
+        "select": select,
+        "train": train,
+        "eval": evaluate,
+    }
+    for phase in PHASES:
+        cache = out / f"{phase}.result.json"
+        if phase == "table":
+            if "table" in args.phases:
+                results["table"] = table(args, out, results)
+                _save(out / "results.json", {"config": {k: str(v) for k, v in vars(args).items()}, **results})
+                print((out / "results.md").read_text())
+            continue
+        cached = _load(cache)
+        if phase not in args.phases or (cached is not None and phase not in ("train", "eval")):
+            if cached is not None:
+                results[phase] = cached
+            continue
+        t = time.perf_counter()
+        print(f"[{time.strftime('%H:%M:%S')}] {phase} ...", flush=True)
+        results[phase] = _save(cache, {**steps[phase](args, out), "phase_seconds": time.perf_counter() - t})
+        print(f"[{time.strftime('%H:%M:%S')}] {phase} done in {time.perf_counter() - t:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
