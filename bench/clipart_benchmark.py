@@ -379,6 +379,9 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
     # Identical captions (boilerplate titles) are interchangeable: they count as one group.
     group_of = {c: g for g, c in enumerate(dict.fromkeys(t_captions))}
     groups = np.asarray([group_of[c] for c in t_captions])
+    # Shot counts the shot pool supports in every class (the smallest class bounds them).
+    most = min(Counter(labels[shots].tolist()).get(c, 0) for c in range(len(classes)))
+    shot_counts = [n for n in args.shots if n <= most]
     task = ProbeTask(
         "clipart", classes, clipart.TEMPLATES, [images[i] for i in shots], labels[shots], t_images, t_labels
     )
@@ -394,7 +397,7 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
             rec = retrieval_recall(
                 encode_images(built, t_images), encode_texts(built, t_captions), (1, 5), groups=groups
             )
-            few = few_shot_curves(built, task, args.shots, draws=args.draws, seed=0)
+            few = few_shot_curves(built, task, shot_counts, draws=args.draws, seed=0)
             _save(
                 cached,
                 {
@@ -408,7 +411,13 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
                 },
             )
         results[run.name] = json.loads(cached.read_text())
-    return {"n_test": len(test), "n_shot_pool": len(shots), "classes": classes, "runs": results}
+    return {
+        "n_test": len(test),
+        "n_shot_pool": len(shots),
+        "shot_counts": shot_counts,
+        "classes": classes,
+        "runs": results,
+    }
 
 
 # --------------------------------------------------------------------------- table

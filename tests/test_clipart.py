@@ -99,3 +99,71 @@ def test_missing_packages_say_what_to_install(tmp_path):
     assert done.returncode == 2
     assert "apt-get install openclipart-png openclipart-svg tuxpaint-stamps-default" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_smallest_configuration_end_to_end(tmp_path):
+    """bench/clipart_benchmark.py on the committed subset: every phase, through the real pipeline,
+    server, select, train and eval; a second invocation resumes from the cached phases."""
+    out = tmp_path / "bench"
+    argv = [
+        sys.executable,
+        "bench/clipart_benchmark.py",
+        "--small",
+        "--from",
+        str(clipart.SUBSET),
+        "--out",
+        str(out),
+        "--arms",
+        "all",
+        "cat",
+        "balance",
+        "--losses",
+        "infonce",
+        "hn_nce",
+        "--seeds",
+        "0",
+        "--steps",
+        "2",
+        "--throughput-images",
+        "4",
+    ]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3000)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    pool_rows = pq.read_table(out / "data" / "pool.parquet").num_rows
+    assert results["pipeline"]["rows"] == pool_rows
+    assert results["pipeline"]["download_status"] == {"success": pool_rows}
+    assert results["select"]["all"]["samples"] == pool_rows
+    assert 0 < results["select"]["cat"]["samples"] < pool_rows
+    assert results["throughput"]["text_spotting_cpu"]["images_per_s"] > 0
+    runs = results["eval"]["runs"]
+    assert set(runs) == {"all__infonce__s0", "cat__infonce__s0", "balance__infonce__s0", "all__hn_nce__s0"}
+    assert all(0 <= r["zero_shot_top1"] <= 1 for r in runs.values())
+    table = (out / "results.md").read_text()
+    assert "| cat / infonce |" in table and "| all / hn_nce |" in table
+    # Resume: the cached phases do not run again; train and eval find every run finished.
+    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for phase in ("build", "pipeline", "throughput", "select"):
+        assert f"] {phase} ..." not in again.stdout
+    assert (out / "results.md").read_text() == table
+
+
+def test_benchmark_without_packages_says_what_to_install(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/clipart_benchmark.py",
+            "--small",
+            "--from",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "apt-get install openclipart-png" in done.stderr
