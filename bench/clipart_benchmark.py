@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,8 +68,14 @@ LOSSES = {
 PHASES = ["build", "pipeline", "throughput", "select", "train", "eval", "table"]
 
 
+THREADS = {"n": 1}
+
+
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+    # One torch/OpenMP thread per process by default: on a shared 2-core machine two spinning OpenMP
+    # threads per trainer made a 10-step run cost 6.6x the CPU time of one thread (BENCHMARKS.md).
+    n = str(THREADS["n"])
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
 def _run(*cmd: str) -> str:
@@ -292,8 +299,6 @@ def select(args: argparse.Namespace, out: Path) -> dict:
             argv = [a.format(metadata=metadata, t=args.balance_t) for a in ARMS[arm]]
             tmp = dest.with_name(arm + ".partial")
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             printed = _curate("select", str(out / "run"), *argv, "--shard-size", "100000", "--out", str(tmp))
             (tmp / "select_stdout.txt").write_text(printed)
@@ -319,10 +324,11 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
 def train(args: argparse.Namespace, out: Path) -> dict:
     recipe = REPO / "train" / "configs" / "fashion_mnist.yaml"
     done = {}
-    for arm, loss in plan(args):
-        shards = out / "subsets" / arm
-        n = sum(json.loads((shards / "sizes.json").read_text()).values())
-        for seed in args.seeds:
+    # Seed-major: an interrupted run has every arm of the first seeds, not every seed of the first arms.
+    for seed in args.seeds:
+        for arm, loss in plan(args):
+            shards = out / "subsets" / arm
+            n = sum(json.loads((shards / "sizes.json").read_text()).values())
             run = out / "runs" / f"{arm}__{loss}__s{seed}"
             final = run / "checkpoints" / f"step_{args.steps:08d}.pt"
             if not final.exists():
@@ -341,6 +347,8 @@ def train(args: argparse.Namespace, out: Path) -> dict:
                     "optim.warmup_steps": max(1, args.steps // 10),
                     **LOSSES[loss],
                 }
+                if run.exists():  # an interrupted run: start it again
+                    shutil.rmtree(run)
                 argv = ["train", str(recipe)]
                 for k, v in sets.items():
                     argv += ["--set", f"{k}={v}"]
@@ -370,7 +378,7 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
     )
     from train.probe import ProbeTask, few_shot_curves
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     images, labels, classes, splits, captions = clipart.load_test(args.data)
     test = [i for i, s in enumerate(splits) if s == "test"]
     shots = [i for i, s in enumerate(splits) if s == "shots"]
@@ -517,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     p.add_argument("--draws", type=int, default=3)
     p.add_argument("--throughput-images", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     args = p.parse_args(argv)
+    THREADS["n"] = args.threads
     small = args.small
     args.out = args.out or REPO / "bench" / "out" / ("clipart_small" if small else "clipart")
     args.data = args.data or args.out / "data"
