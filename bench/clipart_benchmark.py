@@ -395,6 +395,8 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
     )
     results = {}
     for run in sorted((out / "runs").glob("*__*__s*")):
+        if int(run.name.rsplit("__s", 1)[1]) not in args.seeds:
+            continue  # another invocation's seeds (seeds can be evaluated in parallel processes)
         cached = run / "eval.json"
         if not cached.exists():
             cks = sorted((run / "checkpoints").glob("step_*.pt"))
@@ -441,7 +443,8 @@ METRICS = [
 
 
 def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
-    runs = results["eval"]["runs"]
+    # Every evaluated run on disk, whichever invocation evaluated it.
+    runs = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*__*__s*/eval.json")}
     cells = {}
     for arm, loss in plan(args):
         per_seed = {s: runs.get(f"{arm}__{loss}__s{s}") for s in args.seeds}
