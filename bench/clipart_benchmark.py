@@ -280,7 +280,7 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
 
 def imagenet_metadata(out: Path) -> Path:
     """The balance arm's metadata list: ImageNet-1k class names (every synonym), not the test classes."""
-    from curation.teachers import imagenet_vocabulary
+    from curation.models.teachers import imagenet_vocabulary
 
     names = sorted(
         {s.strip().lower() for line in imagenet_vocabulary() for s in line.split(",") if len(s.strip()) > 2}
@@ -368,14 +368,9 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
     import numpy as np
     import torch
 
+    from curation.models.clip import encode_images, encode_texts, load_for_eval
     from train import clipart
-    from train.evaluate import (
-        encode_images,
-        encode_texts,
-        load_for_eval,
-        retrieval_recall,
-        zero_shot_accuracy,
-    )
+    from train.evaluate import retrieval_recall, zero_shot_accuracy
     from train.probe import ProbeTask, few_shot_curves
 
     torch.set_num_threads(args.threads)
