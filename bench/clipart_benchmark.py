@@ -390,8 +390,8 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
     )
     results = {}
     for run in sorted((out / "runs").glob("*__*__s*")):
-        if int(run.name.rsplit("__s", 1)[1]) not in args.seeds:
-            continue  # another invocation's seeds (seeds can be evaluated in parallel processes)
+        if int(run.name.rsplit("__s", 1)[1]) not in args.seeds or run.name.split("__")[0] not in args.arms:
+            continue  # another invocation's seeds or arms (they can be evaluated in parallel processes)
         cached = run / "eval.json"
         if not cached.exists():
             cks = sorted((run / "checkpoints").glob("step_*.pt"))
