@@ -485,7 +485,9 @@ def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
     ]
     for name, cell in cells.items():
         lines.append(
-            f"| {name} | " + " | ".join(f(cell["few_shot_zero_shot_init"][n]) for n in shot_counts) + " |"
+            f"| {name} | "
+            + " | ".join(f(cell["few_shot_zero_shot_init"].get(n, _mean_std([]))) for n in shot_counts)
+            + " |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return cells
