@@ -56,7 +56,9 @@ def test_delivered_shares_match_the_weights(fmnist_shards: Path, resampled: bool
     counts = Counter(json.loads(s["json"])["uid"] for s in raw if s["__source__"] == 1)
     assert len(counts) == 128 and min(counts.values()) >= (1 if resampled else 20)
     # Equal weights: equal shares, whatever the sizes.
-    equal = ShardStream(_sources(fmnist_shards, (1.0, 1.0)), 8, lambda im: im, lambda t: t, resampled=resampled)
+    equal = ShardStream(
+        _sources(fmnist_shards, (1.0, 1.0)), 8, lambda im: im, lambda t: t, resampled=resampled
+    )
     assert sum(s["__source__"] for s in _raw(equal, 4000)) / 4000 == pytest.approx(0.5, abs=0.025)
 
 
@@ -83,7 +85,9 @@ def test_resampled_draws_shards_with_replacement_and_permutations_do_not(fmnist_
 def test_one_source_reads_as_the_plain_shard_list(fmnist_shards: Path) -> None:
     shards = expand_shards(f"{fmnist_shards}/*.tar")
     plain = [s["__key__"] for s in _raw(ShardStream(shards, 8, None, None), 700)]
-    cfg = parse_train_config(f"data: {{shards: '{fmnist_shards}/*.tar'}}\noutput_dir: o\ntrain: {{steps: 1}}\n")
+    cfg = parse_train_config(
+        f"data: {{shards: '{fmnist_shards}/*.tar'}}\noutput_dir: o\ntrain: {{steps: 1}}\n"
+    )
     as_source = [s["__key__"] for s in _raw(ShardStream(data_sources(cfg.data), 8, None, None), 700)]
     assert plain == as_source
 
@@ -94,7 +98,9 @@ def test_mixed_stream_resumes_exactly(fmnist_shards: Path, workers: int, resampl
     sources = _sources(fmnist_shards)
 
     def batches(start: int, n: int) -> list[dict]:
-        it = iter(make_loader(_stream(sources, start_step=start, shuffle_buffer=32, resampled=resampled), workers))
+        it = iter(
+            make_loader(_stream(sources, start_step=start, shuffle_buffer=32, resampled=resampled), workers)
+        )
         return [next(it) for _ in range(n)]
 
     full = batches(0, 6)
@@ -130,10 +136,12 @@ output_dir: o
 train: {{steps: 1}}
 """
     cfg = parse_train_config(text)
-    assert [s.weight for s in cfg.data.sources] == [3.0, 1.0] and cfg.data.resampled and cfg.data.shards is None
+    assert (
+        [s.weight for s in cfg.data.sources] == [3.0, 1.0] and cfg.data.resampled and cfg.data.shards is None
+    )
     assert [len(s.shards) for s in data_sources(cfg.data)] == [3, 1]
     bad = {
-        "both": (f"data: {{shards: a.tar, sources: [{{shards: b.tar}}]}}", "exactly one of data.shards"),
+        "both": ("data: {shards: a.tar, sources: [{shards: b.tar}]}", "exactly one of data.shards"),
         "neither": ("data: {workers: 0}", "exactly one of data.shards"),
         "weight": ("data: {sources: [{shards: b.tar, weight: 0}]}", r"data\.sources\[0\]\.weight .*> 0"),
         "nan": ("data: {sources: [{shards: b.tar, weight: .nan}]}", "finite"),
@@ -141,14 +149,14 @@ train: {{steps: 1}}
         "empty": ("data: {sources: []}", "non-empty list"),
         "sizes": ("data: {sizes: s.json, sources: [{shards: b.tar}]}", "its own sizes"),
     }
-    for name, (data, message) in bad.items():
+    for data, message in bad.values():
         with pytest.raises(ConfigError, match=message):
             parse_train_config(f"{data}\noutput_dir: o\ntrain: {{steps: 1}}\n")
     twice = parse_train_config(
         f"data: {{sources: [{{shards: '{fmnist_shards}/*.tar'}}, {{shards: '{fmnist_shards}/00003.tar'}}]}}\n"
         "output_dir: o\ntrain: {steps: 1}\n"
     )
-    with pytest.raises(ValueError, match="in two data.sources"):
+    with pytest.raises(ValueError, match=r"in two data\.sources"):
         data_sources(twice.data)
 
 
@@ -217,4 +225,7 @@ def test_training_on_a_mixture_logs_what_it_delivered_and_resumes(
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(recs, resumed):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-        assert (a["source_0_samples"], a["source_1_samples"]) == (b["source_0_samples"], b["source_1_samples"])
+        assert (a["source_0_samples"], a["source_1_samples"]) == (
+            b["source_0_samples"],
+            b["source_1_samples"],
+        )
