@@ -80,7 +80,7 @@ def test_zero_shots_is_the_zero_shot_accuracy_exactly(built) -> None:
 def test_radius_zero_is_the_zero_shot_classifier_bit_for_bit(built) -> None:
     task = small_task()
     zs = zero_shot_classifier(built, task.classes, task.templates)
-    scale = float(built.model.logit_scale.exp())
+    scale = float(built.model.logit_scale.detach().exp())
     test_x = encode_images(built, task.test_images)
     idx, _ = draw_shots(task.train_labels, 10, 2, seed=0)
     x, y = encode_images(built, [task.train_images[i] for i in idx]), torch.as_tensor(task.train_labels[idx])
@@ -134,8 +134,8 @@ def test_the_radii_are_chosen_from_the_shots_only(built) -> None:
     task = small_task(100)
     other = small_task(300)
     other.test_images, other.test_labels = other.test_images[100:], other.test_labels[100:]
-    a = few_shot_curves(built, task, [1, 2], draws=2, probes=("zero_shot_pgd",))
-    b = few_shot_curves(built, other, [1, 2], draws=2, probes=("zero_shot_pgd",))
+    a = few_shot_curves(built, task, [1, 2], draws=1, probes=("zero_shot_pgd",))
+    b = few_shot_curves(built, other, [1, 2], draws=1, probes=("zero_shot_pgd",))
     assert [p["chosen"] for p in a["curves"]["zero_shot_pgd"]] == [
         p["chosen"] for p in b["curves"]["zero_shot_pgd"]
     ]
