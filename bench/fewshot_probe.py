@@ -41,6 +41,10 @@ def main() -> int:
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--shots", default="0,1,2,4,8")
     p.add_argument("--tasks", nargs="+", default=["fashion-mnist", "inverted", "upside_down"])
+    p.add_argument(
+        "--probes", nargs="+", default=["zero_shot_pgd", "linear_probe", "zero_shot_l2"],
+        help="which probes (the PGD ceiling in hindsight is always added)",
+    )  # fmt: skip
     args = p.parse_args()
     out = args.out.resolve()
     ck = args.checkpoint
@@ -75,7 +79,7 @@ def main() -> int:
             )
         t = time.perf_counter()
         r = few_shot_curves(
-            built, task, shots, draws=args.draws, probes=("zero_shot_pgd", "linear_probe", "zero_shot_l2"),
+            built, task, shots, draws=args.draws, probes=tuple(args.probes),
             hindsight=True,
         )  # fmt: skip
         r["seconds"] = time.perf_counter() - t
