@@ -35,7 +35,7 @@ def _raw(stream: ShardStream, n: int, slot: int = 0, slots: int = 1) -> list[dic
 
 
 def _stream(sources, **kw) -> ShardStream:
-    from train.model import build_model
+    from curation.models.clip import build_model
 
     built = build_model("curate-tiny")
     return ShardStream(sources, kw.pop("batch_size", 8), built.preprocess_train, built.tokenizer, **kw)
@@ -162,8 +162,8 @@ train: {{steps: 1}}
 
 @pytest.fixture(scope="module")
 def table(fmnist_shards, tmp_path_factory) -> Path:
-    from train.mine import write_hard_pairs
-    from train.mining import mine_hard_pairs
+    from train.mining.output import write_hard_pairs
+    from train.mining.search import mine_hard_pairs
 
     uids = TarIndex(expand_shards(str(fmnist_shards / "*.tar"))).uids
     g = torch.Generator().manual_seed(0)
