@@ -56,7 +56,7 @@ def main() -> int:
             fashion_mnist.write_shards(shards, "train")
         ck = dx.train_variant(out, "infonce", 0, shards)
 
-    from train.evaluate import load_for_eval
+    from curation.models.clip import load_for_eval
     from train.probe import few_shot_curves, load_task
 
     built = load_for_eval(str(ck))
