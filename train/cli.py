@@ -37,8 +37,8 @@ Evaluate a checkpoint: zero-shot classification, image-text retrieval, few-shot 
   curate eval train/configs/fashion_mnist.yaml --few-shot 0,1,2,4,8,16 --task fashion-mnist --draws 5
 
 Prints JSON (top1/top5; R@1/5/10 image->text and text->image); --json also writes it.
---few-shot runs DiHT's probe (a linear classifier initialised from the zero-shot classifier,
-cross-entropy + lambda ||W - W_zs||^2, lambda cross-validated on the shots) and a plain linear
+--few-shot runs DiHT's probe (the zero-shot classifier plus a residual and bias learned by projected
+gradient descent in norm balls, radii chosen on the shots only) and a plain linear
 probe, for each shot count over --draws random draws; it writes the JSON (--json, default
 OUTPUT_DIR/few_shot_TASK.json for a config) and an accuracy-vs-shots plot beside it (.png).
 Exit codes: 0 done, 1 evaluation failed, 2 bad usage.

@@ -25,16 +25,34 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "SourceConfig",
     "TrainConfig",
 ]
 
 
 @dataclass
+class SourceConfig:
+    """One shard set of a mixture (`data.sources`)."""
+
+    shards: str
+    # Share of the samples this source delivers, relative to the other sources' weights.
+    weight: float = param(1.0, gt=0)
+    # As data.sizes, for this source's shards.
+    sizes: str | None = None
+
+
+@dataclass
 class DataConfig:
-    """Webdataset shards as `curate select` writes them."""
+    """Webdataset shards as `curate select` writes them: one set (`shards`) or a weighted mixture (`sources`)."""
 
     # Brace pattern ("dir/{00000..00009}.tar", open_clip's --train-data syntax) or glob ("dir/*.tar").
-    shards: str
+    shards: str | None = None
+    # Several shard sets mixed by weight, e.g. [{shards: a/*.tar, weight: 3}, {shards: b/*.tar, weight: 1}]:
+    # each sample comes from source k with probability weight_k / sum of weights (train/data.py).
+    sources: list[SourceConfig] | None = None
+    # Sample shards with replacement (open_clip's --dataset-resampled): every reader draws shards at random,
+    # no epochs and no partition between ranks; false = seeded permutations, each shard read once per epoch.
+    resampled: bool = False
     # JSON map tar name -> sample count; null looks for sizes.json beside the first shard.
     sizes: str | None = None
     # DataLoader worker processes per rank (decode + transforms); 0 decodes in the training process.
@@ -191,7 +209,10 @@ def parse_train_config(
     for name, cls in _SECTIONS.items():
         if name == "data" and "data" not in data:
             continue
-        built[name] = build(cls, data.get(name) or {}, (name,), err)
+        raw = _without_sources(data.get(name)) if name == "data" else data.get(name) or {}
+        built[name] = build(cls, raw, (name,), err)
+    if built.get("data") is not None:
+        built["data"].sources = _build_sources(data["data"].get("sources"), err)
     for name, cls in _OPTIONAL_SECTIONS.items():
         if data.get(name) is not None:
             built[name] = build(cls, data[name], (name,), err)
@@ -200,6 +221,24 @@ def parse_train_config(
     if errors or any(v is None for v in built.values()):
         raise ConfigError(errors, source)
     return TrainConfig(output_dir=output_dir, source=source, lines=doc.lines, **built)
+
+
+def _without_sources(raw: Any) -> Any:
+    # data.sources is a list of mappings, which the generic builder does not type: built by _build_sources.
+    if isinstance(raw, dict) and "sources" in raw:
+        return {k: v for k, v in raw.items() if k != "sources"}
+    return raw
+
+
+def _build_sources(raw: Any, err) -> list[SourceConfig] | None:
+    if raw is None:
+        return None
+    # On a problem: [] (reported here), so that the "one of shards or sources" rule does not fire as well.
+    if not isinstance(raw, list) or not raw:
+        err(("data", "sources"), "expected a non-empty list of {shards: PATTERN, weight: N}")
+        return []
+    sources = [build(SourceConfig, item, ("data", "sources", i), err) for i, item in enumerate(raw)]
+    return [s for s in sources if s is not None]
 
 
 def _semantic_checks(built: dict[str, Any], err) -> None:
@@ -227,6 +266,12 @@ def _semantic_checks(built: dict[str, Any], err) -> None:
             err(("train", "batch_size"), "must be even with hard_pairs (half anchors, half partners)")
         if not Path(hard.path).is_file():
             err(("hard_pairs", "path"), f"not a file: {hard.path!r} (write it with `curate mine`)")
+    data: DataConfig | None = built.get("data")
+    if data is not None:
+        if (data.shards is None) == (data.sources is None):
+            err(("data", "shards"), "give exactly one of data.shards or data.sources")
+        if data.sources is not None and data.sizes is not None:
+            err(("data", "sizes"), "with data.sources, give each source its own sizes")
     if model is not None and (refused := open_clip_config_problem(model.name)):
         err(("model", "name"), refused)
     if model is not None and model.pretrained is not None and not Path(model.pretrained).is_file():

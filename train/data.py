@@ -19,23 +19,46 @@ per-sample data (distillation targets, hard-pair partners) can add keys
 without changing the loop's contract. With `concept_vocabulary_size=V` (distillation on),
 `concept_ids` [B,k] int64 and `concept_probs` [B,k] float32 hold each sample's
 `{key}.concepts.json` targets, padded to the batch's largest k with id -1 and
-probability 0.
+probability 0. `source` [B] int64 says which source of a mixture each sample came from.
+
+Mixtures (`data.sources`). Each source is read by each (rank, worker) slot as
+above (its own seeded shard order per epoch, its own partition between slots),
+and the slot draws every sample's source with a seeded generator, source k with
+probability weight_k / sum of weights: the weights are shares of *samples*, so
+a source of few large shards gets its share, and a small source with a large
+weight is read more often (several of its epochs per epoch of the others). The
+draw happens before the shuffle buffer and before decoding, so resume skips it
+as it skips everything else. One source (`data.shards`) is read exactly as
+before mixtures existed: same order for the same seed.
+
+`resampled: true` is open_clip's `--dataset-resampled`: each slot draws shards
+with replacement, uniformly within a source, from its own seeded generator; no
+epochs, and ranks do not partition the shards (two ranks may read the same
+shard at the same time), which is what lets a mixture run for any number of
+steps without an epoch boundary. The samples of one drawn shard are read in
+order (then shuffled by the buffer). open_clip's upsampling factors weight each
+*shard*; ours weight each source's share of samples.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from curation.core.shards import CONCEPTS
+
+if TYPE_CHECKING:
+    from train.config import DataConfig
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CONCEPTS_KEY = CONCEPTS  # the member `curate select` writes: {"ids": [...], "probs": [...]}
@@ -81,6 +104,43 @@ def count_samples(shards: list[str], sizes_path: str | None = None) -> int | Non
     return sum(sizes[Path(s).name] for s in shards)
 
 
+@dataclass(frozen=True)
+class Source:
+    """One shard set of the training data and its mixture weight."""
+
+    name: str  # the pattern the user wrote
+    shards: tuple[str, ...]
+    weight: float = 1.0
+    sizes: str | None = None  # sizes.json of these shards; None = beside the first shard
+
+
+def data_sources(data: DataConfig) -> list[Source]:
+    """The config's shard sets (`data.shards`: one, weight 1; `data.sources`: each with its weight), expanded."""
+    if data.sources is None:
+        assert data.shards is not None
+        return [Source(data.shards, tuple(expand_shards(data.shards)), 1.0, data.sizes)]
+    sources = [
+        Source(s.shards, tuple(expand_shards(s.shards)), float(s.weight), s.sizes) for s in data.sources
+    ]
+    seen: dict[str, str] = {}
+    for src in sources:
+        for path in src.shards:
+            if path in seen:
+                raise ValueError(f"shard {path} is in two data.sources ({seen[path]!r} and {src.name!r})")
+            seen[path] = src.name
+    return sources
+
+
+def all_shards(sources: Sequence[Source]) -> list[str]:
+    return [path for src in sources for path in src.shards]
+
+
+def count_source_samples(sources: Sequence[Source]) -> int | None:
+    """Samples of all sources (an epoch); None when some source has no sizes file."""
+    counts = [count_samples(list(src.shards), src.sizes) for src in sources]
+    return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+
+
 def _raw_samples(path: str) -> Iterator[dict]:
     """webdataset-style samples ({"__key__", "__url__", extension: bytes}) of one tar, read through
     `curation.core.shards`: members over its size limit and repeated keys are left out, with a warning."""
@@ -98,7 +158,7 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self,
-        shards: list[str],
+        shards: Sequence[str] | Sequence[Source],
         batch_size: int,
         image_transform: Callable,
         tokenizer: Callable,
@@ -109,9 +169,17 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 2000,
         start_step: int = 0,
         concept_vocabulary_size: int | None = None,
+        resampled: bool = False,
     ) -> None:
         super().__init__()
-        self.shards = list(shards)
+        # A list of tar paths is one source of weight 1.
+        self.sources: list[Source] = (
+            list(shards)  # type: ignore[arg-type]
+            if shards and isinstance(shards[0], Source)
+            else [Source("shards", tuple(shards), 1.0)]  # type: ignore[arg-type]
+        )
+        self.shards = all_shards(self.sources)
+        self.resampled = resampled
         self.batch_size = batch_size
         self.image_transform = image_transform
         self.tokenizer = tokenizer
@@ -125,21 +193,65 @@ class ShardStream(IterableDataset):
 
     # -- raw (undecoded) samples of one slot -------------------------------------------------
     def _slot_samples(self, slot: int, slots: int) -> Iterator[dict]:
+        """The slot's samples, each tagged with its source (`__source__`), mixed by the sources' weights."""
+        streams = [self._tagged(k, self._source_samples(k, slot, slots)) for k in range(len(self.sources))]
+        if len(streams) == 1:  # no draw at all: one source reads exactly as before mixtures existed
+            yield from streams[0]
+            return
+        rng = random.Random(f"mix-{self.seed}-{slot}-{slots}")
+        cum = list(itertools.accumulate(src.weight for src in self.sources))
+        ks = range(len(streams))
+        while True:
+            yield next(streams[rng.choices(ks, cum_weights=cum)[0]])
+
+    @staticmethod
+    def _tagged(k: int, samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            sample["__source__"] = k
+            yield sample
+
+    def _source_samples(self, k: int, slot: int, slots: int) -> Iterator[dict]:
+        src = self.sources[k]
+        if self.resampled:
+            yield from self._resampled(k, slot, slots)
+            return
         for epoch in range(1 << 62):
-            order = list(self.shards)
-            random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)
+            order = list(src.shards)
+            # Source 0 keeps the seed string of the single-source stream, so `data.shards` runs are unchanged.
+            tag = f"{self.seed}-{epoch}" if k == 0 else f"{self.seed}-{k}-{epoch}"
+            random.Random(f"shards-{tag}").shuffle(order)
+            found = False
             if len(order) >= slots:
                 # Whole shards per slot: each tar is read by one reader only.
                 for path in order[slot::slots]:
-                    yield from _raw_samples(path)
+                    for sample in _raw_samples(path):
+                        found = True
+                        yield sample
             else:
                 # Fewer shards than readers: every reader scans all, keeps every slots-th sample.
                 i = 0
                 for path in order:
                     for sample in _raw_samples(path):
                         if i % slots == slot:
+                            found = True
                             yield sample
                         i += 1
+            if not found:  # an endless stream of nothing would spin forever
+                raise ValueError(f"data source {src.name!r}: its shards hold no sample for reader {slot}")
+
+    def _resampled(self, k: int, slot: int, slots: int) -> Iterator[dict]:
+        """Shards drawn with replacement (open_clip's ResampledShards2), seeded per (source, slot)."""
+        src = self.sources[k]
+        rng = random.Random(f"resample-{self.seed}-{k}-{slot}-{slots}")
+        empty = 0
+        while True:
+            found = False
+            for sample in _raw_samples(rng.choice(src.shards)):
+                found = True
+                yield sample
+            empty = 0 if found else empty + 1
+            if empty > 10 * len(src.shards):
+                raise ValueError(f"data source {src.name!r}: {empty} shards drawn in a row hold no sample")
 
     def _shuffled(self, src: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
@@ -188,6 +300,7 @@ class ShardStream(IterableDataset):
             "image": torch.stack([d[0] for d in decoded]),
             "text": self.tokenizer([d[1] for d in decoded]),
             "uid": [_uid(s) for s in raw],
+            "source": torch.tensor([s.get("__source__", 0) for s in raw], dtype=torch.int64),
         }
         if self.concept_vocabulary_size is not None:
             batch["concept_ids"], batch["concept_probs"] = concept_targets(raw, self.concept_vocabulary_size)
@@ -254,6 +367,32 @@ def _uid(sample: dict) -> str | None:
         return None
     uid = meta.get("uid") if isinstance(meta, dict) else None
     return str(uid) if uid is not None else None
+
+
+class MixtureLog:
+    """The samples each source actually delivered (the batches' `source` key), against the weights."""
+
+    def __init__(self, sources: Sequence[Source]) -> None:
+        self.sources = list(sources)
+        self.counts = [0] * len(self.sources)
+
+    def add(self, batch: dict[str, Any]) -> list[int]:
+        """Count one batch; returns its samples per source."""
+        step = torch.bincount(batch["source"], minlength=len(self.sources)).tolist()
+        self.counts = [a + b for a, b in zip(self.counts, step)]
+        return step
+
+    def shares(self) -> list[float]:
+        total = sum(self.counts)
+        return [c / total if total else 0.0 for c in self.counts]
+
+    def summary(self) -> str:
+        wsum = sum(s.weight for s in self.sources)
+        parts = [
+            f"{src.name}: {n:,} samples, {share:.1%} (weight {src.weight / wsum:.1%})"
+            for src, n, share in zip(self.sources, self.counts, self.shares())
+        ]
+        return "data mixture delivered: " + "; ".join(parts)
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:

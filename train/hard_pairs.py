@@ -23,6 +23,15 @@ partners already in the global batch (as anchor or partner) while its list
 offers another. A rank's batch is its B/2 anchors followed by their partners,
 in the same order, so sample i < B/2 and sample B/2 + i are a pair.
 
+With a mixture (`data.sources`), the index covers every source's shards and the
+epoch's anchor order is drawn by the weights: each position takes its source
+with probability weight_k / sum of weights, then the next anchor of that
+source's own seeded permutation (a fresh permutation when it runs out, so an
+up-weighted source repeats anchors within an epoch), or with `resampled`, any
+anchor of the source at random. The epoch keeps the table's number of anchors.
+Partners are drawn from the whole data, whatever their source. One source
+without `resampled` is the plain permutation above.
+
 Extra batch key `partners`: bool [B, B], True at (i, j) when sample j is among
 the first `top` hard pairs of sample i (j != i), the hard-partner sets H_i that
 HardNegativeMarginLoss reads.
@@ -43,7 +52,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from train.data import ShardStream
+from train.data import ShardStream, Source
 
 log = logging.getLogger("train")
 
@@ -157,7 +166,7 @@ class HardPairStream(ShardStream):
 
     def __init__(
         self,
-        shards: list[str],
+        shards: list[str] | list[Source],
         batch_size: int,
         image_transform,
         tokenizer,
@@ -169,18 +178,28 @@ class HardPairStream(ShardStream):
         world_size: int = 1,
         start_step: int = 0,
         concept_vocabulary_size: int | None = None,
+        resampled: bool = False,
     ) -> None:
         super().__init__(
             shards, batch_size, image_transform, tokenizer,
             seed=seed, rank=rank, world_size=world_size, shuffle_buffer=1, start_step=start_step,
-            concept_vocabulary_size=concept_vocabulary_size,
+            concept_vocabulary_size=concept_vocabulary_size, resampled=resampled,
         )  # fmt: skip
         if batch_size % 2:
             raise ValueError(
                 f"hard-pair batches are half anchors, half partners: batch_size must be even, got {batch_size}"
             )
-        self.index = TarIndex(shards)
+        self.index = TarIndex(self.shards)
         self.table = HardPairTable(table_path, self.index, top)
+        # Source of each shard (index order = the sources' shards in config order), then of each anchor.
+        shard_source = np.repeat(np.arange(len(self.sources)), [len(src.shards) for src in self.sources])
+        self.sample_source = shard_source[[loc.shard for loc in self.index.locations]]
+        self.anchors_by_source = [
+            self.table.anchors[self.sample_source[self.table.anchors] == k] for k in range(len(self.sources))
+        ]
+        empty = [src.name for src, a in zip(self.sources, self.anchors_by_source) if len(a) == 0]
+        if empty and len(self.sources) > 1:
+            raise ValueError(f"data source {empty[0]!r} has no anchor in the hard-pair table {table_path}")
         self.half = batch_size // 2
         self.global_half = self.half * world_size
         self.steps_per_epoch = len(self.table.anchors) // self.global_half
@@ -192,7 +211,26 @@ class HardPairStream(ShardStream):
         self._order: tuple[int, np.ndarray] = (-1, self.table.anchors)  # (epoch, its anchor order), cached
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.table.anchors)
+        if len(self.sources) == 1 and not self.resampled:
+            return np.random.default_rng([self.seed, epoch]).permutation(self.table.anchors)
+        rng = np.random.default_rng([self.seed, epoch, 2])
+        weights = np.array([src.weight for src in self.sources])
+        picks = rng.choice(len(self.sources), size=len(self.table.anchors), p=weights / weights.sum())
+        order = np.empty_like(self.table.anchors)
+        for k, pool in enumerate(self.anchors_by_source):
+            n = int((picks == k).sum())
+            if n == 0:
+                continue
+            if self.resampled:
+                order[picks == k] = rng.choice(pool, size=n)
+            else:
+                # Within the epoch a source's anchors come in seeded permutations, one after another: none
+                # repeats before all of that source came once.
+                reps = -(-n // len(pool))
+                order[picks == k] = np.concatenate(
+                    [np.random.default_rng([self.seed, epoch, k, c]).permutation(pool) for c in range(reps)]
+                )[:n]
+        return order
 
     def global_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(anchors, partners) of every rank at 0-based global `step`, as data positions [W·B/2] each."""
@@ -248,6 +286,8 @@ class HardPairStream(ShardStream):
             for step in range(self.start_step + wid, 1 << 62, nw):
                 ids = self.local_batch(step)
                 raw = [self.index.read(int(i), files) for i in ids]
+                for sample, i in zip(raw, ids.tolist()):
+                    sample["__source__"] = int(self.sample_source[i])
                 batch = self._collate(raw, f"aug-{self.seed}-{self.rank}-{self.world_size}-{step}")
                 batch["partners"] = self.partner_matrix(ids)
                 yield batch

@@ -45,7 +45,7 @@ import torch
 
 from curation.models.clip import build_model, embed_dim
 from train.config import TrainConfig
-from train.data import ShardStream, count_samples, expand_shards, make_loader
+from train.data import MixtureLog, ShardStream, all_shards, count_source_samples, data_sources, make_loader
 from train.hard_pairs import HardPairStream
 from train.losses import ConceptDistillationLoss, HardNegativeMarginLoss, TrainingObjective, build_loss
 from train.model import ConceptStudent, param_groups
@@ -399,8 +399,9 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
     if r.grad_checkpointing:
         model.set_grad_checkpointing(True)
 
-    shards = expand_shards(cfg.data.shards)
-    num_samples = count_samples(shards, cfg.data.sizes)
+    sources = data_sources(cfg.data)
+    shards = all_shards(sources)
+    num_samples = count_source_samples(sources)
     # Read before any stream is built: a missing vocabulary fails the start.
     vocabulary = distill_vocabulary(cfg, shards) if cfg.distilling else None
     vocabulary_size = len(vocabulary) if vocabulary is not None else None
@@ -408,7 +409,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
     if cfg.hard_pairs is not None:
         # Built (and the table checked against the data) before anything else is: a mismatch fails fast.
         hard_stream = HardPairStream(
-            shards,
+            sources,
             r.batch_size,
             built.preprocess_train,
             built.tokenizer,
@@ -418,6 +419,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
             rank=dist.rank,
             world_size=dist.world_size,
             concept_vocabulary_size=vocabulary_size,
+            resampled=cfg.data.resampled,
         )
     n_steps = total_steps(cfg, dist.world_size, num_samples)
 
@@ -481,7 +483,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         stream = hard_stream
     else:
         stream = ShardStream(
-            shards,
+            sources,
             r.batch_size,
             built.preprocess_train,
             built.tokenizer,
@@ -491,7 +493,9 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
             shuffle_buffer=cfg.data.shuffle_buffer,
             start_step=start_step,
             concept_vocabulary_size=vocabulary_size,
+            resampled=cfg.data.resampled,
         )
+    mixture = MixtureLog(sources) if len(sources) > 1 else None  # samples per source, logged per step
     batches: Iterator[dict[str, Any]] = iter(
         make_loader(stream, cfg.data.workers, pin_memory=device.type == "cuda")
     )
@@ -538,6 +542,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
                 n_steps,
                 n_steps / max(1, o.warmup_steps),
             )
+    source_samples: dict[int, dict[str, int]] = {}  # step -> samples per mixture source (data.sources)
     # (step, loss terms, lr, logit scale)
     pending: list[tuple[int, dict[str, torch.Tensor], float, torch.Tensor]] = []
     window_start, last_loss, checkpoint, total_time, timed_steps = (
@@ -575,6 +580,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
                 "samples_per_s": sps,
                 "mem_gb": mem,
                 **(dict(zip(names, values)) if len(names) > 1 else {}),
+                **source_samples.pop(step, {}),
             }
             if metrics is not None:
                 metrics.write(rec)
@@ -592,6 +598,8 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items() if torch.is_tensor(v)}
         lr = optimizer.param_groups[0]["lr"]
         terms = forward_backward(train_model, objective, batch, r.micro_batch, precision, scaler)
+        if mixture is not None:  # samples per source in this step's batch, for its metrics record
+            source_samples[step] = {f"source_{k}_samples": n for k, n in enumerate(mixture.add(batch))}
         if o.grad_clip_norm is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip_norm)
@@ -639,6 +647,8 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
     flush()
     if bar is not None:
         bar.close()
+    if mixture is not None and dist.is_main:
+        log.info("%s (rank 0's batches, this process)", mixture.summary())
     if metrics is not None:
         metrics.close()
     if checkpoint is None:

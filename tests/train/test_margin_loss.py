@@ -71,7 +71,8 @@ def test_rows_without_partners_contribute_zero_and_gamma_scales() -> None:
     aligned = F.normalize(torch.ones(4, 3, dtype=torch.float64), dim=-1)
     p = torch.zeros(4, 4, dtype=torch.bool)
     p[0, 1] = True
-    assert HardNegativeMarginLoss()(aligned, aligned, p).item() == 0.0
+    # Identical columns of one matmul may still round apart (edge kernels): zero up to rounding.
+    assert HardNegativeMarginLoss()(aligned, aligned, p).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_rejects_a_partner_matrix_of_the_wrong_shape_or_type() -> None:
