@@ -40,17 +40,21 @@ class CheckpointDir:
     def __init__(self, output_dir: str | Path) -> None:
         self.store = open_store(output_dir)
         self.url = self.store.url
-        if self.store.local:
-            self.work_dir = Path(output_dir)
-        else:
+        self._work_dir = Path(output_dir) if self.store.local else None
+        if not self.store.local:
             self.store.check()  # wrong credentials or no bucket: one line before the model is built
-            self.work_dir = Path(tempfile.mkdtemp(prefix="curate-train-"))
+
+    @property
+    def work_dir(self) -> Path:
+        """The local folder metrics and TensorBoard files are written to (created on first use for a URL)."""
+        if self._work_dir is None:
+            self._work_dir = Path(tempfile.mkdtemp(prefix="curate-train-"))
             log.info(
-                "output_dir %s: metrics and TensorBoard files are written to %s", self.url, self.work_dir
+                "output_dir %s: metrics and TensorBoard files are written to %s", self.url, self._work_dir
             )
-            got = self.store.get_many(list(SYNCED))
-            for name, data in got.items():
-                (self.work_dir / name).write_bytes(data)
+            for name, data in self.store.get_many(list(SYNCED)).items():
+                (self._work_dir / name).write_bytes(data)
+        return self._work_dir
 
     def names(self) -> list[str]:
         """Checkpoint file names, oldest step first."""
@@ -96,8 +100,8 @@ class CheckpointDir:
         tmp = self.store.staging() / f"{uuid.uuid4().hex}-{name}"
         torch.save(payload, tmp)
         self.store.put_file(tmp, f"checkpoints/{name}")  # removes tmp
-        for synced in SYNCED:
-            local = self.work_dir / synced
+        for synced in SYNCED if self._work_dir is not None else ():
+            local = self._work_dir / synced
             if local.exists():
                 self.store.put_bytes(synced, local.read_bytes())
         self.store.put_bytes(LATEST, name.encode())
