@@ -100,10 +100,11 @@ class CheckpointDir:
         tmp = self.store.staging() / f"{uuid.uuid4().hex}-{name}"
         torch.save(payload, tmp)
         self.store.put_file(tmp, f"checkpoints/{name}")  # removes tmp
-        for synced in SYNCED if self._work_dir is not None else ():
-            local = self._work_dir / synced
-            if local.exists():
-                self.store.put_bytes(synced, local.read_bytes())
+        if self._work_dir is not None:  # the run's metrics, complete up to this checkpoint
+            for synced in SYNCED:
+                local = self._work_dir / synced
+                if local.exists():
+                    self.store.put_bytes(synced, local.read_bytes())
         self.store.put_bytes(LATEST, name.encode())
         return self.where(name)
 
