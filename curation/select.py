@@ -42,6 +42,7 @@ from curation.core.shards import (
     normalise_key,
     read_samples,
 )
+from curation.core.storage import Store, is_url, open_store
 from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size, open_image
 from curation.terminal import printable
 
@@ -114,8 +115,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     from curation.query import NoManifests, QueryRefused, connect, explain_error, inside_run
 
-    out = Path(args.out)
-    problem = inside_run(out, Path(args.output))
+    out = args.out if is_url(args.out) else Path(args.out)  # s3://... : shards go to the object store
+    problem = inside_run(out, Path(args.output)) if isinstance(out, Path) else None
     if problem:
         return _fail(problem)
     try:
@@ -183,7 +184,9 @@ def _fail(msg: str) -> int:
 # ---------------------------------------------------------------------------- uids
 
 
-def select_uids(con: Any, where: str, out: Path) -> int:
+def select_uids(con: Any, where: str, out: Path | str) -> int:
+    if isinstance(out, str):
+        raise SelectError("with --uids-only, --out is a local Parquet file (FILE.parquet), not a URL")
     from curation.query import select_statement, write_file
 
     if out.suffix != ".parquet":
@@ -208,7 +211,7 @@ class SelectResult:
 
 
 def select_shards(
-    con: Any, run: Path, where: str, out: Path, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    con: Any, run: Path, where: str, out: Path | str, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> SelectResult:
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     if "image_path" not in columns:
@@ -216,7 +219,7 @@ def select_shards(
             f"{run} has no images: its pipeline has no download stage and its input is not webdataset or "
             "image_folder. Use --uids-only for a list of uids."
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if isinstance(out, Path) and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SelectError(f"{out} exists and is not an empty directory; choose a new --out")
     from curation.query import select_statement
 
@@ -231,30 +234,52 @@ def select_shards(
     # Read before any image: a vocabulary that no longer matches the run fails the selection up front.
     vocabulary = run_vocabulary(run) if "concept_ids" in columns else None
 
+    result = SelectResult(no_image=no_image)
+    if isinstance(out, str):
+        # An object store has no directory rename: each tar is committed whole, sizes.json last,
+        # into a prefix that must be empty (a select killed midway leaves tars without sizes.json).
+        store = open_store(out)
+        store.check()
+        if store.list(""):
+            raise SelectError(f"{out} is not empty; choose a new --out")
+        _write_selection(con, run, where, store, shard_size, max_pixels, vocabulary, result)
+        return result
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    result = SelectResult(no_image=no_image)
     try:
-        with _ShardWriter(tmp, shard_size, max_pixels) as writer:
-            for row, image in _images(con, run, where, result.unreadable):
-                try:
-                    writer.write(row, image)
-                except ImageRefused as e:  # too large (a decompression bomb), or not decodable
-                    result.unreadable.append(f"{row['image_path']} {row['key'] or ''}: {e}")
-        result.sizes = writer.sizes
-        result.samples = sum(writer.sizes.values())
-        if vocabulary is not None:
-            from curation.models.vocabulary import write_vocabulary
-
-            write_vocabulary(tmp / VOCABULARY_FILE, vocabulary)
+        _write_selection(con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def _write_selection(
+    con: Any,
+    run: Path,
+    where: str,
+    target: Store,
+    shard_size: int,
+    max_pixels: int,
+    vocabulary: list[str] | None,
+    result: SelectResult,
+) -> None:
+    with _ShardWriter(target, shard_size, max_pixels) as writer:
+        for row, image in _images(con, run, where, result.unreadable):
+            try:
+                writer.write(row, image)
+            except ImageRefused as e:  # too large (a decompression bomb), or not decodable
+                result.unreadable.append(f"{row['image_path']} {row['key'] or ''}: {e}")
+        if vocabulary is not None:
+            from curation.models.vocabulary import vocabulary_text
+
+            target.put_bytes(VOCABULARY_FILE, vocabulary_text(vocabulary).encode("utf-8"))
+    result.sizes = writer.sizes
+    result.samples = sum(writer.sizes.values())
 
 
 def run_vocabulary(run: Path) -> list[str]:
@@ -363,7 +388,7 @@ class _ShardWriter:
     """`curation.core.shards.ShardWriter`, with the checks training needs: each image's header within
     `max_pixels`, and formats open_clip cannot read converted to PNG."""
 
-    def __init__(self, folder: Path, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, folder: Store, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.max_pixels = max_pixels
         self.shards = ShardWriter(folder, shard_size)
 

@@ -84,3 +84,35 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not():
 def test_a_url_without_a_filesystem_is_one_line():
     with pytest.raises(StorageError, match=r"unknown storage protocol nosuchproto://"):
         open_store("nosuchproto://bucket/run")
+
+
+def test_shards_and_checkpoints_on_a_store(store, tmp_path):
+    """select's writer, the trainer's shard patterns and its checkpoints, on local disk and memory://."""
+    import torch
+
+    from curation.core.shards import ShardWriter, read_samples
+    from train.checkpoints import CheckpointDir, load_checkpoint
+    from train.data import count_samples, expand_shards
+
+    with ShardWriter(store.url, shard_size=2, mtime=0) as writer:
+        for i in range(5):
+            writer.add(f"{i:04d}", {"txt": f"caption {i}".encode(), "jpg": b"\xff\xd8 not decoded"})
+    assert sorted(store.list("")) == ["00000.tar", "00001.tar", "00002.tar", "sizes.json"]
+    base = store.url_of()
+    shards = expand_shards(f"{base}/{{00000..00003}}.tar")  # 00003 does not exist: left out
+    assert shards == [f"{base}/{i:05d}.tar" for i in range(3)]
+    assert expand_shards(f"{base}/0000[12].tar") == shards[1:]
+    assert count_samples(shards) == 5
+    assert [s.members["txt"] for s in read_samples(shards[2])] == [b"caption 4"]
+    with pytest.raises(FileNotFoundError):
+        expand_shards(f"{base}/{{00007..00009}}.tar")
+
+    ckpts = CheckpointDir(store.url_of("train"))
+    assert ckpts.latest() is None
+    for step in (3, 6, 9):
+        ckpts.save(step, {"step": step, "w": torch.full((2,), float(step))})
+    ckpts.prune(2)
+    assert ckpts.names() == ["step_00000006.pt", "step_00000009.pt"]
+    latest = ckpts.latest()
+    assert str(latest).endswith("train/checkpoints/step_00000009.pt")
+    assert torch.equal(load_checkpoint(latest)["w"], torch.full((2,), 9.0))

@@ -322,3 +322,115 @@ def test_ray_runner_writes_to_s3_inside_its_namespace(tmp_path):
     a = pq.read_table(copied).sort_by("uid")
     b = pq.read_table(local / "manifests").sort_by("uid")
     assert a.num_rows == 1000 and a.equals(b)
+
+
+def _tar_members(data: bytes) -> list[tuple[str, bytes]]:
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+@pytest.mark.slow
+def test_select_to_s3_then_train_from_it_checkpoint_resume_and_eval_on_s3(tmp_path, s3, bucket, capsys):
+    """select --out s3:// -> curate train streaming those shards, checkpoints on s3 -> --resume -> eval."""
+    import tempfile
+
+    import torch
+    import yaml
+
+    from train.checkpoints import list_checkpoints
+    from train.fashion_mnist import write_shards
+
+    write_shards(tmp_path / "fmnist", "train", limit=256, samples_per_shard=64)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"input: {{format: webdataset, path: '{tmp_path}/fmnist/*.tar', rows_per_shard: 64}}\n"
+        f"output: {tmp_path / 'run'}\nrunner: {{type: local, workers: 1, progress: false}}\n"
+        f"stages:\n{FAST_STAGE}"
+    )
+    assert main(["run", str(cfg)]) == 0, capsys.readouterr().err
+
+    # select: the same shards as a local select, committed whole, no temporary object or file left.
+    staging = Path(tempfile.gettempdir()) / "curate-staging"
+    staged_before = set(staging.iterdir()) if staging.exists() else set()
+    sel = f"s3://{bucket}/sel"
+    assert main(["select", str(tmp_path / "run"), "--out", sel, "--shard-size", "64"]) == 0
+    assert main(["select", str(tmp_path / "run"), "--out", str(tmp_path / "sel"), "--shard-size", "64"]) == 0
+    names = [f"{i:05d}.tar" for i in range(4)]
+    assert s3.keys(bucket, "sel/") == [f"sel/{n}" for n in [*names, "sizes.json"]]
+    c = s3.client()
+    for n in names:
+        body = c.get_object(Bucket=bucket, Key=f"sel/{n}")["Body"].read()
+        assert _tar_members(body) == _tar_members((tmp_path / "sel" / n).read_bytes())
+    sizes = json.loads(c.get_object(Bucket=bucket, Key="sel/sizes.json")["Body"].read())
+    assert sizes == json.loads((tmp_path / "sel" / "sizes.json").read_text())
+    staged_after = set(staging.iterdir()) if staging.exists() else set()
+    assert not [p for p in staged_after - staged_before if p.name.endswith(".tar")], "a staged tar was left"
+    capsys.readouterr()
+    assert main(["select", str(tmp_path / "run"), "--out", sel]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+    def train_config(name: str, shards: str, output_dir: str) -> Path:
+        path = tmp_path / name
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "data": {"shards": shards, "workers": 2, "shuffle_buffer": 64},
+                    "output_dir": output_dir,
+                    "model": {"name": "curate-tiny"},
+                    "loss": {"name": "infonce"},
+                    "optim": {"lr": 2e-3, "warmup_steps": 2},
+                    "train": {
+                        "batch_size": 16,
+                        "steps": 6,
+                        "checkpoint_every": 3,
+                        "log_every": 1,
+                        "progress": False,
+                    },
+                }
+            )
+        )
+        return path
+
+    # The reference: local shards, local output_dir, uninterrupted.
+    local = train_config("local.yaml", str(tmp_path / "sel" / "{00000..00003}.tar"), str(tmp_path / "full"))
+    assert main(["train", str(local)]) == 0
+    # On s3: shards streamed from the bucket, checkpoints written there; then a crash after step 3
+    # (the step-6 checkpoint lost) and --resume from s3 redoes steps 4-6 exactly.
+    on_s3 = train_config("s3.yaml", f"{sel}/{{00000..00003}}.tar", f"s3://{bucket}/train")
+    assert main(["train", str(on_s3)]) == 0
+    assert [str(p) for p in list_checkpoints(f"s3://{bucket}/train")] == [
+        f"s3://{bucket}/train/checkpoints/step_00000003.pt",
+        f"s3://{bucket}/train/checkpoints/step_00000006.pt",
+    ]
+    assert c.get_object(Bucket=bucket, Key="train/checkpoints/latest")["Body"].read() == b"step_00000006.pt"
+    c.delete_object(Bucket=bucket, Key="train/checkpoints/step_00000006.pt")
+    assert main(["train", str(on_s3), "--resume"]) == 0
+    metrics = c.get_object(Bucket=bucket, Key="train/metrics.jsonl")["Body"].read().decode().splitlines()
+    resumed = [json.loads(ln) for ln in metrics]
+    full = [json.loads(ln) for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    body = c.get_object(Bucket=bucket, Key="train/checkpoints/step_00000006.pt")["Body"].read()
+    w_s3 = torch.load(io.BytesIO(body), weights_only=True)["state_dict"]
+    w_local = torch.load(tmp_path / "full" / "checkpoints" / "step_00000006.pt", weights_only=True)[
+        "state_dict"
+    ]
+    assert all(torch.allclose(w_local[k], w_s3[k], atol=1e-6) for k in w_local)
+
+    # eval: the checkpoint and the retrieval shards both from s3, same numbers as from local disk.
+    capsys.readouterr()
+    ck = f"s3://{bucket}/train/checkpoints/step_00000006.pt"
+    assert (
+        main(["eval", "--checkpoint", ck, "--retrieval", f"{sel}/{{00000..00003}}.tar", "--limit", "64"]) == 0
+    )
+    from_s3 = json.loads(capsys.readouterr().out)
+    local_ck = str(tmp_path / "full" / "checkpoints" / "step_00000006.pt")
+    pattern = str(tmp_path / "sel" / "{00000..00003}.tar")
+    assert main(["eval", "--checkpoint", local_ck, "--retrieval", pattern, "--limit", "64"]) == 0
+    from_disk = json.loads(capsys.readouterr().out)
+    assert from_s3["retrieval"]["n"] == 64
+    for k, v in from_disk["retrieval"].items():
+        assert from_s3["retrieval"][k] == pytest.approx(v, abs=1e-6), k

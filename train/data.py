@@ -42,6 +42,7 @@ order (then shuffled by the buffer). open_clip's upsampling factors weight each
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import itertools
 import json
@@ -56,6 +57,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from curation.core.shards import CONCEPTS
+from curation.core.storage import is_url, open_store
 
 if TYPE_CHECKING:
     from train.config import DataConfig
@@ -67,9 +69,15 @@ log = logging.getLogger(__name__)
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """Brace pattern (open_clip's syntax) and/or glob -> sorted list of existing tar paths."""
+    """Brace pattern (open_clip's syntax) and/or glob -> sorted list of existing tar paths.
+
+    The pattern may be a URL (`s3://b/sel/{00000..00099}.tar`): each folder is listed
+    once (not one request per shard), and the tars are later streamed from the store.
+    """
     import braceexpand
 
+    if is_url(pattern):
+        return _expand_url_shards(pattern, list(braceexpand.braceexpand(pattern)))
     paths: list[str] = []
     for p in braceexpand.braceexpand(pattern):
         matches = glob.glob(p) if any(c in p for c in "*?[") else ([p] if Path(p).exists() else [])
@@ -79,29 +87,50 @@ def expand_shards(pattern: str) -> list[str]:
     return sorted(set(paths))
 
 
+def _expand_url_shards(pattern: str, urls: list[str]) -> list[str]:
+    listed: dict[str, set[str]] = {}
+    paths: list[str] = []
+    for url in urls:
+        folder, _, name = url.rpartition("/")
+        if folder not in listed:
+            store = open_store(folder)
+            names = set(store.list(""))
+            listed[folder] = names
+        if any(c in name for c in "*?["):
+            paths.extend(f"{folder}/{n}" for n in sorted(listed[folder]) if fnmatch.fnmatchcase(n, name))
+        elif name in listed[folder]:
+            paths.append(url)
+    if not paths:
+        raise FileNotFoundError(f"no shards match {pattern!r}")
+    return sorted(set(paths))
+
+
 def count_samples(shards: list[str], sizes_path: str | None = None) -> int | None:
     """Total samples of `shards` from sizes.json (tar name -> count); None when there is no sizes file."""
-    path = Path(sizes_path) if sizes_path else Path(shards[0]).parent / "sizes.json"
-    if not path.exists():
+    path = sizes_path or f"{shards[0].rpartition('/')[0] or '.'}/sizes.json"
+    folder, _, name = path.rpartition("/")
+    store = open_store(folder or ".")
+    if not store.exists(name):
         if sizes_path:
             raise FileNotFoundError(f"sizes file not found: {sizes_path}")
         return None
     try:
-        sizes = json.loads(path.read_text())
+        sizes = json.loads(store.get_bytes(name))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(sizes, dict):
         raise ValueError(
             f"{path}: expected an object of tar name -> sample count, got a {type(sizes).__name__}"
         )
-    missing = [s for s in shards if Path(s).name not in sizes]
+    names = [s.rpartition("/")[2] for s in shards]
+    missing = [n for n in names if n not in sizes]
     if missing:
-        raise ValueError(f"{path} has no entry for {len(missing)} shard(s), e.g. {Path(missing[0]).name}")
-    for name in (Path(s).name for s in shards):
-        count = sizes[name]
+        raise ValueError(f"{path} has no entry for {len(missing)} shard(s), e.g. {missing[0]}")
+    for tar in names:
+        count = sizes[tar]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"{path}: {name}: expected a sample count (an integer >= 0), got {count!r}")
-    return sum(sizes[Path(s).name] for s in shards)
+            raise ValueError(f"{path}: {tar}: expected a sample count (an integer >= 0), got {count!r}")
+    return sum(sizes[n] for n in names)
 
 
 @dataclass(frozen=True)

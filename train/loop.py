@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 
 from curation.models.clip import build_model, embed_dim
+from train.checkpoints import CheckpointDir, latest_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
 from train.config import TrainConfig
 from train.data import MixtureLog, ShardStream, all_shards, count_source_samples, data_sources, make_loader
 from train.hard_pairs import HardPairStream
@@ -51,7 +51,6 @@ from train.losses import ConceptDistillationLoss, HardNegativeMarginLoss, Traini
 from train.model import ConceptStudent, param_groups
 
 log = logging.getLogger("train")
-CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 
 
 # --------------------------------------------------------------------------- devices and ranks
@@ -234,17 +233,6 @@ def forward_backward(
 # --------------------------------------------------------------------------- checkpoints
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    d = Path(output_dir) / "checkpoints"
-    found = [(int(m.group(1)), p) for p in d.glob("step_*.pt") if (m := CKPT_RE.search(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    cks = list_checkpoints(output_dir)
-    return cks[-1] if cks else None
-
-
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -257,14 +245,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic: a crash mid-write never leaves a truncated 'latest' checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -294,6 +274,7 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
+        self.file.flush()  # complete up to each checkpoint, which uploads it when output_dir is a URL
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -321,7 +302,7 @@ class TrainResult:
     steps: int
     final_loss: float
     samples_per_s: float
-    checkpoint: Path | None
+    checkpoint: str | Path | None  # a URL when output_dir is one
     output_dir: Path
 
 
@@ -387,7 +368,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
 
 def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> TrainResult:
     r = cfg.train
-    out_dir = Path(cfg.output_dir)
+    ckpts = CheckpointDir(cfg.output_dir)  # output_dir may be a URL (s3://...)
+    out_dir = ckpts.work_dir  # metrics and TensorBoard: output_dir, or a local folder for a URL
     # Nothing is written to output_dir until everything that can fail at the start has worked
     # (model, shards, step count, checkpoint, first batch): a failed start leaves no folder behind.
 
@@ -440,11 +422,11 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp")
 
     start_step, rng_state = 0, None
-    ckpt_path = latest_checkpoint(out_dir) if resume else None
+    ckpt_path = ckpts.latest() if resume else None
     if resume and ckpt_path is None and dist.is_main:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", out_dir / "checkpoints")
+        log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", ckpts.url)
     if ckpt_path is not None:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ck = ckpts.load(ckpt_path)
         model.load_state_dict(ck["state_dict"])
         _restore_concept_head(ck, student, ckpt_path)
         optimizer.load_state_dict(ck["optimizer"])
@@ -615,10 +597,9 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
             flush()
         if step == n_steps or (r.checkpoint_every and step % r.checkpoint_every == 0):
             flush()
-            checkpoint = out_dir / "checkpoints" / f"step_{step:08d}.pt"
             if dist.is_main:
-                save_checkpoint(
-                    checkpoint,
+                checkpoint = ckpts.save(
+                    step,
                     {
                         "step": step,
                         "model_name": built.name,
@@ -639,8 +620,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
                     },
                 )
                 if r.keep_checkpoints:
-                    for old in list_checkpoints(out_dir)[: -r.keep_checkpoints]:
-                        old.unlink(missing_ok=True)
+                    ckpts.prune(r.keep_checkpoints)
             if dist.world_size > 1:
                 torch.distributed.barrier()
 
@@ -652,7 +632,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
     if metrics is not None:
         metrics.close()
     if checkpoint is None:
-        checkpoint = latest_checkpoint(out_dir)
+        checkpoint = ckpts.latest()
     sps = global_batch * timed_steps / total_time if total_time > 0 else float("nan")
     return TrainResult(
         steps=n_steps, final_loss=last_loss, samples_per_s=sps, checkpoint=checkpoint, output_dir=out_dir

@@ -29,12 +29,15 @@ import os
 import posixpath
 import tarfile
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import fsspec
+
+from curation.core.storage import Store, open_store
 
 CAPTION = "txt"
 META = "json"
@@ -183,17 +186,21 @@ def count_samples(source: str | IO[bytes]) -> int:
 class ShardWriter:
     """Numbered tars (00000.tar, ...) of at most `shard_size` samples each, into `folder`.
 
-    Each tar is written under a temporary name and renamed when it is full or the
-    writer closes, so a tar under its final name is complete. `sizes` counts what
-    each holds; `close` writes them to sizes.json.
+    `folder` is a local directory, a URL (s3://bucket/prefix, ...) or a `Store`. A
+    tar is written to a local file and committed whole when it is full or the writer
+    closes, through the storage layer: on local disk renamed in place, on an object
+    store one PUT (multipart for large tars), so a tar under its final name is
+    complete and no temporary object is ever left in the store. `sizes` counts what
+    each holds; `close` writes them to sizes.json, last.
     """
 
-    def __init__(self, folder: str | Path, shard_size: int, mtime: float | None = None) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path | Store, shard_size: int, mtime: float | None = None) -> None:
+        self.store = folder if isinstance(folder, Store) else open_store(folder)
         self.shard_size = shard_size
         self.sizes: dict[str, int] = {}
         self._tar: tarfile.TarFile | None = None
         self._name = ""
+        self._tmp: Path | None = None
         self._mtime = time.time() if mtime is None else mtime
 
     @property
@@ -219,21 +226,26 @@ class ShardWriter:
         self._finish()
         self._name = f"{len(self.sizes):05d}.tar"
         self.sizes[self._name] = 0
+        if self.store.local:
+            # Beside its final name, so the commit is a rename on one filesystem.
+            self.store.makedirs()
+            self._tmp = Path(self.store.path(f".{self._name}.tmp"))
+        else:
+            self._tmp = self.store.staging() / f"{uuid.uuid4().hex}-{self._name}"
         # Held open across `add` calls and closed by `_finish`, hence no `with`.
-        self._tar = tarfile.open(self._tmp(self._name), "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-
-    def _tmp(self, name: str) -> Path:
-        return self.folder / f".{name}.tmp"
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
 
     def _finish(self) -> None:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-            os.replace(self._tmp(self._name), self.folder / self._name)
+            assert self._tmp is not None
+            self.store.put_file(self._tmp, self._name)
+            self._tmp = None
 
     def close(self) -> None:
         self._finish()
-        write_sizes(self.folder, self.sizes)
+        write_sizes(self.store, self.sizes)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -244,8 +256,10 @@ class ShardWriter:
         elif self._tar is not None:
             self._tar.close()
             self._tar = None
-            self._tmp(self._name).unlink(missing_ok=True)
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
 
 
-def write_sizes(folder: str | Path, sizes: dict[str, int]) -> None:
-    (Path(folder) / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
+def write_sizes(folder: str | Path | Store, sizes: dict[str, int]) -> None:
+    store = folder if isinstance(folder, Store) else open_store(folder)
+    store.put_bytes(SIZES_FILE, (json.dumps(sizes, indent=1) + "\n").encode())

@@ -9,6 +9,7 @@ nothing is ever downloaded.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from curation.core.storage import is_url, open_store
 from curation.models.checkpoints import torch_load
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -106,7 +108,16 @@ def embed_dim(built: BuiltModel) -> int:
 
 
 def load_for_eval(checkpoint: str | None, model_name: str | None = None, device: str = "cpu") -> BuiltModel:
-    """A curate checkpoint knows its model name; an open_clip state dict needs `model_name`."""
+    """A curate checkpoint knows its model name; an open_clip state dict needs `model_name`.
+
+    `checkpoint` may be a URL (s3://...): open_clip loads from a file, so that one object is
+    copied through the storage layer into a temporary folder, removed once the weights are loaded.
+    """
+    if checkpoint is not None and is_url(checkpoint):
+        folder, _, file_name = checkpoint.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="curate-checkpoint-") as tmp:
+            [local] = open_store(folder).get_to_local([file_name], Path(tmp))
+            return load_for_eval(str(local), model_name, device)
     name = model_name
     if checkpoint is not None and name is None:
         ck = torch_load(checkpoint)  # memory-mapped: only the name is read here

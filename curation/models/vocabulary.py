@@ -34,10 +34,14 @@ def read_vocabulary(path: str | os.PathLike) -> list[str]:
 
 
 def write_vocabulary(path: str | os.PathLike, names: list[str]) -> None:
+    Path(path).write_text(vocabulary_text(names), encoding="utf-8")
+
+
+def vocabulary_text(names: list[str]) -> str:
     """One name per line, the format `read_vocabulary` reads back."""
     if any("\n" in n or "\r" in n or not n.strip() for n in names):
         raise VocabularyError("vocabulary names must be non-empty single lines")
-    Path(path).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    return "".join(f"{n}\n" for n in names)
 
 
 def vocabulary_sha256(names: list[str]) -> str:
