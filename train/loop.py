@@ -322,10 +322,20 @@ def distill_vocabulary(cfg: TrainConfig, shards: list[str]) -> list[str]:
     from curation.models.vocabulary import VocabularyError, read_vocabulary
 
     assert cfg.distill is not None
-    path = (
-        Path(cfg.distill.vocabulary) if cfg.distill.vocabulary else Path(shards[0]).parent / "vocabulary.txt"
+    from curation.core.storage import is_url, open_store
+
+    if cfg.distill.vocabulary:
+        path: str = str(cfg.distill.vocabulary)
+    elif is_url(shards[0]):
+        path = shards[0].rsplit("/", 1)[0] + "/vocabulary.txt"
+    else:
+        path = str(Path(shards[0]).parent / "vocabulary.txt")
+    found = (
+        open_store(path.rsplit("/", 1)[0]).exists(path.rsplit("/", 1)[1])
+        if is_url(path)
+        else Path(path).is_file()
     )
-    if not path.is_file():
+    if not found:
         raise FileNotFoundError(
             f"distillation needs the concept vocabulary: {path} not found (`curate select` writes it beside "
             "the shards of a run with a concepts stage; or set distill.vocabulary)"

@@ -17,10 +17,19 @@ class VocabularyError(ValueError):
 
 def read_vocabulary(path: str | os.PathLike) -> list[str]:
     """Class names, one per line, in the classifier's output order; trailing blank lines are ignored."""
+    from curation.core.storage import StorageError, is_url, open_store
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise VocabularyError(f"cannot read vocabulary {str(path)!r}: {e.strerror or e}") from None
+        if is_url(path):
+            # beside shards that `curate select` wrote to object storage
+            parent, name = str(path).rsplit("/", 1)
+            text = open_store(parent).get_bytes(name).decode("utf-8")
+        else:
+            text = Path(path).read_text(encoding="utf-8")
+    except (OSError, StorageError, UnicodeDecodeError) as e:
+        raise VocabularyError(
+            f"cannot read vocabulary {str(path)!r}: {getattr(e, 'strerror', None) or e}"
+        ) from None
     names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:
         names.pop()

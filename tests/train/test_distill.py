@@ -136,7 +136,7 @@ def test_stream_batches_carry_padded_targets(fmnist_concept_shards: Path) -> Non
     short = batch["concept_ids"][:, 2] == -1
     assert short.any() and not short.all()
     assert torch.all(batch["concept_probs"][short, 2] == 0)
-    assert set(batch) == {"image", "text", "uid", "concept_ids", "concept_probs"}
+    assert set(batch) == {"image", "text", "uid", "source", "concept_ids", "concept_probs"}
 
 
 def test_target_errors_name_the_sample() -> None:
