@@ -307,7 +307,11 @@ class ShardWriter:
         self.schema = schema
         # Unique per writer: a retried task (Ray) never shares a temp file with a zombie attempt.
         self.tmp = run.tmp / f"{shard_name(index)}.{os.getpid()}.{time.monotonic_ns()}.parquet"
-        self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        try:
+            self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        except BaseException:  # a full disk: the file may exist, the writer does not
+            self.tmp.unlink(missing_ok=True)
+            raise
         self.rows = 0
         self.kept = 0
         self.reasons: dict[str, int] = {}

@@ -144,6 +144,12 @@ def select_statement(sql: str) -> duckdb.Statement:
     return statement
 
 
+def condition(where: str) -> str:
+    """`where` as a parenthesised condition that a comment in it cannot escape (`keep) --`):
+    the newline ends a `--` comment, and an unbalanced `(`, `)` or `/*` fails to parse."""
+    return f"(\n{where}\n)"
+
+
 def explain_error(e: duckdb.Error) -> str:
     """A DuckDB error as one line, with what the lockdown means when it was the cause."""
     msg = " ".join(str(e).split())

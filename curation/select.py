@@ -19,18 +19,15 @@ each uid at most once, so a pair listed twice is not trained on twice.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import shutil
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curation.argtypes import at_least
 from curation.core.shards import (
     CAPTION,
     CONCEPTS,
@@ -42,161 +39,67 @@ from curation.core.shards import (
     normalise_key,
     read_samples,
 )
-from curation.core.storage import Store, is_url, open_store
+from curation.core.storage import Store, open_store
 from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size, open_image
-from curation.terminal import printable
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "select",
-        help="write the samples matching a SQL condition as webdataset shards + sizes.json",
-        description=(
-            "Select the samples of OUTPUT (a `curate run` output) matching --where, a DuckDB SQL condition "
-            "over the manifest columns, and write them to --out as webdataset shards 00000.tar, 00001.tar, ... "
-            "({key}.jpg/png/webp, {key}.txt caption, {key}.json manifest row) plus sizes.json, readable by "
-            'open_clip (--train-data "DIR/{00000..0000N}.tar") and `curate train`. '
-            "With --uids-only, write a Parquet file of the selected uids instead (a DataComp-style subset file)."
-        ),
-        epilog=(
-            'examples:\n  curate select runs/laion --where "keep AND caption_complexity >= 3" --out subsets/cat3\n'
-            "  curate select runs/laion --where keep --dedup --top-fraction 0.3 --by clip_score --out subsets/top30"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("output", help="a `curate run` output directory")
-    p.add_argument("--where", default="keep", help="SQL condition over the manifest columns (default: keep)")
-    p.add_argument(
-        "--out",
-        required=True,
-        help="new or empty directory for the shards; with --uids-only, the .parquet file to write",
-    )
-    p.add_argument("--shard-size", type=at_least(1), default=10_000, help="samples per tar (default 10,000)")
-    p.add_argument(
-        "--max-pixels",
-        type=at_least(1),
-        default=DEFAULT_MAX_PIXELS,
-        help="images whose header declares more pixels are left out, undecoded (default 89,478,485: "
-        "Pillow's warning level); training would decode them",
-    )
-    p.add_argument("--uids-only", action="store_true", help="write only the selected uids, as Parquet")
-    p.add_argument(
-        "--dedup",
-        action="store_true",
-        help="one sample per duplicate group of `curate dedup` (the best-ranked one among those --where selects)",
-    )
-    p.add_argument(
-        "--top-fraction",
-        type=float,
-        metavar="F",
-        help="keep the top fraction F of the selected rows by --by, over the whole run (DataComp's "
-        "CLIP-score baselines: --top-fraction 0.3 --by clip_score)",
-    )
-    p.add_argument(
-        "--by", metavar="COLUMN", help="the numeric column --top-fraction ranks by (higher is better)"
-    )
-    p.add_argument(
-        "--balance",
-        metavar="ENTRIES",
-        help="MetaCLIP balancing after the other options: `concepts` (top-1 concept) and/or metadata files "
-        "(one entry a line, substring-matched); docs/balance.md",
-    )
-    p.add_argument(
-        "--balance-t", type=float, default=20_000, metavar="T", help="pairs per entry (default 20000)"
-    )
-    p.add_argument("--balance-seed", type=int, default=0, metavar="N", help="seed of the draws (default 0)")
-    p.set_defaults(func=cmd_select)
-
-
-def cmd_select(args: argparse.Namespace) -> int:
-    import duckdb
-
-    from curation.query import NoManifests, QueryRefused, connect, explain_error, inside_run
-
-    out = args.out if is_url(args.out) else Path(args.out)  # s3://... : shards go to the object store
-    problem = inside_run(out, Path(args.output)) if isinstance(out, Path) else None
-    if problem:
-        return _fail(problem)
-    try:
-        con = connect(args.output)
-    except NoManifests as e:
-        return _fail(str(e))
-    if (args.top_fraction is None) != (args.by is None):
-        return _fail("--top-fraction and --by go together, e.g. --top-fraction 0.3 --by clip_score")
-    if args.top_fraction is not None and not 0 < args.top_fraction <= 1:
-        return _fail("--top-fraction must be in (0, 1]")
-    try:
-        where = narrow(con, args.where, dedup=args.dedup, top_fraction=args.top_fraction, by=args.by)
-        if args.balance:
-            where = _balance(con, where, args)
-        if args.uids_only:
-            return select_uids(con, where, out)
-        result = select_shards(con, Path(args.output), where, out, args.shard_size, args.max_pixels)
-    except SelectError as e:
-        return _fail(str(e))
-    except QueryRefused as e:
-        return _fail(f"--where {args.where!r} refused: {e}")
-    except duckdb.Error as e:
-        return _fail(f"--where {args.where!r}: {explain_error(e)}")
-    print(
-        f"wrote {result.samples:,} samples in {len(result.sizes)} shard(s) to {out}"
-        + (
-            f"; {result.no_image:,} selected rows have no image (not downloaded) and are left out"
-            if result.no_image
-            else ""
-        )
-    )
-    if result.unreadable:
-        print(
-            f"curate: {len(result.unreadable):,} selected images could not be read, left out:",
-            file=sys.stderr,
-        )
-        for msg in result.unreadable[:10]:
-            print(f"  {printable(msg)}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+from curation.query import condition
 
 
 class SelectError(Exception):
-    pass
+    """A selection that cannot be made as asked (one line for the user)."""
 
 
-def _balance(con: Any, where: str, args: argparse.Namespace) -> str:
-    from curation.balance import BalanceError, balanced_where, describe, parse_spec
-
-    try:
-        where, result = balanced_where(
-            con, where, parse_spec(args.balance, args.balance_t, args.balance_seed)
-        )
-    except BalanceError as e:
-        raise SelectError(str(e)) from None
-    print(describe(result, args.balance_t))
-    return where
+UID_FORMATS = (".parquet", ".npy")
 
 
-def _fail(msg: str) -> int:
-    print(f"curate: error: {printable(msg)}", file=sys.stderr)
-    return EXIT_USAGE
+def select_uids(con: Any, where: str, out: Path) -> int:
+    """Write the distinct selected uids to `out` atomically; returns how many.
 
-
-# ---------------------------------------------------------------------------- uids
-
-
-def select_uids(con: Any, where: str, out: Path | str) -> int:
-    if isinstance(out, str):
-        raise SelectError("with --uids-only, --out is a local Parquet file (FILE.parquet), not a URL")
+    FILE.parquet: a `uid` column (and `input_uid`, the input's own uid, when the input had one).
+    FILE.npy: DataComp's subset format, the 128-bit uids as a sorted array of dtype `u8,u8`
+    (high and low 64 bits) -- the input's own uid (DataComp's pools carry one) where there is one.
+    """
     from curation.query import select_statement, write_file
 
-    if out.suffix != ".parquet":
-        raise SelectError("with --uids-only, --out is the Parquet file to write (FILE.parquet)")
-    if out.exists():
-        raise SelectError(f"{out} exists; choose a new file")
-    statement = select_statement(f"SELECT DISTINCT uid FROM samples WHERE ({where}) ORDER BY uid")
-    n = write_file(con, statement, out, "parquet")
-    print(f"wrote {n:,} uids to {out}")
-    return EXIT_OK
+    if out.suffix not in UID_FORMATS:
+        raise SelectError("with --uids-only, --out is the file to write: FILE.parquet or FILE.npy (DataComp)")
+    columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+    carried = "input_uid" in columns
+    if out.suffix == ".parquet":
+        cols = "uid, any_value(input_uid) AS input_uid" if carried else "uid"
+        sql = f"SELECT {cols} FROM samples WHERE {condition(where)} GROUP BY uid ORDER BY uid"
+        return write_file(con, select_statement(sql), out, "parquet")
+    uid = "coalesce(CAST(input_uid AS VARCHAR), uid)" if carried else "uid"
+    sql = f"SELECT DISTINCT {uid} FROM samples WHERE {condition(where)}"
+    uids = [u for (u,) in con.execute(select_statement(sql)).fetchall()]
+    _write_npy_atomic(datacomp_uids(uids), out)
+    return len(uids)
+
+
+def datacomp_uids(uids: list[str]) -> Any:
+    """32-hex-digit uids as DataComp's sorted `u8,u8` array; raises SelectError naming a malformed one."""
+    import numpy as np
+
+    pairs = []
+    for u in uids:
+        if not isinstance(u, str) or len(u) != 32 or any(c not in "0123456789abcdefABCDEF" for c in u):
+            raise SelectError(f"uid {u!r} is not 32 hex digits: DataComp's .npy format holds 128-bit uids")
+        pairs.append((int(u[:16], 16), int(u[16:], 16)))
+    array = np.array(pairs, dtype=np.dtype("u8,u8"))
+    array.sort()
+    return array
+
+
+def _write_npy_atomic(array: Any, out: Path) -> None:
+    import numpy as np
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- shards
@@ -211,22 +114,31 @@ class SelectResult:
 
 
 def select_shards(
-    con: Any, run: Path, where: str, out: Path | str, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    con: Any,
+    run: Path,
+    where: str,
+    out: Path | str,
+    shard_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    replace: bool = False,
 ) -> SelectResult:
+    """Write the selected samples as shards to the new (or empty) `out`, a local directory that
+    appears complete or not at all, or an empty object-store prefix. `replace`: a local `out` is replaced."""
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     if "image_path" not in columns:
         raise SelectError(
             f"{run} has no images: its pipeline has no download stage and its input is not webdataset or "
             "image_folder. Use --uids-only for a list of uids."
         )
-    if isinstance(out, Path) and out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if isinstance(out, Path) and out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replace)):
         raise SelectError(f"{out} exists and is not an empty directory; choose a new --out")
     from curation.query import select_statement
 
     # Selected uids none of whose rows has an image. fetchall, not fetchone: DuckDB keeps a
     # half-read result open and refuses the next query.
     sql = (
-        f"SELECT count(*) FROM (SELECT uid FROM samples WHERE ({where}) GROUP BY uid "
+        f"SELECT count(*) FROM (SELECT uid FROM samples WHERE {condition(where)} GROUP BY uid "
         "HAVING count(image_path) = 0)"
     )
     [(no_image,)] = con.execute(select_statement(sql)).fetchall()
@@ -250,9 +162,11 @@ def select_shards(
     tmp.mkdir()
     try:
         _write_selection(con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result)
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
         if out.exists():
-            out.rmdir()
+            os.replace(out, old)  # a rename: `out` is never half old, half new
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
@@ -310,23 +224,80 @@ def _images(con: Any, run: Path, where: str, unreadable: list[str]) -> Iterator[
     from curation.query import select_statement
 
     sql = (
-        f"SELECT * FROM samples WHERE ({where}) AND image_path IS NOT NULL "
+        f"SELECT * FROM samples WHERE {condition(where)} AND image_path IS NOT NULL "
         "QUALIFY row_number() OVER (PARTITION BY uid ORDER BY shard, image_path, key) = 1 "
         "ORDER BY image_path, key, uid"
     )
     reader = con.sql(select_statement(sql)).to_arrow_reader(10_000)
+    sources = ImageSources(run)
     group: list[dict] = []
     for batch in reader:
         for row in batch.to_pylist():
             if group and row["image_path"] != group[0]["image_path"]:
-                yield from read_image_group(run, group, unreadable)
+                yield from read_image_group(run, group, unreadable, sources)
                 group = []
             group.append(row)
     if group:
-        yield from read_image_group(run, group, unreadable)
+        yield from read_image_group(run, group, unreadable, sources)
 
 
-def read_image_group(run: Path, rows: list[dict], unreadable: list[str]) -> Iterator[tuple[dict, bytes]]:
+# Object stores reached with the user's own credentials (a run's input or output may live there).
+# Network hosts (http, ftp, sftp, ...) are never: a manifest row cannot make curate connect anywhere.
+STORAGE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
+
+
+class ImageSources:
+    """Where a run's images may be read from: its own output, and the input locations its plan names.
+
+    A manifest's `image_path` is data, and a run directory may come from someone else: a row that
+    names any other place (a host, a file outside the run and its inputs) is refused with a reason,
+    never opened.
+    """
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self.root = os.path.realpath(run)
+        self.inputs: list[str] = []
+        try:
+            record = json.loads((run / "run.json").read_text())
+            self.inputs = [str(s["path"]) for s in record.get("shards", []) if isinstance(s, dict)]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no run record: only the run's own files
+
+    def locate(self, image_path: str) -> str:
+        """The location to open for `image_path`; raises ImageLocationRefused saying why not."""
+        protocol, sep, rest = image_path.partition("://")
+        if sep and protocol.lower() != "file":
+            if protocol.lower() not in STORAGE_PROTOCOLS:
+                raise ImageLocationRefused(
+                    f"refused: {protocol}:// names a network host; a run's images are read only from its "
+                    "own output and input storage"
+                )
+            if not any(image_path == p or image_path.startswith(p.rstrip("/") + "/") for p in self.inputs):
+                raise ImageLocationRefused("refused: not among the input locations of the run's plan")
+            return image_path
+        local = rest if sep else image_path
+        # Relative paths are relative to the run's output (downloads); input files are absolute.
+        real = os.path.realpath(local if os.path.isabs(local) else os.path.join(self.run, local))
+        if _inside(real, self.root):
+            return real
+        for p in self.inputs:
+            if "://" not in p and _inside(real, os.path.realpath(p)):
+                return real
+        raise ImageLocationRefused("refused: outside the run's output and the input locations of its plan")
+
+
+class ImageLocationRefused(Exception):
+    pass
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def read_image_group(
+    run: Path, rows: list[dict], unreadable: list[str], sources: ImageSources | None = None
+) -> Iterator[tuple[dict, bytes]]:
     """(row, image bytes) for manifest rows that share one `image_path`, opening it once.
 
     A tar is read up to the last wanted key; where it can seek (a local file),
@@ -338,8 +309,11 @@ def read_image_group(run: Path, rows: list[dict], unreadable: list[str]) -> Iter
 
     path = rows[0]["image_path"]
     shared: set[str] = set()
-    # Relative paths are relative to the run's output (downloads); input files are absolute.
-    where = path if "://" in path else str(run / path)
+    try:
+        where = (sources or ImageSources(run)).locate(path)
+    except ImageLocationRefused as e:
+        unreadable += [f"{path} {row.get('key') or ''}: {e}" for row in rows]
+        return
     try:
         if rows[0]["key"] is None:  # an image file (image_folder input)
             with fsspec.open(where, "rb") as f:
@@ -431,7 +405,13 @@ class _ShardWriter:
 
 
 def narrow(
-    con: Any, where: str, *, dedup: bool = False, top_fraction: float | None = None, by: str | None = None
+    con: Any,
+    where: str,
+    *,
+    dedup: bool = False,
+    top_fraction: float | None = None,
+    by: str | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> str:
     """`where` further restricted to one row per duplicate group and/or the top fraction by a column.
 
@@ -453,10 +433,10 @@ def narrow(
         if "dedup" not in views:
             raise SelectError("--dedup needs the duplicate table: run `curate dedup OUTPUT` first")
         chosen = (
-            f"SELECT uid FROM samples LEFT JOIN dedup USING (uid) WHERE ({where}) "
+            f"SELECT uid FROM samples LEFT JOIN dedup USING (uid) WHERE {condition(where)} "
             "QUALIFY dup_group IS NULL OR row_number() OVER (PARTITION BY dup_group ORDER BY dup_rank) = 1"
         )
-        where = f"({where}) AND uid IN ({chosen})"
+        where = f"{condition(where)} AND uid IN ({chosen})"
     if top_fraction is not None:
         assert by is not None
         if by not in columns:
@@ -464,20 +444,23 @@ def narrow(
         if not any(t in columns[by] for t in ("INT", "FLOAT", "DOUBLE", "DECIMAL", "REAL")):
             raise SelectError(f"--by {by!r} is {columns[by]}, not a numeric column")
         col = '"' + by.replace('"', '""') + '"'
-        [(n,)] = con.execute(select_statement(f"SELECT count({col}) FROM samples WHERE ({where})")).fetchall()
+        [(n,)] = con.execute(
+            select_statement(f"SELECT count({col}) FROM samples WHERE {condition(where)}")
+        ).fetchall()
         position = int(n * top_fraction)
         rows = con.execute(
             select_statement(
-                f"SELECT {col} FROM samples WHERE ({where}) AND {col} IS NOT NULL ORDER BY {col} DESC "
+                f"SELECT {col} FROM samples WHERE {condition(where)} AND {col} IS NOT NULL ORDER BY {col} DESC "
                 f"LIMIT 1 OFFSET {position}"
             )
         ).fetchall()
         threshold = rows[0][0] if rows else None
-        where = f"({where}) AND {col} IS NOT NULL" + (
+        where = f"{condition(where)} AND {col} IS NOT NULL" + (
             f" AND {col} >= {threshold!r}" if threshold is not None else ""
         )
-        print(
-            f"top {100 * top_fraction:g}% by {by} of {n:,} rows: "
-            + (f"{by} >= {threshold:.6g}" if threshold is not None else "all of them")
-        )
+        if say is not None:
+            say(
+                f"top {100 * top_fraction:g}% by {by} of {n:,} rows: "
+                + (f"{by} >= {threshold:.6g}" if threshold is not None else "all of them")
+            )
     return where

@@ -33,6 +33,15 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(_escape, text)
 
 
+def rate(per_second: float) -> str:
+    """A rate people can read at any scale: `1,234`, `12.3`, `0.44` (never `0` for a slow stage)."""
+    if per_second >= 100:
+        return f"{per_second:,.0f}"
+    if per_second >= 0.01 or per_second == 0:
+        return f"{per_second:.3g}"
+    return f"{per_second:.1e}"
+
+
 def stdout_is_broken() -> bool:
     """True when stdout is a pipe whose reader has gone (`curate query ... | head -1`)."""
     try:

@@ -38,6 +38,18 @@ FLAGS = [
 ]
 
 
+# How the page is laid out: its height, and per sample table its width against its box and the
+# narrowest caption cell (a squeezed caption breaks mid-word).
+LAYOUT = """() => ({
+  height: document.documentElement.scrollHeight,
+  tables: [...document.querySelectorAll('table.samples')].map(t => ({
+    width: t.scrollWidth,
+    box: t.parentElement.clientWidth,
+    caption: Math.min(...[...t.querySelectorAll('td.caption')].map(c => c.getBoundingClientRect().width)),
+  })),
+})"""
+
+
 def inspect(
     html: Path,
     screenshot: Path | None = None,
@@ -79,6 +91,7 @@ def inspect(
             found["polygons"] = page.evaluate("document.querySelectorAll('svg.boxes polygon').length")
             found["scripts"] = page.evaluate("document.scripts.length")
             found["text"] = page.inner_text("body")
+            found["layout"] = page.evaluate(LAYOUT)
             if screenshot is not None and parts:
                 _stack([page.locator(sel).first.screenshot() for sel in parts], screenshot)
             elif screenshot is not None:

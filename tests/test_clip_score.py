@@ -274,3 +274,21 @@ def test_run_then_select_top_fraction_over_the_whole_run(tmp_path, checkpoint, c
         == 2
     )
     assert "no such column" in capsys.readouterr().err
+
+
+def test_a_model_that_gives_nan_is_an_error_status_not_ok(tmp_path):
+    """A checkpoint with NaN weights used to give `clip_status = ok` with a null score."""
+    torch.manual_seed(0)
+    built = build_model("curate-tiny")
+    state = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+        for k, v in built.model.state_dict().items()
+    }
+    bad = tmp_path / "nan.pt"
+    torch.save({"model_name": "curate-tiny", "state_dict": state}, bad)
+    st = ClipScore(ClipScoreParams(checkpoint=str(bad), device="cpu", batch_size=4), CTX)
+    st.setup()
+    good = encode(photo("coffee"))
+    out = st.compute(pa.table({"image": [good, good, None], "caption": ["a cup", "a mug", "a cup"]}))
+    assert out.column("clip_status").to_pylist() == ["not_finite", "not_finite", "no_image"]
+    assert out.column("clip_score").to_pylist() == [None, None, None]

@@ -80,7 +80,7 @@ def svg_texts(text: str) -> list[str]:
 
 def report(tmp_path: Path, output: Path, *args: str) -> tuple[str, Page]:
     html = tmp_path / "r.html"
-    assert main(["report", str(output), "--out", str(html), *args]) == 0
+    assert main(["report", str(output), "--out", str(html), "--force", *args]) == 0
     text = html.read_text()
     return text, Page(text)
 
@@ -432,3 +432,41 @@ def test_histogram_bins_cover_every_value_once():
     o = hs["ocr_caption_overlap"]
     nulls = len(range(0, n, 7))
     assert o.missing == nulls + 1 and sum(o.counts) + o.above == n - nulls - 1
+
+
+def test_threshold_label_and_notes_never_cover_a_bar(monkeypatch):
+    """caption_actions with `keep >= 1`: the label right of the line used to sit on the bar of 1."""
+    from matplotlib.text import Text
+
+    from curation.report import charts
+    from curation.report.collect import Histogram, Threshold
+
+    figures = []
+    monkeypatch.setattr(charts, "_svg", lambda fig, rc: figures.append(fig) or "<svg/>")
+    h = Histogram(
+        column="caption_actions",
+        title="caption_actions",
+        integer=True,
+        edges=[0, 1, 2, 3, 4],
+        counts=[5200, 4900, 700, 90],
+        selected=None,
+        missing=120,
+        above=3,
+        maximum=9,
+        thresholds=[Threshold(stage="caption_action", column="caption_actions", op=">=", value=1)],
+    )
+    charts.histogram_chart(h)
+    (fig,) = figures
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (ax,) = fig.axes
+    bars = [bar.get_window_extent(renderer) for container in ax.containers for bar in container]
+    assert len(bars) == 4
+    labels = [t for t in ax.findobj(Text) if "keep" in t.get_text() or "not scored" in t.get_text()]
+    assert len(labels) == 2
+    for label in labels:
+        box = label.get_window_extent(renderer)
+        assert not any(box.overlaps(bar) for bar in bars), label.get_text()

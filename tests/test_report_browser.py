@@ -91,3 +91,30 @@ def test_demo_report_in_headless_chromium_offline(demo_report, tmp_path):
     grey = img.mean(axis=2)
     assert grey.std() > 20 and (grey < 200).mean() > 0.05
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 200
+
+
+@pytest.fixture(scope="module")
+def wide_report(tmp_path_factory) -> Path:
+    """A caption-only run with four caption stages (ten score columns) over the 1k LAION captions."""
+    from tests.helpers import LAION_1K, write_config
+
+    tmp = tmp_path_factory.mktemp("wide_report")
+    stages = (
+        "  - caption_length: {min_words: 3, min_chars: 6}\n  - caption_language: {languages: [en]}\n"
+        "  - caption_complexity: {min: 2}\n  - caption_action: {min: 1}\n"
+    )
+    cfg = write_config(tmp / "c.yaml", LAION_1K, tmp / "run", rows_per_shard=250, stages=stages)
+    assert main(["run", str(cfg)]) == 0
+    assert main(["report", str(tmp / "run"), "--out", str(tmp / "report.html")]) == 0
+    return tmp / "report.html"
+
+
+def test_wide_caption_only_report_fits_its_page(wide_report, tmp_path):
+    seen = open_in_chromium(wide_report, tmp_path / "wide.png")
+    layout = seen["layout"]
+    assert len(layout["tables"]) == 5  # kept, and four drop reasons
+    for table in layout["tables"]:
+        assert table["width"] <= table["box"] + 1, table  # no sideways scrolling in a 1,280 px window
+        assert table["caption"] >= 300, table  # the caption keeps its room: whole words per line
+    # 219 sampled rows: each table scrolls in its own box, the page stays a page (was 42,671 px)
+    assert layout["height"] < 12_000, layout["height"]

@@ -1,6 +1,7 @@
 """curate's trainer: contrastive CLIP training (open_clip models) on curated webdataset shards.
 
 Public surface: `train.loop.train(cfg)`, `train.config.load_train_config(path)`,
-the losses in `train.losses`, evaluation in `train.evaluate`, and the CLI hook
-`train.cli.register(subparsers)`. Importing this package does not import torch.
+the losses in `train.losses`, evaluation in `train.evaluate`. Its commands (`curate train`,
+`eval`, `mine`) live in the CLI package, curation/cli/train.py. Importing this package does not
+import torch.
 """

@@ -1,5 +1,5 @@
 """`python -m train CONFIG.yaml [--resume]` and `torchrun --nproc_per_node N -m train CONFIG.yaml`."""
 
-from train.cli import main
+from curation.cli import main_train
 
-raise SystemExit(main())
+raise SystemExit(main_train())

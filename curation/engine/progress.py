@@ -17,7 +17,8 @@ class Progress:
         self.bar = tqdm(
             total=total_rows,
             unit=" rows",
-            unit_scale=True,
+            # Whole rows (`12/34 rows`), not tqdm's scaled floats (`12.0/34.0`).
+            unit_scale=False,
             dynamic_ncols=True,
             disable=not enabled,
             file=sys.stderr,

@@ -198,6 +198,8 @@ def connect(address: str | None, workers: int | str | None = None) -> bool:
         # "local", not None: ray.init() would silently join a cluster found via
         # RAY_ADDRESS or /tmp/ray, and the caller promises a fresh local instance.
         num_cpus = workers if isinstance(workers, int) else None
+        # Not the user's concern on a local instance: Ray's notice that token auth is on.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         try:
             ray.init(address="local", num_cpus=num_cpus, **quiet)
         except Exception as e:

@@ -165,6 +165,9 @@ def histogram_chart(h: Histogram) -> str:
                 zorder=3,
             )
             ax.legend(loc="best", fontsize=7, frameon=False)
+        if h.thresholds or h.missing or h.above:
+            # Headroom above the tallest bar: the threshold's label and the notes sit there, never over a bar.
+            ax.set_ylim(0, max(h.counts) * 1.22)
         for t in h.thresholds:
             _threshold(ax, h, t)
         notes = []

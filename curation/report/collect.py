@@ -19,7 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from curation.manifest import RunDir, shard_name
-from curation.query import QueryRefused, funnel, select_statement
+from curation.query import QueryRefused, condition, explain_error, funnel, select_statement
 from curation.schema import STAGE_COLUMNS, TRANSIENT_COLUMNS
 
 # Raw columns that are identifiers, free text or hashes: nothing to histogram.
@@ -119,7 +119,7 @@ def collect(output: str | Path, where: str | None = None, sample: int = 48, seed
 
     con = connect(output)
     run = RunDir(output)
-    cond = f"({where})" if where else "true"
+    cond = condition(where) if where else "true"
     matching = None
     if where:
         try:
@@ -127,7 +127,7 @@ def collect(output: str | Path, where: str | None = None, sample: int = 48, seed
         except QueryRefused as e:
             raise ReportError(f"--where {where!r} refused: {e}") from None
         except duckdb.Error as e:
-            raise ReportError(f"--where {where!r}: {str(e).splitlines()[0]}") from None
+            raise ReportError(f"--where {where!r}: {explain_error(e)}") from None
     columns = dict(_read(con, "SELECT column_name, column_type FROM (DESCRIBE samples)").fetchall())
     record = run.record() if run.exists() else None
     thresholds, skipped = run_thresholds(record, run.root)

@@ -18,6 +18,7 @@ from typing import Any
 from curation.core.text import tokens, words
 from curation.report.collect import ReportData, SampleGroup, ShardTiming, Threshold, plotted
 from curation.report.thumbnails import Thumbnail
+from curation.terminal import rate
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 # Shown as one "W×H px" line on a card rather than one score each.
@@ -343,7 +344,8 @@ def _meta(row: dict[str, Any]) -> str:
 
 def _table(g: SampleGroup, columns: list[str], rules: dict[str, Threshold], has_images: bool) -> str:
     shown = [c for c in columns if any(r.get(c) is not None for r in g.rows)]
-    head = "".join(f"<th>{esc(c)}</th>" for c in ["caption", *shown, "uid"])
+    # Column names break after their underscores, so many score columns leave the caption its room.
+    head = "".join(f"<th>{esc(c).replace('_', '_<wbr>')}</th>" for c in ["caption", *shown, "uid"])
     body = []
     for row in g.rows:
         cells = [f'<td class="caption">{esc(_cut(row.get("caption") or "", CAPTION_CHARS))}</td>']
@@ -359,7 +361,7 @@ def _table(g: SampleGroup, columns: list[str], rules: dict[str, Threshold], has_
         if has_images and not fetched
         else ""
     )
-    return f'{note}<div class="scroll"><table class="samples"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    return f'{note}<div class="scroll rows"><table class="samples"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _value(v: Any) -> str:
@@ -445,8 +447,8 @@ def _timings(shards: list[ShardTiming], chart: str | None) -> str:
     summary = (
         f"{len(shards):,} shards, {sum(s.rows for s in shards):,} rows; "
         + (
-            f"per shard {statistics.median(rates):,.0f} rows/s median "
-            f"({min(rates):,.0f}-{max(rates):,.0f}), {sum(s.seconds for s in timed):,.1f} shard-seconds in all"
+            f"per shard {rate(statistics.median(rates))} rows/s median "
+            f"({rate(min(rates))}-{rate(max(rates))}), {sum(s.seconds for s in timed):,.1f} shard-seconds in all"
             if rates
             else "no timings recorded"
         )
@@ -455,7 +457,7 @@ def _timings(shards: list[ShardTiming], chart: str | None) -> str:
     )
     rows = "".join(
         f"<tr><td>{s.shard}</td><td>{s.rows:,}</td><td>{s.kept:,}</td><td>{s.seconds:,.2f}</td>"
-        f"<td>{(s.rows / s.seconds if s.seconds > 0 else 0):,.0f}</td>"
+        f"<td>{rate(s.rows / s.seconds) if s.seconds > 0 else ''}</td>"
         f"<td>{esc(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s.finished)) if s.finished == s.finished else '')}</td></tr>"
         for s in shards[:SHARD_ROWS]
     )
@@ -501,7 +503,10 @@ mark{background:#ffd7d6;color:inherit;padding:0 1px;border-radius:2px}
 .chip b{color:var(--fg)}.chip.fail{border-color:var(--drop);background:#fdeceb}.chip.fail b{color:var(--drop)}
 .others{margin:0;font-size:11px;color:var(--muted);overflow-wrap:anywhere}.others b{color:var(--fg);font-weight:600}
 .meta{margin:0;font-size:11px;color:var(--muted)}.meta code{font-size:10px}
-.scroll{overflow-x:auto}td.fail{color:var(--drop);font-weight:600}td.uid code{white-space:nowrap;font-size:11px}.samples td.caption{max-width:520px;overflow-wrap:anywhere}.note{color:var(--muted)}
+.scroll{overflow-x:auto}td.fail{color:var(--drop);font-weight:600}td.uid code{font-size:11px;word-break:break-all}
+.samples{width:100%}.samples th{white-space:normal;overflow-wrap:normal;font-size:11px;padding:4px 6px}.samples td{padding:4px 6px}.samples td.caption{min-width:300px;max-width:520px;overflow-wrap:anywhere}
+.samples td.uid{width:9.5em;min-width:9.5em}.samples td:not(.caption):not(.uid){width:1%}
+.scroll.rows{max-height:600px;overflow-y:auto}.scroll.rows thead th{position:sticky;top:0;z-index:1}.note{color:var(--muted)}
 .facts th{width:160px}pre{background:var(--bg);padding:10px;border-radius:6px;overflow:auto;font-size:12px;max-height:420px}
 details summary{cursor:pointer;color:var(--muted);margin:6px 0}
 footer{margin-top:36px;padding-top:10px;border-top:1px solid var(--line);color:var(--muted);font-size:12px}

@@ -48,6 +48,17 @@ class ParquetSource(Source):
                     problems.append(
                         (("input", "columns"), f"column {col!r} not in {f}; it has: {', '.join(names)}")
                     )
+            by_name: dict[str, str] = {}
+            for col in self._carried(schema) if all(c in names for c in cfg.columns or []) else []:
+                first = by_name.setdefault(carried_name(col).lower(), col)
+                if first != col:  # DuckDB names are case-insensitive: `x` and `X` collide too
+                    problems.append(
+                        (
+                            ("input", "columns"),
+                            f"columns {first!r} and {col!r} of {f} would both be carried as "
+                            f"{carried_name(col)!r}; list the ones to keep in input.columns",
+                        )
+                    )
             if len(problems) >= 10:
                 problems.append((("input", "path"), "(stopped after 10 problems)"))
                 break

@@ -20,7 +20,8 @@ mining, so nothing has to be embedded twice.
 Statuses (`clip_status`): `ok`; the image statuses of `curation.imageio`
 (`no_image`, `too_large`, `truncated`, `decode_error`; score null, row dropped
 as `decode`); `no_caption` (null or blank caption: the image is still embedded,
-the score is null and fails a `min` threshold).
+the score is null and fails a `min` threshold); `not_finite` (the model gave NaN or
+infinity, e.g. a checkpoint with NaN weights: an error, never a score).
 """
 
 from __future__ import annotations
@@ -170,6 +171,9 @@ class ClipScorer:
             text_emb = self.encode_texts([captions[i] for i in rows])  # type: ignore[misc]
             at = torch.as_tensor(rows, device=self.device)
             scores[rows] = (image_emb[at] * text_emb).sum(dim=1).cpu().numpy()
+            for i in rows:
+                if not np.isfinite(scores[i]):  # NaN weights, an overflow: the model failed, not the pair
+                    status[i] = "not_finite"
         embeddings = None
         if self.params.keep_embedding:
             embeddings = image_emb.cpu().numpy()

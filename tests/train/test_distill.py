@@ -3,7 +3,6 @@ the head beside the open_clip state dict, exact resume, config errors."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -19,12 +18,10 @@ from train.losses import ConceptDistillationLoss
 
 
 def _cli(argv: list[str]) -> int:
-    from train.cli import register
+    """What `curate` does."""
+    from curation.cli import main
 
-    parser = argparse.ArgumentParser(prog="curate")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def _metrics(output_dir: Path) -> list[dict]:

@@ -3,7 +3,6 @@ optimum, δ and λ come from the shots (never the test split)."""
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 
@@ -30,12 +29,10 @@ from train.probe import (
 
 
 def _cli(argv: list[str]) -> int:
-    from train.cli import register
+    """What `curate` does."""
+    from curation.cli import main
 
-    parser = argparse.ArgumentParser(prog="curate")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.fixture(scope="module")

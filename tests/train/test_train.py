@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -18,13 +17,10 @@ def _metrics(output_dir: Path) -> list[dict]:
 
 
 def _cli(argv: list[str]) -> int:
-    """What `curate` does: a parser whose subparsers get train.cli.register()."""
-    from train.cli import register
+    """What `curate` does."""
+    from curation.cli import main
 
-    parser = argparse.ArgumentParser(prog="curate")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def test_run_writes_metrics_and_open_clip_loadable_checkpoint(fmnist_shards, tmp_path, make_config) -> None:
@@ -157,7 +153,7 @@ def test_a_failed_start_leaves_no_output_folder(fmnist_shards, tmp_path, make_co
         ([f"data.shards={tmp_path}/none-*.tar"], 2),  # no shards
         (["model.name=no-such-model"], 2),  # unknown architecture
         (["train.steps=null", "train.epochs=1", f"data.sizes={tmp_path}/none.json"], 2),  # no sizes
-        ([f"data.shards={broken}/00000.tar"], 1),  # the first batch cannot be read
+        ([f"data.shards={broken}/00000.tar"], 2),  # not a tar: refused before the first step
     ):
         argv = ["train", str(cfg)] + [x for o in overrides for x in ("--set", o)]
         assert _cli(argv) == code, (overrides, capsys.readouterr().err[-2000:])

@@ -16,5 +16,5 @@ k, threshold or search method costs no re-embedding. `hard_pairs.parquet` is
 replaced atomically.
 
 config: the YAML; store: the resumable embeddings; search: the hard-pair searches (HELIP) over
-embeddings in memory; output: hard_pairs.parquet; run: `mine()`, tying them together; cli: `curate mine`.
+embeddings in memory; output: hard_pairs.parquet; run: `mine()`, tying them together (the command: curation/cli/train.py).
 """

@@ -90,6 +90,14 @@ def mine(cfg: MineConfig, progress: bool = True) -> MineResult:
     from train.data import expand_shards
 
     shards = expand_shards(cfg.data.shards)
+    by_name: dict[str, str] = {}
+    for s in shards:
+        other = by_name.setdefault(Path(s).name, s)
+        if other != s:  # embeddings/<stem>.parquet and the ledger are named by the tar's file name
+            raise ValueError(
+                f"data.shards: {other} and {s} have the same file name; mine one folder at a time, or "
+                "rename the tars (curate select numbers them 00000.tar, 00001.tar, ... per folder)"
+            )
     mdir = MineDir(cfg.output)
     with RunDir(cfg.output).lock():  # one writer per output directory
         fingerprint = encoder_fingerprint(cfg.encoders)
@@ -109,6 +117,10 @@ def mine(cfg: MineConfig, progress: bool = True) -> MineResult:
                     )
         t_embed = time.perf_counter() - t0
         uids, image, text = load_embeddings(mdir, shards)
+        if not uids:
+            raise ValueError(
+                f"data.shards {cfg.data.shards!r}: the shards hold no image-caption pair to mine"
+            )
         t1 = time.perf_counter()
         idx, scores = _search(cfg, image, text)
         t_mine = time.perf_counter() - t1

@@ -100,8 +100,9 @@ def embed_shard(
         if len(batch) >= batch_size:
             flush()
     flush()
-    dim_i = image_parts[0].shape[1] if image_parts else 0
-    dim_t = text_parts[0].shape[1] if text_parts else 0
+    # An empty tar stores zero rows of width 1 (Arrow refuses width 0); load_embeddings skips it.
+    dim_i = image_parts[0].shape[1] if image_parts else 1
+    dim_t = text_parts[0].shape[1] if text_parts else 1
     img = np.concatenate(image_parts) if image_parts else np.zeros((0, dim_i), np.float32)
     txt = np.concatenate(text_parts) if text_parts else np.zeros((0, dim_t), np.float32)
     table = pa.table(
