@@ -438,15 +438,17 @@ def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> 
 def check_shards(shards: list[str]) -> None:
     """Refuse, before any step, a shard that is not a tar (its first header does not parse).
 
-    A tar cut short further on fails where the reader reaches the cut, as a tarfile.ReadError.
+    A tar cut short further on fails where the reader reaches the cut (ShardError).
     """
     import tarfile
 
     import fsspec
+
+    from curation.core.shards import ShardError
 
     for path in shards:
         try:
             with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 tar.next()
         except tarfile.TarError as e:
-            raise tarfile.ReadError(f"{path} is not a readable tar ({e})") from None
+            raise ShardError(f"{path} is not a readable tar ({e})") from None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from curation.argtypes import at_least
 from curation.cli.common import EXIT_FAILED, EXIT_OK, Formatter, UsageError, fail, fail_config, note
+from curation.core.shards import ShardError
 from curation.terminal import printable
 
 TRAIN_HELP = """\
@@ -155,7 +156,7 @@ def _setup_logging() -> None:
 
 # What a bad input raises (missing or unreadable shards, a bad sizes.json, an unknown model, an empty
 # training set, a checkpoint that does not load): the user's to fix, one line and exit 2.
-USAGE_ERRORS = (FileNotFoundError, ValueError, tarfile.TarError, EOFError, pickle.UnpicklingError)
+USAGE_ERRORS = (FileNotFoundError, ValueError, ShardError, tarfile.TarError, EOFError, pickle.UnpicklingError)
 
 
 def _message(e: BaseException) -> str:
