@@ -406,11 +406,9 @@ def test_input_columns_that_would_collide_are_refused_by_name(tmp_path):
     assert "input_image_path" in names and "input_image_path_1" not in names
 
 
-def test_a_resumed_run_prints_the_whole_runs_totals(run):
+def test_a_finished_run_prints_the_whole_runs_totals(run):
     proc = curate("run", str(run.parent / "c.yaml"))
     assert proc.returncode == 0, proc.stderr
-    first, whole = proc.stdout.strip().splitlines()
-    assert "0 shard(s) written, 2 already done" in first
-    assert whole.endswith(
-        f"the whole run: 2/2 shards done, {len(CAPTIONS)} rows, {len(CAPTIONS)} kept (100.0%)"
-    )
+    (line,) = proc.stdout.strip().splitlines()
+    assert "0 shard(s) written, 2 already done" in line
+    assert line.endswith(f"the run holds {len(CAPTIONS)} rows, {len(CAPTIONS)} kept (100.0%)")
