@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -120,12 +121,11 @@ def plan_groups(stages: list[Stage]) -> list[Group]:
 def run_ray(
     config: Config, run: RunDir, pending: list[Shard], schema: pa.Schema, progress: Progress
 ) -> RunSummary:
-    import ray
-
     plan_total = len(run.plan())
     summary = RunSummary(shards_total=plan_total, shards_skipped=plan_total - len(pending))
     groups = plan_groups(build_stages(config))
     owned = connect(config.runner.address, config.runner.workers)
+    import ray  # after connect(): it decides how Ray is first imported
     try:
         sizes = size_pools(groups, config.runner, len(pending))
         env = ray_environment()
@@ -189,6 +189,8 @@ def connect(address: str | None, workers: int | str | None = None) -> bool:
     of them) and never joins a running one. An existing connection in this process (a notebook,
     the benchmark) is reused as is.
     """
+    if address is None and "ray" not in sys.modules:
+        _import_ray_with_loopback_node_address()
     import ray
 
     if ray.is_initialized():
@@ -211,6 +213,30 @@ def connect(address: str | None, workers: int | str | None = None) -> bool:
     except Exception as e:  # ConnectionError, AuthenticationError, version mismatch ...
         raise RunnerError(f"could not join the Ray cluster at runner.address={address!r}: {e}") from e
     return True
+
+
+# Ray's switch for "the node's address is loopback" (its default on macOS and Windows).
+_LOOPBACK_NODE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _import_ray_with_loopback_node_address() -> None:
+    """Import Ray so that a local instance gets 127.0.0.1 as its node address.
+
+    On Linux Ray finds a node's address by routing a UDP socket towards 8.8.8.8:53; on a machine
+    with no route there (offline, or a network namespace) it prints a warning about that on every
+    start and falls back to the host name. A local instance is only ever reached from this machine,
+    so loopback is its right address and the probe is not the user's concern. Ray reads the switch
+    once, when it is first imported, hence only a first import gets it (a process that imported
+    Ray before keeps Ray's default), and the variable is restored so that child processes and
+    later commands see the user's environment. A value the user set wins.
+    """
+    previous = os.environ.get(_LOOPBACK_NODE_SWITCH)
+    os.environ.setdefault(_LOOPBACK_NODE_SWITCH, "0")
+    try:
+        import ray  # noqa: F401
+    finally:
+        if previous is None:
+            del os.environ[_LOOPBACK_NODE_SWITCH]
 
 
 def check_reachable(address: str) -> None:

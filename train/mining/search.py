@@ -305,12 +305,11 @@ def mine_hard_pairs_ray(
     (zero-copy on a node). Joins the running Ray instance if this process has one
     (`curation.engine.ray.connect` beforehand), else starts a local one. Results come back in query order.
     """
-    import ray
-
     _check(image_emb, text_emb, k)
     from curation.engine.ray import connect
 
     connect(None)  # a no-op when this process has joined one; never joins a running instance by itself
+    import ray  # after connect(): it decides how Ray is first imported
     n = image_emb.shape[0]
     shared_u = ray.put(image_emb.contiguous().numpy())
     shared_v = ray.put(text_emb.contiguous().numpy())
