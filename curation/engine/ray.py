@@ -126,6 +126,7 @@ def run_ray(
     groups = plan_groups(build_stages(config))
     owned = connect(config.runner.address, config.runner.workers)
     import ray  # after connect(): it decides how Ray is first imported
+
     try:
         sizes = size_pools(groups, config.runner, len(pending))
         env = ray_environment()

@@ -310,6 +310,7 @@ def mine_hard_pairs_ray(
 
     connect(None)  # a no-op when this process has joined one; never joins a running instance by itself
     import ray  # after connect(): it decides how Ray is first imported
+
     n = image_emb.shape[0]
     shared_u = ray.put(image_emb.contiguous().numpy())
     shared_v = ray.put(text_emb.contiguous().numpy())
