@@ -304,7 +304,7 @@ def test_select_refuses_bad_input_without_writing(downloaded, tmp_path, capsys):
     assert not (tmp_path / "s").exists() and (taken / "x").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     err = capsys.readouterr().err
-    assert "not an empty directory" in err and "no_such_column" in err
+    assert "is not empty" in err and "no_such_column" in err
 
 
 def test_select_help(capsys):
