@@ -445,9 +445,9 @@ def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
         per_seed = {s: runs.get(f"{arm}__{loss}__s{s}") for s in args.seeds}
         per_seed = {s: r for s, r in per_seed.items() if r}
         cell = {m: _mean_std([100 * r[m] for r in per_seed.values()]) for m in METRICS}
-        shot_counts = sorted({int(k) for r in per_seed.values() for k in r["few_shot"]["zero_shot_init"]})
-        cell["few_shot_zero_shot_init"] = {
-            n: _mean_std([100 * r["few_shot"]["zero_shot_init"][str(n)] for r in per_seed.values()])
+        shot_counts = sorted({int(k) for r in per_seed.values() for k in r["few_shot"]["zero_shot_pgd"]})
+        cell["few_shot_zero_shot_pgd"] = {
+            n: _mean_std([100 * r["few_shot"]["zero_shot_pgd"][str(n)] for r in per_seed.values()])
             for n in shot_counts
         }
         # Paired by seed against all/infonce: same initialisation seed, same steps x batch.
@@ -477,8 +477,8 @@ def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
             f"{f(cell['image_to_text_R@1'])} | {f(cell['image_to_text_R@5'])} | {f(cell['text_to_image_R@1'])} | "
             f"{f(cell['text_to_image_R@5'])} |"
         )
-    lines += ["", "Few-shot (zero-shot initialised probe), test top-1 %:", ""]
-    shot_counts = sorted({n for c in cells.values() for n in c["few_shot_zero_shot_init"]})
+    lines += ["", "Few-shot (DiHT PGD probe from the zero-shot classifier), test top-1 %:", ""]
+    shot_counts = sorted({n for c in cells.values() for n in c["few_shot_zero_shot_pgd"]})
     lines += [
         "| arm / loss | " + " | ".join(f"{n} shots" for n in shot_counts) + " |",
         "|---|" + "---:|" * len(shot_counts),
@@ -486,7 +486,7 @@ def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
     for name, cell in cells.items():
         lines.append(
             f"| {name} | "
-            + " | ".join(f(cell["few_shot_zero_shot_init"].get(n, _mean_std([]))) for n in shot_counts)
+            + " | ".join(f(cell["few_shot_zero_shot_pgd"].get(n, _mean_std([]))) for n in shot_counts)
             + " |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
