@@ -76,7 +76,9 @@ def test_demo_report_in_headless_chromium_offline(demo_report, tmp_path):
         f"SELECT count(*) FILTER (WHERE image_path IS NOT NULL), sum(len(ocr_regions)), "
         f"count(*) FILTER (WHERE drop_reason = 'text_spotting') FROM read_parquet('{glob}')"
     ).fetchall()
-    assert with_image == 23 and text_drops == 6  # the bundled demo (verbs rule): 22 downloaded images, plus ours
+    assert (
+        with_image == 23 and text_drops == 6
+    )  # the bundled demo (verbs rule): 22 downloaded images, plus ours
     assert len(seen["images"]) == seen["loaded_images"] == with_image
     # text spotting's boxes drawn over the thumbnails, one polygon per recognised box
     assert seen["polygons"] == boxes >= text_drops
