@@ -32,7 +32,8 @@ def load_checked_config(
 ) -> Config:
     """Read, type-check and check a config file against the world. Raises ConfigError listing every problem.
 
-    `limit` is the `curate run --limit` the config will run with (it is part of the run record).
+    `limit` is the `curate run --limit` the config will run with (not part of the fingerprint: a
+    larger limit later extends the run).
     """
     return _checked(read_config(path, overrides=overrides), limit)
 

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--limit",
         type=at_least(1),
-        help="process only the first N input rows (part of the run record; default: all)",
+        help="process only the first N input rows (default: all); a later run with a larger limit or none extends the same output",
     )
     r.add_argument("--runner", choices=["local", "ray"], help="override runner.type (default: the config's)")
     r.add_argument(
@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument(
         "--limit",
         type=at_least(1),
-        help="check as `curate run --limit N` would (it is part of the run record)",
+        help="check as `curate run --limit N` would",
     )
     v.set_defaults(func=cmd_validate)
 
@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  curate status runs/demo\n  curate status runs/demo --format json",
         formatter_class=Formatter,
     )
-    s.add_argument("output", help="a `curate run` output directory")
+    s.add_argument("output", help="a `curate run` output: a directory or a URL such as s3://bucket/run")
     s.add_argument("--format", choices=["table", "json"], default="table", help="how to print")
     s.set_defaults(func=cmd_status)
 
@@ -87,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  curate stats runs/demo\n  curate stats runs/demo --format json --bins 20",
         formatter_class=Formatter,
     )
-    st.add_argument("output", help="a `curate run` output directory")
+    st.add_argument("output", help="a `curate run` output: a directory or a URL such as s3://bucket/run")
     st.add_argument("--format", choices=["table", "json"], default="table", help="how to print")
     st.add_argument("--bins", type=at_least(1), default=10, help="histogram buckets for wide-ranged scores")
     st.set_defaults(func=cmd_stats)
