@@ -124,8 +124,13 @@ def build(args: argparse.Namespace, out: Path) -> dict:
     if not (data / "pool.parquet").exists():
         t = time.perf_counter()
         small = args.root != clipart.SYSTEM_ROOT
+        # Full: classes of 40+ drawings, at least 24 held out each (8 few-shot images per class).
         result = clipart.build(
-            data, args.root, test_fraction=0.3 if small else 0.15, min_class_size=4 if small else 20
+            data,
+            args.root,
+            test_fraction=0.3 if small else 0.15,
+            min_class_size=4 if small else 40,
+            min_test_per_class=0 if small else 24,
         )
         return {**result.counts, "seconds": time.perf_counter() - t, "loadavg": _loadavg()}
     return json.loads((data / "build.json").read_text())

@@ -33,7 +33,7 @@ shared class name (`CLASS_OF` below: tuxpaint "vehicles" and openclipart "transp
 Folders without a visual class (openclipart "unsorted", "special", "buttons") stay in the pool only.
 
 Split: per class with at least `min_class_size` drawings, a deterministic `test_fraction` of them
-(ordered by sha256, at most `max_test_per_class`) is held out; then
+(ordered by sha256, at least `min_test_per_class`, at most `max_test_per_class`) is held out; then
 every pool drawing whose perceptual hash (the project's pHash, `curation.stages.phash`) lies within
 `radius` bits of a held-out one, or whose bytes are identical, is dropped from the pool, so no near-copy
 of a test image is trained on. Drawings whose image cannot be decoded, or whose caption is empty, are
@@ -237,6 +237,7 @@ def build(
     radius: int = 6,
     min_class_size: int = 20,
     max_test_per_class: int = 60,
+    min_test_per_class: int = 0,
 ) -> BuildResult:
     """Write DIR/images, pool.parquet, test.parquet, build.json (see the module docstring)."""
     import pyarrow as pa
@@ -270,9 +271,10 @@ def build(
         cls = CLASS_OF.get(d.source, {}).get(d.category)
         rows.append((d, sha, rel, ph, cls))
 
-    # Held out: per class, the first `test_fraction` by sha256, at most `max_test_per_class` (the largest
-    # folders are icon sets and generated stars: uncapped, they would be most of the test set); classes
-    # with fewer than `min_class_size` drawings stay in the pool.
+    # Held out: per class, the first `test_fraction` by sha256, at least `min_test_per_class` (a third of
+    # the held-out drawings are few-shot images: 24 gives an 8-shot probe in every class), at most
+    # `max_test_per_class` (the largest folders are icon sets and generated stars: uncapped, they would be
+    # most of the test set); classes with fewer than `min_class_size` drawings stay in the pool.
     by_class: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         if r[4] is not None:
@@ -281,7 +283,8 @@ def build(
     held: set[int] = set()
     for members in by_class.values():
         members.sort(key=lambda i: rows[i][1])
-        held.update(members[: min(max_test_per_class, max(1, round(len(members) * test_fraction)))])
+        n = max(1, min_test_per_class, round(len(members) * test_fraction))
+        held.update(members[: min(max_test_per_class, n, len(members) - 1)])
     classes = sorted(by_class)
     held_sha = {rows[i][1] for i in held}
     held_hash = np.array([rows[i][3] for i in held], dtype=np.int64)
@@ -333,6 +336,7 @@ def build(
         "radius": radius,
         "min_class_size": min_class_size,
         "max_test_per_class": max_test_per_class,
+        "min_test_per_class": min_test_per_class,
         "classes": classes,
         "pool": pool.num_rows,
         "test": test.num_rows,
@@ -416,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--min-class-size", type=int, default=20, help="smaller classes are not held out")
     b.add_argument("--max-test-per-class", type=int, default=60)
+    b.add_argument(
+        "--min-test-per-class",
+        type=int,
+        default=0,
+        help="hold out at least this many per class (a third become few-shot images; 24: 8 shots)",
+    )
     s = sub.add_parser("serve", help="serve DIR on 127.0.0.1:PORT until interrupted")
     s.add_argument("dir", type=Path)
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -430,7 +440,15 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m train.clipart: error: --test-fraction must be in (0, 1)", file=sys.stderr)
         return 2
     try:
-        result = build(a.dir, a.root, a.test_fraction, a.radius, a.min_class_size, a.max_test_per_class)
+        result = build(
+            a.dir,
+            a.root,
+            a.test_fraction,
+            a.radius,
+            a.min_class_size,
+            a.max_test_per_class,
+            a.min_test_per_class,
+        )
     except PackagesMissing as e:
         print(f"python -m train.clipart: error: {e}", file=sys.stderr)
         return 2
