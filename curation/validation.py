@@ -144,11 +144,6 @@ def _check_output(config: Config, limit: int | None, stages: list[Stage] | None)
     another config (checked when `stages` is given: the fingerprint needs their model files)."""
     output = config.output
     if is_url(output):
-        if any(spec.name == "download" for spec in config.stages):
-            # Its image tars are written as local files beside the manifests (curation/stages/download.py).
-            return [
-                (("output",), "the download stage needs a local output directory for now (docs/storage.md)")
-            ]
         try:
             run = RunDir(output, config.storage_options)
             run.store.check()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from curation.core.params import ConfigError, param_problems
+from curation.core.storage import is_url
 from curation.stages.base import Resources, Stage, StageContext, apply_stage
 from curation.stages.caption import CaptionAction, CaptionComplexity
 from curation.stages.caption_language import CaptionLanguage
@@ -70,7 +71,8 @@ def build_stages(config: Config, *, checked: bool = True) -> list[Stage]:
     problems = param_problems_of(config) if checked else []
     if problems:
         raise ConfigError([config.problem(k, m) for k, m in problems], config.source)
-    context = StageContext(output_dir=Path(config.output))
+    output = config.output if is_url(config.output) else Path(config.output)
+    context = StageContext(output_dir=output, storage_options=config.storage_options)
     return [STAGES[spec.name](spec.params, context) for spec in config.stages]
 
 

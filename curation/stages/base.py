@@ -12,7 +12,8 @@ The same stage objects run under every runner: the local runner calls
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,7 +36,10 @@ class Resources:
 class StageContext:
     """Run-wide facts a stage may need (where to put images, for example)."""
 
-    output_dir: Path
+    # The run's output: a local directory or a URL (s3://...; a str, as `Path` would mangle it), and the
+    # fsspec options to reach it (credentials: never printed).
+    output_dir: Path | str
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 class Stage(ABC):

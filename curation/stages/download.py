@@ -27,6 +27,13 @@ batch to the same directory and replaces it. A batch is downloaded into
 is never truncated; and only committed manifests point at tars, so images of a
 shard that never committed are never read by `curate select`.
 
+An output on object storage (s3://...) has the same layout under its prefix: the
+batch is downloaded into this machine's staging folder, and each file is put whole
+through `curation.core.storage` (one PUT, or a multipart upload completed only when
+every part is in) before `compute` returns, so before the shard's manifest and ledger
+entry are committed. A re-run of a shard that never committed puts the same keys
+again, replacing what a killed attempt left.
+
 Untrusted input, refused per row and never as a shard failure:
 - URLs go through `curation.urlpolicy` (img2dataset fetches with
   `urllib.request.urlopen`; the policy's opener is installed around each
@@ -62,6 +69,7 @@ import pyarrow.parquet as pq
 
 from curation.core.params import param
 from curation.core.shards import read_samples
+from curation.core.storage import Store, open_store
 from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size
 from curation.schema import STAGE_COLUMNS
 from curation.stages.base import Resources, Stage, StageContext
@@ -134,6 +142,7 @@ class Download(Stage):
         super().__init__(params, context)
         # Marks our own refusals inside img2dataset's error messages (see the module docstring).
         self.tag = f"curate-{secrets.token_hex(8)}:"
+        self._store: Store | None = None  # opened on first use: validation builds stages without a store
 
     @property
     def policy(self) -> UrlPolicy:
@@ -168,14 +177,26 @@ class Download(Stage):
         return problems
 
     # ------------------------------------------------------------------ compute
+    @property
+    def store(self) -> Store:
+        """Where the image tars go: the run's output (a local directory or a URL)."""
+        if self._store is None:
+            self._store = open_store(self.context.output_dir, self.context.storage_options)
+        return self._store
+
     def compute(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
         shard = table.column("shard")[0].as_py()
         uids = table.column("uid").to_pylist()
         batch_id = hashlib.sha256(f"{n}\n".encode() + "\n".join(uids).encode()).hexdigest()[:16]
         rel = Path("images") / f"shard-{shard:05d}" / batch_id
-        final = self.context.output_dir / rel
-        tmp = final.with_name(f".tmp-{batch_id}")
+        if self.store.local:
+            final = Path(self.store.path(str(rel)))
+            tmp = final.with_name(f".tmp-{batch_id}")
+        else:
+            # Named by output and batch: a re-run on this machine clears what a killed attempt left.
+            where = hashlib.sha256(self.store.url.encode()).hexdigest()[:12]
+            final = tmp = self.store.staging() / f"download-{where}-{shard:05d}-{batch_id}"
         # A killed attempt at this very batch may have left a partial directory.
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "_tmp").mkdir(parents=True)
@@ -184,10 +205,25 @@ class Download(Stage):
         jobs = self._write_inputs(table, tmp, per)
         self._download(jobs, tmp, per)
         shutil.rmtree(tmp / "_tmp", ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        return self._read_back(final, rel, n, per, len(jobs))
+        if self.store.local:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            return self._read_back(final, rel, n, per, len(jobs))
+        try:
+            result = self._read_back(tmp, rel, n, per, len(jobs))
+            self._upload(tmp, rel, len(jobs))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return result
+
+    def _upload(self, folder: Path, rel: Path, n_jobs: int) -> None:
+        """Put the batch's files whole at the local layout's keys (`_stats.json`, img2dataset's "done"
+        marker, last); a transient store error is retried, a lasting one fails the shard."""
+        for k in range(n_jobs):
+            name = f"{k:0{OOM_SHARD_COUNT}d}"
+            for file in (f"{name}.tar", f"{name}.parquet", f"{name}_stats.json"):
+                self.store.put_file(folder / file, f"{rel.as_posix()}/{file}")
 
     def _write_inputs(self, table: pa.Table, tmp: Path, per: int) -> list[tuple[int, str]]:
         """img2dataset input shards (Arrow IPC files, as its Reader writes them): uid, caption, url."""
@@ -264,7 +300,8 @@ class Download(Stage):
         if missing:
             raise RuntimeError(f"img2dataset failed on {len(missing)} of {len(jobs)} job(s) of this batch")
 
-    def _read_back(self, final: Path, rel: Path, n: int, per: int, n_jobs: int) -> pa.Table:
+    def _read_back(self, folder: Path, rel: Path, n: int, per: int, n_jobs: int) -> pa.Table:
+        """The manifest columns from img2dataset's files of one batch in local `folder`."""
         from img2dataset.downloader import compute_key
 
         oom_sample = math.ceil(math.log10(per))
@@ -273,8 +310,8 @@ class Download(Stage):
         ext = self.params.encode_format
         for k in range(n_jobs):
             name = f"{k:0{OOM_SHARD_COUNT}d}"
-            meta = pq.read_table(final / f"{name}.parquet", columns=["key", *I2D_COLUMNS]).to_pylist()
-            images = _tar_members(final / f"{name}.tar", ext)
+            meta = pq.read_table(folder / f"{name}.parquet", columns=["key", *I2D_COLUMNS]).to_pylist()
+            images = _tar_members(folder / f"{name}.tar", ext)
             tar_rel = str(rel / f"{name}.tar")
             for m in meta:
                 i = position[m["key"]]
