@@ -4,7 +4,8 @@ bytes over HTTP) and images from a real HTTP server on 127.0.0.1.
 The tars, img2dataset's Parquet and stats land under the run's prefix at the local layout's paths,
 each put whole before the shard's manifest and ledger entry; a driver killed mid-run, and the store
 going away for seconds mid-run, cost nothing but re-downloads of unfinished shards: every input row
-once, an image for every success row. A missing bucket stops the run before any image is requested.
+once, an image for every success row. A missing bucket or wrong credentials stop the run before any
+image is requested.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from curation.cli import main
 from curation.schema import make_uid
 from tests.helpers import REPO, netns_prefix
 from tests.imageserver import ImageServer
-from tests.s3server import S3Server
+from tests.s3server import S3Server, start_authenticating_server
 from tests.test_images import GOOD, LOOPBACK, pairs_table, write_download_config
 from tests.test_storage_s3 import _env, committed_manifests, ledger
 
@@ -140,6 +141,36 @@ def test_missing_bucket_stops_a_download_run_before_any_image_is_requested(tmp_p
         assert sum(server.hits.values()) == 0
 
 
+def test_wrong_credentials_stop_a_download_run_before_any_image_is_requested(tmp_path):
+    server = start_authenticating_server("guarded")
+    try:
+        with ImageServer() as images:
+            url_pairs(images, ["/img/a.jpg", "/img/b.jpg"], tmp_path / "p.parquet")
+            cfg = download_only_config(tmp_path / "c.yaml", tmp_path / "p.parquet", "s3://guarded/run", 2)
+            wrong = {
+                "AWS_ENDPOINT_URL": server.endpoint,
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": server.key_id,
+                "AWS_SECRET_ACCESS_KEY": "not-the-secret",
+            }
+            bad = subprocess.run(
+                [sys.executable, "-m", "curation.cli", "run", str(cfg)],
+                cwd=REPO,
+                env=_env(wrong),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert sum(images.hits.values()) == 0
+        assert bad.returncode == 2, bad.stderr
+        (problem,) = bad.stderr.strip().splitlines()[1:]  # under the config's "N problem(s)"
+        assert problem.startswith("  - output (line 2): access denied to s3://guarded at ")
+        assert "AWS_ACCESS_KEY_ID" in problem and "not-the-secret" not in bad.stderr
+    finally:
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_driver_killed_mid_download_on_s3_then_rerun_has_every_row_once_with_its_image(tmp_path, s3, bucket):
     with ImageServer(hang_seconds=120) as server:
@@ -238,7 +269,7 @@ RAY_DRIVER = textwrap.dedent(
     import io, json, os, sys
     from pathlib import Path
     import pyarrow as pa, pyarrow.parquet as pq
-    from tests.s3server import S3Server
+    from tests.s3server import S3Server, start_authenticating_server
     from tests.imageserver import ImageServer
     from tests.test_download_s3 import download_only_config, url_pairs
     tmp = sys.argv[1]
