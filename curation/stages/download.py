@@ -190,32 +190,36 @@ class Download(Stage):
         uids = table.column("uid").to_pylist()
         batch_id = hashlib.sha256(f"{n}\n".encode() + "\n".join(uids).encode()).hexdigest()[:16]
         rel = Path("images") / f"shard-{shard:05d}" / batch_id
+        per = max(1, math.ceil(n / self.params.processes_count))
         if self.store.local:
             final = Path(self.store.path(str(rel)))
             tmp = final.with_name(f".tmp-{batch_id}")
-        else:
-            # Named by output and batch: a re-run on this machine clears what a killed attempt left.
-            where = hashlib.sha256(self.store.url.encode()).hexdigest()[:12]
-            final = tmp = self.store.staging() / f"download-{where}-{shard:05d}-{batch_id}"
-        # A killed attempt at this very batch may have left a partial directory.
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "_tmp").mkdir(parents=True)
-
-        per = max(1, math.ceil(n / self.params.processes_count))
-        jobs = self._write_inputs(table, tmp, per)
-        self._download(jobs, tmp, per)
-        shutil.rmtree(tmp / "_tmp", ignore_errors=True)
-        if self.store.local:
+            n_jobs = self._download_batch(table, tmp, per)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            return self._read_back(final, rel, n, per, len(jobs))
+            return self._read_back(final, rel, n, per, n_jobs)
+        # Object stores: no rename, so the batch is downloaded here and put whole. Named by output and
+        # batch, so a re-run on this machine clears what a killed attempt left.
+        where = hashlib.sha256(self.store.url.encode()).hexdigest()[:12]
+        tmp = self.store.staging() / f"download-{where}-{shard:05d}-{batch_id}"
         try:
-            result = self._read_back(tmp, rel, n, per, len(jobs))
-            self._upload(tmp, rel, len(jobs))
+            n_jobs = self._download_batch(table, tmp, per)
+            result = self._read_back(tmp, rel, n, per, n_jobs)
+            self._upload(tmp, rel, n_jobs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return result
+
+    def _download_batch(self, table: pa.Table, folder: Path, per: int) -> int:
+        """img2dataset's files for the batch in local `folder` (emptied first); the number of jobs."""
+        # A killed attempt at this very batch may have left a partial directory.
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder / "_tmp").mkdir(parents=True)
+        jobs = self._write_inputs(table, folder, per)
+        self._download(jobs, folder, per)
+        shutil.rmtree(folder / "_tmp", ignore_errors=True)
+        return len(jobs)
 
     def _upload(self, folder: Path, rel: Path, n_jobs: int) -> None:
         """Put the batch's files whole at the local layout's keys (`_stats.json`, img2dataset's "done"
