@@ -19,28 +19,35 @@ the run lacks is skipped.
 The algorithms (hash search, k-means, components, the representative rule) are in
 `curation.near_duplicates`; this module reads the run, caches each step and writes the table.
 
-Output (written atomically, so readers never see half a table):
+Output, beside the run's manifests on the run's own storage (a local directory or
+a URL such as s3://bucket/run), every object written atomically through
+`curation.core.storage`, so readers never see half a table:
 
     OUTPUT/dedup/dedup.parquet   uid, dup_group, dup_rank, dup_keep, dup_kind: rows in a group of >= 2
     OUTPUT/dedup/dedup.json      parameters, the manifests it covers, counts per kind
+    OUTPUT/dedup/.lock           held while `curate dedup` writes (one writer per run)
 
 Rows absent from the table have no duplicate. `curate query` sees the table as
 the view `dedup`; `curate select --dedup` keeps one row per group.
 
 Resume: each step (exact, phash, k-means, each block of clusters) saves its
-links under `dedup/.work/<fingerprint>/` with an atomic rename; a killed run
-re-run with the same manifests and parameters redoes only missing steps, and
-every step is deterministic (seeded k-means), so the groups are the same.
+links as one object under `dedup/.work/<fingerprint>/` (on the run's storage, so
+a dedup killed on one machine resumes on another); a killed run re-run with the
+same manifests and parameters redoes only missing steps, and every step is
+deterministic (seeded k-means), so the groups are the same. The rows themselves
+are read into this machine's memory (through `curate query`'s connection, which
+copies an object store's manifests to a private temporary folder first).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,12 +57,14 @@ import numpy as np
 import pyarrow as pa
 
 from curation.core.params import param
-from curation.manifest import RunDir, exclusive_lock, write_json_atomic
+from curation.core.storage import Store
+from curation.manifest import RunDir, exclusive_lock_on
 from curation.near_duplicates import close_pairs, exact_pairs, near_pairs, rank_groups, spherical_kmeans
 
 KINDS = ("exact", "phash", "semantic")  # strictest first: a row's dup_kind is its strictest link
 TABLE = "dedup.parquet"
 SUMMARY = "dedup.json"
+WORK = ".work"  # the resumable steps, one folder per fingerprint
 
 
 @dataclass(frozen=True)
@@ -88,26 +97,26 @@ def run_dedup(
     from curation.query import NoManifests, connect
 
     run = RunDir(output)
-    folder = run.root / "dedup"
+    folder = run.store.child("dedup")
     try:
         con = connect(output)
     except NoManifests as e:
         raise DedupError(str(e)) from None
-    folder.mkdir(exist_ok=True)
-    with exclusive_lock(folder / ".lock", f"another `curate dedup` is writing to {folder}"):
-        manifests = [run.manifests / name for name in run.committed_manifests()]  # never uncommitted ones
-        fingerprint = _fingerprint(params, manifests)
-        summary_path = folder / SUMMARY
-        if not force and (folder / TABLE).exists() and summary_path.exists():
-            old = json.loads(summary_path.read_text())
+    folder.makedirs()
+    with exclusive_lock_on(folder, ".lock", f"another `curate dedup` is writing to {folder.url}"):
+        done = run.done()
+        manifests = [f"shard-{i:05d}.parquet" for i in sorted(done)]  # never uncommitted ones
+        fingerprint = _fingerprint(params, done)
+        if not force and folder.exists(TABLE) and folder.exists(SUMMARY):
+            old = folder.get_json(SUMMARY)
             if old.get("fingerprint") == fingerprint:
                 say("up to date (same manifests and parameters); --force recomputes")
                 return old
-        work = folder / ".work" / fingerprint
-        for stale in (folder / ".work").glob("*"):
-            if stale != work:
-                shutil.rmtree(stale, ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
+        for stale in folder.list(WORK):
+            if stale != fingerprint:
+                _remove_folder(folder, f"{WORK}/{stale}")
+        work = folder.child(f"{WORK}/{fingerprint}")
+        work.makedirs()
 
         try:
             rows = _load(con, params.kinds)
@@ -133,11 +142,11 @@ def run_dedup(
             say(f"{kind}: {len(a):,} links ({time.perf_counter() - start:.1f} s)")
 
         table, counts = rank_groups(rows, links, KINDS)
-        _write_parquet_atomic(table, folder / TABLE)
+        _put_parquet(table, folder, TABLE)
         summary = {
             "fingerprint": fingerprint,
             "params": asdict(params),
-            "manifests": [m.name for m in manifests],
+            "manifests": manifests,
             "run_in_progress": run.is_locked(),
             "rows": n,
             "rows_in_groups": table.num_rows,
@@ -148,16 +157,28 @@ def run_dedup(
             "skipped": skipped,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        write_json_atomic(summary_path, summary)
-        shutil.rmtree(folder / ".work", ignore_errors=True)
+        folder.put_json(SUMMARY, summary)
+        _remove_folder(folder, f"{WORK}/{fingerprint}")
+        if folder.local:
+            shutil.rmtree(folder.path(WORK), ignore_errors=True)  # now empty (object stores have no folders)
         return summary
 
 
-def _fingerprint(params: DedupParams, manifests: list[Path]) -> str:
-    """Parameters and the exact manifest files (finished shards are never rewritten, so name+size+mtime)."""
-    files = [(m.name, m.stat().st_size, m.stat().st_mtime_ns) for m in manifests]
-    blob = json.dumps({"params": asdict(params), "files": files}, sort_keys=True, default=str)
+def _fingerprint(params: DedupParams, done: dict[int, dict]) -> str:
+    """Parameters and the exact manifests: each committed shard's ledger entry (written after its
+    manifest, with the commit's time; a committed manifest is never rewritten), so no manifest is read."""
+    entries = [[i, done[i]] for i in sorted(done)]
+    blob = json.dumps({"params": asdict(params), "ledger": entries}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _remove_folder(store: Store, rel: str) -> None:
+    """Remove the flat folder `rel` of the work cache (one fingerprint's steps)."""
+    if store.local:
+        shutil.rmtree(store.path(rel), ignore_errors=True)
+        return
+    for name in store.list(rel):
+        store.remove(f"{rel}/{name}")
 
 
 def _load(con: Any, kinds: tuple[str, ...]) -> pa.Table:
@@ -185,24 +206,24 @@ def _load(con: Any, kinds: tuple[str, ...]) -> pa.Table:
 
 
 def _cached(
-    path: Path, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
+    work: Store, name: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A step's links, from its file when a previous (killed) run finished it."""
-    if path.exists():
-        with np.load(path) as f:
+    """A step's links, from its object when a previous (killed) run finished it."""
+    if work.exists(name):
+        with np.load(io.BytesIO(work.get_bytes(name))) as f:
             return f["a"], f["b"]
     a, b = compute()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, a=a, b=b)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, a=a, b=b)
+    work.put_bytes(name, buf.getvalue())
     return a, b
 
 
-def _exact_links(rows: pa.Table, params: DedupParams, work: Path, say) -> tuple[np.ndarray, np.ndarray]:
-    return _cached(work / "exact.npz", lambda: exact_pairs(rows.column("sha256"), rows.column("caption")))
+def _exact_links(rows: pa.Table, params: DedupParams, work: Store, say) -> tuple[np.ndarray, np.ndarray]:
+    return _cached(work, "exact.npz", lambda: exact_pairs(rows.column("sha256"), rows.column("caption")))
 
 
-def _phash_links(rows: pa.Table, params: DedupParams, work: Path, say) -> tuple[np.ndarray, np.ndarray]:
+def _phash_links(rows: pa.Table, params: DedupParams, work: Store, say) -> tuple[np.ndarray, np.ndarray]:
     def compute() -> tuple[np.ndarray, np.ndarray]:
         column = rows.column("phash")
         valid = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
@@ -210,10 +231,10 @@ def _phash_links(rows: pa.Table, params: DedupParams, work: Path, say) -> tuple[
         a, b = near_pairs(hashes, params.radius)
         return valid[a], valid[b]
 
-    return _cached(work / "phash.npz", compute)
+    return _cached(work, "phash.npz", compute)
 
 
-def _semantic_links(rows: pa.Table, params: DedupParams, work: Path, say) -> tuple[np.ndarray, np.ndarray]:
+def _semantic_links(rows: pa.Table, params: DedupParams, work: Store, say) -> tuple[np.ndarray, np.ndarray]:
     column = rows.column("clip_image_embedding")
     valid = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
     if len(valid) < 2:
@@ -224,14 +245,13 @@ def _semantic_links(rows: pa.Table, params: DedupParams, work: Path, say) -> tup
     k = params.clusters or max(1, round(len(valid) / 1000))
     k = min(k, len(valid))
 
-    path = work / "kmeans.npy"
-    if path.exists():
-        labels = np.load(path)
+    if work.exists("kmeans.npy"):
+        labels = np.load(io.BytesIO(work.get_bytes("kmeans.npy")))
     else:
         labels = spherical_kmeans(emb, k, params.iterations, params.seed)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-        np.save(tmp, labels)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.save(buf, labels)
+        work.put_bytes("kmeans.npy", buf.getvalue())
     say(f"semantic: k-means with {k:,} clusters over {len(valid):,} embeddings")
 
     order = np.argsort(labels, kind="stable")
@@ -249,7 +269,7 @@ def _semantic_links(rows: pa.Table, params: DedupParams, work: Path, say) -> tup
                 b.append(members[y])
             return np.concatenate(a), np.concatenate(b)
 
-        a, b = _cached(work / f"semantic-{first:07d}.npz", compute)
+        a, b = _cached(work, f"semantic-{first:07d}.npz", compute)
         a_parts.append(valid[a])
         b_parts.append(valid[b])
     return np.concatenate(a_parts), np.concatenate(b_parts)
@@ -258,15 +278,15 @@ def _semantic_links(rows: pa.Table, params: DedupParams, work: Path, say) -> tup
 # ---------------------------------------------------------------------------- groups
 
 
-def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
+def _put_parquet(table: pa.Table, store: Store, name: str) -> None:
+    """Write `table` as `name` on `store`, atomically (a local file committed by the storage layer)."""
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Local: beside its final name (the commit is a rename); object stores: this machine's temp folder.
+    folder = Path(store.path()) if store.local else store.staging()
+    tmp = folder / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        store.put_file(tmp, name)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)

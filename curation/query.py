@@ -62,7 +62,9 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
     if not local:
         run.store.check()
     names = run.committed_manifests()
-    pairs_found = (Path(run.root) / "hard_pairs.parquet").is_file() if local else False
+    pairs_found = (
+        (Path(run.root) / "hard_pairs.parquet").is_file() if local else run.store.exists("hard_pairs.parquet")
+    )
     # `curate dedup`'s table, when it has run: uid, dup_group, dup_rank, dup_keep, dup_kind
     dedup_found = bool(names) and (
         (Path(run.root) / "dedup" / "dedup.parquet").is_file()
@@ -82,7 +84,9 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
         dedups = (
             [str(p) for p in run.store.get_to_local(["dedup/dedup.parquet"], folder)] if dedup_found else []
         )
-        pairs = []
+        pairs = (
+            [str(p) for p in run.store.get_to_local(["hard_pairs.parquet"], folder)] if pairs_found else []
+        )
     con = duckdb.connect(
         ":memory:",
         config={

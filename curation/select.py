@@ -22,7 +22,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,17 +53,37 @@ class SelectError(Exception):
 UID_FORMATS = (".parquet", ".npy")
 
 
-def select_uids(con: Any, where: str, out: Path) -> int:
-    """Write the distinct selected uids to `out` atomically; returns how many.
+def select_uids(con: Any, where: str, out: Path | str, *, force: bool = False) -> int:
+    """Write the distinct selected uids to `out` (a local file or a URL) atomically; returns how many.
 
     FILE.parquet: a `uid` column (and `input_uid`, the input's own uid, when the input had one).
     FILE.npy: DataComp's subset format, the 128-bit uids as a sorted array of dtype `u8,u8`
     (high and low 64 bits) -- the input's own uid (DataComp's pools carry one) where there is one.
+    A URL (s3://bucket/subset.npy) is written to this machine's temp folder, then put whole
+    through the storage layer; an existing object is replaced only with `force`.
     """
+    suffix = Path(str(out)).suffix
+    if suffix not in UID_FORMATS:
+        raise SelectError("with --uids-only, --out is the file to write: FILE.parquet or FILE.npy (DataComp)")
+    if isinstance(out, Path):
+        return _write_uids(con, where, out)
+    folder, _, name = out.rstrip("/").rpartition("/")
+    store = open_store(folder)
+    store.check()
+    if store.exists(name) and not force:
+        raise SelectError(f"{out} exists; choose a new --out or pass --force to replace it")
+    tmp = store.staging() / f"{uuid.uuid4().hex}-{name}"
+    try:
+        n = _write_uids(con, where, tmp)
+        store.put_file(tmp, name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def _write_uids(con: Any, where: str, out: Path) -> int:
     from curation.query import select_statement, write_file
 
-    if out.suffix not in UID_FORMATS:
-        raise SelectError("with --uids-only, --out is the file to write: FILE.parquet or FILE.npy (DataComp)")
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     carried = "input_uid" in columns
     if out.suffix == ".parquet":
@@ -115,7 +137,7 @@ class SelectResult:
 
 def select_shards(
     con: Any,
-    run: Path,
+    run: str | Path,
     where: str,
     out: Path | str,
     shard_size: int,
@@ -123,8 +145,9 @@ def select_shards(
     *,
     replace: bool = False,
 ) -> SelectResult:
-    """Write the selected samples as shards to the new (or empty) `out`, a local directory that
-    appears complete or not at all, or an empty object-store prefix. `replace`: a local `out` is replaced."""
+    """Write the selected samples of `run` (a local directory or a URL) as shards to the new (or empty)
+    `out`, a local directory that appears complete or not at all, or an empty object-store prefix.
+    `replace`: a local `out` is replaced."""
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     if "image_path" not in columns:
         raise SelectError(
@@ -174,7 +197,7 @@ def select_shards(
 
 def _write_selection(
     con: Any,
-    run: Path,
+    run: str | Path,
     where: str,
     target: Store,
     shard_size: int,
@@ -196,12 +219,12 @@ def _write_selection(
     result.samples = sum(writer.sizes.values())
 
 
-def run_vocabulary(run: Path) -> list[str]:
+def run_vocabulary(run: str | Path) -> list[str]:
     """The concept vocabulary of a run's concepts stage, checked against the hash its run.json recorded."""
     from curation.models.teachers import TeacherError, resolve_vocabulary
     from curation.models.vocabulary import VocabularyError, vocabulary_sha256
 
-    record = json.loads((run / "run.json").read_text())
+    record = open_store(run).get_json("run.json")
     fingerprint = record.get("fingerprint", {})
     params = next((s["concepts"] for s in fingerprint.get("stages", []) if "concepts" in s), None)
     recorded = fingerprint.get("stage_fingerprints", {}).get("concepts", {}).get("vocabulary_sha256")
@@ -219,7 +242,7 @@ def run_vocabulary(run: Path) -> list[str]:
     return names
 
 
-def _images(con: Any, run: Path, where: str, unreadable: list[str]) -> Iterator[tuple[dict, bytes]]:
+def _images(con: Any, run: str | Path, where: str, unreadable: list[str]) -> Iterator[tuple[dict, bytes]]:
     """(manifest row, image bytes) of every selected uid (its first row with an image), reading each tar once."""
     from curation.query import select_statement
 
@@ -249,19 +272,21 @@ STORAGE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", 
 class ImageSources:
     """Where a run's images may be read from: its own output, and the input locations its plan names.
 
-    A manifest's `image_path` is data, and a run directory may come from someone else: a row that
-    names any other place (a host, a file outside the run and its inputs) is refused with a reason,
-    never opened.
+    The run is a local directory or a URL (s3://bucket/run): relative `image_path`s (downloads) are
+    relative to it either way, and are read from the run's own storage. A manifest's `image_path` is
+    data, and a run may come from someone else: a row that names any other place (a host, a file or
+    object outside the run and its inputs) is refused with a reason, never opened.
     """
 
-    def __init__(self, run: Path) -> None:
+    def __init__(self, run: str | Path) -> None:
+        self.store = open_store(run)
         self.run = run
-        self.root = os.path.realpath(run)
+        self.root = os.path.realpath(run) if self.store.local else None
         self.inputs: list[str] = []
         try:
-            record = json.loads((run / "run.json").read_text())
+            record = self.store.get_json("run.json")
             self.inputs = [str(s["path"]) for s in record.get("shards", []) if isinstance(s, dict)]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # no run record: only the run's own files
 
     def locate(self, image_path: str) -> str:
@@ -273,14 +298,27 @@ class ImageSources:
                     f"refused: {protocol}:// names a network host; a run's images are read only from its "
                     "own output and input storage"
                 )
-            if not any(image_path == p or image_path.startswith(p.rstrip("/") + "/") for p in self.inputs):
-                raise ImageLocationRefused("refused: not among the input locations of the run's plan")
+            if "/.." in image_path or "/./" in image_path:
+                raise ImageLocationRefused("refused: a URL with `..` or `.` segments")
+            allowed = [*self.inputs, *([] if self.store.local else [self.store.url])]
+            if not any(image_path == p or image_path.startswith(p.rstrip("/") + "/") for p in allowed):
+                raise ImageLocationRefused(
+                    "refused: not in the run's output or the input locations of its plan"
+                )
             return image_path
         local = rest if sep else image_path
-        # Relative paths are relative to the run's output (downloads); input files are absolute.
-        real = os.path.realpath(local if os.path.isabs(local) else os.path.join(self.run, local))
-        if _inside(real, self.root):
-            return real
+        if self.root is None:  # the run is on an object store: its own files are objects under its URL
+            if not os.path.isabs(local):
+                rel = posixpath.normpath(local)
+                if rel == ".." or rel.startswith(("../", "/")):
+                    raise ImageLocationRefused("refused: outside the run's output")
+                return self.store.url_of(rel)
+            real = os.path.realpath(local)
+        else:
+            # Relative paths are relative to the run's output (downloads); input files are absolute.
+            real = os.path.realpath(local if os.path.isabs(local) else os.path.join(self.root, local))
+            if _inside(real, self.root):
+                return real
         for p in self.inputs:
             if "://" not in p and _inside(real, os.path.realpath(p)):
                 return real
@@ -296,7 +334,7 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def read_image_group(
-    run: Path, rows: list[dict], unreadable: list[str], sources: ImageSources | None = None
+    run: str | Path, rows: list[dict], unreadable: list[str], sources: ImageSources | None = None
 ) -> Iterator[tuple[dict, bytes]]:
     """(row, image bytes) for manifest rows that share one `image_path`, opening it once.
 

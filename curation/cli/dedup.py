@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from curation.cli.common import EXIT_OK, Formatter, fail
 from curation.terminal import printable
@@ -35,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=Formatter,
     )
-    p.add_argument("output", help="a `curate run` output directory")
+    p.add_argument("output", help="a `curate run` output: a directory or a URL (s3://bucket/run)")
     p.add_argument(
         "--radius", type=int, default=6, help="phash: max Hamming distance in bits, 0-16 (default 6)"
     )
@@ -78,7 +77,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
         f"{summary['rows']:,} rows, {summary['rows_in_groups']:,} in {groups:,} duplicate group(s), "
         f"{summary['rows_in_groups'] - groups:,} redundant; by kind: "
         + ", ".join(f"{k} {n:,}" for k, n in summary["rows_by_kind"].items())
-        + printable(f" -> {Path(args.output) / 'dedup' / 'dedup.parquet'}")
+        + printable(f" -> {args.output.rstrip('/')}/dedup/dedup.parquet")
     )
     return EXIT_OK
 

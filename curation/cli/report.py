@@ -41,8 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=Formatter,
     )
-    p.add_argument("output", help="a `curate run` output directory (works while the run is going)")
-    p.add_argument("--out", default="report.html", help="the HTML file to write")
+    p.add_argument(
+        "output",
+        help="a `curate run` output: a directory or a URL (s3://bucket/run); works while the run is going",
+    )
+    p.add_argument("--out", default="report.html", help="the HTML file to write (a path or a URL)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument(
         "--sample",
@@ -58,8 +61,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     if args.sample < 0:
         raise UsageError("--sample must be >= 0")
-    out = Path(args.out)
-    check_new_output(out, args.force)
+    from curation.core.storage import is_url, open_store
+
+    out: Path | str = args.out if is_url(args.out) else Path(args.out)
+    if isinstance(out, Path):
+        check_new_output(out, args.force)
+    else:
+        folder, _, name = out.rstrip("/").rpartition("/")
+        store = open_store(folder)
+        store.check()
+        if store.exists(name) and not args.force:
+            raise UsageError(f"--out {out} exists; choose a new file or pass --force to replace it")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -87,7 +99,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         )
     except (NoManifests, ReportError) as e:
         return fail(e)
-    size = out.stat().st_size
+    size = result.size
     print(
         printable(
             f"wrote {out} ({size / 1e6:.2f} MB): {result.rows:,} rows, {result.charts} charts, "

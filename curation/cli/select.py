@@ -32,12 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=Formatter,
     )
-    p.add_argument("output", help="a `curate run` output directory")
+    p.add_argument("output", help="a `curate run` output: a directory or a URL (s3://bucket/run)")
     p.add_argument("--where", default="keep", help="SQL condition over the manifest columns")
     p.add_argument(
         "--out",
         required=True,
-        help="new or empty directory for the shards; with --uids-only, FILE.parquet or FILE.npy",
+        help="new or empty directory (or empty s3://... prefix) for the shards; with --uids-only, "
+        "FILE.parquet or FILE.npy (a path or a URL)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--shard-size", type=at_least(1), default=10_000, help="samples per tar")
@@ -89,6 +90,14 @@ def _balance(con, where: str, args: argparse.Namespace) -> str:
     return where
 
 
+def _inside_run_url(out: str, run: str) -> str | None:
+    """A problem when the URL `out` lies in the run's own prefix, which only `curate run` writes."""
+    base = run.rstrip("/")
+    if out.rstrip("/") == base or out.startswith(base + "/"):
+        return f"--out {out} is inside the run {run}: choose a location outside it"
+    return None
+
+
 def cmd_select(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -96,10 +105,11 @@ def cmd_select(args: argparse.Namespace) -> int:
     from curation.query import NoManifests, QueryRefused, connect, explain_error, inside_run
     from curation.select import SelectError, narrow, select_shards, select_uids
 
-    out = args.out if is_url(args.out) else Path(args.out)  # s3://... : shards go to the object store
-    if isinstance(out, str) and args.uids_only:
-        raise UsageError("with --uids-only, --out is a local file (FILE.parquet or FILE.npy), not a URL")
-    problem = inside_run(out, Path(args.output)) if isinstance(out, Path) else None
+    out = args.out if is_url(args.out) else Path(args.out)  # s3://... : written to the object store
+    if isinstance(out, Path):
+        problem = None if is_url(args.output) else inside_run(out, Path(args.output))
+    else:
+        problem = _inside_run_url(out, args.output)
     if problem:
         raise UsageError(problem)
     if (args.top_fraction is None) != (args.by is None):
@@ -119,11 +129,11 @@ def cmd_select(args: argparse.Namespace) -> int:
         if args.balance:
             where = _balance(con, where, args)
         if args.uids_only:
-            n = select_uids(con, where, out)
+            n = select_uids(con, where, out, force=args.force)
             print(printable(f"wrote {n:,} uids to {out}"))
             return EXIT_OK
         result = select_shards(
-            con, Path(args.output), where, out, args.shard_size, args.max_pixels, replace=args.force
+            con, args.output, where, out, args.shard_size, args.max_pixels, replace=args.force
         )
     except SelectError as e:
         return fail(e)

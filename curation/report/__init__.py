@@ -8,10 +8,10 @@ page.py        the HTML (no script, no network, everything escaped)
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from curation.core.storage import open_store
 from curation.report.collect import ReportError
 
 DEFAULT_SAMPLE = 48
@@ -25,6 +25,7 @@ class ReportResult:
     samples: int
     thumbnails: int
     unreadable: list[str]
+    size: int  # bytes written
 
 
 def build_report(
@@ -35,7 +36,10 @@ def build_report(
     seed: int = 0,
     command: str = "curate report",
 ) -> ReportResult:
-    """Collect, draw and write the report of `output` to `out` (atomically). Raises NoManifests, ReportError."""
+    """Collect, draw and write the report of `output` to `out` (atomically). Raises NoManifests, ReportError.
+
+    `output` and `out` are local paths or URLs (s3://...); thumbnails are read from the run's own
+    storage and its input locations."""
     import duckdb
 
     from curation.query import explain_error
@@ -59,18 +63,15 @@ def build_report(
     thumbs, unreadable = thumbnails(data.output, rows)
     text = render(data, svgs, thumbs, unreadable, command)
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8", errors="replace")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # One atomic write through the storage layer: a local file (temp + rename) or one PUT to a URL.
+    folder, _, name = str(out).rstrip("/").rpartition("/")
+    page = text.encode("utf-8", errors="replace")
+    open_store(folder or ".").put_bytes(name, page)
     return ReportResult(
         rows=data.funnel["rows"],
         charts=len(svgs),
         samples=len(rows),
         thumbnails=sum(isinstance(t, Thumbnail) for t in thumbs.values()),
         unreadable=unreadable,
+        size=len(page),
     )

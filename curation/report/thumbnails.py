@@ -1,6 +1,8 @@
 """Thumbnails for the report: read from the run's own tars by key, decoded as the untrusted bytes they are.
 
-Nothing is extracted to disk. Each tar (or image file) is opened once for all
+Nothing is extracted to disk. The run may be a local directory or a URL
+(s3://...): images are read from where `curation.select.ImageSources` allows
+(the run's own storage, the input locations of its plan). Each tar (or image file) is opened once for all
 of its sampled rows (`curation.select.read_image_group`), every image goes
 through `curation.imageio.open_image` (header pixel limit before decoding),
 and the report embeds a small JPEG as a data URI.
@@ -29,7 +31,10 @@ class Thumbnail:
 
 
 def thumbnails(
-    run: Path, rows: list[dict[str, Any]], size: int = THUMBNAIL_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS
+    run: str | Path,
+    rows: list[dict[str, Any]],
+    size: int = THUMBNAIL_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[dict[int, Thumbnail | str], list[str]]:
     """For rows with an image: id(row) -> a Thumbnail, or the status that refused it.
 

@@ -7,19 +7,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from curation.core.params import ConfigError, build, param, read_yaml_mapping
+from curation.core.storage import is_url
 from curation.models.encoders import MINILM
 from curation.models.files import open_clip_config_problem
 
 
 @dataclass
 class MineData:
-    # The subset `curate select` wrote: brace pattern or glob of its tars (each sample's .json holds its uid).
+    # The subset `curate select` wrote: brace pattern or glob of its tars (each sample's .json holds its uid);
+    # local paths or URLs (s3://bucket/sel/{00000..00009}.tar).
     shards: str
 
 
 @dataclass
 class EncodersConfig:
-    # The CLIP checkpoint whose image and text towers embed the pairs (usually the one to be continued).
+    # The CLIP checkpoint whose image and text towers embed the pairs (usually the one to be continued);
+    # a local file or a URL.
     checkpoint: str | None = None
     # open_clip model name or JSON config, for a checkpoint that does not name its model.
     model: str | None = None
@@ -107,8 +110,9 @@ def parse_mine_config(
             "missing: the CLIP checkpoint whose towers embed the pairs (needed unless both "
             "image_teacher and text_model are given)",
         )
-    elif e.checkpoint is not None and not Path(e.checkpoint).is_file():
-        err(("encoders", "checkpoint"), f"not a local file: {e.checkpoint!r} (nothing is downloaded)")
+    elif e.checkpoint is not None and not is_url(e.checkpoint) and not Path(e.checkpoint).is_file():
+        # A URL (a `curate train` output_dir on s3://) is read through the storage layer when mining starts.
+        err(("encoders", "checkpoint"), f"not a file: {e.checkpoint!r} (nothing is downloaded from a hub)")
     if refused := open_clip_config_problem(e.model):
         err(("encoders", "model"), refused)
     if e.text_model is not None and e.text_model != MINILM and not Path(e.text_model).is_dir():

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
+from curation.core.storage import Store, is_url, open_store
+
 METADATA_KEY = b"curate.mine"
+FILE = "hard_pairs.parquet"
 
 
-def write_hard_pairs(path: Path, uids: list[str], idx, scores, params: dict[str, Any]) -> None:
-    """Parquet uid, hard_uids, hard_scores (padding dropped), parameters in the file metadata; atomic."""
+def write_hard_pairs(store: Store, uids: list[str], idx, scores, params: dict[str, Any]) -> None:
+    """`store`/hard_pairs.parquet: uid, hard_uids, hard_scores (padding dropped), parameters in the file
+    metadata; written atomically through the storage layer (local: temp + rename; object store: one PUT)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -31,17 +36,23 @@ def write_hard_pairs(path: Path, uids: list[str], idx, scores, params: dict[str,
         }
     )
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(params).encode()})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    folder = Path(store.path()) if store.local else store.staging()
+    tmp = folder / f".{FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
+        store.put_file(tmp, FILE)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def read_parameters(path: str | Path) -> dict[str, Any]:
-    """The mining parameters stored in a hard_pairs.parquet."""
+    """The mining parameters stored in a hard_pairs.parquet (a path or a URL)."""
+    import io
+
     import pyarrow.parquet as pq
 
+    if is_url(path):
+        folder, _, name = str(path).rpartition("/")
+        path = io.BytesIO(open_store(folder).get_bytes(name))
     meta = pq.read_schema(path).metadata or {}
     return json.loads(meta.get(METADATA_KEY, b"{}"))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curation.manifest import RunDir
+from curation.manifest import exclusive_lock_on
 from curation.models.encoders import (
     ClipTowers,
     ImageEncoder,
@@ -59,17 +59,16 @@ class MineResult:
     pairs: int
     seconds_embedding: float
     seconds_mining: float
-    output: Path
+    output: str | Path  # hard_pairs.parquet: a local path, or a URL
 
 
 def encoder_fingerprint(cfg: EncodersConfig) -> dict[str, Any]:
     """What the stored embeddings depend on, known without loading a model (weights by content)."""
-    from curation.models.checkpoints import file_sha256
     from curation.models.teachers import teacher_fingerprint
 
     clip = None
     if cfg.checkpoint is not None:
-        clip = {"kind": "clip", "model": cfg.model, "sha256": file_sha256(cfg.checkpoint)}
+        clip = {"kind": "clip", "model": cfg.model, "sha256": _sha256(cfg.checkpoint)}
     image = clip
     if cfg.image_teacher is not None:
         image = {
@@ -92,14 +91,15 @@ def mine(cfg: MineConfig, progress: bool = True) -> MineResult:
     shards = expand_shards(cfg.data.shards)
     by_name: dict[str, str] = {}
     for s in shards:
-        other = by_name.setdefault(Path(s).name, s)
+        other = by_name.setdefault(_name(s), s)
         if other != s:  # embeddings/<stem>.parquet and the ledger are named by the tar's file name
             raise ValueError(
                 f"data.shards: {other} and {s} have the same file name; mine one folder at a time, or "
                 "rename the tars (curate select numbers them 00000.tar, 00001.tar, ... per folder)"
             )
     mdir = MineDir(cfg.output)
-    with RunDir(cfg.output).lock():  # one writer per output directory
+    # One writer per output (local: flock; S3: a conditional-PUT lock object).
+    with exclusive_lock_on(mdir.store, ".lock", f"another `curate mine` is writing to {mdir.url}"):
         fingerprint = encoder_fingerprint(cfg.encoders)
         mdir.prepare(fingerprint)
         todo = [s for s in shards if not mdir.is_done(s)]
@@ -127,13 +127,35 @@ def mine(cfg: MineConfig, progress: bool = True) -> MineResult:
         params = {
             **dataclasses.asdict(cfg.mining),
             "encoders": fingerprint,
-            "shards": [Path(s).name for s in shards],
+            "shards": [_name(s) for s in shards],
             "pairs": len(uids),
             "runner": cfg.runner.type,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        write_hard_pairs(mdir.hard_pairs, uids, idx, scores, params)
+        write_hard_pairs(mdir.store, uids, idx, scores, params)
     return MineResult(len(todo), len(shards) - len(todo), len(uids), t_embed, t_mine, mdir.hard_pairs)
+
+
+def _sha256(location: str) -> str:
+    """sha256 of a local file or, streamed (never copied whole), of an object at a URL."""
+    from curation.core.storage import is_url
+    from curation.models.checkpoints import file_sha256
+
+    if not is_url(location):
+        return file_sha256(location)
+    import hashlib
+
+    import fsspec
+
+    h = hashlib.sha256()
+    with fsspec.open(location, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _name(shard: str) -> str:
+    return shard.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _search(cfg: MineConfig, image, text):

@@ -1,60 +1,116 @@
-"""Embeddings on disk, resumable like `curate run` (layout in train/mining/__init__.py)."""
+"""Embeddings on a store (a local folder or a URL), resumable like `curate run` (layout in train/mining/__init__.py)."""
 
 from __future__ import annotations
 
-import json
+import io
 import os
-import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from curation.manifest import explain_conflict, write_json_atomic
+from curation.core.storage import Store, is_url, open_store
+from curation.manifest import explain_conflict
 from curation.models.encoders import ImageEncoder, TextEncoder
+
+RECORD = "mine.json"
+HARD_PAIRS = "hard_pairs.parquet"
 
 
 class MineDir:
+    """A `curate mine` output: every object written atomically through `curation.core.storage`."""
+
     def __init__(self, output: str | Path) -> None:
-        self.root = Path(output)
-        self.embeddings = self.root / "embeddings"
-        self.ledger = self.root / "ledger"
-        self.tmp = self.embeddings / ".tmp"
-        self.record = self.root / "mine.json"
-        self.hard_pairs = self.root / "hard_pairs.parquet"
+        self.store: Store = open_store(output)
+        self.url = self.store.url
+        self.embeddings = self.store.child("embeddings")
+        self.ledger = self.store.child("ledger")
+        self._done: set[str] | None = None
+
+    @property
+    def hard_pairs(self) -> str | Path:
+        """hard_pairs.parquet, as a user names it: a local path or a URL."""
+        return Path(self.store.path(HARD_PAIRS)) if self.store.local else self.store.url_of(HARD_PAIRS)
 
     def prepare(self, fingerprint: dict[str, Any]) -> None:
         """Create the layout or check that it holds embeddings of these encoders; clear stale temp files."""
-        shutil.rmtree(self.tmp, ignore_errors=True)  # only under the lock: no other writer
-        for d in (self.root, self.embeddings, self.ledger, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
-        if self.record.exists():
-            old = json.loads(self.record.read_text())["encoders"]
+        if not self.store.local:
+            self.store.check()  # wrong credentials or no bucket: one line before any model is loaded
+        self.store.makedirs()
+        if self.store.local:  # object stores stage in this machine's temp folder, under unique names
+            import shutil
+
+            staging = self.embeddings.staging()
+            shutil.rmtree(staging, ignore_errors=True)  # only under the lock: no other writer
+            staging.mkdir(parents=True)
+            self.ledger.makedirs()
+        if self.store.exists(RECORD):
+            old = self.store.get_json(RECORD)["encoders"]
             if old != fingerprint:
-                raise MineConflict(explain_conflict(self.root, old, fingerprint))
+                raise MineConflict(explain_conflict(self.url, old, fingerprint))
         else:
-            write_json_atomic(self.record, {"encoders": fingerprint})
-
-    def embedding_path(self, shard: str) -> Path:
-        return self.embeddings / (Path(shard).stem + ".parquet")
-
-    def ledger_path(self, shard: str) -> Path:
-        return self.ledger / (Path(shard).stem + ".json")
+            self.store.put_json(RECORD, {"encoders": fingerprint})
 
     def is_done(self, shard: str) -> bool:
-        entry = self.ledger_path(shard)
-        if not entry.exists() or not self.embedding_path(shard).exists():
+        """Embedded, from this very tar (same size and version): one listing of ledger/ and embeddings/
+        for all shards, then one read of the shard's entry."""
+        if self._done is None:
+            self._done = {n.removesuffix(".json") for n in self.ledger.list("")} & {
+                n.removesuffix(".parquet") for n in self.embeddings.list("")
+            }
+        if _stem(shard) not in self._done:
             return False
-        return json.loads(entry.read_text()).get("source") == _identity(shard)
+        try:
+            entry = self.ledger.get_json(f"{_stem(shard)}.json")
+        except (FileNotFoundError, ValueError):
+            return False
+        return entry.get("source") == _identity(shard)
+
+    def read_embeddings(self, shard: str) -> Any:
+        """The stored embeddings of `shard` (a pyarrow Table)."""
+        import pyarrow.parquet as pq
+
+        name = f"{_stem(shard)}.parquet"
+        if self.embeddings.local:
+            return pq.read_table(self.embeddings.path(name))
+        return pq.read_table(io.BytesIO(self.embeddings.get_bytes(name)))
+
+    def commit(self, shard: str, table: Any, entry: dict[str, Any]) -> None:
+        """Embeddings first (complete or absent), then the ledger entry that says they are done."""
+        import pyarrow.parquet as pq
+
+        tmp = self.embeddings.staging() / f"{_stem(shard)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.parquet"
+        try:
+            pq.write_table(table, tmp, compression="none")  # float embeddings do not compress
+            self.embeddings.put_file(tmp, f"{_stem(shard)}.parquet")
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.ledger.put_json(f"{_stem(shard)}.json", entry)
 
 
 class MineConflict(Exception):
     """The output holds embeddings made by other encoders."""
 
 
+def _stem(shard: str) -> str:
+    """embeddings/<stem>.parquet and ledger/<stem>.json are named by the tar's file name."""
+    return os.path.splitext(shard.rstrip("/").rsplit("/", 1)[-1])[0]
+
+
 def _identity(shard: str) -> dict[str, Any]:
-    st = os.stat(shard)
-    return {"path": str(Path(shard).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """Which tar was embedded: its path and size, and its mtime (local) or its version (object stores:
+    the ETag, which changes whenever the object is written again)."""
+    if not is_url(shard):
+        st = os.stat(shard)
+        return {"path": str(Path(shard).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    folder, _, name = shard.rpartition("/")
+    store = open_store(folder)
+    info = store.fs.info(store.path(name))
+    version = next(
+        (str(info[k]) for k in ("ETag", "etag", "md5Hash", "generation", "mtime") if k in info), ""
+    )
+    return {"path": shard, "size": int(info["size"]), "version": version}
 
 
 def _samples(shard: str) -> Iterator[tuple[str | None, bytes | None, str]]:
@@ -69,10 +125,9 @@ def _samples(shard: str) -> Iterator[tuple[str | None, bytes | None, str]]:
 def embed_shard(
     mdir: MineDir, shard: str, image_enc: ImageEncoder, text_enc: TextEncoder, batch_size: int
 ) -> dict[str, Any]:
-    """Embed one tar into embeddings/NAME.parquet (temp file + rename), then write its ledger entry."""
+    """Embed one tar (a path or a URL) into embeddings/NAME.parquet, then write its ledger entry."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from curation.imageio import ImageRefused, open_image
 
@@ -112,36 +167,26 @@ def embed_shard(
             "text_emb": pa.FixedSizeListArray.from_arrays(pa.array(txt.reshape(-1)), dim_t),
         }
     )
-    final = mdir.embedding_path(shard)
-    tmp = mdir.tmp / f"{final.stem}.{os.getpid()}.{time.monotonic_ns()}.parquet"
-    try:
-        pq.write_table(table, tmp, compression="none")  # float embeddings do not compress
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
     entry = {
-        "shard": Path(shard).name,
+        "shard": shard.rstrip("/").rsplit("/", 1)[-1],
         "rows": len(uids),
         "refused": refused,
         "seconds": time.perf_counter() - started,
         "source": _identity(shard),
     }
-    write_json_atomic(mdir.ledger_path(shard), entry)
+    mdir.commit(shard, table, entry)
     return entry
 
 
 def load_embeddings(mdir: MineDir, shards: list[str]):
     """(uids, image [N, d], text [N, d']) over the shards' stored embeddings, in shard order."""
     import numpy as np
-    import pyarrow.parquet as pq
     import torch
 
     uids: list[str] = []
     images, texts = [], []
     for shard in shards:
-        t = pq.read_table(mdir.embedding_path(shard))
+        t = mdir.read_embeddings(shard)
         uids += t.column("uid").to_pylist()
         for col, out in (("image_emb", images), ("text_emb", texts)):
             arr = t.column(col).combine_chunks()
