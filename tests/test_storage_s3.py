@@ -434,3 +434,186 @@ def test_select_to_s3_then_train_from_it_checkpoint_resume_and_eval_on_s3(tmp_pa
     assert from_s3["retrieval"]["n"] == 64
     for k, v in from_disk["retrieval"].items():
         assert from_s3["retrieval"][k] == pytest.approx(v, abs=1e-6), k
+
+
+# ---------------------------------------------------------------------------- dedup, select, report, mine
+
+
+def _upload_folder(s3: S3Server, bucket: str, folder: Path, prefix: str) -> None:
+    c = s3.client()
+    for p in sorted(folder.iterdir()):
+        c.put_object(Bucket=bucket, Key=f"{prefix}/{p.name}", Body=p.read_bytes())
+
+
+def _get(s3: S3Server, bucket: str, key: str) -> bytes:
+    return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+@pytest.fixture
+def image_runs(tmp_path, s3, bucket, capsys):
+    """The same pipeline (webdataset input on S3, image_size + phash) run to s3:// and to local disk."""
+    from train.fashion_mnist import write_shards
+
+    write_shards(tmp_path / "fmnist", "train", limit=192, samples_per_shard=48)
+    _upload_folder(s3, bucket, tmp_path / "fmnist", "in")
+    runs = {"s3": f"s3://{bucket}/run", "local": str(tmp_path / "run")}
+    for where, output in runs.items():
+        cfg = tmp_path / f"{where}.yaml"
+        cfg.write_text(
+            f"input: {{format: webdataset, path: 's3://{bucket}/in/*.tar', rows_per_shard: 48}}\n"
+            f"output: {output}\nrunner: {{type: local, workers: 1, progress: false}}\n"
+            "stages:\n  - image_size: {min_side: 0}\n  - phash: {}\n"
+        )
+        assert main(["run", str(cfg)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    return runs
+
+
+def test_dedup_select_and_report_of_an_s3_run_equal_those_of_the_local_run(
+    tmp_path, s3, bucket, image_runs, capsys
+):
+    from curation.dedup import DedupParams, run_dedup
+
+    url, local = image_runs["s3"], image_runs["local"]
+    # dedup: interrupted after its first steps, its work cache stays on the store; the re-run finishes.
+    said: list[str] = []
+
+    def interrupt(msg: str) -> None:
+        said.append(msg)
+        if msg.startswith("phash:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dedup(url, DedupParams(), say=interrupt)
+    work = s3.keys(bucket, "run/dedup/.work/")
+    assert [k.rsplit("/", 1)[-1] for k in work] == ["exact.npz", "phash.npz"], work
+    assert not s3.keys(bucket, "run/dedup/dedup.parquet") and not s3.keys(bucket, "run/dedup/.lock")
+    assert main(["dedup", url]) == 0, capsys.readouterr().err
+    assert f"-> {url}/dedup/dedup.parquet" in capsys.readouterr().out
+    assert main(["dedup", local]) == 0
+    on_s3 = pq.read_table(io.BytesIO(_get(s3, bucket, "run/dedup/dedup.parquet")))
+    on_disk = pq.read_table(Path(local) / "dedup" / "dedup.parquet")
+    assert on_s3.num_rows > 0 and on_s3.equals(on_disk)
+    assert s3.keys(bucket, "run/dedup/") == ["run/dedup/dedup.json", "run/dedup/dedup.parquet"]
+    summary = json.loads(_get(s3, bucket, "run/dedup/dedup.json"))
+    local_summary = json.loads((Path(local) / "dedup" / "dedup.json").read_text())
+    for k in ("rows", "rows_in_groups", "groups", "rows_by_kind", "manifests"):
+        assert summary[k] == local_summary[k], k
+    capsys.readouterr()
+    assert main(["dedup", url]) == 0
+    assert "up to date" in capsys.readouterr().err
+
+    # select FROM the s3 run: manifests and dedup table from the bucket, images from the input tars
+    # there; the same tars as from the local run.
+    for run, out in ((url, f"s3://{bucket}/sel"), (local, str(tmp_path / "sel"))):
+        assert main(["select", run, "--where", "keep", "--dedup", "--out", out, "--shard-size", "40"]) == 0
+    sizes = json.loads(_get(s3, bucket, "sel/sizes.json"))
+    assert sizes == json.loads((tmp_path / "sel" / "sizes.json").read_text())
+    assert 0 < sum(sizes.values()) < 192  # duplicates left out
+    for name in sizes:
+        assert _tar_members(_get(s3, bucket, f"sel/{name}")) == _tar_members(
+            (tmp_path / "sel" / name).read_bytes()
+        )
+    # --uids-only to a URL: the same files as to local disk; an existing object needs --force.
+    for ext in ("parquet", "npy"):
+        args = ["--where", "keep", "--dedup", "--uids-only"]
+        assert main(["select", url, *args, "--out", f"s3://{bucket}/uids.{ext}"]) == 0
+        assert main(["select", local, *args, "--out", str(tmp_path / f"uids.{ext}")]) == 0
+        assert _get(s3, bucket, f"uids.{ext}") == (tmp_path / f"uids.{ext}").read_bytes()
+    capsys.readouterr()
+    assert main(["select", url, "--uids-only", "--out", f"s3://{bucket}/uids.npy"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["select", url, "--uids-only", "--out", f"{url}/uids.npy"]) == 2
+    assert "inside the run" in capsys.readouterr().err
+
+    # report: thumbnails of the s3 run read from its storage, written to the bucket; as many as locally.
+    assert main(["report", url, "--out", f"s3://{bucket}/report.html", "--sample", "8"]) == 0
+    from_s3 = capsys.readouterr().out
+    assert main(["report", local, "--out", str(tmp_path / "report.html"), "--sample", "8"]) == 0
+    from_disk = capsys.readouterr().out
+    thumbs = from_s3.rsplit(", ", 1)[-1]
+    assert thumbs == from_disk.rsplit(", ", 1)[-1] and not thumbs.startswith("0 ")
+    assert b"data:image/jpeg;base64," in _get(s3, bucket, "report.html")
+
+
+def test_images_of_an_s3_run_are_read_from_its_own_storage_and_nowhere_else(s3, bucket):
+    """Relative image paths (a download stage's images/...) resolve under the run's URL; others are refused."""
+    from curation.core.shards import ShardWriter
+    from curation.select import ImageSources, read_image_group
+    from tests.images import encode, photo
+
+    png = encode(photo("coffee"), "PNG")
+    with ShardWriter(f"s3://{bucket}/run/images", 10) as w:
+        w.add("0001", {"png": png, "txt": b"coffee"})
+    s3.client().put_object(
+        Bucket=bucket, Key="other/00000.tar", Body=_get(s3, bucket, "run/images/00000.tar")
+    )
+    url = f"s3://{bucket}/run"
+    sources = ImageSources(url)
+    assert sources.locate("images/00000.tar") == f"{url}/images/00000.tar"
+    unreadable: list[str] = []
+    got = list(read_image_group(url, [{"image_path": "images/00000.tar", "key": "0001"}], unreadable))
+    assert [data for _, data in got] == [png] and unreadable == []
+    for bad in (
+        "../other/00000.tar",
+        f"s3://{bucket}/other/00000.tar",
+        "http://127.0.0.1/x.tar",
+        "/etc/passwd",
+    ):
+        assert list(read_image_group(url, [{"image_path": bad, "key": "0001"}], unreadable)) == []
+    assert len(unreadable) == 4 and all("refused" in u for u in unreadable), unreadable
+
+
+def test_mine_reads_and_writes_s3_and_equals_a_local_mine(tmp_path, s3, bucket, capsys):
+    import torch
+
+    from curation.models.clip import build_model
+    from train.fashion_mnist import write_shards
+    from train.mining.output import read_parameters
+
+    write_shards(tmp_path / "sel", "train", limit=96, samples_per_shard=32)
+    _upload_folder(s3, bucket, tmp_path / "sel", "sel")
+    torch.manual_seed(0)
+    ck = tmp_path / "tiny.pt"
+    torch.save({"state_dict": build_model("curate-tiny").model.state_dict(), "model_name": "curate-tiny"}, ck)
+    s3.client().put_object(Bucket=bucket, Key="ck/tiny.pt", Body=ck.read_bytes())
+
+    url = f"s3://{bucket}/mined"
+    on_s3 = ["mine", "--shards", f"s3://{bucket}/sel/{{00000..00002}}.tar", "--checkpoint",
+             f"s3://{bucket}/ck/tiny.pt", "-o", url, "--k", "5", "--no-progress"]  # fmt: skip
+    on_disk = ["mine", "--shards", str(tmp_path / "sel" / "{00000..00002}.tar"), "--checkpoint", str(ck),
+               "-o", str(tmp_path / "mined"), "--k", "5", "--no-progress"]  # fmt: skip
+    assert main(on_s3) == 0, capsys.readouterr().err
+    assert main(on_disk) == 0
+    assert "3 shard(s) embedded, 0 reused" in capsys.readouterr().out
+    a = pq.read_table(io.BytesIO(_get(s3, bucket, "mined/hard_pairs.parquet"))).to_pylist()
+    b = pq.read_table(tmp_path / "mined" / "hard_pairs.parquet").to_pylist()
+    assert len(a) == 96 and [r["uid"] for r in a] == [r["uid"] for r in b]
+    for x, y in zip(a, b):
+        assert x["hard_uids"] == y["hard_uids"]
+        assert x["hard_scores"] == pytest.approx(y["hard_scores"], abs=1e-5)
+    assert sorted(s3.keys(bucket, "mined/")) == [
+        "mined/embeddings/00000.parquet", "mined/embeddings/00001.parquet", "mined/embeddings/00002.parquet",
+        "mined/hard_pairs.parquet", "mined/ledger/00000.json", "mined/ledger/00001.json",
+        "mined/ledger/00002.json", "mined/mine.json",
+    ]  # fmt: skip
+    assert read_parameters(f"{url}/hard_pairs.parquet")["pairs"] == 96
+    # Re-mined with another k: the stored embeddings are reused (each tar's ETag is unchanged).
+    assert main([*on_s3[:-3], "--k", "3", "--no-progress"]) == 0
+    assert "0 shard(s) embedded, 3 reused" in capsys.readouterr().out
+    assert main(["query", url, "SELECT count(*) AS n, min(len(hard_uids)) AS k FROM hard_pairs"]) == 0
+    assert capsys.readouterr().out.split()[-2:] == ["96", "3"]
+    # A tar that changed (a new ETag; here its first sample removed) is embedded again.
+    import tarfile
+
+    changed = io.BytesIO()
+    with tarfile.open(tmp_path / "sel" / "00001.tar") as src, tarfile.open(fileobj=changed, mode="w") as dst:
+        members = [m for m in src if m.isfile()]
+        first = members[0].name.split(".")[0]
+        for m in members:
+            if m.name.split(".")[0] != first:
+                dst.addfile(m, src.extractfile(m))
+    s3.client().put_object(Bucket=bucket, Key="sel/00001.tar", Body=changed.getvalue())
+    assert main(on_s3) == 0
+    assert "1 shard(s) embedded, 2 reused" in capsys.readouterr().out
+    assert read_parameters(f"{url}/hard_pairs.parquet")["pairs"] == 95

@@ -9,8 +9,11 @@ and rename; on an object store one PUT (a multipart upload for large checkpoints
 visible only when complete, so `--resume` never finds half a checkpoint. On an
 object store the metrics and TensorBoard files are written to a local work folder
 during the run (metrics.jsonl is fetched from the store first, so a resume on
-another machine continues it) and metrics.jsonl and config.json are uploaded with
-each checkpoint; the TensorBoard event files stay in the local folder.
+another machine continues it) and uploaded with each checkpoint and at the end
+of the run (`sync`): metrics.jsonl, config.json and tensorboard/events.* (each
+event file whole, one PUT, whenever it grew; a resumed run writes a new event
+file beside the old ones, with TensorBoard's purge marker at its first step, so
+the steps a crash replays are not drawn twice).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from curation.core.storage import open_store
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 LATEST = "checkpoints/latest"
 SYNCED = ("metrics.jsonl", "config.json")
+TENSORBOARD = "tensorboard"
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class CheckpointDir:
         self.store = open_store(output_dir)
         self.url = self.store.url
         self._work_dir = Path(output_dir) if self.store.local else None
+        self._synced: dict[str, int] = {}  # work-folder file -> bytes uploaded
         if not self.store.local:
             self.store.check()  # wrong credentials or no bucket: one line before the model is built
 
@@ -100,13 +105,25 @@ class CheckpointDir:
         tmp = self.store.staging() / f"{uuid.uuid4().hex}-{name}"
         torch.save(payload, tmp)
         self.store.put_file(tmp, f"checkpoints/{name}")  # removes tmp
-        if self._work_dir is not None:  # the run's metrics, complete up to this checkpoint
-            for synced in SYNCED:
-                local = self._work_dir / synced
-                if local.exists():
-                    self.store.put_bytes(synced, local.read_bytes())
+        self.sync()  # the run's metrics, complete up to this checkpoint
         self.store.put_bytes(LATEST, name.encode())
         return self.where(name)
+
+    def sync(self) -> None:
+        """Object stores: upload metrics.jsonl, config.json and the TensorBoard event files that changed
+        since the last sync (each one whole, one PUT). Local output_dir: nothing to do."""
+        if self.store.local or self._work_dir is None:
+            return
+        tb = self._work_dir / TENSORBOARD
+        files = [*SYNCED, *(f"{TENSORBOARD}/{p.name}" for p in sorted(tb.glob("events.*")) if p.is_file())]
+        for rel in files:
+            local = self._work_dir / rel
+            if not local.exists():
+                continue
+            data = local.read_bytes()
+            if self._synced.get(rel) != len(data):  # event files and metrics only ever grow
+                self.store.put_bytes(rel, data)
+                self._synced[rel] = len(data)
 
     def prune(self, keep: int) -> None:
         """Remove all but the newest `keep` checkpoints."""

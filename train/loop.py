@@ -268,7 +268,10 @@ class MetricsWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            # A resumed run's first step purges what a crashed run logged past its checkpoint.
+            self.tb = SummaryWriter(
+                str(output_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
         except ImportError:  # tensorboard not installed: JSONL only
             pass
 
@@ -279,6 +282,12 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def flush(self) -> None:
+        """Everything logged so far on disk: each checkpoint uploads these files when output_dir is a URL."""
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.flush()
 
     def close(self) -> None:
         self.file.close()
@@ -577,7 +586,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
             if metrics is not None:
                 metrics.write(rec)
         if metrics is not None:
-            metrics.file.flush()
+            metrics.flush()
         if bar is not None:
             bar.set_postfix(
                 loss=f"{last_loss:.4f}", lr=f"{pending[-1][2]:.2e}", sps=f"{sps:.0f}", refresh=False
@@ -641,6 +650,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         log.info("%s (rank 0's batches, this process)", mixture.summary())
     if metrics is not None:
         metrics.close()
+        ckpts.sync()  # a URL output_dir: the final metrics and TensorBoard files, not only a temp folder
     if checkpoint is None:
         checkpoint = ckpts.latest()
     sps = global_batch * timed_steps / total_time if total_time > 0 else float("nan")
