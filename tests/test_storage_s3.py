@@ -617,3 +617,46 @@ def test_mine_reads_and_writes_s3_and_equals_a_local_mine(tmp_path, s3, bucket, 
     assert main(on_s3) == 0
     assert "1 shard(s) embedded, 2 reused" in capsys.readouterr().out
     assert read_parameters(f"{url}/hard_pairs.parquet")["pairs"] == 95
+
+
+def test_tensorboard_files_of_a_url_output_dir_are_uploaded_to_the_store(tmp_path, s3, bucket):
+    """Event files go up with each checkpoint and at the end; a resumed run adds its own file, and
+    TensorBoard (its own reader) sees every step once: what the crashed run logged past its checkpoint
+    is purged."""
+    pytest.importorskip("tensorboard")
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.fashion_mnist import write_shards
+
+    write_shards(tmp_path / "sel", "train", limit=64, samples_per_shard=32)
+    cfg = tmp_path / "t.yaml"
+    train = {"batch_size": 16, "steps": 4, "checkpoint_every": 2, "log_every": 1, "progress": False}
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"shards": str(tmp_path / "sel" / "{00000..00001}.tar"), "workers": 0},
+                "output_dir": f"s3://{bucket}/train",
+                "model": {"name": "curate-tiny"},
+                "optim": {"lr": 1e-3, "warmup_steps": 1},
+                "train": train,
+            }
+        )
+    )
+    assert main(["train", str(cfg)]) == 0
+    first = [k for k in s3.keys(bucket, "train/tensorboard/") if "events.out.tfevents" in k]
+    assert len(first) == 1
+    s3.client().delete_object(Bucket=bucket, Key="train/checkpoints/step_00000004.pt")
+    assert main(["train", str(cfg), "--resume"]) == 0
+    files = [k for k in s3.keys(bucket, "train/tensorboard/") if "events.out.tfevents" in k]
+    assert len(files) == 2 and first[0] in files
+    local = tmp_path / "tb"
+    local.mkdir()
+    for k in files:
+        (local / k.rsplit("/", 1)[-1]).write_bytes(_get(s3, bucket, k))
+    acc = EventAccumulator(str(local))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    metrics = [json.loads(ln) for ln in _get(s3, bucket, "train/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in metrics])
