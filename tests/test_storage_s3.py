@@ -332,8 +332,12 @@ def _tar_members(data: bytes) -> list[tuple[str, bytes]]:
 
 
 @pytest.mark.slow
-def test_select_to_s3_then_train_from_it_checkpoint_resume_and_eval_on_s3(tmp_path, s3, bucket, capsys):
-    """select --out s3:// -> curate train streaming those shards, checkpoints on s3 -> --resume -> eval."""
+def test_chain_on_s3_run_status_dedup_select_train_resume_eval_equals_local_disk(
+    tmp_path, s3, bucket, capsys
+):
+    """curate run to s3:// -> status/query/stats/report -> dedup -> select FROM the s3 run --out s3://
+    -> curate train streaming those shards, checkpoints on s3 -> --resume -> eval; each step equal to
+    the same step on local disk."""
     import tempfile
 
     import torch
@@ -343,20 +347,41 @@ def test_select_to_s3_then_train_from_it_checkpoint_resume_and_eval_on_s3(tmp_pa
     from train.fashion_mnist import write_shards
 
     write_shards(tmp_path / "fmnist", "train", limit=256, samples_per_shard=64)
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(
-        f"input: {{format: webdataset, path: '{tmp_path}/fmnist/*.tar', rows_per_shard: 64}}\n"
-        f"output: {tmp_path / 'run'}\nrunner: {{type: local, workers: 1, progress: false}}\n"
-        f"stages:\n{FAST_STAGE}"
-    )
-    assert main(["run", str(cfg)]) == 0, capsys.readouterr().err
+    run_url, run_local = f"s3://{bucket}/run", str(tmp_path / "run")
+    for output in (run_url, run_local):
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(
+            f"input: {{format: webdataset, path: '{tmp_path}/fmnist/*.tar', rows_per_shard: 64}}\n"
+            f"output: {output}\nrunner: {{type: local, workers: 1, progress: false}}\n"
+            f"stages:\n{FAST_STAGE}  - image_size: {{min_side: 0}}\n  - phash: {{}}\n"
+        )
+        assert main(["run", str(cfg)]) == 0, capsys.readouterr().err
+    on_s3 = committed_manifests(s3, bucket, "run").sort_by("uid")
+    on_disk = pq.read_table(Path(run_local) / "manifests").sort_by("uid")
+    assert on_s3.num_rows == 256 and on_s3.equals(on_disk), "uids or scores differ between s3 and local disk"
+    capsys.readouterr()
+    assert main(["status", run_url, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows_done"] == 256
+    assert main(["query", run_url, "SELECT count(DISTINCT uid) AS n FROM samples"]) == 0
+    assert capsys.readouterr().out.split()[-1] == "256"
+    assert main(["stats", run_url, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 256
+    assert main(["report", run_url, "--out", str(tmp_path / "report.html"), "--sample", "4"]) == 0
+    assert not capsys.readouterr().out.rstrip().endswith(" 0 thumbnails")
 
-    # select: the same shards as a local select, committed whole, no temporary object or file left.
+    # dedup on the bucket: the same table as on local disk.
+    for run in (run_url, run_local):
+        assert main(["dedup", run]) == 0
+    table = pq.read_table(io.BytesIO(_get(s3, bucket, "run/dedup/dedup.parquet")))
+    assert table.equals(pq.read_table(Path(run_local) / "dedup" / "dedup.parquet"))
+
+    # select FROM the s3 run: the same shards as a local select of the local run, committed whole, no
+    # temporary object or file left.
     staging = Path(tempfile.gettempdir()) / "curate-staging"
     staged_before = set(staging.iterdir()) if staging.exists() else set()
     sel = f"s3://{bucket}/sel"
-    assert main(["select", str(tmp_path / "run"), "--out", sel, "--shard-size", "64"]) == 0
-    assert main(["select", str(tmp_path / "run"), "--out", str(tmp_path / "sel"), "--shard-size", "64"]) == 0
+    assert main(["select", run_url, "--out", sel, "--shard-size", "64"]) == 0
+    assert main(["select", run_local, "--out", str(tmp_path / "sel"), "--shard-size", "64"]) == 0
     names = [f"{i:05d}.tar" for i in range(4)]
     assert s3.keys(bucket, "sel/") == [f"sel/{n}" for n in [*names, "sizes.json"]]
     c = s3.client()
@@ -368,7 +393,7 @@ def test_select_to_s3_then_train_from_it_checkpoint_resume_and_eval_on_s3(tmp_pa
     staged_after = set(staging.iterdir()) if staging.exists() else set()
     assert not [p for p in staged_after - staged_before if p.name.endswith(".tar")], "a staged tar was left"
     capsys.readouterr()
-    assert main(["select", str(tmp_path / "run"), "--out", sel]) == 2
+    assert main(["select", run_url, "--out", sel]) == 2
     assert "is not empty" in capsys.readouterr().err
 
     def train_config(name: str, shards: str, output_dir: str) -> Path:
