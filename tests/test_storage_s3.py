@@ -685,3 +685,19 @@ def test_tensorboard_files_of_a_url_output_dir_are_uploaded_to_the_store(tmp_pat
     metrics = [json.loads(ln) for ln in _get(s3, bucket, "train/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in metrics] == [1, 2, 3, 4]
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in metrics])
+
+
+def test_hard_pair_training_on_object_storage_is_refused_in_one_line_per_key():
+    """HELIP batches read samples by tar offset: the table and the shards must be local (docs/storage.md)."""
+    from curation.core.params import ConfigError
+    from train.config import parse_train_config
+
+    text = (
+        "data: {shards: 's3://b/sel/{00000..00003}.tar'}\noutput_dir: out\nmodel: {name: curate-tiny}\n"
+        "train: {batch_size: 16, steps: 2}\nhard_pairs: {path: 's3://b/mined/hard_pairs.parquet'}\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        parse_train_config(text)
+    message = str(e.value)
+    assert "hard_pairs.path" in message and "is a URL" in message
+    assert "data.shards" in message and "by offset from local disk" in message
