@@ -280,7 +280,9 @@ def _semantic_checks(built: dict[str, Any], err) -> None:
             err(("data", "sizes"), "with data.sources, give each source its own sizes")
         patterns = [data.shards] if data.shards is not None else [s.shards for s in data.sources or []]
         if hard is not None and any("://" in p for p in patterns):
-            err(("data", "shards"), "hard_pairs reads the shards by offset from local disk: give local shards")
+            err(
+                ("data", "shards"), "hard_pairs reads the shards by offset from local disk: give local shards"
+            )
     if model is not None and (refused := open_clip_config_problem(model.name)):
         err(("model", "name"), refused)
     if model is not None and model.pretrained is not None and not Path(model.pretrained).is_file():

@@ -8,10 +8,11 @@ page.py        the HTML (no script, no network, everything escaped)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from curation.core.storage import open_store
+from curation.core.storage import is_url, open_store
 from curation.report.collect import ReportError
 
 DEFAULT_SAMPLE = 48
@@ -64,9 +65,12 @@ def build_report(
     text = render(data, svgs, thumbs, unreadable, command)
 
     # One atomic write through the storage layer: a local file (temp + rename) or one PUT to a URL.
-    folder, _, name = str(out).rstrip("/").rpartition("/")
+    if is_url(out):
+        folder, _, name = str(out).rpartition("/")
+    else:
+        folder, name = os.path.split(os.path.abspath(out))
     page = text.encode("utf-8", errors="replace")
-    open_store(folder or ".").put_bytes(name, page)
+    open_store(folder).put_bytes(name, page)
     return ReportResult(
         rows=data.funnel["rows"],
         charts=len(svgs),

@@ -8,15 +8,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from curation.core.storage import Store, is_url, open_store
+from curation.core.storage import is_url, open_store
 
 METADATA_KEY = b"curate.mine"
-FILE = "hard_pairs.parquet"
 
 
-def write_hard_pairs(store: Store, uids: list[str], idx, scores, params: dict[str, Any]) -> None:
-    """`store`/hard_pairs.parquet: uid, hard_uids, hard_scores (padding dropped), parameters in the file
-    metadata; written atomically through the storage layer (local: temp + rename; object store: one PUT)."""
+def write_hard_pairs(path: str | Path, uids: list[str], idx, scores, params: dict[str, Any]) -> None:
+    """Parquet uid, hard_uids, hard_scores (padding dropped), parameters in the file metadata, at `path`
+    (a local file or a URL); written atomically through the storage layer (local: temp file + rename;
+    object store: one PUT)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -36,13 +36,25 @@ def write_hard_pairs(store: Store, uids: list[str], idx, scores, params: dict[st
         }
     )
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(params).encode()})
+    parent, name = _split(path)
+    store = open_store(parent)
+    # Local: beside the file (the commit is a rename); object stores: this machine's temp folder.
     folder = Path(store.path()) if store.local else store.staging()
-    tmp = folder / f".{FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = folder / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         pq.write_table(table, tmp, compression="zstd")
-        store.put_file(tmp, FILE)
+        store.put_file(tmp, name)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _split(path: str | Path) -> tuple[str, str]:
+    """(folder, file name) of a local path or a URL."""
+    text = str(path)
+    if is_url(text):
+        parent, _, name = text.rpartition("/")
+        return parent, name
+    return os.path.split(os.path.abspath(text))
 
 
 def read_parameters(path: str | Path) -> dict[str, Any]:
@@ -52,7 +64,7 @@ def read_parameters(path: str | Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     if is_url(path):
-        folder, _, name = str(path).rpartition("/")
+        folder, name = _split(path)
         path = io.BytesIO(open_store(folder).get_bytes(name))
     meta = pq.read_schema(path).metadata or {}
     return json.loads(meta.get(METADATA_KEY, b"{}"))

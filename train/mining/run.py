@@ -132,7 +132,7 @@ def mine(cfg: MineConfig, progress: bool = True) -> MineResult:
             "runner": cfg.runner.type,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        write_hard_pairs(mdir.store, uids, idx, scores, params)
+        write_hard_pairs(mdir.hard_pairs, uids, idx, scores, params)
     return MineResult(len(todo), len(shards) - len(todo), len(uids), t_embed, t_mine, mdir.hard_pairs)
 
 
