@@ -608,6 +608,9 @@ def test_mine_reads_and_writes_s3_and_equals_a_local_mine(tmp_path, s3, bucket, 
              f"s3://{bucket}/ck/tiny.pt", "-o", url, "--k", "5", "--no-progress"]  # fmt: skip
     on_disk = ["mine", "--shards", str(tmp_path / "sel" / "{00000..00002}.tar"), "--checkpoint", str(ck),
                "-o", str(tmp_path / "mined"), "--k", "5", "--no-progress"]  # fmt: skip
+    nowhere = [*on_s3[:-5], "-o", "s3://no-such-bucket-here/mined", *on_s3[-3:]]
+    assert main(nowhere) == 2
+    assert "bucket 'no-such-bucket-here' does not exist" in capsys.readouterr().err
     assert main(on_s3) == 0, capsys.readouterr().err
     assert main(on_disk) == 0
     assert "3 shard(s) embedded, 0 reused" in capsys.readouterr().out

@@ -18,6 +18,7 @@ from pathlib import Path
 from curation.argtypes import at_least
 from curation.cli.common import EXIT_FAILED, EXIT_OK, Formatter, UsageError, fail, fail_config, note
 from curation.core.shards import ShardError
+from curation.core.storage import StorageError
 from curation.terminal import printable
 
 TRAIN_HELP = """\
@@ -156,7 +157,16 @@ def _setup_logging() -> None:
 
 # What a bad input raises (missing or unreadable shards, a bad sizes.json, an unknown model, an empty
 # training set, a checkpoint that does not load): the user's to fix, one line and exit 2.
-USAGE_ERRORS = (FileNotFoundError, ValueError, ShardError, tarfile.TarError, EOFError, pickle.UnpicklingError)
+# StorageError: an unusable store (credentials, bucket, endpoint) of an s3:// path; one line, no traceback.
+USAGE_ERRORS = (
+    FileNotFoundError,
+    ValueError,
+    ShardError,
+    tarfile.TarError,
+    EOFError,
+    pickle.UnpicklingError,
+    StorageError,
+)
 
 
 def _message(e: BaseException) -> str:

@@ -98,6 +98,7 @@ def mine(cfg: MineConfig, progress: bool = True) -> MineResult:
                 "rename the tars (curate select numbers them 00000.tar, 00001.tar, ... per folder)"
             )
     mdir = MineDir(cfg.output)
+    mdir.check()
     # One writer per output (local: flock; S3: a conditional-PUT lock object).
     with exclusive_lock_on(mdir.store, ".lock", f"another `curate mine` is writing to {mdir.url}"):
         fingerprint = encoder_fingerprint(cfg.encoders)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from curation.core.storage import Store, is_url, open_store
+from curation.core.storage import Store, is_url, open_store, retrying
 from curation.manifest import explain_conflict
 from curation.models.encoders import ImageEncoder, TextEncoder
 
@@ -28,6 +28,11 @@ class MineDir:
         self.ledger = self.store.child("ledger")
         self._done: set[str] | None = None
 
+    def check(self) -> None:
+        """Wrong credentials, no bucket, no endpoint: one line (StorageError) before any lock or model."""
+        if not self.store.local:
+            self.store.check()
+
     @property
     def hard_pairs(self) -> str | Path:
         """hard_pairs.parquet, as a user names it: a local path or a URL."""
@@ -35,8 +40,6 @@ class MineDir:
 
     def prepare(self, fingerprint: dict[str, Any]) -> None:
         """Create the layout or check that it holds embeddings of these encoders; clear stale temp files."""
-        if not self.store.local:
-            self.store.check()  # wrong credentials or no bucket: one line before any model is loaded
         self.store.makedirs()
         if self.store.local:  # object stores stage in this machine's temp folder, under unique names
             import shutil
@@ -106,7 +109,7 @@ def _identity(shard: str) -> dict[str, Any]:
         return {"path": str(Path(shard).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     folder, _, name = shard.rpartition("/")
     store = open_store(folder)
-    info = store.fs.info(store.path(name))
+    info = retrying(lambda: store.fs.info(store.path(name)), store.retry_seconds, f"reading {shard}")
     version = next(
         (str(info[k]) for k in ("ETag", "etag", "md5Hash", "generation", "mtime") if k in info), ""
     )
