@@ -561,6 +561,35 @@ def test_dedup_select_and_report_of_an_s3_run_equal_those_of_the_local_run(
     assert b"data:image/jpeg;base64," in _get(s3, bucket, "report.html")
 
 
+def test_select_and_report_of_a_download_run_on_s3_read_its_images_from_the_run(
+    tmp_path, s3, bucket, image_server, capsys
+):
+    """A download run's images are tars under the run's own prefix (relative image_path): select and
+    report read them there, and write what they write from the same run on local disk."""
+    from tests.test_images import pairs_table, write_download_config
+
+    pq.write_table(pairs_table(image_server), tmp_path / "pairs.parquet")
+    runs = {"s3": f"s3://{bucket}/run", "local": str(tmp_path / "run")}
+    for where, output in runs.items():
+        cfg = write_download_config(tmp_path / f"{where}.yaml", tmp_path / "pairs.parquet", output)
+        assert main(["run", str(cfg)]) == 0, capsys.readouterr().err
+    for where, out in (("s3", f"s3://{bucket}/sel"), ("local", str(tmp_path / "sel"))):
+        assert main(["select", runs[where], "--where", "image_path IS NOT NULL", "--out", out]) == 0
+    sizes = json.loads(_get(s3, bucket, "sel/sizes.json"))
+    assert sizes == json.loads((tmp_path / "sel" / "sizes.json").read_text()) and sum(sizes.values()) > 0
+    for name in sizes:
+        members = _tar_members(_get(s3, bucket, f"sel/{name}"))
+        assert members == _tar_members((tmp_path / "sel" / name).read_bytes())
+        meta = [json.loads(data) for n, data in members if n.endswith(".json")]
+        assert all(m["image_path"].startswith("images/") for m in meta)  # relative: the run's own tars
+    capsys.readouterr()
+    lines = []
+    for where in ("s3", "local"):
+        assert main(["report", runs[where], "--out", str(tmp_path / f"{where}.html"), "--sample", "8"]) == 0
+        lines.append(capsys.readouterr().out.rsplit(", ", 1)[-1])
+    assert lines[0] == lines[1] and not lines[0].startswith("0 "), lines
+
+
 def test_images_of_an_s3_run_are_read_from_its_own_storage_and_nowhere_else(s3, bucket):
     """Relative image paths (a download stage's images/...) resolve under the run's URL; others are refused."""
     from curation.core.shards import ShardWriter
