@@ -280,7 +280,6 @@ class ImageSources:
 
     def __init__(self, run: str | Path) -> None:
         self.store = open_store(run)
-        self.run = run
         self.root = os.path.realpath(run) if self.store.local else None
         self.inputs: list[str] = []
         try:
