@@ -573,21 +573,35 @@ def test_select_and_report_of_a_download_run_on_s3_read_its_images_from_the_run(
     for where, output in runs.items():
         cfg = write_download_config(tmp_path / f"{where}.yaml", tmp_path / "pairs.parquet", output)
         assert main(["run", str(cfg)]) == 0, capsys.readouterr().err
+
+    # What each selection holds, by uid: image and caption. The image server's slow cases may time out
+    # in one run and not the other on a loaded machine, so each selection is checked against its own
+    # run's manifests, and the two against each other on the uids both downloaded.
+    def selected(tars: dict[str, bytes]) -> dict[str, tuple[bytes, bytes]]:
+        out = {}
+        for data in tars.values():
+            members = dict(_tar_members(data))
+            for name, meta in members.items():
+                if name.endswith(".json"):
+                    key, row = name.removesuffix(".json"), json.loads(meta)
+                    assert row["image_path"].startswith("images/")  # relative: the run's own tars
+                    out[row["uid"]] = (members[f"{key}.jpg"], members[f"{key}.txt"])
+        return out
+
     for where, out in (("s3", f"s3://{bucket}/sel"), ("local", str(tmp_path / "sel"))):
         assert main(["select", runs[where], "--where", "image_path IS NOT NULL", "--out", out]) == 0
-    sizes = json.loads(_get(s3, bucket, "sel/sizes.json"))
-    assert sizes == json.loads((tmp_path / "sel" / "sizes.json").read_text()) and sum(sizes.values()) > 0
-    for name in sizes:
-        members = _tar_members(_get(s3, bucket, f"sel/{name}"))
-        assert members == _tar_members((tmp_path / "sel" / name).read_bytes())
-        meta = [json.loads(data) for n, data in members if n.endswith(".json")]
-        assert all(m["image_path"].startswith("images/") for m in meta)  # relative: the run's own tars
+    names = json.loads(_get(s3, bucket, "sel/sizes.json"))
+    from_s3 = selected({n: _get(s3, bucket, f"sel/{n}") for n in names})
+    from_disk = selected({p.name: p.read_bytes() for p in (tmp_path / "sel").glob("*.tar")})
+    s3_rows = committed_manifests(s3, bucket, "run").select(["uid", "image_path"]).to_pylist()
+    assert set(from_s3) == {r["uid"] for r in s3_rows if r["image_path"]} and from_s3
+    local_rows = pq.read_table(Path(runs["local"]) / "manifests", columns=["uid", "image_path"]).to_pylist()
+    assert set(from_disk) == {r["uid"] for r in local_rows if r["image_path"]}
+    both = set(from_s3) & set(from_disk)
+    assert len(both) >= len(from_s3) - 2 and all(from_s3[u] == from_disk[u] for u in both)
     capsys.readouterr()
-    lines = []
-    for where in ("s3", "local"):
-        assert main(["report", runs[where], "--out", str(tmp_path / f"{where}.html"), "--sample", "8"]) == 0
-        lines.append(capsys.readouterr().out.rsplit(", ", 1)[-1])
-    assert lines[0] == lines[1] and not lines[0].startswith("0 "), lines
+    assert main(["report", runs["s3"], "--out", str(tmp_path / "s3.html"), "--sample", "8"]) == 0
+    assert not capsys.readouterr().out.rstrip().endswith(" 0 thumbnails")
 
 
 def test_images_of_an_s3_run_are_read_from_its_own_storage_and_nowhere_else(s3, bucket):
