@@ -527,6 +527,12 @@ def test_dedup_select_and_report_of_an_s3_run_equal_those_of_the_local_run(
     capsys.readouterr()
     assert main(["dedup", url]) == 0
     assert "up to date" in capsys.readouterr().err
+    # One writer per run: while another process holds dedup/.lock (a conditional-PUT object), refused.
+    from curation.core.storage import open_store
+
+    with open_store(f"{url}/dedup").lock(".lock", "held"):
+        assert main(["dedup", url, "--force"]) == 2
+    assert "another `curate dedup` is writing" in capsys.readouterr().err
 
     # select FROM the s3 run: manifests and dedup table from the bucket, images from the input tars
     # there; the same tars as from the local run.
