@@ -55,7 +55,10 @@ class CheckpointDir:
         if self._work_dir is None:
             self._work_dir = Path(tempfile.mkdtemp(prefix="curate-train-"))
             log.info(
-                "output_dir %s: metrics and TensorBoard files are written to %s", self.url, self._work_dir
+                "output_dir %s: metrics and TensorBoard files are written to %s and uploaded with each "
+                "checkpoint",
+                self.url,
+                self._work_dir,
             )
             for name, data in self.store.get_many(list(SYNCED)).items():
                 (self._work_dir / name).write_bytes(data)
