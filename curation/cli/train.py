@@ -383,9 +383,13 @@ def register_mine(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "config", nargs="?", help="mine YAML (see train/configs/mine_fashion_mnist.yaml); or use flags"
     )
-    p.add_argument("--shards", help="data.shards: brace pattern or glob of the subset's tars")
-    p.add_argument("--output", "-o", help="output directory")
-    p.add_argument("--checkpoint", help="encoders.checkpoint: CLIP checkpoint whose towers embed")
+    p.add_argument(
+        "--shards", help="data.shards: brace pattern or glob of the subset's tars (paths or s3://... URLs)"
+    )
+    p.add_argument("--output", "-o", help="output directory or URL (s3://bucket/prefix)")
+    p.add_argument(
+        "--checkpoint", help="encoders.checkpoint: CLIP checkpoint whose towers embed (a file or a URL)"
+    )
     p.add_argument("--model", help="encoders.model: open_clip name, for a checkpoint that does not name it")
     p.add_argument(
         "--text-model", help="encoders.text_model: sentence-transformers folder or 'all-MiniLM-L6-v2'"
