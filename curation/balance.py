@@ -10,7 +10,11 @@ are cut down to about t each (the head).
 Entries here come from:
 - a metadata list: every line of a text file is an entry; a pair matches it when the entry occurs in the
   caption as a substring, both lowercased (MetaCLIP matches case-sensitively, its 500k entries carry the
-  case variants; a short list of lowercase words needs case folding to match "Frog" and "frog");
+  case variants; a short list of lowercase words needs case folding to match "Frog" and "frog").
+  `match="word"` (`--balance-match word`) asks more: the occurrence must not have a word character
+  (a letter, digit or underscore) right before or after it, so "ram" no longer matches
+  "gramastar" or "program", and "sea" not "seal"; plural or inflected forms stop matching too ("ram" not
+  "rams"). Substring, MetaCLIP's own rule, stays the default;
 - `concepts`: the `concepts` teacher's top-1 concept (`concept_ids[1]`) as one more entry per pair,
   named `concept:ID` (the image side of the pair, for runs whose captions match little).
 
@@ -24,11 +28,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 CONCEPTS = "concepts"
+Match = Literal["substring", "word"]
+MATCHES: tuple[Match, ...] = ("substring", "word")
 
 
 class BalanceError(ValueError):
@@ -41,10 +47,13 @@ class BalanceSpec:
     metadata: tuple[str, ...] = ()
     concepts: bool = False
     seed: int = 0
+    match: Match = "substring"
 
     def __post_init__(self) -> None:
         if not self.t > 0:
             raise BalanceError(f"t must be > 0 (got {self.t})")
+        if self.match not in MATCHES:
+            raise BalanceError(f"match must be one of {', '.join(MATCHES)} (got {self.match!r})")
         if not self.metadata and not self.concepts:
             raise BalanceError("no entries: give a metadata file and/or `concepts`")
 
@@ -58,7 +67,7 @@ class BalanceResult:
     kept_per_entry: dict[str, int] = field(default_factory=dict)  # kept pairs matched per entry
 
 
-def parse_spec(entries: str, t: float, seed: int = 0) -> BalanceSpec:
+def parse_spec(entries: str, t: float, seed: int = 0, match: Match = "substring") -> BalanceSpec:
     """`--balance` as users type it: comma-separated `concepts` and/or metadata files (one entry a line)."""
     metadata: list[str] = []
     concepts = False
@@ -78,23 +87,49 @@ def parse_spec(entries: str, t: float, seed: int = 0) -> BalanceSpec:
         metadata += [s for s in (line.strip().lower() for line in lines) if s]
     if not metadata and not concepts:
         raise BalanceError(f"--balance {entries!r}: no entries (empty metadata file?)")
-    return BalanceSpec(t=t, metadata=tuple(dict.fromkeys(metadata)), concepts=concepts, seed=seed)
+    return BalanceSpec(
+        t=t, metadata=tuple(dict.fromkeys(metadata)), concepts=concepts, seed=seed, match=match
+    )
 
 
 def match_entries(
-    captions: Sequence[str | None], metadata: Sequence[str], concepts: Sequence[int | None] | None = None
+    captions: Sequence[str | None],
+    metadata: Sequence[str],
+    concepts: Sequence[int | None] | None = None,
+    match: Match = "substring",
 ) -> list[list[str]]:
-    """Each row's entries: metadata entries occurring in its lowercased caption, in metadata order, then
-    `concept:ID` for its top-1 concept when `concepts` is given. O(rows x entries) substring tests: meant
-    for metadata lists of up to a few thousand entries."""
+    """Each row's entries: metadata entries occurring in its lowercased caption (as a substring, or with
+    `match="word"` as a whole word: see the module docstring), in metadata order, then `concept:ID` for its
+    top-1 concept when `concepts` is given. O(rows x entries) substring tests: meant for metadata lists of
+    up to a few thousand entries."""
+    if match not in MATCHES:
+        raise BalanceError(f"match must be one of {', '.join(MATCHES)} (got {match!r})")
     out = []
     for i, caption in enumerate(captions):
         text = (caption or "").lower()
-        row = [e for e in metadata if e in text]
+        if match == "word":
+            row = [e for e in metadata if e in text and _occurs_as_word(text, e)]
+        else:
+            row = [e for e in metadata if e in text]
         if concepts is not None and concepts[i] is not None:
             row.append(f"concept:{concepts[i]}")
         out.append(row)
     return out
+
+
+def _occurs_as_word(text: str, entry: str) -> bool:
+    """Some occurrence of `entry` in `text` has no word character right before or after it."""
+    start = text.find(entry)
+    while start >= 0:
+        end = start + len(entry)
+        if not (start > 0 and _is_word(text[start - 1])) and not (end < len(text) and _is_word(text[end])):
+            return True
+        start = text.find(entry, start + 1)
+    return False
+
+
+def _is_word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
 
 
 def balance(uids: Sequence[str], entries: Sequence[Sequence[str]], t: float, seed: int = 0) -> BalanceResult:
@@ -143,7 +178,7 @@ def balance_run(con: Any, where: str, spec: BalanceSpec) -> BalanceResult:
     rows = con.execute(select_statement(f"SELECT uid, caption{top1} FROM samples WHERE ({where})")).fetchall()
     uids = [r[0] for r in rows]
     concepts = [r[2] for r in rows] if spec.concepts else None
-    entries = match_entries([r[1] for r in rows], spec.metadata, concepts)
+    entries = match_entries([r[1] for r in rows], spec.metadata, concepts, spec.match)
     return balance(uids, entries, spec.t, spec.seed)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -28,9 +29,15 @@ def _pool(n: int, seed: int) -> tuple[list[str], list[str]]:
     return uids, captions
 
 
-def reference(uids, captions, metadata, t, seed):
+def matches(caption: str, entry: str, match: str) -> bool:
+    """The documented rules, written as regular expressions (not the library's code path)."""
+    pattern = re.escape(entry) if match == "substring" else r"(?<!\w)" + re.escape(entry) + r"(?!\w)"
+    return re.search(pattern, caption.lower()) is not None
+
+
+def reference(uids, captions, metadata, t, seed, match="substring"):
     """MetaCLIP's rule written out plainly, with the documented draw order."""
-    matched = {u: [e for e in metadata if e in c.lower()] for u, c in zip(uids, captions)}
+    matched = {u: [e for e in metadata if matches(c, e, match)] for u, c in zip(uids, captions)}
     count = {e: sum(e in m for m in matched.values()) for e in metadata}
     rng = np.random.default_rng(seed)
     kept = set()
@@ -56,6 +63,37 @@ def test_balance_matches_the_brute_force_reference(t, seed):
     for e, c in count.items():
         if 0 < c <= t:
             assert result.kept_per_entry[e] == c
+
+
+GLUED = ["cats", "bobcat", "cat_dog", "cat-dog", "Cat.", "dogcar", "(bird)", "tree2", "boat's", "car car"]
+
+
+@pytest.mark.parametrize("t,seed", [(5, 0), (20, 1)])
+def test_word_matching_matches_the_brute_force_reference(t, seed):
+    """Entries inside longer words ("bobcat", "cats") match as substrings, not as words."""
+    rng = random.Random(seed)
+    uids, captions = _pool(600, seed)
+    captions = [f"{c} {rng.choice(GLUED)}" if rng.random() < 0.5 else c for c in captions]
+    entries = match_entries(captions, WORDS, match="word")
+    assert entries == [[e for e in WORDS if matches(c, e, "word")] for c in captions]
+    assert entries != match_entries(captions, WORDS)  # the rules differ on this pool
+    result = balance(uids, entries, t, seed)
+    kept, count = reference(uids, captions, WORDS, t, seed, match="word")
+    assert set(result.kept) == kept
+    assert result.entry_counts == {e: c for e, c in count.items() if c}
+
+
+def test_word_matching_examples():
+    metadata = ["ram", "sea", "lemon", "hot dog"]
+    rows = match_entries(
+        ["Gramastar", "RAM 3", "rams", "Sea-lion", "seal", "lemon_svg", "A hot dog.", "hot dogs"],
+        metadata,
+        match="word",
+    )
+    assert rows == [[], ["ram"], [], ["sea"], [], [], ["hot dog"], []]
+    assert match_entries(["Gramastar"], metadata) == [["ram"]]  # the default: MetaCLIP's substring rule
+    with pytest.raises(BalanceError, match="match must be one of substring, word"):
+        match_entries(["x"], metadata, match="token")
 
 
 def test_balance_caps_the_head_near_t_and_keeps_the_tail():
@@ -124,6 +162,16 @@ def test_select_balance_through_the_cli(tmp_path, capsys):
     assert chosen == kept
     assert main([*argv, "--balance-seed", "1", "--uids-only", "--out", str(tmp_path / "b1.parquet")]) == 0
     assert set(pq.read_table(tmp_path / "b1.parquet").column("uid").to_pylist()) != chosen
+    # Word matching: "ca" and "an" are inside "cat" and "and" but never words of these captions.
+    meta.write_text("\n".join([*WORDS, "ca", "an"]) + "\n")
+    by = {}
+    for match in ("substring", "word"):
+        dest = tmp_path / f"{match}.parquet"
+        assert main([*argv, "--balance-match", match, "--uids-only", "--out", str(dest)]) == 0
+        by[match] = set(pq.read_table(dest).column("uid").to_pylist())
+        uids, caps = [r[0] for r in manifest], [r[1] for r in manifest]
+        assert by[match] == reference(uids, caps, [*WORDS, "ca", "an"], 10, 0, match)[0]
+    assert by["substring"] != by["word"]
     capsys.readouterr()
     bad = [
         "select",

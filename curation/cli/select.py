@@ -73,6 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--balance-t", type=float, default=20_000, metavar="T", help="pairs per entry")
     p.add_argument("--balance-seed", type=int, default=0, metavar="N", help="seed of the draws")
+    p.add_argument(
+        "--balance-match",
+        choices=["substring", "word"],
+        default="substring",
+        help="how a metadata entry matches a caption: substring (MetaCLIP's rule, default) or whole word",
+    )
     p.set_defaults(func=cmd_select)
 
 
@@ -82,7 +88,7 @@ def _balance(con, where: str, args: argparse.Namespace) -> str:
 
     try:
         where, result = balanced_where(
-            con, where, parse_spec(args.balance, args.balance_t, args.balance_seed)
+            con, where, parse_spec(args.balance, args.balance_t, args.balance_seed, args.balance_match)
         )
     except BalanceError as e:
         raise SelectError(str(e)) from None
