@@ -60,12 +60,28 @@ ARMS: dict[str, list[str]] = {
     ],
     "balance": ["--where", "true", "--balance", "{metadata},concepts", "--balance-t", "{t}"],
 }
+# Training variants on the same subset (`--losses`, trained on `--loss-arms`): the loss, and for
+# `lit_lite0` the model: curate-lite0 (the concepts teacher's ImageNet EfficientNet-Lite0 as the image
+# tower, 64 px, trunk locked as in LiT; curation/models/clip.py) with InfoNCE.
 LOSSES = {
     "infonce": {"loss.name": "infonce"},
     "hn_nce": {"loss.name": "hn_nce"},
     "infonce+distill": {"loss.name": "infonce", "distill.weight": 1.0, "distill.loss": "bce"},
+    "lit_lite0": {
+        "loss.name": "infonce",
+        "model.name": "curate-lite0",
+        "model.image_init": "efficientnet_lite0",
+        "model.lock_image": True,
+    },
 }
-PHASES = ["build", "pipeline", "throughput", "select", "train", "eval", "table"]
+# Continued training of the chosen all/infonce checkpoint (`continue` phase), the same steps each:
+# HELIP (hard-pair batches from `curate mine` + the hard negative margin loss, train/configs/helip.yaml's
+# recipe) and its fair control, plain InfoNCE batches with the same optimiser.
+CONTINUED = {
+    "helip": {"loss.name": "infonce", "loss.hnml": 0.3, "hard_pairs.top": 50},
+    "infonce_continued": {"loss.name": "infonce"},
+}
+PHASES = ["build", "pipeline", "throughput", "select", "train", "continue", "eval", "table"]
 
 
 THREADS = {"n": 1}
@@ -95,7 +111,7 @@ def _load(path: Path) -> dict | None:
 
 def _save(path: Path, data: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel invocations (one per seed) share the caches
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)
     return data
@@ -320,49 +336,132 @@ def select(args: argparse.Namespace, out: Path) -> dict:
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(arm, loss) pairs: every arm with infonce; the other losses on `--loss-arms` (all arms by default)."""
+    """(arm, loss) pairs from scratch: every arm with infonce; the other variants on `--loss-arms`."""
     cells = [(arm, "infonce") for arm in args.arms]
     cells += [(arm, loss) for arm in args.loss_arms for loss in args.losses if loss != "infonce"]
     return cells
 
 
+def continued_plan(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [("all", name) for name in CONTINUED] if args.continue_steps and "all" in args.arms else []
+
+
+def _train_run(run: Path, shards: Path, seed: int, steps: int, batch_size: int, sets: dict) -> dict:
+    """One `curate train` run (skipped when its final checkpoint exists; an interrupted one starts again)."""
+    final = run / "checkpoints" / f"step_{steps:08d}.pt"
+    if not final.exists():
+        base = {
+            "data.shards": str(shards / "00000.tar"),
+            "data.workers": 0,
+            "output_dir": str(run),
+            "train.seed": seed,
+            "train.steps": steps,
+            "train.batch_size": batch_size,
+            "train.checkpoint_every": steps,
+            "train.progress": False,
+            "optim.warmup_steps": max(1, steps // 10),
+        }
+        if run.exists():
+            shutil.rmtree(run)
+        argv = ["train", str(REPO / "train" / "configs" / "fashion_mnist.yaml")]
+        for k, v in {**base, **sets}.items():
+            argv += ["--set", f"{k}={v}"]
+        t = time.perf_counter()
+        _curate(*argv)
+        (run / "wall.json").write_text(
+            json.dumps({"seconds": time.perf_counter() - t, "loadavg": _loadavg()})
+        )
+    return {"checkpoint": str(final), **json.loads((run / "wall.json").read_text())}
+
+
+def _samples(shards: Path) -> int:
+    return sum(json.loads((shards / "sizes.json").read_text()).values())
+
+
 def train(args: argparse.Namespace, out: Path) -> dict:
-    recipe = REPO / "train" / "configs" / "fashion_mnist.yaml"
     done = {}
     # Seed-major: an interrupted run has every arm of the first seeds, not every seed of the first arms.
     for seed in args.seeds:
         for arm, loss in plan(args):
             shards = out / "subsets" / arm
-            n = sum(json.loads((shards / "sizes.json").read_text()).values())
             run = out / "runs" / f"{arm}__{loss}__s{seed}"
-            final = run / "checkpoints" / f"step_{args.steps:08d}.pt"
-            if not final.exists():
-                if n < 2:
-                    done[run.name] = {"skipped": f"subset has {n} samples"}
-                    continue
-                sets = {
-                    "data.shards": str(shards / "00000.tar"),
-                    "data.workers": 0,
-                    "output_dir": str(run),
-                    "train.seed": seed,
-                    "train.steps": args.steps,
-                    "train.batch_size": min(args.batch_size, n),
-                    "train.checkpoint_every": args.steps,
-                    "train.progress": False,
-                    "optim.warmup_steps": max(1, args.steps // 10),
-                    **LOSSES[loss],
-                }
-                if run.exists():  # an interrupted run: start it again
-                    shutil.rmtree(run)
-                argv = ["train", str(recipe)]
-                for k, v in sets.items():
-                    argv += ["--set", f"{k}={v}"]
-                t = time.perf_counter()
-                _curate(*argv)
-                (run / "wall.json").write_text(
-                    json.dumps({"seconds": time.perf_counter() - t, "loadavg": _loadavg()})
-                )
-            done[run.name] = {"checkpoint": str(final), **json.loads((run / "wall.json").read_text())}
+            n = _samples(shards)
+            if n < 2:
+                done[run.name] = {"skipped": f"subset has {n} samples"}
+                continue
+            batch = min(args.batch_size, n)
+            done[run.name] = _train_run(run, shards, seed, args.steps, batch, LOSSES[loss])
+    return done
+
+
+# --------------------------------------------------------------------------- continue
+
+
+VALIDATION = "zero-shot top-1 on the `shots` split (the few-shot pool; never the test split)"
+
+
+def choose_base(args: argparse.Namespace, out: Path) -> dict:
+    """The all/infonce checkpoint to continue: the best of `--base-seeds` by zero-shot top-1 on the
+    `shots` split, a validation set disjoint from `test` (ties: the first seed)."""
+    import torch
+
+    from curation.models.clip import load_for_eval
+    from train import clipart
+    from train.evaluate import zero_shot_accuracy
+
+    torch.set_num_threads(args.threads)
+    images, labels, classes, splits, _ = clipart.load_test(args.data)
+    shots = [i for i, s in enumerate(splits) if s == "shots"]
+    runs = out / "runs"
+    finals = [
+        runs / f"all__infonce__s{s}" / "checkpoints" / f"step_{args.steps:08d}.pt" for s in args.base_seeds
+    ]
+    missing = [str(f) for f in finals if not f.exists()]
+    if missing:
+        raise RuntimeError(f"continue: train all/infonce for every --base-seeds first; missing {missing}")
+    scores = {}
+    for final in finals:
+        built = load_for_eval(str(final))
+        top1 = zero_shot_accuracy(
+            built, [images[i] for i in shots], labels[shots], classes, clipart.TEMPLATES
+        )
+        scores[str(final)] = top1.top1
+    best = max(scores, key=lambda k: scores[k])  # max keeps the first (lowest seed) of equals
+    return {"checkpoint": best, "criterion": VALIDATION, "validation_top1": scores}
+
+
+def continue_training(args: argparse.Namespace, out: Path) -> dict:
+    """HELIP vs plain continuation from one chosen checkpoint; the base choice and the mining are done
+    once, under a lock, whichever parallel invocation (one per seed) gets there first."""
+    import fcntl
+
+    if not continued_plan(args):
+        return {"skipped": "--continue-steps 0 or no `all` arm"}
+    folder = out / "continue"
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = out / "subsets" / "all"
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        base = _load(folder / "base.json") or _save(folder / "base.json", choose_base(args, out))
+        mined = folder / "mined" / "hard_pairs.parquet"
+        if not mined.exists():
+            t = time.perf_counter()
+            _curate(
+                "mine", "--shards", str(shards / "00000.tar"), "--checkpoint", base["checkpoint"],
+                "--output", str(folder / "mined"),
+            )  # fmt: skip
+            _save(folder / "mine.json", {"seconds": time.perf_counter() - t, "loadavg": _loadavg()})
+    batch = min(args.batch_size, _samples(shards)) // 2 * 2  # hard-pair batches: anchors + partners
+    # train/configs/helip.yaml's optimiser: a quarter of the from-scratch peak lr, a fresh short warm-up.
+    common = {"model.pretrained": base["checkpoint"], "optim.lr": 5e-4}
+    done = {"base": base, "mine": _load(folder / "mine.json")}
+    for seed in args.seeds:
+        for arm, name in continued_plan(args):
+            sets = {**common, **CONTINUED[name]}
+            if name == "helip":
+                sets["hard_pairs.path"] = str(mined)
+            run = out / "runs" / f"{arm}__{name}__s{seed}"
+            done[run.name] = _train_run(run, shards, seed, args.continue_steps, batch, sets)
     return done
 
 
@@ -407,7 +506,10 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
             rec = retrieval_recall(
                 encode_images(built, t_images), encode_texts(built, t_captions), (1, 5), groups=groups
             )
-            few = few_shot_curves(built, task, shot_counts, draws=args.draws, seed=0)
+            # Only the PGD probe: the table reports its curve (the plain linear probe would double the cost).
+            few = few_shot_curves(
+                built, task, shot_counts, draws=args.draws, seed=0, probes=("zero_shot_pgd",)
+            )
             _save(
                 cached,
                 {
@@ -442,11 +544,26 @@ METRICS = [
 ]
 
 
+def _reference(arm: str, loss: str, seed: int, base_run: str | None) -> str | None:
+    """The run a cell is compared with, paired by seed: all/infonce for a from-scratch cell; for HELIP its
+    control (the same continuation without hard pairs); for the control, the checkpoint both continue."""
+    if loss == "helip":
+        return f"all__infonce_continued__s{seed}"
+    if loss == "infonce_continued":
+        return base_run
+    return f"all__infonce__s{seed}"
+
+
+REFERENCE_LABEL = {"helip": "all / infonce_continued", "infonce_continued": "its start checkpoint"}
+
+
 def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
     # Every evaluated run on disk, whichever invocation evaluated it.
     runs = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*__*__s*/eval.json")}
+    base = _load(out / "continue" / "base.json")
+    base_run = Path(base["checkpoint"]).parents[1].name if base else None
     cells = {}
-    for arm, loss in plan(args):
+    for arm, loss in plan(args) + continued_plan(args):
         per_seed = {s: runs.get(f"{arm}__{loss}__s{s}") for s in args.seeds}
         per_seed = {s: r for s, r in per_seed.items() if r}
         cell = {m: _mean_std([100 * r[m] for r in per_seed.values()]) for m in METRICS}
@@ -455,20 +572,21 @@ def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
             n: _mean_std([100 * r["few_shot"]["zero_shot_pgd"][str(n)] for r in per_seed.values()])
             for n in shot_counts
         }
-        # Paired by seed against all/infonce: same initialisation seed, same steps x batch.
-        base = {s: runs.get(f"all__infonce__s{s}") for s in per_seed}
-        cell["paired_diff_vs_all_infonce_zero_shot_top1"] = _mean_std(
-            [100 * (per_seed[s]["zero_shot_top1"] - base[s]["zero_shot_top1"]) for s in per_seed if base[s]]
+        # Paired by seed: same initialisation (or start checkpoint) and data seed, same steps x batch.
+        ref = {s: runs.get(_reference(arm, loss, s, base_run) or "") for s in per_seed}
+        cell["reference"] = REFERENCE_LABEL.get(loss, "all / infonce")
+        cell["paired_diff_vs_reference_zero_shot_top1"] = _mean_std(
+            [100 * (per_seed[s]["zero_shot_top1"] - ref[s]["zero_shot_top1"]) for s in per_seed if ref[s]]
         )
         cells[f"{arm} / {loss}"] = cell
     sizes = results.get("select", {})
     lines = [
         f"Clip-art benchmark ({'small' if args.small else 'full'}): {args.steps} steps x batch {args.batch_size} "
-        f"per run, seeds {args.seeds}; mean ± sample std over seeds, in %.",
+        f"per run from scratch, seeds {args.seeds}; mean ± sample std over seeds, in %.",
         "",
-        "| arm / loss | pairs | zero-shot top-1 | Δ top-1 vs all/infonce (paired) | zero-shot top-5 | i→t R@1 | i→t R@5 "
-        "| t→i R@1 | t→i R@5 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| arm / variant | pairs | zero-shot top-1 | Δ top-1 (paired) | vs | zero-shot top-5 | i→t R@1 "
+        "| i→t R@5 | t→i R@1 | t→i R@5 |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
 
     def f(ms: dict) -> str:
@@ -478,14 +596,27 @@ def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
         arm = name.split(" / ")[0]
         lines.append(
             f"| {name} | {sizes.get(arm, {}).get('samples', '?')} | {f(cell['zero_shot_top1'])} | "
-            f"{f(cell['paired_diff_vs_all_infonce_zero_shot_top1'])} | {f(cell['zero_shot_top5'])} | "
-            f"{f(cell['image_to_text_R@1'])} | {f(cell['image_to_text_R@5'])} | {f(cell['text_to_image_R@1'])} | "
-            f"{f(cell['text_to_image_R@5'])} |"
+            f"{f(cell['paired_diff_vs_reference_zero_shot_top1'])} | {cell['reference']} | "
+            f"{f(cell['zero_shot_top5'])} | {f(cell['image_to_text_R@1'])} | {f(cell['image_to_text_R@5'])} | "
+            f"{f(cell['text_to_image_R@1'])} | {f(cell['text_to_image_R@5'])} |"
         )
-    lines += ["", "Few-shot (DiHT PGD probe from the zero-shot classifier), test top-1 %:", ""]
+    if base:
+        chosen = ", ".join(
+            f"{Path(k).parents[1].name} {100 * v:.2f}" for k, v in base["validation_top1"].items()
+        )
+        lines += [
+            "",
+            f"Continued runs ({args.continue_steps} steps x batch {args.batch_size}, seeds {args.seeds}) start "
+            f"from {base_run}, chosen by {base['criterion']}: {chosen}.",
+        ]
+    lines += [
+        "",
+        "Few-shot (DiHT PGD probe from the zero-shot classifier; 0 shots = zero-shot), test top-1 %:",
+        "",
+    ]
     shot_counts = sorted({n for c in cells.values() for n in c["few_shot_zero_shot_pgd"]})
     lines += [
-        "| arm / loss | " + " | ".join(f"{n} shots" for n in shot_counts) + " |",
+        "| arm / variant | " + " | ".join(f"{n} shots" for n in shot_counts) + " |",
         "|---|" + "---:|" * len(shot_counts),
     ]
     for name, cell in cells.items():
@@ -524,8 +655,18 @@ def main(argv: list[str] | None = None) -> int:
         "--loss-arms", nargs="+", choices=list(ARMS), default=None, help="arms trained with every loss"
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="steps per from-scratch run")
+    p.add_argument(
+        "--continue-steps", type=int, default=None, help="steps of each continued run (0: no continue phase)"
+    )
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--base-seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="the all/infonce seeds whose best checkpoint the continue phase continues (all must be trained)",
+    )
     p.add_argument("--balance-t", type=float, default=None)
     p.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     p.add_argument("--draws", type=int, default=3)
@@ -539,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {
         "limit": (300, None),
         "rows_per_shard": (100, 1000),
-        "steps": (30, 1000),
+        "steps": (30, 300),
+        "continue_steps": (10, 150),
         "batch_size": (32, 128),
         "balance_t": (10, 50),
         "throughput_images": (64, 256),
@@ -548,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, s if small else full)
     if args.loss_arms is None:
-        args.loss_arms = ["all"] if small else list(args.arms)
+        args.loss_arms = ["all"]
     if small:
         args.shots = [s for s in args.shots if s <= 2]
     if not (args.data / "pool.parquet").exists():
@@ -566,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": throughput,
         "select": select,
         "train": train,
+        "continue": continue_training,
         "eval": evaluate,
     }
     for phase in PHASES:
@@ -577,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
                 print((out / "results.md").read_text())
             continue
         cached = _load(cache)
-        if phase not in args.phases or (cached is not None and phase not in ("train", "eval")):
+        if phase not in args.phases or (cached is not None and phase not in ("train", "continue", "eval")):
             if cached is not None:
                 results[phase] = cached
             continue

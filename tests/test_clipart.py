@@ -121,9 +121,14 @@ def test_benchmark_smallest_configuration_end_to_end(tmp_path):
         "--losses",
         "infonce",
         "hn_nce",
+        "lit_lite0",
         "--seeds",
         "0",
+        "--base-seeds",
+        "0",
         "--steps",
+        "2",
+        "--continue-steps",
         "2",
         "--throughput-images",
         "4",
@@ -138,10 +143,23 @@ def test_benchmark_smallest_configuration_end_to_end(tmp_path):
     assert 0 < results["select"]["cat"]["samples"] < pool_rows
     assert results["throughput"]["text_spotting_cpu"]["images_per_s"] > 0
     runs = results["eval"]["runs"]
-    assert set(runs) == {"all__infonce__s0", "cat__infonce__s0", "balance__infonce__s0", "all__hn_nce__s0"}
+    assert set(runs) == {
+        "all__infonce__s0",
+        "cat__infonce__s0",
+        "balance__infonce__s0",
+        "all__hn_nce__s0",
+        "all__lit_lite0__s0",
+        "all__helip__s0",
+        "all__infonce_continued__s0",
+    }
     assert all(0 <= r["zero_shot_top1"] <= 1 for r in runs.values())
+    # HELIP and its control continue the one all/infonce checkpoint, with the pairs `curate mine` found.
+    assert results["continue"]["base"]["checkpoint"].endswith("all__infonce__s0/checkpoints/step_00000002.pt")
+    assert (out / "continue" / "mined" / "hard_pairs.parquet").is_file()
     table = (out / "results.md").read_text()
-    assert "| cat / infonce |" in table and "| all / hn_nce |" in table
+    for row in ("cat / infonce", "all / hn_nce", "all / lit_lite0", "all / helip", "all / infonce_continued"):
+        assert f"| {row} |" in table
+    assert "| arm / variant | 0 shots" in table  # the few-shot curve, as far as the shot pool allows
     # Resume: the cached phases do not run again; train and eval find every run finished.
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
