@@ -36,6 +36,11 @@ def open_clip_config_problem(name: str | None) -> str | None:
         return f"cannot read model config {name}: {getattr(e, 'strerror', None) or e}"
     if not isinstance(cfg, dict) or not isinstance(cfg.get("vision_cfg"), dict):
         return f"{name} is not an open_clip model config (no vision_cfg)"
+    if cfg["vision_cfg"].get("timm_model_pretrained"):
+        return (
+            f"{name}: vision_cfg.timm_model_pretrained makes timm fetch ImageNet weights from the Hub; curate "
+            "downloads nothing (set it false; for EfficientNet-Lite0 use model.image_init: efficientnet_lite0)"
+        )
     text = cfg.get("text_cfg")
     named = [k for k in HF_TEXT_KEYS if isinstance(text, dict) and text.get(k)]
     if named:

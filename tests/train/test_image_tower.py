@@ -3,12 +3,13 @@ initialised from the teacher's weights and, locked (LiT), left unchanged by trai
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 import torch
 
-from curation.models.clip import build_model, load_for_eval
+from curation.models.clip import MODEL_CONFIG_DIR, build_model, load_for_eval
 from curation.models.teachers import efficientnet_lite0_imagenet
 from train.config import ConfigError, load_train_config
 from train.loop import train
@@ -82,6 +83,12 @@ def test_refusals(tmp_path, fmnist_shards, make_config, monkeypatch) -> None:
         build_model("curate-tiny", lock_image=True)
     with pytest.raises(ValueError, match="image_init must be one of efficientnet_lite0"):
         build_model("curate-lite0", image_init="resnet50")
+    # A JSON tower that would make timm download ImageNet weights is refused (the local route is image_init).
+    lite0 = json.loads((MODEL_CONFIG_DIR / "curate-lite0.json").read_text())
+    lite0["vision_cfg"]["timm_model_pretrained"] = True
+    (tmp_path / "fetching.json").write_text(json.dumps(lite0))
+    with pytest.raises(ValueError, match="timm_model_pretrained makes timm fetch ImageNet weights"):
+        build_model(str(tmp_path / "fetching.json"))
     ck = tmp_path / "ck.pt"
     torch.save(
         {"model_name": "curate-lite0", "state_dict": build_model("curate-lite0").model.state_dict()}, ck
