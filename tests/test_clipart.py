@@ -160,11 +160,15 @@ def test_benchmark_smallest_configuration_end_to_end(tmp_path):
     for row in ("cat / infonce", "all / hn_nce", "all / lit_lite0", "all / helip", "all / infonce_continued"):
         assert f"| {row} |" in table
     assert "| arm / variant | 0 shots" in table  # the few-shot curve, as far as the shot pool allows
-    # Resume: the cached phases do not run again; train and eval find every run finished.
+    # Resume: the cached phases do not run again; select keeps every subset it wrote (it only adds
+    # missing arms); train, continue and eval find every run finished.
+    subset = out / "subsets" / "all" / "00000.tar"
+    written = subset.stat().st_mtime_ns
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    for phase in ("build", "pipeline", "throughput", "select"):
+    for phase in ("build", "pipeline", "throughput"):
         assert f"] {phase} ..." not in again.stdout
+    assert subset.stat().st_mtime_ns == written
     assert (out / "results.md").read_text() == table
 
 
