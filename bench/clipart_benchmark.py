@@ -51,9 +51,10 @@ batch 128 per from-scratch run (38,400 samples seen: ~5 epochs of `all`), 150 co
 0 1 2; cells: 7 arms x InfoNCE, `all` x {HN-NCE, + distillation, lit_lite0}, HELIP + control = 12 cells,
 36 runs. Measured per step (batch 128, one thread, the clip-art images, machine at load 12-21):
 curate-tiny 0.38 CPU-s, lit_lite0 0.85 CPU-s, so 3 x (9 x 300 + 2.3 x 300 + 2 x 150) = ~11,000
-curate-tiny steps = ~70 CPU-min, plus ~7 CPU-s start-up per run, mining and evaluation (few-shot at
-0/1/2/4/8 shots, 3 draws, PGD probe only): ~85 CPU-min, ~45-60 min wall as three per-seed processes
-on 2 cores. `--small`: 30 steps x 32, 10 continued steps, shots up to 2.
+curate-tiny steps = ~70 CPU-min, plus ~7 CPU-s start-up per run, ~1 CPU-min of mining, and evaluation: ~30 CPU-s per run
+(448 test and 223 shot-pool drawings in 16 classes; few-shot at 0/1/2/4/8 shots, 2 draws, PGD probe
+only, its 8-shot point is most of it: 21 CPU-s for 3 draws), ~18 CPU-min in all: ~95 CPU-min, ~50-60
+min wall as three per-seed processes on 2 cores. `--small`: 30 steps x 32, 10 continued steps, shots up to 2.
 
 Exit 2 (and what to install) when the packages are absent and no --from / --data is given.
 """
@@ -707,7 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--balance-t", type=float, default=None)
     p.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8])
-    p.add_argument("--draws", type=int, default=3)
+    p.add_argument(
+        "--draws", type=int, default=None, help="few-shot draws per shot count (default 3, full 2)"
+    )
     p.add_argument("--throughput-images", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     args = p.parse_args(argv)
@@ -722,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         "continue_steps": (10, 150),
         "batch_size": (32, 128),
         "balance_t": (10, 50),
+        "draws": (3, 2),
         "throughput_images": (64, 256),
     }
     for key, (s, full) in defaults.items():
