@@ -7,7 +7,7 @@ Layout of an output (a local directory or a URL such as s3://bucket/run):
     manifests/.tmp/                 local outputs only: shards being written, renamed into place
     ledger/shard-00000.json         written after the shard's object: the shard is done
     ledger/shard-00000.failed.json  last failure of a shard; removed when it succeeds
-    ledger/done.jsonl               the done entries folded into one object (fewer reads at scale)
+    ledger/folded/<part>.jsonl      done entries folded by the driver (fewer requests at scale)
     .lock                           held by the driver of a run
 
 Commit protocol, the same on every store: the shard's manifest object is written
@@ -16,6 +16,14 @@ object store), then its ledger entry. The ledger entry is the truth about "done"
 a manifest without one is never trusted (it may be a killed attempt's) and is
 rewritten when the run resumes; readers (`query`, `stats`, `report`) read only
 manifests that have a ledger entry.
+
+The folded ledger is a cache of the single entries, never a replacement: the driver
+(under the lock) writes a part holding entries it knows to be committed (received
+from a task after its commit, or read back from the single entries), one PUT, every
+FOLD_EVERY commits or FOLD_SECONDS, and merges the parts when they grow many. Single
+entries are never deleted. So "done" = in a folded part, or a single entry exists; a
+reader whose folded parts cover the plan needs no listing of ledger/ at all, and a
+run killed mid-way leaves at most FOLD_EVERY entries unfolded.
 """
 
 from __future__ import annotations
@@ -34,13 +42,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.core.storage import LockHeld, Store, is_url, open_store
+from curation.core.storage import LockHeld, StorageError, Store, is_url, open_store
 from curation.schema import SCHEMA_VERSION, TRANSIENT_COLUMNS
 from curation.sources.base import Shard
 
 LEDGER_ENTRY = re.compile(r"shard-(\d+)\.json$")
 FAILED_ENTRY = re.compile(r"shard-(\d+)\.failed\.json$")
-FOLDED = "done.jsonl"
+FOLDED_DIR = "folded"  # ledger/folded/<part>.jsonl
+LEGACY_FOLDED = "done.jsonl"  # one folded object written by earlier versions; read, then superseded
+FOLD_EVERY = 1000  # commits per folded part
+FOLD_SECONDS = 60.0  # ... or this long since the last part, whichever comes first
+COMPACT_AT = 32  # more parts than this are merged into one
+# Unfolded shards are looked up one GET each while there are fewer than 1/PROBE_RATIO of the folded
+# ones (and always up to PROBE_MIN); beyond that one listing of ledger/ (1,000 names a request) is cheaper.
+PROBE_RATIO = 20
+PROBE_MIN = 64
 
 
 class RunConflict(Exception):
@@ -65,6 +81,16 @@ def exclusive_lock(path: Path, held_message: str) -> contextlib.AbstractContextM
 
 
 @dataclass
+class LedgerState:
+    """What the ledger says, read once."""
+
+    done: dict[int, dict]  # shard index -> its ledger entry
+    unfolded: dict[int, dict]  # the part of `done` that no folded part holds yet
+    failed: dict[int, dict]  # last failure of shards that are not done (only when asked for)
+    parts: list[str]  # names of the folded parts under ledger/folded/
+
+
+@dataclass
 class ShardResult:
     shard: int
     rows: int
@@ -85,6 +111,8 @@ class RunDir:
         self.root: Path | str = self.store.url if is_url(output) else Path(output)
         self.manifest_store = self.store.child("manifests")
         self.ledger_store = self.store.child("ledger")
+        self.folded_store = self.ledger_store.child(FOLDED_DIR)
+        self._record: dict[str, Any] | None = None  # run.json, read once (it is large for big plans)
 
     @property
     def local(self) -> bool:
@@ -108,10 +136,16 @@ class RunDir:
         return self.store.url_of("run.json")
 
     def exists(self) -> bool:
-        return self.store.exists("run.json")
+        return self._record is not None or self.store.exists("run.json")
 
     def record(self) -> dict[str, Any]:
-        return self.store.get_json("run.json")
+        if self._record is None:
+            self._record = self.store.get_json("run.json")
+        return self._record
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        self.store.put_json("run.json", record)
+        self._record = record
 
     def plan(self) -> list[Shard]:
         return [Shard.from_json(s) for s in self.record()["shards"]]
@@ -146,12 +180,9 @@ class RunDir:
             if old_limit is None or (limit is not None and limit <= old_limit):
                 return stored
             extended = extend_plan(stored, plan)
-            self.store.put_json(
-                "run.json", {**rec, "limit": limit, "shards": [s.to_json() for s in extended]}
-            )
+            self._write_record({**rec, "limit": limit, "shards": [s.to_json() for s in extended]})
             return extended
-        self.store.put_json(
-            "run.json",
+        self._write_record(
             {
                 "schema_version": SCHEMA_VERSION,
                 "config_hash": config_hash,
@@ -197,29 +228,58 @@ class RunDir:
     def _ledger_names(self) -> list[str]:
         return self.ledger_store.list("")
 
-    def _folded(self, names: list[str]) -> dict[int, dict]:
-        if FOLDED not in names:
-            return {}
-        out = {}
-        for line in self.ledger_store.get_bytes(FOLDED).decode().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                out[entry["shard"]] = entry
-        return out
+    def _folded(self) -> tuple[dict[int, dict], list[str]]:
+        """The entries of the folded parts, and the parts' names. A part merged away between the listing
+        and the read (by a live run's driver, which writes the merged part first) makes the read start over.
+        """
+        for _ in range(10):
+            names = sorted(n for n in self.folded_store.list("") if n.endswith(".jsonl"))
+            got = self.folded_store.get_many(names)
+            if len(got) == len(names):
+                entries: dict[int, dict] = {}
+                for name in names:
+                    entries.update(_parse_entries(got[name]))
+                return entries, names
+        raise StorageError(f"{self.folded_store.url}: folded ledger parts kept disappearing while read")
+
+    def ledger_state(self, plan: list[Shard] | None = None, *, with_failures: bool = False) -> LedgerState:
+        """Done (and, `with_failures`, failed) shards of the plan, in as few requests as the ledger allows:
+        the folded parts (one listing of ledger/folded/, one GET each); if they cover the plan, nothing
+        else. Otherwise the single entries of the shards they miss: one GET each when those are few,
+        else one listing of ledger/ (also needed for the failures) and a GET per unfolded entry.
+        """
+        wanted = {s.index for s in (plan if plan is not None else self.plan())}
+        folded, parts = self._folded()
+        missing = wanted - folded.keys()
+        unfolded: dict[int, dict] = {}
+        failed: dict[int, dict] = {}
+        if missing and not with_failures and len(missing) <= max(PROBE_MIN, len(folded) // PROBE_RATIO):
+            names = [f"{shard_name(i)}.json" for i in sorted(missing)]
+            unfolded = _parse_objects(self.ledger_store.get_many(names).values())  # absent: not done
+        elif missing:
+            names = self._ledger_names()
+            known = set(folded)
+            if LEGACY_FOLDED in names:  # earlier versions' folded object: its entries still need a part
+                with contextlib.suppress(FileNotFoundError):
+                    legacy = _parse_entries(self.ledger_store.get_bytes(LEGACY_FOLDED))
+                    unfolded.update({k: v for k, v in legacy.items() if k not in known})
+                    known |= legacy.keys()
+            singles = [n for n in names if (m := LEDGER_ENTRY.fullmatch(n)) and int(m.group(1)) not in known]
+            unfolded.update(_parse_objects(self.ledger_store.get_many(singles).values()))
+            if with_failures:
+                failed = _parse_objects(
+                    self.ledger_store.get_many([n for n in names if FAILED_ENTRY.fullmatch(n)]).values()
+                )
+        done = {**folded, **unfolded}
+        # A failure entry of a shard that is done is stale (its commit removes it, unless killed in between).
+        return LedgerState(done, unfolded, {k: v for k, v in failed.items() if k not in done}, parts)
 
     def done_indices(self) -> set[int]:
-        """Shards with a ledger entry: one listing of ledger/, no reads of the entries."""
-        names = self._ledger_names()
-        return {int(m.group(1)) for n in names if (m := LEDGER_ENTRY.fullmatch(n))} | set(self._folded(names))
+        """Shards with a ledger entry (single or folded)."""
+        return set(self.ledger_state().done)
 
     def done(self) -> dict[int, dict]:
-        names = self._ledger_names()
-        out = self._folded(names)
-        missing = [n for n in names if (m := LEDGER_ENTRY.fullmatch(n)) and int(m.group(1)) not in out]
-        for data in self.ledger_store.get_many(missing).values():
-            entry = json.loads(data)
-            out[entry["shard"]] = entry
-        return out
+        return self.ledger_state().done
 
     def committed(self, index: int) -> dict | None:
         """The ledger entry of shard `index`, if it is done."""
@@ -229,35 +289,21 @@ class RunDir:
             return None
 
     def failures(self) -> dict[int, dict]:
-        names = [n for n in self._ledger_names() if FAILED_ENTRY.fullmatch(n)]
-        out = {}
-        for data in self.ledger_store.get_many(names).values():
-            entry = json.loads(data)
-            out[entry["shard"]] = entry
-        return out
+        return self.ledger_state(with_failures=True).failed
 
     def pending(self, plan: list[Shard]) -> list[Shard]:
-        done = self.done_indices()
+        done = self.ledger_state(plan).done
         return [shard for shard in plan if shard.index not in done]
 
-    def fold_ledger(self, known: list[dict] | None = None) -> None:
-        """Write every done entry into ledger/done.jsonl (one object), so readers make one request, not one
-        per shard. `known`: entries the caller already holds (what this run committed), not read again.
-        The single entries stay the truth: the folded object only ever lists committed shards (driver,
-        under the lock).
-        """
-        names = self._ledger_names()
-        entries = self._folded(names)
-        before = len(entries)
-        entries.update({e["shard"]: e for e in known or []})
-        missing = [n for n in names if (m := LEDGER_ENTRY.fullmatch(n)) and int(m.group(1)) not in entries]
-        for data in self.ledger_store.get_many(missing).values():
-            entry = json.loads(data)
-            entries[entry["shard"]] = entry
-        if len(entries) - before < 64:
-            return  # a few single entries cost readers little; not worth rewriting the folded object
-        lines = "".join(json.dumps(entries[k], default=str) + "\n" for k in sorted(entries))
-        self.ledger_store.put_bytes(FOLDED, lines.encode())
+    def write_folded_part(self, entries: list[dict]) -> str:
+        """One folded part holding `entries` (each already committed as a single entry); its name."""
+        name = f"{time.time_ns():020d}-{os.urandom(4).hex()}.jsonl"
+        lines = "".join(json.dumps(e, default=str) + "\n" for e in sorted(entries, key=lambda e: e["shard"]))
+        self.folded_store.put_bytes(name, lines.encode())
+        return name
+
+    def remove_folded_parts(self, names: list[str]) -> None:
+        self.folded_store.remove_many(names)
 
     def clean_tmp(self) -> None:
         """Remove partial files of killed runs (only while holding the lock)."""
@@ -285,6 +331,72 @@ class RunDir:
 
     def writer(self, index: int, schema: pa.Schema) -> ShardWriter:
         return ShardWriter(self, index, schema)
+
+
+class LedgerFolder:
+    """The driver's folding of the ledger while it runs (under the lock; see the module docstring).
+
+    Starts from the ledger as the driver read it: entries a killed run left unfolded are folded at
+    once, so the next reader finds them in one part. `add` takes each entry the driver hears of
+    after its commit; a part is written every FOLD_EVERY of them or FOLD_SECONDS; more than
+    COMPACT_AT parts, or more than one when the run ends having folded something, are merged into
+    one (the merged part first, then the old parts are removed: a reader in between sees both, and
+    entries are keyed by shard, so nothing is counted twice).
+    """
+
+    def __init__(self, run: RunDir, state: LedgerState) -> None:
+        self.run = run
+        self.entries = dict(state.done)
+        self.parts = list(state.parts)
+        self.buffer = list(state.unfolded.values())
+        self.folded_any = False
+        self.last = time.monotonic()
+        if self.buffer:
+            self.flush()
+
+    def add(self, entry: dict) -> None:
+        self.entries[entry["shard"]] = entry
+        self.buffer.append(entry)
+        if len(self.buffer) >= FOLD_EVERY or time.monotonic() - self.last >= FOLD_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last = time.monotonic()
+        if not self.buffer:
+            return
+        self.parts.append(self.run.write_folded_part(self.buffer))
+        self.buffer = []
+        self.folded_any = True
+        if len(self.parts) > COMPACT_AT:
+            self.compact()
+
+    def compact(self) -> None:
+        old = self.parts
+        self.parts = [self.run.write_folded_part(list(self.entries.values()))]
+        self.run.remove_folded_parts(old)
+        self.run.ledger_store.remove(LEGACY_FOLDED)
+
+    def close(self) -> None:
+        self.flush()
+        if self.folded_any and len(self.parts) > 1:
+            self.compact()
+
+
+def _parse_entries(data: bytes) -> dict[int, dict]:
+    out = {}
+    for line in data.decode().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            out[entry["shard"]] = entry
+    return out
+
+
+def _parse_objects(objects: Any) -> dict[int, dict]:
+    out = {}
+    for data in objects:
+        entry = json.loads(data)
+        out[entry["shard"]] = entry
+    return out
 
 
 @contextlib.contextmanager

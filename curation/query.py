@@ -327,8 +327,8 @@ def compute_status(output: str | Path, storage_options: dict | None = None) -> d
     if not run.exists():
         raise NoManifests(f"{output} has no run.json: not a `curate run` output (yet)")
     plan = run.plan()
-    done = run.done()
-    failures = run.failures()
+    ledger = run.ledger_state(plan, with_failures=True)
+    done, failures = ledger.done, ledger.failed
     return {
         "output": str(run.root),
         "running": run.is_locked(),

@@ -11,7 +11,7 @@ import contextlib
 from curation.config import Config
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
-from curation.manifest import RunDir
+from curation.manifest import LedgerFolder, RunDir
 
 __all__ = ["RunSummary", "execute"]
 
@@ -33,25 +33,27 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
             limit=limit,
         )
         run.clean_tmp()
-        pending = run.pending(plan)
+        ledger = run.ledger_state(plan)
+        folder = LedgerFolder(run, ledger)  # folds at once what a killed run left unfolded
+        pending = [shard for shard in plan if shard.index not in ledger.done]
         total_rows = sum(s.rows for s in pending) if all(s.row_end >= 0 for s in pending) else None
         progress = Progress(total_rows, len(plan), len(plan) - len(pending), enabled=config.runner.progress)
         summary = RunSummary(shards_total=len(plan), shards_skipped=len(plan))
         if not pending:  # say what the run holds, not "0 rows"
-            done = run.done().values()
+            done = ledger.done.values()
             summary.run_rows = sum(r.get("rows", 0) for r in done)
             summary.run_kept = sum(r.get("kept", 0) for r in done)
         try:
             if config.runner.type == "ray" and pending:
                 from curation.engine.ray import run_ray
 
-                summary = run_ray(config, run, pending, pipeline.schema, progress)
+                summary = run_ray(config, run, pending, pipeline.schema, progress, folder)
             elif pending:
                 from curation.engine.local import run_local
 
-                summary = run_local(config, run, pending, pipeline.schema, progress)
+                summary = run_local(config, run, pending, pipeline.schema, progress, folder)
         finally:
             progress.close()
             with contextlib.suppress(Exception):  # an optimisation for readers; the entries stay the truth
-                run.fold_ledger(summary.committed)
+                folder.close()
         return summary

@@ -31,7 +31,7 @@ from curation.config import Config
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.engine.task import ShardOutcome, ShardTask, account
-from curation.manifest import RunDir
+from curation.manifest import LedgerFolder, RunDir
 from curation.pipeline import Pipeline
 from curation.sources import Shard
 
@@ -52,18 +52,24 @@ def resolve_workers(config: Config, n_pending: int) -> int:
 
 
 def run_local(
-    config: Config, run: RunDir, pending: list[Shard], schema: pa.Schema, progress: Progress
+    config: Config,
+    run: RunDir,
+    pending: list[Shard],
+    schema: pa.Schema,
+    progress: Progress,
+    folder: LedgerFolder,
 ) -> RunSummary:
-    summary = RunSummary(shards_total=len(run.plan()), shards_skipped=len(run.plan()) - len(pending))
+    total = len(run.plan())
+    summary = RunSummary(shards_total=total, shards_skipped=total - len(pending))
     started = time.perf_counter()
     workers = resolve_workers(config, len(pending))
     if workers == 1:
         task = ShardTask(run, Pipeline(config), schema)
         task.setup()
         for shard in pending:
-            account(summary, task(shard, on_rows=progress.rows), progress, rows_shown=True)
+            account(summary, task(shard, on_rows=progress.rows), progress, folder, rows_shown=True)
     else:
-        _run_pool(config, run, pending, schema, progress, workers, summary)
+        _run_pool(config, run, pending, schema, progress, workers, summary, folder)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -117,7 +123,7 @@ def _single_threaded_children():
                 os.environ[k] = v
 
 
-def _run_pool(config, run, pending, schema, progress, workers, summary) -> None:
+def _run_pool(config, run, pending, schema, progress, workers, summary, folder) -> None:
     ctx = mp.get_context("spawn")  # fork after pyarrow/tqdm threads start is unsafe
     rows_queue = ctx.Queue()
     with (
@@ -143,7 +149,7 @@ def _run_pool(config, run, pending, schema, progress, workers, summary) -> None:
                         msg = f"worker process failed: {type(e).__name__}: {e}"
                         run.record_failure(shard.index, msg)
                         outcome = ShardOutcome(shard.index, error=msg)
-                    account(summary, outcome, progress, rows_shown=True)
+                    account(summary, outcome, progress, folder, rows_shown=True)
         except KeyboardInterrupt:
             for fut in not_done:
                 fut.cancel()

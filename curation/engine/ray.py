@@ -58,7 +58,7 @@ from curation.engine.errors import RunnerError
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.engine.task import ShardOutcome, ShardTask, account
-from curation.manifest import RunDir, ShardResult
+from curation.manifest import LedgerFolder, RunDir, ShardResult
 from curation.sources import Shard
 from curation.stages import Stage, build_stages
 
@@ -119,7 +119,12 @@ def plan_groups(stages: list[Stage]) -> list[Group]:
 
 
 def run_ray(
-    config: Config, run: RunDir, pending: list[Shard], schema: pa.Schema, progress: Progress
+    config: Config,
+    run: RunDir,
+    pending: list[Shard],
+    schema: pa.Schema,
+    progress: Progress,
+    folder: LedgerFolder,
 ) -> RunSummary:
     plan_total = len(run.plan())
     summary = RunSummary(shards_total=plan_total, shards_skipped=plan_total - len(pending))
@@ -139,7 +144,7 @@ def run_ray(
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
-                    _account_row(row, summary, progress, reported, per_node)
+                    _account_row(row, summary, progress, folder, reported, per_node)
         except Exception as e:  # Ray Data gave up (e.g. actors that cannot start on some node)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunnerError(
@@ -170,7 +175,12 @@ def _say(message: str) -> None:
 
 
 def _account_row(
-    row: dict[str, Any], summary: RunSummary, progress: Progress, reported: set[int], per_node: Counter[str]
+    row: dict[str, Any],
+    summary: RunSummary,
+    progress: Progress,
+    folder: LedgerFolder,
+    reported: set[int],
+    per_node: Counter[str],
 ) -> None:
     shard = Shard.from_json(json.loads(row["shard"]))
     if shard.index in reported:
@@ -179,7 +189,7 @@ def _account_row(
     per_node[row["node"] or "?"] += 1
     result = ShardResult(**json.loads(row["result"])) if row["result"] is not None else None
     outcome = ShardOutcome(shard.index, result=result, error=None if result else row["error"])
-    account(summary, outcome, progress, rows_shown=False)
+    account(summary, outcome, progress, folder, rows_shown=False)
 
 
 def connect(address: str | None, workers: int | str | None = None) -> bool:

@@ -12,8 +12,6 @@ class RunSummary:
     kept: int = 0
     seconds: float = 0.0
     failures: dict[int, str] = field(default_factory=dict)
-    # Ledger entries committed by this invocation (the driver folds them into ledger/done.jsonl).
-    committed: list[dict] = field(default_factory=list, repr=False)
     # Rows and kept rows of the whole run, when this invocation found every shard already done.
     run_rows: int = 0
     run_kept: int = 0

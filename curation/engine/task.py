@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
-from curation.manifest import RunDir, ShardResult
+from curation.manifest import LedgerFolder, RunDir, ShardResult
 from curation.pipeline import Pipeline
 from curation.sources import Shard
 from curation.stages import apply_stage
@@ -101,14 +101,16 @@ class ShardTask:
         return table
 
 
-def account(summary: RunSummary, outcome: ShardOutcome, progress: Progress, *, rows_shown: bool) -> None:
-    """Count a finished shard in the run summary and the progress display (`rows_shown`: its rows
-    were already reported to `progress` batch by batch)."""
+def account(
+    summary: RunSummary, outcome: ShardOutcome, progress: Progress, folder: LedgerFolder, *, rows_shown: bool
+) -> None:
+    """Count a finished shard in the run summary, the progress display and the folded ledger
+    (`rows_shown`: its rows were already reported to `progress` batch by batch)."""
     if outcome.result is not None:
         summary.shards_ok += 1
         summary.rows += outcome.result.rows
         summary.kept += outcome.result.kept
-        summary.committed.append(outcome.result.to_json())
+        folder.add(outcome.result.to_json())
         if not rows_shown:
             progress.rows(outcome.result.rows)
     else:
