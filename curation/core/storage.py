@@ -344,6 +344,8 @@ def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] |
     if protocol in ("s3", "s3a"):
         # Listings are always re-read: another process (a worker, a second command) writes here.
         options.setdefault("use_listings_cache", False)
+        # botocore's default pool of 10 connections caps concurrent reads (get_many, get_to_local).
+        options["config_kwargs"] = {"max_pool_connections": 64, **options.get("config_kwargs", {})}
     try:
         fs, root = fsspec.core.url_to_fs(text, **options)
     except ImportError as e:
