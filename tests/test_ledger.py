@@ -1,6 +1,7 @@
 """The folded ledger (curation/manifest.py): parts written while a run goes, merged, read instead of
 one object per shard; a kill at any point of a fold leaves a ledger that resumes every row exactly once.
-Local disk and memory:// (fast); tests/test_storage_s3.py kills a driver on a real S3 server."""
+Local disk, memory:// and a real S3 server (moto's, on 127.0.0.1); tests/test_storage_s3.py also
+kills a driver there with SIGKILL and resumes."""
 
 from __future__ import annotations
 
@@ -18,15 +19,31 @@ from curation.cli import main
 from curation.manifest import LedgerFolder, RunDir, ShardResult, shard_name
 from curation.sources.base import Shard
 from tests.helpers import write_config
+from tests.s3server import S3Server
 
 SHARDS = 12
 
 
-@pytest.fixture(params=["local", "memory"])
-def output(request, tmp_path) -> str:
+@pytest.fixture(scope="module")
+def s3_server():
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def output(request, tmp_path, monkeypatch) -> str:
     if request.param == "local":
         return str(tmp_path / "out")
-    return f"memory://curate-ledger-{uuid.uuid4().hex}/out"
+    if request.param == "memory":
+        return f"memory://curate-ledger-{uuid.uuid4().hex}/out"
+    server = request.getfixturevalue("s3_server")
+    bucket = f"curate-{uuid.uuid4().hex[:12]}"
+    server.client().create_bucket(Bucket=bucket)
+    for k, v in server.env.items():
+        monkeypatch.setenv(k, v)
+    return f"s3://{bucket}/out"
 
 
 @pytest.fixture
