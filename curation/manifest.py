@@ -247,16 +247,20 @@ class RunDir:
         the folded parts (one listing of ledger/folded/, one GET each); if they cover the plan, nothing
         else. Otherwise the single entries of the shards they miss: one GET each when those are few,
         else one listing of ledger/ (also needed for the failures) and a GET per unfolded entry.
+        Without a plan (no run.json: a ledger made by other tools) every entry listed counts.
         """
-        wanted = {s.index for s in (plan if plan is not None else self.plan())}
+        if plan is None:
+            with contextlib.suppress(FileNotFoundError):
+                plan = self.plan()
         folded, parts = self._folded()
-        missing = wanted - folded.keys()
+        # None: which shards to expect is unknown, so ledger/ is listed
+        missing = None if plan is None else {s.index for s in plan} - folded.keys()
         unfolded: dict[int, dict] = {}
         failed: dict[int, dict] = {}
         if missing and not with_failures and len(missing) <= max(PROBE_MIN, len(folded) // PROBE_RATIO):
             names = [f"{shard_name(i)}.json" for i in sorted(missing)]
             unfolded = _parse_objects(self.ledger_store.get_many(names).values())  # absent: not done
-        elif missing:
+        elif missing is None or missing:
             names = self._ledger_names()
             known = set(folded)
             if LEGACY_FOLDED in names:  # earlier versions' folded object: its entries still need a part
