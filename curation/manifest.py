@@ -53,6 +53,7 @@ LEGACY_FOLDED = "done.jsonl"  # one folded object written by earlier versions; r
 FOLD_EVERY = 1000  # commits per folded part
 FOLD_SECONDS = 60.0  # ... or this long since the last part, whichever comes first
 COMPACT_AT = 32  # more parts than this are merged into one
+FOLD_MIN = 64  # a ledger of fewer entries is not folded: its readers make as few requests either way
 # Unfolded shards are looked up one GET each while there are fewer than 1/PROBE_RATIO of the folded
 # ones (and always up to PROBE_MIN); beyond that one listing of ledger/ (1,000 names a request) is cheaper.
 PROBE_RATIO = 20
@@ -342,7 +343,8 @@ class LedgerFolder:
 
     Starts from the ledger as the driver read it: entries a killed run left unfolded are folded at
     once, so the next reader finds them in one part. `add` takes each entry the driver hears of
-    after its commit; a part is written every FOLD_EVERY of them or FOLD_SECONDS; more than
+    after its commit; a part is written every FOLD_EVERY of them or FOLD_SECONDS (once the ledger
+    holds FOLD_MIN entries); more than
     COMPACT_AT parts, or more than one when the run ends having folded something, are merged into
     one (the merged part first, then the old parts are removed: a reader in between sees both, and
     entries are keyed by shard, so nothing is counted twice).
@@ -366,7 +368,7 @@ class LedgerFolder:
 
     def flush(self) -> None:
         self.last = time.monotonic()
-        if not self.buffer:
+        if not self.buffer or len(self.entries) < FOLD_MIN:
             return
         self.parts.append(self.run.write_folded_part(self.buffer))
         self.buffer = []

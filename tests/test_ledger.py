@@ -51,6 +51,7 @@ def small_folds(monkeypatch):
     """Fold every 3 commits and merge beyond 2 parts, so a 12-shard run folds and merges mid-run."""
     monkeypatch.setattr(manifest, "FOLD_EVERY", 3)
     monkeypatch.setattr(manifest, "COMPACT_AT", 2)
+    monkeypatch.setattr(manifest, "FOLD_MIN", 0)
 
 
 def tiny_run(tmp_path: Path, output: str) -> Path:
