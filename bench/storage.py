@@ -1,18 +1,24 @@
 """Object storage vs local disk (issue 16), against a real S3 server (moto's) on 127.0.0.1.
 
-    nice -n 10 python bench/storage.py                            # all parts, ~8 min on 2 busy cores
-    nice -n 10 python bench/storage.py --rows 20000 --repeats 2 --shards 1000 2000
+    PYTHONPATH=. nice -n 10 python bench/storage.py --skip-overhead --repeats 2      # (a) (c) (d), ~5 min
+    PYTHONPATH=. nice -n 10 python bench/storage.py --skip-throughput --skip-loader  # (b), ~19 min
 
 (a) Throughput: the caption pipeline (`caption_complexity` + `caption_action`), `curate run`
     end to end in a subprocess, 1 worker, the default shard size (100,000 rows: the whole input
     is one shard when --rows is smaller), output on local disk vs on the S3 server; best of
     --repeats, alternating. Target: s3/local >= 0.9.
-(b) Driver overhead for a plan of many tiny shards (1 row each) on the S3 server, by shard count:
-    plan (read the input's plan, write run.json), `curate run` when every shard is done (first
-    time: list the ledger, read every entry, fold them into ledger/done.jsonl; after that: list
-    + one GET), and `curate status`. The ledger is synthesized (N PUTs, not timed) so the sizes
-    stay affordable; `curate query` over the manifests is (c).
+(b) Driver overhead for a plan of many tiny shards (1 row each) on the S3 server, by shard count
+    (--shards, default 1k/10k/100k): plan (the input's plan, run.json); every single ledger entry
+    written (64 concurrent PUTs, not timed); `curate run` with no folded part (earlier versions'
+    ledger, or a driver killed before its first fold: a listing and one GET per entry; up to
+    --legacy-max shards); then the folded parts a driver killed after its last commit leaves
+    (written by the driver's own LedgerFolder, the last --unfolded entries unfolded) and
+    `curate run` (first after the kill; then when all is done) and `curate status`. Prints the
+    growth against the smallest count (time ratio / shard-count ratio: 1.0 = linear).
 (c) `curate query` (copy the committed manifests, then DuckDB) on s3 vs local, on (a)'s runs.
+(d) The trainer's data loader (ShardStream + make_loader, 2 workers, curate-tiny preprocessing)
+    on the same `curate select` shards on local disk vs the S3 server: samples/s and the ratio,
+    against what a curate-tiny training step (CPU) consumes in the same run.
 
 The S3 server runs in its own process (moto_server), so it does not share this process's GIL.
 """
