@@ -346,6 +346,9 @@ def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] |
         options.setdefault("use_listings_cache", False)
         # botocore's default pool of 10 connections caps concurrent reads (get_many, get_to_local).
         options["config_kwargs"] = {"max_pool_connections": 64, **options.get("config_kwargs", {})}
+        # A fresh client per store: fsspec's instance cache is keyed by these options, not by the
+        # environment the credentials and endpoint come from (which may change within one process).
+        options.setdefault("skip_instance_cache", True)
     try:
         fs, root = fsspec.core.url_to_fs(text, **options)
     except ImportError as e:
