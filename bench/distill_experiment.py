@@ -105,8 +105,9 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
     import torch
     from PIL import Image
 
+    from curation.devices import cpu_has_native_bf16
     from curation.stages import StageContext
-    from curation.stages.concepts import Concepts, ConceptsParams, resolve_precision
+    from curation.stages.concepts import Concepts, ConceptsParams
     from train import fashion_mnist
 
     torch.set_num_threads(args.threads)
@@ -161,7 +162,7 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
         "bf16_vs_fp32_max_abs_prob_change": max_dp,
         "images": len(pngs),
         "threads": args.threads,
-        "cpu_has_native_bf16": resolve_precision("auto", "cpu") == "bf16",
+        "cpu_has_native_bf16": cpu_has_native_bf16(),
         "images_per_s": rows,
         "ratio_per_round": ratios,
         "median_ratio": {k: statistics.median(v) for k, v in ratios.items()},

@@ -168,7 +168,7 @@ def run_stage(
     stage: TextSpotting, rows: list[tuple[str, str, bytes]], batch: int
 ) -> tuple[float, list[set[str]]]:
     found: list[set[str]] = []
-    engine = stage._engine
+    engine = stage.model
     engine.timings.clear()
     start = time.perf_counter()
     for i in range(0, len(rows), batch):
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         st = TextSpotting(params, StageContext(output_dir=Path(".")))
         st.setup()
         stages[canvas] = st
-    reader = next(iter(stages.values()))._engine.reader
+    reader = next(iter(stages.values())).model.reader
     device = next(iter(stages.values())).device
     results["device"] = device
 
@@ -258,16 +258,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
     for canvas, st in stages.items():
         seconds, found = run_stage(st, rows, args.batch_size)
-        t = dict(st._engine.timings)
+        t = dict(st.model.timings)
         ocr = sum(t.values())
         entry = {
             "seconds": seconds,
             "images_per_s": len(rows) / seconds,
             "timings": t,
             "detect_share": t.get("detect", 0) / ocr if ocr else None,
-            "precision": st._engine.precision,
+            "precision": st.model.precision,
         }
-        line = f"(b) stage canvas={canvas} {st._engine.precision}: {len(rows) / seconds:.2f} img/s ({seconds:.1f} s), detection {entry['detect_share']:.0%}"
+        line = f"(b) stage canvas={canvas} {st.model.precision}: {len(rows) / seconds:.2f} img/s ({seconds:.1f} s), detection {entry['detect_share']:.0%}"
         if naive_found is not None:
             entry["speedup"] = results["readtext"]["seconds"] / seconds
             entry["agreement"] = agreement(naive_found, found, kinds)

@@ -28,6 +28,8 @@ class CharsParams:
     # per-shard failure that a re-run (after removing the file) recovers from.
     fail_flag: str | None = None
     poison_uid: str = ""
+    # A file where each worker appends "setup PID" and "teardown PID" (tests of the worker lifecycle).
+    trace: str | None = None
 
 
 class CaptionChars(Stage):
@@ -42,6 +44,17 @@ class CaptionChars(Stage):
     @property
     def resources(self) -> Resources:
         return Resources(cpus=1, gpus=self.params.gpus)
+
+    def setup(self) -> None:
+        self._trace("setup")
+
+    def teardown(self) -> None:
+        self._trace("teardown")
+
+    def _trace(self, event: str) -> None:
+        if self.params.trace:
+            with open(self.params.trace, "a") as f:
+                f.write(f"{event} {os.getpid()}\n")
 
     def compute(self, table: pa.Table) -> pa.Table:
         captions = table.column("caption")

@@ -52,7 +52,7 @@ def stage() -> Concepts:
 
 
 def names(stage: Concepts, ids: list[int]) -> list[str]:
-    return [stage.teacher.vocabulary[i] for i in ids]
+    return [stage.model.vocabulary[i] for i in ids]
 
 
 def test_registered_schema_and_params():
@@ -102,7 +102,7 @@ def test_batched_equals_one_at_a_time(stage):
     images = [jpeg(p[: rng.integers(100, 300), : rng.integers(100, 300)]) for p in photos + photos[:2]]
     batched = stage.compute(pa.table({"image": pa.array(images, pa.binary())}))
     single = Concepts(ConceptsParams(device="cpu", precision="fp32", top_k=5, batch_size=1), CTX)
-    single._teacher = stage.teacher  # same loaded model, batch of one
+    single._model = stage.model  # same loaded model, batch of one
     one = single.compute(pa.table({"image": pa.array(images, pa.binary())}))
     assert batched.column("concept_ids").to_pylist() == one.column("concept_ids").to_pylist()
     np.testing.assert_allclose(

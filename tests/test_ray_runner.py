@@ -222,7 +222,9 @@ def test_gpu_pool_shard_failure_and_retry_of_only_that_shard(tmp_path: Path, tes
     poison = t.filter(pc.and_(t.column("keep"), pc.equal(t.column("shard"), 2))).column("uid")[0].as_py()
 
     local_cfg = write_config(tmp_path, "local", DEMO, rows_per_shard=250, stages=stages % (0, flag, poison))
-    cfg = write_config(tmp_path, "run", DEMO, rows_per_shard=250, stages=stages % (0.5, flag, poison))
+    trace = tmp_path / "trace.txt"  # the GPU pool's actors note their setup and teardown there
+    traced = (stages % (0.5, flag, poison)).replace("{gpus", f"{{trace: {trace}, gpus")
+    cfg = write_config(tmp_path, "run", DEMO, rows_per_shard=250, stages=traced)
     local = tmp_path / "local"
     assert main(["run", str(local_cfg), "--workers", "1", "--no-progress"]) == 0
 
@@ -242,6 +244,10 @@ def test_gpu_pool_shard_failure_and_retry_of_only_that_shard(tmp_path: Path, tes
     assert {k: after[k] for k in state["files"]} == {k: tuple(v) for k, v in state["files"].items()}
     assert_same_rows(manifests(out), manifests(local))
     assert manifests(out).column("test_chars").null_count > 0  # rows the cascade skipped
+    # Ray Data ends its actors gracefully: each one tore its stages down, the one with the failed shard too.
+    events = [line.split() for line in trace.read_text().splitlines()]
+    actors = {pid for event, pid in events if event == "setup"}
+    assert actors and {pid for event, pid in events if event == "teardown"} == actors
 
 
 def _closed_port() -> int:

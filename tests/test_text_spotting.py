@@ -224,7 +224,7 @@ def test_loading_and_running_the_reader_emits_no_torch_warning():
     code = (
         "from pathlib import Path\n"
         "from curation.models.ocr import OcrEngine\nfrom curation.stages.text_spotting import TextSpottingParams\n"
-        "engine = OcrEngine(TextSpottingParams(device='cpu'), 'cpu')\n"
+        "engine = OcrEngine(TextSpottingParams(device='cpu'), 'cpu', 'fp32')\n"
         "print(engine.run([Path('data/demo_images/text_00.jpg').read_bytes()])[0][0])\n"
     )
     proc = subprocess.run(
@@ -325,7 +325,7 @@ def test_page_has_text_and_unrelated_caption_is_kept(stage):
 
 def _assert_same_words_as_readtext(stage, images):
     out = stage.compute(pa.table({"caption": ["x"] * len(images), "image": images}))
-    reader = stage._engine.reader
+    reader = stage.model.reader
     for got, img in zip(out.column("ocr_text").to_pylist(), images):
         expected = " ".join(t for _, t, _ in reader.readtext(img))
         assert tokens(got) == tokens(expected)
@@ -352,7 +352,7 @@ def test_cpu_detector_folding_keeps_easyocr_s_heatmaps(stage):
     def has_batch_norm(m):
         return any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
 
-    original = stage._engine.reader.detector
+    original = stage.model.reader.detector
     original = getattr(original, "module", original).eval()
     assert has_batch_norm(original), "the Reader's own detector must stay untouched"
     folded = fold_batch_norm(copy.deepcopy(original)).to(memory_format=torch.channels_last)
@@ -363,7 +363,7 @@ def test_cpu_detector_folding_keeps_easyocr_s_heatmaps(stage):
         got, _ = folded(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
-    engine = stage._engine
+    engine = stage.model
     assert not has_batch_norm(engine.detector)
     assert next(engine.detector.parameters()).dtype == engine.dtype
     assert engine.precision == auto_precision("cpu") in ("bf16", "fp32")
@@ -412,7 +412,7 @@ def test_photos_kept_and_text_dropped_at_full_size(stage):
         "ocr_text"
     ).to_pylist()
 
-    reader = stage._engine.reader
+    reader = stage.model.reader
     for got, (_, img) in zip(out.column("ocr_text").to_pylist(), rows):
         expected = " ".join(t for _, t, _ in reader.readtext(img))
         assert bool(tokens(got)) == bool(tokens(expected))

@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
+from multiprocessing.util import Finalize
 
 import pyarrow as pa
 
@@ -66,8 +67,11 @@ def run_local(
     if workers == 1:
         task = ShardTask(run, Pipeline(config), schema)
         task.setup()
-        for shard in pending:
-            account(summary, task(shard, on_rows=progress.rows), progress, folder, rows_shown=True)
+        try:
+            for shard in pending:
+                account(summary, task(shard, on_rows=progress.rows), progress, folder, rows_shown=True)
+        finally:
+            task.teardown()
     else:
         _run_pool(config, run, pending, schema, progress, workers, summary, folder)
     summary.seconds = time.perf_counter() - started
@@ -86,6 +90,8 @@ def _init_worker(config: Config, root: str, schema: pa.Schema, rows_queue, drive
     _worker["task"] = ShardTask(RunDir(root, config.storage_options), Pipeline(config), schema)
     _worker["queue"] = rows_queue
     _worker["task"].setup()
+    # When the pool stops this worker, the process exits through multiprocessing's exit handlers.
+    Finalize(None, _worker["task"].teardown, exitpriority=10)
 
 
 def _die_with_driver(driver_pid: int) -> None:

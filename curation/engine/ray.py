@@ -392,6 +392,12 @@ class _ShardWorker:
         self.task.setup()
         self.node = ray.get_runtime_context().get_node_id()
 
+    def __del__(self) -> None:
+        # Ray Data's teardown hook: called when the actor exits gracefully (the pool is done).
+        task = getattr(self, "task", None)  # absent when __init__ failed (setup tears itself down)
+        if task is not None:
+            task.teardown()
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._one(row) for row in batch.to_pylist()]
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)

@@ -55,9 +55,19 @@ class ShardTask:
         self.batch_rows = pipeline.config.runner.batch_rows
 
     def setup(self) -> None:
-        """Load the models of this task's stages; once per worker."""
+        """Load the models of this task's stages; once per worker. A stage that fails to load releases
+        what the ones before it took."""
+        try:
+            for stage in self.stages:
+                stage.setup()
+        except BaseException:
+            self.teardown()
+            raise
+
+    def teardown(self) -> None:
+        """Release the stages' models and threads; once, when the worker finishes (failed shards included)."""
         for stage in self.stages:
-            stage.setup()
+            stage.teardown()
 
     def __call__(
         self,

@@ -5,7 +5,7 @@ same two networks (CRAFT detector, English recognizer) and the same
 post-processing (EasyOCR's own `getDetBoxes`, `group_text_box`,
 `get_image_list`, `get_text`), batched:
 
-1. decode + resize on CPU (a thread pool on CUDA, so the GPU never waits for
+1. decode + resize on CPU (the stage's decode threads on CUDA, so the GPU never waits for
    PIL), with the same aspect-preserving resize and 32-pixel padding as
    EasyOCR's `resize_aspect_ratio`, the long side capped at `canvas_size`;
 2. one detector forward per batch of images (fp16 on CUDA, where every image
@@ -26,8 +26,7 @@ import math
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,13 +47,11 @@ class OcrOptions(Protocol):
     recognize_batch_size: int
     canvas_size: int
     mag_ratio: float
-    precision: str
     text_threshold: float
     low_text: float
     link_threshold: float
     min_size: int
     max_pixels: int
-    cpus: int
     model_dir: str | None
 
 
@@ -135,16 +132,18 @@ def _pad32(n: int) -> int:
 class OcrEngine:
     """EasyOCR's reader, driven in batches. One per worker."""
 
-    def __init__(self, params: OcrOptions, device: str) -> None:
+    def __init__(
+        self, params: OcrOptions, device: str, precision: str, decode_map: Callable[..., Iterator] = map
+    ) -> None:
+        """`precision` is resolved (fp32, fp16, bf16); `decode_map` decodes the images of a batch, in order
+        (the stage's decode threads on CUDA)."""
         import easyocr
         import torch
 
         self.params = params
         self.device = device
         self.torch = torch
-        if device == "cpu":
-            # The worker owns `cpus` cores; more threads than that only contend.
-            torch.set_num_threads(max(1, params.cpus))
+        self.decode_map = decode_map
         with warnings.catch_warnings():
             # On CPU the Reader quantizes its networks (torch.ao.quantization.quantize_dynamic), and
             # torch warns, in every worker of every image run, that this API is deprecated. The
@@ -162,7 +161,6 @@ class OcrEngine:
         # EasyOCR wraps it in DataParallel on CUDA. A copy: casting or folding it in place
         # would break the Reader's own readtext (which the benchmark and tests compare to).
         det = copy.deepcopy(getattr(det, "module", det))
-        precision = params.precision if params.precision != "auto" else auto_precision(device)
         self.precision = precision
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         det = det.to(device=device, dtype=torch.float32).eval()
@@ -183,7 +181,6 @@ class OcrEngine:
         self.ignore_char = "".join(set(self.reader.character) - set(self.reader.lang_char))
         # Wall seconds per phase, summed over batches (read by the benchmark and by logs).
         self.timings: dict[str, float] = defaultdict(float)
-        self._pool = ThreadPoolExecutor(max(1, params.cpus), "ocr-decode") if device == "cuda" else None
 
     # ------------------------------------------------------------------ batching
 
@@ -191,11 +188,7 @@ class OcrEngine:
         """Decoded rows, in order."""
         p = self.params
         args = (p.canvas_size, p.mag_ratio, p.max_pixels)
-        if self._pool is None:
-            # CPU: torch already uses every core of the worker; decode inline.
-            return (decode_image(b, *args) for b in images)
-        # CUDA: decode ahead in threads (PIL and cv2 release the GIL) while the GPU works.
-        return self._pool.map(lambda b: decode_image(b, *args), images)
+        return self.decode_map(lambda b: decode_image(b, *args), images)
 
     def run(
         self, images: list[bytes | None]
@@ -340,10 +333,6 @@ class OcrEngine:
         for i, by_order in slots.items():
             found[i] = reading_order([by_order[k] for k in sorted(by_order)])
         return found
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
 
 
 def reading_order(found: list[tuple[Any, str]]) -> list[tuple[Any, str]]:

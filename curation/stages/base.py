@@ -12,16 +12,19 @@ The same stage objects run under every runner: the local runner calls
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.schema import STAGE_COLUMNS
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,10 @@ class Stage(ABC):
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load models; called once per worker before the first batch."""
 
+    def teardown(self) -> None:  # noqa: B027 - optional hook
+        """Release what `setup` took (models, threads); called once when a worker finishes, also after a
+        failed shard or a failed setup. Must not raise."""
+
     @abstractmethod
     def compute(self, table: pa.Table) -> pa.Table:
         """Return a table of `self.columns` with one row per input row, same order.
@@ -111,14 +118,22 @@ class Stage(ABC):
 
 
 class ModelStage(Stage):
-    """A stage that runs a torch model on `params.device` with `params.cpus` threads.
+    """A stage that runs a torch model on `params.device` with `params.cpus` cores.
 
-    `device` follows the one rule of curation.devices (`auto` = CUDA when this process sees a
-    GPU), resolved once; `resources` declare the GPU, so the Ray runner gives the stage its own
-    GPU pool and the local runner can refuse a CUDA stage on a machine without one.
+    It owns what every model stage needs around its model, so a subclass only loads it
+    (`load_model`) and runs it (`self.model`):
+    - `device` follows the one rule of curation.devices (`auto` = CUDA when this process sees a GPU),
+      resolved once; `resources` declare the GPU, so the Ray runner gives the stage its own GPU pool
+      and the local runner can refuse a CUDA stage on a machine without one;
+    - `precision`: `params.precision`, `auto` resolved by the stage's `auto_precision()`;
+    - threads: on CPU torch gets the worker's `cpus` cores (more threads only contend); on CUDA
+      those cores decode images ahead of the GPU (`decode_map`);
+    - teardown: the decode threads stop and the model is released.
     """
 
     _device: str | None = None
+    _model: Any = None
+    _decode_pool: ThreadPoolExecutor | None = None
 
     @property
     def device(self) -> str:
@@ -131,6 +146,50 @@ class ModelStage(Stage):
     @property
     def resources(self) -> Resources:
         return Resources(cpus=max(1, self.params.cpus), gpus=1.0 if self.device == "cuda" else 0.0)
+
+    def auto_precision(self) -> str:
+        """What `precision: auto` means for this stage on `self.device`."""
+        return "fp32"
+
+    @property
+    def precision(self) -> str:
+        return self.params.precision if self.params.precision != "auto" else self.auto_precision()
+
+    @abstractmethod
+    def load_model(self) -> Any:
+        """The stage's model on `self.device` in `self.precision`, loaded once per worker."""
+
+    @property
+    def model(self) -> Any:
+        self.setup()
+        return self._model
+
+    def setup(self) -> None:
+        if self._model is not None:
+            return
+        if self.device == "cpu":
+            import torch
+
+            torch.set_num_threads(max(1, self.params.cpus))
+        else:
+            self._decode_pool = ThreadPoolExecutor(max(1, self.params.cpus), f"{self.name}-decode")
+        self._model = self.load_model()
+
+    def decode_map(self, fn: Callable[[Any], T], items: Iterable[Any]) -> Iterator[T]:
+        """`map(fn, items)`, in order; on CUDA run ahead in the decode threads (PIL and cv2 release the
+        GIL) while the GPU works. On CPU inline: torch already uses every core of the worker."""
+        return self._decode_pool.map(fn, items) if self._decode_pool else map(fn, items)
+
+    def teardown(self) -> None:
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool = self._model = None
+
+    def check(self) -> list[str]:
+        # Whether a GPU is there is the runner's question (a Ray driver needs none; its GPU workers do).
+        if self.params.precision == "fp16" and self.device == "cpu":
+            return ["precision fp16 is not supported on CPU (use fp32 or bf16)"]
+        return []
 
 
 def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:

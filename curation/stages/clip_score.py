@@ -26,7 +26,7 @@ infinity, e.g. a checkpoint with NaN weights: an error, never a score).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -72,7 +72,9 @@ class Scores:
 class ClipScorer:
     """An open_clip model loaded once per worker, scoring (image bytes, caption) pairs in batches."""
 
-    def __init__(self, params: ClipScoreParams, device: str) -> None:
+    def __init__(
+        self, params: ClipScoreParams, device: str, precision: str, decode_map: Callable[..., Iterator] = map
+    ) -> None:
         import torch
 
         from curation.models.clip import load_for_eval
@@ -80,19 +82,14 @@ class ClipScorer:
         self.torch = torch
         self.params = params
         self.device = device
-        if device == "cpu":
-            torch.set_num_threads(max(1, params.cpus))
+        self.decode_map = decode_map
         built = load_for_eval(params.checkpoint, params.model, device=device)
         self.model = built.model
         self.preprocess = built.preprocess_val
         self.tokenizer = built.tokenizer
         size = self.model.visual.image_size
         self.input_size = (size, size) if isinstance(size, int) else tuple(size)
-        precision = params.precision
-        if precision == "auto":
-            precision = "fp16" if device == "cuda" else "fp32"
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self._pool = ThreadPoolExecutor(max(1, params.cpus), "clip-decode") if device == "cuda" else None
 
     def _prepare(self, data: bytes | None) -> Any:
         """The model's input tensor for one image, or its failure status."""
@@ -120,7 +117,7 @@ class ClipScorer:
     def encode_images(self, images: list[bytes | None]) -> tuple[Any, list[str]]:
         """[n, d] normalised embeddings (zero rows where the image failed) and per-row statuses."""
         torch = self.torch
-        prepared = self._pool.map(self._prepare, images) if self._pool else map(self._prepare, images)
+        prepared = self.decode_map(self._prepare, images)
         status: list[str] = []
         rows: list[int] = []
         pending: list[Any] = []
@@ -180,10 +177,6 @@ class ClipScorer:
             embeddings[[s in IMAGE_STATUSES for s in status]] = np.nan
         return Scores(scores, status, embeddings)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-
 
 class ClipScore(ModelStage):
     """Score every kept pair with a local open_clip model; optionally drop those below `min`."""
@@ -200,19 +193,19 @@ class ClipScore(ModelStage):
         super().__init__(params, context)
         if not params.keep_embedding:
             self.columns = CLIP_COLUMNS  # type: ignore[misc]  # this instance's manifest has no embedding
-        self._scorer: ClipScorer | None = None
 
-    def setup(self) -> None:
-        if self._scorer is None:
-            self._scorer = ClipScorer(self.params, self.device)
+    def auto_precision(self) -> str:
+        # fp32 on CPU: scores exact to open_clip's
+        return "fp16" if self.device == "cuda" else "fp32"
+
+    def load_model(self) -> ClipScorer:
+        return ClipScorer(self.params, self.device, self.precision, self.decode_map)
 
     def compute(self, table: pa.Table) -> pa.Table:
-        self.setup()
-        assert self._scorer is not None
         n = table.num_rows
         images = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
         captions = table.column("caption").to_pylist()
-        result = self._scorer.score(images, captions)
+        result = self.model.score(images, captions)
         columns: dict[str, pa.Array] = {
             "clip_score": pa.array(result.scores, pa.float32(), from_pandas=True),
             "clip_status": pa.array(result.status, pa.string()),
@@ -254,15 +247,11 @@ class ClipScore(ModelStage):
 
     def check(self) -> list[str]:
         p = self.params
-        problems = []
         if p.checkpoint is None:
             return [
-                *problems,
                 "checkpoint is required: a local open_clip checkpoint file "
                 "(a `curate train` checkpoint or an open_clip state dict; nothing is downloaded)",
             ]
-        if p.precision == "fp16" and self.device == "cpu":
-            problems.append("precision fp16 is not supported on CPU (use fp32 or bf16)")
         from curation.models.clip import checkpoint_problems
 
-        return problems + checkpoint_problems(p.checkpoint, p.model)
+        return super().check() + checkpoint_problems(p.checkpoint, p.model)

@@ -24,8 +24,6 @@ faster than one forward of 32 (bench/distill_experiment.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -68,17 +66,6 @@ class ConceptsParams:
     cpus: int = param(2, ge=1)
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """`auto` -> bf16 where the device computes it natively, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.startswith("cuda"):
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
 class Concepts(ModelStage):
     """Store a teacher's top-k concepts per kept image; drop images that cannot be decoded."""
 
@@ -88,64 +75,48 @@ class Concepts(ModelStage):
     needs_images = True
     Params = ConceptsParams
 
-    def __init__(self, params: ConceptsParams, context) -> None:
-        super().__init__(params, context)
-        self._teacher: Any = None
-        self._pool: ThreadPoolExecutor | None = None
-
     def fingerprint(self) -> dict[str, Any]:
         from curation.models.teachers import teacher_fingerprint
 
         p = self.params
         return teacher_fingerprint(p.teacher, p.model, p.checkpoint, p.vocabulary)
 
-    def setup(self) -> None:
-        if self._teacher is not None:
-            return
-        import torch
+    def auto_precision(self) -> str:
+        """bf16 where the device computes it natively, else fp32 (fp16 on a GPU without bf16)."""
+        if self.device.startswith("cuda"):
+            import torch
 
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+
+    def load_model(self) -> Any:
+        """The teacher."""
         from curation.models.teachers import load_teacher
 
         p = self.params
-        if self.device == "cpu":
-            # The worker owns `cpus` cores; more threads than that only contend.
-            torch.set_num_threads(max(1, p.cpus))
-        else:
-            self._pool = ThreadPoolExecutor(max(1, p.cpus), "concepts-decode")
-        self._teacher = load_teacher(
+        return load_teacher(
             p.teacher,
             p.model,
             p.checkpoint,
             p.vocabulary,
             device=self.device,
-            precision=resolve_precision(p.precision, self.device),  # type: ignore[arg-type]
+            precision=self.precision,  # type: ignore[arg-type]
             kind=p.kind,
         )
-
-    @property
-    def teacher(self) -> Any:
-        """The loaded teacher (after `setup`)."""
-        return self._teacher
 
     def _prepare(self, data: bytes | None) -> tuple[str, Any]:
         """(status, preprocessed tensor or None) for one row's image bytes."""
         from curation.imageio import ImageRefused, open_image
 
-        side = self._teacher.resize_size
+        side = self.model.resize_size
         try:
             # JPEG: libjpeg may decode at 1/2..1/8 scale while the result still covers the resize.
             image = open_image(data, self.params.max_pixels, draft=(side, side))
         except ImageRefused as e:
             return e.status, None
-        return "ok", self._teacher.preprocess(image)
-
-    def _prepared(self, images: list[bytes | None]) -> Iterator[tuple[str, Any]]:
-        if self._pool is None:
-            return (self._prepare(b) for b in images)  # CPU: torch already uses the worker's cores
-        return self._pool.map(self._prepare, images)  # CUDA: decode ahead while the GPU works
+        return "ok", self.model.preprocess(image)
 
     def compute(self, table: pa.Table) -> pa.Table:
-        self.setup()
         import torch
 
         n = table.num_rows
@@ -160,14 +131,14 @@ class Concepts(ModelStage):
 
         def flush() -> None:
             x = torch.stack(batch)
-            p = torch.cat([self._teacher.probs(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+            p = torch.cat([self.model.probs(x[i : i + chunk]) for i in range(0, len(x), chunk)])
             top = p.topk(min(self.params.top_k, p.shape[1]), dim=1)  # sorted, most probable first
             for row, i, v in zip(rows, top.indices.tolist(), top.values.tolist()):
                 ids[row], probs[row] = i, v
             rows.clear()
             batch.clear()
 
-        for i, (st, x) in enumerate(self._prepared(images)):
+        for i, (st, x) in enumerate(self.decode_map(self._prepare, images)):
             status.append(st)
             if x is not None:
                 rows.append(i)
@@ -195,10 +166,7 @@ class Concepts(ModelStage):
         from curation.models.teachers import check_teacher
 
         p = self.params
-        problems = []
-        if p.precision == "fp16" and self.device == "cpu":
-            problems.append("precision fp16 is not supported on CPU (use fp32 or bf16)")
-        problems += check_teacher(p.teacher, p.model, p.checkpoint, p.vocabulary)
+        problems = super().check() + check_teacher(p.teacher, p.model, p.checkpoint, p.vocabulary)
         if problems:
             return problems
         from curation.models.files import torch_weights_problem

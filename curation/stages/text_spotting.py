@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from curation.core.params import param
 from curation.core.text import tokens
 from curation.imageio import DEFAULT_MAX_PIXELS
-from curation.models.ocr import MODEL_FILES, OcrEngine, ocr_model_dir
+from curation.models.ocr import MODEL_FILES, OcrEngine, auto_precision, ocr_model_dir
 from curation.schema import STAGE_COLUMNS
 from curation.stages.base import ModelStage
 
@@ -101,17 +101,13 @@ class TextSpotting(ModelStage):
     needs_images = True
     Params = TextSpottingParams
 
-    def __init__(self, params: TextSpottingParams, context) -> None:
-        super().__init__(params, context)
-        self._engine: OcrEngine | None = None
+    def auto_precision(self) -> str:
+        return auto_precision(self.device)
 
-    def setup(self) -> None:
-        if self._engine is None:
-            self._engine = OcrEngine(self.params, self.device)
+    def load_model(self) -> OcrEngine:
+        return OcrEngine(self.params, self.device, self.precision, self.decode_map)
 
     def compute(self, table: pa.Table) -> pa.Table:
-        self.setup()
-        assert self._engine is not None
         n = table.num_rows
         images = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
         captions = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * n
@@ -121,7 +117,7 @@ class TextSpotting(ModelStage):
         areas: list[float | None] = [None] * n
         overlaps: list[float | None] = [None] * n
         status: list[str] = []
-        for i, r in enumerate(self._engine.run(images)):
+        for i, r in enumerate(self.model.run(images)):
             if isinstance(r, str):
                 status.append(r)
                 continue
@@ -160,10 +156,7 @@ class TextSpotting(ModelStage):
 
     def check(self) -> list[str]:
         p = self.params
-        problems = []
-        # Whether a GPU is there is the runner's question (a Ray driver needs none; its GPU workers do).
-        if p.precision == "fp16" and self.device == "cpu":
-            problems.append("precision fp16 is not supported on CPU (use fp32 or bf16)")
+        problems = super().check()
         try:
             model_dir = ocr_model_dir(p)
         except ImportError:
