@@ -23,7 +23,7 @@ class Pipeline:
 
     @property
     def schema(self) -> pa.Schema:
-        columns = [c for stage in self.stages for c in stage.columns]
+        columns = [column for stage in self.stages for column in stage.columns.items()]
         return manifest_schema(self.source.carried_schema(), columns)
 
     def setup(self) -> None:

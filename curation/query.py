@@ -30,7 +30,8 @@ from typing import Any, TextIO
 import duckdb
 
 from curation.manifest import RunDir
-from curation.schema import HASH_COLUMNS, STAGE_COLUMNS
+from curation.schema import HASH_COLUMNS
+from curation.stages import manifest_columns
 from curation.terminal import printable
 
 # File formats of `curate query --out` by extension, and what `--format` prints.
@@ -243,7 +244,7 @@ def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
     con = connect(output)
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     histograms = {}
-    for col, typ in STAGE_COLUMNS.items():
+    for col, typ in manifest_columns().items():
         numeric = str(typ).startswith("int") or str(typ).startswith("float")
         if col in columns and numeric and col not in HASH_COLUMNS:
             histograms[col] = _histogram(con, col, integer=str(typ).startswith("int"), bins=bins)

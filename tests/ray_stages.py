@@ -15,10 +15,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.schema import STAGE_COLUMNS
 from curation.stages import STAGES, Resources, Stage
-
-STAGE_COLUMNS.setdefault("test_chars", pa.int32())
 
 
 @dataclass(frozen=True)
@@ -36,7 +33,7 @@ class CaptionChars(Stage):
     """Counts caption characters; declares GPUs so the Ray runner gives it its own actor pool."""
 
     name = "test_chars"
-    columns: ClassVar[tuple[str, ...]] = ("test_chars",)
+    columns: ClassVar[dict[str, pa.DataType]] = {"test_chars": pa.int32()}
     reasons: ClassVar[tuple[str, ...]] = ("short",)
     cascade = True  # sees only rows the caption stages kept: exercises the skip path across pools
     Params = CharsParams

@@ -121,14 +121,19 @@ def test_stages_share_one_parse_and_decide_in_order(scorer):
 def test_every_registered_stage_declares_its_contract():
     import dataclasses
 
-    from curation.schema import STAGE_COLUMNS
     from curation.stages import STAGES, Stage
 
     for name, cls in STAGES.items():
         assert issubclass(cls, Stage) and cls.name == name
         assert dataclasses.is_dataclass(cls.Params), name
         cls.Params()  # every parameter has a default
-        assert cls.columns and set(cls.columns) <= set(STAGE_COLUMNS), name
+        assert cls.columns and all(isinstance(t, pa.DataType) for t in cls.columns.values()), name
+    # stages writing the same column (the caption stages, sha256 of download and phash) agree on its type
+    declared: dict[str, pa.DataType] = {}
+    for name, cls in STAGES.items():
+        for column, typ in cls.columns.items():
+            assert declared.setdefault(column, typ) == typ, (name, column)
+    assert "sha256" in STAGES["download"].columns and "sha256" in STAGES["phash"].columns
 
 
 def test_action_rule_counts_verbs_by_default_and_subject_verbs_on_request(scorer):

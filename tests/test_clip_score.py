@@ -15,8 +15,7 @@ pytest.importorskip("skimage")
 
 from curation.cli import main  # noqa: E402
 from curation.models.clip import MODEL_CONFIG_DIR, build_model  # noqa: E402
-from curation.schema import STAGE_COLUMNS  # noqa: E402
-from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
+from curation.stages import STAGES, StageContext, apply_stage, manifest_columns  # noqa: E402
 from curation.stages.clip_score import ClipScore, ClipScoreParams  # noqa: E402
 from tests.images import PHOTOS, encode, photo  # noqa: E402
 from tests.imageserver import png_header_bomb  # noqa: E402
@@ -74,10 +73,10 @@ def reference_scores(checkpoint: Path, images, captions) -> tuple[np.ndarray, np
 
 def test_registered_schema_and_columns(checkpoint):
     assert STAGES["clip_score"] is ClipScore and ClipScore.cascade
-    assert STAGE_COLUMNS["clip_score"] == pa.float32()
-    assert STAGE_COLUMNS["clip_image_embedding"] == pa.list_(pa.float16())
+    assert manifest_columns()["clip_score"] == pa.float32()
+    assert manifest_columns()["clip_image_embedding"] == pa.list_(pa.float16())
     plain = ClipScore(ClipScoreParams(checkpoint=str(checkpoint)), CTX)
-    assert plain.columns == ("clip_score", "clip_status")
+    assert list(plain.columns) == ["clip_score", "clip_status"]
     assert (
         "clip_image_embedding" in ClipScore(ClipScoreParams(checkpoint="x", keep_embedding=True), CTX).columns
     )

@@ -30,8 +30,7 @@ from curation.models.teachers import (  # noqa: E402
     load_teacher,
 )
 from curation.models.vocabulary import VocabularyError, read_vocabulary  # noqa: E402
-from curation.schema import STAGE_COLUMNS  # noqa: E402
-from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
+from curation.stages import STAGES, StageContext, apply_stage, manifest_columns  # noqa: E402
 from curation.stages.concepts import CONCEPT_COLUMNS, Concepts, ConceptsParams  # noqa: E402
 from tests.imageserver import png_header_bomb  # noqa: E402
 
@@ -57,9 +56,9 @@ def names(stage: Concepts, ids: list[int]) -> list[str]:
 
 def test_registered_schema_and_params():
     assert STAGES["concepts"] is Concepts and Concepts.cascade
-    assert STAGE_COLUMNS["concept_ids"] == pa.list_(pa.int32())
-    assert STAGE_COLUMNS["concept_probs"] == pa.list_(pa.float32())
-    assert set(CONCEPT_COLUMNS) <= set(STAGE_COLUMNS)
+    assert manifest_columns()["concept_ids"] == pa.list_(pa.int32())
+    assert manifest_columns()["concept_probs"] == pa.list_(pa.float32())
+    assert Concepts.columns is CONCEPT_COLUMNS
     assert ConceptsParams().teacher == "efficientnet_lite0" and ConceptsParams().top_k == 20
 
 

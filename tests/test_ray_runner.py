@@ -196,16 +196,14 @@ def test_gpu_stage_on_gpu_less_cluster_fails_before_any_work(gpu_less_session: d
 @pytest.fixture
 def test_stages():
     """The test stages registered in this process for one test, then removed again."""
-    from curation.schema import STAGE_COLUMNS
     from curation.stages import STAGES
 
-    saved = dict(STAGES), dict(STAGE_COLUMNS)
+    saved = dict(STAGES)
     import tests.ray_stages  # noqa: F401
 
     sys.modules.pop("tests.ray_stages")  # re-registers on the next import
     yield
-    STAGES.clear(), STAGES.update(saved[0])
-    STAGE_COLUMNS.clear(), STAGE_COLUMNS.update(saved[1])
+    STAGES.clear(), STAGES.update(saved)
 
 
 @needs_netns

@@ -25,8 +25,7 @@ from curation.manifest import RunDir
 from curation.report import build_report
 from curation.report.collect import plotted
 from curation.report.thumbnails import THUMBNAIL_SIZE
-from curation.schema import STAGE_COLUMNS
-from curation.stages import STAGES, StageContext
+from curation.stages import STAGES, StageContext, manifest_columns
 from tests.helpers import LAION_1K, write_config
 from tests.imageserver import jpeg, png_header_bomb
 
@@ -232,12 +231,12 @@ def test_thresholds_say_what_decide_does(name, params, column, values, extra):
     rules = stage.thresholds()
     assert list(rules) == [column] and set(rules) <= set(cls.columns)
     op, value = rules[column]
-    columns = {column: pa.array(values, STAGE_COLUMNS[column])}
+    columns = {column: pa.array(values, cls.columns[column])}
     if extra == "ocr":
         columns["ocr_status"] = pa.array(["ok"] * len(values))
     passes = {">=": lambda v: v >= value, ">": lambda v: v > value, "<": lambda v: v < value}[op]
     decided = _decide(name, params, columns)
-    stored = pa.array(values, STAGE_COLUMNS[column]).to_pylist()  # compare at the stored precision
+    stored = pa.array(values, cls.columns[column]).to_pylist()  # compare at the stored precision
     assert [d is None for d in decided] == [passes(v) for v in stored]
 
 
@@ -263,8 +262,8 @@ def test_columns_added_to_the_schema_are_charted_without_code_changes(caption_ru
         "phash": pa.uint64(),
         "image_embedding": pa.list_(pa.float32()),
     }
-    for name, typ in new.items():
-        monkeypatch.setitem(STAGE_COLUMNS, name, typ)
+    monkeypatch.setitem(STAGES, "more", type("More", (), {"columns": new}))
+    assert manifest_columns()["image_embedding"] == new["image_embedding"]
     run = tmp_path / "more"
     shutil.copytree(caption_run, run)
     for path in sorted((run / "manifests").glob("*.parquet")):

@@ -18,8 +18,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from curation.core.params import param_problems  # noqa: E402
 from curation.core.text import tokens  # noqa: E402
 from curation.models.ocr import auto_precision, decode_image, fold_batch_norm, reading_order  # noqa: E402
-from curation.schema import STAGE_COLUMNS  # noqa: E402
-from curation.stages import STAGES, StageContext, apply_stage  # noqa: E402
+from curation.stages import STAGES, StageContext, apply_stage, manifest_columns  # noqa: E402
 from curation.stages.text_spotting import (  # noqa: E402
     OCR_COLUMNS,
     TextSpotting,
@@ -110,9 +109,8 @@ def test_reading_order_lines_then_left_to_right():
 def test_registered_and_schema():
     assert STAGES["text_spotting"] is TextSpotting
     assert TextSpotting.cascade
-    for col in OCR_COLUMNS:
-        assert col in STAGE_COLUMNS
-    assert STAGE_COLUMNS["ocr_boxes"] == pa.int32() and STAGE_COLUMNS["ocr_area"] == pa.float32()
+    assert TextSpotting.columns is OCR_COLUMNS and set(OCR_COLUMNS) <= set(manifest_columns())
+    assert OCR_COLUMNS["ocr_boxes"] == pa.int32() and OCR_COLUMNS["ocr_area"] == pa.float32()
 
 
 def test_decode_statuses():
@@ -273,7 +271,7 @@ def test_stage_through_apply_stage(stage):
     out = apply_stage(stage, table)
     assert out.num_rows == n
     for col in OCR_COLUMNS:
-        assert out.schema.field(col).type == STAGE_COLUMNS[col]
+        assert out.schema.field(col).type == OCR_COLUMNS[col]
     got = out.to_pylist()
     status = [r["ocr_status"] for r in got]
     assert status == ["ok", "ok", "ok", None, "no_image", "truncated", "too_large", "ok", "ok", "ok", "ok"]

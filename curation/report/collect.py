@@ -1,6 +1,6 @@
 """What `curate report` shows, computed with DuckDB over the `samples` view; no HTML here.
 
-Which columns get a chart is decided from `curation.schema.STAGE_COLUMNS` and
+Which columns get a chart is decided from the columns the stages declare and
 the columns the run's manifests have, so a stage added later is plotted
 without touching this module: numbers get a histogram, statuses, languages and
 booleans a bar chart of counts. Thresholds come from the run's own stages,
@@ -20,7 +20,8 @@ import pyarrow as pa
 
 from curation.manifest import RunDir, shard_name
 from curation.query import QueryRefused, condition, explain_error, funnel, select_statement
-from curation.schema import STAGE_COLUMNS, TRANSIENT_COLUMNS
+from curation.schema import TRANSIENT_COLUMNS
+from curation.stages import STAGES, StageContext, manifest_columns
 
 # Raw columns that are identifiers, free text or hashes: nothing to histogram.
 NOT_PLOTTED = frozenset({"key", "image_path", "sha256", "phash", "error_message", "ocr_text"})
@@ -151,8 +152,6 @@ def collect(output: str | Path, where: str | None = None, sample: int = 48, seed
 
 def run_thresholds(record: dict[str, Any] | None, root: Path) -> tuple[dict[str, list[Threshold]], list[str]]:
     """Thresholds of the run's configured stages, by column; and the stages that could not be rebuilt."""
-    from curation.stages import STAGES, StageContext
-
     by_column: dict[str, list[Threshold]] = {}
     skipped = []
     if record is None:
@@ -182,7 +181,7 @@ def run_thresholds(record: dict[str, Any] | None, root: Path) -> tuple[dict[str,
 def plotted(columns: dict[str, str]) -> tuple[list[tuple[str, str, str]], list[str]]:
     """(column, SQL expression, title) of the numeric charts, and the categorical columns, in schema order."""
     numeric, categorical = [], []
-    for name, typ in STAGE_COLUMNS.items():
+    for name, typ in manifest_columns().items():
         if name not in columns or name in NOT_PLOTTED or name in TRANSIENT_COLUMNS or "embedding" in name:
             continue
         quoted = _quote(name)
@@ -213,10 +212,11 @@ def histograms(
         parts += [f"min({x})", f"max({x})", f"approx_quantile({x}, 0.995)", f"count({x})"]
     [ranges] = _read(con, f"SELECT count(*), {', '.join(parts)} FROM samples").fetchall()
     total = ranges[0]
+    types = manifest_columns()
     out = []
     for k, (name, expr, title) in enumerate(numeric):
         lo, hi, q995, n = ranges[1 + 4 * k : 5 + 4 * k]
-        integer = pa.types.is_integer(STAGE_COLUMNS[name])
+        integer = pa.types.is_integer(types[name])
         h = Histogram(name, title, integer, [], [], None, total - n, 0, hi, thresholds.get(name, []))
         if n:
             _fill(con, h, expr, lo, hi, q995, selected)

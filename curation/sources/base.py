@@ -2,7 +2,7 @@
 
 A shard is the unit of work and of resume. Batches come out normalised: `uid`,
 `shard`, `url`, `caption`, then the input's other columns under their
-manifest names (see `curation.schema.carried_name`).
+manifest names (see `carried_name`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,18 @@ import fsspec
 import pyarrow as pa
 
 from curation.config import InputConfig
-from curation.schema import ID_COLUMNS, carried_name, make_uids
+from curation.schema import DECISION_COLUMNS, ID_COLUMNS, make_uids
+from curation.stages import manifest_columns
+
+
+def carried_name(input_column: str) -> str:
+    """Name under which an input column is carried into the manifest.
+
+    DuckDB resolves identifiers case-insensitively, so an input column that
+    collides with one of ours in any case is prefixed rather than shadowed.
+    """
+    ours = (*ID_COLUMNS, *manifest_columns(), *DECISION_COLUMNS)
+    return f"input_{input_column}" if input_column.lower() in {c.lower() for c in ours} else input_column
 
 
 @dataclass(frozen=True)

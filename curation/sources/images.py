@@ -42,10 +42,9 @@ from curation.core.shards import (
     read_samples,
     repeated_keys,
 )
-from curation.schema import DECISION_COLUMNS, ID_COLUMNS, STAGE_COLUMNS, make_uids
+from curation.schema import DECISION_COLUMNS, ID_COLUMNS, IMAGE_COLUMNS, READ_COLUMNS, make_uids
 from curation.sources.base import Problem, Shard, Source, split_rows
 
-LOCATION_COLUMNS = ("key", "image_path", "read_status", "read_error")
 READ_OK = "ok"
 BAD_CAPTION = "bad_caption"
 # drop_reason (and drop_stage) of a row whose sample was refused while reading the input
@@ -74,13 +73,13 @@ def _table(samples: list[Sample], shard: int) -> pa.Table:
             "shard": pa.array([shard] * len(samples), ID_COLUMNS["shard"]),
             "url": pa.array(urls, pa.string()),
             "caption": pa.array(captions, pa.string()),
-            "key": pa.array([s.key for s in samples], STAGE_COLUMNS["key"]),
+            "key": pa.array([s.key for s in samples], IMAGE_COLUMNS["key"]),
             "image_path": pa.array(
                 [s.image_path if s.image is not None else None for s in samples], pa.string()
             ),
-            "read_status": pa.array([s.status for s in samples], STAGE_COLUMNS["read_status"]),
-            "read_error": pa.array([s.detail for s in samples], STAGE_COLUMNS["read_error"]),
-            "image": pa.array([s.image for s in samples], STAGE_COLUMNS["image"]),
+            "read_status": pa.array([s.status for s in samples], READ_COLUMNS["read_status"]),
+            "read_error": pa.array([s.detail for s in samples], READ_COLUMNS["read_error"]),
+            "image": pa.array([s.image for s in samples], IMAGE_COLUMNS["image"]),
             # A refused sample is dropped before any stage sees it (cascading stages skip it).
             "keep": pa.array(ok, DECISION_COLUMNS["keep"]),
             "drop_reason": pa.array(refused, DECISION_COLUMNS["drop_reason"]),
@@ -106,7 +105,8 @@ def _batches(samples: Iterator[Sample], shard: Shard, batch_rows: int) -> Iterat
 
 class _ImageSource(Source):
     def carried_schema(self) -> pa.Schema:
-        return pa.schema([pa.field(c, STAGE_COLUMNS[c]) for c in LOCATION_COLUMNS])
+        located = {c: IMAGE_COLUMNS[c] for c in ("key", "image_path")}
+        return pa.schema([pa.field(c, t) for c, t in {**located, **READ_COLUMNS}.items()])
 
     def _count(self, path: str) -> int:
         raise NotImplementedError

@@ -8,8 +8,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.schema import carried_name
-from curation.sources.base import Problem, Shard, Source, normalise, split_rows
+from curation.sources.base import Problem, Shard, Source, carried_name, normalise, split_rows
 
 
 def _open(path: str) -> pq.ParquetFile:

@@ -13,8 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+
 from curation.core.params import ConfigError, param_problems
 from curation.core.storage import is_url
+from curation.schema import IMAGE_COLUMNS, READ_COLUMNS
 from curation.stages.base import Resources, Stage, StageContext, apply_stage
 from curation.stages.caption import CaptionAction, CaptionComplexity
 from curation.stages.caption_language import CaptionLanguage
@@ -29,6 +32,7 @@ from curation.stages.text_spotting import TextSpotting
 if TYPE_CHECKING:  # annotations only: the config imports this registry, not the other way round
     from curation.config import Config
 
+# In this order `curate stats` and `curate report` list the columns.
 STAGES: dict[str, type[Stage]] = {
     cls.name: cls
     for cls in (
@@ -36,11 +40,11 @@ STAGES: dict[str, type[Stage]] = {
         CaptionAction,
         Download,
         TextSpotting,
+        ClipScore,
         CaptionLength,
         CaptionLanguage,
         ImageSize,
         Phash,
-        ClipScore,
         Concepts,
     )
 }
@@ -52,9 +56,20 @@ __all__ = [
     "StageContext",
     "apply_stage",
     "build_stages",
+    "manifest_columns",
     "model_fingerprints",
     "param_problems_of",
 ]
+
+
+def manifest_columns() -> dict[str, pa.DataType]:
+    """Every column the registered stages, and the inputs that bring their images, may add to a manifest,
+    with its type: what `curate query`, `stats` and `report` look up. Stages that share a column
+    declare one type for it (tested)."""
+    columns: dict[str, pa.DataType] = {}
+    for cls in STAGES.values():
+        columns.update(cls.columns)
+    return {**columns, **IMAGE_COLUMNS, **READ_COLUMNS}
 
 
 def param_problems_of(config: Config) -> list[tuple[tuple, str]]:

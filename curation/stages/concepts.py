@@ -35,7 +35,12 @@ from curation.devices import cpu_has_native_bf16
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.stages.base import ModelStage
 
-CONCEPT_COLUMNS = ("concept_ids", "concept_probs", "concept_status")
+# a teacher's top-k, most probable first (docs/methods.md §2b)
+CONCEPT_COLUMNS: dict[str, pa.DataType] = {
+    "concept_ids": pa.list_(pa.int32()),  # indices into the teacher's vocabulary
+    "concept_probs": pa.list_(pa.float32()),  # descending
+    "concept_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
+}
 CPU_CHUNK = 8
 
 
@@ -70,7 +75,7 @@ class Concepts(ModelStage):
     """Store a teacher's top-k concepts per kept image; drop images that cannot be decoded."""
 
     name = "concepts"
-    columns: ClassVar[tuple[str, ...]] = CONCEPT_COLUMNS
+    columns: ClassVar[dict[str, pa.DataType]] = CONCEPT_COLUMNS
     cascade = True
     needs_images = True
     Params = ConceptsParams

@@ -71,13 +71,21 @@ from curation.core.params import param
 from curation.core.shards import read_samples
 from curation.core.storage import Store, open_store
 from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size
-from curation.schema import STAGE_COLUMNS
+from curation.schema import IMAGE_COLUMNS
 from curation.stages.base import Resources, Stage, StageContext
 from curation.urlpolicy import UrlPolicy, local_folders, parse_networks
 
 # img2dataset's per-sample columns we carry, under img2dataset's names.
-I2D_COLUMNS = ("status", "error_message", "width", "height", "original_width", "original_height", "sha256")
-DOWNLOAD_COLUMNS = (*I2D_COLUMNS, "key", "image_path", "image")
+I2D_COLUMNS: dict[str, pa.DataType] = {
+    "status": pa.string(),  # success | failed_to_download | failed_to_resize
+    "error_message": pa.string(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "original_width": pa.int32(),
+    "original_height": pa.int32(),
+    "sha256": pa.string(),  # of the downloaded bytes, before resizing
+}
+DOWNLOAD_COLUMNS: dict[str, pa.DataType] = {**I2D_COLUMNS, **IMAGE_COLUMNS}
 # img2dataset's shard-number width in file names (its `oom_shard_count` default).
 OOM_SHARD_COUNT = 5
 
@@ -134,7 +142,7 @@ class Download(Stage):
     name = "download"
     provides_images = True
     packages: ClassVar[dict[str, str]] = {"img2dataset": "pip install 'curate[images]'"}
-    columns: ClassVar[tuple[str, ...]] = DOWNLOAD_COLUMNS
+    columns: ClassVar[dict[str, pa.DataType]] = DOWNLOAD_COLUMNS
     cascade = True
     Params = DownloadParams
 
@@ -332,7 +340,7 @@ class Download(Stage):
             if message and message.startswith(self.tag):  # our refusal, not a network or decoder error
                 status, _, detail = message[len(self.tag) :].partition(": ")
                 out["status"][i], out["error_message"][i] = status, detail
-        return pa.table({c: pa.array(out[c], STAGE_COLUMNS[c]) for c in DOWNLOAD_COLUMNS})
+        return pa.table({c: pa.array(out[c], t) for c, t in DOWNLOAD_COLUMNS.items()})
 
     # ------------------------------------------------------------------ decide
     def decide(self, table: pa.Table) -> pa.Array:

@@ -28,7 +28,12 @@ from curation.core.params import param
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.stages.base import Stage
 
-SIZE_COLUMNS = ("aspect_ratio", "min_side", "image_size_status")
+# from original_width/original_height (download) or the image header; no decode
+SIZE_COLUMNS: dict[str, pa.DataType] = {
+    "aspect_ratio": pa.float32(),  # long side / short side, >= 1
+    "min_side": pa.int32(),  # short side in pixels
+    "image_size_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
+}
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class ImageSize(Stage):
     """Drop images that are too small or too elongated, judged from their dimensions alone."""
 
     name = "image_size"
-    columns: ClassVar[tuple[str, ...]] = SIZE_COLUMNS
+    columns: ClassVar[dict[str, pa.DataType]] = SIZE_COLUMNS
     cascade = True
     needs_images = True
     Params = ImageSizeParams

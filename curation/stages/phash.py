@@ -37,7 +37,11 @@ from curation.core.params import param
 from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.stages.base import Stage
 
-PHASH_COLUMNS = ("phash", "phash_status", "sha256")
+PHASH_COLUMNS: dict[str, pa.DataType] = {
+    "phash": pa.int64(),  # the 64-bit hash defined above, as signed int64
+    "phash_status": pa.string(),  # ok | no_image | too_large | truncated | decode_error
+    "sha256": pa.string(),  # of the image bytes (download writes it too: the bytes it fetched)
+}
 _SIDE = 32  # DCT input size (hash_size 8 x imagehash's highfreq_factor 4)
 _BITS = 8  # low-frequency block side: 8 x 8 = 64 bits
 
@@ -86,7 +90,7 @@ class Phash(Stage):
     """Hash every kept image for `curate dedup`; drops only images that cannot be decoded."""
 
     name = "phash"
-    columns: ClassVar[tuple[str, ...]] = PHASH_COLUMNS
+    columns: ClassVar[dict[str, pa.DataType]] = PHASH_COLUMNS
     cascade = True
     needs_images = True
     Params = PhashParams

@@ -37,10 +37,17 @@ from curation.core.params import param
 from curation.core.text import tokens
 from curation.imageio import DEFAULT_MAX_PIXELS
 from curation.models.ocr import MODEL_FILES, OcrEngine, auto_precision, ocr_model_dir
-from curation.schema import STAGE_COLUMNS
 from curation.stages.base import ModelStage
 
-OCR_COLUMNS = ("ocr_text", "ocr_boxes", "ocr_regions", "ocr_area", "ocr_caption_overlap", "ocr_status")
+# Definitions above.
+OCR_COLUMNS: dict[str, pa.DataType] = {
+    "ocr_text": pa.string(),
+    "ocr_boxes": pa.int32(),
+    "ocr_regions": pa.list_(pa.struct([("text", pa.string()), ("box", pa.list_(pa.float32()))])),
+    "ocr_area": pa.float32(),
+    "ocr_caption_overlap": pa.float32(),
+    "ocr_status": pa.string(),
+}
 # Statuses whose rows are dropped as 'decode': there is no image to judge.
 FAILED_STATUSES = ("no_image", "too_large", "truncated", "decode_error")
 
@@ -96,7 +103,7 @@ class TextSpotting(ModelStage):
 
     name = "text_spotting"
     packages: ClassVar[dict[str, str]] = {m: "pip install 'curate[images]'" for m in ("easyocr", "torch")}
-    columns: ClassVar[tuple[str, ...]] = OCR_COLUMNS
+    columns: ClassVar[dict[str, pa.DataType]] = OCR_COLUMNS
     cascade = True
     needs_images = True
     Params = TextSpottingParams
@@ -133,7 +140,7 @@ class TextSpotting(ModelStage):
             {
                 "ocr_text": pa.array(texts, pa.string()),
                 "ocr_boxes": pa.array(boxes, pa.int32()),
-                "ocr_regions": pa.array(found_regions, STAGE_COLUMNS["ocr_regions"]),
+                "ocr_regions": pa.array(found_regions, OCR_COLUMNS["ocr_regions"]),
                 "ocr_area": pa.array(areas, pa.float32()),
                 "ocr_caption_overlap": pa.array(overlaps, pa.float32()),
                 "ocr_status": pa.array(status, pa.string()),
