@@ -10,7 +10,7 @@ default) with real LAION captions. The baseline is what a user would write:
             t = tokenizer([caption])
             score = cos(model.encode_image(x), model.encode_text(t))
 
-The stage (`ClipScore.compute`) decodes through curation.imageio, batches
+The stage (`ClipScore.compute`) decodes through curation.core.imageio, batches
 images and distinct captions, and runs under inference_mode. Rounds alternate
 baseline and stage; the ratio is taken per round, and the scores of the two
 paths are compared (max |difference|).

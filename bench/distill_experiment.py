@@ -105,7 +105,7 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
     import torch
     from PIL import Image
 
-    from curation.devices import cpu_has_native_bf16
+    from curation.core.devices import cpu_has_native_bf16
     from curation.stages import StageContext
     from curation.stages.concepts import Concepts, ConceptsParams
     from train import fashion_mnist

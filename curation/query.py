@@ -29,10 +29,10 @@ from typing import Any, TextIO
 
 import duckdb
 
+from curation.core.terminal import printable
 from curation.manifest import RunDir
 from curation.schema import HASH_COLUMNS
 from curation.stages import manifest_columns
-from curation.terminal import printable
 
 # File formats of `curate query --out` by extension, and what `--format` prints.
 OUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curation.core.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size, open_image
 from curation.core.shards import (
     CAPTION,
     CONCEPTS,
@@ -42,7 +43,6 @@ from curation.core.shards import (
     read_samples,
 )
 from curation.core.storage import Store, open_store
-from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size, open_image
 from curation.query import condition
 
 

@@ -84,7 +84,7 @@ def test_only_the_cli_package_parses_prints_errors_and_exits():
         for path in (REPO / folder).rglob("*.py"):
             rel = path.relative_to(REPO).as_posix()
             # argtypes: the argparse types the CLI uses.
-            if rel.startswith("curation/cli/") or rel == "curation/argtypes.py":
+            if rel.startswith("curation/cli/") or rel == "curation/cli/argtypes.py":
                 continue
             text = path.read_text()
             if 'prog="python -m ' in text:  # a data-preparation script (train.fashion_mnist), not a command
@@ -358,9 +358,9 @@ def test_help_describes_every_command_and_argument():
 
 
 def test_slow_rates_are_not_rounded_to_zero():
+    from curation.core.terminal import rate
     from curation.report.collect import ShardTiming
     from curation.report.page import _timings
-    from curation.terminal import rate
 
     assert [rate(x) for x in (12345.6, 123.4, 12.34, 0.44, 0.0)] == ["12,346", "123", "12.3", "0.44", "0"]
     html = _timings([ShardTiming(0, 11, 5, 25.0, 0.0), ShardTiming(1, 34, 20, 77.3, 0.0)], None)

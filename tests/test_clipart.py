@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation.imageio import open_image
+from curation.core.imageio import open_image
 from curation.stages.phash import hamming, phash_image
 from tests.helpers import REPO
 from train import clipart

@@ -22,7 +22,7 @@ from PIL import Image
 
 from curation.cli import main
 from curation.config import ConfigError
-from curation.imageio import DEFAULT_MAX_PIXELS
+from curation.core.imageio import DEFAULT_MAX_PIXELS
 from curation.validation import parse_checked_config
 from tests.helpers import REPO
 from tests.imageserver import ImageServer, jpeg, png_bomb

@@ -1,4 +1,4 @@
-"""curation.imageio: the one decode path for untrusted image bytes."""
+"""curation.core.imageio: the one decode path for untrusted image bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size, open_image
+from curation.core.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size, open_image
 
 
 def _png(w: int, h: int) -> bytes:

@@ -145,29 +145,20 @@ def test_validate_imports_neither_torch_nor_spacy():
 
 # --------------------------------------------------------------------------- layers
 
-# Modules of the bottom layer that still live at the top of `curation/` rather than in curation/core/.
-CORE_MODULES = (
-    "curation.imageio",
-    "curation.devices",
-    "curation.argtypes",
-    "curation.terminal",
-    "curation.urlpolicy",
-)
 LAYERS = ("core", "models", "curation", "train", "cli")
+# A layer is a package: every module inside it belongs to it. The rest of `curation` is the curation
+# layer, all of `train` the train layer.
+LAYER_PACKAGES = {"curation.core": "core", "curation.models": "models", "curation.cli": "cli"}
 
 
 def layer(module: str) -> str:
-    if module == "curation.cli" or module.startswith("curation.cli.") or module.endswith(".__main__"):
+    if module.endswith(".__main__"):
         # the entry points (`curate`, `python -m train`): they register `train`'s commands, so they
-        # alone see everything
+        # alone see everything, like the CLI package
         return "cli"
-    if module.startswith("train"):
+    if module.split(".")[0] == "train":
         return "train"
-    if module.startswith("curation.models"):
-        return "models"
-    if module.startswith("curation.core") or module in CORE_MODULES:
-        return "core"
-    return "curation"
+    return LAYER_PACKAGES.get(".".join(module.split(".")[:2]), "curation")
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
@@ -180,11 +171,18 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_the_layer_checker_finds_an_upward_import():
-    assert upward_imports({"curation.models.clip": {"curation.imageio", "train.model"}}) == [
+    assert upward_imports({"curation.models.clip": {"curation.core.imageio", "train.model"}}) == [
         "curation.models.clip (models) imports train.model (train)"
     ]
-    assert upward_imports({"curation.imageio": {"curation.stages.base"}}) != []
+    assert upward_imports({"curation.core.imageio": {"curation.stages.base"}}) != []
     assert upward_imports({"curation.cli": {"train.cli"}, "train.loop": {"curation.models.clip"}}) == []
+
+
+def test_layers_are_packages():
+    assert layer("curation.core.imageio") == "core" and layer("curation.core") == "core"
+    assert layer("curation.cli.argtypes") == "cli" and layer("curation.models.ocr") == "models"
+    assert layer("curation.stages.base") == "curation" and layer("curation.corex") == "curation"
+    assert layer("train.loop") == "train" and layer("train.__main__") == "cli"
 
 
 def test_imports_run_down_the_layers():

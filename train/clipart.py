@@ -243,7 +243,7 @@ def build(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curation.imageio import ImageRefused, open_image
+    from curation.core.imageio import ImageRefused, open_image
     from curation.stages.phash import hamming, phash_image
 
     if not 0 < test_fraction < 1:
@@ -389,7 +389,7 @@ def load_test(directory: Path) -> tuple[list, np.ndarray, list[str], list[str], 
     """(PIL images, labels, class names, splits, captions) of DIR/test.parquet."""
     import pyarrow.parquet as pq
 
-    from curation.imageio import open_image
+    from curation.core.imageio import open_image
 
     t = pq.read_table(directory / "test.parquet").to_pydict()
     build_info = json.loads((directory / "build.json").read_text())

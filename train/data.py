@@ -300,8 +300,8 @@ class ShardStream(IterableDataset):
 
     # -- decoding ---------------------------------------------------------------------------
     def _decode(self, sample: dict) -> tuple[torch.Tensor, str]:
-        """(image tensor, caption) of one raw sample; images decode through curation.imageio's limits."""
-        from curation.imageio import ImageRefused, open_image, to_rgb
+        """(image tensor, caption) of one raw sample; images decode through curation.core.imageio's limits."""
+        from curation.core.imageio import ImageRefused, open_image, to_rgb
 
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         if key is None or "txt" not in sample:

@@ -77,8 +77,8 @@ def retrieval_recall(
 
 def read_pairs(shards: list[str], limit: int | None = None) -> tuple[list, list[str]]:
     """(PIL images, captions) from webdataset shards, in shard order; pairs whose image cannot be
-    decoded (curation.imageio's limits) are left out, with a warning that counts them."""
-    from curation.imageio import ImageRefused, open_image, to_rgb
+    decoded (curation.core.imageio's limits) are left out, with a warning that counts them."""
+    from curation.core.imageio import ImageRefused, open_image, to_rgb
     from train.data import IMAGE_KEYS, _raw_samples
 
     images, captions = [], []
@@ -121,11 +121,11 @@ def fashion_mnist_zero_shot(
 def read_image_folder(root: Path) -> tuple[list, list[int], list[str]]:
     """(PIL images, labels, class names) of ROOT/CLASS_NAME/*.jpg|png|webp; '_' in folder names reads as ' '.
 
-    Images that cannot be decoded (curation.imageio's limits) are left out, with a warning that counts them.
+    Images that cannot be decoded (curation.core.imageio's limits) are left out, with a warning that counts them.
     """
     from curation.core.folders import FileRefused, read_inside
+    from curation.core.imageio import ImageRefused, open_image, to_rgb
     from curation.core.shards import DEFAULT_MAX_MEMBER_BYTES
-    from curation.imageio import ImageRefused, open_image, to_rgb
 
     if not root.is_dir():
         raise FileNotFoundError(f"not 'fashion-mnist' and not a directory: {root}")

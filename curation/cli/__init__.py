@@ -18,7 +18,7 @@ import os
 import sys
 
 from curation.cli.common import EXIT_BROKEN_PIPE, EXIT_USAGE, Parser, UsageError, fail, output_error
-from curation.terminal import stdout_is_broken
+from curation.core.terminal import stdout_is_broken
 
 DESCRIPTION = """\
 Offline data curation for CLIP-style pre-training.

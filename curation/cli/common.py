@@ -16,7 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from curation.terminal import printable
+from curation.core.terminal import printable
 
 EXIT_OK = 0  # done
 EXIT_FAILED = 1  # finished, but some shards / rows / images failed (listed on stderr)

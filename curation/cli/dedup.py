@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from curation.cli.common import EXIT_OK, Formatter, fail
-from curation.terminal import printable
+from curation.core.terminal import printable
 
 KINDS = ("exact", "phash", "semantic")  # curation.dedup.KINDS, not imported: `curate --help` stays light
 

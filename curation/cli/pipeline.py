@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from curation.argtypes import at_least, workers
+from curation.cli.argtypes import at_least, workers
 from curation.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -19,7 +19,7 @@ from curation.cli.common import (
     note,
     output_error,
 )
-from curation.terminal import printable, rate
+from curation.core.terminal import printable, rate
 
 
 def register(sub: argparse._SubParsersAction) -> None:

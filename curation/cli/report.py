@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from curation.cli.common import EXIT_OK, Formatter, UsageError, check_new_output, fail, note
-from curation.terminal import printable
+from curation.core.terminal import printable
 
 DEFAULT_SAMPLE = 48  # curation.report.DEFAULT_SAMPLE, not imported: `curate --help` stays light
 

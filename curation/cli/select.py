@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from curation.argtypes import at_least
+from curation.cli.argtypes import at_least
 from curation.cli.common import EXIT_FAILED, EXIT_OK, Formatter, UsageError, check_new_output, fail, note
-from curation.imageio import DEFAULT_MAX_PIXELS
-from curation.terminal import printable
+from curation.core.imageio import DEFAULT_MAX_PIXELS
+from curation.core.terminal import printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:

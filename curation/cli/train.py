@@ -15,11 +15,11 @@ import sys
 import tarfile
 from pathlib import Path
 
-from curation.argtypes import at_least
+from curation.cli.argtypes import at_least
 from curation.cli.common import EXIT_FAILED, EXIT_OK, Formatter, UsageError, fail, fail_config, note
 from curation.core.shards import ShardError
 from curation.core.storage import StorageError
-from curation.terminal import printable
+from curation.core.terminal import printable
 
 TRAIN_HELP = """\
 Train a CLIP model (any open_clip architecture) contrastively on webdataset shards,

@@ -83,7 +83,7 @@ class TeacherImages:
     def encode_images(self, images: list):
         import torch
 
-        from curation.imageio import to_rgb
+        from curation.core.imageio import to_rgb
 
         parts = []
         for i in range(0, len(images), self.batch_size):

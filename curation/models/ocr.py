@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from curation.devices import cpu_has_native_bf16
+from curation.core.devices import cpu_has_native_bf16
 
 MODEL_FILES = ("craft_mlt_25k.pth", "english_g2.pth")
 # CRAFT was trained on ImageNet-normalised RGB (EasyOCR's normalizeMeanVariance).
@@ -78,7 +78,7 @@ def decode_image(data: bytes | None, canvas_size: int, mag_ratio: float, max_pix
     """Decode and resize one image; every failure becomes a status, never an exception."""
     import cv2
 
-    from curation.imageio import ImageRefused, open_image
+    from curation.core.imageio import ImageRefused, open_image
 
     try:
         # JPEG: let libjpeg decode at 1/2, 1/4, 1/8 scale when the image is far larger than

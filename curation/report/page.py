@@ -15,10 +15,10 @@ import statistics
 import time
 from typing import Any
 
+from curation.core.terminal import rate
 from curation.core.text import tokens, words
 from curation.report.collect import ReportData, SampleGroup, ShardTiming, Threshold, plotted
 from curation.report.thumbnails import Thumbnail
-from curation.terminal import rate
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 # Shown as one "W×H px" line on a card rather than one score each.

@@ -4,7 +4,7 @@ Nothing is extracted to disk. The run may be a local directory or a URL
 (s3://...): images are read from where `curation.select.ImageSources` allows
 (the run's own storage, the input locations of its plan). Each tar (or image file) is opened once for all
 of its sampled rows (`curation.select.read_image_group`), every image goes
-through `curation.imageio.open_image` (header pixel limit before decoding),
+through `curation.core.imageio.open_image` (header pixel limit before decoding),
 and the report embeds a small JPEG as a data URI.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, open_image
+from curation.core.imageio import DEFAULT_MAX_PIXELS, ImageRefused, open_image
 
 THUMBNAIL_SIZE = 192  # pixels of the longer side (shown 1:1)
 JPEG_QUALITY = 80

@@ -121,7 +121,7 @@ class ModelStage(Stage):
 
     It owns what every model stage needs around its model, so a subclass only loads it
     (`load_model`) and runs it (`self.model`):
-    - `device` follows the one rule of curation.devices (`auto` = CUDA when this process sees a GPU),
+    - `device` follows the one rule of curation.core.devices (`auto` = CUDA when this process sees a GPU),
       resolved once; `resources` declare the GPU, so the Ray runner gives the stage its own GPU pool
       and the local runner can refuse a CUDA stage on a machine without one;
     - `precision`: `params.precision`, `auto` resolved by the stage's `auto_precision()`;
@@ -137,7 +137,7 @@ class ModelStage(Stage):
     @property
     def device(self) -> str:
         if self._device is None:
-            from curation.devices import resolve_device
+            from curation.core.devices import resolve_device
 
             self._device = resolve_device(self.params.device)
         return self._device

@@ -17,7 +17,7 @@ is present. `keep_embedding: true` stores the normalised image embedding as
 float16 (`clip_image_embedding`) for `curate dedup`'s semantic dedup and for
 mining, so nothing has to be embedded twice.
 
-Statuses (`clip_status`): `ok`; the image statuses of `curation.imageio`
+Statuses (`clip_status`): `ok`; the image statuses of `curation.core.imageio`
 (`no_image`, `too_large`, `truncated`, `decode_error`; score null, row dropped
 as `decode`); `no_caption` (null or blank caption: the image is still embedded,
 the score is null and fails a `min` threshold); `not_finite` (the model gave NaN or
@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.core.params import param
-from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.stages.base import ModelStage
 
 CLIP_COLUMNS: dict[str, pa.DataType] = {
@@ -96,7 +96,7 @@ class ClipScorer:
 
     def _prepare(self, data: bytes | None) -> Any:
         """The model's input tensor for one image, or its failure status."""
-        from curation.imageio import ImageRefused, open_image
+        from curation.core.imageio import ImageRefused, open_image
 
         try:
             image = open_image(data, self.params.max_pixels, draft=self.input_size)

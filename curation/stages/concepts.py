@@ -30,9 +30,9 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.devices import cpu_has_native_bf16
+from curation.core.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.core.params import param
-from curation.devices import cpu_has_native_bf16
-from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.stages.base import ModelStage
 
 # a teacher's top-k, most probable first (docs/methods.md §2b)
@@ -65,7 +65,7 @@ class ConceptsParams:
     # low-confidence probabilities (measured: 9% of top-1 concepts change on Fashion-MNIST). auto = bf16 where
     # the device computes it natively (CUDA with bf16 support, such CPUs), else fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
-    # Larger images are refused from their header (curation/imageio.py).
+    # Larger images are refused from their header (curation/core/imageio.py).
     max_pixels: int = param(DEFAULT_MAX_PIXELS, ge=1)
     # CPU cores of one worker: torch threads on CPU, decode threads on CUDA.
     cpus: int = param(2, ge=1)
@@ -111,7 +111,7 @@ class Concepts(ModelStage):
 
     def _prepare(self, data: bytes | None) -> tuple[str, Any]:
         """(status, preprocessed tensor or None) for one row's image bytes."""
-        from curation.imageio import ImageRefused, open_image
+        from curation.core.imageio import ImageRefused, open_image
 
         side = self.model.resize_size
         try:

@@ -35,12 +35,12 @@ entry are committed. A re-run of a shard that never committed puts the same keys
 again, replacing what a killed attempt left.
 
 Untrusted input, refused per row and never as a shard failure:
-- URLs go through `curation.urlpolicy` (img2dataset fetches with
+- URLs go through `curation.core.urlpolicy` (img2dataset fetches with
   `urllib.request.urlopen`; the policy's opener is installed around each
   img2dataset job): http(s) only, `file:` only under `allow_local`, no
   non-public address unless `allow_private_addresses`. Status `refused`.
 - Images whose header declares more than `max_pixels` are refused before
-  img2dataset decodes them (`curation.imageio.image_size`). Status `too_large`.
+  img2dataset decodes them (`curation.core.imageio.image_size`). Status `too_large`.
 - A response declaring more than `max_bytes` is refused before its body is
   read, and one that sends more is cut off there. Status `too_large`.
 - A request taking longer than `total_timeout` seconds in all (img2dataset's
@@ -67,13 +67,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.core.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size
 from curation.core.params import param
 from curation.core.shards import read_samples
 from curation.core.storage import Store, open_store
-from curation.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size
+from curation.core.urlpolicy import UrlPolicy, local_folders, parse_networks
 from curation.schema import IMAGE_COLUMNS
 from curation.stages.base import Resources, Stage, StageContext
-from curation.urlpolicy import UrlPolicy, local_folders, parse_networks
 
 # img2dataset's per-sample columns we carry, under img2dataset's names.
 I2D_COLUMNS: dict[str, pa.DataType] = {

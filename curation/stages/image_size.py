@@ -4,7 +4,7 @@ The dimensions are the *original* image's: img2dataset's `original_width` /
 `original_height` after a `download` stage (its `width`/`height` are after
 resizing, and with the default `resize_mode: border` every image becomes a
 square, so they would say nothing about the source), else the image header of
-webdataset / image_folder input (`curation.imageio.image_size`: the header is
+webdataset / image_folder input (`curation.core.imageio.image_size`: the header is
 read, the pixels never decoded; headers over `max_pixels` are refused as
 `too_large`).
 
@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.core.params import param
-from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.stages.base import Stage
 
 # from original_width/original_height (download) or the image header; no decode
@@ -48,7 +48,7 @@ class ImageSizeParams:
 
 def _dimensions(table: pa.Table, max_pixels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(width, height, status) per row: img2dataset's original size where known, else the header."""
-    from curation.imageio import ImageRefused, image_size
+    from curation.core.imageio import ImageRefused, image_size
 
     n = table.num_rows
     width = np.zeros(n, np.int64)

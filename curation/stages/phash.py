@@ -3,7 +3,7 @@
 Definition (the DCT hash of imagehash's `phash`, hash_size 8, which it
 reproduces bit for bit on the same RGB image):
 
-1. the image as `curation.imageio.open_image` gives it (EXIF-rotated, RGB,
+1. the image as `curation.core.imageio.open_image` gives it (EXIF-rotated, RGB,
    transparency on white); a JPEG is decoded at the smallest libjpeg DCT
    scale (1/1 .. 1/8) that keeps both sides >= 64 px, which changes no more
    than a bit or two and skips most of the decoding;
@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.core.params import param
-from curation.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.stages.base import Stage
 
 PHASH_COLUMNS: dict[str, pa.DataType] = {
@@ -96,7 +96,7 @@ class Phash(Stage):
     Params = PhashParams
 
     def compute(self, table: pa.Table) -> pa.Table:
-        from curation.imageio import ImageRefused, open_image
+        from curation.core.imageio import ImageRefused, open_image
 
         n = table.num_rows
         images = table.column("image").to_pylist() if "image" in table.column_names else [None] * n

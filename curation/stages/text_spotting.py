@@ -33,9 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.imageio import DEFAULT_MAX_PIXELS
 from curation.core.params import param
 from curation.core.text import tokens
-from curation.imageio import DEFAULT_MAX_PIXELS
 from curation.models.ocr import MODEL_FILES, OcrEngine, auto_precision, ocr_model_dir
 from curation.stages.base import ModelStage
 
@@ -81,7 +81,7 @@ class TextSpottingParams:
     link_threshold: float = param(0.4, ge=0, le=1)
     min_size: int = param(20, ge=0)
     # Images with more pixels than this are refused from their header, before decoding
-    # (decompression bombs); Pillow's own warning level by default (curation/imageio.py).
+    # (decompression bombs); Pillow's own warning level by default (curation/core/imageio.py).
     max_pixels: int = param(DEFAULT_MAX_PIXELS, ge=1)
     # CPU cores of one worker: torch threads on CPU, decode threads on CUDA.
     cpus: int = param(2, ge=1)

@@ -102,7 +102,7 @@ def test_ranks_read_disjoint_samples(fmnist_shards: Path) -> None:
 
 
 def test_hostile_images_are_refused_from_their_header(tmp_path: Path) -> None:
-    """Training and evaluation decode through curation.imageio: a header claiming 10^10 pixels is
+    """Training and evaluation decode through curation.core.imageio: a header claiming 10^10 pixels is
     refused before any pixel is read; an evaluation folder leaves it (and a corrupt file) out."""
     import io
 

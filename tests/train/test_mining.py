@@ -260,7 +260,7 @@ def test_separate_image_teacher_and_text_model(fmnist_shards, checkpoint, tmp_pa
     _, img, txt = load_embeddings(MineDir(out), [shard])
     assert img.shape == (128, 1280) and txt.shape == (128, 384)  # EfficientNet-Lite0's pooled 1280-d
     # The stored embedding is the teacher's own pooled feature of the stored image, normalised.
-    from curation.imageio import open_image, to_rgb
+    from curation.core.imageio import open_image, to_rgb
     from train.data import IMAGE_KEYS, _raw_samples
 
     teacher = load_teacher("efficientnet_lite0", device="cpu")

@@ -25,7 +25,7 @@ from train.mining.store import MineDir, embed_shard, load_embeddings
 
 def build_encoders(cfg: EncodersConfig) -> tuple[ImageEncoder, TextEncoder]:
     """(image encoder, text encoder): the checkpoint's towers, unless a separate model replaces one."""
-    from curation.devices import resolve_device
+    from curation.core.devices import resolve_device
 
     device = resolve_device(cfg.device)
     clip = None

@@ -132,7 +132,7 @@ def embed_shard(
     import numpy as np
     import pyarrow as pa
 
-    from curation.imageio import ImageRefused, open_image
+    from curation.core.imageio import ImageRefused, open_image
 
     started = time.perf_counter()
     uids: list[str] = []
