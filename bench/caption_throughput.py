@@ -8,7 +8,7 @@ captions by joining pairs of real captions, so no cache can inflate a figure.
 
   (a) the naive baseline: spacy.load(model) default pipeline, [nlp(c) for c in captions]
   (r) spaCy alone with only the needed components: list(nlp.pipe(captions, batch_size=...))
-  (b) our caption stages in-process, one worker (Pipeline.process_batch over batches)
+  (b) our caption stages in-process, one worker (the shard task's `process` over batches)
   (c) `curate run` end to end (subprocess: start-up, reading, writing) with 1 and 2 workers
 
 Targets: (b)/(a) >= 2.0, (b)/(r) >= 0.95, (c1)/(b) >= 0.9, (c2)/(c1) >= 1.7.
@@ -89,16 +89,20 @@ def make_config(tmp: Path, data: Path, out: Path, rows_per_shard: int, workers: 
 
 def bench_stages(cfg_path: Path, table: pa.Table, batch_rows: int) -> float:
     from curation.config import load_config
+    from curation.engine.task import ShardTask
+    from curation.manifest import RunDir
     from curation.pipeline import Pipeline
     from curation.sources.base import normalise
 
-    pipe = Pipeline(load_config(cfg_path))
-    pipe.setup()
+    config = load_config(cfg_path)
+    pipe = Pipeline(config)
+    task = ShardTask(RunDir(config.output), pipe, pipe.schema)  # batches are processed, nothing is written
+    task.setup()
     batches = [
         normalise(table.slice(i, batch_rows), 0, "URL", "TEXT", [])
         for i in range(0, table.num_rows, batch_rows)
     ]
-    return table.num_rows / timed(lambda: [pipe.process_batch(b) for b in batches])
+    return table.num_rows / timed(lambda: [task.process(b) for b in batches])
 
 
 def bench_dedupe(batch_rows: int, dup_fraction: float | None) -> tuple[float, float, float]:

@@ -11,7 +11,7 @@ import pyarrow as pa
 from curation.config import Config
 from curation.schema import manifest_schema
 from curation.sources import make_source
-from curation.stages import Stage, apply_stage, build_stages
+from curation.stages import Stage, build_stages
 
 
 class Pipeline:
@@ -19,21 +19,8 @@ class Pipeline:
         self.config = config
         self.source = make_source(config.input)
         self.stages: list[Stage] = build_stages(config)
-        self._ready = False
 
     @property
     def schema(self) -> pa.Schema:
         columns = [column for stage in self.stages for column in stage.columns.items()]
         return manifest_schema(self.source.carried_schema(), columns)
-
-    def setup(self) -> None:
-        """Load every stage's model; once per worker."""
-        if not self._ready:
-            for stage in self.stages:
-                stage.setup()
-            self._ready = True
-
-    def process_batch(self, table: pa.Table) -> pa.Table:
-        for stage in self.stages:
-            table = apply_stage(stage, table)
-        return table

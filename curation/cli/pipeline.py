@@ -67,30 +67,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     v.set_defaults(func=cmd_validate)
 
-    s = sub.add_parser(
-        "status",
-        help="shards done / total, rows, failures of an output",
-        description="How far a `curate run` output is: shards done of the plan, rows written, failed shards "
-        "with their first error line. Works while the run is going. Exit 1 when a shard failed.\n\n"
-        "  curate status runs/demo\n  curate status runs/demo --format json",
-        formatter_class=Formatter,
-    )
-    s.add_argument("output", help="a `curate run` output: a directory or a URL such as s3://bucket/run")
-    s.add_argument("--format", choices=["table", "json"], default="table", help="how to print")
-    s.set_defaults(func=cmd_status)
-
-    st = sub.add_parser(
-        "stats",
-        help="rows kept, pass rate per filter, drop reasons, score histograms (works mid-run)",
-        description="What the filters of a `curate run` output did: rows kept, each stage's pass rate and "
-        "drop reasons, a histogram of every score column. Works while the run is going.\n\n"
-        "  curate stats runs/demo\n  curate stats runs/demo --format json --bins 20",
-        formatter_class=Formatter,
-    )
-    st.add_argument("output", help="a `curate run` output: a directory or a URL such as s3://bucket/run")
-    st.add_argument("--format", choices=["table", "json"], default="table", help="how to print")
-    st.add_argument("--bins", type=at_least(1), default=10, help="histogram buckets for wide-ranged scores")
-    st.set_defaults(func=cmd_stats)
+    for name, help_, description in (
+        (
+            "status",
+            "shards done / total, rows, failures of an output",
+            "How far a `curate run` output is: shards done of the plan, rows written, failed shards "
+            "with their first error line. Works while the run is going. Exit 1 when a shard failed.\n\n"
+            "  curate status runs/demo\n  curate status runs/demo --format json",
+        ),
+        (
+            "stats",
+            "rows kept, pass rate per filter, drop reasons, score histograms (works mid-run)",
+            "What the filters of a `curate run` output did: rows kept, each stage's pass rate and "
+            "drop reasons, a histogram of every score column. Works while the run is going.\n\n"
+            "  curate stats runs/demo\n  curate stats runs/demo --format json --bins 20",
+        ),
+    ):
+        s = sub.add_parser(name, help=help_, description=description, formatter_class=Formatter)
+        s.add_argument("output", help="a `curate run` output: a directory or a URL such as s3://bucket/run")
+        s.add_argument("--format", choices=["table", "json"], default="table", help="how to print")
+        if name == "stats":
+            s.add_argument(
+                "--bins", type=at_least(1), default=10, help="histogram buckets for wide-ranged scores"
+            )
+        s.set_defaults(func=cmd_summary)
 
     q = sub.add_parser(
         "query",
@@ -250,26 +250,18 @@ def run_line(summary) -> str:
     )
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from curation.query import NoManifests, compute_status, dumps, render_status
+def cmd_summary(args: argparse.Namespace) -> int:
+    """`curate status` (exit 1 when a shard failed) and `curate stats`."""
+    from curation import query
 
+    status = args.command == "status"
     try:
-        st = compute_status(args.output)
-    except NoManifests as e:
+        st = query.compute_status(args.output) if status else query.compute_stats(args.output, bins=args.bins)
+    except query.NoManifests as e:
         return fail(e)
-    print(dumps(st) if args.format == "json" else render_status(st))
-    return EXIT_FAILED if st["shards_failed"] else EXIT_OK
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    from curation.query import NoManifests, compute_stats, dumps, render_stats
-
-    try:
-        st = compute_stats(args.output, bins=args.bins)
-    except NoManifests as e:
-        return fail(e)
-    print(dumps(st) if args.format == "json" else render_stats(st))
-    return EXIT_OK
+    render = query.render_status if status else query.render_stats
+    print(query.dumps(st) if args.format == "json" else render(st))
+    return EXIT_FAILED if status and st["shards_failed"] else EXIT_OK
 
 
 def cmd_query(args: argparse.Namespace) -> int:

@@ -72,14 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=fmt,
     )
     e.add_argument("config", nargs="?", help="training config: evaluates that run's newest checkpoint")
-    e.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the training config, as `curate train --set` did (repeatable)",
-    )
+    _add_set(e, "override a key of the training config, as `curate train --set` did (repeatable)")
     e.add_argument("--checkpoint", help="checkpoint file (curate or open_clip state dict)")
     e.add_argument(
         "--model", help="open_clip model name or JSON config (default: the one the checkpoint names)"
@@ -134,14 +127,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="training YAML (see train/configs/ and train/README.md)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (YAML value), e.g. --set train.steps=100; repeatable",
-    )
+    _add_set(p, "override a config key (YAML value), e.g. --set train.steps=100; repeatable")
+
+
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def _setup_logging() -> None:
@@ -407,14 +397,7 @@ def register_mine(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--method", choices=["exact", "pool", "faiss"], help="mining.method (default exact)")
     p.add_argument("--runner", choices=["local", "ray"], help="runner.type (default local)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any key, e.g. mining.k=20",
-    )
+    _add_set(p, "any key, e.g. mining.k=20")
     p.add_argument("--no-progress", action="store_true", help="no per-shard lines on stderr")
     p.set_defaults(func=run_mine)
 

@@ -86,10 +86,10 @@ class ShardTask:
         try:
             batches = self.pipeline.source.read(shard, self.batch_rows) if self.read else upstream or iter(())
             if not self.write:
-                return ShardOutcome(shard.index, tables=[self._process(t) for t in batches])
+                return ShardOutcome(shard.index, tables=[self.process(t) for t in batches])
             writer = self.run.writer(shard.index, self.schema)
             for batch in batches:
-                writer.write(self._process(batch))
+                writer.write(self.process(batch))
                 if on_rows:
                     on_rows(batch.num_rows)
             if before_commit:
@@ -105,7 +105,8 @@ class ShardTask:
                 detail += f" (and recording the failure failed: {type(store_down).__name__})"
             return ShardOutcome(shard.index, error=detail)
 
-    def _process(self, table: pa.Table) -> pa.Table:
+    def process(self, table: pa.Table) -> pa.Table:
+        """One batch through this task's stages (after `setup`)."""
         for stage in self.stages:
             table = apply_stage(stage, table)
         return table

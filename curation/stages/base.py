@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.core.imageio import IMAGE_STATUSES
+
 T = TypeVar("T")
 
 
@@ -189,6 +191,22 @@ class ModelStage(Stage):
         if self.params.precision == "fp16" and self.device == "cpu":
             return ["precision fp16 is not supported on CPU (use fp32 or bf16)"]
         return []
+
+
+def column_values(table: pa.Table, name: str) -> list[Any]:
+    """A column's values, or all None where the batch has no such column (an input without images)."""
+    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def decode_failed(status: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """True where an image stage's status is one of `curation.core.imageio`'s failures (no image to judge:
+    the row is dropped as `decode`); False where it is ok or null (a row the cascade skipped)."""
+    return pc.fill_null(pc.is_in(status, value_set=pa.array(IMAGE_STATUSES)), False)
+
+
+def decode_reasons(status: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """`decide()` of a stage that drops only images it could not read."""
+    return pc.if_else(decode_failed(status), pa.scalar("decode"), pa.scalar(None, pa.string()))
 
 
 def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:

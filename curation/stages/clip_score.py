@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 
 from curation.core.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
 from curation.core.params import param
-from curation.stages.base import ModelStage
+from curation.stages.base import ModelStage, column_values, decode_failed
 
 CLIP_COLUMNS: dict[str, pa.DataType] = {
     "clip_score": pa.float32(),  # cosine of the image and caption embeddings
@@ -206,7 +206,7 @@ class ClipScore(ModelStage):
 
     def compute(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
-        images = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
+        images = column_values(table, "image")
         captions = table.column("caption").to_pylist()
         result = self.model.score(images, captions)
         columns: dict[str, pa.Array] = {
@@ -223,9 +223,7 @@ class ClipScore(ModelStage):
 
     def decide(self, table: pa.Table) -> pa.Array:
         null = pa.scalar(None, pa.string())
-        failed = pc.fill_null(
-            pc.is_in(table.column("clip_status"), value_set=pa.array(IMAGE_STATUSES)), False
-        )
+        failed = decode_failed(table.column("clip_status"))
         reason = pa.nulls(table.num_rows, pa.string())
         if self.params.min is not None:
             # float32 storage: compare at that precision, so a score stored as the threshold passes.

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curation.core.devices import cpu_has_native_bf16
-from curation.core.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
+from curation.core.imageio import DEFAULT_MAX_PIXELS
 from curation.core.params import param
-from curation.stages.base import ModelStage
+from curation.stages.base import ModelStage, column_values, decode_reasons
 
 # a teacher's top-k, most probable first (docs/methods.md §2b)
 CONCEPT_COLUMNS: dict[str, pa.DataType] = {
@@ -125,7 +124,7 @@ class Concepts(ModelStage):
         import torch
 
         n = table.num_rows
-        images = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
+        images = column_values(table, "image")
         status: list[str] = []
         ids: list[list[int] | None] = [None] * n
         probs: list[list[float] | None] = [None] * n
@@ -161,11 +160,7 @@ class Concepts(ModelStage):
         )
 
     def decide(self, table: pa.Table) -> pa.Array:
-        failed = pc.fill_null(
-            pc.is_in(table.column("concept_status"), value_set=pa.array(IMAGE_STATUSES)), False
-        )
-        reason = pc.if_else(failed, pa.scalar("decode"), pa.scalar(None, pa.string()))
-        return reason
+        return decode_reasons(table.column("concept_status"))
 
     def check(self) -> list[str]:
         from curation.models.teachers import check_teacher

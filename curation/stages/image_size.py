@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.core.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
+from curation.core.imageio import DEFAULT_MAX_PIXELS
 from curation.core.params import param
-from curation.stages.base import Stage
+from curation.stages.base import Stage, decode_failed
 
 # from original_width/original_height (download) or the image header; no decode
 SIZE_COLUMNS: dict[str, pa.DataType] = {
@@ -98,7 +98,7 @@ class ImageSize(Stage):
     def decide(self, table: pa.Table) -> pa.Array:
         p = self.params
         status = table.column("image_size_status")
-        failed = pc.fill_null(pc.is_in(status, value_set=pa.array(IMAGE_STATUSES)), False)
+        failed = decode_failed(status)
         small = pc.fill_null(pc.less(table.column("min_side"), p.min_side), False)
         bad = small
         if p.max_aspect_ratio is not None:

@@ -31,11 +31,10 @@ from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from curation.core.imageio import DEFAULT_MAX_PIXELS, IMAGE_STATUSES
+from curation.core.imageio import DEFAULT_MAX_PIXELS
 from curation.core.params import param
-from curation.stages.base import Stage
+from curation.stages.base import Stage, column_values, decode_reasons
 
 PHASH_COLUMNS: dict[str, pa.DataType] = {
     "phash": pa.int64(),  # the 64-bit hash defined above, as signed int64
@@ -99,7 +98,7 @@ class Phash(Stage):
         from curation.core.imageio import ImageRefused, open_image
 
         n = table.num_rows
-        images = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
+        images = column_values(table, "image")
         status: list[str] = []
         grey: list[np.ndarray] = []
         rows: list[int] = []
@@ -131,8 +130,4 @@ class Phash(Stage):
         )
 
     def decide(self, table: pa.Table) -> pa.Array:
-        failed = pc.fill_null(
-            pc.is_in(table.column("phash_status"), value_set=pa.array(IMAGE_STATUSES)), False
-        )
-        reason = pc.if_else(failed, pa.scalar("decode"), pa.scalar(None, pa.string()))
-        return reason
+        return decode_reasons(table.column("phash_status"))

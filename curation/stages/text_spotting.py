@@ -37,7 +37,7 @@ from curation.core.imageio import DEFAULT_MAX_PIXELS
 from curation.core.params import param
 from curation.core.text import tokens
 from curation.models.ocr import MODEL_FILES, OcrEngine, auto_precision, ocr_model_dir
-from curation.stages.base import ModelStage
+from curation.stages.base import ModelStage, column_values, decode_failed
 
 # Definitions above.
 OCR_COLUMNS: dict[str, pa.DataType] = {
@@ -48,8 +48,6 @@ OCR_COLUMNS: dict[str, pa.DataType] = {
     "ocr_caption_overlap": pa.float32(),
     "ocr_status": pa.string(),
 }
-# Statuses whose rows are dropped as 'decode': there is no image to judge.
-FAILED_STATUSES = ("no_image", "too_large", "truncated", "decode_error")
 
 
 def caption_overlap(caption: str | None, ocr_text: str | None) -> float:
@@ -116,8 +114,7 @@ class TextSpotting(ModelStage):
 
     def compute(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
-        images = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
-        captions = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * n
+        images, captions = column_values(table, "image"), column_values(table, "caption")
         texts: list[str | None] = [None] * n
         boxes: list[int | None] = [None] * n
         found_regions: list[list[dict[str, Any]] | None] = [None] * n
@@ -148,13 +145,13 @@ class TextSpotting(ModelStage):
         )
 
     def decide(self, table: pa.Table) -> pa.Array:
-        failed = pc.is_in(table.column("ocr_status"), value_set=pa.array(FAILED_STATUSES))
+        failed = decode_failed(table.column("ocr_status"))
         # float32 storage: compare at that precision so 0.5 stored as 0.5 still drops at 0.5.
         overlap = pc.fill_null(table.column("ocr_caption_overlap"), 0.0)
         text = pc.greater_equal(overlap, pa.scalar(self.params.max_overlap, pa.float32()))
         null = pa.scalar(None, pa.string())
         reason = pc.if_else(text, pa.scalar("text_spotting"), null)
-        reason = pc.if_else(pc.fill_null(failed, False), pa.scalar("decode"), reason)
+        reason = pc.if_else(failed, pa.scalar("decode"), reason)
         return reason
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
