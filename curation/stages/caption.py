@@ -228,7 +228,6 @@ class CaptionComplexity(_CaptionStage):
         return pc.if_else(fail, pa.scalar("complexity"), pa.scalar(None, pa.string()))
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
-        """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
         return {"caption_complexity": (">=", self.params.min)}
 
 
@@ -253,5 +252,4 @@ class CaptionAction(_CaptionStage):
         return pc.if_else(fail, pa.scalar("action"), pa.scalar(None, pa.string()))
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
-        """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
         return {ACTION_COLUMN[self.params.count]: (">=", self.params.min)}

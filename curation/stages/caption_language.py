@@ -118,7 +118,6 @@ class CaptionLanguage(Stage):
         return reason
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
-        """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
         return {"caption_lang_score": (">=", self.params.min_score)} if self.params.min_score > 0 else {}
 
     def check(self) -> list[str]:

@@ -58,7 +58,6 @@ class CaptionLength(Stage):
         return pc.if_else(pa.array(bad), pa.scalar("caption_length"), null)
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
-        """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
         # One line per column: the lower bound, or the upper bound where there is no lower one.
         p = self.params
         out: dict[str, tuple[str, float]] = {}

@@ -236,7 +236,6 @@ class ClipScore(ModelStage):
         return reason
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
-        """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
         return {} if self.params.min is None else {"clip_score": (">=", self.params.min)}
 
     def fingerprint(self) -> dict[str, Any]:

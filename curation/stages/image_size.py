@@ -111,7 +111,6 @@ class ImageSize(Stage):
         return reason
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
-        """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
         out: dict[str, tuple[str, float]] = {"min_side": (">=", float(self.params.min_side))}
         if self.params.max_aspect_ratio is not None:
             out["aspect_ratio"] = ("<=", self.params.max_aspect_ratio)

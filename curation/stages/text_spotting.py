@@ -155,7 +155,6 @@ class TextSpotting(ModelStage):
         return reason
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
-        """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
         return {"ocr_caption_overlap": ("<", self.params.max_overlap)}
 
     def check(self) -> list[str]:
