@@ -234,11 +234,10 @@ def run_eval(args: argparse.Namespace) -> int:
         templates = [ln.strip() for ln in Path(args.templates).read_text().splitlines() if ln.strip()]
     zero_shot = args.zero_shot or (None if args.retrieval or shots is not None else "fashion-mnist")
 
-    import torch
-
+    from curation.core.devices import resolve_device
     from train.eval_suite import evaluate
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     try:
         results = evaluate(
             checkpoint,
