@@ -225,21 +225,6 @@ def inside_run(out: Path, run_root: Path) -> str | None:
     return None
 
 
-def out_problem(out: Path, run_root: Path, force: bool) -> str | None:
-    """Why `curate query --out` may not write `out` (None: it may)."""
-    if out.suffix.lower() not in OUT_FORMATS:
-        return f"--out must end in {', '.join(OUT_FORMATS)} (the file format), got {out.name!r}"
-    problem = inside_run(out, run_root)
-    if problem:
-        return problem
-    real = Path(os.path.realpath(out))
-    if real.is_dir():
-        return f"--out {out} is a directory"
-    if real.exists() and not force:
-        return f"--out {out} exists; choose a new file or pass --force to replace it"
-    return None
-
-
 def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
     con = connect(output)
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}

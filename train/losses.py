@@ -60,14 +60,6 @@ def gather_with_grad(
     return all_image, all_text
 
 
-def global_logits(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
-) -> torch.Tensor:
-    """s_ij = logit_scale * <I_i, T_j> over the global batch, in float32 (stable under bf16/fp16 autocast)."""
-    all_image, all_text = gather_with_grad(image_features, text_features)
-    return _scaled(all_image, all_text, logit_scale)
-
-
 def _scaled(rows: torch.Tensor, columns: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     # float32 at least (bf16/fp16 autocast), float64 kept as is (the exactness tests).
     dtype = torch.promote_types(rows.dtype, torch.float32)

@@ -126,12 +126,6 @@ def check_new_output(out: Path, force: bool, *, option: str = "--out", directory
         raise UsageError(f"{option} {out} exists; choose a new file or pass --force to replace it")
 
 
-def add_force(parser) -> None:
-    parser.add_argument(
-        "--force", action="store_true", help="replace an existing --out (default: refuse to overwrite)"
-    )
-
-
 def fail_config(e: Exception) -> int:
     """A config error: `curate: error: FILE: N problem(s):` and one escaped line per problem (exit 2)."""
     head, *problems = str(e).splitlines() or [""]

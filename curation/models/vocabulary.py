@@ -42,10 +42,6 @@ def read_vocabulary(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def write_vocabulary(path: str | os.PathLike, names: list[str]) -> None:
-    Path(path).write_text(vocabulary_text(names), encoding="utf-8")
-
-
 def vocabulary_text(names: list[str]) -> str:
     """One name per line, the format `read_vocabulary` reads back."""
     if any("\n" in n or "\r" in n or not n.strip() for n in names):
