@@ -87,9 +87,9 @@ def plain_loop(images: list[bytes], top_k: int) -> list[list[int]]:
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    from curation.models.teachers import _efficientnet_lite0, default_checkpoint
+    from curation.models.efficientnet_lite0 import default_checkpoint, load_efficientnet_lite0
 
-    model = _efficientnet_lite0(default_checkpoint()).eval()
+    model = load_efficientnet_lite0(default_checkpoint()).eval()
     transform = create_transform(**resolve_data_config({}, model=model))
     out = []
     with torch.no_grad():

