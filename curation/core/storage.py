@@ -156,6 +156,10 @@ class Store:
         got = self._retry(lambda: self.fs.cat(list(paths), on_error="omit"), "reading")
         return {paths[p]: data for p, data in got.items() if not isinstance(data, Exception)}
 
+    def info(self, rel: str = "") -> dict[str, Any]:
+        """The object's metadata as the filesystem reports it (size, ETag on S3; type "directory" for a prefix)."""
+        return self._retry(lambda: self.fs.info(self.path(rel)), "reading")
+
     def get_json(self, rel: str) -> Any:
         return json.loads(self.get_bytes(rel))
 

