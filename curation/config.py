@@ -86,10 +86,15 @@ class Config:
         """Everything that changes what a run writes (not how fast or where)."""
         inp = dataclasses.asdict(self.input)
         inp.pop("path")  # the shard plan pins the files themselves
-        return {
-            "input": inp,
-            "stages": [{s.name: dataclasses.asdict(s.params)} for s in self.stages],
-        }
+        from curation.stages import STAGES
+
+        stages = []
+        for s in self.stages:
+            params = dataclasses.asdict(s.params)
+            for key in STAGES[s.name].model_file_params:  # their contents are in the stage's fingerprint
+                params.pop(key, None)
+            stages.append({s.name: params})
+        return {"input": inp, "stages": stages}
 
     def run_fingerprint(
         self, stage_fingerprints: dict[str, dict[str, Any]] | None = None

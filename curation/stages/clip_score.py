@@ -190,6 +190,7 @@ class ClipScore(ModelStage):
     columns: ClassVar[dict[str, pa.DataType]] = {**CLIP_COLUMNS, EMBEDDING_COLUMN: pa.list_(pa.float16())}
     cascade = True
     needs_images = True
+    model_file_params = ("checkpoint",)
     Params = ClipScoreParams
 
     def __init__(self, params: ClipScoreParams, context) -> None:

@@ -77,6 +77,7 @@ class Concepts(ModelStage):
     columns: ClassVar[dict[str, pa.DataType]] = CONCEPT_COLUMNS
     cascade = True
     needs_images = True
+    model_file_params = ("checkpoint", "vocabulary")
     Params = ConceptsParams
 
     def fingerprint(self) -> dict[str, Any]:
