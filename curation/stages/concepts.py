@@ -77,7 +77,7 @@ class Concepts(ModelStage):
     columns: ClassVar[dict[str, pa.DataType]] = CONCEPT_COLUMNS
     cascade = True
     needs_images = True
-    model_file_params = ("checkpoint", "vocabulary")
+    model_file_params = ("checkpoint",)  # the vocabulary path stays: `curate select` reads it back
     Params = ConceptsParams
 
     def fingerprint(self) -> dict[str, Any]:
