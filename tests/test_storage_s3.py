@@ -761,14 +761,15 @@ def test_hard_pair_training_on_object_storage_is_refused_in_one_line_per_key():
 # `curate validate`/`run` in one line before any work.
 
 
-def _concepts_pipeline(tmp_path: Path, raw: Path, out: Path, checkpoint: str) -> Path:
+def _model_pipeline(tmp_path: Path, raw: Path, out: Path, checkpoint: str, stage: str = "concepts") -> Path:
+    params = "top_k: 3, precision: fp32" if stage == "concepts" else "keep_embedding: true"
     cfg = tmp_path / f"{out.name}.yaml"
     cfg.write_text(
         f"""input: {{format: webdataset, path: "{raw}/*.tar", rows_per_shard: 4}}
 output: {out}
 runner: {{type: local, workers: 1, progress: false}}
 stages:
-  - concepts: {{checkpoint: "{checkpoint}", top_k: 3, device: cpu, precision: fp32}}
+  - {stage}: {{checkpoint: "{checkpoint}", device: cpu, {params}}}
 """
     )
     return cfg
@@ -787,8 +788,8 @@ def test_concepts_checkpoint_on_s3_gives_the_local_run_and_fingerprint(
     s3.client().upload_file(str(default_checkpoint()), bucket, "models/teacher.pth")
     url = f"s3://{bucket}/models/teacher.pth"
 
-    local_cfg = _concepts_pipeline(tmp_path, raw, tmp_path / "local", str(default_checkpoint()))
-    url_cfg = _concepts_pipeline(tmp_path, raw, tmp_path / "url", url)
+    local_cfg = _model_pipeline(tmp_path, raw, tmp_path / "local", str(default_checkpoint()))
+    url_cfg = _model_pipeline(tmp_path, raw, tmp_path / "url", url)
     assert main(["validate", str(url_cfg)]) == 0, capsys.readouterr().err
     assert main(["run", str(local_cfg)]) == 0
     assert main(["run", str(url_cfg)]) == 0, capsys.readouterr().err
@@ -804,7 +805,7 @@ def test_concepts_checkpoint_on_s3_gives_the_local_run_and_fingerprint(
     assert len([p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")]) == 1
 
     # A missing object: one line at validate and at run time, before any work.
-    missing_cfg = _concepts_pipeline(tmp_path, raw, tmp_path / "missing", f"s3://{bucket}/models/nope.pth")
+    missing_cfg = _model_pipeline(tmp_path, raw, tmp_path / "missing", f"s3://{bucket}/models/nope.pth")
     for command in ("validate", "run"):
         assert main([command, str(missing_cfg)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -835,3 +836,42 @@ def test_a_changed_object_is_fetched_again_and_a_missing_bucket_is_one_line(
     with pytest.raises(ModelFileError, match="does not exist"):
         local_model_path("s3://no-such-bucket-xyz/w.bin")
     assert local_model_path(str(tmp_path / "x.pt")) == str(tmp_path / "x.pt")  # local paths as they are
+
+
+def test_clip_score_checkpoint_on_s3_gives_the_local_run_and_fingerprint(
+    tmp_path, s3, bucket, monkeypatch, capsys
+):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("open_clip")
+    from curation.models.clip import build_model
+    from train.fashion_mnist import write_shards
+
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))
+    raw = tmp_path / "raw"
+    write_shards(raw, "train", limit=8, samples_per_shard=4)
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pt"
+    state = build_model("curate-tiny").model.state_dict()
+    torch.save({"model_name": "curate-tiny", "state_dict": state}, checkpoint)
+    s3.client().upload_file(str(checkpoint), bucket, "ck/tiny.pt")
+
+    local_cfg = _model_pipeline(tmp_path, raw, tmp_path / "local", str(checkpoint), "clip_score")
+    url_cfg = _model_pipeline(tmp_path, raw, tmp_path / "url", f"s3://{bucket}/ck/tiny.pt", "clip_score")
+    assert main(["run", str(local_cfg)]) == 0
+    assert main(["run", str(url_cfg)]) == 0, capsys.readouterr().err
+    on_local = pq.read_table(tmp_path / "local" / "manifests").sort_by("uid")
+    on_url = pq.read_table(tmp_path / "url" / "manifests").sort_by("uid")
+    assert on_url.num_rows == 8 and on_url.equals(on_local)
+    assert on_url.column("clip_score").null_count == 0
+    fp = [json.loads((tmp_path / d / "run.json").read_text())["fingerprint"] for d in ("local", "url")]
+    assert fp[0] == fp[1]
+    assert (
+        main(
+            [
+                "validate",
+                str(_model_pipeline(tmp_path, raw, tmp_path / "m", f"s3://{bucket}/ck/no.pt", "clip_score")),
+            ]
+        )
+        == 2
+    )
+    assert f"model file not found: s3://{bucket}/ck/no.pt" in capsys.readouterr().err
