@@ -35,6 +35,21 @@ def test_objects_are_written_whole_and_listed_by_prefix(store):
         store.get_bytes("ledger/shard-00001.json")
 
 
+def test_byte_ranges_are_read_in_order_and_a_short_one_is_an_error(store):
+    store.put_bytes("a.tar", bytes(range(256)) * 4)
+    store.put_bytes("b.tar", b"0123456789")
+    assert store.read_ranges([("b.tar", 3, 4), ("a.tar", 510, 3), ("b.tar", 0, 0)]) == [
+        b"3456",
+        b"\xfe\xff\x00",
+        b"",
+    ]
+    assert store.read_ranges([]) == []
+    with pytest.raises(StorageError, match=r"b\.tar: 5 bytes at 8 asked, 2 read"):
+        store.read_ranges([("b.tar", 8, 5)])
+    with pytest.raises(FileNotFoundError):
+        store.read_ranges([("gone.tar", 0, 1)])
+
+
 def test_put_file_commits_a_staged_file(store):
     staged = store.staging() / "part.parquet"
     staged.write_bytes(b"complete")

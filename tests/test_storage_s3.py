@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import io
+import itertools
 import json
 import os
 import signal
@@ -739,20 +740,79 @@ def test_tensorboard_files_of_a_url_output_dir_are_uploaded_to_the_store(tmp_pat
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in metrics])
 
 
-def test_hard_pair_training_on_object_storage_is_refused_in_one_line_per_key():
-    """HELIP batches read samples by tar offset: the table and the shards must be local (docs/storage.md)."""
-    from curation.core.params import ConfigError
-    from train.config import parse_train_config
+@pytest.mark.slow
+def test_hard_pair_training_from_s3_shards_and_table_equals_the_same_run_from_local_copies(
+    tmp_path, s3, bucket, capsys
+):
+    """HELIP batches read each member with one ranged GET (the table mined to S3 by `curate mine`): the
+    index, the batches and the loss curve are those of the same run on local copies, bit for bit."""
+    import torch
+    import yaml
 
-    text = (
-        "data: {shards: 's3://b/sel/{00000..00003}.tar'}\noutput_dir: out\nmodel: {name: curate-tiny}\n"
-        "train: {batch_size: 16, steps: 2}\nhard_pairs: {path: 's3://b/mined/hard_pairs.parquet'}\n"
-    )
-    with pytest.raises(ConfigError) as e:
-        parse_train_config(text)
-    message = str(e.value)
-    assert "hard_pairs.path" in message and "is a URL" in message
-    assert "data.shards" in message and "by offset from local disk" in message
+    from curation.models.clip import build_model
+    from train.data import expand_shards
+    from train.fashion_mnist import write_shards
+    from train.hard_pairs import HardPairStream
+
+    write_shards(tmp_path / "sel", "train", limit=96, samples_per_shard=32)
+    _upload_folder(s3, bucket, tmp_path / "sel", "sel")
+    torch.manual_seed(0)
+    ck = tmp_path / "tiny.pt"
+    torch.save({"state_dict": build_model("curate-tiny").model.state_dict(), "model_name": "curate-tiny"}, ck)
+    shards = {
+        "s3": f"s3://{bucket}/sel/{{00000..00002}}.tar",
+        "local": str(tmp_path / "sel/{00000..00002}.tar"),
+    }
+    assert main(["mine", "--shards", shards["s3"], "--checkpoint", str(ck), "-o", f"s3://{bucket}/mined",
+                 "--k", "5", "--no-progress"]) == 0  # fmt: skip
+    (tmp_path / "hard_pairs.parquet").write_bytes(_get(s3, bucket, "mined/hard_pairs.parquet"))
+    tables = {"s3": f"s3://{bucket}/mined/hard_pairs.parquet", "local": str(tmp_path / "hard_pairs.parquet")}
+
+    built = build_model("curate-tiny")
+    streams = {
+        where: HardPairStream(
+            expand_shards(shards[where]),
+            16,
+            built.preprocess_train,
+            built.tokenizer,
+            table_path=tables[where],
+            top=3,
+            seed=1,
+        )
+        for where in shards
+    }
+    assert streams["s3"].index.locations == streams["local"].index.locations
+    # 13 batches: an epoch is 96 anchors / 8 a batch = 12 steps, so the 13th draws a new anchor order.
+    for a, b in itertools.islice(zip(streams["s3"], streams["local"]), 13):
+        assert a["uid"] == b["uid"] and torch.equal(a["partners"], b["partners"])
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+
+    losses = {}
+    for where in shards:
+        cfg = tmp_path / f"{where}.yaml"
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "data": {"shards": shards[where], "workers": 1},
+                    "output_dir": str(tmp_path / f"train-{where}"),
+                    "model": {"name": "curate-tiny"},
+                    "loss": {"name": "infonce", "hnml": 0.3},
+                    "hard_pairs": {"path": tables[where], "top": 3},
+                    "optim": {"lr": 1e-3, "warmup_steps": 1},
+                    "train": {"batch_size": 16, "steps": 14, "log_every": 1, "progress": False},
+                }
+            )
+        )
+        assert main(["train", str(cfg)]) == 0, capsys.readouterr().err
+        metrics = (tmp_path / f"train-{where}" / "metrics.jsonl").read_text().splitlines()
+        losses[where] = [json.loads(line)["loss"] for line in metrics]
+    assert len(losses["s3"]) == 14 and losses["s3"] == losses["local"]  # 14 steps: past the first epoch (12)
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text((tmp_path / "s3.yaml").read_text().replace("mined/hard_pairs", "mined/none"))
+    assert main(["train", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such object" in err and "mined/none.parquet" in err
 
 
 # ------------------------------------------------------------------ model files named by URL

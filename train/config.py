@@ -269,13 +269,8 @@ def _semantic_checks(built: dict[str, Any], err) -> None:
     if hard is not None:
         if r is not None and r.batch_size % 2:
             err(("train", "batch_size"), "must be even with hard_pairs (half anchors, half partners)")
-        if "://" in hard.path:
-            err(
-                ("hard_pairs", "path"),
-                f"{hard.path!r} is a URL: hard-pair training reads the table and its shards by offset from "
-                "local disk; copy both there first (docs/storage.md)",
-            )
-        elif not Path(hard.path).is_file():
+        # A URL is checked when the trainer reads it (before any step).
+        if "://" not in hard.path and not Path(hard.path).is_file():
             err(("hard_pairs", "path"), f"not a file: {hard.path!r} (write it with `curate mine`)")
     data: DataConfig | None = built.get("data")
     if data is not None:
@@ -283,11 +278,6 @@ def _semantic_checks(built: dict[str, Any], err) -> None:
             err(("data", "shards"), "give exactly one of data.shards or data.sources")
         if data.sources is not None and data.sizes is not None:
             err(("data", "sizes"), "with data.sources, give each source its own sizes")
-        patterns = [data.shards] if data.shards is not None else [s.shards for s in data.sources or []]
-        if hard is not None and any("://" in p for p in patterns):
-            err(
-                ("data", "shards"), "hard_pairs reads the shards by offset from local disk: give local shards"
-            )
     if model is not None and (refused := open_clip_config_problem(model.name)):
         err(("model", "name"), refused)
     if model is not None and model.pretrained is not None and not Path(model.pretrained).is_file():

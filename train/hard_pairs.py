@@ -9,9 +9,11 @@ positioned read per member. This was chosen over writing pair-ordered shards per
 epoch (a `select --hard-pairs` pass) because it costs no extra disk or pass per
 epoch, lets the draw of partners change every epoch, and makes any step's batch
 computable directly (resume needs no skipping, and the order does not depend on
-`data.workers`). It needs the shards on a file system with random access (a
-local disk or a network file system, not an object store URL); the index holds
-one small Python record per sample (~200 bytes).
+`data.workers`). Local shards are read with `os.pread`; shards on object storage
+(`s3://...`) are scanned once as a stream at start and then read with one ranged
+GET per member (`Store.read_ranges`, a batch's reads concurrent); the hard-pair
+table may be a URL as well. The index holds one small Python record per sample
+(~200 bytes).
 
 Batches. The epoch's anchors are a seeded permutation of the hard-pair table's
 uids. Global step s of epoch e takes the next W·B/2 anchors (W ranks, B per
@@ -44,14 +46,17 @@ import logging
 import os
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from curation.core.storage import Store, is_url, open_store
 from train.data import ShardStream, Source
 
 log = logging.getLogger("train")
@@ -78,7 +83,7 @@ class TarIndex:
             members: dict[str, list[tuple[str, int, int]]] = {}
             uid_of: dict[str, str] = {}
             try:
-                with tarfile.open(path, "r:") as tar:
+                with _open_tar(path) as tar:
                     for info in tar:
                         key, ext = base_plus_ext(info.name) if info.isfile() else (None, None)
                         if key is None:
@@ -109,7 +114,8 @@ class TarIndex:
         return len(self.uids)
 
     def read(self, i: int, files: dict[int, int]) -> dict[str, Any]:
-        """Sample i as webdataset's raw dict ({"__key__", "__url__", ext: bytes}); `files` caches fds."""
+        """Sample i (a local shard) as webdataset's raw dict ({"__key__", "__url__", ext: bytes});
+        `files` caches fds."""
         loc = self.locations[i]
         fd = files.get(loc.shard)
         if fd is None:
@@ -118,6 +124,43 @@ class TarIndex:
         for ext, offset, size in loc.members:
             sample[ext] = os.pread(fd, size, offset)
         return sample
+
+    def read_many(
+        self, ids: list[int], files: dict[int, int], stores: dict[str, Store]
+    ) -> list[dict[str, Any]]:
+        """Samples `ids` as `read` gives them; those in URL shards by ranged reads through the
+        storage layer (one per member, all of them at once per folder). `stores` caches a store per folder."""
+        samples: list[dict[str, Any] | None] = [None] * len(ids)
+        wanted: dict[str, list[tuple[int, str, tuple[str, int, int]]]] = {}  # folder -> (slot, ext, range)
+        for slot, i in enumerate(ids):
+            loc = self.locations[i]
+            url = self.shards[loc.shard]
+            if not is_url(url):
+                samples[slot] = self.read(i, files)
+                continue
+            samples[slot] = {"__key__": loc.key, "__url__": url}
+            folder, _, name = url.rpartition("/")
+            for ext, offset, size in loc.members:
+                wanted.setdefault(folder, []).append((slot, ext, (name, offset, size)))
+        for folder, reads in wanted.items():
+            store = stores.get(folder)
+            if store is None:
+                store = stores[folder] = open_store(folder)
+            for (slot, ext, _), data in zip(reads, store.read_ranges([r for _, _, r in reads])):
+                samples[slot][ext] = data  # type: ignore[index]
+        return samples  # type: ignore[return-value]
+
+
+@contextmanager
+def _open_tar(path: str) -> Iterator[tarfile.TarFile]:
+    """A tar to scan for member offsets: a local file as is; a URL read once as a stream through fsspec
+    (the offsets are the same: positions in the object)."""
+    if not is_url(path):
+        with tarfile.open(path, "r:") as tar:
+            yield tar
+        return
+    with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        yield tar
 
 
 class HardPairTable:
@@ -129,11 +172,20 @@ class HardPairTable:
     """
 
     def __init__(self, path: str | Path, index: TarIndex, top: int) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not Path(path).is_file():
+        if is_url(str(path)):
+            folder, _, name = str(path).rpartition("/")
+            store = open_store(folder)
+            if not store.exists(name):
+                raise FileNotFoundError(f"hard_pairs.path: no such object: {path}")
+            source: Any = pa.BufferReader(store.get_bytes(name))
+        elif not Path(path).is_file():
             raise FileNotFoundError(f"hard_pairs.path: no such file: {path}")
-        table = pq.read_table(path, columns=["uid", "hard_uids"])
+        else:
+            source = path
+        table = pq.read_table(source, columns=["uid", "hard_uids"])
         uids = table.column("uid").to_pylist()
         lists = table.column("hard_uids").to_pylist()
         missing = [u for u in uids if u not in index.position]
@@ -281,11 +333,12 @@ class HardPairStream(ShardStream):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         files: dict[int, int] = {}
+        stores: dict[str, Store] = {}
         try:
             # The DataLoader takes batch b from worker b % nw: worker `wid` makes steps start+wid, start+wid+nw...
             for step in range(self.start_step + wid, 1 << 62, nw):
                 ids = self.local_batch(step)
-                raw = [self.index.read(int(i), files) for i in ids]
+                raw = self.index.read_many(ids.tolist(), files, stores)
                 for sample, i in zip(raw, ids.tolist()):
                     sample["__source__"] = int(self.sample_source[i])
                 batch = self._collate(raw, f"aug-{self.seed}-{self.rank}-{self.world_size}-{step}")
