@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +26,27 @@ def scorer():
     s = CaptionScorer()
     s.load()
     return s
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-protocol server (moto) on 127.0.0.1, one per test module (tests/s3server.py)."""
+    from tests.s3server import S3Server
+
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch) -> str:
+    """A fresh bucket on `s3`, with the server's endpoint and credentials in the environment."""
+    name = f"curate-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=name)
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    return name
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import tarfile
 import tempfile
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,23 +35,6 @@ from tests.imageserver import ImageServer
 from tests.s3server import S3Server, start_authenticating_server
 from tests.test_images import GOOD, LOOPBACK, pairs_table, write_download_config
 from tests.test_storage_s3 import _env, committed_manifests, ledger
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3, monkeypatch) -> str:
-    name = f"curate-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=name)
-    for k, v in s3.env.items():
-        monkeypatch.setenv(k, v)
-    return name
 
 
 def download_only_config(path: Path, input_path: Path, output: str, rows: int, timeout: int = 5) -> Path:

@@ -19,17 +19,8 @@ from curation.cli import main
 from curation.manifest import LedgerFolder, RunDir, ShardResult, shard_name
 from curation.sources.base import Shard
 from tests.helpers import write_config
-from tests.s3server import S3Server
 
 SHARDS = 12
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    server = S3Server()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -38,7 +29,7 @@ def output(request, tmp_path, monkeypatch) -> str:
         return str(tmp_path / "out")
     if request.param == "memory":
         return f"memory://curate-ledger-{uuid.uuid4().hex}/out"
-    server = request.getfixturevalue("s3_server")
+    server = request.getfixturevalue("s3")
     bucket = f"curate-{uuid.uuid4().hex[:12]}"
     server.client().create_bucket(Bucket=bucket)
     for k, v in server.env.items():

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,23 +31,6 @@ from tests.helpers import LAION_1K, LAION_10K, REPO, netns_prefix, write_config
 from tests.s3server import S3Server, start_authenticating_server
 
 FAST_STAGE = "  - caption_length: {}\n"  # no model: the S3 round trips dominate
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3, monkeypatch) -> str:
-    name = f"curate-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=name)
-    for k, v in s3.env.items():
-        monkeypatch.setenv(k, v)
-    return name
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
