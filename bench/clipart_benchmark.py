@@ -2,7 +2,8 @@
 
 The data is the clip-art pool of `python -m train.clipart build` (Open Clip Art + Tux Paint stamps, from
 the Debian packages `openclipart-png openclipart-svg tuxpaint-stamps-default`, or `--from` another root,
-e.g. the committed subset). Phases, each cached under --out as PHASE.result.json (an interrupted run
+e.g. the committed subset). Phases, each cached under --out as PHASE.result.json (train/continue/eval:
+PHASE.seeds-S.result.json, one per per-seed process; an interrupted run
 resumes; within `train`/`eval`, every finished run is kept too):
 
   build       python -m train.clipart build (skipped when --data already holds pool.parquet)
@@ -154,6 +155,17 @@ def _save(path: Path, data: dict) -> dict:
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)
     return data
+
+
+# Phases run as one process per seed (`--seeds S`, in parallel): each keeps its own cache file, so
+# concurrent processes never overwrite each other's record (finished runs are also kept per run).
+PER_SEED = ("train", "continue", "eval")
+
+
+def _cache_path(out: Path, phase: str, seeds: list[int]) -> Path:
+    if phase in PER_SEED:
+        return out / f"{phase}.seeds-{'-'.join(map(str, seeds))}.result.json"
+    return out / f"{phase}.result.json"
 
 
 def _loadavg() -> str:
@@ -754,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": evaluate,
     }
     for phase in PHASES:
-        cache = out / f"{phase}.result.json"
+        cache = _cache_path(out, phase, args.seeds)
         if phase == "table":
             if "table" in args.phases:
                 results["table"] = table(args, out, results)
@@ -762,9 +774,9 @@ def main(argv: list[str] | None = None) -> int:
                 print((out / "results.md").read_text())
             continue
         cached = _load(cache)
-        if phase not in args.phases or (
-            cached is not None and phase not in ("select", "train", "continue", "eval")
-        ):
+        if phase not in args.phases or (cached is not None and phase != "select" and phase not in PER_SEED):
+            if phase in PER_SEED:  # what every per-seed process recorded, for results.json
+                cached = {p.name: _load(p) for p in sorted(out.glob(f"{phase}.*result.json"))} or None
             if cached is not None:
                 results[phase] = cached
             continue
