@@ -14,9 +14,16 @@ guarantees on local disk and on object stores (docs/storage.md):
   holder is provably dead (same host, pid gone) or silent for `LOCK_STALE_S`.
 - `list`: one listing of one prefix (paginated by the store); never a listing of
   the whole bucket.
-- Transient errors (connection refused or reset, timeouts, 5xx, throttling) are
-  retried with exponential backoff for up to `retry_seconds`; permanent ones
-  (access denied, no such bucket or object) are raised at once.
+- Every attempt has a deadline: the client connects within `CONNECT_TIMEOUT_S` and
+  waits at most `READ_TIMEOUT_S` for each read, so an endpoint that accepts connections
+  and then says nothing (a stalled proxy or load balancer) fails the attempt instead of
+  hanging. The client's own hidden retries are off (botocore's) or few (s3fs's), so
+  every retry is counted here: transient errors (connection refused or reset,
+  timeouts, 5xx, throttling) are retried with exponential backoff while the next
+  attempt can still start within `retry_seconds`; an operation therefore ends within
+  about `retry_seconds` plus one attempt. Permanent errors (access denied, no such
+  bucket or object) are raised at once. `CURATE_STORAGE_TIMEOUT` and
+  `CURATE_STORAGE_RETRY_SECONDS` override the per-attempt read timeout and the budget.
 - `check`: wrong credentials, a missing bucket or an unreachable endpoint become one
   line (`StorageError`) before any work starts.
 
@@ -49,6 +56,10 @@ import fsspec
 T = TypeVar("T")
 
 RETRY_SECONDS = 120.0  # a store that stays down longer fails the operation (and so the shard)
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 20.0  # per read of a response; a multipart part's upload is not a read
+MIN_SEND_RATE = 256 * 1024  # bytes/s below which an upload counts as stalled
+S3FS_ATTEMPTS = 2  # s3fs's own retries of a read stream (pyarrow and tar readers have no outer loop)
 LOCK_HEARTBEAT_S = 10.0
 LOCK_STALE_S = 60.0  # a lock object not refreshed for this long belongs to a dead driver
 
@@ -86,21 +97,82 @@ def transient(e: BaseException) -> bool:
 
 
 def retrying(fn: Callable[[], T], seconds: float, what: str) -> T:
-    """Call `fn`, retrying transient errors with exponential backoff (jittered) for up to `seconds`."""
-    deadline = time.monotonic() + seconds
+    """Call `fn`, retrying transient errors with exponential backoff (jittered) for up to `seconds`.
+
+    Each attempt is bounded by the client's timeouts, so the whole call ends within about
+    `seconds` plus one attempt; the message says how long it really took and how many attempts.
+    """
+    start = time.monotonic()
+    deadline = start + seconds
     delay = 0.2
+    attempts = 0
     while True:
+        attempts += 1
         try:
             return fn()
         except Exception as e:
             if not transient(e) or time.monotonic() + delay > deadline:
                 if transient(e):
+                    took = time.monotonic() - start
                     raise StorageError(
-                        f"{what}: still failing after {seconds:g}s of retries: {_one_line(e)}"
+                        f"{what}: still failing after {attempts} attempt{'s' * (attempts > 1)} "
+                        f"in {took:.0f}s: {_one_line(e)}"
                     ) from e
                 raise
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 10.0)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise StorageError(f"{name}={text!r} is not a number of seconds") from None
+    if not 0 < value < 1e6:
+        raise StorageError(f"{name}={text!r} must be a positive number of seconds")
+    return value
+
+
+def retry_seconds() -> float:
+    """The retry budget of one storage operation (CURATE_STORAGE_RETRY_SECONDS overrides it)."""
+    return _env_seconds("CURATE_STORAGE_RETRY_SECONDS", RETRY_SECONDS)
+
+
+def s3_client_options() -> dict[str, Any]:
+    """Deadlines for every S3 request curate makes: through a Store and through fsspec.open alike."""
+    return {
+        "config_kwargs": {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": _env_seconds("CURATE_STORAGE_TIMEOUT", READ_TIMEOUT_S),
+            # botocore's hidden retries (5 attempts of a read timeout) multiply with s3fs's and
+            # ours: a stalled endpoint then held one call for 417 s. Ours are the only counted ones.
+            "retries": {"total_max_attempts": 1},
+            # botocore's default pool of 10 connections caps concurrent reads (get_many, get_to_local).
+            "max_pool_connections": 64,
+        },
+    }
+
+
+_installed_defaults: dict[str, Any] = {}
+
+
+def install_s3_defaults() -> None:
+    """Make `s3_client_options` the default of every s3fs filesystem fsspec builds in this process
+    (readers that open a URL with fsspec.open too); explicit storage_options still win."""
+    global _installed_defaults
+    conf = fsspec.config.conf.setdefault("s3", {})
+    for key, value in _installed_defaults.items():
+        if conf.get(key) is value:  # ours from an earlier call (the environment may have changed)
+            del conf[key]
+    _installed_defaults = {k: v for k, v in s3_client_options().items() if k not in conf}
+    conf.update(_installed_defaults)
+    with contextlib.suppress(ImportError):
+        import s3fs
+
+        s3fs.S3FileSystem.retries = S3FS_ATTEMPTS  # a class attribute: not an init argument
 
 
 def _one_line(e: BaseException) -> str:
@@ -115,7 +187,7 @@ class Store:
     url: str  # as the user wrote it; safe to print
     fs: fsspec.AbstractFileSystem = field(repr=False)
     root: str  # the root as the filesystem names it (no protocol for s3fs)
-    retry_seconds: float = RETRY_SECONDS
+    retry_seconds: float = field(default_factory=retry_seconds)
 
     @property
     def local(self) -> bool:
@@ -142,8 +214,18 @@ class Store:
     def _retry(self, fn: Callable[[], T], what: str) -> T:
         return retrying(fn, self.retry_seconds, f"{what} {self.url}")
 
+    def _deadline(self, nbytes: int = 0) -> dict[str, float]:
+        """An overall deadline for one request on an async filesystem (fsspec's sync bridge gives
+        up after `timeout` seconds and cancels it): a connect, a read, and `nbytes` sent at no less
+        than MIN_SEND_RATE. Needed where the client's read timeout never fires (a PUT waiting on a
+        silent endpoint hung past 10 minutes); reads of unknown length rely on that read timeout."""
+        if isinstance(self.fs, fsspec.asyn.AsyncFileSystem):
+            per_attempt = CONNECT_TIMEOUT_S + _env_seconds("CURATE_STORAGE_TIMEOUT", READ_TIMEOUT_S)
+            return {"timeout": per_attempt + nbytes / MIN_SEND_RATE}
+        return {}
+
     def exists(self, rel: str) -> bool:
-        return self._retry(lambda: self.fs.exists(self.path(rel)), "checking")
+        return self._retry(lambda: self.fs.exists(self.path(rel), **self._deadline()), "checking")
 
     def get_bytes(self, rel: str) -> bytes:
         return self._retry(lambda: self.fs.cat_file(self.path(rel)), "reading")
@@ -158,7 +240,7 @@ class Store:
 
     def info(self, rel: str = "") -> dict[str, Any]:
         """The object's metadata as the filesystem reports it (size, ETag on S3; type "directory" for a prefix)."""
-        return self._retry(lambda: self.fs.info(self.path(rel)), "reading")
+        return self._retry(lambda: self.fs.info(self.path(rel), **self._deadline()), "reading")
 
     def get_json(self, rel: str) -> Any:
         return json.loads(self.get_bytes(rel))
@@ -185,7 +267,7 @@ class Store:
             with contextlib.suppress(Exception):
                 self.fs.invalidate_cache(path)  # another process may have added objects since
             try:
-                entries = self.fs.ls(path, detail=False)
+                entries = self.fs.ls(path, detail=False, **self._deadline())
             except FileNotFoundError:
                 return []
             return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
@@ -221,7 +303,7 @@ class Store:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
             return
-        self._retry(lambda: self.fs.pipe_file(self.path(rel), data), "writing")
+        self._retry(lambda: self.fs.pipe_file(self.path(rel), data, **self._deadline(len(data))), "writing")
 
     def put_json(self, rel: str, data: Any) -> None:
         self.put_bytes(rel, json.dumps(data, indent=1, default=str).encode())
@@ -253,7 +335,8 @@ class Store:
             os.replace(local, target)
             return
         try:
-            self._retry(lambda: self.fs.put_file(str(local), self.path(rel)), "writing")
+            size = local.stat().st_size
+            self._retry(lambda: self.fs.put_file(str(local), self.path(rel), **self._deadline(size)), "writing")
         finally:
             with contextlib.suppress(FileNotFoundError):
                 local.unlink()
@@ -261,7 +344,7 @@ class Store:
     def remove(self, rel: str) -> None:
         def rm() -> None:
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self.path(rel))
+                self.fs.rm_file(self.path(rel), **self._deadline())
 
         self._retry(rm, "removing")
 
@@ -294,7 +377,7 @@ class Store:
             endpoint = _s3_endpoint(self.fs)
             where = f"s3://{bucket}" + (f" at {endpoint}" if endpoint else "")
             try:
-                self._retry_short(lambda: self.fs.call_s3("head_bucket", Bucket=bucket))
+                self._retry_short(lambda: self.fs.call_s3("head_bucket", Bucket=bucket, **self._deadline()))
             except PermissionError:
                 raise StorageError(
                     f"access denied to {where}: check the credentials (AWS_ACCESS_KEY_ID / "
@@ -302,6 +385,8 @@ class Store:
                 ) from None
             except FileNotFoundError:
                 raise StorageError(f"bucket {bucket!r} does not exist ({where}); create it first") from None
+            except StorageError as e:
+                raise StorageError(f"cannot use {where}: {e}") from None
             except Exception as e:
                 raise StorageError(f"cannot use {where}: {_one_line(e)}") from None
             return
@@ -352,6 +437,7 @@ class Store:
 def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Store:
     """The store for a local path or URL. Nothing is contacted yet (see `Store.check`)."""
     text = str(location)
+    install_s3_defaults()
     if not is_url(text):
         local = text.removeprefix("file://")
         return Store(text, fsspec.filesystem("file"), os.path.abspath(local).rstrip("/") or "/")
@@ -362,8 +448,8 @@ def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] |
     if protocol in ("s3", "s3a"):
         # Listings are always re-read: another process (a worker, a second command) writes here.
         options.setdefault("use_listings_cache", False)
-        # botocore's default pool of 10 connections caps concurrent reads (get_many, get_to_local).
-        options["config_kwargs"] = {"max_pool_connections": 64, **options.get("config_kwargs", {})}
+        defaults = s3_client_options()
+        options["config_kwargs"] = {**defaults["config_kwargs"], **options.get("config_kwargs", {})}
         # A fresh client per store: fsspec's instance cache is keyed by these options, not by the
         # environment the credentials and endpoint come from (which may change within one process).
         options.setdefault("skip_instance_cache", True)
@@ -448,7 +534,8 @@ class _ObjectLock:
     def _s3(self, method: str, **kwargs: Any) -> dict:
         fs = self.store.fs
         return self.store._retry(
-            lambda: fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs), "locking"
+            lambda: fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs, **self.store._deadline()),
+            "locking",
         )
 
     def _create(self) -> bool:
