@@ -27,12 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from curation.core.folders import FileRefused, read_named_file
+
 CONCEPTS = "concepts"
+MAX_METADATA_BYTES = 256 * 2**20  # MetaCLIP's 500k entries are ~6 MB
 Match = Literal["substring", "word"]
 MATCHES: tuple[Match, ...] = ("substring", "word")
 
@@ -52,6 +54,8 @@ class BalanceSpec:
     def __post_init__(self) -> None:
         if not self.t > 0:
             raise BalanceError(f"t must be > 0 (got {self.t})")
+        if self.seed < 0:
+            raise BalanceError(f"the seed must be >= 0 (got {self.seed})")
         if self.match not in MATCHES:
             raise BalanceError(f"match must be one of {', '.join(MATCHES)} (got {self.match!r})")
         if not self.metadata and not self.concepts:
@@ -77,10 +81,9 @@ def parse_spec(entries: str, t: float, seed: int = 0, match: Match = "substring"
         if part == CONCEPTS:
             concepts = True
             continue
-        path = Path(part)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
+            lines = read_named_file(part, MAX_METADATA_BYTES).decode("utf-8").splitlines()
+        except (FileRefused, UnicodeDecodeError) as e:
             raise BalanceError(
                 f"--balance {part!r}: not `concepts` and not a readable UTF-8 metadata file ({e})"
             ) from None

@@ -9,6 +9,7 @@ shards); the ground truth of image i is caption i and vice versa.
 from __future__ import annotations
 
 import logging
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,43 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from curation.core.folders import FileRefused, read_named_file
 from curation.models.clip import BuiltModel, encode_images, zero_shot_classifier
 
 log = logging.getLogger("train")
+
+MAX_TEMPLATES_BYTES = 2**20
+MAX_TEMPLATE_CHARS = 1000  # a prompt is a sentence; the text tower reads 77 tokens of it anyway
+
+
+def read_templates(path: str | Path) -> list[str]:
+    """Prompt templates from a user's file, one a line, each with exactly one plain `{}` for the
+    class name. Anything else `str.format` would act on (`{1}`, `{x}`, `{:>2000000000}`, a stray
+    brace) is refused with the line number, before a 2 GB string or a KeyError can happen."""
+    try:
+        text = read_named_file(path, MAX_TEMPLATES_BYTES).decode("utf-8")
+    except FileRefused as e:
+        raise ValueError(f"--templates {e.detail}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--templates {path}: not UTF-8 text") from None
+    templates = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        where = f"--templates {path}, line {number}"
+        if len(line) > MAX_TEMPLATE_CHARS:
+            raise ValueError(f"{where}: {len(line):,} characters (at most {MAX_TEMPLATE_CHARS:,})")
+        try:
+            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(line) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"{where}: {e} (write a literal brace as {{{{ or }}}})") from None
+        if fields != [("", "", None)]:
+            raise ValueError(f"{where}: needs exactly one plain {{}} for the class name, got {line!r}")
+        templates.append(line)
+    if not templates:
+        raise ValueError(f"--templates {path}: no templates (one a line, each with {{}})")
+    return templates
 
 
 @dataclass

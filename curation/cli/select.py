@@ -72,7 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(one entry a line, substring-matched); docs/balance.md",
     )
     p.add_argument("--balance-t", type=float, default=20_000, metavar="T", help="pairs per entry")
-    p.add_argument("--balance-seed", type=int, default=0, metavar="N", help="seed of the draws")
+    p.add_argument(
+        "--balance-seed", type=at_least(0), default=0, metavar="N", help="seed of the draws (>= 0)"
+    )
     p.add_argument(
         "--balance-match",
         choices=["substring", "word"],

@@ -231,7 +231,12 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UsageError("give a config, --checkpoint, or --model")
     templates = None
     if args.templates:
-        templates = [ln.strip() for ln in Path(args.templates).read_text().splitlines() if ln.strip()]
+        from train.evaluate import read_templates
+
+        try:
+            templates = read_templates(args.templates)
+        except ValueError as e:
+            return fail(str(e))
     zero_shot = args.zero_shot or (None if args.retrieval or shots is not None else "fashion-mnist")
 
     from curation.core.devices import resolve_device

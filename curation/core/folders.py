@@ -1,4 +1,5 @@
-"""Reading the files of a folder a user names (an image folder): inside it, regular files, bounded.
+"""Reading the files of a folder a user names (an image folder): inside it, regular files, bounded;
+and single files a user names (`read_named_file`): regular files, bounded.
 
 A folder received from someone else is untrusted like a URL list: a symlink in
 it may point anywhere readable (`caption.txt -> ~/.ssh/id_rsa`), a FIFO named
@@ -35,20 +36,33 @@ def read_inside(path: str | os.PathLike, root: str | os.PathLike, max_bytes: int
     top = os.path.realpath(root)
     if not is_inside(real, top):
         raise FileRefused(OUTSIDE, f"{path} resolves to {real}, outside {top}")
+    # O_NOFOLLOW: a symlink swapped in since the check is refused.
+    return _read_regular(real, str(path), max_bytes, os.O_NOFOLLOW)
+
+
+def read_named_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a file a user named (a metadata list, a template file): a regular file, not a
+    FIFO that blocks forever or a device that never ends, of at most `max_bytes`."""
+    return _read_regular(os.fspath(path), str(path), max_bytes, 0)
+
+
+def _read_regular(real: str, shown: str, max_bytes: int, flags: int) -> bytes:
     try:
-        # O_NOFOLLOW: a symlink swapped in since the check is refused; O_NONBLOCK: a FIFO does not wait.
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO does not wait for a writer.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags)
     except OSError as e:
-        raise FileRefused(UNREADABLE, f"{path}: {e.strerror or e}") from None
+        raise FileRefused(UNREADABLE, f"{shown}: {e.strerror or e}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        what = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise FileRefused(NOT_A_FILE, f"{shown} is {what}")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FileRefused(NOT_A_FILE, f"{path} is not a regular file")
         if info.st_size > max_bytes:
-            raise FileRefused(TOO_LARGE, f"{path} holds {info.st_size:,} bytes > the limit of {max_bytes:,}")
+            raise FileRefused(TOO_LARGE, f"{shown} holds {info.st_size:,} bytes > the limit of {max_bytes:,}")
         data = f.read(max_bytes + 1)  # a file that grew since the stat is still bounded
     if len(data) > max_bytes:
-        raise FileRefused(TOO_LARGE, f"{path} holds more than the limit of {max_bytes:,} bytes")
+        raise FileRefused(TOO_LARGE, f"{shown} holds more than the limit of {max_bytes:,} bytes")
     return data
 
 

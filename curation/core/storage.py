@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import random
 import socket
@@ -52,8 +53,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
+import fsspec.asyn
 
 T = TypeVar("T")
+_log = logging.getLogger("curation.storage")
 
 RETRY_SECONDS = 120.0  # a store that stays down longer fails the operation (and so the shard)
 CONNECT_TIMEOUT_S = 10.0
@@ -173,6 +176,20 @@ def install_s3_defaults() -> None:
         import s3fs
 
         s3fs.S3FileSystem.retries = S3FS_ATTEMPTS  # a class attribute: not an init argument
+
+
+def _quiet_async_loop() -> None:
+    """Route what fsspec's event loop reports (a retried request's task whose exception nobody
+    awaited, an unclosed session at exit) to the debug log: the operation itself already
+    succeeded or failed with one line, and 58 asyncio tracebacks on stderr broke that promise."""
+    loop = fsspec.asyn.get_loop()
+    if getattr(loop.get_exception_handler(), "__name__", "") != "_log_loop_exception":
+        loop.set_exception_handler(_log_loop_exception)
+
+
+def _log_loop_exception(loop: Any, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    _log.debug("storage event loop: %s", context.get("message"), exc_info=exc)
 
 
 def _one_line(e: BaseException) -> str:
@@ -336,7 +353,9 @@ class Store:
             return
         try:
             size = local.stat().st_size
-            self._retry(lambda: self.fs.put_file(str(local), self.path(rel), **self._deadline(size)), "writing")
+            self._retry(
+                lambda: self.fs.put_file(str(local), self.path(rel), **self._deadline(size)), "writing"
+            )
         finally:
             with contextlib.suppress(FileNotFoundError):
                 local.unlink()
@@ -441,6 +460,7 @@ def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] |
     if not is_url(text):
         local = text.removeprefix("file://")
         return Store(text, fsspec.filesystem("file"), os.path.abspath(local).rstrip("/") or "/")
+    _quiet_async_loop()
     options = dict(storage_options or {})
     protocol = text.split("://", 1)[0]
     if protocol not in fsspec.available_protocols():
