@@ -124,7 +124,7 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path, work
         make_uid(u, c) for u, c in zip(src.column("URL").to_pylist(), src.column("TEXT").to_pylist())
     )
     assert collections.Counter(t.column("uid").to_pylist()) == want
-    assert not list((out / "manifests" / ".tmp").iterdir())
+    assert not [p for p in (out / "manifests" / ".tmp").rglob("*") if not p.is_dir()]
 
 
 def _session(sid: int) -> dict[int, str]:

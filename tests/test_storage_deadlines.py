@@ -9,9 +9,12 @@ are shortened through the documented variables so the tests take seconds, not mi
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +116,60 @@ def test_a_run_whose_store_stalls_midway_stops_in_bounded_time_and_resumes_exact
     assert set(ledger(s3, bucket, "run")) == set(range(50))
     t = committed_manifests(s3, bucket, "run")
     assert collections.Counter(t.column("uid").to_pylist()) == source_uids(LAION_1K)
+
+
+# ---------------------------------------------------------------------------- stale staging
+
+
+def _dead_process_staging(location: str, env: dict[str, str] | None = None) -> Path:
+    """Stage a half-written file from a process that is then killed with SIGKILL; its folder."""
+    code = (
+        "import os, sys; from curation.core.storage import open_store; "
+        "p = open_store(sys.argv[1]).staging(); (p / 'half.parquet').write_bytes(b'x' * 100); "
+        "print(p, flush=True); os.kill(os.getpid(), 9)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, location],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr
+    folder = Path(proc.stdout.strip())
+    assert (folder / "half.parquet").exists()
+    return folder
+
+
+def test_staging_left_by_killed_processes_is_removed_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    dead = _dead_process_staging(str(out))
+    base = dead.parent
+    other_host = base / "another-host-1-1"
+    other_host.mkdir()
+    old_layout = base / "download-x-00001-abc"
+    old_layout.mkdir()
+    os.utime(old_layout, (time.time() - 3 * 86400,) * 2)
+    recent_old_layout = base / "shard-00002.parquet.tmp"
+    recent_old_layout.write_bytes(b"x")
+
+    mine = open_store(str(out)).staging()
+    assert mine.parent == base and mine.exists()
+    assert not dead.exists() and not old_layout.exists()
+    assert other_host.exists() and recent_old_layout.exists()
+    # A second process sees this (live) process's folder and keeps it.
+    _dead_process_staging(str(out))
+    assert mine.exists()
+
+
+def test_curate_run_cleans_what_a_killed_run_staged_locally_and_for_s3(tmp_path, s3, bucket, monkeypatch):
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # gettempdir() caches TMPDIR
+    local_cfg = write_config(tmp_path / "l.yaml", LAION_1K, tmp_path / "run", stages=FAST_STAGE)
+    s3_cfg = write_config(tmp_path / "s.yaml", LAION_1K, f"s3://{bucket}/run", stages=FAST_STAGE)
+    dead_local = _dead_process_staging(str(tmp_path / "run" / "manifests"))
+    dead_s3 = _dead_process_staging(f"s3://{bucket}/run", env={**s3.env, "TMPDIR": str(tmp_path / "tmp")})
+    assert dead_s3.is_relative_to(tmp_path / "tmp")
+    for cfg in (local_cfg, s3_cfg):
+        assert main(["run", str(cfg)]) == 0
+    assert not dead_local.exists() and not dead_s3.exists()

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import socket
 import tempfile
 import threading
@@ -326,15 +327,20 @@ class Store:
         self.put_bytes(rel, json.dumps(data, indent=1, default=str).encode())
 
     def staging(self) -> Path:
-        """A local folder for files being written before `put_file` commits them.
+        """This process's local folder for files being written before `put_file` commits them.
 
         Local stores: inside the output (so the commit is a rename on one filesystem).
         Object stores: this machine's temp folder (the object is uploaded whole).
+        Each process stages in a folder of its own (host, pid and the pid's start time), so the
+        first call of a process can remove what killed processes of this host left behind
+        without touching a live one's files.
         """
-        if self.local:
-            folder = Path(self.path(".tmp"))
-        else:
-            folder = Path(tempfile.gettempdir()) / "curate-staging"
+        base = Path(self.path(".tmp")) if self.local else Path(tempfile.gettempdir()) / "curate-staging"
+        folder = base / _process_tag()
+        if folder not in _prepared_staging:
+            base.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(base)
+            _prepared_staging.add(folder)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
@@ -451,6 +457,52 @@ class Store:
         except (FileNotFoundError, ValueError):
             return False
         return _ObjectLock.alive(holder)
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When `pid` started (clock ticks since boot, /proc), None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 overall; the name in (...) may hold spaces
+
+
+def _process_tag() -> str:
+    """This process's staging folder name (computed per pid: a forked child gets its own)."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}-{pid}-{_start_ticks(pid) or 0}"
+
+
+_prepared_staging: set[Path] = set()
+STALE_STAGING_S = 24 * 3600.0  # entries of an unknown layout (an older curate) older than this
+
+
+def remove_stale_staging(base: Path) -> list[Path]:
+    """Remove the staging folders under `base` of processes of this host that no longer run (a
+    `kill -9` leaves its half-written files behind), and entries of an older layout untouched
+    for STALE_STAGING_S. Folders of live processes and of other hosts are kept."""
+    removed = []
+    host = socket.gethostname()
+    for entry in list(base.iterdir()) if base.is_dir() else []:
+        parts = entry.name.rsplit("-", 2)
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            owner, pid, ticks = parts
+            if owner != host or _start_ticks(int(pid)) == ticks:
+                continue  # another host's (it may be alive), or a live process of ours
+        else:
+            try:
+                if time.time() - entry.lstat().st_mtime < STALE_STAGING_S:
+                    continue
+            except FileNotFoundError:
+                continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+    return removed
 
 
 def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Store:
