@@ -178,7 +178,7 @@ def _validate_training(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from curation.config import ConfigError
     from curation.engine import execute
-    from curation.engine.errors import RunnerError
+    from curation.engine.errors import RunnerError, StoreUnavailable
     from curation.manifest import RunConflict, RunLocked
 
     try:
@@ -190,6 +190,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = execute(cfg, limit=args.limit)
     except (RunConflict, RunLocked, RunnerError) as e:
         return fail(e)
+    except StoreUnavailable as e:
+        print(printable(f"curate: error: {cfg.output}: {e}"), file=sys.stderr)
+        return EXIT_FAILED
     except OSError as e:
         problem = output_error(e)
         if problem is None:

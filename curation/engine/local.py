@@ -156,7 +156,7 @@ def _run_pool(config, run, pending, schema, progress, workers, summary, folder) 
                         run.record_failure(shard.index, msg)
                         outcome = ShardOutcome(shard.index, error=msg)
                     account(summary, outcome, progress, folder, rows_shown=True)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or the store stopped answering: start no further shard
             for fut in not_done:
                 fut.cancel()
             raise

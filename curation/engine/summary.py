@@ -12,6 +12,7 @@ class RunSummary:
     kept: int = 0
     seconds: float = 0.0
     failures: dict[int, str] = field(default_factory=dict)
+    store_failures_in_a_row: int = 0
     # Rows and kept rows of the whole run, when this invocation found every shard already done.
     run_rows: int = 0
     run_kept: int = 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from curation.engine.errors import StoreUnavailable
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.manifest import LedgerFolder, RunDir, ShardResult
@@ -112,11 +113,19 @@ class ShardTask:
         return table
 
 
+STORE_DOWN_AFTER = 3  # shards in a row failed by the store itself before the run stops
+
+
 def account(
     summary: RunSummary, outcome: ShardOutcome, progress: Progress, folder: LedgerFolder, *, rows_shown: bool
 ) -> None:
     """Count a finished shard in the run summary, the progress display and the folded ledger
-    (`rows_shown`: its rows were already reported to `progress` batch by batch)."""
+    (`rows_shown`: its rows were already reported to `progress` batch by batch).
+
+    Raises StoreUnavailable once STORE_DOWN_AFTER shards in a row failed on the store itself
+    (each already after its retry budget): a store that stopped answering fails every shard left."""
+    store_down = outcome.result is None and "StorageError:" in (outcome.error or "")
+    summary.store_failures_in_a_row = summary.store_failures_in_a_row + 1 if store_down else 0
     if outcome.result is not None:
         summary.shards_ok += 1
         summary.rows += outcome.result.rows
@@ -127,3 +136,9 @@ def account(
     else:
         summary.failures[outcome.shard] = outcome.error or "unknown error"
     progress.shard_finished(outcome.result is not None)
+    if summary.store_failures_in_a_row >= STORE_DOWN_AFTER:
+        last = (outcome.error or "").splitlines()[0].split("StorageError: ", 1)[-1]
+        raise StoreUnavailable(
+            f"stopped: the store failed {summary.store_failures_in_a_row} shards in a row ({last}); "
+            "committed shards are kept: run the same command again once it answers"
+        )
