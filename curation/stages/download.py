@@ -47,6 +47,9 @@ Untrusted input, refused per row and never as a shard failure:
   `timeout` bounds each socket read only, so a server sending a byte a second
   never times out) is cut off. Status `failed_to_download`, "timed out after
   Ns total".
+- With a `hash_blocklist` stage in the pipeline, every fetched image's bytes are matched
+  against its lists before img2dataset resizes or writes them: a matched image is never
+  written. Status `blocklisted`, error_message the list's name and kind; reason `blocklist`.
 Refusals reach the manifest as img2dataset error messages starting with a random
 per-stage tag, which no server can forge, and become these statuses here.
 """
@@ -151,6 +154,9 @@ class Download(Stage):
         # Marks our own refusals inside img2dataset's error messages (see the module docstring).
         self.tag = f"curate-{secrets.token_hex(8)}:"
         self._store: Store | None = None  # opened on first use: validation builds stages without a store
+        # The hash_blocklist stage whose lists screen every fetched image before img2dataset writes it
+        # (set by curation.stages.build_stages; curation/stages/blocklist.py).
+        self.screen: Any = None
 
     @property
     def policy(self) -> UrlPolicy:
@@ -169,6 +175,9 @@ class Download(Stage):
 
     def setup(self) -> None:
         import img2dataset  # noqa: F401 - slow import (torch via webdataset): pay it once per worker
+
+        if self.screen is not None:
+            self.screen.setup()  # load the lists once per worker, not in a download thread
 
     def check(self) -> list[str]:
         p = self.params
@@ -279,7 +288,7 @@ class Download(Stage):
             directives = ["noai", "noimageai", "noindex", "noimageindex"]
         downloader = Downloader(
             sample_writer_class=WebDatasetSampleWriter,
-            resizer=_HeaderCheckedResizer(resizer, p.max_pixels, self.tag),
+            resizer=_HeaderCheckedResizer(resizer, p.max_pixels, self.tag, self._screen_lists()),
             thread_count=p.thread_count,
             save_caption=True,
             extract_exif=p.extract_exif,
@@ -296,6 +305,10 @@ class Download(Stage):
             disallowed_header_directives=directives or None,
         )
         return _PolicyDownloader(downloader, self.policy)
+
+    def _screen_lists(self) -> Any:
+        lists = self.screen.lists if self.screen is not None else None
+        return lists if lists is not None and lists.wants_bytes else None
 
     def _download(self, jobs: list[tuple[int, str]], tmp: Path, per: int) -> None:
         downloader = self._downloader(tmp, per)
@@ -347,7 +360,8 @@ class Download(Stage):
         status = table.column("status")
         undecodable = pc.is_in(status, value_set=pa.array(["failed_to_resize", "too_large"]))
         reason = pc.case_when(
-            pc.make_struct(undecodable, pc.not_equal(status, "success")),
+            pc.make_struct(pc.equal(status, "blocklisted"), undecodable, pc.not_equal(status, "success")),
+            pa.scalar("blocklist"),
             pa.scalar("decode"),
             pa.scalar("download"),
         )
@@ -386,14 +400,23 @@ class _PolicyDownloader:
 
 
 class _HeaderCheckedResizer:
-    """img2dataset's Resizer behind a pixel limit read from the image header: bombs are never decoded."""
+    """img2dataset's Resizer behind a pixel limit read from the image header: bombs are never decoded.
 
-    def __init__(self, resizer: Any, max_pixels: int, tag: str) -> None:
+    With `screen` (a hash_blocklist stage's lists) it first matches the fetched bytes: img2dataset calls
+    its resizer before its writer, and on an error message writes the sample's record without the image,
+    so a matched image never reaches a tar, only the list's name reaches the manifest."""
+
+    def __init__(self, resizer: Any, max_pixels: int, tag: str, screen: Any = None) -> None:
         self.resizer = resizer
         self.max_pixels = max_pixels
         self.tag = tag
+        self.screen = screen
 
     def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
+        if self.screen is not None:
+            match = self.screen.match_bytes(img_stream.getvalue())
+            if match is not None:
+                return None, None, None, None, None, f"{self.tag}blocklisted: {match.describe()}"
         try:
             image_size(img_stream.getvalue(), self.max_pixels)
         except ImageRefused as e:
