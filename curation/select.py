@@ -441,6 +441,23 @@ class _ShardWriter:
 # ---------------------------------------------------------------------------- dedup, top fraction
 
 
+def leave_out_contaminated(con: Any, where: str, *, say: Callable[[str], None] | None = None) -> str:
+    """`where` without the uids `curate decontaminate` matched to evaluation images (when it has run)."""
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    if "decontamination" not in views:
+        return where
+    from curation.query import select_statement
+
+    sql = (
+        f"SELECT count(DISTINCT uid) FROM samples WHERE {condition(where)} "
+        "AND uid IN (SELECT uid FROM decontamination)"
+    )
+    [(n,)] = con.execute(select_statement(sql)).fetchall()
+    if say and n:
+        say(f"{n:,} selected uid(s) match evaluation images (`curate decontaminate`): left out")
+    return f"{condition(where)} AND uid NOT IN (SELECT uid FROM decontamination)"
+
+
 def narrow(
     con: Any,
     where: str,

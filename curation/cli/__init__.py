@@ -7,6 +7,7 @@ This package alone parses arguments, prints, and chooses exit codes (see
     select.py     select
     report.py     report
     dedup.py      dedup
+    decontaminate.py   decontaminate
     train.py      train, eval, mine (registered when the `train` package is installed)
 """
 
@@ -48,7 +49,7 @@ def _quiet_environment() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from curation import __version__
-    from curation.cli import dedup, pipeline, report, select
+    from curation.cli import decontaminate, dedup, pipeline, report, select
 
     p = Parser(prog="curate", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"curate {__version__}")
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.register(sub)
     report.register(sub)
     dedup.register(sub)
+    decontaminate.register(sub)
     if importlib.util.find_spec("train"):  # absent only in a partial install
         from curation.cli import train
 

@@ -79,6 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="substring",
         help="how a metadata entry matches a caption: substring (MetaCLIP's rule, default) or whole word",
     )
+    p.add_argument(
+        "--include-contaminated",
+        action="store_true",
+        help="keep the samples `curate decontaminate` matched to evaluation images (left out by default)",
+    )
     p.set_defaults(func=cmd_select)
 
 
@@ -109,7 +114,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     from curation.core.storage import is_url
     from curation.query import NoManifests, QueryRefused, connect, explain_error, inside_run
-    from curation.select import SelectError, narrow, select_shards, select_uids
+    from curation.select import SelectError, leave_out_contaminated, narrow, select_shards, select_uids
 
     out = args.out if is_url(args.out) else Path(args.out)  # s3://... : written to the object store
     if isinstance(out, Path):
@@ -129,9 +134,10 @@ def cmd_select(args: argparse.Namespace) -> int:
     except NoManifests as e:
         return fail(e)
     try:
-        where = narrow(
-            con, args.where, dedup=args.dedup, top_fraction=args.top_fraction, by=args.by, say=print
+        where = (
+            args.where if args.include_contaminated else leave_out_contaminated(con, args.where, say=print)
         )
+        where = narrow(con, where, dedup=args.dedup, top_fraction=args.top_fraction, by=args.by, say=print)
         if args.balance:
             where = _balance(con, where, args)
         if args.uids_only:
