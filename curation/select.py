@@ -144,6 +144,7 @@ def select_shards(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
     replace: bool = False,
+    blur_faces: bool = False,
 ) -> SelectResult:
     """Write the selected samples of `run` (a local directory or a URL) as shards to the new (or empty)
     `out`, a local directory that appears complete or not at all, or an empty object-store prefix.
@@ -156,6 +157,8 @@ def select_shards(
         )
     if isinstance(out, Path) and out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replace)):
         raise SelectError(f"{out} exists and is not an empty directory; choose a new --out")
+    if blur_faces and "face_boxes" not in columns:
+        raise SelectError(f"--blur-faces needs face boxes: {run} has no faces stage in its pipeline")
     from curation.query import select_statement
 
     # Selected uids none of whose rows has an image. fetchall, not fetchone: DuckDB keeps a
@@ -177,14 +180,16 @@ def select_shards(
         store.check()
         if store.list(""):
             raise SelectError(f"{out} is not empty; choose a new --out")
-        _write_selection(con, run, where, store, shard_size, max_pixels, vocabulary, result)
+        _write_selection(con, run, where, store, shard_size, max_pixels, vocabulary, result, blur_faces)
         return result
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_selection(con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result)
+        _write_selection(
+            con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result, blur_faces
+        )
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
         if out.exists():
             os.replace(out, old)  # a rename: `out` is never half old, half new
@@ -204,8 +209,9 @@ def _write_selection(
     max_pixels: int,
     vocabulary: list[str] | None,
     result: SelectResult,
+    blur_faces: bool = False,
 ) -> None:
-    with _ShardWriter(target, shard_size, max_pixels) as writer:
+    with _ShardWriter(target, shard_size, max_pixels, blur_faces) as writer:
         for row, image in _images(con, run, where, result.unreadable):
             try:
                 writer.write(row, image)
@@ -395,12 +401,34 @@ def image_extension(data: bytes) -> str | None:
     return None
 
 
+def _blurred(image: bytes, boxes: list[dict], ext: str | None, max_pixels: int) -> tuple[bytes, str]:
+    """The image with its face boxes blurred, encoded again in its own format (PNG if open_clip cannot
+    read that format)."""
+    from curation.stages.faces import blur_faces
+
+    out = blur_faces(open_image(image, max_pixels), boxes)
+    ext = ext or "png"
+    buf = io.BytesIO()
+    out.save(
+        buf,
+        **{
+            "jpg": {"format": "JPEG", "quality": 95},
+            "png": {"format": "PNG"},
+            "webp": {"format": "WEBP", "quality": 95},
+        }[ext],
+    )
+    return buf.getvalue(), ext
+
+
 class _ShardWriter:
     """`curation.core.shards.ShardWriter`, with the checks training needs: each image's header within
     `max_pixels`, and formats open_clip cannot read converted to PNG."""
 
-    def __init__(self, folder: Store, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, folder: Store, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, blur_faces: bool = False
+    ) -> None:
         self.max_pixels = max_pixels
+        self.blur_faces = blur_faces
         self.shards = ShardWriter(folder, shard_size)
 
     @property
@@ -410,6 +438,13 @@ class _ShardWriter:
     def write(self, row: dict, image: bytes) -> None:
         """Add one sample; raises ImageRefused, writing nothing, for an image too large or not decodable."""
         ext = image_extension(image)
+        if self.blur_faces:
+            if row.get("faces") is None:  # never looked at: it may show a face
+                raise ImageRefused(
+                    "no_faces_result", "the faces stage did not look at it; left out by --blur-faces"
+                )
+            if row["faces"]:
+                image, ext = _blurred(image, row["face_boxes"], ext, self.max_pixels)
         if ext is None:
             # open_clip reads jpg/png/webp only: other formats (bmp, gif, tiff...) become (RGB) PNG.
             buf = io.BytesIO()

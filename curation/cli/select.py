@@ -84,6 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep the samples `curate decontaminate` matched to evaluation images (left out by default)",
     )
+    p.add_argument(
+        "--blur-faces",
+        action="store_true",
+        help="blur the faces the faces stage found in each written image (DataComp's practice); rows "
+        "the stage did not look at are left out",
+    )
     p.set_defaults(func=cmd_select)
 
 
@@ -127,6 +133,8 @@ def cmd_select(args: argparse.Namespace) -> int:
         raise UsageError("--top-fraction and --by go together, e.g. --top-fraction 0.3 --by clip_score")
     if args.top_fraction is not None and not 0 < args.top_fraction <= 1:
         raise UsageError("--top-fraction must be in (0, 1]")
+    if args.blur_faces and args.uids_only:
+        raise UsageError("--blur-faces blurs the images select writes; --uids-only writes none")
     if isinstance(out, Path):  # an object-store prefix must be empty (checked by select_shards)
         check_new_output(out, args.force, directory=not args.uids_only)
     try:
@@ -145,7 +153,14 @@ def cmd_select(args: argparse.Namespace) -> int:
             print(printable(f"wrote {n:,} uids to {out}"))
             return EXIT_OK
         result = select_shards(
-            con, args.output, where, out, args.shard_size, args.max_pixels, replace=args.force
+            con,
+            args.output,
+            where,
+            out,
+            args.shard_size,
+            args.max_pixels,
+            replace=args.force,
+            blur_faces=args.blur_faces,
         )
     except SelectError as e:
         return fail(e)

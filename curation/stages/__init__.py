@@ -26,6 +26,7 @@ from curation.stages.caption_length import CaptionLength
 from curation.stages.clip_score import ClipScore
 from curation.stages.concepts import Concepts
 from curation.stages.download import Download
+from curation.stages.faces import Faces
 from curation.stages.image_size import ImageSize
 from curation.stages.phash import Phash
 from curation.stages.text_spotting import TextSpotting
@@ -48,6 +49,7 @@ STAGES: dict[str, type[Stage]] = {
         Phash,
         Concepts,
         HashBlocklist,
+        Faces,
     )
 }
 
