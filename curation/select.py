@@ -145,10 +145,12 @@ def select_shards(
     *,
     replace: bool = False,
     blur_faces: bool = False,
+    command: list[str] | None = None,
 ) -> SelectResult:
     """Write the selected samples of `run` (a local directory or a URL) as shards to the new (or empty)
     `out`, a local directory that appears complete or not at all, or an empty object-store prefix.
-    `replace`: a local `out` is replaced."""
+    `replace`: a local `out` is replaced. Each sample's .json carries its provenance, and a dataset card
+    (curation/card.py) naming `command` as the way to reproduce it is written beside sizes.json."""
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     if "image_path" not in columns:
         raise SelectError(
@@ -180,7 +182,9 @@ def select_shards(
         store.check()
         if store.list(""):
             raise SelectError(f"{out} is not empty; choose a new --out")
-        _write_selection(con, run, where, store, shard_size, max_pixels, vocabulary, result, blur_faces)
+        _write_selection(
+            con, run, where, store, shard_size, max_pixels, vocabulary, result, blur_faces, command
+        )
         return result
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -188,7 +192,7 @@ def select_shards(
     tmp.mkdir()
     try:
         _write_selection(
-            con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result, blur_faces
+            con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result, blur_faces, command
         )
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
         if out.exists():
@@ -210,8 +214,17 @@ def _write_selection(
     vocabulary: list[str] | None,
     result: SelectResult,
     blur_faces: bool = False,
+    command: list[str] | None = None,
 ) -> None:
-    with _ShardWriter(target, shard_size, max_pixels, blur_faces) as writer:
+    from curation.card import CARD_JSON, CARD_MD, card_markdown, dataset_card, provenance_columns
+
+    try:
+        record = open_store(run).get_json("run.json")
+    except (OSError, ValueError):
+        record = {}
+    columns = [r[0] for r in con.execute("DESCRIBE samples").fetchall()]
+    writer_provenance = (provenance_columns(columns), record.get("config_hash"))
+    with _ShardWriter(target, shard_size, max_pixels, blur_faces, writer_provenance) as writer:
         for row, image in _images(con, run, where, result.unreadable):
             try:
                 writer.write(row, image)
@@ -221,6 +234,16 @@ def _write_selection(
             from curation.models.vocabulary import vocabulary_text
 
             target.put_bytes(VOCABULARY_FILE, vocabulary_text(vocabulary).encode("utf-8"))
+        # Before the writer closes: sizes.json stays the last object written (a complete selection).
+        selection = {
+            "samples": writer.shards.count,
+            "shards": len(writer.sizes),
+            "faces_blurred": blur_faces,
+            "left_out_unreadable": len(result.unreadable),
+        }
+        card = dataset_card(con, str(run), record, where, command or [], selection)
+        target.put_bytes(CARD_JSON, (json.dumps(card, indent=1, default=str) + "\n").encode("utf-8"))
+        target.put_bytes(CARD_MD, card_markdown(card).encode("utf-8"))
     result.sizes = writer.sizes
     result.samples = sum(writer.sizes.values())
 
@@ -425,10 +448,16 @@ class _ShardWriter:
     `max_pixels`, and formats open_clip cannot read converted to PNG."""
 
     def __init__(
-        self, folder: Store, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, blur_faces: bool = False
+        self,
+        folder: Store,
+        shard_size: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        blur_faces: bool = False,
+        provenance: tuple[list[str], str | None] | None = None,
     ) -> None:
         self.max_pixels = max_pixels
         self.blur_faces = blur_faces
+        self.provenance = provenance  # (licence columns, run fingerprint): curation.card.provenance
         self.shards = ShardWriter(folder, shard_size)
 
     @property
@@ -455,6 +484,10 @@ class _ShardWriter:
         key = f"{self.shards.count:09d}"
         # `key` names the sample in these shards; where its image came from stays in source_key/image_path.
         meta = {**row, "key": key, "source_key": row.get("key")}
+        if self.provenance is not None:
+            from curation.card import provenance
+
+            meta["provenance"] = provenance(row, *self.provenance)
         members = {
             ext: image,
             CAPTION: (row.get("caption") or "").encode("utf-8"),

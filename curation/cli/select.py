@@ -115,6 +115,39 @@ def _inside_run_url(out: str, run: str) -> str | None:
     return None
 
 
+def _command(args: argparse.Namespace) -> list[str]:
+    """The `curate select` arguments that reproduce this selection (for the dataset card)."""
+    cmd = [
+        "select",
+        args.output,
+        "--where",
+        args.where,
+        "--out",
+        str(args.out),
+        "--shard-size",
+        str(args.shard_size),
+    ]
+    if args.max_pixels != DEFAULT_MAX_PIXELS:
+        cmd += ["--max-pixels", str(args.max_pixels)]
+    for flag in ("dedup", "blur_faces", "include_contaminated"):
+        if getattr(args, flag):
+            cmd.append("--" + flag.replace("_", "-"))
+    if args.top_fraction is not None:
+        cmd += ["--top-fraction", str(args.top_fraction), "--by", args.by]
+    if args.balance:
+        cmd += [
+            "--balance",
+            args.balance,
+            "--balance-t",
+            str(args.balance_t),
+            "--balance-seed",
+            str(args.balance_seed),
+            "--balance-match",
+            args.balance_match,
+        ]
+    return cmd
+
+
 def cmd_select(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -161,6 +194,7 @@ def cmd_select(args: argparse.Namespace) -> int:
             args.max_pixels,
             replace=args.force,
             blur_faces=args.blur_faces,
+            command=_command(args),
         )
     except SelectError as e:
         return fail(e)

@@ -60,8 +60,10 @@ import hashlib
 import io
 import math
 import os
+import re
 import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -88,7 +90,15 @@ I2D_COLUMNS: dict[str, pa.DataType] = {
     "original_height": pa.int32(),
     "sha256": pa.string(),  # of the downloaded bytes, before resizing
 }
-DOWNLOAD_COLUMNS: dict[str, pa.DataType] = {**I2D_COLUMNS, **IMAGE_COLUMNS}
+# Provenance (the selected samples' .json carry them): when this batch was fetched (its start, UTC:
+# img2dataset records no per-request time), and the HTTP status, where known (200 for a success,
+# the code of an "HTTP Error NNN" img2dataset recorded; null for a connection error or a refusal).
+PROVENANCE_COLUMNS: dict[str, pa.DataType] = {
+    "fetched_at": pa.timestamp("s", tz="UTC"),
+    "http_status": pa.int32(),
+}
+DOWNLOAD_COLUMNS: dict[str, pa.DataType] = {**I2D_COLUMNS, **PROVENANCE_COLUMNS, **IMAGE_COLUMNS}
+_HTTP_ERROR = re.compile(r"HTTP Error (\d{3})")
 # img2dataset's shard-number width in file names (its `oom_shard_count` default).
 OOM_SHARD_COUNT = 5
 
@@ -208,6 +218,7 @@ class Download(Stage):
         batch_id = hashlib.sha256(f"{n}\n".encode() + "\n".join(uids).encode()).hexdigest()[:16]
         rel = Path("images") / f"shard-{shard:05d}" / batch_id
         per = max(1, math.ceil(n / self.params.processes_count))
+        fetched_at = int(time.time())
         if self.store.local:
             final = Path(self.store.path(str(rel)))
             tmp = final.with_name(f".tmp-{batch_id}")
@@ -215,14 +226,14 @@ class Download(Stage):
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            return self._read_back(final, rel, n, per, n_jobs)
+            return self._read_back(final, rel, n, per, n_jobs, fetched_at)
         # Object stores: no rename, so the batch is downloaded here and put whole. Named by output and
         # batch, so a re-run on this machine clears what a killed attempt left.
         where = hashlib.sha256(self.store.url.encode()).hexdigest()[:12]
         tmp = self.store.staging() / f"download-{where}-{shard:05d}-{batch_id}"
         try:
             n_jobs = self._download_batch(table, tmp, per)
-            result = self._read_back(tmp, rel, n, per, n_jobs)
+            result = self._read_back(tmp, rel, n, per, n_jobs, fetched_at)
             self._upload(tmp, rel, n_jobs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -325,7 +336,7 @@ class Download(Stage):
         if missing:
             raise RuntimeError(f"img2dataset failed on {len(missing)} of {len(jobs)} job(s) of this batch")
 
-    def _read_back(self, folder: Path, rel: Path, n: int, per: int, n_jobs: int) -> pa.Table:
+    def _read_back(self, folder: Path, rel: Path, n: int, per: int, n_jobs: int, fetched_at: int) -> pa.Table:
         """The manifest columns from img2dataset's files of one batch in local `folder`."""
         from img2dataset.downloader import compute_key
 
@@ -353,6 +364,9 @@ class Download(Stage):
             if message and message.startswith(self.tag):  # our refusal, not a network or decoder error
                 status, _, detail = message[len(self.tag) :].partition(": ")
                 out["status"][i], out["error_message"][i] = status, detail
+            out["fetched_at"][i] = fetched_at
+            code = _HTTP_ERROR.match(message or "") if out["status"][i] != "success" else None
+            out["http_status"][i] = 200 if out["status"][i] == "success" else int(code[1]) if code else None
         return pa.table({c: pa.array(out[c], t) for c, t in DOWNLOAD_COLUMNS.items()})
 
     # ------------------------------------------------------------------ decide
