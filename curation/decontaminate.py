@@ -223,11 +223,10 @@ def run_decontaminate(
     """Match the run's pool against the evaluation sets; write the matches and the summary."""
     import duckdb
 
+    from curation.core.storage import is_url
     from curation.dedup import _put_parquet
     from curation.manifest import RunDir, exclusive_lock_on
     from curation.query import NoManifests, connect
-
-    from curation.core.storage import is_url
 
     for location in against:  # a mistyped path is refused before the manifests are read
         if not is_url(location) and not Path(location).exists():
