@@ -22,8 +22,10 @@ matched uid out unless `--include-contaminated`. A re-run replaces both files (i
 over hashes already computed: nothing to resume).
 
 What it does not guarantee: a pHash match finds re-encodings, resizes and light crops, not
-heavy crops, flips, overlays or a different photo of the same scene (an embedding match would
-find those; not built yet); an evaluation image that cannot be decoded is counted and skipped.
+heavy crops, flips, overlays or a different photo of the same scene; the optional embedding match
+(`--embedding-checkpoint`: the model whose embeddings the run stored, `match_embeddings`) finds more
+of those, at a threshold that depends on the model. An evaluation image that cannot be decoded is
+counted and skipped.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ MATCH_COLUMNS: dict[str, pa.DataType] = {
     "pool_key": pa.string(),
     "eval_set": pa.string(),  # the EVAL argument the image came from
     "eval_id": pa.string(),  # its file (relative to the set), or tar#key
-    "kind": pa.string(),  # phash
-    "distance": pa.int32(),  # bits apart
+    "kind": pa.string(),  # phash | embedding
+    "distance": pa.int32(),  # phash: bits apart (null for embedding matches)
+    "cosine": pa.float32(),  # embedding: cosine similarity (null for phash matches)
 }
 
 
@@ -63,6 +66,11 @@ class DecontaminateError(Exception):
 class DecontaminateParams:
     radius: int = param(6, ge=0, le=16, hint="bits of 64; a larger radius matches unrelated images at scale")
     max_pixels: int = param(89_478_485, ge=1)
+    # Also match by image embedding: the open_clip checkpoint whose embeddings the run stored (its
+    # clip_score stage with keep_embedding: true), a local path or URL; null: pHash only.
+    embedding_checkpoint: str | None = None
+    embedding_model: str | None = None
+    min_cosine: float = param(0.95, gt=0, le=1, hint="a cosine similarity")
 
 
 def match_hashes(
@@ -109,6 +117,22 @@ def match_hashes(
     pi, ei = pi[order], ei[order]
     dist = np.bitwise_count(pool[pi] ^ evals[ei]).astype(np.int32)
     return pi.astype(np.int64), ei.astype(np.int64), dist
+
+
+def match_embeddings(
+    pool: np.ndarray, evals: np.ndarray, min_cosine: float, block: int = 65_536
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool index, eval index, cosine) of every pair of L2-normalised embeddings ([n, d], [m, d]) with
+    cosine >= `min_cosine`, sorted by pool then eval index: an exact blocked product (pool x eval)."""
+    evals_t = np.ascontiguousarray(evals, dtype=np.float32).T
+    out_p, out_e, out_c = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    for start in range(0, len(pool), block):
+        sims = np.asarray(pool[start : start + block], dtype=np.float32) @ evals_t
+        p, e = np.nonzero(sims >= min_cosine)
+        out_p.append(p.astype(np.int64) + start)
+        out_e.append(e.astype(np.int64))
+        out_c.append(sims[p, e])
+    return np.concatenate(out_p), np.concatenate(out_e), np.concatenate(out_c)
 
 
 def _rows_by_value(value_index: np.ndarray) -> dict[int, np.ndarray]:
@@ -182,9 +206,13 @@ def eval_images(location: str, storage_options: dict | None = None) -> Iterator[
 
 
 def eval_hashes(
-    locations: list[str], max_pixels: int, storage_options: dict | None = None
+    locations: list[str],
+    max_pixels: int,
+    storage_options: dict | None = None,
+    images: list[bytes] | None = None,
 ) -> tuple[pa.Table, int]:
-    """(table of eval_set, eval_id, phash for every decodable evaluation image, count undecodable)."""
+    """(table of eval_set, eval_id, phash for every decodable evaluation image, count undecodable);
+    `images`, when given, receives their bytes in the table's order."""
     from curation.core.imageio import ImageRefused, open_image
     from curation.stages.phash import phash_image
 
@@ -200,6 +228,8 @@ def eval_hashes(
             sets.append(location)
             ids.append(eval_id)
             hashes.append(phash_image(image))
+            if images is not None:
+                images.append(data)
     table = pa.table(
         {
             "eval_set": pa.array(sets, pa.string()),
@@ -247,7 +277,9 @@ def run_decontaminate(
         pool = con.sql(f"SELECT {cols} FROM samples WHERE phash IS NOT NULL").to_arrow_table()
     except duckdb.Error as e:
         raise DecontaminateError(f"cannot read the manifests: {e}") from None
-    evals, unreadable = eval_hashes(against, params.max_pixels)
+    embedder = _embedder(params, con, columns, output) if params.embedding_checkpoint else None
+    eval_bytes: list[bytes] | None = [] if embedder else None
+    evals, unreadable = eval_hashes(against, params.max_pixels, images=eval_bytes)
     say(f"{pool.num_rows:,} pool images with a phash, {evals.num_rows:,} evaluation images")
     pi, ei, dist = match_hashes(
         pool.column("phash").to_numpy(), evals.column("phash").to_numpy(zero_copy_only=False), params.radius
@@ -268,16 +300,22 @@ def run_decontaminate(
             "eval_id": evals.column("eval_id").take(take_e).combine_chunks(),
             "kind": pa.array(["phash"] * len(pi), pa.string()),
             "distance": pa.array(dist, pa.int32()),
+            "cosine": pa.nulls(len(pi), pa.float32()),
         },
         schema=pa.schema(MATCH_COLUMNS),
     )
+    if embedder is not None:
+        assert eval_bytes is not None
+        matches = pa.concat_tables(
+            [matches, _embedding_matches(con, embedder, evals, eval_bytes, params, say)]
+        )
     per_set = {
         loc: int(np.sum(np.asarray(evals.column("eval_set").to_pylist(), dtype=object) == loc))
         for loc in against
     }
     summary = {
-        "params": asdict(params),
-        "kinds": ["phash"],
+        "params": {**asdict(params), "embedding_checkpoint_sha256": embedder[1] if embedder else None},
+        "kinds": ["phash", *(["embedding"] if embedder else [])],
         "against": per_set,
         "eval_images_unreadable": unreadable,
         "eval_hashes_sha256": hashlib.sha256(
@@ -298,3 +336,93 @@ def run_decontaminate(
         _put_parquet(matches, folder, TABLE)
         folder.put_json(SUMMARY, summary)
     return summary
+
+
+def _embedder(
+    params: DecontaminateParams, con: Any, columns: set[str], output: str | Path
+) -> tuple[Any, str]:
+    """(a ClipScorer of the checkpoint the user names, its content hash), refused unless the run's stored
+    embeddings came from that very checkpoint: two models' embeddings are not comparable."""
+    from curation.core.devices import resolve_device
+    from curation.core.storage import open_store
+    from curation.models.checkpoints import file_sha256
+    from curation.models.files import ModelFileError, local_model_path
+    from curation.stages.clip_score import EMBEDDING_COLUMN, ClipScoreParams, ClipScorer
+
+    assert params.embedding_checkpoint is not None
+    if EMBEDDING_COLUMN not in columns:
+        raise DecontaminateError(
+            f"{output} has no {EMBEDDING_COLUMN} column: its clip_score stage needs keep_embedding: true"
+        )
+    try:
+        local = local_model_path(params.embedding_checkpoint)
+        digest = file_sha256(local)
+    except (ModelFileError, OSError) as e:
+        raise DecontaminateError(f"--embedding-checkpoint: {e}") from None
+    recorded = open_store(output).get_json("run.json").get("fingerprint", {}).get("stage_fingerprints", {})
+    if recorded.get("clip_score", {}).get("checkpoint_sha256") != digest:
+        raise DecontaminateError(
+            f"--embedding-checkpoint {params.embedding_checkpoint} is not the checkpoint whose embeddings "
+            f"{output} stored (its run.json records another): embeddings of two models are not comparable"
+        )
+    device = resolve_device("auto")
+    scorer = ClipScorer(
+        ClipScoreParams(
+            checkpoint=local, model=params.embedding_model, max_pixels=params.max_pixels, batch_size=64
+        ),
+        device,
+        "fp32",
+    )
+    return scorer, digest
+
+
+def _embedding_matches(
+    con: Any,
+    embedder: tuple[Any, str],
+    evals: pa.Table,
+    eval_bytes: list[bytes],
+    params: DecontaminateParams,
+    say,
+) -> pa.Table:
+    """Pool rows whose stored embedding is within `min_cosine` of an evaluation image's, read in batches."""
+    from curation.stages.clip_score import EMBEDDING_COLUMN
+
+    scorer, _ = embedder
+    emb, _status = scorer.encode_images(eval_bytes)
+    eval_emb = emb.float().cpu().numpy() if len(eval_bytes) else np.zeros((0, 1), np.float32)
+    say(f"embedded {len(eval_bytes):,} evaluation images")
+    have = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+    cols = ", ".join(["uid", *[c for c in ("image_path", "key") if c in have], EMBEDDING_COLUMN])
+    reader = con.sql(f"SELECT {cols} FROM samples WHERE {EMBEDDING_COLUMN} IS NOT NULL").to_arrow_reader(
+        65_536
+    )
+    parts = []
+    for batch in reader:
+        values = batch.column(EMBEDDING_COLUMN)
+        pool = np.asarray(values.values.to_numpy(zero_copy_only=False), np.float32).reshape(len(batch), -1)
+        pi, ei, cos = match_embeddings(pool, eval_emb, params.min_cosine)
+        take_p, take_e = pa.array(pi), pa.array(ei)
+
+        def col(name: str, batch=batch, take_p=take_p) -> pa.Array:
+            return (
+                batch.column(name).take(take_p)
+                if name in batch.schema.names
+                else pa.nulls(len(take_p), pa.string())
+            )
+
+        parts.append(
+            pa.table(
+                {
+                    "uid": col("uid"),
+                    "pool_image_path": col("image_path"),
+                    "pool_key": col("key"),
+                    "eval_set": evals.column("eval_set").take(take_e).combine_chunks(),
+                    "eval_id": evals.column("eval_id").take(take_e).combine_chunks(),
+                    "kind": pa.array(["embedding"] * len(pi), pa.string()),
+                    "distance": pa.nulls(len(pi), pa.int32()),
+                    "cosine": pa.array(cos, pa.float32()),
+                },
+                schema=pa.schema(MATCH_COLUMNS),
+            )
+        )
+    return pa.concat_tables(parts) if parts else pa.schema(MATCH_COLUMNS).empty_table()

@@ -148,3 +148,55 @@ def test_eval_set_on_s3(tmp_path, bucket, capsys):
     assert main(["decontaminate", str(run), "--against", f"s3://{bucket}/eval/"]) == 0
     matches = pq.read_table(run / "decontamination" / "matches.parquet").to_pylist()
     assert [(Path(m["pool_image_path"]).stem, m["eval_id"]) for m in matches] == [("astronaut", "astro.jpg")]
+
+
+def tiny_checkpoint(path: Path, seed: int) -> Path:
+    import torch
+
+    from curation.models.clip import build_model
+
+    torch.manual_seed(seed)
+    built = build_model("curate-tiny")
+    torch.save({"model_name": "curate-tiny", "state_dict": built.model.state_dict()}, path)
+    return path
+
+
+def test_embedding_match_with_the_runs_own_checkpoint(tmp_path, capsys):
+    from curation.decontaminate import match_embeddings
+
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", 0)
+    run = make_run(
+        tmp_path,
+        stages=f"  - phash: {{}}\n  - clip_score: {{checkpoint: {ckpt}, device: cpu, keep_embedding: true}}\n",
+    )
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "coffee_copy.jpg").write_bytes((tmp_path / "pool" / "coffee.jpg").read_bytes())
+    (folder / "flipped.jpg").write_bytes(jpeg(POOL["rocket"][:, ::-1]))  # a mirror: pHash misses it
+    threshold = "0.999"
+    args = ["decontaminate", str(run), "--against", str(folder), "--embedding-checkpoint", str(ckpt)]
+    assert main([*args, "--min-cosine", threshold]) == 0
+    got = pq.read_table(run / "decontamination" / "matches.parquet").to_pylist()
+    by_kind = {(m["kind"], Path(m["pool_image_path"]).stem, m["eval_id"]) for m in got}
+    assert ("phash", "coffee", "coffee_copy.jpg") in by_kind
+    assert ("embedding", "coffee", "coffee_copy.jpg") in by_kind
+    # the embedding matches are exactly the pairs a brute-force cosine over the stored embeddings finds
+    rows = pq.read_table(run / "manifests").to_pylist()
+    pool = np.array([r["clip_image_embedding"] for r in rows], np.float32)
+    from curation.stages.clip_score import ClipScoreParams, ClipScorer
+
+    scorer = ClipScorer(ClipScoreParams(checkpoint=str(ckpt)), "cpu", "fp32")
+    ids = sorted(p.name for p in folder.iterdir())
+    evals = scorer.encode_images([(folder / i).read_bytes() for i in ids])[0].numpy()
+    cos = pool @ evals.T
+    want = {(Path(rows[p]["image_path"]).stem, ids[e]) for p, e in zip(*np.nonzero(cos >= float(threshold)))}
+    assert {(s, e) for k, s, e in by_kind if k == "embedding"} == want
+    pi, ei, c = match_embeddings(pool, evals, float(threshold), block=2)  # blocks of 2 rows: same pairs
+    assert {(Path(rows[p]["image_path"]).stem, ids[e]) for p, e in zip(pi, ei)} == want
+    assert np.allclose(c, cos[pi, ei])
+    # another model's embeddings are not comparable: refused
+    other = tiny_checkpoint(tmp_path / "other.pt", 1)
+    assert (
+        main(["decontaminate", str(run), "--against", str(folder), "--embedding-checkpoint", str(other)]) == 2
+    )
+    assert "is not the checkpoint whose embeddings" in capsys.readouterr().err

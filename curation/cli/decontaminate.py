@@ -32,6 +32,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="a `curate run` output: a directory or a URL (s3://bucket/run)")
     p.add_argument("--against", nargs="+", required=True, metavar="EVAL", help="evaluation image sets")
     p.add_argument("--radius", type=int, default=6, help="max Hamming distance in bits, 0-16 (default 6)")
+    p.add_argument(
+        "--embedding-checkpoint",
+        metavar="CKPT",
+        help="also match by image embedding: the open_clip checkpoint (path or URL) whose embeddings the run "
+        "stored (clip_score with keep_embedding: true); refused if the run's embeddings came from another",
+    )
+    p.add_argument(
+        "--embedding-model", metavar="NAME", help="its open_clip model name (default: the checkpoint's)"
+    )
+    p.add_argument("--min-cosine", type=float, default=0.95, help="embedding match threshold (default 0.95)")
     p.set_defaults(func=cmd_decontaminate)
 
 
@@ -40,7 +50,12 @@ def cmd_decontaminate(args: argparse.Namespace) -> int:
     from curation.decontaminate import DecontaminateError, DecontaminateParams, run_decontaminate
     from curation.manifest import RunLocked
 
-    params = DecontaminateParams(radius=args.radius)
+    params = DecontaminateParams(
+        radius=args.radius,
+        embedding_checkpoint=args.embedding_checkpoint,
+        embedding_model=args.embedding_model,
+        min_cosine=args.min_cosine,
+    )
     if problems := param_problems(params):
         return fail("; ".join(f"--{name}: {problem}" for name, problem in problems))
     try:
@@ -50,7 +65,9 @@ def cmd_decontaminate(args: argparse.Namespace) -> int:
     print(
         printable(
             f"{s['pool_samples_matched']:,} pool sample(s) match {s['eval_images_matched']:,} of "
-            f"{sum(s['against'].values()):,} evaluation image(s) within {params.radius} bits "
+            f"{sum(s['against'].values()):,} evaluation image(s) within {params.radius} bits"
+            + (f" or cosine {params.min_cosine}" if params.embedding_checkpoint else "")
+            + " "
             f"-> {args.output.rstrip('/')}/decontamination/matches.parquet"
         )
     )
