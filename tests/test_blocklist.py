@@ -262,3 +262,19 @@ stages:
     )
     assert main(["run", str(cfg)]) == 2
     assert "hash_blocklist must come before download" in capsys.readouterr().err
+
+
+def test_hash_lists_on_url_input_without_a_download_are_refused(tmp_path, capsys):
+    listed = tmp_path / "l.txt"
+    listed.write_text(hashlib.md5(b"x").hexdigest() + "\n")
+    pq.write_table(pa.table({"url": ["http://a.example/x.jpg"], "caption": [GOOD]}), tmp_path / "p.parquet")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"""input: {{format: parquet, path: {tmp_path / "p.parquet"}}}
+output: {tmp_path / "out"}
+stages:
+  - hash_blocklist: {{md5: [{listed}]}}
+"""
+    )
+    assert main(["validate", str(cfg)]) == 2
+    assert "match image bytes, and this pipeline has none: add a download stage" in capsys.readouterr().err

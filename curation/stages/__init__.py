@@ -101,6 +101,22 @@ def _screen_downloads(stages: list[Stage], config: Config) -> None:
     """A hash_blocklist stage screens the bytes the download stage fetches, before they are written
     (curation/stages/blocklist.py); so it must come first, where its URL lists also spare the fetch."""
     names = [s.name for s in stages]
+    blocklist = next((s for s in stages if isinstance(s, HashBlocklist)), None)
+    byte_lists = blocklist is not None and any(
+        getattr(blocklist.params, k) for k in ("md5", "sha1", "sha256", "pdq")
+    )
+    if byte_lists and config.input.format == "parquet" and Download.name not in names:
+        at = names.index(HashBlocklist.name)
+        raise ConfigError(
+            [
+                config.problem(
+                    config.stages[at].key_path,
+                    "its md5/sha1/sha256/pdq lists match image bytes, and this pipeline has none: "
+                    "add a download stage after it",
+                )
+            ],
+            config.source,
+        )
     if HashBlocklist.name in names and Download.name in names:
         if names.index(HashBlocklist.name) > names.index(Download.name):
             at = names.index(HashBlocklist.name)

@@ -197,6 +197,8 @@ class HashBlocklist(Stage):
     # Where the rows have no images yet (URL input), only URL and domain lists apply here; the download
     # stage screens the bytes it fetches with this stage's lists (build_stages wires it).
     needs_images = False
+    # Where the lists lie is left out of the run's fingerprint; their contents are in `fingerprint()`.
+    model_file_params = KINDS
     Params = HashBlocklistParams
 
     def __init__(self, params: HashBlocklistParams, context: Any) -> None:
