@@ -24,6 +24,8 @@ import shlex
 from datetime import UTC, datetime
 from typing import Any
 
+import yaml
+
 # Input columns whose names say licence or attribution (compared lower-case).
 LICENSE_COLUMNS = frozenset(
     {
@@ -124,16 +126,19 @@ def dataset_card(
     fingerprint = record.get("fingerprint", {})
     stage_params = fingerprint.get("stages", [])
     stage_names = [next(iter(s)) for s in stage_params]
-    config_command = ["curate", "run", "CONFIG.yaml"]
+    files = sorted({str(s.get("path")) for s in record.get("shards", []) if isinstance(s, dict)})
+    # The run's config as far as it decides results (runner settings do not): `curate run` on it
+    # writes the same manifests. Model files and lists are recorded by content hash, not by place.
+    config = {
+        "input": {**fingerprint.get("input", {}), "path": files[0] if len(files) == 1 else files},
+        "output": run,
+        "stages": stage_params,
+    }
     return {
         "run": run,
         "run_fingerprint": record.get("config_hash"),
         "run_created": record.get("created"),
-        "input": {
-            **fingerprint.get("input", {}),
-            "files": sorted({str(s.get("path")) for s in record.get("shards", []) if isinstance(s, dict)}),
-            "shards": len(record.get("shards", [])),
-        },
+        "input": {**fingerprint.get("input", {}), "files": files, "shards": len(record.get("shards", []))},
         "stages": [
             {"name": name, "params": params[name], "order": i}
             for i, (name, params) in enumerate(zip(stage_names, stage_params))
@@ -148,7 +153,9 @@ def dataset_card(
         "refused": refused,
         "selection": {"where": where, "uids": selected_rows, **selection},
         "reproduce": {
-            "run": shlex.join(config_command) + "   # the config whose fingerprint is run_fingerprint",
+            "config": config,
+            "run": "curate run CONFIG.yaml   # CONFIG.yaml: reproduce.config, plus the model files and lists "
+            "of model_files (named by content hash) at the params that name them",
             "select": shlex.join(["curate", *command]),
         },
         "written": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -224,6 +231,12 @@ def card_markdown(card: dict[str, Any]) -> str:
         "```bash",
         card["reproduce"]["run"],
         card["reproduce"]["select"],
+        "```",
+        "",
+        "CONFIG.yaml (what decides results; any runner):",
+        "",
+        "```yaml",
+        yaml.safe_dump(card["reproduce"]["config"], sort_keys=False).rstrip(),
         "```",
         "",
     ]

@@ -124,3 +124,24 @@ stages:
     assert main(args) == 0
     again = samples(tmp_path / "again")
     assert {u: s["image"] for u, s in again.items()} == {u: s["image"] for u, s in got.items()}
+
+
+def test_the_cards_config_reproduces_the_run(tmp_path):
+    import yaml
+
+    from tests.test_faces import face_run
+
+    run = face_run(tmp_path, stages="  - faces: {min_size: 24}\n  - phash: {}\n")
+    assert main(["select", str(run), "--where", "faces = 0", "--out", str(tmp_path / "sel")]) == 0
+    card = json.loads((tmp_path / "sel" / "dataset_card.json").read_text())
+    assert "```yaml" in (tmp_path / "sel" / "dataset_card.md").read_text()
+    config = {**card["reproduce"]["config"], "output": str(tmp_path / "again")}
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "again.yaml")]) == 0
+    again = json.loads((tmp_path / "again" / "run.json").read_text())
+    assert again["config_hash"] == card["run_fingerprint"]
+    assert (
+        pq.read_table(tmp_path / "again" / "manifests")
+        .sort_by("uid")
+        .equals(pq.read_table(run / "manifests").sort_by("uid"))
+    )
