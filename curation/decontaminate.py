@@ -14,7 +14,8 @@ with both sides' ids; this does the same for a run:
 
 Output, beside the run's manifests on its own storage (atomic writes, one writer at a time):
 
-    RUN/decontamination/matches.parquet   uid, pool_image_path, pool_key, eval_set, eval_id, kind, distance
+    RUN/decontamination/matches.parquet   uid, pool_image_path, pool_key, eval_set, eval_id, kind,
+                                          distance (phash bits), cosine (embedding)
     RUN/decontamination/decontamination.json   parameters, each eval set's image count, counts
 
 `curate query` sees the matches as the view `decontamination`; `curate select` leaves every

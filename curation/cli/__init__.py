@@ -31,6 +31,7 @@ Offline data curation for CLIP-style pre-training.
   curate select runs/demo --where "keep" --out subset.parquet --uids-only
   curate report runs/demo --out report.html   one HTML file: funnel, histograms, sample grids
   curate dedup runs/demo                   duplicate groups (exact, perceptual hash, embeddings)
+  curate decontaminate runs/demo --against eval/   near-copies of evaluation images (select leaves them out)
   curate train train/configs/fashion_mnist.yaml      contrastive training on a selected subset
   curate eval train/configs/fashion_mnist.yaml --few-shot 0,1,2,4,8,16   zero-shot, retrieval, few-shot
   curate mine train/configs/mine_fashion_mnist.yaml  HELIP hard pairs for training
