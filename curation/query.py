@@ -72,6 +72,11 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
         if local
         else run.store.exists("dedup/dedup.parquet")
     )
+    # `curate decontaminate`'s matches, when it has run (curation/decontaminate.py)
+    decon_rel = "decontamination/matches.parquet"
+    decon_found = bool(names) and (
+        (Path(run.root) / decon_rel).is_file() if local else run.store.exists(decon_rel)
+    )
     if not names and not pairs_found:
         hint = "the run has not finished a shard yet" if run.exists() else "is this a `curate run` output?"
         raise NoManifests(f"no manifests under {run.store.url_of('manifests')} ({hint})")
@@ -79,6 +84,7 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
         files = [str(Path(run.manifests, n).resolve()) for n in names]
         pairs = [str((Path(run.root) / "hard_pairs.parquet").resolve())] if pairs_found else []
         dedups = [str((Path(run.root) / "dedup" / "dedup.parquet").resolve())] if dedup_found else []
+        decons = [str((Path(run.root) / decon_rel).resolve())] if decon_found else []
     else:
         folder = Path(_scratch.mkdtemp(prefix="curate-query-"))
         files = [str(p) for p in run.manifest_store.get_to_local(names, folder / "manifests")]
@@ -88,6 +94,7 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
         pairs = (
             [str(p) for p in run.store.get_to_local(["hard_pairs.parquet"], folder)] if pairs_found else []
         )
+        decons = [str(p) for p in run.store.get_to_local([decon_rel], folder)] if decon_found else []
     con = duckdb.connect(
         ":memory:",
         config={
@@ -99,12 +106,14 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
     )
     # The files, not a glob: a glob would need the directory listable, and a shard committed
     # after this point is not part of this connection's snapshot anyway.
-    con.execute(f"SET allowed_paths = [{', '.join(_sql_string(f) for f in files + pairs + dedups)}]")
+    con.execute(f"SET allowed_paths = [{', '.join(_sql_string(f) for f in files + pairs + dedups + decons)}]")
     if files:
         listed = ", ".join(_sql_string(f) for f in files)
         con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
     if dedups:
         con.execute(f"CREATE VIEW dedup AS SELECT * FROM read_parquet({_sql_string(dedups[0])})")
+    if decons:
+        con.execute(f"CREATE VIEW decontamination AS SELECT * FROM read_parquet({_sql_string(decons[0])})")
     if pairs:
         con.execute(f"CREATE VIEW hard_pairs AS SELECT * FROM read_parquet({_sql_string(pairs[0])})")
     con.execute("SET enable_external_access = false")

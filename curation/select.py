@@ -144,10 +144,13 @@ def select_shards(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
     replace: bool = False,
+    blur_faces: bool = False,
+    command: list[str] | None = None,
 ) -> SelectResult:
     """Write the selected samples of `run` (a local directory or a URL) as shards to the new (or empty)
     `out`, a local directory that appears complete or not at all, or an empty object-store prefix.
-    `replace`: a local `out` is replaced."""
+    `replace`: a local `out` is replaced. Each sample's .json carries its provenance, and a dataset card
+    (curation/card.py) naming `command` as the way to reproduce it is written beside sizes.json."""
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     if "image_path" not in columns:
         raise SelectError(
@@ -156,6 +159,8 @@ def select_shards(
         )
     if isinstance(out, Path) and out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replace)):
         raise SelectError(f"{out} exists and is not an empty directory; choose a new --out")
+    if blur_faces and "face_boxes" not in columns:
+        raise SelectError(f"--blur-faces needs face boxes: {run} has no faces stage in its pipeline")
     from curation.query import select_statement
 
     # Selected uids none of whose rows has an image. fetchall, not fetchone: DuckDB keeps a
@@ -177,14 +182,18 @@ def select_shards(
         store.check()
         if store.list(""):
             raise SelectError(f"{out} is not empty; choose a new --out")
-        _write_selection(con, run, where, store, shard_size, max_pixels, vocabulary, result)
+        _write_selection(
+            con, run, where, store, shard_size, max_pixels, vocabulary, result, blur_faces, command
+        )
         return result
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_selection(con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result)
+        _write_selection(
+            con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result, blur_faces, command
+        )
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
         if out.exists():
             os.replace(out, old)  # a rename: `out` is never half old, half new
@@ -204,8 +213,18 @@ def _write_selection(
     max_pixels: int,
     vocabulary: list[str] | None,
     result: SelectResult,
+    blur_faces: bool = False,
+    command: list[str] | None = None,
 ) -> None:
-    with _ShardWriter(target, shard_size, max_pixels) as writer:
+    from curation.card import CARD_JSON, CARD_MD, card_markdown, dataset_card, provenance_columns
+
+    try:
+        record = open_store(run).get_json("run.json")
+    except (OSError, ValueError):
+        record = {}
+    columns = [r[0] for r in con.execute("DESCRIBE samples").fetchall()]
+    writer_provenance = (provenance_columns(columns), record.get("config_hash"))
+    with _ShardWriter(target, shard_size, max_pixels, blur_faces, writer_provenance) as writer:
         for row, image in _images(con, run, where, result.unreadable):
             try:
                 writer.write(row, image)
@@ -215,6 +234,16 @@ def _write_selection(
             from curation.models.vocabulary import vocabulary_text
 
             target.put_bytes(VOCABULARY_FILE, vocabulary_text(vocabulary).encode("utf-8"))
+        # Before the writer closes: sizes.json stays the last object written (a complete selection).
+        selection = {
+            "samples": writer.shards.count,
+            "shards": len(writer.sizes),
+            "faces_blurred": blur_faces,
+            "left_out_unreadable": len(result.unreadable),
+        }
+        card = dataset_card(con, str(run), record, where, command or [], selection)
+        target.put_bytes(CARD_JSON, (json.dumps(card, indent=1, default=str) + "\n").encode("utf-8"))
+        target.put_bytes(CARD_MD, card_markdown(card).encode("utf-8"))
     result.sizes = writer.sizes
     result.samples = sum(writer.sizes.values())
 
@@ -395,12 +424,40 @@ def image_extension(data: bytes) -> str | None:
     return None
 
 
+def _blurred(image: bytes, boxes: list[dict], ext: str | None, max_pixels: int) -> tuple[bytes, str]:
+    """The image with its face boxes blurred, encoded again in its own format (PNG if open_clip cannot
+    read that format)."""
+    from curation.stages.faces import blur_faces
+
+    out = blur_faces(open_image(image, max_pixels), boxes)
+    ext = ext or "png"
+    buf = io.BytesIO()
+    out.save(
+        buf,
+        **{
+            "jpg": {"format": "JPEG", "quality": 95},
+            "png": {"format": "PNG"},
+            "webp": {"format": "WEBP", "quality": 95},
+        }[ext],
+    )
+    return buf.getvalue(), ext
+
+
 class _ShardWriter:
     """`curation.core.shards.ShardWriter`, with the checks training needs: each image's header within
     `max_pixels`, and formats open_clip cannot read converted to PNG."""
 
-    def __init__(self, folder: Store, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        folder: Store,
+        shard_size: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        blur_faces: bool = False,
+        provenance: tuple[list[str], str | None] | None = None,
+    ) -> None:
         self.max_pixels = max_pixels
+        self.blur_faces = blur_faces
+        self.provenance = provenance  # (licence columns, run fingerprint): curation.card.provenance
         self.shards = ShardWriter(folder, shard_size)
 
     @property
@@ -410,6 +467,13 @@ class _ShardWriter:
     def write(self, row: dict, image: bytes) -> None:
         """Add one sample; raises ImageRefused, writing nothing, for an image too large or not decodable."""
         ext = image_extension(image)
+        if self.blur_faces:
+            if row.get("faces") is None:  # never looked at: it may show a face
+                raise ImageRefused(
+                    "no_faces_result", "the faces stage did not look at it; left out by --blur-faces"
+                )
+            if row["faces"]:
+                image, ext = _blurred(image, row["face_boxes"], ext, self.max_pixels)
         if ext is None:
             # open_clip reads jpg/png/webp only: other formats (bmp, gif, tiff...) become (RGB) PNG.
             buf = io.BytesIO()
@@ -420,6 +484,10 @@ class _ShardWriter:
         key = f"{self.shards.count:09d}"
         # `key` names the sample in these shards; where its image came from stays in source_key/image_path.
         meta = {**row, "key": key, "source_key": row.get("key")}
+        if self.provenance is not None:
+            from curation.card import provenance
+
+            meta["provenance"] = provenance(row, *self.provenance)
         members = {
             ext: image,
             CAPTION: (row.get("caption") or "").encode("utf-8"),
@@ -439,6 +507,23 @@ class _ShardWriter:
 
 
 # ---------------------------------------------------------------------------- dedup, top fraction
+
+
+def leave_out_contaminated(con: Any, where: str, *, say: Callable[[str], None] | None = None) -> str:
+    """`where` without the uids `curate decontaminate` matched to evaluation images (when it has run)."""
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    if "decontamination" not in views:
+        return where
+    from curation.query import select_statement
+
+    sql = (
+        f"SELECT count(DISTINCT uid) FROM samples WHERE {condition(where)} "
+        "AND uid IN (SELECT uid FROM decontamination)"
+    )
+    [(n,)] = con.execute(select_statement(sql)).fetchall()
+    if say and n:
+        say(f"{n:,} selected uid(s) match evaluation images (`curate decontaminate`): left out")
+    return f"{condition(where)} AND uid NOT IN (SELECT uid FROM decontamination)"
 
 
 def narrow(

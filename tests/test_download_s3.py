@@ -95,8 +95,8 @@ def test_download_to_s3_writes_the_local_layout_and_the_same_manifest(tmp_path, 
     on_s3 = committed_manifests(s3, bucket, "run").sort_by("uid")
     on_disk = pq.read_table(local / "manifests").sort_by("uid")
     assert on_s3.num_rows == 13 and on_s3.schema == on_disk.schema
-    # Everything but img2dataset's error texts (socket errors name their own details).
-    same = [c for c in on_disk.column_names if c != "error_message"]
+    # Everything but img2dataset's error texts (socket errors name their own details) and fetch times.
+    same = [c for c in on_disk.column_names if c not in ("error_message", "fetched_at")]
     assert on_s3.select(same).equals(on_disk.select(same))
     # Same relative paths under the prefix as under the local directory: readers of a local run just work.
     local_images = sorted(str(p.relative_to(local)) for p in (local / "images").rglob("*") if p.is_file())
@@ -302,7 +302,7 @@ def test_ray_runner_downloads_to_s3_inside_its_namespace(tmp_path):
     local = tmp_path / "local"
     on_disk = pq.read_table(local / "manifests").sort_by("uid")
     assert on_s3.num_rows == 13 and len(set(on_s3.column("uid").to_pylist())) == 13
-    same = [c for c in on_disk.column_names if c != "error_message"]
+    same = [c for c in on_disk.column_names if c not in ("error_message", "fetched_at")]
     assert on_s3.select(same).equals(on_disk.select(same))
     assert on_s3.column("status").to_pylist().count("success") == 12
     tars = {rel: bytes.fromhex(h) for rel, h in json.loads((tmp_path / "tars.json").read_text()).items()}

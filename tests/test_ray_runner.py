@@ -273,7 +273,7 @@ def test_unreachable_address_fails_fast(tmp_path: Path, capsys, address: str, me
     assert not list((tmp_path / "run" / "manifests").glob("*.parquet"))
 
 
-def test_laion_config_validates(tmp_path: Path) -> None:
+def test_laion_config_validates(tmp_path: Path, capsys) -> None:
     """pipelines/laion.yaml against a file with LAION-2B-en's columns (the real metadata is not here)."""
     import yaml
 
@@ -293,6 +293,16 @@ def test_laion_config_validates(tmp_path: Path) -> None:
     cfg = yaml.safe_load((ROOT / "pipelines" / "laion.yaml").read_text())
     cfg["input"]["path"] = str(tmp_path / "part-*.parquet")
     cfg["output"] = str(tmp_path / "out")
+    (tmp_path / "laion.yaml").write_text(yaml.safe_dump(cfg))
+    # its hash blocklists are the team's own (not public): refused until they exist
+    assert main(["validate", str(tmp_path / "laion.yaml")]) == 2
+    assert "cannot read lists/md5.txt" in capsys.readouterr().err
+    [lists] = [s["hash_blocklist"] for s in cfg["stages"] if "hash_blocklist" in s]
+    (tmp_path / "md5.txt").write_text("d41d8cd98f00b204e9800998ecf8427e\n")
+    (tmp_path / "pdq.txt").write_text("f" * 64 + ",100\n")
+    (tmp_path / "domains.txt").write_text("blocked.example\n")
+    for kind in ("md5", "pdq", "domain"):
+        lists[kind] = [str(tmp_path / Path(p).name) for p in lists[kind]]
     (tmp_path / "laion.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["validate", str(tmp_path / "laion.yaml")]) == 0
 

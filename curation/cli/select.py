@@ -81,6 +81,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="substring",
         help="how a metadata entry matches a caption: substring (MetaCLIP's rule, default) or whole word",
     )
+    p.add_argument(
+        "--include-contaminated",
+        action="store_true",
+        help="keep the samples `curate decontaminate` matched to evaluation images (left out by default)",
+    )
+    p.add_argument(
+        "--blur-faces",
+        action="store_true",
+        help="blur the faces the faces stage found in each written image (DataComp's practice); rows "
+        "the stage did not look at are left out",
+    )
     p.set_defaults(func=cmd_select)
 
 
@@ -106,12 +117,45 @@ def _inside_run_url(out: str, run: str) -> str | None:
     return None
 
 
+def _command(args: argparse.Namespace) -> list[str]:
+    """The `curate select` arguments that reproduce this selection (for the dataset card)."""
+    cmd = [
+        "select",
+        args.output,
+        "--where",
+        args.where,
+        "--out",
+        str(args.out),
+        "--shard-size",
+        str(args.shard_size),
+    ]
+    if args.max_pixels != DEFAULT_MAX_PIXELS:
+        cmd += ["--max-pixels", str(args.max_pixels)]
+    for flag in ("dedup", "blur_faces", "include_contaminated"):
+        if getattr(args, flag):
+            cmd.append("--" + flag.replace("_", "-"))
+    if args.top_fraction is not None:
+        cmd += ["--top-fraction", str(args.top_fraction), "--by", args.by]
+    if args.balance:
+        cmd += [
+            "--balance",
+            args.balance,
+            "--balance-t",
+            str(args.balance_t),
+            "--balance-seed",
+            str(args.balance_seed),
+            "--balance-match",
+            args.balance_match,
+        ]
+    return cmd
+
+
 def cmd_select(args: argparse.Namespace) -> int:
     import duckdb
 
     from curation.core.storage import is_url
     from curation.query import NoManifests, QueryRefused, connect, explain_error, inside_run
-    from curation.select import SelectError, narrow, select_shards, select_uids
+    from curation.select import SelectError, leave_out_contaminated, narrow, select_shards, select_uids
 
     out = args.out if is_url(args.out) else Path(args.out)  # s3://... : written to the object store
     if isinstance(out, Path):
@@ -124,6 +168,8 @@ def cmd_select(args: argparse.Namespace) -> int:
         raise UsageError("--top-fraction and --by go together, e.g. --top-fraction 0.3 --by clip_score")
     if args.top_fraction is not None and not 0 < args.top_fraction <= 1:
         raise UsageError("--top-fraction must be in (0, 1]")
+    if args.blur_faces and args.uids_only:
+        raise UsageError("--blur-faces blurs the images select writes; --uids-only writes none")
     if isinstance(out, Path):  # an object-store prefix must be empty (checked by select_shards)
         check_new_output(out, args.force, directory=not args.uids_only)
     try:
@@ -131,9 +177,10 @@ def cmd_select(args: argparse.Namespace) -> int:
     except NoManifests as e:
         return fail(e)
     try:
-        where = narrow(
-            con, args.where, dedup=args.dedup, top_fraction=args.top_fraction, by=args.by, say=print
+        where = (
+            args.where if args.include_contaminated else leave_out_contaminated(con, args.where, say=print)
         )
+        where = narrow(con, where, dedup=args.dedup, top_fraction=args.top_fraction, by=args.by, say=print)
         if args.balance:
             where = _balance(con, where, args)
         if args.uids_only:
@@ -141,7 +188,15 @@ def cmd_select(args: argparse.Namespace) -> int:
             print(printable(f"wrote {n:,} uids to {out}"))
             return EXIT_OK
         result = select_shards(
-            con, args.output, where, out, args.shard_size, args.max_pixels, replace=args.force
+            con,
+            args.output,
+            where,
+            out,
+            args.shard_size,
+            args.max_pixels,
+            replace=args.force,
+            blur_faces=args.blur_faces,
+            command=_command(args),
         )
     except SelectError as e:
         return fail(e)

@@ -19,12 +19,14 @@ from curation.core.params import ConfigError, param_problems
 from curation.core.storage import is_url
 from curation.schema import IMAGE_COLUMNS, READ_COLUMNS
 from curation.stages.base import Resources, Stage, StageContext, apply_stage
+from curation.stages.blocklist import HashBlocklist
 from curation.stages.caption import CaptionAction, CaptionComplexity
 from curation.stages.caption_language import CaptionLanguage
 from curation.stages.caption_length import CaptionLength
 from curation.stages.clip_score import ClipScore
 from curation.stages.concepts import Concepts
 from curation.stages.download import Download
+from curation.stages.faces import Faces
 from curation.stages.image_size import ImageSize
 from curation.stages.phash import Phash
 from curation.stages.text_spotting import TextSpotting
@@ -46,6 +48,8 @@ STAGES: dict[str, type[Stage]] = {
         ImageSize,
         Phash,
         Concepts,
+        HashBlocklist,
+        Faces,
     )
 }
 
@@ -88,7 +92,48 @@ def build_stages(config: Config, *, checked: bool = True) -> list[Stage]:
         raise ConfigError([config.problem(k, m) for k, m in problems], config.source)
     output = config.output if is_url(config.output) else Path(config.output)
     context = StageContext(output_dir=output, storage_options=config.storage_options)
-    return [STAGES[spec.name](spec.params, context) for spec in config.stages]
+    stages = [STAGES[spec.name](spec.params, context) for spec in config.stages]
+    _screen_downloads(stages, config)
+    return stages
+
+
+def _screen_downloads(stages: list[Stage], config: Config) -> None:
+    """A hash_blocklist stage screens the bytes the download stage fetches, before they are written
+    (curation/stages/blocklist.py); so it must come first, where its URL lists also spare the fetch."""
+    names = [s.name for s in stages]
+    blocklist = next((s for s in stages if isinstance(s, HashBlocklist)), None)
+    byte_lists = blocklist is not None and any(
+        getattr(blocklist.params, k) for k in ("md5", "sha1", "sha256", "pdq")
+    )
+    if byte_lists and config.input.format == "parquet" and Download.name not in names:
+        at = names.index(HashBlocklist.name)
+        raise ConfigError(
+            [
+                config.problem(
+                    config.stages[at].key_path,
+                    "its md5/sha1/sha256/pdq lists match image bytes, and this pipeline has none: "
+                    "add a download stage after it",
+                )
+            ],
+            config.source,
+        )
+    if HashBlocklist.name in names and Download.name in names:
+        if names.index(HashBlocklist.name) > names.index(Download.name):
+            at = names.index(HashBlocklist.name)
+            raise ConfigError(
+                [
+                    config.problem(
+                        config.stages[at].key_path,
+                        "hash_blocklist must come before download, "
+                        "which it screens before any image is written",
+                    )
+                ],
+                config.source,
+            )
+        screen = stages[names.index(HashBlocklist.name)]
+        for stage in stages:
+            if isinstance(stage, Download):
+                stage.screen = screen
 
 
 def model_fingerprints(stages: list[Stage]) -> dict[str, dict]:

@@ -47,6 +47,9 @@ Untrusted input, refused per row and never as a shard failure:
   `timeout` bounds each socket read only, so a server sending a byte a second
   never times out) is cut off. Status `failed_to_download`, "timed out after
   Ns total".
+- With a `hash_blocklist` stage in the pipeline, every fetched image's bytes are matched
+  against its lists before img2dataset resizes or writes them: a matched image is never
+  written. Status `blocklisted`, error_message the list's name and kind; reason `blocklist`.
 Refusals reach the manifest as img2dataset error messages starting with a random
 per-stage tag, which no server can forge, and become these statuses here.
 """
@@ -57,8 +60,10 @@ import hashlib
 import io
 import math
 import os
+import re
 import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -85,7 +90,15 @@ I2D_COLUMNS: dict[str, pa.DataType] = {
     "original_height": pa.int32(),
     "sha256": pa.string(),  # of the downloaded bytes, before resizing
 }
-DOWNLOAD_COLUMNS: dict[str, pa.DataType] = {**I2D_COLUMNS, **IMAGE_COLUMNS}
+# Provenance (the selected samples' .json carry them): when this batch was fetched (its start, UTC:
+# img2dataset records no per-request time), and the HTTP status, where known (200 for a success,
+# the code of an "HTTP Error NNN" img2dataset recorded; null for a connection error or a refusal).
+PROVENANCE_COLUMNS: dict[str, pa.DataType] = {
+    "fetched_at": pa.timestamp("s", tz="UTC"),
+    "http_status": pa.int32(),
+}
+DOWNLOAD_COLUMNS: dict[str, pa.DataType] = {**I2D_COLUMNS, **PROVENANCE_COLUMNS, **IMAGE_COLUMNS}
+_HTTP_ERROR = re.compile(r"HTTP Error (\d{3})")
 # img2dataset's shard-number width in file names (its `oom_shard_count` default).
 OOM_SHARD_COUNT = 5
 
@@ -151,6 +164,9 @@ class Download(Stage):
         # Marks our own refusals inside img2dataset's error messages (see the module docstring).
         self.tag = f"curate-{secrets.token_hex(8)}:"
         self._store: Store | None = None  # opened on first use: validation builds stages without a store
+        # The hash_blocklist stage whose lists screen every fetched image before img2dataset writes it
+        # (set by curation.stages.build_stages; curation/stages/blocklist.py).
+        self.screen: Any = None
 
     @property
     def policy(self) -> UrlPolicy:
@@ -169,6 +185,9 @@ class Download(Stage):
 
     def setup(self) -> None:
         import img2dataset  # noqa: F401 - slow import (torch via webdataset): pay it once per worker
+
+        if self.screen is not None:
+            self.screen.setup()  # load the lists once per worker, not in a download thread
 
     def check(self) -> list[str]:
         p = self.params
@@ -199,6 +218,7 @@ class Download(Stage):
         batch_id = hashlib.sha256(f"{n}\n".encode() + "\n".join(uids).encode()).hexdigest()[:16]
         rel = Path("images") / f"shard-{shard:05d}" / batch_id
         per = max(1, math.ceil(n / self.params.processes_count))
+        fetched_at = int(time.time())
         if self.store.local:
             final = Path(self.store.path(str(rel)))
             tmp = final.with_name(f".tmp-{batch_id}")
@@ -206,14 +226,14 @@ class Download(Stage):
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            return self._read_back(final, rel, n, per, n_jobs)
+            return self._read_back(final, rel, n, per, n_jobs, fetched_at)
         # Object stores: no rename, so the batch is downloaded here and put whole. Named by output and
         # batch, so a re-run on this machine clears what a killed attempt left.
         where = hashlib.sha256(self.store.url.encode()).hexdigest()[:12]
         tmp = self.store.staging() / f"download-{where}-{shard:05d}-{batch_id}"
         try:
             n_jobs = self._download_batch(table, tmp, per)
-            result = self._read_back(tmp, rel, n, per, n_jobs)
+            result = self._read_back(tmp, rel, n, per, n_jobs, fetched_at)
             self._upload(tmp, rel, n_jobs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -279,7 +299,7 @@ class Download(Stage):
             directives = ["noai", "noimageai", "noindex", "noimageindex"]
         downloader = Downloader(
             sample_writer_class=WebDatasetSampleWriter,
-            resizer=_HeaderCheckedResizer(resizer, p.max_pixels, self.tag),
+            resizer=_HeaderCheckedResizer(resizer, p.max_pixels, self.tag, self._screen_lists()),
             thread_count=p.thread_count,
             save_caption=True,
             extract_exif=p.extract_exif,
@@ -297,6 +317,10 @@ class Download(Stage):
         )
         return _PolicyDownloader(downloader, self.policy)
 
+    def _screen_lists(self) -> Any:
+        lists = self.screen.lists if self.screen is not None else None
+        return lists if lists is not None and lists.wants_bytes else None
+
     def _download(self, jobs: list[tuple[int, str]], tmp: Path, per: int) -> None:
         downloader = self._downloader(tmp, per)
         if self.params.processes_count > 1 and len(jobs) > 1:
@@ -312,7 +336,7 @@ class Download(Stage):
         if missing:
             raise RuntimeError(f"img2dataset failed on {len(missing)} of {len(jobs)} job(s) of this batch")
 
-    def _read_back(self, folder: Path, rel: Path, n: int, per: int, n_jobs: int) -> pa.Table:
+    def _read_back(self, folder: Path, rel: Path, n: int, per: int, n_jobs: int, fetched_at: int) -> pa.Table:
         """The manifest columns from img2dataset's files of one batch in local `folder`."""
         from img2dataset.downloader import compute_key
 
@@ -340,6 +364,9 @@ class Download(Stage):
             if message and message.startswith(self.tag):  # our refusal, not a network or decoder error
                 status, _, detail = message[len(self.tag) :].partition(": ")
                 out["status"][i], out["error_message"][i] = status, detail
+            out["fetched_at"][i] = fetched_at
+            code = _HTTP_ERROR.match(message or "") if out["status"][i] != "success" else None
+            out["http_status"][i] = 200 if out["status"][i] == "success" else int(code[1]) if code else None
         return pa.table({c: pa.array(out[c], t) for c, t in DOWNLOAD_COLUMNS.items()})
 
     # ------------------------------------------------------------------ decide
@@ -347,7 +374,8 @@ class Download(Stage):
         status = table.column("status")
         undecodable = pc.is_in(status, value_set=pa.array(["failed_to_resize", "too_large"]))
         reason = pc.case_when(
-            pc.make_struct(undecodable, pc.not_equal(status, "success")),
+            pc.make_struct(pc.equal(status, "blocklisted"), undecodable, pc.not_equal(status, "success")),
+            pa.scalar("blocklist"),
             pa.scalar("decode"),
             pa.scalar("download"),
         )
@@ -386,14 +414,23 @@ class _PolicyDownloader:
 
 
 class _HeaderCheckedResizer:
-    """img2dataset's Resizer behind a pixel limit read from the image header: bombs are never decoded."""
+    """img2dataset's Resizer behind a pixel limit read from the image header: bombs are never decoded.
 
-    def __init__(self, resizer: Any, max_pixels: int, tag: str) -> None:
+    With `screen` (a hash_blocklist stage's lists) it first matches the fetched bytes: img2dataset calls
+    its resizer before its writer, and on an error message writes the sample's record without the image,
+    so a matched image never reaches a tar, only the list's name reaches the manifest."""
+
+    def __init__(self, resizer: Any, max_pixels: int, tag: str, screen: Any = None) -> None:
         self.resizer = resizer
         self.max_pixels = max_pixels
         self.tag = tag
+        self.screen = screen
 
     def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
+        if self.screen is not None:
+            match = self.screen.match_bytes(img_stream.getvalue())
+            if match is not None:
+                return None, None, None, None, None, f"{self.tag}blocklisted: {match.describe()}"
         try:
             image_size(img_stream.getvalue(), self.max_pixels)
         except ImageRefused as e:
