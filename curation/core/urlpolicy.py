@@ -386,7 +386,8 @@ class _Opener(urllib.request.OpenerDirector):
         self.gate = gate
 
     def open(self, fullurl: Any, data: Any = None, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT) -> Any:  # type: ignore[attr-defined]
-        if self.gate is None or getattr(_request, "depth", 0):
+        if self.gate is None or getattr(_request, "depth", 0) or getattr(fullurl, "optout_fetch", False):
+            # robots.txt answering 5xx is a verdict (not allowed), not something to wait out
             return self._attempt(fullurl, data, timeout)
         attempt = 0
         while True:
