@@ -310,14 +310,14 @@ with ImageServer(host="127.0.0.2") as a, ImageServer(host="127.0.0.3") as b:
     urls = [a.url(f"/img/{i}.jpg") for i in range(6)] + [a.url("/private/x.jpg"), b.url("/img/y.jpg")]
     urls += [a.url("/busy/1/1/z.jpg"), a.url("/fail/w.jpg")]
     pq.write_table(pa.table({"url": urls, "caption": ["A dog runs on the beach."] * len(urls)}), tmp / "p.parquet")
-    for name, runner in (("ray", "ray: {address: null, num_cpus: 2}"), ("local", "workers: 1")):
-        (tmp / f"{name}.yaml").write_text(
-            f"input: {{path: {tmp / 'p.parquet'}, rows_per_shard: 5}}\\noutput: {tmp / name}\\n"
-            f"runner: {{{runner}, progress: false}}\\n"
-            "stages:\\n  - download: {timeout: 2, thread_count: 4, allow_private_addresses: true}\\n"
-        )
-    print("RAY", main(["run", str(tmp / "ray.yaml"), "--runner", "ray"]), flush=True)
-    print("LOCAL", main(["run", str(tmp / "local.yaml")]), flush=True)
+    (tmp / "c.yaml").write_text(
+        f"input: {{path: {tmp / 'p.parquet'}, rows_per_shard: 5}}\noutput: {tmp / 'ray'}\n"
+        "runner: {workers: 1, progress: false}\n"
+        "stages:\n  - download: {timeout: 2, thread_count: 4, allow_private_addresses: true}\n"
+    )
+    cfg = str(tmp / "c.yaml")
+    print("RAY", main(["run", cfg, "--runner", "ray", "--workers", "2"]), flush=True)
+    print("LOCAL", main(["run", cfg, "-o", str(tmp / "local"), "--runner", "local"]), flush=True)
     print("ROBOTS", json.dumps([a.hits["/robots.txt"], b.hits["/robots.txt"]]), flush=True)
 """
 
