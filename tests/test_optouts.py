@@ -102,19 +102,21 @@ def test_robots_txt_variants_decide_before_any_image_is_requested(tmp_path):
             huge.url("/img/early/g.jpg"): "robots",
             huge.url("/img/h.jpg"): "success",
             redirected.url("/img/i.jpg"): "robots",
-            slow.url("/img/j.jpg"): "robots",
+            slow.url("/img/j.jpg"): "failed_to_download",
             forbidden.url("/img/k.jpg"): "success",
         }
         rows = run(tmp_path, list(urls), f"total_timeout: 2, contact_url: '{CONTACT}'")
         for url, status in urls.items():
             assert rows[url]["status"] == status, (url, rows[url]["error_message"])
-            assert rows[url]["drop_reason"] == (None if status == "success" else "opt_out")
+            assert rows[url]["drop_reason"] == {"success": None, "robots": "opt_out"}.get(status, "download")
         # Nothing a robots.txt refused was requested; each robots.txt once for all its host's rows.
         assert rules.hits["/img/private/a.jpg"] == 0 and error.hits["/img/e.jpg"] == 0
         assert redirected.hits["/img/i.jpg"] == 0 and slow.hits["/img/j.jpg"] == 0
         for site in (rules, missing, error, malformed, huge, redirected, forbidden):
             assert site.hits["/robots.txt"] == 1
         assert "HTTP 503" in rows[error.url("/img/e.jpg")]["error_message"]
+        # A robots.txt that never came is no opt-out the site stated: the row fails as a download.
+        assert "robots.txt not fetched (TimeoutError" in rows[slow.url("/img/j.jpg")]["error_message"]
         assert (
             "disallows this path for user-agent curate"
             in rows[rules.url("/img/private/a.jpg")]["error_message"]
@@ -311,9 +313,9 @@ with ImageServer(host="127.0.0.2") as a, ImageServer(host="127.0.0.3") as b:
     urls += [a.url("/busy/1/1/z.jpg"), a.url("/fail/w.jpg")]
     pq.write_table(pa.table({"url": urls, "caption": ["A dog runs on the beach."] * len(urls)}), tmp / "p.parquet")
     (tmp / "c.yaml").write_text(
-        f"input: {{path: {tmp / 'p.parquet'}, rows_per_shard: 5}}\noutput: {tmp / 'ray'}\n"
-        "runner: {workers: 1, progress: false}\n"
-        "stages:\n  - download: {timeout: 2, thread_count: 4, allow_private_addresses: true}\n"
+        f"input: {{path: {tmp / 'p.parquet'}, rows_per_shard: 5}}\\noutput: {tmp / 'ray'}\\n"
+        "runner: {workers: 1, progress: false}\\n"
+        "stages:\\n  - download: {timeout: 2, thread_count: 4, allow_private_addresses: true}\\n"
     )
     cfg = str(tmp / "c.yaml")
     print("RAY", main(["run", cfg, "--runner", "ray", "--workers", "2"]), flush=True)

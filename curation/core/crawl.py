@@ -8,8 +8,10 @@ Opt-outs (a refused row's status names the rule; nothing of the image is request
 - `robots`: the host's robots.txt (RFC 9309, parsed by Protego, Scrapy's parser), fetched once per
   origin and cached for a day, through the same URL policy and timeouts as images and with the same
   User-Agent. The rules of the group for `token` (else `*`) decide. Missing or any other 4xx: all
-  allowed. 5xx, 429, a network error or a timeout: not fetched, so not allowed (`unreachable:
-  refuse`, Google's rule; `allow` takes the other side). A redirect is followed (up to 10, more than
+  allowed. 5xx or 429: not fetched, so not allowed (`unreachable: refuse`, Google's rule; `allow`
+  takes the other side). No answer at all (no such host, connection refused, timed out) is no
+  statement by the site: under `refuse` the host's rows fail as downloads (`failed_to_download`,
+  "robots.txt not fetched"), none of them requested. A redirect is followed (up to 10, more than
   RFC 9309's 5); only the first 500 KiB is parsed (Google's limit). Crawl-delay is honoured up to
   `max_crawl_delay` seconds.
 - `tdm_reservation`: TDMRep (W3C). `/.well-known/tdmrep.json` of the origin (fetched and cached like
@@ -100,10 +102,21 @@ class _Rules:
     expires: float
     parsed: Any = None  # Protego for robots.txt, a list of (compiled location, reserved) for tdmrep.json
     refusal: str | None = None  # set: every path is refused, for this reason
+    unanswered: str | None = None  # set: the host sent no answer at all, so every path fails, for this reason
+
+
+def _unanswered(url: str, status: int | None, why: str, unreachable: str) -> _Rules | None:
+    """No HTTP answer at all (no such host, connection refused, timed out): not an opt-out a site
+    stated, so the host's rows fail as downloads (none of them requested) rather than as refusals."""
+    if status is None and unreachable == "refuse":
+        return _Rules(url, time.monotonic() + OPT_OUT_TTL, unanswered=f"{url} not fetched ({why})")
+    return None
 
 
 def _robots_rules(url: str, status: int | None, body: bytes, why: str, unreachable: str) -> _Rules:
     expires = time.monotonic() + OPT_OUT_TTL
+    if (failed := _unanswered(url, status, why, unreachable)) is not None:
+        return failed
     if status is not None and 200 <= status < 300:
         from protego import Protego
 
@@ -128,6 +141,8 @@ def _location_pattern(location: str) -> re.Pattern[str]:
 
 def _tdmrep_rules(url: str, status: int | None, body: bytes, why: str, unreachable: str) -> _Rules:
     expires = time.monotonic() + OPT_OUT_TTL
+    if (failed := _unanswered(url, status, why, unreachable)) is not None:
+        return failed
     if status is not None and 200 <= status < 300:
         rules = []
         try:
@@ -275,6 +290,8 @@ class HostGate:
 
     def _check_robots(self, origin: str, url: str) -> None:
         rules = self._rules("robots", origin)
+        if rules.unanswered:
+            raise urllib.error.URLError(rules.unanswered)
         if rules.refusal:
             raise UrlRefused(f"robots: {rules.refusal}", self.policy.tag)
         if rules.parsed is not None and not rules.parsed.can_fetch(url, self.manners.token):
@@ -285,6 +302,8 @@ class HostGate:
 
     def _check_tdmrep(self, origin: str, path: str) -> None:
         rules = self._rules("tdmrep", origin)
+        if rules.unanswered:
+            raise urllib.error.URLError(rules.unanswered)
         if rules.refusal:
             raise UrlRefused(f"tdm_reservation: {rules.refusal}", self.policy.tag)
         for pattern, reserved, location in rules.parsed:

@@ -335,7 +335,11 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     def http_error_302(self, req, fp, code, msg, headers):  # type: ignore[no-untyped-def]
         location = headers.get("location") or headers.get("uri")
         if location:
-            self.policy.check_url(urllib.parse.urljoin(req.full_url, location), redirect=True)
+            try:
+                self.policy.check_url(urllib.parse.urljoin(req.full_url, location), redirect=True)
+            except UrlRefused:
+                fp.close()  # ends the response's host slot now, not when it is collected
+                raise
         return super().http_error_302(req, fp, code, msg, headers)
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]

@@ -47,6 +47,11 @@ Untrusted input, refused per row and never as a shard failure:
   `timeout` bounds each socket read only, so a server sending a byte a second
   never times out) is cut off. Status `failed_to_download`, "timed out after
   Ns total".
+Opt-outs and politeness (`curation.core.crawl`, docs/optouts.md): every http(s) request passes the
+worker's `HostGate`, which refuses rows that robots.txt (`robots`), TDMRep (`tdm_reservation`) or
+X-Robots-Tag (`x_robots_tag`) opt out, caps requests per host, backs off on 429/503 and gives up on a
+host that keeps failing (`host_given_up`).
+
 Refusals reach the manifest as img2dataset error messages starting with a random
 per-stage tag, which no server can forge, and become these statuses here.
 """
@@ -80,7 +85,9 @@ from curation.stages.base import Resources, Stage, StageContext
 
 # img2dataset's per-sample columns we carry, under img2dataset's names.
 I2D_COLUMNS: dict[str, pa.DataType] = {
-    "status": pa.string(),  # success | failed_to_download | failed_to_resize
+    # success | failed_to_download | failed_to_resize; our refusals: refused | too_large | robots |
+    # tdm_reservation | x_robots_tag | host_given_up
+    "status": pa.string(),
     "error_message": pa.string(),
     "width": pa.int32(),
     "height": pa.int32(),
