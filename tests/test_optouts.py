@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -244,6 +245,27 @@ def test_per_host_concurrency_and_rate_are_capped(tmp_path):
         starts = sorted(t for p, ts in c.arrivals.items() if p.startswith("/img/") for t in ts)
         # Six request starts at most 4 a second: the server saw them spread over 5 intervals of 0.25 s.
         assert starts[-1] - starts[0] >= 5 * 0.25 * 0.8
+
+
+def test_crawl_delay_is_honoured_up_to_its_cap_and_retries_can_be_switched_off(tmp_path):
+    with sites(2) as (delayed, busy):
+        delayed.responses["/robots.txt"] = robots("User-agent: *\nCrawl-delay: 30\n")
+        urls = [delayed.url(f"/img/{i}.jpg") for i in range(3)] + [busy.url("/busy/1/1/a.jpg")]
+        rows = run(tmp_path, urls, "max_crawl_delay: 0.5, host_max_rate: null, backoff_retries: 0")
+        assert [rows[u]["status"] for u in urls] == ["success"] * 3 + ["failed_to_download"]
+        starts = sorted(t for p, ts in delayed.arrivals.items() if p.startswith("/img/") for t in ts)
+        # one request per 0.5 s (the cap), not per 30 s (the site's wish, beyond max_crawl_delay)
+        assert 2 * 0.5 * 0.8 <= starts[-1] - starts[0] < 20
+        assert busy.hits["/busy/1/1/a.jpg"] == 1 and "429" in rows[urls[-1]]["error_message"]
+
+
+def test_a_gate_sent_to_download_processes_is_one_per_process():
+    """img2dataset's process pool gets the downloader pickled per task: the tasks one process runs share
+    one gate (its robots.txt cache and host limits), which begins the sender's shard."""
+    gate = HostGate(Manners(user_agent="x", token="x"), UrlPolicy(), key="test-gate-per-process")
+    gate.begin_shard(7)
+    a, b = pickle.loads(pickle.dumps(gate)), pickle.loads(pickle.dumps(gate))
+    assert a is b and a is not gate and a.manners == gate.manners and a.shard == 7
 
 
 def test_dns_answers_are_cached_per_worker():
