@@ -270,6 +270,7 @@ class HostGate:
         """Wait for the host's turn, or raise UrlRefused (opt-out, host given up, address refused)."""
         parts = urllib.parse.urlsplit(req.full_url)
         host = (parts.hostname or "").lower()
+        req.crawl_host = host  # type: ignore[attr-defined]  # for on_response: one URL parse per request
         state = self._host(host)
         if state.given_up:
             raise UrlRefused(f"{GIVEN_UP_STATUS}: {state.given_up}", self.policy.tag)
@@ -414,7 +415,9 @@ class HostGate:
     # ------------------------------------------------------------------ after a request
     def on_response(self, req: urllib.request.Request, response: Any, optout_fetch: bool) -> Any:
         """Account for the response; check its opt-out headers before its body is read."""
-        host = (urllib.parse.urlsplit(req.full_url).hostname or "").lower()
+        host = (
+            getattr(req, "crawl_host", None) or (urllib.parse.urlsplit(req.full_url).hostname or "").lower()
+        )
         state = self._host(host)
         held = self._take_pending(state)
         code = getattr(response, "status", None) or response.getcode() or 200
