@@ -214,19 +214,17 @@ def test_a_host_that_keeps_failing_is_given_up_for_the_rest_of_the_shard(tmp_pat
         rows = run(
             tmp_path,
             urls,
-            "host_max_failures: 3, host_max_concurrent: 1, thread_count: 1",
+            "host_max_failures: 3, host_max_concurrent: 1",  # 8 threads wait for the one slot
             rows_per_shard=6,
         )
         statuses = [rows[u]["status"] for u in urls]
-        assert statuses[:3] == ["failed_to_download"] * 3
-        assert statuses[3:6] == ["host_given_up"] * 3
+        # which three of the first shard's rows get the slot first is the threads' race
+        assert sorted(statuses[:6]) == ["failed_to_download"] * 3 + ["host_given_up"] * 3
         assert statuses[6:8] == ["failed_to_download"] * 2  # a new shard tries the host again
         assert statuses[8:] == ["success"] * 4
         assert sum(failing.hits[f"/fail/{i}.jpg"] for i in range(8)) == 5
-        assert (
-            "given up for the rest of the shard after 3 consecutive failures"
-            in (rows[urls[3]]["error_message"])
-        )
+        given_up = next(rows[u] for u in urls[:6] if rows[u]["status"] == "host_given_up")
+        assert "given up for the rest of the shard after 3 consecutive failures" in given_up["error_message"]
         assert {rows[u]["drop_reason"] for u in urls[:8]} == {"download"}
 
 

@@ -227,8 +227,6 @@ class HostGate:
         self._dns: dict[tuple[str, int], tuple[float, Any]] = {}
         self._pending = threading.local()  # hosts whose slot this thread holds with no response yet
         self.shard: Any = None
-        # Requests this gate sent for opt-out files, by kind (for tests and the benchmark).
-        self.fetches: dict[str, int] = {"robots": 0, "tdmrep": 0}
 
     def __reduce__(self) -> tuple[Callable[..., HostGate], tuple]:
         return _gate_for, (self.key, self.manners, self.policy, self.shard)
@@ -337,7 +335,6 @@ class HostGate:
 
     def _fetch_rules(self, kind: str, origin: str) -> _Rules:
         url = origin + ("/robots.txt" if kind == "robots" else "/.well-known/tdmrep.json")
-        self.fetches[kind] += 1
         status: int | None = None
         body = b""
         try:
@@ -385,6 +382,9 @@ class HostGate:
         with state.cond:
             while m.max_concurrent is not None and state.active >= m.max_concurrent:
                 state.cond.wait()
+            if state.given_up:  # while this thread waited for a slot
+                state.cond.notify()
+                raise UrlRefused(f"{GIVEN_UP_STATUS}: {state.given_up}", self.policy.tag)
             state.active += 1
             start = max(time.monotonic(), state.next_start, state.paused_until)
             state.next_start = start + interval
