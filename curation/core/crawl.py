@@ -273,8 +273,10 @@ class HostGate:
         if state.given_up:
             raise UrlRefused(f"{GIVEN_UP_STATUS}: {state.given_up}", self.policy.tag)
         if not optout_fetch:
-            origin = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+            # scheme://host[:port]: user info in a URL is not part of the site whose files decide
             port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+            name = f"[{host}]" if ":" in host else host
+            origin = f"{parts.scheme.lower()}://{name}" + (f":{parts.port}" if parts.port else "")
             if self.manners.robots or self.manners.tdmrep:
                 # A host the URL policy refuses gets that refusal, not a robots.txt verdict.
                 self.policy.check_address(host, port, self.resolve)
