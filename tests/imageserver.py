@@ -6,6 +6,13 @@ bytes a test puts in `server.files`.
 
 Paths encode the case, so a test builds URLs like `server.url("/img/cat.jpg")`
 and reads back how often each path was requested (`server.hits`).
+
+For crawling manners (tests/test_optouts.py): `host` puts a server on another loopback address
+(127.0.0.2, 127.0.0.3, ...: one "site" each), `responses` answers exact paths with any status, headers
+and body (robots.txt variants, tdmrep.json), `delays` holds an exact path back for some seconds,
+`/busy/<n>/<retry-after>/...` answers 429 with that Retry-After to its first n requests, `/fail/...`
+always answers 500; the server records when each path was requested (`arrivals`), the User-Agents it
+saw (`agents`) and the most requests it had in flight at once (`max_in_flight`).
 """
 
 from __future__ import annotations
@@ -86,8 +93,18 @@ class ImageServer:
         hang_seconds: float = 5.0,
         drip_seconds: float = 1.0,
         huge_bytes: int = 1_500_000_000,
+        host: str = "127.0.0.1",
     ) -> None:
+        self.host = host
         self.hits: Counter[str] = Counter()
+        # Exact paths answered with (status, headers, body), before everything else.
+        self.responses: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        # Exact paths held back this many seconds before their answer.
+        self.delays: dict[str, float] = {}
+        self.arrivals: dict[str, list[float]] = {}
+        self.agents: set[str] = set()
+        self.in_flight = 0
+        self.max_in_flight = 0
         # Exact paths served with these bytes (image/png), before the cases below.
         self.files: dict[str, bytes] = {}
         self.slow_seconds = slow_seconds
@@ -112,22 +129,58 @@ class ImageServer:
             def do_GET(self) -> None:
                 with server._lock:
                     server.hits[self.path] += 1
-                # the client may give up (timeout): that is the point of some cases
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    server._answer(self)
+                    server.arrivals.setdefault(self.path, []).append(time.monotonic())
+                    server.agents.add(self.headers.get("User-Agent", ""))
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    # the client may give up (timeout): that is the point of some cases
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        server._answer(self)
+                finally:
+                    server._answered(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
+
+    def _answered(self, h: BaseHTTPRequestHandler) -> None:
+        """The request stops counting as in flight when its answer starts (so before the client can
+        have read it all and sent its next one)."""
+        with self._lock:
+            if not getattr(h, "answered", False):
+                h.answered = True  # type: ignore[attr-defined]
+                self.in_flight -= 1
 
     def _answer(self, h: BaseHTTPRequestHandler) -> None:
         path = h.path
         kind = path.split("/")[1]
-        if path in self.files:
+        if path in self.delays:
+            self.release.wait(self.delays[path])
+        if path in self.responses:
+            code, headers, body = self.responses[path]
+            self._answered(h)
+            h.send_response(code)
+            for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                h.send_header(name, value)
+            h.end_headers()
+            h.wfile.write(body)
+        elif kind == "busy":
+            _, _, n, retry_after, _ = path.split("/", 4)
+            if self.hits[path] <= int(n):
+                h.send_response(429)
+                h.send_header("Retry-After", retry_after)
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+            else:
+                self._send(h, 200, jpeg(path), "image/jpeg")
+        elif kind == "fail":
+            self._send(h, 500, b"internal error", "text/plain")
+        elif path in self.files:
             self._send(h, 200, self.files[path], "image/png")
         elif kind == "goto":
             h.send_response(302)
@@ -183,8 +236,8 @@ class ImageServer:
         else:
             self._send(h, 404, b"not found", "text/plain")
 
-    @staticmethod
-    def _send(h: BaseHTTPRequestHandler, code: int, body: bytes, ctype: str) -> None:
+    def _send(self, h: BaseHTTPRequestHandler, code: int, body: bytes, ctype: str) -> None:
+        self._answered(h)
         h.send_response(code)
         h.send_header("Content-Type", ctype)
         h.send_header("Content-Length", str(len(body)))

@@ -198,7 +198,9 @@ def test_a_server_cannot_forge_a_refusal(tmp_path):
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}/x.jpg"
-    rows = run_download(tmp_path, [url], "allow_private_addresses: true, retries: 0")
+    # The server answers one connection: opt-out files are not asked for (they would take it).
+    params = "allow_private_addresses: true, retries: 0, respect_robots_txt: false, respect_tdmrep: false"
+    rows = run_download(tmp_path, [url], params)
     sock.close()
     assert rows[url][0]["status"] == "failed_to_download"
 

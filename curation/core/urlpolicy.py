@@ -34,7 +34,9 @@ from a network failure that a server could word the same way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import email.message
+import functools
 import http.client
 import ipaddress
 import os
@@ -47,11 +49,24 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import urllib.response
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 FETCHED_SCHEMES = ("http", "https")
+Resolver = Callable[..., Any]  # socket.getaddrinfo's signature
+
+
+class Gate(Protocol):
+    """What the opener asks of a crawl gate (curation.core.crawl.HostGate)."""
+
+    manners: Any
+
+    def resolve(self, host: str, port: int, family: int = 0, kind: int = 0, *args: Any) -> Any: ...
+    def admit(self, req: urllib.request.Request, optout_fetch: bool) -> None: ...
+    def on_response(self, req: urllib.request.Request, response: Any, optout_fetch: bool) -> Any: ...
+    def on_error(self, error: BaseException) -> None: ...
+    def should_retry(self, error: urllib.error.HTTPError, attempt: int) -> bool: ...
 
 
 class UrlRefused(Exception):
@@ -142,15 +157,38 @@ class UrlPolicy:
             return None
         return f"{ip} is a {kind} address"
 
+    def check_address(self, host: str, port: int, resolve: Resolver = socket.getaddrinfo) -> None:
+        """Raise UrlRefused when every address `host` resolves to is refused (as connecting would);
+        a lookup that fails is left for the connection to report."""
+        if self.allow_private is True:
+            return
+        try:
+            answers = resolve(host, port, 0, socket.SOCK_STREAM)
+        except OSError:
+            return
+        refused = [why for *_, sockaddr in answers if (why := self.address_refusal(sockaddr[0]))]
+        if refused and len(refused) == len(answers):
+            raise self._address_refusal(host, refused)
+
+    def _address_refusal(self, host: str, refused: list[str]) -> UrlRefused:
+        why = refused[0] if refused[0].startswith(f"{host} ") else f"{host}: {refused[0]}"
+        return self.refusal(f"{why} (download.allow_private_addresses allows such addresses)")
+
     def create_connection(
-        self, address: tuple[str, int], timeout: Any = None, source_address: Any = None
+        self,
+        address: tuple[str, int],
+        timeout: Any = None,
+        source_address: Any = None,
+        *,
+        resolve: Resolver = socket.getaddrinfo,
     ) -> socket.socket:
-        """`socket.create_connection`, connecting only to addresses the policy allows."""
+        """`socket.create_connection`, connecting only to addresses the policy allows (looked up with
+        `resolve`: a crawl gate's DNS cache, or `socket.getaddrinfo`)."""
         host, port = address
         limits = _Limits(self, getattr(_request, "deadline", None), timeout)
         last_error: OSError | None = None
         refused: list[str] = []
-        for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        for family, kind, proto, _, sockaddr in resolve(host, port, 0, socket.SOCK_STREAM):
             why = self.address_refusal(sockaddr[0])
             if why:
                 refused.append(why)
@@ -169,19 +207,22 @@ class UrlPolicy:
         if last_error is not None:
             raise last_error
         if refused:
-            why = refused[0] if refused[0].startswith(f"{host} ") else f"{host}: {refused[0]}"
-            raise self.refusal(f"{why} (download.allow_private_addresses allows such addresses)")
+            raise self._address_refusal(host, refused)
         raise OSError(f"getaddrinfo returned no address for {host}")
 
     # ------------------------------------------------------------------ urllib
-    def opener(self) -> urllib.request.OpenerDirector:
-        """An opener that fetches http(s) and allowed local files, and refuses everything else."""
-        opener = _Opener(self.total_timeout)
+    def opener(self, gate: Gate | None = None) -> urllib.request.OpenerDirector:
+        """An opener that fetches http(s) and allowed local files, and refuses everything else; with a
+        `gate` (curation.core.crawl.HostGate), every http(s) request passes it first."""
+        opener = _Opener(self.total_timeout, gate)
+        resolve = socket.getaddrinfo if gate is None else gate.resolve
+        gated = () if gate is None else (_GateHandler(self, gate),)
         for handler in (
+            *gated,
             _SchemeCheck(self),
             _SizeCheck(self),
-            _HTTPHandler(self),
-            _HTTPSHandler(self),
+            _HTTPHandler(self, resolve),
+            _HTTPSHandler(self, resolve),
             _RedirectHandler(self),
             _LocalFileHandler(self),
             urllib.request.HTTPDefaultErrorHandler(),
@@ -192,10 +233,10 @@ class UrlPolicy:
         return opener
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
+    def installed(self, gate: Gate | None = None) -> Iterator[None]:
         """Make `urllib.request.urlopen` (what img2dataset calls) use this policy's opener, in this process."""
         previous = urllib.request._opener  # the module's own global (None until someone installs one)
-        urllib.request.install_opener(self.opener())
+        urllib.request.install_opener(self.opener(gate))
         try:
             yield
         finally:
@@ -203,6 +244,26 @@ class UrlPolicy:
 
     def refusal(self, reason: str) -> UrlRefused:
         return UrlRefused(f"refused: {reason}", self.tag)
+
+    def fetch_head(
+        self, url: str, *, limit: int, timeout: float, gate: Gate | None, user_agent: str
+    ) -> tuple[int, bytes]:
+        """(HTTP status, the body's first `limit` bytes) of a small file a crawl needs (robots.txt), under
+        this policy on a clock of its own; an error status has no body. Raises what `urlopen` raises."""
+        saved = (getattr(_request, "depth", 0), getattr(_request, "deadline", None))
+        _request.depth = 0
+        req = urllib.request.Request(url, headers={"User-Agent": user_agent})
+        req.optout_fetch = True  # type: ignore[attr-defined]  # the gate checks no opt-out for it
+        # Only `limit` bytes are read and the rest never arrives: max_bytes is for images.
+        opener = dataclasses.replace(self, max_bytes=None).opener(gate)
+        try:
+            with opener.open(req, timeout=timeout) as response:
+                return response.status, response.read(limit)
+        except urllib.error.HTTPError as e:
+            e.close()
+            return e.code, b""
+        finally:
+            _request.depth, _request.deadline = saved
 
 
 def local_folders(folders: list[str] | None) -> tuple[str, ...]:
@@ -235,29 +296,31 @@ class _SchemeCheck(urllib.request.BaseHandler):
         return None  # go on to the scheme's handler
 
 
-def _connection_factory(policy: UrlPolicy, cls: type[http.client.HTTPConnection]):
+def _connection_factory(policy: UrlPolicy, cls: type[http.client.HTTPConnection], resolve: Resolver):
+    connect = functools.partial(policy.create_connection, resolve=resolve)
+
     def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
         conn = cls(host, **kwargs)
         # http.client connects through this attribute (HTTPS wraps the socket afterwards, with SNI).
-        conn._create_connection = policy.create_connection  # type: ignore[attr-defined]
+        conn._create_connection = connect  # type: ignore[attr-defined]
         return conn
 
     return make
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, policy: UrlPolicy) -> None:
+    def __init__(self, policy: UrlPolicy, resolve: Resolver) -> None:
         super().__init__()
-        self._make = _connection_factory(policy, http.client.HTTPConnection)
+        self._make = _connection_factory(policy, http.client.HTTPConnection, resolve)
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         return self.do_open(self._make, req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: UrlPolicy) -> None:
+    def __init__(self, policy: UrlPolicy, resolve: Resolver) -> None:
         super().__init__(context=_https_context())
-        self._make = _connection_factory(policy, http.client.HTTPSConnection)
+        self._make = _connection_factory(policy, http.client.HTTPSConnection, resolve)
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         return self.do_open(self._make, req, context=self._context)
@@ -272,8 +335,18 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     def http_error_302(self, req, fp, code, msg, headers):  # type: ignore[no-untyped-def]
         location = headers.get("location") or headers.get("uri")
         if location:
-            self.policy.check_url(urllib.parse.urljoin(req.full_url, location), redirect=True)
+            try:
+                self.policy.check_url(urllib.parse.urljoin(req.full_url, location), redirect=True)
+            except UrlRefused:
+                fp.close()  # ends the response's host slot now, not when it is collected
+                raise
         return super().http_error_302(req, fp, code, msg, headers)
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and getattr(req, "optout_fetch", False):
+            new.optout_fetch = True  # a redirected robots.txt is still a robots.txt fetch
+        return new
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
@@ -308,21 +381,66 @@ _request = threading.local()
 
 
 class _Opener(urllib.request.OpenerDirector):
-    """Starts each request's clock; a redirect (a nested `open`) runs on the clock of its request."""
+    """Starts each request's clock; a redirect (a nested `open`) runs on the clock of its request. With a
+    gate, a failed request is reported to it, and a 429/503 retried when the gate says so."""
 
-    def __init__(self, total_timeout: float | None) -> None:
+    def __init__(self, total_timeout: float | None, gate: Gate | None = None) -> None:
         super().__init__()
         self.total_timeout = total_timeout
+        self.gate = gate
 
     def open(self, fullurl: Any, data: Any = None, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT) -> Any:  # type: ignore[attr-defined]
+        if self.gate is None or getattr(_request, "depth", 0) or getattr(fullurl, "optout_fetch", False):
+            # robots.txt answering 5xx is a verdict (not allowed), not something to wait out
+            return self._attempt(fullurl, data, timeout)
+        attempt = 0
+        while True:
+            try:
+                return self._attempt(fullurl, data, timeout)
+            except urllib.error.HTTPError as e:
+                if not self.gate.should_retry(e, attempt):
+                    raise
+                e.close()
+                attempt += 1
+
+    def _attempt(self, fullurl: Any, data: Any, timeout: Any) -> Any:
         depth = getattr(_request, "depth", 0)
         if depth == 0:
             _request.deadline = None if self.total_timeout is None else time.monotonic() + self.total_timeout
         _request.depth = depth + 1
         try:
             return super().open(fullurl, data, timeout)
+        except BaseException as e:
+            if self.gate is not None and not isinstance(e, urllib.error.HTTPError):
+                self.gate.on_error(e)
+            raise
         finally:
             _request.depth = depth
+
+
+class _GateHandler(urllib.request.BaseHandler):
+    """Every http(s) request (redirects included) waits for the gate's leave; every response is shown to
+    it before its body is read. Sets the User-Agent the crawl announces."""
+
+    handler_order = 400  # responses: before the size check
+
+    def __init__(self, policy: UrlPolicy, gate: Gate) -> None:
+        self.policy = policy
+        self.gate = gate
+
+    def http_request(self, req: urllib.request.Request) -> urllib.request.Request:
+        self.gate.admit(req, getattr(req, "optout_fetch", False))
+        req.headers["User-agent"] = self.gate.manners.user_agent
+        if getattr(_request, "depth", 0) == 1 and self.policy.total_timeout is not None:
+            # Waiting for the host's turn is not the request's time: its clock starts now.
+            _request.deadline = time.monotonic() + self.policy.total_timeout
+        return req
+
+    def http_response(self, req: urllib.request.Request, response: Any) -> Any:
+        return self.gate.on_response(req, response, getattr(req, "optout_fetch", False))
+
+    https_request = http_request
+    https_response = http_response
 
 
 class _Limits:

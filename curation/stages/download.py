@@ -50,6 +50,12 @@ Untrusted input, refused per row and never as a shard failure:
 - With a `hash_blocklist` stage in the pipeline, every fetched image's bytes are matched
   against its lists before img2dataset resizes or writes them: a matched image is never
   written. Status `blocklisted`, error_message the list's name and kind; reason `blocklist`.
+
+Opt-outs and politeness (`curation.core.crawl`, docs/optouts.md): every http(s) request passes the
+worker's `HostGate`, which refuses rows that robots.txt (`robots`), TDMRep (`tdm_reservation`) or
+X-Robots-Tag (`x_robots_tag`) opt out, caps requests per host, backs off on 429/503 and gives up on a
+host that keeps failing (`host_given_up`).
+
 Refusals reach the manifest as img2dataset error messages starting with a random
 per-stage tag, which no server can forge, and become these statuses here.
 """
@@ -72,6 +78,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation import __version__
+from curation.core.crawl import OPT_OUT_STATUSES, TOKEN_RE, HostGate, Manners, user_agent
 from curation.core.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size
 from curation.core.params import param
 from curation.core.shards import read_samples
@@ -82,7 +90,9 @@ from curation.stages.base import Resources, Stage, StageContext
 
 # img2dataset's per-sample columns we carry, under img2dataset's names.
 I2D_COLUMNS: dict[str, pa.DataType] = {
-    "status": pa.string(),  # success | failed_to_download | failed_to_resize
+    # success | failed_to_download | failed_to_resize; our refusals: refused | too_large | robots |
+    # tdm_reservation | x_robots_tag | host_given_up
+    "status": pa.string(),
     "error_message": pa.string(),
     "width": pa.int32(),
     "height": pa.int32(),
@@ -101,6 +111,8 @@ DOWNLOAD_COLUMNS: dict[str, pa.DataType] = {**I2D_COLUMNS, **PROVENANCE_COLUMNS,
 _HTTP_ERROR = re.compile(r"HTTP Error (\d{3})")
 # img2dataset's shard-number width in file names (its `oom_shard_count` default).
 OOM_SHARD_COUNT = 5
+# A contact URL goes into a header: no spaces, no control characters.
+_CONTACT_RE = re.compile(r"(https?://|mailto:)[!-~]+")
 
 
 @dataclass(frozen=True)
@@ -135,9 +147,30 @@ class DownloadParams:
     max_bytes: int = param(32 * 2**20, ge=1)
     retries: int = param(0, ge=0)
     max_shard_retry: int = param(1, ge=0)
-    user_agent_token: str | None = None
+    # --- opt-outs and politeness (docs/optouts.md) ---
+    # The product token sent in every request's User-Agent and matched in robots.txt and X-Robots-Tag.
+    user_agent_token: str = "curate"
+    # Where a site owner reaches whoever runs the crawl (https://... or mailto:...), sent in the User-Agent.
+    contact_url: str | None = None
     # null: img2dataset's default [noai, noimageai, noindex, noimageindex]; []: honour none
     disallowed_header_directives: list[str] | None = None
+    # Rows a host's robots.txt disallows for user_agent_token are not fetched (status `robots`).
+    respect_robots_txt: bool = True
+    # TDMRep: /.well-known/tdmrep.json and the tdm-reservation header (status `tdm_reservation`).
+    respect_tdmrep: bool = True
+    # A robots.txt or tdmrep.json answering 5xx/429 or not at all: refuse the host's rows, or allow them.
+    optouts_unreachable: Literal["refuse", "allow"] = "refuse"
+    # Per host and worker: requests in flight, request starts a second (null: no limit).
+    host_max_concurrent: int | None = param(4, ge=1)
+    host_max_rate: float | None = param(10, gt=0)
+    # A robots.txt Crawl-delay is honoured up to this many seconds.
+    max_crawl_delay: float = param(10, ge=0)
+    # 429/503: the host pauses for Retry-After (at most this long; exponential without one) and the row is
+    # retried up to backoff_retries times; a longer Retry-After fails the row.
+    max_retry_after: float = param(60, ge=0)
+    backoff_retries: int = param(2, ge=0)
+    # Consecutive failures after which a host is given up for the rest of the shard (`host_given_up`).
+    host_max_failures: int | None = param(10, ge=1)
     # Folders whose files `file:` URLs may read (real paths checked: no `..` or symlink escape);
     # null: file: URLs are refused. Relative to the working directory.
     allow_local: list[str] | None = None
@@ -167,6 +200,7 @@ class Download(Stage):
         # The hash_blocklist stage whose lists screen every fetched image before img2dataset writes it
         # (set by curation.stages.build_stages; curation/stages/blocklist.py).
         self.screen: Any = None
+        self._gate: HostGate | None = None  # this worker's robots.txt cache and host limits
 
     @property
     def policy(self) -> UrlPolicy:
@@ -177,6 +211,32 @@ class Download(Stage):
             total_timeout=self.params.total_timeout,
             max_bytes=self.params.max_bytes,
         )
+
+    @property
+    def gate(self) -> HostGate:
+        """Opt-outs and politeness, shared by the download threads (and kept across batches) of this worker."""
+        if self._gate is None:
+            p = self.params
+            directives = p.disallowed_header_directives
+            if directives is None:
+                directives = ["noai", "noimageai", "noindex", "noimageindex"]
+            manners = Manners(
+                user_agent=user_agent(p.user_agent_token, __version__, p.contact_url),
+                token=p.user_agent_token,
+                robots=p.respect_robots_txt,
+                tdmrep=p.respect_tdmrep,
+                x_robots_directives=frozenset(d.strip().lower() for d in directives),
+                unreachable=p.optouts_unreachable,
+                timeout=p.timeout,
+                max_concurrent=p.host_max_concurrent,
+                max_rate=p.host_max_rate,
+                max_crawl_delay=p.max_crawl_delay,
+                max_retry_after=p.max_retry_after,
+                backoff_retries=p.backoff_retries,
+                max_failures=p.host_max_failures,
+            )
+            self._gate = HostGate(manners, self.policy, key=f"{self.tag}{os.getpid()}")
+        return self._gate
 
     @property
     def resources(self) -> Resources:
@@ -201,6 +261,14 @@ class Download(Stage):
             parse_networks(p.allow_private_addresses)
         except ValueError as e:
             problems.append(f"allow_private_addresses: {e}")
+        if not TOKEN_RE.fullmatch(p.user_agent_token):
+            problems.append(
+                f"user_agent_token: {p.user_agent_token!r} is not a product token (letters, '-' and '_')"
+            )
+        if p.contact_url is not None and not _CONTACT_RE.fullmatch(p.contact_url):
+            problems.append(
+                f"contact_url: {p.contact_url!r} is not an http(s):// or mailto: URL without spaces"
+            )
         return problems
 
     # ------------------------------------------------------------------ compute
@@ -215,6 +283,7 @@ class Download(Stage):
         n = table.num_rows
         shard = table.column("shard")[0].as_py()
         uids = table.column("uid").to_pylist()
+        self.gate.begin_shard(shard)  # hosts given up in another shard are tried again
         batch_id = hashlib.sha256(f"{n}\n".encode() + "\n".join(uids).encode()).hexdigest()[:16]
         rel = Path("images") / f"shard-{shard:05d}" / batch_id
         per = max(1, math.ceil(n / self.params.processes_count))
@@ -294,9 +363,6 @@ class Download(Stage):
             max_image_area=float("inf") if p.max_image_area is None else p.max_image_area,
             max_aspect_ratio=float("inf") if p.max_aspect_ratio is None else p.max_aspect_ratio,
         )
-        directives = p.disallowed_header_directives
-        if directives is None:
-            directives = ["noai", "noimageai", "noindex", "noimageindex"]
         downloader = Downloader(
             sample_writer_class=WebDatasetSampleWriter,
             resizer=_HeaderCheckedResizer(resizer, p.max_pixels, self.tag, self._screen_lists()),
@@ -312,10 +378,11 @@ class Download(Stage):
             verify_hash_type=None,
             encode_format=p.encode_format,
             retries=p.retries,
-            user_agent_token=p.user_agent_token,
-            disallowed_header_directives=directives or None,
+            # The gate sets the User-Agent and checks X-Robots-Tag (before the body is read, with a status).
+            user_agent_token=None,
+            disallowed_header_directives=None,
         )
-        return _PolicyDownloader(downloader, self.policy)
+        return _PolicyDownloader(downloader, self.policy, self.gate)
 
     def _screen_lists(self) -> Any:
         lists = self.screen.lists if self.screen is not None else None
@@ -373,9 +440,13 @@ class Download(Stage):
     def decide(self, table: pa.Table) -> pa.Array:
         status = table.column("status")
         undecodable = pc.is_in(status, value_set=pa.array(["failed_to_resize", "too_large"]))
+        opted_out = pc.is_in(status, value_set=pa.array(OPT_OUT_STATUSES))
         reason = pc.case_when(
-            pc.make_struct(pc.equal(status, "blocklisted"), undecodable, pc.not_equal(status, "success")),
+            pc.make_struct(
+                pc.equal(status, "blocklisted"), opted_out, undecodable, pc.not_equal(status, "success")
+            ),
             pa.scalar("blocklist"),
+            pa.scalar("opt_out"),
             pa.scalar("decode"),
             pa.scalar("download"),
         )
@@ -404,12 +475,13 @@ class _PolicyDownloader:
     """img2dataset's Downloader, run with the URL policy's opener installed (picklable: img2dataset's
     multiprocessing distributor sends it to its own processes)."""
 
-    def __init__(self, downloader: Any, policy: UrlPolicy) -> None:
+    def __init__(self, downloader: Any, policy: UrlPolicy, gate: HostGate) -> None:
         self.downloader = downloader
         self.policy = policy
+        self.gate = gate  # pickled by key: the processes of the pool each keep one (curation.core.crawl)
 
     def __call__(self, row: Any) -> Any:
-        with self.policy.installed():
+        with self.policy.installed(self.gate):
             return self.downloader(row)
 
 
