@@ -519,3 +519,51 @@ def explain_conflict(root: Path | str, old: dict, new: dict) -> str:
         + "\n    ".join(diffs[:10])
         + "\nChoose a new output (--output DIR), or restore the original config to resume."
     )
+
+
+# ---------------------------------------------------------------------------- the data files of a run
+# `curate compact` (curation/compact.py) rewrites many shard manifests into a few large parts under
+# manifests/compacted/, committed by one object, the index. Every reader asks `data_files` where the
+# rows are, so each committed shard is read exactly once, from its part or from its own manifest.
+
+COMPACTED_DIR = "compacted"  # manifests/compacted/part-*.parquet and index.json
+COMPACTED_INDEX = "index.json"
+
+
+@dataclass
+class DataFiles:
+    """Where the committed rows of a run live, as names relative to manifests/."""
+
+    parts: list[dict]  # the index's parts: {"name", "rows", "bytes", "shards": [[index, rows], ...]}
+    singles: list[str]  # shard-NNNNN.parquet of done shards that no part holds
+    covered: dict[int, str]  # shard index -> the part (name under compacted/) holding its rows
+    done: dict[int, dict]  # the ledger's done entries
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{COMPACTED_DIR}/{p['name']}" for p in self.parts] + self.singles
+
+
+def compaction_index(run: RunDir) -> dict[str, Any]:
+    """manifests/compacted/index.json, or an empty index when the run was never compacted."""
+    try:
+        index = run.manifest_store.child(COMPACTED_DIR).get_json(COMPACTED_INDEX)
+    except FileNotFoundError:
+        return {"version": 1, "generation": 0, "parts": [], "retired": []}
+    except ValueError as e:
+        raise StorageError(
+            f"{run.manifest_store.url_of(COMPACTED_DIR)}/{COMPACTED_INDEX} is unreadable: {e}"
+        ) from None
+    return index
+
+
+def data_files(run: RunDir, index: dict[str, Any] | None = None) -> DataFiles:
+    """The files holding a run's committed rows: the compacted parts, then the manifests of done shards
+    no part holds. The index is read before the ledger: a shard compacted after the ledger read is still
+    in the index read before it, and one compacted later keeps its own manifest for the retention time
+    (compaction retires, then removes later), so each committed row is in exactly one listed file."""
+    index = compaction_index(run) if index is None else index
+    covered = {int(i): p["name"] for p in index["parts"] for i, _ in p["shards"]}
+    done = run.ledger_state().done
+    singles = [f"{shard_name(i)}.parquet" for i in sorted(done) if i not in covered]
+    return DataFiles(list(index["parts"]), singles, covered, done)
