@@ -7,6 +7,7 @@ This package alone parses arguments, prints, and chooses exit codes (see
     select.py     select
     report.py     report
     dedup.py      dedup
+    compact.py    compact
     train.py      train, eval, mine (registered when the `train` package is installed)
 """
 
@@ -30,6 +31,7 @@ Offline data curation for CLIP-style pre-training.
   curate select runs/demo --where "keep" --out subset.parquet --uids-only
   curate report runs/demo --out report.html   one HTML file: funnel, histograms, sample grids
   curate dedup runs/demo                   duplicate groups (exact, perceptual hash, embeddings)
+  curate compact runs/demo                 few large manifest files instead of many small ones
   curate train train/configs/fashion_mnist.yaml      contrastive training on a selected subset
   curate eval train/configs/fashion_mnist.yaml --few-shot 0,1,2,4,8,16   zero-shot, retrieval, few-shot
   curate mine train/configs/mine_fashion_mnist.yaml  HELIP hard pairs for training
@@ -48,7 +50,7 @@ def _quiet_environment() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from curation import __version__
-    from curation.cli import dedup, pipeline, report, select
+    from curation.cli import compact, dedup, pipeline, report, select
 
     p = Parser(prog="curate", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"curate {__version__}")
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.register(sub)
     report.register(sub)
     dedup.register(sub)
+    compact.register(sub)
     if importlib.util.find_spec("train"):  # absent only in a partial install
         from curation.cli import train
 
