@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -108,10 +109,12 @@ def connect(
     # DuckDB's default temp_directory is `.tmp` of the current directory, and it stays readable after
     # external access is switched off: spill into a fresh private folder instead (issue 28).
     con.execute(f"SET temp_directory = {_sql_string(_scratch.mkdtemp(prefix='curate-duckdb-'))}")
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|%)\s*", limits.memory, re.I):
+        raise LimitError(f"{limits.memory!r} is not a size such as 4GB, 512MB or 50%")
     try:
         con.execute(f"SET memory_limit = {_sql_string(limits.memory)}")
     except duckdb.Error as e:
-        raise LimitError(f"memory limit {limits.memory!r}: {explain_error(e)}") from None
+        raise LimitError(f"{limits.memory!r}: {explain_error(e)}") from None
     if limits.threads is not None:
         con.execute(f"SET threads = {int(limits.threads)}")
     con.execute("SET python_enable_replacements = false")  # no Python variable is a table
@@ -192,6 +195,7 @@ def deadline(con: duckdb.DuckDBPyConnection, seconds: float | None) -> Iterator[
         raise
     finally:
         timer.cancel()
+        timer.join()  # a timer thread still alive when the interpreter exits can abort it
 
 
 class StatementTimeout(Exception):
