@@ -119,3 +119,25 @@ def test_s3_query_fetches_only_the_columns_it_reads_and_never_twice(tmp_path, s3
     # a second column: its chunks only
     assert con.execute("SELECT sum(caption_words) FROM samples").fetchall()
     assert cache.fetched - first <= 1.5 * _column_bytes(local, "caption_words")
+
+
+def test_balance_streams_in_batches_and_equals_the_whole_table_computation(run):
+    """`select --balance` reads uid and caption in batches (flat memory): the same uids as `balance`
+    over all the rows at once, whatever the batch size."""
+    from curation.balance import BalanceSpec, balance, balance_run, match_entries
+
+    con = query.connect(run)
+    rows = con.execute("SELECT uid, caption FROM samples").fetchall()
+    spec = BalanceSpec(t=3, metadata=("a", "the", "of", "in", "with"), seed=7)
+    entries = match_entries([r[1] for r in rows], spec.metadata)
+    want = balance([r[0] for r in rows], entries, spec.t, spec.seed)
+    for batch_rows in (1, 7, 1000):
+        got = balance_run(con, "true", spec, batch_rows=batch_rows)
+        assert sorted(got.kept.to_pylist()) == sorted(want.kept)
+        assert (got.rows, got.unmatched, got.entry_counts, got.kept_per_entry) == (
+            want.rows,
+            want.unmatched,
+            want.entry_counts,
+            want.kept_per_entry,
+        )
+    assert 0 < len(want.kept) < len(rows)
