@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -227,3 +228,57 @@ def test_compacted_s3_run_answers_as_the_local_one_and_hostile_sql_is_refused(tm
     keys = s3.keys(bucket, "run/manifests/")
     assert not [k for k in keys if k.rsplit("/", 1)[-1].startswith("shard-")]
     assert answers(url) == want
+
+
+def hostile_cases(tmp: Path, manifest: str) -> dict[str, str]:
+    """tests/test_query_hostile.py's statements, aimed at this run's files."""
+    other = tmp / "elsewhere.parquet"
+    pq.write_table(pa.table({"secret": [1]}), other)
+    return {
+        f"COPY samples TO '{tmp}/x.csv'": "query refused: COPY is refused",
+        f"COPY (SELECT * FROM samples) TO '{manifest}' (USE_TMP_FILE false)": "query refused: COPY is refused",
+        f"ATTACH '{tmp}/y.db'": "query refused: ATTACH statements are refused",
+        f"EXPORT DATABASE '{tmp}/exp'": "query refused: EXPORT statements are refused",
+        "INSTALL httpfs": "statements are refused",
+        "LOAD httpfs": "query refused: LOAD statements are refused",
+        "SET enable_external_access = true": "query refused: SET statements are refused",
+        "PRAGMA enable_profiling": "query refused: PRAGMA statements are refused",
+        "CREATE TABLE t AS SELECT 1": "query refused: CREATE statements are refused",
+        f"SELECT 1; COPY samples TO '{tmp}/z.csv'": "query refused: one statement at a time (got 2)",
+        "SELECT * FROM read_csv('/etc/passwd')": "Permission Error",
+        "SELECT * FROM read_text('/etc/passwd')": "Permission Error",
+        "SELECT * FROM read_blob('/proc/self/environ')": "Permission Error",
+        "SELECT * FROM glob('/etc/*')": "Permission Error",
+        f"SELECT * FROM read_parquet('{other}')": "Permission Error",
+        f"SELECT * FROM '{other}'": "Permission Error",
+        "SELECT * FROM glob('.tmp/*')": "Permission Error",
+    }
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
+def test_hostile_statements_are_refused_on_compacted_runs(where, tmp_path, request, capsys):
+    if where == "s3":
+        s3, bucket = request.getfixturevalue("s3"), request.getfixturevalue("bucket")
+        output = f"s3://{bucket}/run"
+    else:
+        output = str(tmp_path / "run")
+    make_run(tmp_path, output, rows=60, per_shard=20)
+    assert main(["compact", output, "--retain", "0"]) == 0
+    [part] = data_files(RunDir(output)).parts
+    manifest = f"{output}/manifests/compacted/{part['name']}"
+    before = answers(output)
+    for sql, message in hostile_cases(tmp_path, manifest).items():
+        capsys.readouterr()
+        assert main(["query", output, sql]) == 2, sql
+        err = capsys.readouterr().err
+        assert err.startswith("curate: error: query ") and message in err, (sql, err)
+        assert err.count("\n") == 1, err
+    assert answers(output) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(("in.", "c."))) == [
+        "elsewhere.parquet",
+        *(["run"] if where == "local" else []),
+    ]
+    if where == "s3":
+        assert all(
+            "run/manifests/compacted/" in k or not k.startswith("run/manifests/") for k in s3.keys(bucket)
+        )

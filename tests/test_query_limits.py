@@ -141,3 +141,16 @@ def test_balance_streams_in_batches_and_equals_the_whole_table_computation(run):
             want.kept_per_entry,
         )
     assert 0 < len(want.kept) < len(rows)
+
+
+def test_datacomp_uids_per_batch_and_a_malformed_one_named():
+    import pyarrow as pa
+
+    from curation.select import SelectError, datacomp_uids
+
+    uids = [f"{i:032x}" for i in (5, 1, 2**127 + 3)]
+    array = datacomp_uids(pa.array(uids))
+    assert array.tolist() == [(0, 1), (0, 5), (2**63, 3)]
+    assert (datacomp_uids(uids) == array).all()
+    with pytest.raises(SelectError, match="'xyz' is not 32 hex digits"):
+        datacomp_uids(pa.array([uids[0], "xyz"]))
