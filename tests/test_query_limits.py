@@ -154,3 +154,14 @@ def test_datacomp_uids_per_batch_and_a_malformed_one_named():
     assert (datacomp_uids(uids) == array).all()
     with pytest.raises(SelectError, match="'xyz' is not 32 hex digits"):
         datacomp_uids(pa.array([uids[0], "xyz"]))
+
+
+def test_a_range_cache_folder_others_may_write_is_not_used(tmp_path):
+    from curation.remote import RangeCache
+
+    folder = tmp_path / "shared"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    assert not RangeCache(folder).enabled
+    folder.chmod(0o700)
+    assert RangeCache(folder).enabled
