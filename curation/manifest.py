@@ -537,7 +537,7 @@ class DataFiles:
     parts: list[dict]  # the index's parts: {"name", "rows", "bytes", "shards": [[index, rows], ...]}
     singles: list[str]  # shard-NNNNN.parquet of done shards that no part holds
     covered: dict[int, str]  # shard index -> the part (name under compacted/) holding its rows
-    done: dict[int, dict]  # the ledger's done entries
+    done: dict[int, dict]  # the ledger's done entries ({} when the index holds every shard of the plan)
 
     @property
     def names(self) -> list[str]:
@@ -564,6 +564,11 @@ def data_files(run: RunDir, index: dict[str, Any] | None = None) -> DataFiles:
     (compaction retires, then removes later), so each committed row is in exactly one listed file."""
     index = compaction_index(run) if index is None else index
     covered = {int(i): p["name"] for p in index["parts"] for i, _ in p["shards"]}
-    done = run.ledger_state().done
+    plan = None
+    if covered:
+        with contextlib.suppress(FileNotFoundError):
+            plan = run.plan()
+    # A compacted finished run: the index names every shard of the plan, and the ledger is not read.
+    done = {} if plan and all(s.index in covered for s in plan) else run.ledger_state(plan).done
     singles = [f"{shard_name(i)}.parquet" for i in sorted(done) if i not in covered]
     return DataFiles(list(index["parts"]), singles, covered, done)
