@@ -95,12 +95,13 @@ def run_dedup(
     """Compute (or resume) the duplicate table of a run; returns the summary written to dedup.json."""
     import duckdb
 
-    from curation.query import NoManifests, connect
+    from curation.query import Limits, NoManifests, connect
 
     run = RunDir(output)
     folder = run.store.child("dedup")
     try:
-        con = connect(output)
+        # Its rows are held in memory anyway (the links need them): DuckDB's own default, 80% of RAM.
+        con = connect(output, limits=Limits(memory="80%", timeout=None))
     except NoManifests as e:
         raise DedupError(str(e)) from None
     folder.makedirs()
