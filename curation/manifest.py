@@ -554,7 +554,48 @@ def compaction_index(run: RunDir) -> dict[str, Any]:
         raise StorageError(
             f"{run.manifest_store.url_of(COMPACTED_DIR)}/{COMPACTED_INDEX} is unreadable: {e}"
         ) from None
+    problem = _index_problem(index)
+    if problem:
+        # A run directory may come from someone else: its index names files only inside manifests/.
+        raise StorageError(f"{run.manifest_store.url_of(COMPACTED_DIR)}/{COMPACTED_INDEX}: {problem}")
     return index
+
+
+PART_NAME = re.compile(r"part-\d{6}-\d{5}-[0-9a-f]{8}\.parquet")
+RETIRED_NAME = re.compile(r"shard-\d{5,}\.parquet|compacted/part-\d{6}-\d{5}-[0-9a-f]{8}\.parquet")
+
+
+def _index_problem(index: Any) -> str | None:
+    """Why `index` is not a compaction index this version wrote (None: it is one)."""
+
+    def count(x: Any) -> bool:
+        return type(x) is int and x >= 0
+
+    if not isinstance(index, dict) or not isinstance(index.get("parts"), list):
+        return "not a compaction index (no list of parts)"
+    if not count(index.get("generation")) or not isinstance(index.get("retired", []), list):
+        return "malformed generation or retired list"
+    for p in index["parts"]:
+        if (
+            not isinstance(p, dict)
+            or not isinstance(p.get("name"), str)
+            or not PART_NAME.fullmatch(p["name"])
+        ):
+            return f"a part named {str(p.get('name') if isinstance(p, dict) else p)[:80]!r}"
+        if not count(p.get("rows")) or not count(p.get("bytes")) or not isinstance(p.get("shards"), list):
+            return f"part {p['name']}: malformed rows, bytes or shards"
+        if not all(isinstance(e, list) and len(e) == 2 and count(e[0]) and count(e[1]) for e in p["shards"]):
+            return f"part {p['name']}: malformed shard entries"
+    for r in index.get("retired", []):
+        if (
+            not isinstance(r, dict)
+            or not isinstance(r.get("name"), str)
+            or not RETIRED_NAME.fullmatch(r["name"])
+        ):
+            return "a retired file outside manifests/"
+        if type(r.get("since")) not in (int, float) or r["since"] != r["since"]:
+            return f"retired {r['name']}: malformed time"
+    return None
 
 
 def data_files(run: RunDir, index: dict[str, Any] | None = None) -> DataFiles:

@@ -316,3 +316,35 @@ def test_compacting_a_run_while_it_runs_loses_and_duplicates_nothing(tmp_path, c
     make_run(tmp_path, reference, rows=400, per_shard=5)
     assert answers(out) == answers(reference)
     assert len(answers(out)[0]) == 400
+
+
+def test_an_index_from_a_stranger_cannot_name_files_outside_the_run(tmp_path, capsys):
+    """manifests/compacted/index.json is untrusted input: a part `../../secret.parquet` or a retired
+    `../run.json` would make every reader read, and compact delete, files outside manifests/."""
+    out = tmp_path / "run"
+    make_run(tmp_path, out, rows=40, per_shard=20)
+    secret = tmp_path / "secret.parquet"
+    pq.write_table(pa.table({"uid": ["stolen"]}), secret)
+    assert main(["compact", str(out)]) == 0
+    index_path = out / "manifests" / "compacted" / "index.json"
+    good = json.loads(index_path.read_text())
+    part = good["parts"][0]
+    bad_indexes = {
+        "part": {**good, "parts": [{**part, "name": "../../../secret.parquet"}]},
+        "retired": {**good, "retired": [{"name": "../run.json", "since": 0}]},
+        "shards": {**good, "parts": [{**part, "shards": [["0", 20]]}]},
+        "shape": [1, 2],
+    }
+    for what, bad in bad_indexes.items():
+        index_path.write_text(json.dumps(bad))
+        for argv in (
+            ["query", str(out), "SELECT count(*) FROM samples"],
+            ["compact", str(out), "--retain", "0"],
+        ):
+            capsys.readouterr()
+            assert main(argv) == 2, (what, argv)
+            err = capsys.readouterr().err
+            assert "index.json: " in err and err.count("\n") == 1, (what, err)
+    assert (out / "run.json").exists() and secret.exists()
+    index_path.write_text(json.dumps(good))
+    assert len(answers(out)[0]) == 40
