@@ -220,7 +220,7 @@ _caches: list = []  # the range caches of this process's connections, trimmed at
 
 @atexit.register
 def _trim_caches() -> None:
-    for cache in _caches:
+    for cache in {c.folder: c for c in _caches}.values():  # once per cache folder
         with contextlib.suppress(Exception):
             cache.trim()
 
