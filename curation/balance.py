@@ -64,7 +64,7 @@ class BalanceSpec:
 
 @dataclass
 class BalanceResult:
-    kept: list[str]  # uids, sorted
+    kept: Sequence[str]  # uids, sorted (an Arrow array from balance_run)
     rows: int  # rows considered
     unmatched: int  # rows matching no entry (dropped, as in MetaCLIP)
     entry_counts: dict[str, int] = field(default_factory=dict)  # pairs matched per entry, before sampling
@@ -166,10 +166,23 @@ def balance(uids: Sequence[str], entries: Sequence[Sequence[str]], t: float, see
     )
 
 
-def balance_run(con: Any, where: str, spec: BalanceSpec) -> BalanceResult:
+BATCH_ROWS = 65_536  # rows matched at a time: memory stays flat whatever the run's size
+
+
+def balance_run(con: Any, where: str, spec: BalanceSpec, batch_rows: int = BATCH_ROWS) -> BalanceResult:
     """Balance the rows of a run's `samples` view that `where` selects (a locked-down `curation.query`
-    connection; `where` is the user's SQL condition, run as one read-only SELECT)."""
-    from curation.query import select_statement
+    connection; `where` is the user's SQL condition, run as one read-only SELECT); the same result as
+    `balance` over those rows, streamed so memory does not grow with the run.
+
+    Two passes over the columns it needs (uid, caption and, for `concepts`, the top-1 concept): the
+    first counts each entry's pairs; the second reads the rows in uid order (DuckDB sorts, spilling to
+    disk beyond its memory limit) and draws in that order, in batches of the same random stream
+    (`Generator.random(a)` then `random(b)` gives what `random(a + b)` gives). What stays in memory:
+    the entry counts, one batch, and the kept uids (an Arrow array, ~40 bytes a kept row).
+    """
+    import pyarrow as pa
+
+    from curation.query import condition, select_statement
 
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     wanted = ["uid", "caption"] + (["concept_ids"] if spec.concepts else [])
@@ -177,12 +190,47 @@ def balance_run(con: Any, where: str, spec: BalanceSpec) -> BalanceResult:
     if missing:
         hint = " (run a `concepts` stage for --balance concepts)" if "concept_ids" in missing else ""
         raise BalanceError(f"--balance needs the column(s) {', '.join(missing)}{hint}")
-    top1 = ", concept_ids[1]" if spec.concepts else ""
-    rows = con.execute(select_statement(f"SELECT uid, caption{top1} FROM samples WHERE ({where})")).fetchall()
-    uids = [r[0] for r in rows]
-    concepts = [r[2] for r in rows] if spec.concepts else None
-    entries = match_entries([r[1] for r in rows], spec.metadata, concepts, spec.match)
-    return balance(uids, entries, spec.t, spec.seed)
+    top1 = ", concept_ids[1] AS concept" if spec.concepts else ""
+    sql = f"SELECT uid, caption{top1} FROM samples WHERE {condition(where)}"
+
+    def batches(order: str) -> Any:
+        reader = con.sql(select_statement(sql + order)).to_arrow_reader(batch_rows)
+        for batch in reader:
+            concepts = batch.column("concept").to_pylist() if spec.concepts else None
+            entries = match_entries(batch.column("caption").to_pylist(), spec.metadata, concepts, spec.match)
+            yield batch.column("uid"), entries
+
+    counts: dict[str, int] = {}
+    rows = unmatched = 0
+    for _, entries in batches(""):
+        rows += len(entries)
+        for row in entries:
+            unmatched += not row
+            for e in row:
+                counts[e] = counts.get(e, 0) + 1
+    prob = {e: min(1.0, spec.t / c) for e, c in counts.items()}
+    rng = np.random.default_rng(spec.seed)
+    kept: list[Any] = []
+    kept_per_entry = dict.fromkeys(counts, 0)
+    for uids, entries in batches(" ORDER BY uid"):
+        draws = rng.random(sum(len(row) for row in entries))
+        used = 0
+        take = np.zeros(len(entries), bool)
+        for i, row in enumerate(entries):
+            u = draws[used : used + len(row)]
+            used += len(row)
+            if any(u[j] < prob[e] for j, e in enumerate(row)):
+                take[i] = True
+                for e in row:
+                    kept_per_entry[e] += 1
+        kept.append(uids.filter(pa.array(take)))
+    return BalanceResult(
+        kept=pa.chunked_array(kept, pa.string()),
+        rows=rows,
+        unmatched=unmatched,
+        entry_counts=counts,
+        kept_per_entry=kept_per_entry,
+    )
 
 
 def balanced_where(con: Any, where: str, spec: BalanceSpec) -> tuple[str, BalanceResult]:
@@ -190,7 +238,8 @@ def balanced_where(con: Any, where: str, spec: BalanceSpec) -> tuple[str, Balanc
     import pyarrow as pa
 
     result = balance_run(con, where, spec)
-    con.register("balanced_uids", pa.table({"uid": pa.array(result.kept, pa.string())}))
+    kept = result.kept if isinstance(result.kept, pa.ChunkedArray) else pa.array(result.kept, pa.string())
+    con.register("balanced_uids", pa.table({"uid": kept}))
     return f"({where}) AND uid IN (SELECT uid FROM balanced_uids)", result
 
 

@@ -36,7 +36,8 @@ a dedup killed on one machine resumes on another); a killed run re-run with the
 same manifests and parameters redoes only missing steps, and every step is
 deterministic (seeded k-means), so the groups are the same. The rows themselves
 are read into this machine's memory (through `curate query`'s connection, which
-copies an object store's manifests to a private temporary folder first).
+reads only the columns the links and the rule need, by byte range on an object
+store): ~200 bytes a row with exact and phash, plus the embeddings for semantic.
 """
 
 from __future__ import annotations
@@ -94,12 +95,13 @@ def run_dedup(
     """Compute (or resume) the duplicate table of a run; returns the summary written to dedup.json."""
     import duckdb
 
-    from curation.query import NoManifests, connect
+    from curation.query import Limits, NoManifests, connect
 
     run = RunDir(output)
     folder = run.store.child("dedup")
     try:
-        con = connect(output)
+        # Its rows are held in memory anyway (the links need them): DuckDB's own default, 80% of RAM.
+        con = connect(output, limits=Limits(memory="80%", timeout=None))
     except NoManifests as e:
         raise DedupError(str(e)) from None
     folder.makedirs()

@@ -519,3 +519,97 @@ def explain_conflict(root: Path | str, old: dict, new: dict) -> str:
         + "\n    ".join(diffs[:10])
         + "\nChoose a new output (--output DIR), or restore the original config to resume."
     )
+
+
+# ---------------------------------------------------------------------------- the data files of a run
+# `curate compact` (curation/compact.py) rewrites many shard manifests into a few large parts under
+# manifests/compacted/, committed by one object, the index. Every reader asks `data_files` where the
+# rows are, so each committed shard is read exactly once, from its part or from its own manifest.
+
+COMPACTED_DIR = "compacted"  # manifests/compacted/part-*.parquet and index.json
+COMPACTED_INDEX = "index.json"
+
+
+@dataclass
+class DataFiles:
+    """Where the committed rows of a run live, as names relative to manifests/."""
+
+    parts: list[dict]  # the index's parts: {"name", "rows", "bytes", "shards": [[index, rows], ...]}
+    singles: list[str]  # shard-NNNNN.parquet of done shards that no part holds
+    covered: dict[int, str]  # shard index -> the part (name under compacted/) holding its rows
+    done: dict[int, dict]  # the ledger's done entries ({} when the index holds every shard of the plan)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{COMPACTED_DIR}/{p['name']}" for p in self.parts] + self.singles
+
+
+def compaction_index(run: RunDir) -> dict[str, Any]:
+    """manifests/compacted/index.json, or an empty index when the run was never compacted."""
+    try:
+        index = run.manifest_store.child(COMPACTED_DIR).get_json(COMPACTED_INDEX)
+    except FileNotFoundError:
+        return {"version": 1, "generation": 0, "parts": [], "retired": []}
+    except ValueError as e:
+        raise StorageError(
+            f"{run.manifest_store.url_of(COMPACTED_DIR)}/{COMPACTED_INDEX} is unreadable: {e}"
+        ) from None
+    problem = _index_problem(index)
+    if problem:
+        # A run directory may come from someone else: its index names files only inside manifests/.
+        raise StorageError(f"{run.manifest_store.url_of(COMPACTED_DIR)}/{COMPACTED_INDEX}: {problem}")
+    return index
+
+
+PART_NAME = re.compile(r"part-\d{6}-\d{5}-[0-9a-f]{8}\.parquet")
+RETIRED_NAME = re.compile(r"shard-\d{5,}\.parquet|compacted/part-\d{6}-\d{5}-[0-9a-f]{8}\.parquet")
+
+
+def _index_problem(index: Any) -> str | None:
+    """Why `index` is not a compaction index this version wrote (None: it is one)."""
+
+    def count(x: Any) -> bool:
+        return type(x) is int and x >= 0
+
+    if not isinstance(index, dict) or not isinstance(index.get("parts"), list):
+        return "not a compaction index (no list of parts)"
+    if not count(index.get("generation")) or not isinstance(index.get("retired", []), list):
+        return "malformed generation or retired list"
+    for p in index["parts"]:
+        if (
+            not isinstance(p, dict)
+            or not isinstance(p.get("name"), str)
+            or not PART_NAME.fullmatch(p["name"])
+        ):
+            return f"a part named {str(p.get('name') if isinstance(p, dict) else p)[:80]!r}"
+        if not count(p.get("rows")) or not count(p.get("bytes")) or not isinstance(p.get("shards"), list):
+            return f"part {p['name']}: malformed rows, bytes or shards"
+        if not all(isinstance(e, list) and len(e) == 2 and count(e[0]) and count(e[1]) for e in p["shards"]):
+            return f"part {p['name']}: malformed shard entries"
+    for r in index.get("retired", []):
+        if (
+            not isinstance(r, dict)
+            or not isinstance(r.get("name"), str)
+            or not RETIRED_NAME.fullmatch(r["name"])
+        ):
+            return "a retired file outside manifests/"
+        if type(r.get("since")) not in (int, float) or r["since"] != r["since"]:
+            return f"retired {r['name']}: malformed time"
+    return None
+
+
+def data_files(run: RunDir, index: dict[str, Any] | None = None) -> DataFiles:
+    """The files holding a run's committed rows: the compacted parts, then the manifests of done shards
+    no part holds. The index is read before the ledger: a shard compacted after the ledger read is still
+    in the index read before it, and one compacted later keeps its own manifest for the retention time
+    (compaction retires, then removes later), so each committed row is in exactly one listed file."""
+    index = compaction_index(run) if index is None else index
+    covered = {int(i): p["name"] for p in index["parts"] for i, _ in p["shards"]}
+    plan = None
+    if covered:
+        with contextlib.suppress(FileNotFoundError):
+            plan = run.plan()
+    # A compacted finished run: the index names every shard of the plan, and the ledger is not read.
+    done = {} if plan and all(s.index in covered for s in plan) else run.ledger_state(plan).done
+    singles = [f"{shard_name(i)}.parquet" for i in sorted(done) if i not in covered]
+    return DataFiles(list(index["parts"]), singles, covered, done)

@@ -18,19 +18,24 @@ only way to write, and never into a run directory.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import csv
 import json
 import math
 import os
+import re
 import tempfile
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import duckdb
 
 from curation.core.terminal import printable
-from curation.manifest import RunDir
+from curation.manifest import RunDir, data_files
 from curation.schema import HASH_COLUMNS
 from curation.stages import manifest_columns
 
@@ -47,22 +52,39 @@ class QueryRefused(Exception):
     """A statement `curate query` does not run: it would write, attach, load or reconfigure."""
 
 
-def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB, locked down, with a view `samples` over the committed manifests of `output`
-    (a `curate run` output: a local directory or a URL) and `hard_pairs` over the table a `curate mine`
-    output holds.
+@dataclass(frozen=True)
+class Limits:
+    """What one connection may use, set before its configuration is locked (`curate query --memory-limit
+    --threads --timeout`). DuckDB spills what does not fit in `memory` (sorts, joins, large GROUP BYs)
+    to a private temporary folder of this process, never to a folder a statement could read."""
 
-    On an object store the committed manifests are first copied (concurrently) into a private
-    temporary folder, and DuckDB reads those local copies under the same lock-down: DuckDB itself
-    never gets network access or the store's credentials (its httpfs extension would need both).
+    memory: str = "4GB"  # DuckDB's memory_limit: "4GB", "512MB", "50%"
+    threads: int | None = None  # None: one per core
+    timeout: float | None = 3600.0  # seconds one statement may run (curate query); None: no limit
+
+
+def connect(
+    output: str | Path, storage_options: dict | None = None, limits: Limits | None = None
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB, locked down, with a view `samples` over the committed rows of `output`
+    (a `curate run` output: a local directory or a URL), `dedup` over `curate dedup`'s table and
+    `hard_pairs` over the table a `curate mine` output holds.
+
+    The rows are read from the run's data files (`curation.manifest.data_files`: compacted parts and
+    the manifests of shards no part holds). On local disk DuckDB reads those files, and nothing else.
+    On an object store DuckDB scans Arrow datasets over the objects (`curation.remote`): the statement's
+    columns and filters are pushed into the scan, which fetches only the byte ranges they need through
+    the store's own filesystem, with a local cache keyed by ETag. DuckDB itself never gets network
+    access or the store's credentials (its httpfs extension would need both).
     """
+    limits = limits or Limits()
     run = RunDir(output, storage_options)
     local = run.local
     if local and not Path(run.root).is_dir():
         raise NoManifests(f"{output} does not exist")
     if not local:
         run.store.check()
-    names = run.committed_manifests()
+    names = data_files(run).names
     pairs_found = (
         (Path(run.root) / "hard_pairs.parquet").is_file() if local else run.store.exists("hard_pairs.parquet")
     )
@@ -80,21 +102,6 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
     if not names and not pairs_found:
         hint = "the run has not finished a shard yet" if run.exists() else "is this a `curate run` output?"
         raise NoManifests(f"no manifests under {run.store.url_of('manifests')} ({hint})")
-    if local:
-        files = [str(Path(run.manifests, n).resolve()) for n in names]
-        pairs = [str((Path(run.root) / "hard_pairs.parquet").resolve())] if pairs_found else []
-        dedups = [str((Path(run.root) / "dedup" / "dedup.parquet").resolve())] if dedup_found else []
-        decons = [str((Path(run.root) / decon_rel).resolve())] if decon_found else []
-    else:
-        folder = Path(_scratch.mkdtemp(prefix="curate-query-"))
-        files = [str(p) for p in run.manifest_store.get_to_local(names, folder / "manifests")]
-        dedups = (
-            [str(p) for p in run.store.get_to_local(["dedup/dedup.parquet"], folder)] if dedup_found else []
-        )
-        pairs = (
-            [str(p) for p in run.store.get_to_local(["hard_pairs.parquet"], folder)] if pairs_found else []
-        )
-        decons = [str(p) for p in run.store.get_to_local([decon_rel], folder)] if decon_found else []
     con = duckdb.connect(
         ":memory:",
         config={
@@ -104,25 +111,110 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
             "allow_unsigned_extensions": False,
         },
     )
-    # The files, not a glob: a glob would need the directory listable, and a shard committed
-    # after this point is not part of this connection's snapshot anyway.
-    con.execute(f"SET allowed_paths = [{', '.join(_sql_string(f) for f in files + pairs + dedups + decons)}]")
-    if files:
-        listed = ", ".join(_sql_string(f) for f in files)
-        con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
-    if dedups:
-        con.execute(f"CREATE VIEW dedup AS SELECT * FROM read_parquet({_sql_string(dedups[0])})")
-    if decons:
-        con.execute(f"CREATE VIEW decontamination AS SELECT * FROM read_parquet({_sql_string(decons[0])})")
-    if pairs:
-        con.execute(f"CREATE VIEW hard_pairs AS SELECT * FROM read_parquet({_sql_string(pairs[0])})")
+    # DuckDB's default temp_directory is `.tmp` of the current directory, and it stays readable after
+    # external access is switched off: spill into a fresh private folder instead (issue 28).
+    con.execute(f"SET temp_directory = {_sql_string(_scratch.mkdtemp(prefix='curate-duckdb-'))}")
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|%)\s*", limits.memory, re.I):
+        raise LimitError(f"{limits.memory!r} is not a size such as 4GB, 512MB or 50%")
+    try:
+        con.execute(f"SET memory_limit = {_sql_string(limits.memory)}")
+    except duckdb.Error as e:
+        raise LimitError(f"{limits.memory!r}: {explain_error(e)}") from None
+    if limits.threads is not None:
+        con.execute(f"SET threads = {int(limits.threads)}")
+    con.execute("SET python_enable_replacements = false")  # no Python variable is a table
+    views: dict[str, str] = {}
+    if local:
+        files = [str(Path(run.manifests, n).resolve()) for n in names]
+        pairs = [str((Path(run.root) / "hard_pairs.parquet").resolve())] if pairs_found else []
+        dedups = [str((Path(run.root) / "dedup" / "dedup.parquet").resolve())] if dedup_found else []
+        decons = [str((Path(run.root) / decon_rel).resolve())] if decon_found else []
+        # The files, not a glob: a glob would need the directory listable, and a shard committed
+        # after this point is not part of this connection's snapshot anyway.
+        allowed = files + pairs + dedups + decons
+        con.execute(f"SET allowed_paths = [{', '.join(_sql_string(f) for f in allowed)}]")
+        if files:
+            listed = ", ".join(_sql_string(f) for f in files)
+            views["samples"] = f"read_parquet([{listed}], union_by_name = true)"
+        if dedups:
+            views["dedup"] = f"read_parquet({_sql_string(dedups[0])})"
+        if decons:
+            views["decontamination"] = f"read_parquet({_sql_string(decons[0])})"
+        if pairs:
+            views["hard_pairs"] = f"read_parquet({_sql_string(pairs[0])})"
+    else:
+        from curation.remote import RangeCache, object_infos, parquet_dataset
+
+        cache = RangeCache()
+        _caches.append(cache)
+        wanted = [f"manifests/{n}" for n in names]
+        wanted += ["dedup/dedup.parquet"] if dedup_found else []
+        wanted += ["hard_pairs.parquet"] if pairs_found else []
+        wanted += [decon_rel] if decon_found else []
+        infos = object_infos(run.store, wanted)
+        absent = [n for n in wanted if n not in infos]
+        if absent:
+            raise NoManifests(
+                f"{len(absent)} data file(s) of {run.root} that the ledger or compaction index name are "
+                f"missing: {', '.join(absent[:5])}"
+            )
+        tables = {
+            "samples": [infos[f"manifests/{n}"] for n in names],
+            "dedup": [infos["dedup/dedup.parquet"]] if dedup_found else [],
+            "hard_pairs": [infos["hard_pairs.parquet"]] if pairs_found else [],
+            "decontamination": [infos[decon_rel]] if decon_found else [],
+        }
+        con.execute("SET allowed_paths = []")
+        for view, objects in tables.items():
+            if objects:
+                con.register(f"_{view}_objects", parquet_dataset(run.store, objects, cache))
+                views[view] = f"_{view}_objects"
+    for view, source in views.items():
+        con.execute(f"CREATE VIEW {view} AS SELECT * FROM {source}")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
 
 
+class LimitError(ValueError):
+    """A --memory-limit, --threads or --timeout DuckDB cannot take."""
+
+
+@contextlib.contextmanager
+def deadline(con: duckdb.DuckDBPyConnection, seconds: float | None) -> Iterator[None]:
+    """Interrupt what `con` runs once `seconds` have passed (DuckDB has no statement timeout of its own);
+    raises StatementTimeout instead of DuckDB's InterruptException."""
+    if seconds is None:
+        yield
+        return
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        con.interrupt()
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except duckdb.InterruptException:
+        if fired.is_set():
+            raise StatementTimeout(
+                f"stopped after {seconds:g} s (raise --timeout, or 0 for no limit)"
+            ) from None
+        raise
+    finally:
+        timer.cancel()
+        timer.join()  # a timer thread still alive when the interpreter exits can abort it
+
+
+class StatementTimeout(Exception):
+    pass
+
+
 class _Scratch:
-    """Temporary folders that live as long as this process (the copies a connection reads)."""
+    """Temporary folders that live as long as this process (DuckDB's spill folders)."""
 
     def __init__(self) -> None:
         self._dirs: list[tempfile.TemporaryDirectory] = []
@@ -134,6 +226,14 @@ class _Scratch:
 
 
 _scratch = _Scratch()
+_caches: list = []  # the range caches of this process's connections, trimmed at exit
+
+
+@atexit.register
+def _trim_caches() -> None:
+    for cache in {c.folder: c for c in _caches}.values():  # once per cache folder
+        with contextlib.suppress(Exception):
+            cache.trim()
 
 
 def select_statement(sql: str) -> duckdb.Statement:

@@ -8,6 +8,7 @@ This package alone parses arguments, prints, and chooses exit codes (see
     report.py     report
     dedup.py      dedup
     decontaminate.py   decontaminate
+    compact.py    compact
     train.py      train, eval, mine (registered when the `train` package is installed)
 """
 
@@ -32,6 +33,7 @@ Offline data curation for CLIP-style pre-training.
   curate report runs/demo --out report.html   one HTML file: funnel, histograms, sample grids
   curate dedup runs/demo                   duplicate groups (exact, perceptual hash, embeddings)
   curate decontaminate runs/demo --against eval/   near-copies of evaluation images (select leaves them out)
+  curate compact runs/demo                 few large manifest files instead of many small ones
   curate train train/configs/fashion_mnist.yaml      contrastive training on a selected subset
   curate eval train/configs/fashion_mnist.yaml --few-shot 0,1,2,4,8,16   zero-shot, retrieval, few-shot
   curate mine train/configs/mine_fashion_mnist.yaml  HELIP hard pairs for training
@@ -50,7 +52,7 @@ def _quiet_environment() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from curation import __version__
-    from curation.cli import decontaminate, dedup, pipeline, report, select
+    from curation.cli import compact, decontaminate, dedup, pipeline, report, select
 
     p = Parser(prog="curate", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"curate {__version__}")
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.register(sub)
     dedup.register(sub)
     decontaminate.register(sub)
+    compact.register(sub)
     if importlib.util.find_spec("train"):  # absent only in a partial install
         from curation.cli import train
 

@@ -118,6 +118,20 @@ control characters in captions as escapes (\\x1b); csv and json keep the data ex
     )
     q.add_argument("--force", action="store_true", help="with --out: replace an existing file")
     q.add_argument("--max-rows", type=at_least(0), default=1000, help="rows printed in table format")
+    q.add_argument(
+        "--memory-limit",
+        default="4GB",
+        metavar="SIZE",
+        help="DuckDB's memory limit (4GB, 512MB, 50%%); larger sorts and joins spill to a private temp folder",
+    )
+    q.add_argument("--threads", type=at_least(1), help="DuckDB threads (default: one per core)")
+    q.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="stop the statement after this long (0: no limit)",
+    )
     q.set_defaults(func=cmd_query)
 
 
@@ -272,15 +286,16 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     from curation.query import (
         OUT_FORMATS,
+        LimitError,
+        Limits,
         NoManifests,
         QueryRefused,
+        StatementTimeout,
         connect,
+        deadline,
         explain_error,
-        format_table,
         inside_run,
         select_statement,
-        write_file,
-        write_text,
     )
 
     out = Path(args.out) if args.out else None
@@ -296,23 +311,37 @@ def cmd_query(args: argparse.Namespace) -> int:
         fmt = OUT_FORMATS[out.suffix.lower()]
         if args.format not in (None, fmt):
             raise UsageError(f"--format {args.format} contradicts --out {out.name} (written as {fmt})")
+    if not args.timeout >= 0 or args.timeout == float("inf"):
+        raise UsageError(f"--timeout must be a number of seconds >= 0 (0: no limit), got {args.timeout}")
+    limits = Limits(args.memory_limit, args.threads, args.timeout or None)
     try:
-        con = connect(args.output)
+        con = connect(args.output, limits=limits)
     except NoManifests as e:
         return fail(e)
+    except LimitError as e:
+        raise UsageError(f"--memory-limit: {e}") from None
     try:
         statement = select_statement(args.sql)
-        if out is not None:
-            n = write_file(con, statement, out, fmt)
-            print(printable(f"wrote {n:,} rows to {out}"))
-        elif args.format in ("csv", "json"):
-            write_text(con, statement, args.format, sys.stdout)
-        else:
-            result = con.execute(statement)
-            columns = [d[0] for d in result.description]
-            print(format_table(columns, result.fetchmany(args.max_rows + 1), max_rows=args.max_rows))
+        with deadline(con, limits.timeout):
+            return _answer(con, statement, args, out, fmt if out is not None else None)
     except QueryRefused as e:
         return fail(f"query refused: {e}")
+    except StatementTimeout as e:
+        return fail(f"query {e}")
     except duckdb.Error as e:
         return fail(f"query failed: {explain_error(e)}")
+
+
+def _answer(con, statement, args: argparse.Namespace, out: Path | None, fmt: str | None) -> int:
+    from curation.query import format_table, write_file, write_text
+
+    if out is not None:
+        n = write_file(con, statement, out, fmt)
+        print(printable(f"wrote {n:,} rows to {out}"))
+    elif args.format in ("csv", "json"):
+        write_text(con, statement, args.format, sys.stdout)
+    else:
+        result = con.execute(statement)
+        columns = [d[0] for d in result.description]
+        print(format_table(columns, result.fetchmany(args.max_rows + 1), max_rows=args.max_rows))
     return EXIT_OK

@@ -317,9 +317,15 @@ def sample_groups(con: duckdb.DuckDBPyConnection, cond: str, sample: int, seed: 
         rank[(keep, reason)] = {u: k for k, u in enumerate(uids)} if sample > 0 else {}
     wanted = sorted({u for r in rank.values() for u in r})
     if wanted:
+        # Their shards first (two columns), then whole rows only from the row groups of those shards:
+        # DuckDB hands `shard IN (...)` to the scan, which skips other row groups by their statistics
+        # (compacted parts hold shards in order), so the sample grid does not read the whole run.
+        picked = f"{cond} AND uid IN (SELECT unnest($uids::VARCHAR[]))"
+        shards = _read(con, f"SELECT DISTINCT shard FROM samples WHERE {picked}", params={"uids": wanted})
+        listed = ", ".join(str(int(s)) for (s,) in shards.fetchall() if s is not None) or "NULL"
         rows = _read(
             con,
-            f"SELECT * FROM samples WHERE {cond} AND uid IN (SELECT unnest($uids::VARCHAR[]))",
+            f"SELECT * FROM samples WHERE shard IN ({listed}) AND {picked}",
             params={"uids": wanted},
         ).to_arrow_table()
         for row in rows.to_pylist():
