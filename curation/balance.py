@@ -166,7 +166,7 @@ def balance(uids: Sequence[str], entries: Sequence[Sequence[str]], t: float, see
 def balance_run(con: Any, where: str, spec: BalanceSpec) -> BalanceResult:
     """Balance the rows of a run's `samples` view that `where` selects (a locked-down `curation.query`
     connection; `where` is the user's SQL condition, run as one read-only SELECT)."""
-    from curation.query import select_statement
+    from curation.query import condition, select_statement
 
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     wanted = ["uid", "caption"] + (["concept_ids"] if spec.concepts else [])
@@ -175,7 +175,7 @@ def balance_run(con: Any, where: str, spec: BalanceSpec) -> BalanceResult:
         hint = " (run a `concepts` stage for --balance concepts)" if "concept_ids" in missing else ""
         raise BalanceError(f"--balance needs the column(s) {', '.join(missing)}{hint}")
     top1 = ", concept_ids[1]" if spec.concepts else ""
-    rows = con.execute(select_statement(f"SELECT uid, caption{top1} FROM samples WHERE ({where})")).fetchall()
+    rows = con.execute(select_statement(f"SELECT uid, caption{top1} FROM samples WHERE {condition(where)}")).fetchall()
     uids = [r[0] for r in rows]
     concepts = [r[2] for r in rows] if spec.concepts else None
     entries = match_entries([r[1] for r in rows], spec.metadata, concepts, spec.match)
@@ -186,9 +186,12 @@ def balanced_where(con: Any, where: str, spec: BalanceSpec) -> tuple[str, Balanc
     """`where` restricted to the balanced rows: the kept uids are registered on `con` as `balanced_uids`."""
     import pyarrow as pa
 
+    from curation.query import condition
+
     result = balance_run(con, where, spec)
     con.register("balanced_uids", pa.table({"uid": pa.array(result.kept, pa.string())}))
-    return f"({where}) AND uid IN (SELECT uid FROM balanced_uids)", result
+    # `condition`, as plain `select`: a comment in `where` (`keep) --`) cannot escape the restriction.
+    return f"{condition(where)} AND uid IN (SELECT uid FROM balanced_uids)", result
 
 
 def describe(result: BalanceResult, t: float) -> str:

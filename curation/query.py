@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,7 +63,9 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
         raise NoManifests(f"{output} does not exist")
     if not local:
         run.store.check()
-    names = run.committed_manifests()
+    names, skipped = run.readable_manifests()  # a lying ledger entry or a lost manifest: named, not read
+    for line in skipped:
+        print(f"curate: skipped: {printable(line)}", file=sys.stderr, flush=True)
     pairs_found = (
         (Path(run.root) / "hard_pairs.parquet").is_file() if local else run.store.exists("hard_pairs.parquet")
     )
@@ -324,7 +327,10 @@ def compute_status(output: str | Path, storage_options: dict | None = None) -> d
         "rows_total": sum(s.rows for s in plan),
         "rows_done": sum(e["rows"] for e in done.values()),
         "kept": sum(e["kept"] for e in done.values()),
-        "failures": {str(k): v["error"].splitlines()[0] for k, v in sorted(failures.items())},
+        "failures": {str(k): (v["error"].splitlines() or [""])[0] for k, v in sorted(failures.items())},
+        # Ledger entries not trusted (redone by the next `curate run`) and parts or entries ignored.
+        "not_trusted": {str(k): why for k, why in sorted(ledger.broken.items())},
+        "ignored": ledger.notes,
     }
 
 
@@ -401,6 +407,9 @@ def render_status(st: dict[str, Any]) -> str:
     ]
     for shard, err in st["failures"].items():
         lines.append(f"  shard {shard} failed: {printable(err)}")
+    for shard, why in st.get("not_trusted", {}).items():
+        lines.append(f"  shard {shard} not done: {printable(why)} (`curate run` redoes it)")
+    lines += [f"  {printable(line)}" for line in st.get("ignored", [])]
     return "\n".join(lines)
 
 

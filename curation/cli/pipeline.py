@@ -267,6 +267,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
+    from curation.manifest import output_inside_run
     from curation.query import (
         OUT_FORMATS,
         NoManifests,
@@ -274,7 +275,6 @@ def cmd_query(args: argparse.Namespace) -> int:
         connect,
         explain_error,
         format_table,
-        inside_run,
         select_statement,
         write_file,
         write_text,
@@ -286,7 +286,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--out must end in {', '.join(OUT_FORMATS)} (the file format), got {out.name!r}"
             )
-        problem = inside_run(out, Path(args.output))
+        problem = output_inside_run(out, args.output)
         if problem:
             raise UsageError(problem)
         check_new_output(out, args.force)

@@ -96,26 +96,16 @@ def _balance(con, where: str, args: argparse.Namespace) -> str:
     return where
 
 
-def _inside_run_url(out: str, run: str) -> str | None:
-    """A problem when the URL `out` lies in the run's own prefix, which only `curate run` writes."""
-    base = run.rstrip("/")
-    if out.rstrip("/") == base or out.startswith(base + "/"):
-        return f"--out {out} is inside the run {run}: choose a location outside it"
-    return None
-
-
 def cmd_select(args: argparse.Namespace) -> int:
     import duckdb
 
     from curation.core.storage import is_url
-    from curation.query import NoManifests, QueryRefused, connect, explain_error, inside_run
+    from curation.manifest import output_inside_run
+    from curation.query import NoManifests, QueryRefused, connect, explain_error
     from curation.select import SelectError, narrow, select_shards, select_uids
 
     out = args.out if is_url(args.out) else Path(args.out)  # s3://... : written to the object store
-    if isinstance(out, Path):
-        problem = None if is_url(args.output) else inside_run(out, Path(args.output))
-    else:
-        problem = _inside_run_url(out, args.output)
+    problem = output_inside_run(args.out, args.output)
     if problem:
         raise UsageError(problem)
     if (args.top_fraction is None) != (args.by is None):
