@@ -175,7 +175,9 @@ def balance_run(con: Any, where: str, spec: BalanceSpec) -> BalanceResult:
         hint = " (run a `concepts` stage for --balance concepts)" if "concept_ids" in missing else ""
         raise BalanceError(f"--balance needs the column(s) {', '.join(missing)}{hint}")
     top1 = ", concept_ids[1]" if spec.concepts else ""
-    rows = con.execute(select_statement(f"SELECT uid, caption{top1} FROM samples WHERE {condition(where)}")).fetchall()
+    rows = con.execute(
+        select_statement(f"SELECT uid, caption{top1} FROM samples WHERE {condition(where)}")
+    ).fetchall()
     uids = [r[0] for r in rows]
     concepts = [r[2] for r in rows] if spec.concepts else None
     entries = match_entries([r[1] for r in rows], spec.metadata, concepts, spec.match)
