@@ -29,6 +29,8 @@ run killed mid-way leaves at most FOLD_EVERY entries unfolded.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -98,6 +100,47 @@ def output_inside_run(out: str | os.PathLike, run: str | os.PathLike) -> str | N
     return None
 
 
+def run_key_path() -> Path:
+    """This user's run key: $CURATE_CONFIG_DIR/run-key, else ~/.config/curate/run-key (0600)."""
+    root = os.environ.get("CURATE_CONFIG_DIR") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "curate"
+    )
+    return Path(root) / "run-key"
+
+
+def sign_inputs(inputs: list[str]) -> str | None:
+    """HMAC of a plan's input locations under this user's run key (made on first use); None where no
+    key can be kept (then readers need --images-from for every run's inputs)."""
+    path = run_key_path()
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32).hex().encode())
+        except FileExistsError:
+            pass  # another process made it first
+        except OSError:
+            return None
+        key = path.read_bytes()
+    except OSError:
+        return None
+    if len(key) < 32:
+        return None
+    return hmac.new(key, json.dumps(inputs).encode(), hashlib.sha256).hexdigest()
+
+
+def _input_locations(record: dict[str, Any]) -> list[str]:
+    shards = record.get("shards")
+    return (
+        sorted({str(s["path"]) for s in shards if isinstance(s, dict) and "path" in s})
+        if isinstance(shards, list)
+        else []
+    )
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     open_store(path.parent).put_json(path.name, data)
 
@@ -116,7 +159,7 @@ class LedgerState:
     failed: dict[int, dict]  # last failure of shards that are not done (only when asked for)
     parts: list[str]  # names of the folded parts under ledger/folded/ that were read
     # Shards of the plan whose ledger entry is not trusted, and why (one line each): a damaged entry,
-    # rows that disagree with the plan, another config's entry, a missing or changed manifest. They
+    # rows that disagree with the plan, another config's entry, a missing manifest. They
     # count as not done: a resumed run redoes them, readers leave them out and name them.
     broken: dict[int, str] = field(default_factory=dict)
     bad_parts: list[str] = field(default_factory=list)  # damaged folded parts: skipped (they are a cache)
@@ -132,7 +175,6 @@ class ShardResult:
     seconds: float
     finished: float | None = None  # unix time of the commit
     config: str | None = None  # config hash of the run that committed it (run.json's config_hash)
-    bytes: int | None = None  # size of the committed manifest object
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -191,8 +233,30 @@ class RunDir:
         return self.record().get("config_hash") if self.exists() else None
 
     def _write_record(self, record: dict[str, Any]) -> None:
+        signature = sign_inputs(_input_locations(record))
+        record = {k: v for k, v in record.items() if k != "inputs_signature"}
+        if signature is not None:
+            record["inputs_signature"] = signature
         self.store.put_json("run.json", record)
         self._record = record
+
+    def trusted_inputs(self) -> list[str]:
+        """The input locations of the plan, if this user's `curate run` wrote them (run.json signed with
+        this user's run key, see `sign_inputs`); [] for a run directory from anyone else, or edited: its
+        plan may name `/` or another bucket, and readers never widen what they read on its word."""
+        with contextlib.suppress(FileNotFoundError, RunRecordError):
+            record = self.record()
+            inputs = _input_locations(record)
+            signature = sign_inputs(inputs)
+            if signature is not None and hmac.compare_digest(str(record.get("inputs_signature")), signature):
+                return inputs
+        return []
+
+    def plan_inputs(self) -> list[str]:
+        """The input locations the plan names, trusted or not (for messages only)."""
+        with contextlib.suppress(FileNotFoundError, RunRecordError):
+            return _input_locations(self.record())
+        return []
 
     def plan(self) -> list[Shard]:
         return [Shard.from_json(s) for s in self.record()["shards"]]
@@ -330,7 +394,7 @@ class RunDir:
         The ledger is untrusted input: entries outside the plan are ignored, and an entry that is
         damaged, disagrees with the plan's row count or was made by another config is `broken` (not
         done). `verify` also lists manifests/ (one listing) and counts as broken an entry whose
-        manifest is missing or not the size the entry recorded.
+        manifest is missing.
         """
         if plan is None:
             with contextlib.suppress(FileNotFoundError):
@@ -435,22 +499,14 @@ class RunDir:
         return good, {k: v for k, v in unfolded.items() if k in good}
 
     def _check_manifests(self, done: dict[int, dict], broken: dict[int, str]) -> None:
-        sizes = self.manifest_store.sizes("")
+        present = set(self.manifest_store.list(""))
         for k in sorted(done):
             name = f"{shard_name(k)}.parquet"
-            size, recorded = sizes.get(name), done[k].get("bytes")
-            if size is None:
+            if name not in present:
                 broken[k] = (
                     f"{self.manifest_store.url_of(name)} is missing, though the ledger says the shard is done"
                 )
-            elif recorded is not None and size != recorded:
-                broken[k] = (
-                    f"{self.manifest_store.url_of(name)} is {size:,} bytes; its ledger entry says {recorded:,} "
-                    "(replaced or truncated)"
-                )
-            else:
-                continue
-            del done[k]
+                del done[k]
 
     def done_indices(self) -> set[int]:
         """Shards with a ledger entry (single or folded)."""
@@ -691,7 +747,6 @@ class ShardWriter:
 
     def commit(self) -> ShardResult:
         self._writer.close()
-        size = self.tmp.stat().st_size
         self.run.manifest_store.put_file(self.tmp, f"{shard_name(self.index)}.parquet")
         result = ShardResult(
             self.index,
@@ -700,7 +755,6 @@ class ShardWriter:
             self.reasons,
             time.perf_counter() - self.started,
             config=self.run.config_hash(),
-            bytes=size,
         )
         self.run.commit_ledger(result)
         return result

@@ -25,7 +25,7 @@ import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from curation.core.shards import (
     read_samples,
 )
 from curation.core.storage import Store, open_store
+from curation.manifest import RunLocked, exclusive_lock_on
 from curation.query import condition
 
 
@@ -144,18 +145,18 @@ def select_shards(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
     replace: bool = False,
+    images_from: Sequence[str] = (),
 ) -> SelectResult:
     """Write the selected samples of `run` (a local directory or a URL) as shards to the new (or empty)
     `out`, a local directory that appears complete or not at all, or an empty object-store prefix.
-    `replace`: a local `out` is replaced."""
+    `replace`: a local `out` is replaced. `images_from`: locations besides the run's own output that
+    images may be read from (`--images-from`; see ImageSources)."""
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     if "image_path" not in columns:
         raise SelectError(
             f"{run} has no images: its pipeline has no download stage and its input is not webdataset or "
             "image_folder. Use --uids-only for a list of uids."
         )
-    if isinstance(out, Path) and out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replace)):
-        raise SelectError(f"{out} exists and is not an empty directory; choose a new --out")
     from curation.query import select_statement
 
     # Selected uids none of whose rows has an image. fetchall, not fetchone: DuckDB keeps a
@@ -170,21 +171,58 @@ def select_shards(
     vocabulary = run_vocabulary(run) if "concept_ids" in columns else None
 
     result = SelectResult(no_image=no_image)
+    # One writer per --out, as `run`, `dedup` and `mine` (two selects at once would leave a mix): a lock
+    # object in the prefix on an object store, a lock file beside a local folder (which is renamed whole).
+    if isinstance(out, str):
+        store = open_store(out)
+        store.check()
+        lock, lock_name = store, LOCK
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock, lock_name = open_store(out.parent), f".{out.name}{LOCK}"
+    try:
+        with exclusive_lock_on(lock, lock_name, f"another `curate select` is writing to {out}"):
+            _select_into(
+                con, run, where, out, shard_size, max_pixels, replace, vocabulary, result, images_from
+            )
+    except RunLocked as e:
+        raise SelectError(str(e)) from None
+    return result
+
+
+LOCK = ".lock"
+
+
+def _select_into(
+    con: Any,
+    run: str | Path,
+    where: str,
+    out: Path | str,
+    shard_size: int,
+    max_pixels: int,
+    replace: bool,
+    vocabulary: list[str] | None,
+    result: SelectResult,
+    images_from: Sequence[str],
+) -> None:
+    """`select_shards`' writing, under the output's lock."""
     if isinstance(out, str):
         # An object store has no directory rename: each tar is committed whole, sizes.json last,
         # into a prefix that must be empty (a select killed midway leaves tars without sizes.json).
         store = open_store(out)
-        store.check()
-        if store.list(""):
+        if [n for n in store.list("") if n != LOCK]:
             raise SelectError(f"{out} is not empty; choose a new --out")
-        _write_selection(con, run, where, store, shard_size, max_pixels, vocabulary, result)
-        return result
-    out.parent.mkdir(parents=True, exist_ok=True)
+        _write_selection(con, run, where, store, shard_size, max_pixels, vocabulary, result, images_from)
+        return
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replace)):
+        raise SelectError(f"{out} exists and is not an empty directory; choose a new --out")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_selection(con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result)
+        _write_selection(
+            con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result, images_from
+        )
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
         if out.exists():
             os.replace(out, old)  # a rename: `out` is never half old, half new
@@ -192,7 +230,6 @@ def select_shards(
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return result
 
 
 def _write_selection(
@@ -204,9 +241,10 @@ def _write_selection(
     max_pixels: int,
     vocabulary: list[str] | None,
     result: SelectResult,
+    images_from: Sequence[str] = (),
 ) -> None:
     with _ShardWriter(target, shard_size, max_pixels) as writer:
-        for row, image in _images(con, run, where, result.unreadable):
+        for row, image in _images(con, run, where, result.unreadable, images_from):
             try:
                 writer.write(row, image)
             except ImageRefused as e:  # too large (a decompression bomb), or not decodable
@@ -242,7 +280,9 @@ def run_vocabulary(run: str | Path) -> list[str]:
     return names
 
 
-def _images(con: Any, run: str | Path, where: str, unreadable: list[str]) -> Iterator[tuple[dict, bytes]]:
+def _images(
+    con: Any, run: str | Path, where: str, unreadable: list[str], images_from: Sequence[str] = ()
+) -> Iterator[tuple[dict, bytes]]:
     """(manifest row, image bytes) of every selected uid (its first row with an image), reading each tar once."""
     from curation.query import select_statement
 
@@ -252,7 +292,7 @@ def _images(con: Any, run: str | Path, where: str, unreadable: list[str]) -> Ite
         "ORDER BY image_path, key, uid"
     )
     reader = con.sql(select_statement(sql)).to_arrow_reader(10_000)
-    sources = ImageSources(run)
+    sources = ImageSources(run, images_from)
     group: list[dict] = []
     for batch in reader:
         for row in batch.to_pylist():
@@ -270,23 +310,31 @@ STORAGE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", 
 
 
 class ImageSources:
-    """Where a run's images may be read from: its own output, and the input locations its plan names.
+    """Where a run's images may be read from: its own output, the input locations of its plan when this
+    user's `curate run` wrote that plan (run.json signed with the user's run key), and the locations the
+    user names on the command line (`--images-from`: the input tars or image folder of a run made by
+    someone else, or elsewhere).
 
     The run is a local directory or a URL (s3://bucket/run): relative `image_path`s (downloads) are
     relative to it either way, and are read from the run's own storage. A manifest's `image_path` is
-    data, and a run may come from someone else: a row that names any other place (a host, a file or
-    object outside the run and its inputs) is refused with a reason, never opened.
+    data, and a run (its run.json included) may come from someone else: a row that names any other
+    place (a host, a file or object outside the run and the named locations) is refused with a reason,
+    never opened. A plan this user did not write never widens what is read: a stranger's plan may
+    list `/` or another bucket.
     """
 
-    def __init__(self, run: str | Path) -> None:
+    def __init__(self, run: str | Path, images_from: Sequence[str] = ()) -> None:
         self.store = open_store(run)
         self.root = os.path.realpath(run) if self.store.local else None
-        self.inputs: list[str] = []
-        try:
-            record = self.store.get_json("run.json")
-            self.inputs = [str(s["path"]) for s in record.get("shards", []) if isinstance(s, dict)]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # no run record: only the run's own files
+        named = [
+            str(p).rstrip("/")
+            if "://" in str(p) and not str(p).startswith("file://")
+            else os.path.realpath(str(p).removeprefix("file://"))
+            for p in images_from
+        ]
+        from curation.manifest import RunDir
+
+        self.inputs: list[str] = named + RunDir(run).trusted_inputs()
 
     def locate(self, image_path: str) -> str:
         """The location to open for `image_path`; raises ImageLocationRefused saying why not."""
@@ -301,9 +349,7 @@ class ImageSources:
                 raise ImageLocationRefused("refused: a URL with `..` or `.` segments")
             allowed = [*self.inputs, *([] if self.store.local else [self.store.url])]
             if not any(image_path == p or image_path.startswith(p.rstrip("/") + "/") for p in allowed):
-                raise ImageLocationRefused(
-                    "refused: not in the run's output or the input locations of its plan"
-                )
+                raise ImageLocationRefused(REFUSED_LOCATION)
             return image_path
         local = rest if sep else image_path
         if self.root is None:  # the run is on an object store: its own files are objects under its URL
@@ -321,7 +367,13 @@ class ImageSources:
         for p in self.inputs:
             if "://" not in p and _inside(real, os.path.realpath(p)):
                 return real
-        raise ImageLocationRefused("refused: outside the run's output and the input locations of its plan")
+        raise ImageLocationRefused(REFUSED_LOCATION)
+
+
+REFUSED_LOCATION = (
+    "refused: outside the run's output, the inputs of a plan this user's `curate run` wrote, and the "
+    "locations named with --images-from (give it the input folder or tars if you trust them)"
+)
 
 
 class ImageLocationRefused(Exception):

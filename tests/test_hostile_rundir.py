@@ -5,7 +5,9 @@ Local disk, memory:// and a real S3 server (moto's, on 127.0.0.1)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,17 +69,6 @@ def test_a_lying_ledger_is_checked_named_and_repaired_by_redoing_shards(tmp_path
     assert (n, uids, err) == (SHARDS, SHARDS, "")
     uids = committed_uids(RunDir(output))
     assert len(uids) == SHARDS == len(set(uids))
-
-
-def test_a_replaced_manifest_is_redone_not_read(tmp_path, output, capsys):  # noqa: F811
-    cfg = tiny_run(tmp_path, output)
-    assert main(["run", str(cfg)]) == 0
-    run = RunDir(output)
-    run.manifest_store.put_bytes(f"{shard_name(2)}.parquet", b"<html>a report</html>")
-    n, _, err = query_count(capsys, output)
-    assert n == SHARDS - 1 and "replaced or truncated" in err, err
-    assert main(["run", str(cfg)]) == 0
-    assert query_count(capsys, output)[:2] == (SHARDS, SHARDS)
 
 
 def test_run_json_deleted_then_a_changed_config_is_refused_the_same_one_adopted(tmp_path, output, capsys):  # noqa: F811
@@ -221,3 +212,190 @@ def test_a_where_comment_cannot_escape_the_balancing(tmp_path, capsys):
     escaped = tmp_path / "escaped.parquet"
     assert main(["select", str(out), "--where", "true) --", *balance, "--out", str(escaped)]) == 2
     assert "--where 'true) --'" in capsys.readouterr().err and not escaped.exists()
+
+
+def webdataset_run(tmp_path: Path, inputs: str, run_out: str) -> Path:
+    """A config over 4 real JPEG pairs in one tar at `inputs` (a folder or an s3:// prefix)."""
+    import io
+    import tarfile
+
+    from tests.imageserver import jpeg
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(4):
+            for name, payload in (
+                (f"{i:03d}.jpg", jpeg(str(i))),
+                (f"{i:03d}.txt", f"a photo number {i}".encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    from curation.core.storage import open_store
+
+    open_store(inputs).put_bytes("part-0.tar", buf.getvalue())
+    cfg = tmp_path / "wds.yaml"
+    cfg.write_text(
+        f"""input: {{format: webdataset, path: "{inputs}/part-0.tar", rows_per_shard: 2}}
+output: {run_out}
+runner: {{type: local, workers: 1, progress: false}}
+stages:
+  - caption_length: {{min_words: 1}}
+"""
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_images_are_read_only_from_the_run_and_locations_the_user_names(
+    tmp_path, where, request, monkeypatch, capsys
+):
+    if where == "s3":
+        bucket = request.getfixturevalue("bucket")
+        inputs, output, out = f"s3://{bucket}/in", f"s3://{bucket}/run", f"s3://{bucket}/sel"
+    else:
+        inputs, output, out = str(tmp_path / "in"), str(tmp_path / "run"), str(tmp_path / "sel")
+    monkeypatch.setenv("CURATE_CONFIG_DIR", str(tmp_path / "me"))
+    assert main(["run", str(webdataset_run(tmp_path, inputs, output))]) == 0
+    report = str(tmp_path / "r.html")
+    # My own run: its plan's inputs are read (run.json is signed with my run key).
+    assert main(["select", output, "--where", "true", "--out", out + "0"]) == 0
+    assert "wrote 4 samples" in capsys.readouterr().out
+
+    # The same run directory in a stranger's hands (or a stranger's run in mine): its plan names the input
+    # tars, but a plan may name `/` or another bucket, so on its word nothing outside the run is read.
+    monkeypatch.setenv("CURATE_CONFIG_DIR", str(tmp_path / "stranger"))
+    capsys.readouterr()
+    assert main(["select", output, "--where", "true", "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert "4 selected images could not be read" in err and err.count("--images-from") == 4, err
+    assert main(["report", output, "--out", report]) == 0
+    assert "0 thumbnails" in capsys.readouterr().out
+    # ... unless the user names the location on the command line.
+    assert main(["select", output, "--where", "true", "--out", out + "2", "--images-from", inputs]) == 0
+    assert "wrote 4 samples" in capsys.readouterr().out
+    assert main(["report", output, "--out", report, "--force", "--images-from", inputs + "/"]) == 0
+    assert "4 thumbnails" in capsys.readouterr().out
+    # A named location is a boundary, not a prefix of names: "in" does not allow "in-other".
+    assert main(["select", output, "--where", "true", "--out", out + "3", "--images-from", inputs[:-1]]) == 1
+
+    # My run key again, but the plan edited to name `/` (or another bucket) too: the signature no longer
+    # holds, so not even the real inputs are read on the plan's word.
+    monkeypatch.setenv("CURATE_CONFIG_DIR", str(tmp_path / "me"))
+    run = RunDir(output)
+    record = run.record()
+    record["shards"].append(
+        {
+            "index": 99,
+            "path": "/" if where == "local" else "s3://another-bucket",
+            "row_start": 0,
+            "row_end": 1,
+        }
+    )
+    run.store.put_json("run.json", record)
+    assert RunDir(output).trusted_inputs() == []
+    assert main(["select", output, "--where", "true", "--out", out + "4"]) == 1
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_select_takes_the_output_lock(tmp_path, where, request, capsys):
+    from curation.core.storage import open_store
+    from curation.manifest import exclusive_lock_on
+
+    if where == "s3":
+        bucket = request.getfixturevalue("bucket")
+        inputs, output, out = f"s3://{bucket}/in", f"s3://{bucket}/run", f"s3://{bucket}/sel"
+        lock = (open_store(out), ".lock")
+    else:
+        inputs, output, out = str(tmp_path / "in"), str(tmp_path / "run"), str(tmp_path / "sel")
+        lock = (open_store(tmp_path), ".sel.lock")
+    assert main(["run", str(webdataset_run(tmp_path, inputs, output))]) == 0
+    argv = ["select", output, "--where", "true", "--out", out, "--images-from", inputs]
+    with exclusive_lock_on(*lock, "held by the test"):  # another select writing there right now
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "another `curate select` is writing to" in err and len(err.strip().splitlines()) == 1, err
+        assert [n for n in open_store(out).list("") if n != ".lock"] == [], "nothing written"
+    assert main(argv) == 0
+    assert sorted(open_store(out).list("")) == ["00000.tar", "sizes.json"], "the lock is released, not left"
+    capsys.readouterr()
+    assert main(argv) == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_the_model_cache_checks_every_copy_against_the_object_and_stays_bounded(
+    tmp_path, s3, bucket, monkeypatch, capsys
+):
+    from boto3.s3.transfer import TransferConfig
+
+    from curation.models.files import bound_cache, local_model_path, model_cache_dir
+
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))
+    c = s3.client()
+    url = f"s3://{bucket}/m/w.bin"
+    c.put_object(Bucket=bucket, Key="m/w.bin", Body=b"the real weights")
+    path = Path(local_model_path(url))
+    assert path.read_bytes() == b"the real weights" and capsys.readouterr().err == ""
+    assert local_model_path(url) == str(path) and capsys.readouterr().err == "", (
+        "an intact copy is used as is"
+    )
+
+    for damage in (b"the evil weights", b"the real"):  # changed in place (same size), truncated
+        path.write_bytes(damage)
+        assert Path(local_model_path(url)).read_bytes() == b"the real weights"
+        assert "fetching" in capsys.readouterr().err
+    # Planted in advance (the folder's name is computable from one HEAD): a file, or a link elsewhere.
+    folder = path.parent
+    shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / "w.bin").write_bytes(b"planted weights!")
+    assert Path(local_model_path(url)).read_bytes() == b"the real weights"
+    assert "does not match the object's ETag" in capsys.readouterr().err
+    shutil.rmtree(folder)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "w.bin").write_bytes(b"the real weights")
+    folder.symlink_to(tmp_path / "elsewhere")
+    assert Path(local_model_path(url)).read_bytes() == b"the real weights" and not folder.is_symlink()
+    assert "is a symbolic link" in capsys.readouterr().err
+
+    # A multipart upload's ETag (md5 of the parts' md5s) is checked too.
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * (48 * 1024))  # 12 MiB: 3 parts of 5 MiB
+    c.upload_file(
+        str(big),
+        bucket,
+        "m/big.bin",
+        Config=TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20),
+    )
+    assert c.head_object(Bucket=bucket, Key="m/big.bin")["ETag"].strip('"').endswith("-3")
+    copy = Path(local_model_path(f"s3://{bucket}/m/big.bin"))
+    assert local_model_path(f"s3://{bucket}/m/big.bin") == str(copy) and capsys.readouterr().err == ""
+    with open(copy, "r+b") as f:
+        f.seek(6 << 20)
+        f.write(b"x")
+    assert Path(local_model_path(f"s3://{bucket}/m/big.bin")).read_bytes() == big.read_bytes()
+    assert "multipart ETag" in capsys.readouterr().err
+
+    # Bounded: least recently used folders go first, the one in use never.
+    import time
+
+    cache = tmp_path / "cache" / "models"
+    assert model_cache_dir() == cache
+
+    def held() -> int:
+        return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+
+    shutil.rmtree(cache)
+    for name in ("a", "b"):
+        c.put_object(Bucket=bucket, Key=f"m/{name}.bin", Body=name.encode() * 1000)
+    a = Path(local_model_path(f"s3://{bucket}/m/a.bin"))
+    time.sleep(0.05)
+    copy = Path(local_model_path(f"s3://{bucket}/m/big.bin"))
+    monkeypatch.setenv("CURATE_CACHE_MAX_BYTES", str(held() + 500))  # room for a and big, not for b too
+    time.sleep(0.05)
+    assert Path(local_model_path(f"s3://{bucket}/m/a.bin")) == a  # a used again: big is now the oldest
+    time.sleep(0.05)
+    b = Path(local_model_path(f"s3://{bucket}/m/b.bin"))
+    assert a.exists() and b.exists() and not copy.exists(), "the least recently used folder went"
+    assert held() <= int(os.environ["CURATE_CACHE_MAX_BYTES"])
+    assert bound_cache(keep=b.parent, limit=0) == [a.parent] and b.exists()

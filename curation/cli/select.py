@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             'open_clip (--train-data "DIR/{00000..0000N}.tar") and `curate train`. '
             "With --uids-only, write the selected uids instead: FILE.parquet, or FILE.npy in DataComp's "
             "subset format (sorted 128-bit uids, dtype u8,u8; the input's own `uid` column where it had one). "
-            "Images are read only from the run's own output and the input locations of its plan."
+            "Images are read only from the run's own output and the locations named with --images-from."
         ),
         epilog=(
             'examples:\n  curate select runs/laion --where "keep AND caption_complexity >= 3" --out subsets/cat3\n'
@@ -41,6 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "FILE.parquet or FILE.npy (a path or a URL)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--images-from",
+        action="append",
+        default=[],
+        metavar="LOCATION",
+        help="a location images may be read from besides the run's own output: the input tars or image "
+        "folder of a webdataset/image_folder run (a path or URL; repeat for several). Locations a run's "
+        "run.json names are never read on its word: a run directory may come from someone else",
+    )
     p.add_argument("--shard-size", type=at_least(1), default=10_000, help="samples per tar")
     p.add_argument(
         "--max-pixels",
@@ -129,7 +138,14 @@ def cmd_select(args: argparse.Namespace) -> int:
             print(printable(f"wrote {n:,} uids to {out}"))
             return EXIT_OK
         result = select_shards(
-            con, args.output, where, out, args.shard_size, args.max_pixels, replace=args.force
+            con,
+            args.output,
+            where,
+            out,
+            args.shard_size,
+            args.max_pixels,
+            replace=args.force,
+            images_from=args.images_from,
         )
     except SelectError as e:
         return fail(e)

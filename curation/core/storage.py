@@ -192,25 +192,6 @@ class Store:
 
         return self._retry(ls, "listing")
 
-    def sizes(self, rel: str) -> dict[str, int]:
-        """Names and sizes (bytes) of the objects directly under `rel`: one listing, as `list`."""
-
-        def ls() -> dict[str, int]:
-            path = self.path(rel)
-            with contextlib.suppress(Exception):
-                self.fs.invalidate_cache(path)
-            try:
-                entries = self.fs.ls(path, detail=True)
-            except FileNotFoundError:
-                return {}
-            return {
-                str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-                for e in entries
-                if e.get("type") != "directory"
-            }
-
-        return self._retry(ls, "listing")
-
     def get_to_local(self, rels: list[str], folder: Path) -> list[Path]:
         """Copy objects into a local folder (concurrently on object stores); local stores return their paths."""
         if self.local:
