@@ -399,3 +399,40 @@ def test_the_model_cache_checks_every_copy_against_the_object_and_stays_bounded(
     assert a.exists() and b.exists() and not copy.exists(), "the least recently used folder went"
     assert held() <= int(os.environ["CURATE_CACHE_MAX_BYTES"])
     assert bound_cache(keep=b.parent, limit=0) == [a.parent] and b.exists()
+
+
+@pytest.mark.parametrize(
+    "spec", ["hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", "local-dir:/tmp/some-model"]
+)
+def test_open_clip_json_with_a_hub_or_folder_image_tower_is_refused_everywhere(tmp_path, spec, capsys):
+    import torch
+
+    model = tmp_path / "timm-tower.json"
+    model.write_text(
+        json.dumps(
+            {
+                "embed_dim": 16,
+                "vision_cfg": {"timm_model_name": spec, "timm_pool": "avg", "image_size": 32},
+                "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+            }
+        )
+    )
+    ck = tmp_path / "ck.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}}, ck)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"input: {{format: image_folder, path: {tmp_path}}}\noutput: {tmp_path / 'o'}\n"
+        f"stages:\n  - clip_score: {{checkpoint: {ck}, model: {model}}}\n"
+    )
+    refusal = f"vision_cfg.timm_model_name = {spec!r} names a model"
+    capsys.readouterr()
+    assert main(["validate", str(cfg)]) == 2
+    assert refusal in capsys.readouterr().err
+    assert main(["eval", "--model", str(model), "--retrieval", str(tmp_path / "none.tar")]) == 2
+    assert refusal in capsys.readouterr().err
+    train = tmp_path / "t.yaml"
+    train.write_text(
+        f"model: {{name: {model}}}\ndata: {{shards: {tmp_path}/x.tar}}\noutput_dir: {tmp_path / 't'}\n"
+    )
+    assert main(["validate", str(train)]) == 2 or main(["train", str(train)]) == 2
+    assert refusal in capsys.readouterr().err

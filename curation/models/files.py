@@ -24,6 +24,8 @@ from typing import Any
 MAX_MODEL_JSON_BYTES = 1 << 20
 # Keys of an open_clip text tower that name a Hugging Face model, which open_clip fetches from the Hub.
 HF_TEXT_KEYS = ("hf_model_name", "hf_tokenizer_name")
+# Tower specs (timm model names, open_clip pretrained tags) that resolve outside the files curate checks.
+REMOTE_TOWER_PREFIXES = ("hf-hub:", "local-dir:")
 
 
 def open_clip_config_problem(name: str | None) -> str | None:
@@ -50,6 +52,16 @@ def open_clip_config_problem(name: str | None) -> str | None:
             f"{name}: vision_cfg.timm_model_pretrained makes timm fetch ImageNet weights from the Hub; curate "
             "downloads nothing (set it false; for EfficientNet-Lite0 use model.image_init: efficientnet_lite0)"
         )
+    for tower in ("vision_cfg", "text_cfg"):
+        for key, value in (cfg.get(tower) or {}).items() if isinstance(cfg.get(tower), dict) else ():
+            # timm (image towers) and open_clip resolve `hf-hub:org/name` on the Hub and `local-dir:PATH`
+            # through a folder's config and weights: neither is the local file curate checks and fingerprints.
+            if isinstance(value, str) and value.strip().lower().startswith(REMOTE_TOWER_PREFIXES):
+                return (
+                    f"{name}: {tower}.{key} = {value!r} names a model timm/open_clip would resolve "
+                    f"{'on the Hugging Face Hub' if value.strip().lower().startswith('hf-hub:') else 'from a folder'}; "
+                    "curate loads only the model its config builds and the checkpoint it names"
+                )
     text = cfg.get("text_cfg")
     named = [k for k in HF_TEXT_KEYS if isinstance(text, dict) and text.get(k)]
     if named:
