@@ -708,9 +708,9 @@ def record_problem(record: Any) -> str | None:
 
 
 @contextlib.contextmanager
-def exclusive_lock_on(store: Store, rel: str, held_message: str) -> Iterator[None]:
+def exclusive_lock_on(store: Store, rel: str, held_message: str, *, remove: bool = False) -> Iterator[None]:
     try:
-        with store.lock(rel, held_message):
+        with store.lock(rel, held_message, remove=remove):
             yield
     except LockHeld as e:
         if isinstance(e, RunLocked):

@@ -181,7 +181,8 @@ def select_shards(
         out.parent.mkdir(parents=True, exist_ok=True)
         lock, lock_name = open_store(out.parent), f".{out.name}{LOCK}"
     try:
-        with exclusive_lock_on(lock, lock_name, f"another `curate select` is writing to {out}"):
+        # A local lock file lies beside the output, so it goes when released (remove=True).
+        with exclusive_lock_on(lock, lock_name, f"another `curate select` is writing to {out}", remove=True):
             _select_into(
                 con, run, where, out, shard_size, max_pixels, replace, vocabulary, result, images_from
             )

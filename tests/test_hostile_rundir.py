@@ -436,3 +436,38 @@ def test_open_clip_json_with_a_hub_or_folder_image_tower_is_refused_everywhere(t
     )
     assert main(["validate", str(train)]) == 2 or main(["train", str(train)]) == 2
     assert refusal in capsys.readouterr().err
+
+
+MALFORMED_LOCKS = [
+    b'{"heartbeat": "soon"}',
+    b'{"heartbeat": 9e18, "pid": 9e18}',
+    b'{"heartbeat": 1e400}',
+    b"[1, 2]",
+    b"9e18",
+    b"\xff",
+]
+
+
+def test_a_malformed_s3_lock_object_is_judged_by_its_age_never_a_traceback(
+    tmp_path, bucket, monkeypatch, capsys
+):
+    from curation.core import storage
+
+    url = f"s3://{bucket}/out"
+    cfg = tiny_run(tmp_path, url)
+    assert main(["run", str(cfg), "--limit", "6"]) == 0
+    run = RunDir(url)
+    for body in MALFORMED_LOCKS:
+        run.store.put_bytes(".lock", body)  # just written: its age (the store's clock) says a run may hold it
+        capsys.readouterr()
+        assert main(["run", str(cfg)]) == 2, body
+        err = capsys.readouterr().err
+        assert "another `curate run` is writing to" in err and "written recently" in err, (body, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert main(["status", url]) == 0
+        assert "a run is in progress" in capsys.readouterr().out
+    # Once older than the stale limit, a malformed lock is a dead driver's: taken over.
+    monkeypatch.setattr(storage, "LOCK_STALE_S", 0.0)
+    assert main(["run", str(cfg)]) == 0
+    assert "6 already done" in capsys.readouterr().out
+    assert not run.store.exists(".lock")

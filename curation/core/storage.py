@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import random
 import socket
@@ -317,10 +318,11 @@ class Store:
 
     # ------------------------------------------------------------------ lock
     @contextlib.contextmanager
-    def lock(self, rel: str, held_message: str) -> Iterator[None]:
-        """Hold `rel` as this output's lock; LockHeld(held_message) if a live process holds it."""
+    def lock(self, rel: str, held_message: str, *, remove: bool = False) -> Iterator[None]:
+        """Hold `rel` as this output's lock; LockHeld(held_message) if a live process holds it.
+        `remove`: a local lock file is removed on release (a lock file beside an output, not in it)."""
         if self.local:
-            with _flock(Path(self.path(rel)), held_message):
+            with _flock(Path(self.path(rel)), held_message, remove=remove):
                 yield
             return
         lock = _ObjectLock(self, rel)
@@ -344,9 +346,14 @@ class Store:
             return False
         try:
             holder = self.get_json(rel)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             return False
-        return _ObjectLock.alive(holder)
+        except (ValueError, UnicodeDecodeError):
+            holder = None
+        try:
+            return _ObjectLock(self, rel).holder_alive(holder, "locked")
+        except LockHeld:
+            return True  # a malformed lock of unknown age: say a run may be in progress
 
 
 def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Store:
@@ -392,19 +399,35 @@ def _s3_endpoint(fs: Any) -> str | None:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, held_message: str) -> Iterator[None]:
-    """An exclusive flock on `path`, released by the kernel if the process dies."""
+def _flock(path: Path, held_message: str, *, remove: bool = False) -> Iterator[None]:
+    """An exclusive flock on `path`, released by the kernel if the process dies. `remove`: the file is
+    unlinked on release; a taker that locked the file just unlinked (its inode is no longer `path`'s)
+    tries again, so two processes never hold two files of one name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    while True:
+        f = open(path, "a")  # noqa: SIM115 (kept open while held, closed by `with f` below)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.close()
             raise LockHeld(held_message) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    with f:
+        f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
         try:
             yield
         finally:
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -433,15 +456,47 @@ class _ObjectLock:
         ).encode()
 
     @staticmethod
+    def heartbeat(holder: Any) -> float | None:
+        """The holder's last heartbeat, if the lock object says it in a way that can be believed."""
+        beat = holder.get("heartbeat") if isinstance(holder, dict) else None
+        believable = isinstance(beat, int | float) and not isinstance(beat, bool) and math.isfinite(beat)
+        # A heartbeat from the future (9e18) is not believed either.
+        return float(beat) if believable and beat <= time.time() + LOCK_STALE_S else None
+
+    def age(self) -> float | None:
+        """Seconds since the lock object was last written, by the store's clock (None: unknown)."""
+        with contextlib.suppress(Exception):
+            info = self.store.info(self.rel)
+            when = info.get("LastModified") or info.get("mtime") or info.get("created")
+            stamp = when.timestamp() if hasattr(when, "timestamp") else float(when)
+            if math.isfinite(stamp):
+                return max(0.0, time.time() - stamp)
+        return None
+
+    def holder_alive(self, holder: Any, held_message: str) -> bool:
+        """`alive` for what the lock object holds; a malformed one (a heartbeat of "soon", 1e400, a list)
+        is judged by the object's own age, and refused in one line naming it when that is unknown too."""
+        if self.heartbeat(holder) is not None:
+            return self.alive(holder)
+        age = self.age()
+        if age is None:
+            raise LockHeld(
+                f"{held_message}: its lock object {self.store.url_of(self.rel)} is malformed and its age "
+                "unknown; if nothing is writing there, delete it"
+            )
+        return age <= LOCK_STALE_S
+
+    @staticmethod
     def alive(holder: dict) -> bool:
-        if time.time() - float(holder.get("heartbeat", 0)) > LOCK_STALE_S:
+        beat = _ObjectLock.heartbeat(holder)
+        if beat is None or time.time() - beat > LOCK_STALE_S:
             return False
         if holder.get("host") == socket.gethostname():
             try:
                 os.kill(int(holder.get("pid", -1)), 0)
             except ProcessLookupError:
                 return False
-            except (PermissionError, ValueError):
+            except (PermissionError, ValueError, TypeError, OverflowError):
                 return True
         return True
 
@@ -473,10 +528,15 @@ class _ObjectLock:
                 holder = self.store.get_json(self.rel)
             except FileNotFoundError:
                 continue  # released in between: try again
-            except ValueError:
-                holder = {}
-            if self.alive(holder):
-                since = time.strftime("%H:%M:%S", time.localtime(float(holder.get("heartbeat", 0))))
+            except (ValueError, UnicodeDecodeError):
+                holder = None
+            if self.holder_alive(holder, held_message):
+                beat = self.heartbeat(holder)
+                if beat is None:
+                    raise LockHeld(
+                        f"{held_message} (lock object {self.store.url_of(self.rel)} written recently)"
+                    )
+                since = time.strftime("%H:%M:%S", time.localtime(beat))
                 raise LockHeld(
                     f"{held_message} (host {holder.get('host')}, pid {holder.get('pid')}, alive at {since})"
                 )
