@@ -471,3 +471,29 @@ def test_a_malformed_s3_lock_object_is_judged_by_its_age_never_a_traceback(
     assert main(["run", str(cfg)]) == 0
     assert "6 already done" in capsys.readouterr().out
     assert not run.store.exists(".lock")
+
+
+@pytest.mark.parametrize("name", ["exp[1]", "q?x=1", "a*b"])
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_output_names_with_glob_characters_run_resume_and_read(tmp_path, where, name, request, capsys):
+    if where == "s3":
+        out = f"s3://{request.getfixturevalue('bucket')}/{name}"
+    else:
+        out = str(tmp_path / name)
+    cfg = tiny_run(tmp_path, out)
+    assert main(["run", str(cfg)]) == 0
+    assert main(["run", str(cfg)]) == 0
+    assert f"{SHARDS} already done" in capsys.readouterr().out
+    assert status(capsys, out)["shards_done"] == SHARDS
+    assert query_count(capsys, out)[:2] == (SHARDS, SHARDS)
+    RunDir(out).remove_folded_parts([f"{shard_name(i)}.json" for i in range(2)])  # exact names, no glob
+
+
+def test_an_empty_path_segment_is_one_line_everywhere(tmp_path, bucket, capsys):
+    out = f"s3://{bucket}//dbl"
+    cfg = tiny_run(tmp_path, out)
+    for argv in (["run", str(cfg)], ["status", out], ["query", out, "SELECT 1"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"write s3://{bucket}/dbl" in err and "Traceback" not in err, err

@@ -153,9 +153,10 @@ class Store:
         """Several small objects at once (concurrent requests on object stores); missing ones are left out."""
         if not rels:
             return {}
-        paths = {self.path(r): r for r in rels}
-        got = self._retry(lambda: self.fs.cat(list(paths), on_error="omit"), "reading")
-        return {paths[p]: data for p, data in got.items() if not isinstance(data, Exception)}
+        paths = [self.path(r) for r in rels]
+        # cat_ranges, not cat: cat expands glob characters, and an output may be named `runs/exp[1]`.
+        got = self._retry(lambda: self.fs.cat_ranges(paths, None, None, on_error="return"), "reading")
+        return {r: data for r, data in zip(rels, got) if not isinstance(data, BaseException)}
 
     def info(self, rel: str = "") -> dict[str, Any]:
         """The object's metadata as the filesystem reports it (size, ETag on S3; type "directory" for a prefix)."""
@@ -199,10 +200,12 @@ class Store:
             return [Path(self.path(r)) for r in rels]
         folder.mkdir(parents=True, exist_ok=True)
         targets = [folder / r.replace("/", "__") for r in rels]
-        if rels:
-            self._retry(
-                lambda: self.fs.get([self.path(r) for r in rels], [str(t) for t in targets]), "reading"
-            )
+        sources = [self.path(r) for r in rels]
+        if rels and any(_globbed(s) for s in sources):  # a bulk get would glob the names
+            for source, target in zip(sources, targets):
+                self._retry(lambda s=source, t=target: self.fs.get_file(s, str(t)), "reading")
+        elif rels:
+            self._retry(lambda: self.fs.get(sources, [str(t) for t in targets]), "reading")
         return targets
 
     # ------------------------------------------------------------------ writes
@@ -275,9 +278,15 @@ class Store:
                 self.remove(rel)
             return
 
+        paths = [self.path(r) for r in rels]
+        if any(_globbed(p) for p in paths):  # a bulk rm would glob the names
+            for rel in rels:
+                self.remove(rel)
+            return
+
         def rm() -> None:
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm([self.path(r) for r in rels])
+                self.fs.rm(paths)
 
         self._retry(rm, "removing")
 
@@ -363,7 +372,14 @@ def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] |
         local = text.removeprefix("file://")
         return Store(text, fsspec.filesystem("file"), os.path.abspath(local).rstrip("/") or "/")
     options = dict(storage_options or {})
-    protocol = text.split("://", 1)[0]
+    protocol, rest = text.split("://", 1)
+    if "//" in rest.rstrip("/"):
+        # S3 keeps `/dbl` as a key while its listings normalise the prefix to `dbl/`: a run written there
+        # would be found by single requests and missed by listings (status 0/2, run 2 done).
+        fixed = "/".join(p for p in rest.split("/") if p)
+        raise StorageError(
+            f"{text}: an empty path segment (//) is not a location; write {protocol}://{fixed}"
+        )
     if protocol not in fsspec.available_protocols():
         raise StorageError(f"{text}: unknown storage protocol {protocol}:// (s3://, gs://, memory://, ...)")
     if protocol in ("s3", "s3a"):
@@ -381,6 +397,11 @@ def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] |
     except (ValueError, TypeError) as e:
         raise StorageError(f"{text}: {_one_line(e)} (check storage_options)") from None
     return Store(text.rstrip("/"), fs, root.rstrip("/"))
+
+
+def _globbed(path: str) -> bool:
+    """Whether fsspec's bulk calls (cat, get, rm of a list) would expand `path` as a glob pattern."""
+    return any(c in path for c in "*?[")
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
