@@ -401,7 +401,7 @@ def render_stats(stats: dict[str, Any]) -> str:
 
 def render_status(st: dict[str, Any]) -> str:
     lines = [
-        f"output   {st['output']}" + ("  (a run is in progress)" if st["running"] else ""),
+        f"output   {printable(str(st['output']))}" + ("  (a run is in progress)" if st["running"] else ""),
         f"shards   {st['shards_done']}/{st['shards_total']} done, {st['shards_failed']} failed",
         f"rows     {st['rows_done']:,}/{st['rows_total']:,} done, {st['kept']:,} kept",
     ]

@@ -497,3 +497,31 @@ def test_an_empty_path_segment_is_one_line_everywhere(tmp_path, bucket, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert f"write s3://{bucket}/dbl" in err and "Traceback" not in err, err
+
+
+def test_small_ones_are_one_true_line(tmp_path, bucket, capsys):
+    # status escapes control characters of the output path, as run does
+    out = tmp_path / "evil\x1b[31mred"  # YAML cannot hold the escape: the run is renamed after it ran
+    assert main(["run", str(tiny_run(tmp_path, str(tmp_path / "plain")))]) == 0
+    (tmp_path / "plain").rename(out)
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and "\\x1b[31mred" in printed
+    # a report over a corrupt manifest names the manifests, not "--where None"
+    (out / "manifests" / f"{shard_name(4)}.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "reading the manifests of" in err and "--where" not in err, err
+    # a URL inside an S3 run is printed as typed (not s3:/bucket/..., a Path)
+    url = f"s3://{bucket}/run"
+    assert main(["run", str(tiny_run(tmp_path, url))]) == 0
+    capsys.readouterr()
+    assert main(["query", url, "SELECT 1", "--out", f"{url}/x.csv"]) == 2
+    assert f"--out {url}/x.csv is inside the run directory {url}" in capsys.readouterr().err
+    # eval --checkpoint on a text file names the file and says what it is not
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\nworld\n")
+    assert main(["eval", "--checkpoint", str(text), "--retrieval", str(tmp_path / "none.tar")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read checkpoint {text}: not a torch checkpoint" in err and "objects" not in err, err

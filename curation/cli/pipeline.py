@@ -286,7 +286,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--out must end in {', '.join(OUT_FORMATS)} (the file format), got {out.name!r}"
             )
-        problem = output_inside_run(out, args.output)
+        problem = output_inside_run(args.out, args.output)  # as typed: a URL is not a Path (s3:/...)
         if problem:
             raise UsageError(problem)
         check_new_output(out, args.force)

@@ -102,6 +102,10 @@ def fasttext_model_problem(path: str | Path) -> str | None:
 
 def load_error_line(e: BaseException) -> str:
     """The error's first line, without torch's advice to load with weights_only=False (never take it)."""
+    from curation.models.checkpoints import CheckpointError
+
+    if isinstance(e, CheckpointError):
+        return e.why
     text = str(e).strip()
     if text.startswith("Weights only load failed"):
         return "it holds objects other than tensors (refused: checkpoints are loaded weights-only)"

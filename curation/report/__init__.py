@@ -54,6 +54,8 @@ def build_report(
     try:
         data = collect(output, where=where or None, sample=sample, seed=seed)
     except duckdb.Error as e:  # a --where that parses alone but not inside a query of the report
+        if not where:  # no --where to blame: the manifests themselves (a corrupt file)
+            raise ReportError(f"reading the manifests of {output}: {explain_error(e)}") from None
         raise ReportError(f"--where {where!r}: {explain_error(e)}") from None
     svgs = {"funnel": ch.funnel_chart(data.funnel)}
     svgs.update({f"hist:{h.column}": ch.histogram_chart(h) for h in data.histograms})
