@@ -440,10 +440,10 @@ def _flock(path: Path, held_message: str, *, remove: bool = False) -> Iterator[N
             break
         f.close()
     with f:
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
         try:
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()  # a full disk fails here: the lock file still goes (remove) and the lock is released
             yield
         finally:
             if remove:
