@@ -325,6 +325,10 @@ class RunDir:
     def conflict(self, fingerprint: dict, config_hash: str) -> str | None:
         """Why this output cannot take a run with this fingerprint (None: it can, or it holds no run)."""
         if not self.exists():
+            try:
+                self._adopt_ledger(config_hash)  # a ledger left without its run.json
+            except RunConflict as e:
+                return str(e)
             return None
         try:
             rec = self.record()

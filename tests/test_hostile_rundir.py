@@ -83,6 +83,8 @@ def test_run_json_deleted_then_a_changed_config_is_refused_the_same_one_adopted(
     err = capsys.readouterr().err
     assert "no run.json" in err and "different config" in err and len(err.strip().splitlines()) == 1, err
     assert not RunDir(output).exists(), "nothing adopted"
+    assert main(["validate", str(changed)]) == 2
+    assert "no run.json" in capsys.readouterr().err
 
     assert main(["run", str(cfg)]) == 0  # the same config: every entry says so, so they are adopted
     assert f"{SHARDS} already done" in capsys.readouterr().out
