@@ -193,7 +193,7 @@ def local_model_path(
                 raise ModelFileError(
                     f"cannot read model {url}: {getattr(e, 'strerror', None) or e}"
                 ) from None
-            got = _cache_problem(Path(tmp), files, fetched=True)
+            got = _cache_problem(Path(tmp), files, fetched=_hashes_path(folder))
             if got is not None:
                 raise ModelFileError(f"cannot read model {url}: the copy does not match the object ({got})")
             with contextlib.suppress(OSError):  # another process put the same copy in place first
@@ -207,7 +207,12 @@ def local_model_path(
     return str(folder if directory else wanted[0])
 
 
-HASHES = ".sha256.json"  # in a cache folder: sha256 of each copy, recorded when this cache fetched it
+def _hashes_path(folder: Path) -> Path:
+    """Beside a cache folder (never in it: a model folder holds only the model's files): the sha256 of
+    each copy, recorded when this cache fetched it."""
+    return folder.with_name(f".{folder.name}.sha256.json")
+
+
 DEFAULT_CACHE_BYTES = 20 * 10**9  # CURATE_CACHE_MAX_BYTES: the model cache's bound (least recently used out)
 # Part sizes multipart uploaders use (boto3/aws cli 8 MiB, s3fs 50 MiB, others): a multipart ETag
 # ("md5-of-part-md5s-N") is checked against each size that gives N parts.
@@ -220,15 +225,16 @@ def _say(message: str) -> None:
     print(f"curate: {printable(message)}", file=sys.stderr, flush=True)
 
 
-def _cache_problem(folder: Path, files: list[tuple[str, dict]], *, fetched: bool = False) -> str | None:
+def _cache_problem(folder: Path, files: list[tuple[str, dict]], *, fetched: Path | None = None) -> str | None:
     """Why the copies in `folder` are not the objects `files` describes (None: they are). `fetched`: the
-    folder was just filled from the store, and each copy's sha256 is recorded for later checks."""
+    folder was just filled from the store, and each copy's sha256 is recorded in that file for later
+    checks (see `_hashes_path`)."""
     if folder.is_symlink():
         return f"{folder} is a symbolic link, not a folder of this cache"
     hashes: dict[str, str] = {}
-    if not fetched:
+    if fetched is None:
         try:
-            hashes = json.loads((folder / HASHES).read_text())
+            hashes = json.loads(_hashes_path(folder).read_text())
             if not isinstance(hashes, dict):
                 hashes = {}
         except (OSError, ValueError):
@@ -249,12 +255,12 @@ def _cache_problem(folder: Path, files: list[tuple[str, dict]], *, fetched: bool
         elif re.fullmatch(r"[0-9a-f]{32}-\d+", etag):
             if not _multipart_etag_matches(path, size, etag):
                 return f"{path} does not match the object's multipart ETag"
-        elif not fetched and hashes.get(name) != sha:
+        elif fetched is None and hashes.get(name) != sha:
             # No content ETag (another store, or encryption): the hash this cache recorded when it fetched.
             return f"{path} does not match the hash recorded when it was fetched"
         recorded[name] = sha
     if fetched:
-        (folder / HASHES).write_text(json.dumps(recorded))
+        fetched.write_text(json.dumps(recorded))
     return None
 
 
@@ -319,6 +325,7 @@ def bound_cache(keep: Path | None = None, limit: int | None = None) -> list[Path
         if keep is not None and folder == keep:
             continue
         shutil.rmtree(folder, ignore_errors=True)
+        _hashes_path(folder).unlink(missing_ok=True)
         total -= size
         removed.append(folder)
     return removed
