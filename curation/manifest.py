@@ -442,11 +442,8 @@ class RunDir:
             self._check_manifests(done, broken)
             unfolded = {k: v for k, v in unfolded.items() if k in done}
         # A failure entry of a shard that is done is stale (its commit removes it, unless killed in between).
-        failed = {
-            k: v
-            for k, v in failed.items()
-            if k not in done and (plan is None or k in {s.index for s in plan})
-        }
+        planned = None if plan is None else {s.index for s in plan}  # failures outside the plan: ignored
+        failed = {k: v for k, v in failed.items() if k not in done and (planned is None or k in planned)}
         return LedgerState(done, unfolded, failed, parts, broken, bad_parts, notes)
 
     def _singles(self, got: dict[str, bytes], broken: dict[int, str]) -> dict[int, dict]:
