@@ -237,10 +237,13 @@ def balanced_where(con: Any, where: str, spec: BalanceSpec) -> tuple[str, Balanc
     """`where` restricted to the balanced rows: the kept uids are registered on `con` as `balanced_uids`."""
     import pyarrow as pa
 
+    from curation.query import condition
+
     result = balance_run(con, where, spec)
     kept = result.kept if isinstance(result.kept, pa.ChunkedArray) else pa.array(result.kept, pa.string())
     con.register("balanced_uids", pa.table({"uid": kept}))
-    return f"({where}) AND uid IN (SELECT uid FROM balanced_uids)", result
+    # `condition`, as plain `select`: a comment in `where` (`keep) --`) cannot escape the restriction.
+    return f"{condition(where)} AND uid IN (SELECT uid FROM balanced_uids)", result
 
 
 def describe(result: BalanceResult, t: float) -> str:

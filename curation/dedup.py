@@ -106,7 +106,7 @@ def run_dedup(
         raise DedupError(str(e)) from None
     folder.makedirs()
     with exclusive_lock_on(folder, ".lock", f"another `curate dedup` is writing to {folder.url}"):
-        done = run.done()
+        done = run.ledger_state(verify=True).done  # what `connect` reads: trusted entries, manifests present
         manifests = [f"shard-{i:05d}.parquet" for i in sorted(done)]  # never uncommitted ones
         fingerprint = _fingerprint(params, done)
         if not force and folder.exists(TABLE) and folder.exists(SUMMARY):

@@ -29,12 +29,14 @@ run killed mid-way leaves at most FOLD_EVERY entries unfolded.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +62,16 @@ PROBE_RATIO = 20
 PROBE_MIN = 64
 
 
-class RunConflict(Exception):
+class RunDirError(Exception):
+    """A run directory that cannot be used as it is (one line for the user, naming the object)."""
+
+
+class RunConflict(RunDirError):
     """The output directory belongs to a run with a different, result-changing config."""
+
+
+class RunRecordError(RunDirError):
+    """run.json cannot be read or does not describe a plan (truncated, edited, from another tool)."""
 
 
 class RunLocked(LockHeld):
@@ -70,6 +80,65 @@ class RunLocked(LockHeld):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
+
+
+def output_inside_run(out: str | os.PathLike, run: str | os.PathLike) -> str | None:
+    """The one rule for every file or folder a reader writes (`query`, `select`, `report` --out): never
+    inside a run directory, which only `curate run` writes (a report over a manifest would silently
+    replace a committed shard). Local paths are compared with symlinks resolved; URLs by store and key.
+    Returns the problem (one line) or None."""
+    if is_url(out) != is_url(run):
+        return None  # one on local disk, the other on an object store
+    if is_url(out):
+        a, b = open_store(out), open_store(run)
+        same_store = a.fs.protocol == b.fs.protocol
+        inside = same_store and (a.root == b.root or a.root.startswith(b.root.rstrip("/") + "/"))
+    else:
+        inside = Path(os.path.realpath(out)).is_relative_to(os.path.realpath(run))
+    if inside:
+        return f"--out {out} is inside the run directory {run}: choose a path outside it"
+    return None
+
+
+def run_key_path() -> Path:
+    """This user's run key: $CURATE_CONFIG_DIR/run-key, else ~/.config/curate/run-key (0600)."""
+    root = os.environ.get("CURATE_CONFIG_DIR") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "curate"
+    )
+    return Path(root) / "run-key"
+
+
+def sign_inputs(inputs: list[str]) -> str | None:
+    """HMAC of a plan's input locations under this user's run key (made on first use); None where no
+    key can be kept (then readers need --images-from for every run's inputs)."""
+    path = run_key_path()
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32).hex().encode())
+        except FileExistsError:
+            pass  # another process made it first
+        except OSError:
+            return None
+        key = path.read_bytes()
+    except OSError:
+        return None
+    if len(key) < 32:
+        return None
+    return hmac.new(key, json.dumps(inputs).encode(), hashlib.sha256).hexdigest()
+
+
+def _input_locations(record: dict[str, Any]) -> list[str]:
+    shards = record.get("shards")
+    return (
+        sorted({str(s["path"]) for s in shards if isinstance(s, dict) and "path" in s})
+        if isinstance(shards, list)
+        else []
+    )
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -88,7 +157,13 @@ class LedgerState:
     done: dict[int, dict]  # shard index -> its ledger entry
     unfolded: dict[int, dict]  # the part of `done` that no folded part holds yet
     failed: dict[int, dict]  # last failure of shards that are not done (only when asked for)
-    parts: list[str]  # names of the folded parts under ledger/folded/
+    parts: list[str]  # names of the folded parts under ledger/folded/ that were read
+    # Shards of the plan whose ledger entry is not trusted, and why (one line each): a damaged entry,
+    # rows that disagree with the plan, another config's entry, a missing manifest. They
+    # count as not done: a resumed run redoes them, readers leave them out and name them.
+    broken: dict[int, str] = field(default_factory=dict)
+    bad_parts: list[str] = field(default_factory=list)  # damaged folded parts: skipped (they are a cache)
+    notes: list[str] = field(default_factory=list)  # one line each: what was skipped or ignored, and why
 
 
 @dataclass
@@ -99,6 +174,7 @@ class ShardResult:
     drop_reasons: dict[str, int]
     seconds: float
     finished: float | None = None  # unix time of the commit
+    config: str | None = None  # config hash of the run that committed it (run.json's config_hash)
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -140,13 +216,47 @@ class RunDir:
         return self._record is not None or self.store.exists("run.json")
 
     def record(self) -> dict[str, Any]:
+        """run.json, checked (RunRecordError: one line naming it); FileNotFoundError if there is none."""
         if self._record is None:
-            self._record = self.store.get_json("run.json")
+            data = self.store.get_bytes("run.json")
+            try:
+                record = json.loads(data)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise RunRecordError(f"{self.record_path} is damaged (not JSON: {e})") from None
+            problem = record_problem(record)
+            if problem:
+                raise RunRecordError(f"{self.record_path} is damaged: {problem}")
+            self._record = record
         return self._record
 
+    def config_hash(self) -> str | None:
+        return self.record().get("config_hash") if self.exists() else None
+
     def _write_record(self, record: dict[str, Any]) -> None:
+        signature = sign_inputs(_input_locations(record))
+        record = {k: v for k, v in record.items() if k != "inputs_signature"}
+        if signature is not None:
+            record["inputs_signature"] = signature
         self.store.put_json("run.json", record)
         self._record = record
+
+    def trusted_inputs(self) -> list[str]:
+        """The input locations of the plan, if this user's `curate run` wrote them (run.json signed with
+        this user's run key, see `sign_inputs`); [] for a run directory from anyone else, or edited: its
+        plan may name `/` or another bucket, and readers never widen what they read on its word."""
+        with contextlib.suppress(FileNotFoundError, RunRecordError):
+            record = self.record()
+            inputs = _input_locations(record)
+            signature = sign_inputs(inputs)
+            if signature is not None and hmac.compare_digest(str(record.get("inputs_signature")), signature):
+                return inputs
+        return []
+
+    def plan_inputs(self) -> list[str]:
+        """The input locations the plan names, trusted or not (for messages only)."""
+        with contextlib.suppress(FileNotFoundError, RunRecordError):
+            return _input_locations(self.record())
+        return []
 
     def plan(self) -> list[Shard]:
         return [Shard.from_json(s) for s in self.record()["shards"]]
@@ -171,6 +281,8 @@ class RunDir:
         if self.local:
             for d in (self.manifests, self.ledger, self.tmp):
                 d.mkdir(parents=True, exist_ok=True)
+        if not self.exists():
+            self._adopt_ledger(config_hash)
         if self.exists():
             problem = self.conflict(fingerprint, config_hash)
             if problem:
@@ -196,13 +308,33 @@ class RunDir:
         )
         return plan
 
+    def _adopt_ledger(self, config_hash: str) -> None:
+        """A ledger without run.json (deleted, or lost): its entries are another run's results only if
+        each says it was made with this config; otherwise which config made them is unknown: refuse."""
+        entries = self.ledger_state(plan=None).done
+        if not entries:
+            return
+        others = sorted({str(e.get("config")) for e in entries.values() if e.get("config") != config_hash})
+        if others:
+            raise RunConflict(
+                f"{self.root} holds a ledger of {len(entries):,} finished shard(s) but no run.json, made with "
+                f"{'an unknown config' if others == ['None'] else 'a different config'}: its results cannot "
+                "be checked against this one. Choose a new output (--output DIR)."
+            )
+
     def conflict(self, fingerprint: dict, config_hash: str) -> str | None:
         """Why this output cannot take a run with this fingerprint (None: it can, or it holds no run)."""
         if not self.exists():
+            try:
+                self._adopt_ledger(config_hash)  # a ledger left without its run.json
+            except RunConflict as e:
+                return str(e)
             return None
         try:
             rec = self.record()
             old_hash, old_fingerprint = rec["config_hash"], rec["fingerprint"]
+        except RunRecordError as e:
+            return f"{e}: choose a new output"
         except (OSError, ValueError, KeyError, TypeError) as e:
             return f"{self.record_path} is unreadable ({type(e).__name__}): choose a new output"
         # Records written before --limit left the fingerprint hold it there: compare without it.
@@ -229,55 +361,155 @@ class RunDir:
     def _ledger_names(self) -> list[str]:
         return self.ledger_store.list("")
 
-    def _folded(self) -> tuple[dict[int, dict], list[str]]:
-        """The entries of the folded parts, and the parts' names. A part merged away between the listing
-        and the read (by a live run's driver, which writes the merged part first) makes the read start over.
-        """
+    def _folded(self) -> tuple[dict[int, dict], list[str], list[str], list[str]]:
+        """The entries of the folded parts, the parts read, the damaged parts skipped, and a note per
+        damaged part. A part is a cache of single entries: one with any bad line is skipped whole (its
+        shards are read from their single entries; the next driver rewrites it). A part merged away between
+        the listing and the read (by a live run's driver, which writes the merged part first) makes the
+        read start over."""
         for _ in range(10):
             names = sorted(n for n in self.folded_store.list("") if n.endswith(".jsonl"))
             got = self.folded_store.get_many(names)
             if len(got) == len(names):
                 entries: dict[int, dict] = {}
+                good, bad, notes = [], [], []
                 for name in names:
-                    entries.update(_parse_entries(got[name]))
-                return entries, names
+                    try:
+                        entries.update(parse_part(got[name]))
+                        good.append(name)
+                    except ValueError as e:
+                        bad.append(name)
+                        notes.append(
+                            f"folded ledger part {self.folded_store.url_of(name)} is damaged ({e}): skipped, "
+                            "its shards are read from their single entries"
+                        )
+                return entries, good, bad, notes
         raise StorageError(f"{self.folded_store.url}: folded ledger parts kept disappearing while read")
 
-    def ledger_state(self, plan: list[Shard] | None = None, *, with_failures: bool = False) -> LedgerState:
+    def ledger_state(
+        self, plan: list[Shard] | None = None, *, with_failures: bool = False, verify: bool = False
+    ) -> LedgerState:
         """Done (and, `with_failures`, failed) shards of the plan, in as few requests as the ledger allows:
         the folded parts (one listing of ledger/folded/, one GET each); if they cover the plan, nothing
         else. Otherwise the single entries of the shards they miss: one GET each when those are few,
         else one listing of ledger/ (also needed for the failures) and a GET per unfolded entry.
         Without a plan (no run.json: a ledger made by other tools) every entry listed counts.
+
+        The ledger is untrusted input: entries outside the plan are ignored, and an entry that is
+        damaged, disagrees with the plan's row count or was made by another config is `broken` (not
+        done). `verify` also lists manifests/ (one listing) and counts as broken an entry whose
+        manifest is missing.
         """
         if plan is None:
             with contextlib.suppress(FileNotFoundError):
                 plan = self.plan()
-        folded, parts = self._folded()
+        folded, parts, bad_parts, notes = self._folded()
         # None: which shards to expect is unknown, so ledger/ is listed
         missing = None if plan is None else {s.index for s in plan} - folded.keys()
         unfolded: dict[int, dict] = {}
         failed: dict[int, dict] = {}
+        broken: dict[int, str] = {}
         if missing and not with_failures and len(missing) <= max(PROBE_MIN, len(folded) // PROBE_RATIO):
             names = [f"{shard_name(i)}.json" for i in sorted(missing)]
-            unfolded = _parse_objects(self.ledger_store.get_many(names).values())  # absent: not done
+            unfolded = self._singles(self.ledger_store.get_many(names), broken)  # absent: not done
         elif missing is None or missing:
             names = self._ledger_names()
             known = set(folded)
             if LEGACY_FOLDED in names:  # earlier versions' folded object: its entries still need a part
                 with contextlib.suppress(FileNotFoundError):
-                    legacy = _parse_entries(self.ledger_store.get_bytes(LEGACY_FOLDED))
+                    try:
+                        legacy = parse_part(self.ledger_store.get_bytes(LEGACY_FOLDED))
+                    except ValueError as e:
+                        legacy = {}
+                        notes.append(f"{self.ledger_store.url_of(LEGACY_FOLDED)} is damaged ({e}): skipped")
                     unfolded.update({k: v for k, v in legacy.items() if k not in known})
                     known |= legacy.keys()
             singles = [n for n in names if (m := LEDGER_ENTRY.fullmatch(n)) and int(m.group(1)) not in known]
-            unfolded.update(_parse_objects(self.ledger_store.get_many(singles).values()))
+            unfolded.update(self._singles(self.ledger_store.get_many(singles), broken))
             if with_failures:
-                failed = _parse_objects(
-                    self.ledger_store.get_many([n for n in names if FAILED_ENTRY.fullmatch(n)]).values()
-                )
+                for name, data in self.ledger_store.get_many(
+                    [n for n in names if FAILED_ENTRY.fullmatch(n)]
+                ).items():
+                    with contextlib.suppress(ValueError, UnicodeDecodeError, TypeError, AttributeError):
+                        entry = json.loads(data)
+                        index = int(FAILED_ENTRY.fullmatch(name).group(1))  # type: ignore[union-attr]
+                        error = str(entry.get("error", "unknown error"))  # AttributeError: not an object
+                        failed[index] = {**entry, "shard": index, "error": error}
         done = {**folded, **unfolded}
+        if plan is not None:
+            done, unfolded = self._check_against_plan(plan, done, unfolded, broken, notes)
+        if verify and done:
+            self._check_manifests(done, broken)
+            unfolded = {k: v for k, v in unfolded.items() if k in done}
         # A failure entry of a shard that is done is stale (its commit removes it, unless killed in between).
-        return LedgerState(done, unfolded, {k: v for k, v in failed.items() if k not in done}, parts)
+        planned = None if plan is None else {s.index for s in plan}  # failures outside the plan: ignored
+        failed = {k: v for k, v in failed.items() if k not in done and (planned is None or k in planned)}
+        return LedgerState(done, unfolded, failed, parts, broken, bad_parts, notes)
+
+    def _singles(self, got: dict[str, bytes], broken: dict[int, str]) -> dict[int, dict]:
+        """Parsed single entries by shard; a damaged one goes to `broken` (redone), never raises."""
+        out = {}
+        for name, data in got.items():
+            index = int(LEDGER_ENTRY.fullmatch(name).group(1))  # type: ignore[union-attr]
+            try:
+                entry = json.loads(data)
+            except (ValueError, UnicodeDecodeError):
+                broken[index] = f"ledger entry {self.ledger_store.url_of(name)} is not JSON (truncated?)"
+                continue
+            problem = entry_problem(entry, index)
+            if problem:
+                broken[index] = f"ledger entry {self.ledger_store.url_of(name)} {problem}"
+            else:
+                out[index] = entry
+        return out
+
+    def _check_against_plan(
+        self,
+        plan: list[Shard],
+        done: dict[int, dict],
+        unfolded: dict[int, dict],
+        broken: dict[int, str],
+        notes: list[str],
+    ) -> tuple[dict[int, dict], dict[int, dict]]:
+        planned = {s.index: s for s in plan}
+        outside = sorted(k for k in done if k not in planned)
+        if outside:
+            notes.append(
+                f"{len(outside):,} ledger entr{'y' if len(outside) == 1 else 'ies'} name shards outside the plan "
+                f"of {self.record_path} (e.g. shard {outside[0]}): ignored"
+            )
+        for k in list(broken):
+            if k not in planned:
+                del broken[k]
+        config = self.config_hash()
+        good = {}
+        for k, entry in done.items():
+            shard = planned.get(k)
+            if shard is None:
+                continue
+            if shard.row_end >= 0 and entry["rows"] != shard.rows:
+                broken[k] = (
+                    f"ledger entry of {shard_name(k)} says {entry['rows']:,} rows; the plan has {shard.rows:,}"
+                )
+            elif entry.get("config") not in (None, config):
+                broken[k] = (
+                    f"ledger entry of {shard_name(k)} was made with another config ({entry['config']})"
+                )
+            else:
+                good[k] = entry
+        return good, {k: v for k, v in unfolded.items() if k in good}
+
+    def _check_manifests(self, done: dict[int, dict], broken: dict[int, str]) -> None:
+        present = set(self.manifest_store.list(""))
+        # A shard `curate compact` folded into a part may have no manifest of its own any more.
+        covered = {int(i) for p in compaction_index(self)["parts"] for i, _ in p["shards"]}
+        for k in sorted(done):
+            name = f"{shard_name(k)}.parquet"
+            if name not in present and k not in covered:
+                broken[k] = (
+                    f"{self.manifest_store.url_of(name)} is missing, though the ledger says the shard is done"
+                )
+                del done[k]
 
     def done_indices(self) -> set[int]:
         """Shards with a ledger entry (single or folded)."""
@@ -287,11 +519,12 @@ class RunDir:
         return self.ledger_state().done
 
     def committed(self, index: int) -> dict | None:
-        """The ledger entry of shard `index`, if it is done."""
+        """The ledger entry of shard `index`, if it is done (a damaged entry is not)."""
         try:
-            return self.ledger_store.get_json(f"{shard_name(index)}.json")
-        except (FileNotFoundError, ValueError):
+            entry = self.ledger_store.get_json(f"{shard_name(index)}.json")
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
             return None
+        return None if entry_problem(entry, index) else entry
 
     def failures(self) -> dict[int, dict]:
         return self.ledger_state(with_failures=True).failed
@@ -331,8 +564,19 @@ class RunDir:
         )
 
     def committed_manifests(self) -> list[str]:
-        """Names (shard-NNNNN.parquet) of the manifests readers may see: those with a ledger entry."""
-        return [f"{shard_name(i)}.parquet" for i in sorted(self.done_indices())]
+        """Names (shard-NNNNN.parquet) of the manifests readers may see: those with a trusted ledger entry
+        whose manifest exists (`readable_manifests` also says which were left out, and why)."""
+        return self.readable_manifests()[0]
+
+    def readable_manifests(self) -> tuple[list[str], list[str]]:
+        """(names under manifests/ that readers may see, one line per shard left out and why).
+
+        Every reader (query, stats, report, select, dedup) takes its files from here (`data_files`):
+        compacted parts, and the manifests of shards whose ledger entry is trusted and whose manifest
+        exists; a shard of the plan whose entry is damaged or whose manifest is missing is skipped
+        and named, never read, and `curate run` redoes it."""
+        files = data_files(self)
+        return files.names, files.skipped
 
     def writer(self, index: int, schema: pa.Schema) -> ShardWriter:
         return ShardWriter(self, index, schema)
@@ -357,7 +601,15 @@ class LedgerFolder:
         self.buffer = list(state.unfolded.values())
         self.folded_any = False
         self.last = time.monotonic()
-        if self.buffer:
+        if state.bad_parts or state.broken:
+            # Entries found broken are removed (their shards are redone, and a retried task must not
+            # find them committed); the parts, which may hold them or be damaged, are rewritten from the
+            # entries known good. The manifests stay until their shard's redo replaces them.
+            run.ledger_store.remove_many([f"{shard_name(k)}.json" for k in sorted(state.broken)])
+            self.parts += state.bad_parts
+            self.buffer = []
+            self.compact()
+        elif self.buffer:
             self.flush()
 
     def add(self, entry: dict) -> None:
@@ -378,7 +630,7 @@ class LedgerFolder:
 
     def compact(self) -> None:
         old = self.parts
-        self.parts = [self.run.write_folded_part(list(self.entries.values()))]
+        self.parts = [self.run.write_folded_part(list(self.entries.values()))] if self.entries else []
         self.run.remove_folded_parts(old)
         self.run.ledger_store.remove(LEGACY_FOLDED)
 
@@ -388,27 +640,76 @@ class LedgerFolder:
             self.compact()
 
 
-def _parse_entries(data: bytes) -> dict[int, dict]:
+def parse_part(data: bytes) -> dict[int, dict]:
+    """The entries of a folded part by shard; ValueError (saying which line and why) if any is bad."""
     out = {}
-    for line in data.decode().splitlines():
+    try:
+        lines = data.decode().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    for n, line in enumerate(lines, 1):
         if line.strip():
-            entry = json.loads(line)
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                raise ValueError(f"line {n} is not JSON") from None
+            problem = entry_problem(entry)
+            if problem:
+                raise ValueError(f"line {n} {problem}")
             out[entry["shard"]] = entry
     return out
 
 
-def _parse_objects(objects: Any) -> dict[int, dict]:
-    out = {}
-    for data in objects:
-        entry = json.loads(data)
-        out[entry["shard"]] = entry
-    return out
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def entry_problem(entry: Any, index: int | None = None) -> str | None:
+    """Why a ledger entry cannot be trusted as written (None: it can). `index`: the shard its name says."""
+    if not isinstance(entry, dict):
+        return f"is not a JSON object ({type(entry).__name__})"
+    if not _count(entry.get("shard")):
+        return f"has no shard number (shard: {entry.get('shard')!r})"
+    if index is not None and entry["shard"] != index:
+        return f"names shard {entry['shard']}, not {index}"
+    rows, kept = entry.get("rows"), entry.get("kept")
+    if not _count(rows) or not _count(kept) or kept > rows:
+        return f"has no valid row counts (rows: {rows!r}, kept: {kept!r})"
+    return None
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a run.json cannot be a run record (None: it can)."""
+    if not isinstance(record, dict):
+        return f"not a JSON object ({type(record).__name__})"
+    if not isinstance(record.get("config_hash"), str) or not isinstance(record.get("fingerprint"), dict):
+        return "no config_hash or fingerprint"
+    shards = record.get("shards")
+    if not isinstance(shards, list):
+        return "no list of shards"
+    seen: set[int] = set()
+    for s in shards:
+        if not (
+            isinstance(s, dict)
+            and set(s) <= {"index", "path", "row_start", "row_end"}
+            and _count(s.get("index"))
+            and isinstance(s.get("path"), str)
+            and all(
+                isinstance(s.get(k, 0), int) and not isinstance(s.get(k, 0), bool)
+                for k in ("row_start", "row_end")
+            )
+        ):
+            return f"shard {json.dumps(s, default=str)[:80]} is not a shard of a plan"
+        if s["index"] in seen:
+            return f"it lists shard {s['index']} twice"
+        seen.add(s["index"])
+    return None
 
 
 @contextlib.contextmanager
-def exclusive_lock_on(store: Store, rel: str, held_message: str) -> Iterator[None]:
+def exclusive_lock_on(store: Store, rel: str, held_message: str, *, remove: bool = False) -> Iterator[None]:
     try:
-        with store.lock(rel, held_message):
+        with store.lock(rel, held_message, remove=remove):
             yield
     except LockHeld as e:
         if isinstance(e, RunLocked):
@@ -447,7 +748,12 @@ class ShardWriter:
         self._writer.close()
         self.run.manifest_store.put_file(self.tmp, f"{shard_name(self.index)}.parquet")
         result = ShardResult(
-            self.index, self.rows, self.kept, self.reasons, time.perf_counter() - self.started
+            self.index,
+            self.rows,
+            self.kept,
+            self.reasons,
+            time.perf_counter() - self.started,
+            config=self.run.config_hash(),
         )
         self.run.commit_ledger(result)
         return result
@@ -538,6 +844,7 @@ class DataFiles:
     singles: list[str]  # shard-NNNNN.parquet of done shards that no part holds
     covered: dict[int, str]  # shard index -> the part (name under compacted/) holding its rows
     done: dict[int, dict]  # the ledger's done entries ({} when the index holds every shard of the plan)
+    skipped: list[str] = field(default_factory=list)  # shards left out (a lying ledger), one line each
 
     @property
     def names(self) -> list[str]:
@@ -610,6 +917,15 @@ def data_files(run: RunDir, index: dict[str, Any] | None = None) -> DataFiles:
         with contextlib.suppress(FileNotFoundError):
             plan = run.plan()
     # A compacted finished run: the index names every shard of the plan, and the ledger is not read.
-    done = {} if plan and all(s.index in covered for s in plan) else run.ledger_state(plan).done
-    singles = [f"{shard_name(i)}.parquet" for i in sorted(done) if i not in covered]
-    return DataFiles(list(index["parts"]), singles, covered, done)
+    if plan and all(s.index in covered for s in plan):
+        return DataFiles(list(index["parts"]), [], covered, {})
+    # The ledger is untrusted: entries outside the plan, damaged ones and those whose manifest is gone
+    # are left out and named (`curate run` redoes them).
+    state = run.ledger_state(plan, verify=True)
+    skipped = state.notes + [state.broken[k] for k in sorted(state.broken)]
+    if state.broken:
+        skipped.append(
+            f"{len(state.broken):,} shard(s) left out: run the same `curate run` again to redo them"
+        )
+    singles = [f"{shard_name(i)}.parquet" for i in sorted(state.done) if i not in covered]
+    return DataFiles(list(index["parts"]), singles, covered, state.done, skipped)

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from typing import Any, TextIO
 import duckdb
 
 from curation.core.terminal import printable
-from curation.manifest import RunDir, data_files
+from curation.manifest import RunDir
 from curation.schema import HASH_COLUMNS
 from curation.stages import manifest_columns
 
@@ -84,7 +85,9 @@ def connect(
         raise NoManifests(f"{output} does not exist")
     if not local:
         run.store.check()
-    names = data_files(run).names
+    names, skipped = run.readable_manifests()  # a lying ledger entry or a lost manifest: named, not read
+    for line in skipped:
+        print(f"curate: skipped: {printable(line)}", file=sys.stderr, flush=True)
     pairs_found = (
         (Path(run.root) / "hard_pairs.parquet").is_file() if local else run.store.exists("hard_pairs.parquet")
     )
@@ -327,13 +330,6 @@ def write_file(con: duckdb.DuckDBPyConnection, statement: duckdb.Statement, path
     return n
 
 
-def inside_run(out: Path, run_root: Path) -> str | None:
-    """A problem when `out` (symlinks resolved) lies in the run directory, which only `curate run` writes."""
-    if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(run_root)):
-        return f"--out {out} is inside the run directory {run_root}: choose a path outside it"
-    return None
-
-
 def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
     con = connect(output)
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
@@ -433,7 +429,10 @@ def compute_status(output: str | Path, storage_options: dict | None = None) -> d
         "rows_total": sum(s.rows for s in plan),
         "rows_done": sum(e["rows"] for e in done.values()),
         "kept": sum(e["kept"] for e in done.values()),
-        "failures": {str(k): v["error"].splitlines()[0] for k, v in sorted(failures.items())},
+        "failures": {str(k): (v["error"].splitlines() or [""])[0] for k, v in sorted(failures.items())},
+        # Ledger entries not trusted (redone by the next `curate run`) and parts or entries ignored.
+        "not_trusted": {str(k): why for k, why in sorted(ledger.broken.items())},
+        "ignored": ledger.notes,
     }
 
 
@@ -504,12 +503,15 @@ def render_stats(stats: dict[str, Any]) -> str:
 
 def render_status(st: dict[str, Any]) -> str:
     lines = [
-        f"output   {st['output']}" + ("  (a run is in progress)" if st["running"] else ""),
+        f"output   {printable(str(st['output']))}" + ("  (a run is in progress)" if st["running"] else ""),
         f"shards   {st['shards_done']}/{st['shards_total']} done, {st['shards_failed']} failed",
         f"rows     {st['rows_done']:,}/{st['rows_total']:,} done, {st['kept']:,} kept",
     ]
     for shard, err in st["failures"].items():
         lines.append(f"  shard {shard} failed: {printable(err)}")
+    for shard, why in st.get("not_trusted", {}).items():
+        lines.append(f"  shard {shard} not done: {printable(why)} (`curate run` redoes it)")
+    lines += [f"  {printable(line)}" for line in st.get("ignored", [])]
     return "\n".join(lines)
 
 

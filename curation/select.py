@@ -25,7 +25,7 @@ import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from curation.core.shards import (
     read_samples,
 )
 from curation.core.storage import Store, open_store
+from curation.manifest import RunLocked, exclusive_lock_on
 from curation.query import condition
 
 
@@ -160,19 +161,20 @@ def select_shards(
     replace: bool = False,
     blur_faces: bool = False,
     command: list[str] | None = None,
+    images_from: Sequence[str] = (),
 ) -> SelectResult:
     """Write the selected samples of `run` (a local directory or a URL) as shards to the new (or empty)
     `out`, a local directory that appears complete or not at all, or an empty object-store prefix.
     `replace`: a local `out` is replaced. Each sample's .json carries its provenance, and a dataset card
-    (curation/card.py) naming `command` as the way to reproduce it is written beside sizes.json."""
+    (curation/card.py) naming `command` as the way to reproduce it is written beside sizes.json.
+    `images_from`: locations besides the run's own output that images may be read from
+    (`--images-from`; see ImageSources)."""
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     if "image_path" not in columns:
         raise SelectError(
             f"{run} has no images: its pipeline has no download stage and its input is not webdataset or "
             "image_folder. Use --uids-only for a list of uids."
         )
-    if isinstance(out, Path) and out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replace)):
-        raise SelectError(f"{out} exists and is not an empty directory; choose a new --out")
     if blur_faces and "face_boxes" not in columns:
         raise SelectError(f"--blur-faces needs face boxes: {run} has no faces stage in its pipeline")
     from curation.query import select_statement
@@ -189,24 +191,77 @@ def select_shards(
     vocabulary = run_vocabulary(run) if "concept_ids" in columns else None
 
     result = SelectResult(no_image=no_image)
+    # One writer per --out, as `run`, `dedup` and `mine` (two selects at once would leave a mix): a lock
+    # object in the prefix on an object store, a lock file beside a local folder (which is renamed whole).
+    if isinstance(out, str):
+        store = open_store(out)
+        store.check()
+        lock, lock_name = store, LOCK
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock, lock_name = open_store(out.parent), f".{out.name}{LOCK}"
+    try:
+        # A local lock file lies beside the output, so it goes when released (remove=True).
+        with exclusive_lock_on(lock, lock_name, f"another `curate select` is writing to {out}", remove=True):
+            _select_into(
+                con,
+                run,
+                where,
+                out,
+                shard_size,
+                max_pixels,
+                replace,
+                vocabulary,
+                result,
+                _Writing(blur_faces, command or [], tuple(images_from)),
+            )
+    except RunLocked as e:
+        raise SelectError(str(e)) from None
+    return result
+
+
+LOCK = ".lock"
+
+
+@dataclass(frozen=True)
+class _Writing:
+    """How the selected samples are written: faces blurred, the command for the dataset card, and
+    where images may be read from besides the run's own output."""
+
+    blur_faces: bool
+    command: list[str]
+    images_from: tuple[str, ...]
+
+
+def _select_into(
+    con: Any,
+    run: str | Path,
+    where: str,
+    out: Path | str,
+    shard_size: int,
+    max_pixels: int,
+    replace: bool,
+    vocabulary: list[str] | None,
+    result: SelectResult,
+    writing: _Writing,
+) -> None:
+    """`select_shards`' writing, under the output's lock."""
     if isinstance(out, str):
         # An object store has no directory rename: each tar is committed whole, sizes.json last,
         # into a prefix that must be empty (a select killed midway leaves tars without sizes.json).
         store = open_store(out)
-        store.check()
-        if store.list(""):
+        if [n for n in store.list("") if n != LOCK]:
             raise SelectError(f"{out} is not empty; choose a new --out")
-        _write_selection(
-            con, run, where, store, shard_size, max_pixels, vocabulary, result, blur_faces, command
-        )
-        return result
-    out.parent.mkdir(parents=True, exist_ok=True)
+        _write_selection(con, run, where, store, shard_size, max_pixels, vocabulary, result, writing)
+        return
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not replace)):
+        raise SelectError(f"{out} exists and is not an empty directory; choose a new --out")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         _write_selection(
-            con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result, blur_faces, command
+            con, run, where, open_store(tmp), shard_size, max_pixels, vocabulary, result, writing
         )
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
         if out.exists():
@@ -215,7 +270,6 @@ def select_shards(
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return result
 
 
 def _write_selection(
@@ -227,8 +281,7 @@ def _write_selection(
     max_pixels: int,
     vocabulary: list[str] | None,
     result: SelectResult,
-    blur_faces: bool = False,
-    command: list[str] | None = None,
+    writing: _Writing,
 ) -> None:
     from curation.card import CARD_JSON, CARD_MD, card_markdown, dataset_card, provenance_columns
 
@@ -238,8 +291,8 @@ def _write_selection(
         record = {}
     columns = [r[0] for r in con.execute("DESCRIBE samples").fetchall()]
     writer_provenance = (provenance_columns(columns), record.get("config_hash"))
-    with _ShardWriter(target, shard_size, max_pixels, blur_faces, writer_provenance) as writer:
-        for row, image in _images(con, run, where, result.unreadable):
+    with _ShardWriter(target, shard_size, max_pixels, writing.blur_faces, writer_provenance) as writer:
+        for row, image in _images(con, run, where, result.unreadable, writing.images_from):
             try:
                 writer.write(row, image)
             except ImageRefused as e:  # too large (a decompression bomb), or not decodable
@@ -252,10 +305,10 @@ def _write_selection(
         selection = {
             "samples": writer.shards.count,
             "shards": len(writer.sizes),
-            "faces_blurred": blur_faces,
+            "faces_blurred": writing.blur_faces,
             "left_out_unreadable": len(result.unreadable),
         }
-        card = dataset_card(con, str(run), record, where, command or [], selection)
+        card = dataset_card(con, str(run), record, where, writing.command, selection)
         target.put_bytes(CARD_JSON, (json.dumps(card, indent=1, default=str) + "\n").encode("utf-8"))
         target.put_bytes(CARD_MD, card_markdown(card).encode("utf-8"))
     result.sizes = writer.sizes
@@ -285,7 +338,9 @@ def run_vocabulary(run: str | Path) -> list[str]:
     return names
 
 
-def _images(con: Any, run: str | Path, where: str, unreadable: list[str]) -> Iterator[tuple[dict, bytes]]:
+def _images(
+    con: Any, run: str | Path, where: str, unreadable: list[str], images_from: Sequence[str] = ()
+) -> Iterator[tuple[dict, bytes]]:
     """(manifest row, image bytes) of every selected uid (its first row with an image), reading each tar once."""
     from curation.query import select_statement
 
@@ -295,7 +350,7 @@ def _images(con: Any, run: str | Path, where: str, unreadable: list[str]) -> Ite
         "ORDER BY image_path, key, uid"
     )
     reader = con.sql(select_statement(sql)).to_arrow_reader(10_000)
-    sources = ImageSources(run)
+    sources = ImageSources(run, images_from)
     group: list[dict] = []
     for batch in reader:
         for row in batch.to_pylist():
@@ -313,23 +368,31 @@ STORAGE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", 
 
 
 class ImageSources:
-    """Where a run's images may be read from: its own output, and the input locations its plan names.
+    """Where a run's images may be read from: its own output, the input locations of its plan when this
+    user's `curate run` wrote that plan (run.json signed with the user's run key), and the locations the
+    user names on the command line (`--images-from`: the input tars or image folder of a run made by
+    someone else, or elsewhere).
 
     The run is a local directory or a URL (s3://bucket/run): relative `image_path`s (downloads) are
     relative to it either way, and are read from the run's own storage. A manifest's `image_path` is
-    data, and a run may come from someone else: a row that names any other place (a host, a file or
-    object outside the run and its inputs) is refused with a reason, never opened.
+    data, and a run (its run.json included) may come from someone else: a row that names any other
+    place (a host, a file or object outside the run and the named locations) is refused with a reason,
+    never opened. A plan this user did not write never widens what is read: a stranger's plan may
+    list `/` or another bucket.
     """
 
-    def __init__(self, run: str | Path) -> None:
+    def __init__(self, run: str | Path, images_from: Sequence[str] = ()) -> None:
         self.store = open_store(run)
         self.root = os.path.realpath(run) if self.store.local else None
-        self.inputs: list[str] = []
-        try:
-            record = self.store.get_json("run.json")
-            self.inputs = [str(s["path"]) for s in record.get("shards", []) if isinstance(s, dict)]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # no run record: only the run's own files
+        named = [
+            str(p).rstrip("/")
+            if "://" in str(p) and not str(p).startswith("file://")
+            else os.path.realpath(str(p).removeprefix("file://"))
+            for p in images_from
+        ]
+        from curation.manifest import RunDir
+
+        self.inputs: list[str] = named + RunDir(run).trusted_inputs()
 
     def locate(self, image_path: str) -> str:
         """The location to open for `image_path`; raises ImageLocationRefused saying why not."""
@@ -344,9 +407,7 @@ class ImageSources:
                 raise ImageLocationRefused("refused: a URL with `..` or `.` segments")
             allowed = [*self.inputs, *([] if self.store.local else [self.store.url])]
             if not any(image_path == p or image_path.startswith(p.rstrip("/") + "/") for p in allowed):
-                raise ImageLocationRefused(
-                    "refused: not in the run's output or the input locations of its plan"
-                )
+                raise ImageLocationRefused(REFUSED_LOCATION)
             return image_path
         local = rest if sep else image_path
         if self.root is None:  # the run is on an object store: its own files are objects under its URL
@@ -364,7 +425,13 @@ class ImageSources:
         for p in self.inputs:
             if "://" not in p and _inside(real, os.path.realpath(p)):
                 return real
-        raise ImageLocationRefused("refused: outside the run's output and the input locations of its plan")
+        raise ImageLocationRefused(REFUSED_LOCATION)
+
+
+REFUSED_LOCATION = (
+    "refused: outside the run's output, the inputs of a plan this user's `curate run` wrote, and the "
+    "locations named with --images-from (give it the input folder or tars if you trust them)"
+)
 
 
 class ImageLocationRefused(Exception):

@@ -245,7 +245,7 @@ def test_run_and_select_keep_every_good_pair_and_refuse_the_rest_per_row(tmp_pat
                 None,
             ), r
             assert r["read_error"]
-    assert "is a int, not a string" in rows[("mixed", "num")][0]["read_error"]
+    assert "is not a string (JSON number)" in rows[("mixed", "num")][0]["read_error"]
     for where, (_, text) in GOOD.items():
         (r,) = rows[where]
         assert (r["read_status"], r["read_error"], r["caption"], r["keep"]) == ("ok", None, text, True), r

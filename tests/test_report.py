@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import tarfile
@@ -198,6 +199,9 @@ def test_help_teaches_with_examples(capsys):
 def test_failures_and_a_run_without_run_json(caption_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(caption_run, run)
+    record = json.loads((run / "run.json").read_text())  # a 4th shard, planned but not done (failures
+    record["shards"].append({**record["shards"][-1], "index": 7})  # outside the plan are ignored)
+    (run / "run.json").write_text(json.dumps(record))
     RunDir(run).record_failure(7, "Traceback (most recent call last):\nValueError: <b>bad row</b>")
     text, _ = report(tmp_path, run)
     assert "Failed shards" in text and "ValueError: &lt;b&gt;bad row&lt;/b&gt;" in text

@@ -94,10 +94,13 @@ def _dispatch(argv: list[str] | None) -> int:
     if isinstance(config, str) and not os.path.exists(config):
         return fail(f"config file not found: {config}")
     from curation.core.storage import StorageError
+    from curation.manifest import RunDirError
 
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
+        return fail(e)
+    except RunDirError as e:  # a damaged run.json, a ledger without one: one line naming the object
         return fail(e)
     except StorageError as e:  # an unusable store (credentials, bucket, endpoint down): one line
         return fail(e)

@@ -284,6 +284,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
+    from curation.manifest import output_inside_run
     from curation.query import (
         OUT_FORMATS,
         LimitError,
@@ -294,7 +295,6 @@ def cmd_query(args: argparse.Namespace) -> int:
         connect,
         deadline,
         explain_error,
-        inside_run,
         select_statement,
     )
 
@@ -304,7 +304,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--out must end in {', '.join(OUT_FORMATS)} (the file format), got {out.name!r}"
             )
-        problem = inside_run(out, Path(args.output))
+        problem = output_inside_run(args.out, args.output)  # as typed: a URL is not a Path (s3:/...)
         if problem:
             raise UsageError(problem)
         check_new_output(out, args.force)

@@ -48,6 +48,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="report.html", help="the HTML file to write (a path or a URL)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument(
+        "--images-from",
+        action="append",
+        default=[],
+        metavar="LOCATION",
+        help="a location images may be read from besides the run's own output: the input tars or image "
+        "folder of a webdataset/image_folder run (a path or URL; repeat for several). Locations a run's "
+        "run.json names are never read on its word: a run directory may come from someone else",
+    )
+    p.add_argument(
         "--sample",
         type=int,
         default=DEFAULT_SAMPLE,
@@ -62,7 +71,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.sample < 0:
         raise UsageError("--sample must be >= 0")
     from curation.core.storage import is_url, open_store
+    from curation.manifest import output_inside_run
 
+    problem = output_inside_run(args.out, args.output)  # one rule with query and select --out
+    if problem:
+        raise UsageError(problem)
     out: Path | str = args.out if is_url(args.out) else Path(args.out)
     if isinstance(out, Path):
         check_new_output(out, args.force)
@@ -92,10 +105,17 @@ def cmd_report(args: argparse.Namespace) -> int:
             str(args.seed),
         ]
         + (["--where", args.where] if args.where else [])
+        + [a for loc in args.images_from for a in ("--images-from", loc)]
     )
     try:
         result = build_report(
-            args.output, out, sample=args.sample, where=args.where, seed=args.seed, command=command
+            args.output,
+            out,
+            sample=args.sample,
+            where=args.where,
+            seed=args.seed,
+            command=command,
+            images_from=args.images_from,
         )
     except (NoManifests, ReportError) as e:
         return fail(e)

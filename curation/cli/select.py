@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             'open_clip (--train-data "DIR/{00000..0000N}.tar") and `curate train`. '
             "With --uids-only, write the selected uids instead: FILE.parquet, or FILE.npy in DataComp's "
             "subset format (sorted 128-bit uids, dtype u8,u8; the input's own `uid` column where it had one). "
-            "Images are read only from the run's own output and the input locations of its plan."
+            "Images are read only from the run's own output and the locations named with --images-from."
         ),
         epilog=(
             'examples:\n  curate select runs/laion --where "keep AND caption_complexity >= 3" --out subsets/cat3\n'
@@ -41,6 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "FILE.parquet or FILE.npy (a path or a URL)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--images-from",
+        action="append",
+        default=[],
+        metavar="LOCATION",
+        help="a location images may be read from besides the run's own output: the input tars or image "
+        "folder of a webdataset/image_folder run (a path or URL; repeat for several). Locations a run's "
+        "run.json names are never read on its word: a run directory may come from someone else",
+    )
     p.add_argument("--shard-size", type=at_least(1), default=10_000, help="samples per tar")
     p.add_argument(
         "--max-pixels",
@@ -109,14 +118,6 @@ def _balance(con, where: str, args: argparse.Namespace) -> str:
     return where
 
 
-def _inside_run_url(out: str, run: str) -> str | None:
-    """A problem when the URL `out` lies in the run's own prefix, which only `curate run` writes."""
-    base = run.rstrip("/")
-    if out.rstrip("/") == base or out.startswith(base + "/"):
-        return f"--out {out} is inside the run {run}: choose a location outside it"
-    return None
-
-
 def _command(args: argparse.Namespace) -> list[str]:
     """The `curate select` arguments that reproduce this selection (for the dataset card)."""
     cmd = [
@@ -131,6 +132,8 @@ def _command(args: argparse.Namespace) -> list[str]:
     ]
     if args.max_pixels != DEFAULT_MAX_PIXELS:
         cmd += ["--max-pixels", str(args.max_pixels)]
+    for location in args.images_from or ():
+        cmd += ["--images-from", location]
     for flag in ("dedup", "blur_faces", "include_contaminated"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
@@ -154,14 +157,12 @@ def cmd_select(args: argparse.Namespace) -> int:
     import duckdb
 
     from curation.core.storage import is_url
-    from curation.query import NoManifests, QueryRefused, connect, explain_error, inside_run
+    from curation.manifest import output_inside_run
+    from curation.query import NoManifests, QueryRefused, connect, explain_error
     from curation.select import SelectError, leave_out_contaminated, narrow, select_shards, select_uids
 
     out = args.out if is_url(args.out) else Path(args.out)  # s3://... : written to the object store
-    if isinstance(out, Path):
-        problem = None if is_url(args.output) else inside_run(out, Path(args.output))
-    else:
-        problem = _inside_run_url(out, args.output)
+    problem = output_inside_run(args.out, args.output)
     if problem:
         raise UsageError(problem)
     if (args.top_fraction is None) != (args.by is None):
@@ -197,6 +198,7 @@ def cmd_select(args: argparse.Namespace) -> int:
             replace=args.force,
             blur_faces=args.blur_faces,
             command=_command(args),
+            images_from=args.images_from,
         )
     except SelectError as e:
         return fail(e)

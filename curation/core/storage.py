@@ -40,6 +40,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -252,9 +253,10 @@ class Store:
         """Several small objects at once (concurrent requests on object stores); missing ones are left out."""
         if not rels:
             return {}
-        paths = {self.path(r): r for r in rels}
-        got = self._retry(lambda: self.fs.cat(list(paths), on_error="omit"), "reading")
-        return {paths[p]: data for p, data in got.items() if not isinstance(data, Exception)}
+        paths = [self.path(r) for r in rels]
+        # cat_ranges, not cat: cat expands glob characters, and an output may be named `runs/exp[1]`.
+        got = self._retry(lambda: self.fs.cat_ranges(paths, None, None, on_error="return"), "reading")
+        return {r: data for r, data in zip(rels, got) if not isinstance(data, BaseException)}
 
     def info(self, rel: str = "") -> dict[str, Any]:
         """The object's metadata as the filesystem reports it (size, ETag on S3; type "directory" for a prefix)."""
@@ -298,10 +300,12 @@ class Store:
             return [Path(self.path(r)) for r in rels]
         folder.mkdir(parents=True, exist_ok=True)
         targets = [folder / r.replace("/", "__") for r in rels]
-        if rels:
-            self._retry(
-                lambda: self.fs.get([self.path(r) for r in rels], [str(t) for t in targets]), "reading"
-            )
+        sources = [self.path(r) for r in rels]
+        if rels and any(_globbed(s) for s in sources):  # a bulk get would glob the names
+            for source, target in zip(sources, targets):
+                self._retry(lambda s=source, t=target: self.fs.get_file(s, str(t)), "reading")
+        elif rels:
+            self._retry(lambda: self.fs.get(sources, [str(t) for t in targets]), "reading")
         return targets
 
     # ------------------------------------------------------------------ writes
@@ -382,9 +386,15 @@ class Store:
                 self.remove(rel)
             return
 
+        paths = [self.path(r) for r in rels]
+        if any(_globbed(p) for p in paths):  # a bulk rm would glob the names
+            for rel in rels:
+                self.remove(rel)
+            return
+
         def rm() -> None:
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm([self.path(r) for r in rels])
+                self.fs.rm(paths)
 
         self._retry(rm, "removing")
 
@@ -427,10 +437,11 @@ class Store:
 
     # ------------------------------------------------------------------ lock
     @contextlib.contextmanager
-    def lock(self, rel: str, held_message: str) -> Iterator[None]:
-        """Hold `rel` as this output's lock; LockHeld(held_message) if a live process holds it."""
+    def lock(self, rel: str, held_message: str, *, remove: bool = False) -> Iterator[None]:
+        """Hold `rel` as this output's lock; LockHeld(held_message) if a live process holds it.
+        `remove`: a local lock file is removed on release (a lock file beside an output, not in it)."""
         if self.local:
-            with _flock(Path(self.path(rel)), held_message):
+            with _flock(Path(self.path(rel)), held_message, remove=remove):
                 yield
             return
         lock = _ObjectLock(self, rel)
@@ -454,9 +465,14 @@ class Store:
             return False
         try:
             holder = self.get_json(rel)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             return False
-        return _ObjectLock.alive(holder)
+        except (ValueError, UnicodeDecodeError):
+            holder = None
+        try:
+            return _ObjectLock(self, rel).holder_alive(holder, "locked")
+        except LockHeld:
+            return True  # a malformed lock of unknown age: say a run may be in progress
 
 
 def _start_ticks(pid: int) -> str | None:
@@ -514,7 +530,14 @@ def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] |
         return Store(text, fsspec.filesystem("file"), os.path.abspath(local).rstrip("/") or "/")
     _quiet_async_loop()
     options = dict(storage_options or {})
-    protocol = text.split("://", 1)[0]
+    protocol, rest = text.split("://", 1)
+    if "//" in rest.rstrip("/"):
+        # S3 keeps `/dbl` as a key while its listings normalise the prefix to `dbl/`: a run written there
+        # would be found by single requests and missed by listings (status 0/2, run 2 done).
+        fixed = "/".join(p for p in rest.split("/") if p)
+        raise StorageError(
+            f"{text}: an empty path segment (//) is not a location; write {protocol}://{fixed}"
+        )
     if protocol not in fsspec.available_protocols():
         raise StorageError(f"{text}: unknown storage protocol {protocol}:// (s3://, gs://, memory://, ...)")
     if protocol in ("s3", "s3a"):
@@ -534,6 +557,11 @@ def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] |
     return Store(text.rstrip("/"), fs, root.rstrip("/"))
 
 
+def _globbed(path: str) -> bool:
+    """Whether fsspec's bulk calls (cat, get, rm of a list) would expand `path` as a glob pattern."""
+    return any(c in path for c in "*?[")
+
+
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
@@ -550,19 +578,35 @@ def _s3_endpoint(fs: Any) -> str | None:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, held_message: str) -> Iterator[None]:
-    """An exclusive flock on `path`, released by the kernel if the process dies."""
+def _flock(path: Path, held_message: str, *, remove: bool = False) -> Iterator[None]:
+    """An exclusive flock on `path`, released by the kernel if the process dies. `remove`: the file is
+    unlinked on release; a taker that locked the file just unlinked (its inode is no longer `path`'s)
+    tries again, so two processes never hold two files of one name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    while True:
+        f = open(path, "a")  # noqa: SIM115 (kept open while held, closed by `with f` below)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.close()
             raise LockHeld(held_message) from None
-        f.write(str(os.getpid()))
-        f.flush()
         try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    with f:
+        try:
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()  # a full disk fails here: the lock file still goes (remove) and the lock is released
             yield
         finally:
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -591,15 +635,47 @@ class _ObjectLock:
         ).encode()
 
     @staticmethod
+    def heartbeat(holder: Any) -> float | None:
+        """The holder's last heartbeat, if the lock object says it in a way that can be believed."""
+        beat = holder.get("heartbeat") if isinstance(holder, dict) else None
+        believable = isinstance(beat, int | float) and not isinstance(beat, bool) and math.isfinite(beat)
+        # A heartbeat from the future (9e18) is not believed either.
+        return float(beat) if believable and beat <= time.time() + LOCK_STALE_S else None
+
+    def age(self) -> float | None:
+        """Seconds since the lock object was last written, by the store's clock (None: unknown)."""
+        with contextlib.suppress(Exception):
+            info = self.store.info(self.rel)
+            when = info.get("LastModified") or info.get("mtime") or info.get("created")
+            stamp = when.timestamp() if hasattr(when, "timestamp") else float(when)
+            if math.isfinite(stamp):
+                return max(0.0, time.time() - stamp)
+        return None
+
+    def holder_alive(self, holder: Any, held_message: str) -> bool:
+        """`alive` for what the lock object holds; a malformed one (a heartbeat of "soon", 1e400, a list)
+        is judged by the object's own age, and refused in one line naming it when that is unknown too."""
+        if self.heartbeat(holder) is not None:
+            return self.alive(holder)
+        age = self.age()
+        if age is None:
+            raise LockHeld(
+                f"{held_message}: its lock object {self.store.url_of(self.rel)} is malformed and its age "
+                "unknown; if nothing is writing there, delete it"
+            )
+        return age <= LOCK_STALE_S
+
+    @staticmethod
     def alive(holder: dict) -> bool:
-        if time.time() - float(holder.get("heartbeat", 0)) > LOCK_STALE_S:
+        beat = _ObjectLock.heartbeat(holder)
+        if beat is None or time.time() - beat > LOCK_STALE_S:
             return False
         if holder.get("host") == socket.gethostname():
             try:
                 os.kill(int(holder.get("pid", -1)), 0)
             except ProcessLookupError:
                 return False
-            except (PermissionError, ValueError):
+            except (PermissionError, ValueError, TypeError, OverflowError):
                 return True
         return True
 
@@ -632,10 +708,15 @@ class _ObjectLock:
                 holder = self.store.get_json(self.rel)
             except FileNotFoundError:
                 continue  # released in between: try again
-            except ValueError:
-                holder = {}
-            if self.alive(holder):
-                since = time.strftime("%H:%M:%S", time.localtime(float(holder.get("heartbeat", 0))))
+            except (ValueError, UnicodeDecodeError):
+                holder = None
+            if self.holder_alive(holder, held_message):
+                beat = self.heartbeat(holder)
+                if beat is None:
+                    raise LockHeld(
+                        f"{held_message} (lock object {self.store.url_of(self.rel)} written recently)"
+                    )
+                since = time.strftime("%H:%M:%S", time.localtime(beat))
                 raise LockHeld(
                     f"{held_message} (host {holder.get('host')}, pid {holder.get('pid')}, alive at {since})"
                 )

@@ -7,8 +7,10 @@ checks the run record, skips finished shards and hands the rest to a runner.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 from curation.config import Config
+from curation.core.terminal import printable
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.manifest import LedgerFolder, RunDir
@@ -33,7 +35,9 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
             limit=limit,
         )
         run.clean_tmp()
-        ledger = run.ledger_state(plan)
+        ledger = run.ledger_state(plan, verify=True)  # the ledger is checked: a lying entry is redone
+        for line in ledger.notes + [f"{why}: redoing the shard" for _, why in sorted(ledger.broken.items())]:
+            print(f"curate: {printable(line)}", file=sys.stderr, flush=True)
         folder = LedgerFolder(run, ledger)  # folds at once what a killed run left unfolded
         pending = [shard for shard in plan if shard.index not in ledger.done]
         total_rows = sum(s.rows for s in pending) if all(s.row_end >= 0 for s in pending) else None

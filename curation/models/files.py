@@ -12,6 +12,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +24,8 @@ from typing import Any
 MAX_MODEL_JSON_BYTES = 1 << 20
 # Keys of an open_clip text tower that name a Hugging Face model, which open_clip fetches from the Hub.
 HF_TEXT_KEYS = ("hf_model_name", "hf_tokenizer_name")
+# Tower specs (timm model names, open_clip pretrained tags) that resolve outside the files curate checks.
+REMOTE_TOWER_PREFIXES = ("hf-hub:", "local-dir:")
 
 
 def open_clip_config_problem(name: str | None) -> str | None:
@@ -47,6 +52,16 @@ def open_clip_config_problem(name: str | None) -> str | None:
             f"{name}: vision_cfg.timm_model_pretrained makes timm fetch ImageNet weights from the Hub; curate "
             "downloads nothing (set it false; for EfficientNet-Lite0 use model.image_init: efficientnet_lite0)"
         )
+    for tower in ("vision_cfg", "text_cfg"):
+        for key, value in (cfg.get(tower) or {}).items() if isinstance(cfg.get(tower), dict) else ():
+            # timm (image towers) and open_clip resolve `hf-hub:org/name` on the Hub and `local-dir:PATH`
+            # through a folder's config and weights: neither is the local file curate checks and fingerprints.
+            if isinstance(value, str) and value.strip().lower().startswith(REMOTE_TOWER_PREFIXES):
+                return (
+                    f"{name}: {tower}.{key} = {value!r} names a model timm/open_clip would resolve "
+                    f"{'on the Hugging Face Hub' if value.strip().lower().startswith('hf-hub:') else 'from a folder'}; "
+                    "curate loads only the model its config builds and the checkpoint it names"
+                )
     text = cfg.get("text_cfg")
     named = [k for k in HF_TEXT_KEYS if isinstance(text, dict) and text.get(k)]
     if named:
@@ -87,6 +102,10 @@ def fasttext_model_problem(path: str | Path) -> str | None:
 
 def load_error_line(e: BaseException) -> str:
     """The error's first line, without torch's advice to load with weights_only=False (never take it)."""
+    from curation.models.checkpoints import CheckpointError
+
+    if isinstance(e, CheckpointError):
+        return e.why
     text = str(e).strip()
     if text.startswith("Weights only load failed"):
         return "it holds objects other than tensors (refused: checkpoints are loaded weights-only)"
@@ -98,7 +117,8 @@ class ModelFileError(ValueError):
 
 
 def model_cache_dir() -> Path:
-    """Where model files named by URL are copied: $CURATE_CACHE_DIR, else the user's cache folder."""
+    """Where model files named by URL are copied: $CURATE_CACHE_DIR/models, else ~/.cache/curate/models
+    ($XDG_CACHE_HOME/curate/models). Bounded by `cache_limit()`, least recently used out (`bound_cache`)."""
     root = os.environ.get("CURATE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "curate"
     )
@@ -151,7 +171,16 @@ def local_model_path(
     key = hashlib.sha256(json.dumps([url, versions]).encode()).hexdigest()[:32]
     folder = model_cache_dir() / key
     wanted = [folder / n for n, _ in files]
-    if not all(p.is_file() for p in wanted):
+    # The cache folder is untrusted (shared, edited, truncated, or planted in advance: its key is computable
+    # from one HEAD): every use checks each copy against the object's size and ETag (or the hash recorded
+    # when this cache fetched it), and a copy that differs is fetched again.
+    bad = _cache_problem(folder, files)
+    if bad is not None and (folder.exists() or folder.is_symlink()):
+        _say(f"model cache: {bad}; fetching {url} again")
+        if folder.is_symlink():
+            folder.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
+    if bad is not None:
         # Fetched beside the final folder and renamed into place whole, so a crash or a concurrent
         # worker never leaves a half-written model where another process would load it.
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +193,139 @@ def local_model_path(
                 raise ModelFileError(
                     f"cannot read model {url}: {getattr(e, 'strerror', None) or e}"
                 ) from None
+            got = _cache_problem(Path(tmp), files, fetched=_hashes_path(folder))
+            if got is not None:
+                raise ModelFileError(f"cannot read model {url}: the copy does not match the object ({got})")
             with contextlib.suppress(OSError):  # another process put the same copy in place first
                 os.rename(tmp, folder)
+        bad = _cache_problem(folder, files)
+        if bad is not None:
+            raise ModelFileError(f"model cache {folder}: {bad} right after fetching {url}")
+    with contextlib.suppress(OSError):
+        os.utime(folder)  # last use, for the least-recently-used bound
+    bound_cache(keep=folder)
     return str(folder if directory else wanted[0])
+
+
+def _hashes_path(folder: Path) -> Path:
+    """Beside a cache folder (never in it: a model folder holds only the model's files): the sha256 of
+    each copy, recorded when this cache fetched it."""
+    return folder.with_name(f".{folder.name}.sha256.json")
+
+
+DEFAULT_CACHE_BYTES = 20 * 10**9  # CURATE_CACHE_MAX_BYTES: the model cache's bound (least recently used out)
+# Part sizes multipart uploaders use (boto3/aws cli 8 MiB, s3fs 50 MiB, others): a multipart ETag
+# ("md5-of-part-md5s-N") is checked against each size that gives N parts.
+PART_SIZES = tuple(m << 20 for m in (5, 8, 10, 15, 16, 25, 32, 50, 64, 100, 128, 256, 512))
+
+
+def _say(message: str) -> None:
+    from curation.core.terminal import printable
+
+    print(f"curate: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def _cache_problem(folder: Path, files: list[tuple[str, dict]], *, fetched: Path | None = None) -> str | None:
+    """Why the copies in `folder` are not the objects `files` describes (None: they are). `fetched`: the
+    folder was just filled from the store, and each copy's sha256 is recorded in that file for later
+    checks (see `_hashes_path`)."""
+    if folder.is_symlink():
+        return f"{folder} is a symbolic link, not a folder of this cache"
+    hashes: dict[str, str] = {}
+    if fetched is None:
+        try:
+            hashes = json.loads(_hashes_path(folder).read_text())
+            if not isinstance(hashes, dict):
+                hashes = {}
+        except (OSError, ValueError):
+            hashes = {}
+    recorded = {}
+    for name, info in files:
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            return f"{path} is missing" if not path.exists() else f"{path} is not a regular file"
+        size = path.stat().st_size
+        if info.get("size") is not None and size != int(info["size"]):
+            return f"{path} is {size:,} bytes, the object {int(info['size']):,}"
+        md5, sha = _digests(path)
+        etag = str(info.get("ETag") or "").strip('"')
+        if re.fullmatch(r"[0-9a-f]{32}", etag):
+            if md5 != etag:
+                return f"{path} does not match the object's ETag"
+        elif re.fullmatch(r"[0-9a-f]{32}-\d+", etag):
+            if not _multipart_etag_matches(path, size, etag):
+                return f"{path} does not match the object's multipart ETag"
+        elif fetched is None and hashes.get(name) != sha:
+            # No content ETag (another store, or encryption): the hash this cache recorded when it fetched.
+            return f"{path} does not match the hash recorded when it was fetched"
+        recorded[name] = sha
+    if fetched:
+        fetched.write_text(json.dumps(recorded))
+    return None
+
+
+def _digests(path: Path) -> tuple[str, str]:
+    """(md5 of the whole file, sha256), in one read."""
+    md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            md5.update(chunk)
+            sha.update(chunk)
+    return md5.hexdigest(), sha.hexdigest()
+
+
+def _multipart_etag_matches(path: Path, size: int, etag: str) -> bool:
+    digest, _, parts = etag.partition("-")
+    n = int(parts)
+    for part in PART_SIZES:
+        if -(-size // part) != n:
+            continue
+        md5s = b""
+        with open(path, "rb") as f:
+            for _ in range(n):
+                h, left = hashlib.md5(usedforsecurity=False), part
+                while left and (chunk := f.read(min(left, 1 << 20))):
+                    h.update(chunk)
+                    left -= len(chunk)
+                md5s += h.digest()
+        if hashlib.md5(md5s, usedforsecurity=False).hexdigest() == digest:
+            return True
+    return False
+
+
+def cache_limit() -> int:
+    """The model cache's size bound in bytes: $CURATE_CACHE_MAX_BYTES (e.g. 5e9), else 20 GB."""
+    text = os.environ.get("CURATE_CACHE_MAX_BYTES", "")
+    try:
+        return max(0, int(float(text))) if text else DEFAULT_CACHE_BYTES
+    except ValueError:
+        return DEFAULT_CACHE_BYTES
+
+
+def bound_cache(keep: Path | None = None, limit: int | None = None) -> list[Path]:
+    """Remove the least recently used model folders until the cache holds at most `limit` bytes
+    (`cache_limit()`); `keep` (the folder in use) is never removed. Returns the folders removed."""
+    limit = cache_limit() if limit is None else limit
+    root = model_cache_dir()
+    folders = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                size = sum(
+                    f.stat(follow_symlinks=False).st_size
+                    for f in os.scandir(entry.path)
+                    if f.is_file(follow_symlinks=False)
+                )
+                folders.append((entry.stat(follow_symlinks=False).st_mtime, size, Path(entry.path)))
+    total = sum(size for _, size, _ in folders)
+    removed = []
+    for _, size, folder in sorted(folders):
+        if total <= limit:
+            break
+        if keep is not None and folder == keep:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        _hashes_path(folder).unlink(missing_ok=True)
+        total -= size
+        removed.append(folder)
+    return removed

@@ -9,6 +9,7 @@ page.py        the HTML (no script, no network, everything escaped)
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +37,12 @@ def build_report(
     where: str | None = None,
     seed: int = 0,
     command: str = "curate report",
+    images_from: Sequence[str] = (),
 ) -> ReportResult:
     """Collect, draw and write the report of `output` to `out` (atomically). Raises NoManifests, ReportError.
 
     `output` and `out` are local paths or URLs (s3://...); thumbnails are read from the run's own
-    storage and its input locations."""
+    storage and the locations in `images_from` (`--images-from`), never from ones its run.json names."""
     import duckdb
 
     from curation.query import explain_error
@@ -52,6 +54,8 @@ def build_report(
     try:
         data = collect(output, where=where or None, sample=sample, seed=seed)
     except duckdb.Error as e:  # a --where that parses alone but not inside a query of the report
+        if not where:  # no --where to blame: the manifests themselves (a corrupt file)
+            raise ReportError(f"reading the manifests of {output}: {explain_error(e)}") from None
         raise ReportError(f"--where {where!r}: {explain_error(e)}") from None
     svgs = {"funnel": ch.funnel_chart(data.funnel)}
     svgs.update({f"hist:{h.column}": ch.histogram_chart(h) for h in data.histograms})
@@ -61,7 +65,7 @@ def build_report(
     if timings:
         svgs["timings"] = timings
     rows = [r for g in data.groups for r in g.rows]
-    thumbs, unreadable = thumbnails(data.output, rows)
+    thumbs, unreadable = thumbnails(data.output, rows, images_from=images_from)
     text = render(data, svgs, thumbs, unreadable, command)
 
     # One atomic write through the storage layer: a local file (temp + rename) or one PUT to a URL.

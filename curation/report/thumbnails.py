@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,16 @@ def thumbnails(
     rows: list[dict[str, Any]],
     size: int = THUMBNAIL_SIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    images_from: Sequence[str] = (),
 ) -> tuple[dict[int, Thumbnail | str], list[str]]:
     """For rows with an image: id(row) -> a Thumbnail, or the status that refused it.
 
-    Also returns what could not be read (a missing tar or key), one line each.
+    Also returns what could not be read (a missing tar or key), one line each. Images are read from
+    the run's output and the locations in `images_from` only (curation.select.ImageSources).
     """
-    from curation.select import read_image_group
+    from curation.select import ImageSources, read_image_group
+
+    sources = ImageSources(run, images_from)
 
     by_path: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -54,7 +59,7 @@ def thumbnails(
         for row in group:
             by_key[row.get("key")].append(row)
         firsts = [same[0] for same in by_key.values()]
-        for row, data in read_image_group(run, firsts, unreadable):
+        for row, data in read_image_group(run, firsts, unreadable, sources):
             thumb = thumbnail(data, size, max_pixels)
             for same in by_key[row.get("key")]:
                 out[id(same)] = thumb

@@ -186,7 +186,7 @@ class WebDatasetSource(_ImageSource):
         else:
             caption = meta.get(self.cfg.caption_column)
             if caption is not None and not isinstance(caption, str):
-                detail = f"{key}.json field {self.cfg.caption_column!r} is a {type(caption).__name__}, not a string"
+                detail = f"{key}.json field {self.cfg.caption_column!r} is not a string (JSON {_json_type(caption)})"
                 return Sample(key, path, url, status=BAD_CAPTION, detail=detail)
         image = tar_sample.image()
         return Sample(key, path, url, caption=caption, image=image[1] if image else None)
@@ -257,3 +257,12 @@ def _file_sample(path: str, folder: str, max_bytes: int) -> Sample:
     except FileRefused as e:
         return Sample(key=None, image_path=path, url=path, status=e.status, detail=e.detail)
     return Sample(key=None, image_path=path, url=path, caption=caption, image=image)
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages ("number", not "a int")."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {dict: "object", list: "array"}.get(type(value), type(value).__name__)
