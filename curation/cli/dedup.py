@@ -63,7 +63,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
         return fail(f"--kinds: unknown kind(s) {unknown or kinds}; choose from {', '.join(KINDS)}")
     from curation.core.params import param_problems
     from curation.dedup import DedupError, DedupParams, run_dedup
-    from curation.manifest import RunLocked
+    from curation.core.outputs import RunLocked
 
     params = DedupParams(args.radius, args.eps, args.clusters, args.iterations, args.seed, kinds)
     if problems := param_problems(params):  # the ranges declared on DedupParams

@@ -178,8 +178,9 @@ def _validate_training(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from curation.config import ConfigError
     from curation.engine import execute
-    from curation.engine.errors import RunnerError
-    from curation.manifest import RunConflict, RunLocked
+    from curation.core.cluster import RunnerError
+    from curation.core.outputs import RunLocked
+    from curation.manifest import RunConflict
 
     try:
         cfg = _load(args)

@@ -403,8 +403,8 @@ def register_mine(subparsers: argparse._SubParsersAction) -> None:
 
 def run_mine(args: argparse.Namespace) -> int:
     from curation.config import ConfigError
-    from curation.engine.errors import RunnerError
-    from curation.manifest import RunLocked
+    from curation.core.cluster import RunnerError
+    from curation.core.outputs import RunLocked
     from train.config import parse_overrides
     from train.mining.config import parse_mine_config
     from train.mining.run import mine

@@ -57,7 +57,6 @@ __all__ = [
     "apply_stage",
     "build_stages",
     "manifest_columns",
-    "model_fingerprints",
     "param_problems_of",
 ]
 
@@ -89,11 +88,3 @@ def build_stages(config: Config, *, checked: bool = True) -> list[Stage]:
     output = config.output if is_url(config.output) else Path(config.output)
     context = StageContext(output_dir=output, storage_options=config.storage_options)
     return [STAGES[spec.name](spec.params, context) for spec in config.stages]
-
-
-def model_fingerprints(stages: list[Stage]) -> dict[str, dict]:
-    """{stage: Stage.fingerprint()} of the stages that load model files, for the run's config hash.
-
-    Only those stages add a key, so the hash of every other run stays what it always was.
-    """
-    return {stage.name: fp for stage in stages if (fp := stage.fingerprint())}

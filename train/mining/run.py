@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curation.manifest import exclusive_lock_on
+from curation.core.outputs import exclusive_lock_on
 from curation.models.encoders import (
     ClipTowers,
     ImageEncoder,
@@ -167,7 +167,7 @@ def _search(cfg: MineConfig, image, text):
         return mine_hard_pairs(image, text, device=cfg.encoders.device, **kwargs)
     import ray
 
-    from curation.engine.ray import connect
+    from curation.core.cluster import connect
 
     started_here = connect(cfg.runner.address)  # null address: a fresh local instance, never a running one
     try:

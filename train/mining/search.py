@@ -306,7 +306,7 @@ def mine_hard_pairs_ray(
     (`curation.engine.ray.connect` beforehand), else starts a local one. Results come back in query order.
     """
     _check(image_emb, text_emb, k)
-    from curation.engine.ray import connect
+    from curation.core.cluster import connect
 
     connect(None)  # a no-op when this process has joined one; never joins a running instance by itself
     import ray  # after connect(): it decides how Ray is first imported

@@ -1,7 +1,0 @@
-"""Errors a runner raises before doing any work (the CLI reports them with exit code 2)."""
-
-from __future__ import annotations
-
-
-class RunnerError(Exception):
-    """The runner cannot execute this config here: an unreachable cluster, a GPU stage without GPUs."""
