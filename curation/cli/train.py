@@ -167,18 +167,17 @@ def _message(e: BaseException) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from train.config import ConfigError, load_train_config, parse_overrides
+    from train.config import ConfigError, parse_overrides
+    from train.validation import load_checked_train_config
 
     _setup_logging()
     try:
-        cfg = load_train_config(args.config, overrides=parse_overrides(args.overrides))
+        cfg = load_checked_train_config(args.config, overrides=parse_overrides(args.overrides))
     except ConfigError as e:
         return fail_config(e)
-    from train.data import check_shards, expand_shards
     from train.loop import train
 
     try:
-        check_shards(expand_shards(cfg.data.shards))
         result = train(cfg, resume=args.resume)
     except USAGE_ERRORS as e:
         return fail(_message(e))
@@ -406,9 +405,9 @@ def run_mine(args: argparse.Namespace) -> int:
     from curation.core.cluster import RunnerError
     from curation.core.outputs import RunLocked
     from train.config import parse_overrides
-    from train.mining.config import parse_mine_config
     from train.mining.run import mine
     from train.mining.store import MineConflict
+    from train.validation import parse_checked_mine_config
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
@@ -420,7 +419,7 @@ def run_mine(args: argparse.Namespace) -> int:
             text, source = Path(args.config).read_text(), args.config
         else:
             text, source = "{}", "<flags>"
-        cfg = parse_mine_config(text, source=source, overrides=overrides)
+        cfg = parse_checked_mine_config(text, source=source, overrides=overrides)
     except ConfigError as e:
         return fail_config(e)
     try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from train.config import ConfigError, parse_overrides, parse_train_config
+from train.validation import parse_checked_train_config
 
 GOOD = """\
 data:
@@ -51,8 +52,9 @@ def test_semantic_checks() -> None:
         parse_train_config(GOOD.replace("steps: 10", "steps: 10\n  epochs: 1"))
     with pytest.raises(ConfigError, match="missing or not a string"):
         parse_train_config("data: {shards: a.tar}\ntrain: {steps: 1}\n")
+    parse_train_config(GOOD + "model: {pretrained: laion2b_s34b_b79k}\n")  # the text is fine: the file is not
     with pytest.raises(ConfigError, match=r"model.pretrained.*nothing is downloaded"):
-        parse_train_config(GOOD + "model: {pretrained: laion2b_s34b_b79k}\n")
+        parse_checked_train_config(GOOD + "model: {pretrained: laion2b_s34b_b79k}\n")
     with pytest.raises(ConfigError, match="unknown key"):
         parse_train_config(GOOD + "optimizer: {}\n")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
