@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from curation.core.devices import resolve_device
+from curation.core.storage import open_store
 from curation.models.clip import build_model, embed_dim
 from train.checkpoints import CheckpointDir, latest_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
 from train.config import TrainConfig
@@ -68,11 +70,9 @@ class Dist:
 
 
 def pick_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if spec == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(spec)
+    """The device rule of every command (`curation.core.devices`); a plain `cuda` is this rank's GPU."""
+    device = resolve_device(spec)
+    return torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
 
 
 def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
@@ -262,7 +262,7 @@ class MetricsWriter:
                 for ln in self.path.read_text().splitlines()
                 if ln and json.loads(ln)["step"] <= resume_step
             ]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            open_store(output_dir).put_bytes(self.path.name, "".join(ln + "\n" for ln in keep).encode())
         self.file = self.path.open("a")
         self.tb = None
         try:
@@ -331,7 +331,7 @@ def distill_vocabulary(cfg: TrainConfig, shards: list[str]) -> list[str]:
     from curation.models.vocabulary import VocabularyError, read_vocabulary
 
     assert cfg.distill is not None
-    from curation.core.storage import is_url, open_store
+    from curation.core.storage import is_url
 
     if cfg.distill.vocabulary:
         path: str = str(cfg.distill.vocabulary)
@@ -510,8 +510,7 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         batches = itertools.chain([next(batches)], batches)
 
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        open_store(out_dir).put_json("config.json", cfg.to_dict())
     metrics = MetricsWriter(out_dir, start_step) if dist.is_main else None
     bar = None
     if dist.is_main and r.progress:

@@ -263,9 +263,10 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(text)
     if json_out:
+        from curation.core.storage import open_store
+
         path = Path(json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        open_store(path.parent).put_bytes(path.name, (text + "\n").encode())
         if "few_shot" in results:
             from train import probe
 
@@ -423,7 +424,7 @@ def run_mine(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return fail_config(e)
     try:
-        result = mine(cfg, progress=not args.no_progress)
+        result = mine(cfg, say=(lambda m: None) if args.no_progress else note)
     except RunLocked:
         return fail(f"another process is writing to {cfg.output}")
     except (MineConflict, RunnerError, *USAGE_ERRORS) as e:
