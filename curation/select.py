@@ -38,7 +38,7 @@ from curation.core.shards import (
     META,
     VOCABULARY_FILE,
     ShardError,
-    ShardWriter,
+    TarWriter,
     normalise_key,
     read_samples,
 )
@@ -205,7 +205,7 @@ def _write_selection(
     vocabulary: list[str] | None,
     result: SelectResult,
 ) -> None:
-    with _ShardWriter(target, shard_size, max_pixels) as writer:
+    with _TarWriter(target, shard_size, max_pixels) as writer:
         for row, image in _images(con, run, where, result.unreadable):
             try:
                 writer.write(row, image)
@@ -395,13 +395,13 @@ def image_extension(data: bytes) -> str | None:
     return None
 
 
-class _ShardWriter:
-    """`curation.core.shards.ShardWriter`, with the checks training needs: each image's header within
+class _TarWriter:
+    """`curation.core.shards.TarWriter`, with the checks training needs: each image's header within
     `max_pixels`, and formats open_clip cannot read converted to PNG."""
 
     def __init__(self, folder: Store, shard_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.max_pixels = max_pixels
-        self.shards = ShardWriter(folder, shard_size)
+        self.shards = TarWriter(folder, shard_size)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -431,7 +431,7 @@ class _ShardWriter:
             members[CONCEPTS] = json.dumps({"ids": row["concept_ids"], "probs": probs}).encode("utf-8")
         self.shards.add(key, members)
 
-    def __enter__(self) -> _ShardWriter:
+    def __enter__(self) -> _TarWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -55,7 +55,7 @@ from torch.utils.data import get_worker_info
 
 from curation.core.shards import META, ShardError, read_samples
 from curation.core.storage import RETRY_SECONDS, Store, is_url, open_store, retrying, transient
-from train.data import ShardStream, Source
+from train.data import DataSource, ShardStream
 
 log = logging.getLogger("train")
 
@@ -209,7 +209,7 @@ class HardPairStream(ShardStream):
 
     def __init__(
         self,
-        shards: list[str] | list[Source],
+        shards: list[str] | list[DataSource],
         batch_size: int,
         image_transform,
         tokenizer,

@@ -96,10 +96,21 @@ def train_problems(cfg: TrainConfig) -> list[Problem]:
         resolve_model_name(cfg.model.name)
     except (ValueError, FileNotFoundError) as e:
         problems.append((("model", "name"), str(e).split(". Known:")[0]))
-    else:
-        if cfg.model.pretrained is not None:
-            found = checkpoint_problems(cfg.model.pretrained, cfg.model.name)
-            problems += [(("model", "pretrained"), p) for p in found]
+        return problems
+    if cfg.model.pretrained is not None:
+        found = checkpoint_problems(cfg.model.pretrained, cfg.model.name)
+        problems += [(("model", "pretrained"), p) for p in found]
+    r = cfg.train
+    if r.micro_batch is not None and r.micro_batch < r.batch_size:  # the model's layers say (built on CPU)
+        from curation.models.clip import build_model
+        from train.model import micro_batch_problem
+
+        try:
+            model = build_model(cfg.model.name, device="cpu", lock_image=cfg.model.lock_image).model
+        except ValueError as e:
+            return [*problems, (("model", "lock_image"), str(e))]
+        if problem := micro_batch_problem(model, r.micro_batch, r.batch_size):
+            problems.append((("train", "micro_batch"), problem))
     return problems
 
 

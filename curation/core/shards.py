@@ -190,7 +190,7 @@ def count_samples(source: str | IO[bytes]) -> int:
 # ---------------------------------------------------------------------------- writing
 
 
-class ShardWriter:
+class TarWriter:
     """Numbered tars (00000.tar, ...) of at most `shard_size` samples each, into `folder`.
 
     `folder` is a local directory, a URL (s3://bucket/prefix, ...) or a `Store`. A
@@ -254,7 +254,7 @@ class ShardWriter:
         self._finish()
         write_sizes(self.store, self.sizes)
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> TarWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:

@@ -14,8 +14,8 @@ from tests.train.conftest import CONCEPT_VOCABULARY
 from train.config import ConfigError, load_train_config, parse_train_config
 from train.data import ShardStream, concept_targets, expand_shards
 from train.loop import list_checkpoints, train
-from train.validation import parse_checked_train_config
 from train.losses import ConceptDistillationLoss
+from train.validation import parse_checked_train_config
 
 
 def _cli(argv: list[str]) -> int:
