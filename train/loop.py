@@ -403,7 +403,6 @@ class Run:
     ckpts: CheckpointDir
     built: Any  # curation.models.clip.BuiltModel
     student: ConceptStudent | None
-    net: torch.nn.Module  # what the optimizer trains: the model, or the model with its concept head
     vocabulary: list[str] | None
     sources: list[DataSource]
     hard_stream: HardPairStream | None
@@ -418,6 +417,11 @@ class Run:
     @property
     def model(self) -> torch.nn.Module:
         return self.built.model
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """What the optimizer trains: the model, or the model with its concept head."""
+        return self.student if self.student is not None else self.model
 
 
 def build_run(cfg: TrainConfig, dist: Dist, device: torch.device) -> Run:
@@ -478,7 +482,6 @@ def build_run(cfg: TrainConfig, dist: Dist, device: torch.device) -> Run:
         ckpts,
         built,
         student,
-        net,
         vocabulary,
         sources,
         hard_stream,
