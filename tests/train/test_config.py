@@ -83,3 +83,27 @@ train:
     assert "loss.alpha (line 6): must be >= 0, got -1" in errors
     assert "data.workers (line 3): must be >= 0, got -1" in errors
     assert len(errors) == 4
+
+
+def test_validate_and_train_check_the_world_in_one_function(fmnist_shards, make_config, tmp_path, capsys):
+    """`curate validate` and `curate train` both call train.validation.load_checked_train_config: the
+    same problems, worded the same; a mixture (data.sources) is checked source by source."""
+    from curation.cli import main
+
+    sources = [
+        {"shards": str(fmnist_shards / "{00000..00001}.tar"), "weight": 1},
+        {"shards": str(fmnist_shards / "{00002..00003}.tar"), "weight": 3},
+    ]
+    mixture = make_config(
+        tmp_path / "mix.yaml", fmnist_shards, tmp_path / "run", data={"shards": None, "sources": sources}
+    )
+    assert main(["validate", str(mixture)]) == 0
+    missing = {"name": "curate-tiny", "pretrained": str(tmp_path / "none.pt")}
+    cfg = make_config(tmp_path / "c.yaml", fmnist_shards, tmp_path / "run", model=missing)
+    lines = []
+    for command in ("validate", "train"):
+        assert main([command, str(cfg)]) == 2
+        err = capsys.readouterr().err
+        lines.append([ln for ln in err.splitlines() if "model.pretrained" in ln])
+    assert lines[0] == lines[1] and len(lines[0]) == 1 and "not a local file" in lines[0][0]
+    assert not (tmp_path / "run").exists()
