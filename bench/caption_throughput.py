@@ -93,13 +93,14 @@ def bench_stages(cfg_path: Path, table: pa.Table, batch_rows: int) -> float:
     from curation.manifest import RunDir
     from curation.pipeline import Pipeline
     from curation.sources.base import normalise
+    from curation.stages import STAGES
 
-    config = load_config(cfg_path)
+    config = load_config(cfg_path, stages=STAGES)
     pipe = Pipeline(config)
     task = ShardTask(RunDir(config.output), pipe, pipe.schema)  # batches are processed, nothing is written
     task.setup()
     batches = [
-        normalise(table.slice(i, batch_rows), 0, "URL", "TEXT", [])
+        normalise(table.slice(i, batch_rows), 0, "URL", "TEXT", {})
         for i in range(0, table.num_rows, batch_rows)
     ]
     return table.num_rows / timed(lambda: [task.process(b) for b in batches])

@@ -91,8 +91,9 @@ def _peak_rss_mb() -> float:
 def measure(cfg_path: str, runner: str, cpus: int) -> dict:
     from curation.config import load_config
     from curation.engine import execute
+    from curation.stages import STAGES
 
-    config = load_config(cfg_path, overrides={"runner.type": runner, "runner.workers": cpus})
+    config = load_config(cfg_path, stages=STAGES, overrides={"runner.type": runner, "runner.workers": cpus})
     ray_start = None
     if runner == "ray":
         import ray

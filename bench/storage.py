@@ -150,7 +150,7 @@ def driver_overhead(
     from curation.config import load_config
     from curation.manifest import LedgerFolder, LedgerState, RunDir
     from curation.pipeline import Pipeline
-    from curation.stages import model_fingerprints
+    from curation.stages import STAGES
 
     s3 = s3_client(env)
     print(f"(b) driver overhead, 1-row shards on the S3 server (seconds; {unfolded:,} entries left unfolded)")
@@ -165,11 +165,11 @@ def driver_overhead(
         url = f"s3://{bucket}/run"
         data = make_input(tmp, n)
         cfg = write_config(tmp / f"ov{n}.yaml", data, url, 1, "  - caption_length: {}\n")
-        config = load_config(cfg)
+        config = load_config(cfg, stages=STAGES)
         t0 = time.perf_counter()
         pipeline = Pipeline(config)
         plan = pipeline.source.plan(None)
-        fp, h = config.run_fingerprint(model_fingerprints(pipeline.stages))
+        fp, h = config.run_fingerprint(pipeline.stages)
         RunDir(url).prepare(fp, h, plan, [s.name for s in config.stages])
         t_plan = time.perf_counter() - t0
 

@@ -13,25 +13,42 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from curation.core.params import ConfigError, KeyPath, build, describe, param, read_yaml_mapping
 
 __all__ = [
     "Config",
     "ConfigError",
+    "FingerprintedStage",
     "InputConfig",
     "KeyPath",
     "Parsed",
     "RunnerConfig",
+    "StageRegistry",
     "StageSpec",
     "load_config",
     "parse",
     "parse_config",
     "read_config",
 ]
+
+
+class FingerprintedStage(Protocol):
+    """What a run's fingerprint needs of a built stage (`curation.stages.Stage`)."""
+
+    name: str
+    model_file_params: tuple[str, ...]
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+
+# Stage name -> its class (`curation.stages.STAGES`), of which config reading needs `Params`. Passed
+# in rather than imported: reading a config (or any reader of InputConfig) loads no stage module.
+StageRegistry = Mapping[str, Any]
 
 
 @dataclass
@@ -82,30 +99,26 @@ class Config:
     # YAML line of each key path, so later checks (curation.validation) can name it too.
     lines: dict[KeyPath, int] = field(default_factory=dict, repr=False, compare=False)
 
-    def result_fingerprint(self) -> dict[str, Any]:
-        """Everything that changes what a run writes (not how fast or where)."""
-        inp = dataclasses.asdict(self.input)
-        inp.pop("path")  # the shard plan pins the files themselves
-        from curation.stages import STAGES
-
-        stages = []
-        for s in self.stages:
-            params = dataclasses.asdict(s.params)
-            for key in STAGES[s.name].model_file_params:  # their contents are in the stage's fingerprint
-                params.pop(key, None)
-            stages.append({s.name: params})
-        return {"input": inp, "stages": stages}
-
-    def run_fingerprint(
-        self, stage_fingerprints: dict[str, dict[str, Any]] | None = None
-    ) -> tuple[dict[str, Any], str]:
+    def run_fingerprint(self, stages: Sequence[FingerprintedStage]) -> tuple[dict[str, Any], str]:
         """(fingerprint, hash) stored in run.json: a run with another hash would write other results.
 
-        `stage_fingerprints` ({stage: Stage.fingerprint()}, non-empty ones only) adds what the params
-        cannot show: the contents of the model files a stage loads. `--limit` is not part of it: it
-        says how many rows to do, not what a row's result is, so a trial run can be extended.
+        Everything that changes what a run writes (not how fast or where). `stages` (the built
+        stages of this config) add what the params cannot show: the contents of the model files a
+        stage loads (`Stage.fingerprint()`, which replaces those params; only stages that load model
+        files add a key, so the hash of every other run stays what it always was). `--limit` is not
+        part of it: it says how many rows to do, not what a row's result is, so a trial run can be
+        extended.
         """
-        fingerprint = self.result_fingerprint()
+        inp = dataclasses.asdict(self.input)
+        inp.pop("path")  # the shard plan pins the files themselves
+        model_params = {stage.name: stage.model_file_params for stage in stages}
+        fingerprint: dict[str, Any] = {"input": inp, "stages": []}
+        for s in self.stages:
+            params = dataclasses.asdict(s.params)
+            for key in model_params.get(s.name, ()):  # their contents are in the stage's fingerprint
+                params.pop(key, None)
+            fingerprint["stages"].append({s.name: params})
+        stage_fingerprints = {stage.name: fp for stage in stages if (fp := stage.fingerprint())}
         if stage_fingerprints:
             fingerprint["stage_fingerprints"] = stage_fingerprints
         blob = json.dumps(fingerprint, sort_keys=True, default=str).encode()
@@ -128,33 +141,39 @@ class Parsed:
     source: str
 
 
-def load_config(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike, *, stages: StageRegistry, overrides: dict[str, Any] | None = None
+) -> Config:
     """Read and type-check a config file. Raises ConfigError listing every problem.
 
     Relative paths inside the config are relative to the working directory, as
-    with any command-line tool. `overrides` maps dotted keys ("runner.type") to values.
+    with any command-line tool. `stages` is the registry (`curation.stages.STAGES`); `overrides`
+    maps dotted keys ("runner.type") to values.
     Use `curation.validation.load_checked_config` to also check it against the world.
     """
-    return _raise_if_errors(read_config(path, overrides=overrides))
+    return _raise_if_errors(read_config(path, stages=stages, overrides=overrides))
 
 
 def parse_config(
     text: str,
     *,
+    stages: StageRegistry,
     source: str = "<string>",
     overrides: dict[str, Any] | None = None,
 ) -> Config:
     """`load_config` of a string."""
-    return _raise_if_errors(parse(text, source=source, overrides=overrides))
+    return _raise_if_errors(parse(text, stages=stages, source=source, overrides=overrides))
 
 
-def read_config(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None) -> Parsed:
+def read_config(
+    path: str | os.PathLike, *, stages: StageRegistry, overrides: dict[str, Any] | None = None
+) -> Parsed:
     source = str(path)
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError([f"cannot read config: {e.strerror}"], source) from None
-    return parse(text, source=source, overrides=overrides)
+    return parse(text, stages=stages, source=source, overrides=overrides)
 
 
 def _raise_if_errors(parsed: Parsed) -> Config:
@@ -164,7 +183,9 @@ def _raise_if_errors(parsed: Parsed) -> Config:
     return parsed.config
 
 
-def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None) -> Parsed:
+def parse(
+    text: str, *, stages: StageRegistry, source: str = "<string>", overrides: dict[str, Any] | None = None
+) -> Parsed:
     """Type-check a config, collecting every problem; raises ConfigError only for unreadable YAML."""
     doc = read_yaml_mapping(
         text, source, ("input", "output", "runner", "stages", "storage_options"), overrides
@@ -181,7 +202,7 @@ def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | No
     if output is not None and not isinstance(output, str):
         err(("output",), f"expected a path string, got {type(output).__name__}")
         output = None
-    stages = _build_stages(data.get("stages"), err)
+    specs = _build_stages(data.get("stages"), stages, err)
     storage_options = data.get("storage_options") or {}
     if not isinstance(storage_options, dict) or not all(isinstance(k, str) for k in storage_options):
         err(("storage_options",), "expected a mapping of fsspec options (endpoint_url: ..., ...)")
@@ -193,7 +214,7 @@ def parse(text: str, *, source: str = "<string>", overrides: dict[str, Any] | No
             input=inp,
             output=output,
             runner=runner,
-            stages=stages,
+            stages=specs,
             source=source,
             lines=lines,
             storage_options=storage_options,
@@ -213,7 +234,7 @@ def _stage_list_checks(cfg: Config, err) -> None:
         seen.add(spec.name)
 
 
-def _build_stages(raw: Any, err) -> list[StageSpec]:
+def _build_stages(raw: Any, registry: StageRegistry, err) -> list[StageSpec]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -228,12 +249,10 @@ def _build_stages(raw: Any, err) -> list[StageSpec]:
             err(key, "each stage is a single-key map `name: {params}`")
             continue
         ((name, params),) = item.items()
-        from curation.stages import STAGES  # only pipeline configs need the stage registry
-
-        if name not in STAGES:
-            err(key, f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
+        if name not in registry:
+            err(key, f"unknown stage {name!r}; known stages: {', '.join(sorted(registry))}")
             continue
-        built = build(STAGES[name].Params, params or {}, (*key, name), err)
+        built = build(registry[name].Params, params or {}, (*key, name), err)
         if built is not None:
             specs.append(StageSpec(name=name, params=built, key_path=(*key, name)))
     return specs

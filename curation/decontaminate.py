@@ -215,7 +215,7 @@ def eval_hashes(
     """(table of eval_set, eval_id, phash for every decodable evaluation image, count undecodable);
     `images`, when given, receives their bytes in the table's order."""
     from curation.core.imageio import ImageRefused, open_image
-    from curation.stages.phash import phash_image
+    from curation.core.phash import phash_image
 
     sets, ids, hashes = [], [], []
     unreadable = 0
@@ -254,9 +254,10 @@ def run_decontaminate(
     """Match the run's pool against the evaluation sets; write the matches and the summary."""
     import duckdb
 
+    from curation.core.outputs import exclusive_lock_on
     from curation.core.storage import is_url
     from curation.dedup import _put_parquet
-    from curation.manifest import RunDir, exclusive_lock_on
+    from curation.manifest import RunDir
     from curation.query import NoManifests, connect
 
     for location in against:  # a mistyped path is refused before the manifests are read
@@ -348,7 +349,7 @@ def _embedder(
     from curation.core.storage import open_store
     from curation.models.checkpoints import file_sha256
     from curation.models.files import ModelFileError, local_model_path
-    from curation.stages.clip_score import EMBEDDING_COLUMN, ClipScoreParams, ClipScorer
+    from curation.stages import EMBEDDING_COLUMN, ClipScoreParams, ClipScorer
 
     assert params.embedding_checkpoint is not None
     if EMBEDDING_COLUMN not in columns:
@@ -386,7 +387,7 @@ def _embedding_matches(
     say,
 ) -> pa.Table:
     """Pool rows whose stored embedding is within `min_cosine` of an evaluation image's, read in batches."""
-    from curation.stages.clip_score import EMBEDDING_COLUMN
+    from curation.stages import EMBEDDING_COLUMN
 
     scorer, _ = embedder
     emb, _status = scorer.encode_images(eval_bytes)

@@ -57,9 +57,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from curation.core.outputs import exclusive_lock_on
 from curation.core.params import param
 from curation.core.storage import Store
-from curation.manifest import RunDir, exclusive_lock_on
+from curation.manifest import RunDir
 from curation.near_duplicates import close_pairs, exact_pairs, near_pairs, rank_groups, spherical_kmeans
 
 KINDS = ("exact", "phash", "semantic")  # strictest first: a row's dup_kind is its strictest link

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.core.storage import LockHeld, StorageError, Store, is_url, open_store
+from curation.core.outputs import exclusive_lock_on, explain_conflict
+from curation.core.storage import StorageError, Store, is_url, open_store
 from curation.schema import SCHEMA_VERSION, TRANSIENT_COLUMNS
 from curation.sources.base import Shard
 
@@ -72,10 +72,6 @@ class RunConflict(RunDirError):
 
 class RunRecordError(RunDirError):
     """run.json cannot be read or does not describe a plan (truncated, edited, from another tool)."""
-
-
-class RunLocked(LockHeld):
-    """Another driver is writing to this output directory."""
 
 
 def shard_name(index: int) -> str:
@@ -706,17 +702,6 @@ def record_problem(record: Any) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def exclusive_lock_on(store: Store, rel: str, held_message: str, *, remove: bool = False) -> Iterator[None]:
-    try:
-        with store.lock(rel, held_message, remove=remove):
-            yield
-    except LockHeld as e:
-        if isinstance(e, RunLocked):
-            raise
-        raise RunLocked(str(e)) from None
-
-
 class ShardWriter:
     """Streams batches of one shard into a local staging file; `commit` puts it in place, then the ledger entry."""
 
@@ -804,27 +789,6 @@ def extend_plan(stored: list[Shard], wanted: list[Shard]) -> list[Shard]:
 
 def _without_limit(fingerprint: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in fingerprint.items() if k != "limit"}, default=str))
-
-
-def explain_conflict(root: Path | str, old: dict, new: dict) -> str:
-    diffs = []
-
-    def walk(a: Any, b: Any, key: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
-        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-            for i, (x, y) in enumerate(zip(a, b)):
-                walk(x, y, f"{key}[{i}]")
-        elif a != b:
-            diffs.append(f"{key}: {a!r} -> {b!r}")
-
-    walk(old, new, "")
-    return (
-        f"{root} holds a run made with a different config, which would change results:\n    "
-        + "\n    ".join(diffs[:10])
-        + "\nChoose a new output (--output DIR), or restore the original config to resume."
-    )
 
 
 # ---------------------------------------------------------------------------- the data files of a run

@@ -27,6 +27,8 @@ from itertools import combinations, pairwise
 import numpy as np
 import pyarrow as pa
 
+from curation.core.text import clean_caption
+
 
 def exact_pairs(
     sha256: pa.ChunkedArray | pa.Array, captions: pa.ChunkedArray | pa.Array
@@ -34,8 +36,6 @@ def exact_pairs(
     """Row pairs with the same image bytes and the same caption after `clean_caption`, each linked to
     the first row of its kind."""
     import pyarrow.compute as pc
-
-    from curation.stages.caption import clean_caption
 
     # Only rows whose image bytes repeat need their caption cleaned and compared.
     codes = pc.dictionary_encode(sha256).combine_chunks().indices

@@ -11,13 +11,13 @@ import pyarrow as pa
 from curation.config import Config
 from curation.schema import manifest_schema
 from curation.sources import make_source
-from curation.stages import Stage, build_stages
+from curation.stages import Stage, build_stages, manifest_columns
 
 
 class Pipeline:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.source = make_source(config.input)
+        self.source = make_source(config.input, manifest_columns())
         self.stages: list[Stage] = build_stages(config)
 
     @property

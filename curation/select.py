@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.core.imageio import DEFAULT_MAX_PIXELS, ImageRefused, image_size, open_image
+from curation.core.outputs import RunLocked, exclusive_lock_on
 from curation.core.shards import (
     CAPTION,
     CONCEPTS,
@@ -38,12 +39,11 @@ from curation.core.shards import (
     META,
     VOCABULARY_FILE,
     ShardError,
-    ShardWriter,
+    TarWriter,
     normalise_key,
     read_samples,
 )
 from curation.core.storage import Store, open_store
-from curation.manifest import RunLocked, exclusive_lock_on
 from curation.query import condition
 
 
@@ -291,7 +291,7 @@ def _write_selection(
         record = {}
     columns = [r[0] for r in con.execute("DESCRIBE samples").fetchall()]
     writer_provenance = (provenance_columns(columns), record.get("config_hash"))
-    with _ShardWriter(target, shard_size, max_pixels, writing.blur_faces, writer_provenance) as writer:
+    with _TarWriter(target, shard_size, max_pixels, writing.blur_faces, writer_provenance) as writer:
         for row, image in _images(con, run, where, result.unreadable, writing.images_from):
             try:
                 writer.write(row, image)
@@ -508,7 +508,7 @@ def image_extension(data: bytes) -> str | None:
 def _blurred(image: bytes, boxes: list[dict], ext: str | None, max_pixels: int) -> tuple[bytes, str]:
     """The image with its face boxes blurred, encoded again in its own format (PNG if open_clip cannot
     read that format)."""
-    from curation.stages.faces import blur_faces
+    from curation.stages import blur_faces
 
     out = blur_faces(open_image(image, max_pixels), boxes)
     ext = ext or "png"
@@ -524,8 +524,8 @@ def _blurred(image: bytes, boxes: list[dict], ext: str | None, max_pixels: int) 
     return buf.getvalue(), ext
 
 
-class _ShardWriter:
-    """`curation.core.shards.ShardWriter`, with the checks training needs: each image's header within
+class _TarWriter:
+    """`curation.core.shards.TarWriter`, with the checks training needs: each image's header within
     `max_pixels`, and formats open_clip cannot read converted to PNG."""
 
     def __init__(
@@ -539,7 +539,7 @@ class _ShardWriter:
         self.max_pixels = max_pixels
         self.blur_faces = blur_faces
         self.provenance = provenance  # (licence columns, run fingerprint): curation.card.provenance
-        self.shards = ShardWriter(folder, shard_size)
+        self.shards = TarWriter(folder, shard_size)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -580,7 +580,7 @@ class _ShardWriter:
             members[CONCEPTS] = json.dumps({"ids": row["concept_ids"], "probs": probs}).encode("utf-8")
         self.shards.add(key, members)
 
-    def __enter__(self) -> _ShardWriter:
+    def __enter__(self) -> _TarWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -22,7 +22,7 @@ from curation.config import Config, ConfigError, KeyPath, Parsed, parse, read_co
 from curation.core.storage import StorageError, is_url
 from curation.manifest import RunDir
 from curation.sources import check_input
-from curation.stages import STAGES, Stage, build_stages, model_fingerprints, param_problems_of
+from curation.stages import STAGES, Stage, build_stages, manifest_columns, param_problems_of
 
 Problem = tuple[KeyPath, str]
 
@@ -35,14 +35,14 @@ def load_checked_config(
     `limit` is the `curate run --limit` the config will run with (not part of the fingerprint: a
     larger limit later extends the run).
     """
-    return _checked(read_config(path, overrides=overrides), limit)
+    return _checked(read_config(path, stages=STAGES, overrides=overrides), limit)
 
 
 def parse_checked_config(
     text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None, limit: int | None = None
 ) -> Config:
     """`load_checked_config` of a string."""
-    return _checked(parse(text, source=source, overrides=overrides), limit)
+    return _checked(parse(text, stages=STAGES, source=source, overrides=overrides), limit)
 
 
 def _checked(parsed: Parsed, limit: int | None) -> Config:
@@ -59,7 +59,7 @@ def _checked(parsed: Parsed, limit: int | None) -> Config:
 
 def check_config(config: Config, *, limit: int | None = None) -> list[Problem]:
     """Problems visible before any work starts: input, output, stage set-up, rules between stages."""
-    problems: list[Problem] = list(check_input(config.input))
+    problems: list[Problem] = list(check_input(config.input, manifest_columns()))
     problems += _check_shared_params(config)
     problems += _check_image_order(config)
     problems += param_problems_of(config)
@@ -151,7 +151,7 @@ def _check_output(config: Config, limit: int | None, stages: list[Stage] | None)
             return [(("output",), str(e))]
         if stages is None:
             return []
-        conflict = run.conflict(*config.run_fingerprint(model_fingerprints(stages)))
+        conflict = run.conflict(*config.run_fingerprint(stages))
         return [(("output",), conflict)] if conflict else []
     p = Path(output)
     while not p.exists():
@@ -162,5 +162,5 @@ def _check_output(config: Config, limit: int | None, stages: list[Stage] | None)
         return [(("output",), f"output directory is not writable: {p} (permission denied)")]
     if stages is None:
         return []
-    conflict = RunDir(output).conflict(*config.run_fingerprint(model_fingerprints(stages)))
+    conflict = RunDir(output).conflict(*config.run_fingerprint(stages))
     return [(("output",), conflict)] if conflict else []

@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.core.params import param_problems
+from curation.core.phash import hamming, phash_image
 from curation.stages import STAGES, StageContext, apply_stage
 from curation.stages.caption_language import CaptionLanguage, CaptionLanguageParams, LanguageIdentifier
 from curation.stages.caption_length import CaptionLength, CaptionLengthParams
 from curation.stages.image_size import ImageSize, ImageSizeParams
-from curation.stages.phash import Phash, PhashParams, hamming, phash_image
+from curation.stages.phash import Phash, PhashParams
 from tests.helpers import LAION_1K
 from tests.images import PHOTOS, encode, near_duplicates, photo
 from tests.imageserver import png_header_bomb

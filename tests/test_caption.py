@@ -5,8 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from curation.core.text import clean_caption
 from curation.stages import StageContext, apply_stage
-from curation.stages.caption import CaptionAction, CaptionComplexity, clean_caption
+from curation.stages.caption import CaptionAction, CaptionComplexity
 
 CTX = StageContext(output_dir=None)  # caption stages write nothing
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.core.imageio import open_image
-from curation.stages.phash import hamming, phash_image
+from curation.core.phash import hamming, phash_image
 from tests.helpers import REPO
 from train import clipart
 

@@ -15,6 +15,7 @@ import pytest
 
 from curation.cli import main
 from curation.config import ConfigError, load_config
+from curation.stages import STAGES, manifest_columns
 from curation.validation import parse_checked_config
 from tests.helpers import LAION_1K, REPO, write_config
 
@@ -26,7 +27,7 @@ def errors_of(text: str) -> list[str]:
 
 
 def test_valid_config_loads(tmp_path):
-    cfg = load_config(write_config(tmp_path / "c.yaml", LAION_1K, tmp_path / "out"))
+    cfg = load_config(write_config(tmp_path / "c.yaml", LAION_1K, tmp_path / "out"), stages=STAGES)
     assert [s.name for s in cfg.stages] == ["caption_complexity", "caption_action"]
     assert cfg.stages[0].params.min == 2 and cfg.stages[1].params.min == 1
     assert cfg.input.url_column == "URL"
@@ -149,9 +150,9 @@ def test_carried_columns_that_collide_are_prefixed(tmp_path):
     t = pq.read_table(LAION_1K).slice(0, 5)
     t = t.append_column("keep", pa.array(["x"] * 5)).append_column("similarity", pa.array([0.3] * 5))
     pq.write_table(t, src)
-    cfg = load_config(write_config(tmp_path / "c.yaml", src, tmp_path / "out"))
+    cfg = load_config(write_config(tmp_path / "c.yaml", src, tmp_path / "out"), stages=STAGES)
     from curation.sources import make_source
 
-    names = make_source(cfg.input).carried_schema().names
+    names = make_source(cfg.input, manifest_columns()).carried_schema().names
     assert "input_keep" in names and "similarity" in names and "__index_level_0__" not in names
     shutil.rmtree(tmp_path / "out", ignore_errors=True)

@@ -50,7 +50,8 @@ def test_hostile_yaml_is_one_line_refusal_in_every_command(tmp_path, capsys, com
 def test_anchors_without_aliases_are_fine(tmp_path):
     cfg = parse_config(
         f"input: &i {{path: {LAION_1K}, url_column: URL, caption_column: TEXT}}\noutput: {tmp_path}/o\n"
-        "stages: [caption_complexity]\n"
+        "stages: [caption_complexity]\n",
+        stages=STAGES,
     )
     assert cfg.input.url_column == "URL"
 
@@ -60,7 +61,8 @@ def test_numbers_as_users_type_them(tmp_path):
         f"input: {{path: {LAION_1K}, rows_per_shard: 100}}\noutput: {tmp_path}/o\nstages:\n"
         "  - caption_language: {min_score: 5e-1}\n"
         "  - image_size: {max_aspect_ratio: 2.5E+0}\n"
-        "  - text_spotting: {max_overlap: 4.e-1, mag_ratio: 1e0}\n"
+        "  - text_spotting: {max_overlap: 4.e-1, mag_ratio: 1e0}\n",
+        stages=STAGES,
     )
     lang, size, ocr = (s.params for s in cfg.stages)
     assert lang.min_score == 0.5 and size.max_aspect_ratio == 2.5
@@ -69,7 +71,9 @@ def test_numbers_as_users_type_them(tmp_path):
     with pytest.raises(
         ConfigError, match=r"input.caption_column \(line 1\): expected a string, got 100000.0"
     ):
-        parse_config("input: {path: x, caption_column: 1e5}\noutput: o\nstages: [caption_action]\n")
+        parse_config(
+            "input: {path: x, caption_column: 1e5}\noutput: o\nstages: [caption_action]\n", stages=STAGES
+        )
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from curation.cli import main
 from curation.core.shards import (
     DUPLICATE_KEY,
     TOO_LARGE,
-    ShardWriter,
+    TarWriter,
     read_samples,
     repeated_keys,
     split_member_name,
@@ -302,7 +302,7 @@ def test_trainer_eval_and_mine_read_tars_through_the_same_limits(tars, caplog):
 
 
 def test_shard_writer_writes_what_the_reader_reads(tmp_path):
-    with ShardWriter(tmp_path, shard_size=2) as w:
+    with TarWriter(tmp_path, shard_size=2) as w:
         for i in range(3):
             w.add(f"{i:09d}", {"jpg": image(str(i)), "txt": caption(str(i)).encode(), "concepts.json": b"{}"})
     assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 1}
@@ -311,7 +311,7 @@ def test_shard_writer_writes_what_the_reader_reads(tmp_path):
     assert [sorted(s.members) for s in back] == [["concepts.json", "jpg", "txt"]] * 3
     for bad in ("./x", "a.b", "../x", ""):
         with pytest.raises(ValueError):
-            ShardWriter(tmp_path / "n", 1).add(bad, {"txt": b""})
+            TarWriter(tmp_path / "n", 1).add(bad, {"txt": b""})
 
 
 # ---------------------------------------------------------------------------- image folders

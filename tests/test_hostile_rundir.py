@@ -306,8 +306,8 @@ def test_images_are_read_only_from_the_run_and_locations_the_user_names(
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_select_takes_the_output_lock(tmp_path, where, request, capsys):
+    from curation.core.outputs import exclusive_lock_on
     from curation.core.storage import open_store
-    from curation.manifest import exclusive_lock_on
 
     if where == "s3":
         bucket = request.getfixturevalue("bucket")

@@ -225,3 +225,69 @@ def test_reading_training_and_mining_configs_loads_no_stage():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- rules inside the layers
+
+# (rule, who is bound by it, what it may not import). Each was broken once by a few lines; what both
+# sides share lives lower down instead (curation/core: cluster, outputs, phash, text).
+RULES = [
+    (
+        "reading a config loads no stage: the registry is passed in (`stages=STAGES`)",
+        lambda m: m == "curation.config",
+        lambda t: t.startswith("curation.stages"),
+    ),
+    (
+        "readers load no stage: the manifest's stage columns are passed in",
+        lambda m: m.startswith("curation.sources"),
+        lambda t: t.startswith("curation.stages"),
+    ),
+    (
+        "the trainer joins Ray through curation.core.cluster, not the pipeline's engine",
+        lambda m: m.startswith("train"),
+        lambda t: t.startswith("curation.engine"),
+    ),
+    (
+        "the trainer locks its outputs through curation.core.outputs, not the run directory",
+        lambda m: m.startswith("train"),
+        lambda t: t == "curation.manifest",
+    ),
+    (
+        "outside the stages (and the CLI listing them) only the registry is imported, never a stage's module",
+        lambda m: not m.startswith("curation.stages") and layer(m) != "cli",
+        lambda t: t.startswith("curation.stages."),
+    ),
+    (
+        "train's config readers read text; model files are checked in train.validation",
+        lambda m: m in ("train.config", "train.mining.config"),
+        lambda t: t in ("curation.models.files", "curation.models.clip", "curation.models.teachers"),
+    ),
+]
+
+
+def broken_rules(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{module} imports {target}: {rule}"
+        for rule, bound, forbidden in RULES
+        for module, targets in graph.items()
+        if bound(module)
+        for target in targets
+        if forbidden(target)
+    )
+
+
+def test_the_rule_checker_finds_a_broken_rule():
+    graph = {
+        "curation.config": {"curation.stages"},
+        "curation.sources.base": {"curation.stages"},
+        "train.mining.run": {"curation.engine.ray", "curation.manifest"},
+        "curation.near_duplicates": {"curation.stages.caption"},
+        "train.config": {"curation.models.files"},
+        "curation.validation": {"curation.stages", "curation.models.files"},  # allowed
+        "curation.cli.pipeline": {"curation.stages.base"},  # allowed
+    }
+    assert len(broken_rules(graph)) == 6
+
+
+def test_rules_inside_the_layers_hold():
+    assert broken_rules(import_graph()) == []

@@ -598,7 +598,7 @@ def test_null_address_starts_a_fresh_instance_and_never_joins_a_running_one(tmp_
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp = Path(tempfile.mkdtemp(prefix="curate-ray-"))
     probe = (
-        "import ray; from curation.engine.ray import connect\n"
+        "import ray; from curation.core.cluster import connect\n"
         "owned = connect(None, 1)\n"
         "print('OWNED', owned, 'GCS', ray.get_runtime_context().gcs_address,"
         " 'CPUS', ray.cluster_resources().get('CPU'))\n"

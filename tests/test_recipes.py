@@ -9,6 +9,7 @@ import yaml
 
 from curation.cli import main
 from curation.config import load_config
+from curation.stages import STAGES
 from tests.helpers import REPO
 
 RECIPES = ("datacomp_basic", "cat", "cat_clip")
@@ -39,14 +40,17 @@ def test_recipe_validates(name, tmp_path, checkpoint, monkeypatch, capsys):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["validate", str(path)]) == 0, capsys.readouterr().err
-    names = [s.name for s in load_config(path).stages]
+    names = [s.name for s in load_config(path, stages=STAGES).stages]
     assert names.index("download") < min(
         names.index(s) for s in names if s in ("image_size", "text_spotting", "phash", "clip_score")
     )
 
 
 def test_datacomp_basic_is_datacomps_rule():
-    stages = {s.name: s.params for s in load_config(REPO / "pipelines" / "datacomp_basic.yaml").stages}
+    stages = {
+        s.name: s.params
+        for s in load_config(REPO / "pipelines" / "datacomp_basic.yaml", stages=STAGES).stages
+    }
     assert (stages["caption_length"].min_words, stages["caption_length"].min_chars) == (3, 6)
     assert stages["caption_language"].languages == ["en"] and stages["caption_language"].min_score == 0
     assert (stages["image_size"].min_side, stages["image_size"].max_aspect_ratio) == (200, 3.0)

@@ -86,7 +86,7 @@ def test_a_failed_setup_releases_the_stages_set_up_before_it(tmp_path: Path, tes
         f"  - test_chars: {{gpus: 0, trace: {trace}}}\n  - caption_language: {{model: {tmp_path}/none.bin}}\n"
     )
     cfg = write_config(tmp_path / "run.yaml", LAION_1K, tmp_path / "out", stages=stages)
-    task = ShardTask(None, Pipeline(load_config(cfg)), pa.schema([]))  # type: ignore[arg-type]
+    task = ShardTask(None, Pipeline(load_config(cfg, stages=STAGES)), pa.schema([]))  # type: ignore[arg-type]
     with pytest.raises(ValueError):  # fastText's own error for a missing model file
         task.setup()
     assert [line.split()[0] for line in trace.read_text().splitlines()] == ["setup", "teardown"]

@@ -105,11 +105,11 @@ def test_shards_and_checkpoints_on_a_store(store, tmp_path):
     """select's writer, the trainer's shard patterns and its checkpoints, on local disk and memory://."""
     import torch
 
-    from curation.core.shards import ShardWriter, read_samples
+    from curation.core.shards import TarWriter, read_samples
     from train.checkpoints import CheckpointDir, load_checkpoint
-    from train.data import count_samples, expand_shards
+    from train.data import count_from_sizes, expand_shards
 
-    with ShardWriter(store.url, shard_size=2, mtime=0) as writer:
+    with TarWriter(store.url, shard_size=2, mtime=0) as writer:
         for i in range(5):
             writer.add(f"{i:04d}", {"txt": f"caption {i}".encode(), "jpg": b"\xff\xd8 not decoded"})
     assert sorted(store.list("")) == ["00000.tar", "00001.tar", "00002.tar", "sizes.json"]
@@ -117,7 +117,7 @@ def test_shards_and_checkpoints_on_a_store(store, tmp_path):
     shards = expand_shards(f"{base}/{{00000..00003}}.tar")  # 00003 does not exist: left out
     assert shards == [f"{base}/{i:05d}.tar" for i in range(3)]
     assert expand_shards(f"{base}/0000[12].tar") == shards[1:]
-    assert count_samples(shards) == 5
+    assert count_from_sizes(shards) == 5
     assert [s.members["txt"] for s in read_samples(shards[2])] == [b"caption 4"]
     with pytest.raises(FileNotFoundError):
         expand_shards(f"{base}/{{00007..00009}}.tar")

@@ -595,12 +595,12 @@ def test_select_and_report_of_a_download_run_on_s3_read_its_images_from_the_run(
 
 def test_images_of_an_s3_run_are_read_from_its_own_storage_and_nowhere_else(s3, bucket):
     """Relative image paths (a download stage's images/...) resolve under the run's URL; others are refused."""
-    from curation.core.shards import ShardWriter
+    from curation.core.shards import TarWriter
     from curation.select import ImageSources, read_image_group
     from tests.images import encode, photo
 
     png = encode(photo("coffee"), "PNG")
-    with ShardWriter(f"s3://{bucket}/run/images", 10) as w:
+    with TarWriter(f"s3://{bucket}/run/images", 10) as w:
         w.add("0001", {"png": png, "txt": b"coffee"})
     s3.client().put_object(
         Bucket=bucket, Key="other/00000.tar", Body=_get(s3, bucket, "run/images/00000.tar")

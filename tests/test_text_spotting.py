@@ -418,3 +418,29 @@ def test_photos_kept_and_text_dropped_at_full_size(stage):
             # Not exact: readtext(bytes) greys with swapped channel weights (cvtColor(RGB, BGR2GRAY)),
             # the stage with the right ones, so a hard word over a photo can differ by a character.
             assert len(tokens(got) & tokens(expected)) / len(tokens(expected)) >= 0.6
+
+
+def test_ocr_weights_are_fingerprinted_by_content_not_by_folder(tmp_path):
+    """Like every model file: the same weights in another folder keep a run's config hash; another file
+    under the same name changes it."""
+    from curation.config import parse_config
+    from curation.models.ocr import MODEL_FILES, ocr_model_dir
+    from curation.stages import build_stages
+
+    package = Path(ocr_model_dir(TextSpottingParams()))
+    folders = {name: tmp_path / name for name in ("a", "b", "c")}
+    for folder in folders.values():
+        folder.mkdir()
+        for f in MODEL_FILES:
+            (folder / f).symlink_to(package / f)
+    (folders["c"] / MODEL_FILES[1]).unlink()
+    (folders["c"] / MODEL_FILES[1]).write_bytes(b"other weights")
+
+    def config_hash(model_dir: Path | None) -> str:
+        params = f"{{model_dir: {model_dir}}}" if model_dir else "{}"
+        text = f"input: {{path: x.parquet}}\noutput: {tmp_path}/out\nstages:\n  - text_spotting: {params}\n"
+        config = parse_config(text, stages=STAGES)
+        return config.run_fingerprint(build_stages(config))[1]
+
+    assert config_hash(folders["a"]) == config_hash(folders["b"]) == config_hash(None)
+    assert config_hash(folders["c"]) != config_hash(folders["a"])

@@ -98,16 +98,16 @@ class CheckpointDir:
     def save(self, step: int, payload: dict[str, Any]) -> str | Path:
         """Write the checkpoint of `step` atomically (then, on object stores, metrics and `latest`)."""
         name = f"step_{step:08d}.pt"
-        if self.store.local:
-            path = self.work_dir / "checkpoints" / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".pt.tmp")
+        # Local: checkpoints/.tmp, so the commit (fsync, rename) stays on one filesystem.
+        folder = self.store.child("checkpoints")
+        tmp = folder.staging() / f"{uuid.uuid4().hex}-{name}"
+        try:
             torch.save(payload, tmp)
-            tmp.replace(path)
-            return path
-        tmp = self.store.staging() / f"{uuid.uuid4().hex}-{name}"
-        torch.save(payload, tmp)
-        self.store.put_file(tmp, f"checkpoints/{name}")  # removes tmp
+            folder.put_file(tmp, name)  # removes tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.store.local:
+            return self.where(name)
         self.sync()  # the run's metrics, complete up to this checkpoint
         self.store.put_bytes(LATEST, name.encode())
         return self.where(name)

@@ -244,7 +244,7 @@ def build(
     import pyarrow.parquet as pq
 
     from curation.core.imageio import ImageRefused, open_image
-    from curation.stages.phash import hamming, phash_image
+    from curation.core.phash import hamming, phash_image
 
     if not 0 < test_fraction < 1:
         raise ValueError("test_fraction must be in (0, 1)")

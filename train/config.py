@@ -1,20 +1,22 @@
-"""Training YAML -> typed dataclasses.
+"""Training YAML -> typed dataclasses: keys, types, ranges and the rules between keys.
 
-Uses the project's config machinery (`curation.config`): every problem is
-collected and reported at once, each naming its key path and YAML line.
-Relative paths are relative to the working directory, as everywhere in curate.
+Uses the project's config machinery (`curation.core.params`): every problem is
+collected and reported at once, each naming its key path and YAML line. What
+needs the world (shards, model files, weights) is checked by `train.validation`,
+in the same pass. Relative paths are relative to the working directory, as
+everywhere in curate.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from curation.core.params import ConfigError, build, describe, param, parse_value, read_yaml_mapping
-from curation.models.files import open_clip_config_problem
+from curation.core.params import ConfigError, KeyPath, build, param, parse_value, read_yaml_mapping
 
 __all__ = [
     "ConfigError",
@@ -164,7 +166,7 @@ class TrainConfig:
     # Optional: concept distillation; null = off.
     distill: DistillConfig | None = None
     source: str | None = None
-    # YAML line of each key path, for problems found after parsing (`dry_run_problems`).
+    # YAML line of each key path, for problems found after parsing (`train.validation`).
     lines: dict[tuple, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -189,18 +191,31 @@ _SECTIONS: dict[str, type] = {
 _OPTIONAL_SECTIONS: dict[str, type] = {"hard_pairs": HardPairsConfig, "distill": DistillConfig}
 
 
-def load_train_config(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read and validate a training config; raises ConfigError listing every problem."""
+# The world checks `train.validation` runs on the sections that type-checked (section name -> section),
+# so that their problems come in the same pass as the text's: (key path, problem) each.
+SectionChecks = Callable[[dict[str, Any]], list[tuple[KeyPath, str]]]
+
+
+def load_train_config(
+    path: str | os.PathLike, *, overrides: dict[str, Any] | None = None, checks: SectionChecks | None = None
+) -> TrainConfig:
+    """Read and type-check a training config; raises ConfigError listing every problem.
+
+    `train.validation.load_checked_train_config` also checks it against the world."""
     source = str(path)
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError([f"cannot read config: {e.strerror}"], source) from None
-    return parse_train_config(text, source=source, overrides=overrides)
+    return parse_train_config(text, source=source, overrides=overrides, checks=checks)
 
 
 def parse_train_config(
-    text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None
+    text: str,
+    *,
+    source: str = "<string>",
+    overrides: dict[str, Any] | None = None,
+    checks: SectionChecks | None = None,
 ) -> TrainConfig:
     keys = ("data", "output_dir", *_SECTIONS, *_OPTIONAL_SECTIONS)
     doc = read_yaml_mapping(text, source, tuple(dict.fromkeys(keys)), overrides)
@@ -223,6 +238,8 @@ def parse_train_config(
             built[name] = build(cls, data[name], (name,), err)
     # On every section that type-checked, so that all problems come in one pass.
     _semantic_checks(built, err)
+    for key, msg in checks(built) if checks else []:
+        err(key, msg)
     if errors or any(v is None for v in built.values()):
         raise ConfigError(errors, source)
     return TrainConfig(output_dir=output_dir, source=source, lines=doc.lines, **built)
@@ -247,7 +264,7 @@ def _build_sources(raw: Any, err) -> list[SourceConfig] | None:
 
 
 def _semantic_checks(built: dict[str, Any], err) -> None:
-    """Rules between keys and files, for the sections in `built` that are not None (ranges are on the params)."""
+    """Rules between keys, for the sections in `built` that are not None (ranges are on the params)."""
     r: RunConfig | None = built.get("train")
     loss: LossConfig | None = built.get("loss")
     model: ModelConfig | None = built.get("model")
@@ -266,59 +283,16 @@ def _semantic_checks(built: dict[str, Any], err) -> None:
             "the margin loss needs hard-pair batches: add `hard_pairs: {path: mined.parquet}`",
         )
     hard: HardPairsConfig | None = built.get("hard_pairs")
-    if hard is not None:
-        if r is not None and r.batch_size % 2:
-            err(("train", "batch_size"), "must be even with hard_pairs (half anchors, half partners)")
-        # A URL is checked when the trainer reads it (before any step).
-        if "://" not in hard.path and not Path(hard.path).is_file():
-            err(("hard_pairs", "path"), f"not a file: {hard.path!r} (write it with `curate mine`)")
+    if hard is not None and r is not None and r.batch_size % 2:
+        err(("train", "batch_size"), "must be even with hard_pairs (half anchors, half partners)")
     data: DataConfig | None = built.get("data")
     if data is not None:
         if (data.shards is None) == (data.sources is None):
             err(("data", "shards"), "give exactly one of data.shards or data.sources")
         if data.sources is not None and data.sizes is not None:
             err(("data", "sizes"), "with data.sources, give each source its own sizes")
-    if model is not None and (refused := open_clip_config_problem(model.name)):
-        err(("model", "name"), refused)
-    if model is not None and model.pretrained is not None and not Path(model.pretrained).is_file():
-        err(("model", "pretrained"), f"not a local file: {model.pretrained!r} (nothing is downloaded)")
     if model is not None and model.pretrained is not None and model.image_init is not None:
         err(("model", "image_init"), "give image_init or pretrained, not both (pretrained sets every weight)")
-    dist: DistillConfig | None = built.get("distill")
-    if dist is not None and dist.vocabulary is not None and not Path(dist.vocabulary).is_file():
-        err(("distill", "vocabulary"), f"not a file: {dist.vocabulary!r}")
-
-
-def dry_run_problems(cfg: TrainConfig) -> list[str]:
-    """What `curate train` would stop on before its first step, found without training: the shards and
-    their sample counts, the model name, the pretrained weights (read weights-only). For `curate validate`."""
-    from curation.models.clip import checkpoint_problems, resolve_model_name
-    from train.data import count_samples, expand_shards
-
-    problems: list[tuple[tuple, str]] = []
-    try:
-        shards = expand_shards(cfg.data.shards)
-    except FileNotFoundError as e:
-        problems.append((("data", "shards"), str(e)))
-    else:
-        try:
-            counted = count_samples(shards, cfg.data.sizes)
-        except (FileNotFoundError, ValueError) as e:
-            problems.append((("data", "sizes"), str(e)))
-        else:
-            if cfg.train.epochs is not None and counted is None:
-                problems.append(
-                    (("train", "epochs"), "needs sample counts: put sizes.json beside the shards")
-                )
-    try:
-        resolve_model_name(cfg.model.name)
-    except (ValueError, FileNotFoundError) as e:
-        problems.append((("model", "name"), str(e).split(". Known:")[0]))
-    else:
-        if cfg.model.pretrained is not None:
-            found = checkpoint_problems(cfg.model.pretrained, cfg.model.name)
-            problems += [(("model", "pretrained"), p) for p in found]
-    return [describe(cfg.lines, key, msg) for key, msg in problems]
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

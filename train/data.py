@@ -105,7 +105,7 @@ def _expand_url_shards(pattern: str, urls: list[str]) -> list[str]:
     return sorted(set(paths))
 
 
-def count_samples(shards: list[str], sizes_path: str | None = None) -> int | None:
+def count_from_sizes(shards: list[str], sizes_path: str | None = None) -> int | None:
     """Total samples of `shards` from sizes.json (tar name -> count); None when there is no sizes file."""
     path = sizes_path or f"{shards[0].rpartition('/')[0] or '.'}/sizes.json"
     folder, _, name = path.rpartition("/")
@@ -134,7 +134,7 @@ def count_samples(shards: list[str], sizes_path: str | None = None) -> int | Non
 
 
 @dataclass(frozen=True)
-class Source:
+class DataSource:
     """One shard set of the training data and its mixture weight."""
 
     name: str  # the pattern the user wrote
@@ -143,13 +143,13 @@ class Source:
     sizes: str | None = None  # sizes.json of these shards; None = beside the first shard
 
 
-def data_sources(data: DataConfig) -> list[Source]:
+def data_sources(data: DataConfig) -> list[DataSource]:
     """The config's shard sets (`data.shards`: one, weight 1; `data.sources`: each with its weight), expanded."""
     if data.sources is None:
         assert data.shards is not None
-        return [Source(data.shards, tuple(expand_shards(data.shards)), 1.0, data.sizes)]
+        return [DataSource(data.shards, tuple(expand_shards(data.shards)), 1.0, data.sizes)]
     sources = [
-        Source(s.shards, tuple(expand_shards(s.shards)), float(s.weight), s.sizes) for s in data.sources
+        DataSource(s.shards, tuple(expand_shards(s.shards)), float(s.weight), s.sizes) for s in data.sources
     ]
     seen: dict[str, str] = {}
     for src in sources:
@@ -160,13 +160,13 @@ def data_sources(data: DataConfig) -> list[Source]:
     return sources
 
 
-def all_shards(sources: Sequence[Source]) -> list[str]:
+def all_shards(sources: Sequence[DataSource]) -> list[str]:
     return [path for src in sources for path in src.shards]
 
 
-def count_source_samples(sources: Sequence[Source]) -> int | None:
+def count_source_samples(sources: Sequence[DataSource]) -> int | None:
     """Samples of all sources (an epoch); None when some source has no sizes file."""
-    counts = [count_samples(list(src.shards), src.sizes) for src in sources]
+    counts = [count_from_sizes(list(src.shards), src.sizes) for src in sources]
     return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
 
@@ -187,7 +187,7 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self,
-        shards: Sequence[str] | Sequence[Source],
+        shards: Sequence[str] | Sequence[DataSource],
         batch_size: int,
         image_transform: Callable,
         tokenizer: Callable,
@@ -202,10 +202,10 @@ class ShardStream(IterableDataset):
     ) -> None:
         super().__init__()
         # A list of tar paths is one source of weight 1.
-        self.sources: list[Source] = (
+        self.sources: list[DataSource] = (
             list(shards)  # type: ignore[arg-type]
-            if shards and isinstance(shards[0], Source)
-            else [Source("shards", tuple(shards), 1.0)]  # type: ignore[arg-type]
+            if shards and isinstance(shards[0], DataSource)
+            else [DataSource("shards", tuple(shards), 1.0)]  # type: ignore[arg-type]
         )
         self.shards = all_shards(self.sources)
         self.resampled = resampled
@@ -401,7 +401,7 @@ def _uid(sample: dict) -> str | None:
 class MixtureLog:
     """The samples each source actually delivered (the batches' `source` key), against the weights."""
 
-    def __init__(self, sources: Sequence[Source]) -> None:
+    def __init__(self, sources: Sequence[DataSource]) -> None:
         self.sources = list(sources)
         self.counts = [0] * len(self.sources)
 
@@ -436,19 +436,14 @@ def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> 
 
 
 def check_shards(shards: list[str]) -> None:
-    """Refuse, before any step, a shard that is not a tar (its first header does not parse).
+    """Refuse, before any step, a shard that is not a tar: its first sample's headers are read by
+    `curation.core.shards` (ShardError). A tar cut short further on fails where the reader reaches the cut."""
+    import contextlib
 
-    A tar cut short further on fails where the reader reaches the cut (ShardError).
-    """
-    import tarfile
-
-    import fsspec
-
-    from curation.core.shards import ShardError
+    from curation.core.shards import read_samples
 
     for path in shards:
-        try:
-            with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                tar.next()
-        except tarfile.TarError as e:
-            raise ShardError(f"{path} is not a readable tar ({e})") from None
+        with contextlib.closing(
+            read_samples(path, read=lambda key, ext: False, max_member_bytes=2**63)
+        ) as tar:
+            next(tar, None)

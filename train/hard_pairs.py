@@ -10,8 +10,8 @@ epoch (a `select --hard-pairs` pass) because it costs no extra disk or pass per
 epoch, lets the draw of partners change every epoch, and makes any step's batch
 computable directly (resume needs no skipping, and the order does not depend on
 `data.workers`). Local shards are read with `os.pread`; shards on object storage
-(`s3://...`) are scanned once as a stream at start and then read with one ranged
-GET per member (`Store.read_ranges`, a batch's reads concurrent); the hard-pair
+(`s3://...`) are scanned once at start (transient errors retried as everywhere
+in the storage layer) and then read with one ranged GET per member (`Store.read_ranges`, a batch's reads concurrent); the hard-pair
 table may be a URL as well. The index holds one small Python record per sample
 (~200 bytes).
 
@@ -44,20 +44,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from curation.core.storage import Store, is_url, open_store
-from train.data import ShardStream, Source
+from curation.core.shards import META, ShardError, read_samples
+from curation.core.storage import RETRY_SECONDS, Store, is_url, open_store, retrying, transient
+from train.data import DataSource, ShardStream
 
 log = logging.getLogger("train")
 
@@ -73,42 +71,22 @@ class TarIndex:
     """uid -> where each member of that sample lies in the uncompressed tars."""
 
     def __init__(self, shards: list[str]) -> None:
-        from webdataset.tariterators import base_plus_ext
-
         self.shards = list(shards)
         self.uids: list[str] = []
         self.locations: list[SampleLocation] = []
         self.position: dict[str, int] = {}
         for si, path in enumerate(self.shards):
-            members: dict[str, list[tuple[str, int, int]]] = {}
-            uid_of: dict[str, str] = {}
-            try:
-                with _open_tar(path) as tar:
-                    for info in tar:
-                        key, ext = base_plus_ext(info.name) if info.isfile() else (None, None)
-                        if key is None:
-                            continue
-                        members.setdefault(key, []).append((ext, info.offset_data, info.size))
-                        if ext == "json":
-                            f = tar.extractfile(info)
-                            meta = json.loads(f.read()) if f is not None else None
-                            if isinstance(meta, dict) and meta.get("uid") is not None:
-                                uid_of[key] = str(meta["uid"])
-            except tarfile.ReadError as e:
-                raise ValueError(
-                    f"{path}: not an uncompressed tar ({e}); hard-pair training reads samples by offset"
-                ) from None
-            for key, found in members.items():
-                uid = uid_of.get(key)
-                if uid is None:
-                    raise ValueError(
-                        f"{path}: sample {key!r} has no uid in its .json (curate select writes one)"
-                    )
+            # A tar on object storage is scanned as the storage layer reads: transient errors retried.
+            if is_url(path):
+                found = retrying(lambda p=path: _scan(p), RETRY_SECONDS, f"scanning {path}")
+            else:
+                found = _scan(path)
+            for key, uid, members in found:
                 if uid in self.position:
                     raise ValueError(f"uid {uid} appears twice in the shards ({path}, key {key!r})")
                 self.position[uid] = len(self.uids)
                 self.uids.append(uid)
-                self.locations.append(SampleLocation(si, key, tuple(found)))
+                self.locations.append(SampleLocation(si, key, members))
 
     def __len__(self) -> int:
         return len(self.uids)
@@ -151,16 +129,29 @@ class TarIndex:
         return samples  # type: ignore[return-value]
 
 
-@contextmanager
-def _open_tar(path: str) -> Iterator[tarfile.TarFile]:
-    """A tar to scan for member offsets: a local file as is; a URL read once as a stream through fsspec
-    (the offsets are the same: positions in the object)."""
-    if not is_url(path):
-        with tarfile.open(path, "r:") as tar:
-            yield tar
-        return
-    with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        yield tar
+def _scan(path: str) -> list[tuple[str, str, tuple[tuple[str, int, int], ...]]]:
+    """(key, uid, members as (extension, data offset, size)) of each sample of a plain tar, read through
+    `curation.core.shards` (its name splitting; samples over its member size limit or with a repeated
+    key are left out, with a warning); only the `.json` members are read."""
+    out = []
+    try:
+        for s in read_samples(path, plain=True, read=lambda key, ext: ext == META):
+            if s.status is not None:
+                log.warning("%s: left out sample %r: %s", path, s.key, s.detail)
+                continue
+            meta = json.loads(s.members[META]) if META in s.members else None
+            if not isinstance(meta, dict) or meta.get("uid") is None:
+                raise ValueError(
+                    f"{path}: sample {s.key!r} has no uid in its .json (curate select writes one)"
+                )
+            out.append((s.key, str(meta["uid"]), tuple((e, o, n) for e, (o, n) in s.offsets.items())))
+    except ShardError as e:
+        if e.__cause__ is not None and transient(e.__cause__):
+            raise e.__cause__ from None  # retried by the caller
+        raise ValueError(
+            f"{e}; hard-pair training reads samples by offset from plain (uncompressed) tars"
+        ) from None
+    return out
 
 
 class HardPairTable:
@@ -218,7 +209,7 @@ class HardPairStream(ShardStream):
 
     def __init__(
         self,
-        shards: list[str] | list[Source],
+        shards: list[str] | list[DataSource],
         batch_size: int,
         image_transform,
         tokenizer,

@@ -42,13 +42,23 @@ from typing import Any
 
 import torch
 
+from curation.core.devices import resolve_device
+from curation.core.storage import open_store
 from curation.models.clip import build_model, embed_dim
 from train.checkpoints import CheckpointDir, latest_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
 from train.config import TrainConfig
-from train.data import MixtureLog, ShardStream, all_shards, count_source_samples, data_sources, make_loader
+from train.data import (
+    DataSource,
+    MixtureLog,
+    ShardStream,
+    all_shards,
+    count_source_samples,
+    data_sources,
+    make_loader,
+)
 from train.hard_pairs import HardPairStream
 from train.losses import ConceptDistillationLoss, HardNegativeMarginLoss, TrainingObjective, build_loss
-from train.model import ConceptStudent, param_groups
+from train.model import ConceptStudent, micro_batch_problem, param_groups
 
 log = logging.getLogger("train")
 
@@ -68,11 +78,9 @@ class Dist:
 
 
 def pick_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if spec == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(spec)
+    """The device rule of every command (`curation.core.devices`); a plain `cuda` is this rank's GPU."""
+    device = resolve_device(spec)
+    return torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
 
 
 def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
@@ -262,7 +270,7 @@ class MetricsWriter:
                 for ln in self.path.read_text().splitlines()
                 if ln and json.loads(ln)["step"] <= resume_step
             ]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            open_store(output_dir).put_bytes(self.path.name, "".join(ln + "\n" for ln in keep).encode())
         self.file = self.path.open("a")
         self.tb = None
         try:
@@ -331,7 +339,7 @@ def distill_vocabulary(cfg: TrainConfig, shards: list[str]) -> list[str]:
     from curation.models.vocabulary import VocabularyError, read_vocabulary
 
     assert cfg.distill is not None
-    from curation.core.storage import is_url, open_store
+    from curation.core.storage import is_url
 
     if cfg.distill.vocabulary:
         path: str = str(cfg.distill.vocabulary)
@@ -385,28 +393,57 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> TrainResult:
+@dataclass
+class Run:
+    """What a run holds from its start to its last step (open_clip builds it in `main`)."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    ckpts: CheckpointDir
+    built: Any  # curation.models.clip.BuiltModel
+    student: ConceptStudent | None
+    vocabulary: list[str] | None
+    sources: list[DataSource]
+    hard_stream: HardPairStream | None
+    n_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    precision: str
+    start_step: int = 0
+    rng_state: dict[str, Any] | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.built.model
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """What the optimizer trains: the model, or the model with its concept head."""
+        return self.student if self.student is not None else self.model
+
+
+def build_run(cfg: TrainConfig, dist: Dist, device: torch.device) -> Run:
+    """The model, data sources, step count and optimiser of a run, as at step 0.
+
+    Nothing is written to output_dir until everything that can fail at the start has worked
+    (model, shards, step count, checkpoint, first batch): a failed start leaves no folder behind.
+    """
     r = cfg.train
     ckpts = CheckpointDir(cfg.output_dir)  # output_dir may be a URL (s3://...)
-    out_dir = ckpts.work_dir  # metrics and TensorBoard: output_dir, or a local folder for a URL
-    # Nothing is written to output_dir until everything that can fail at the start has worked
-    # (model, shards, step count, checkpoint, first batch): a failed start leaves no folder behind.
-
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(r.seed)
     random.seed(r.seed)
     m = cfg.model
     built = build_model(m.name, m.pretrained, device=device, image_init=m.image_init, lock_image=m.lock_image)
-    model = built.model
     if r.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+        built.model.set_grad_checkpointing(True)
 
     sources = data_sources(cfg.data)
-    shards = all_shards(sources)
     num_samples = count_source_samples(sources)
     # Read before any stream is built: a missing vocabulary fails the start.
-    vocabulary = distill_vocabulary(cfg, shards) if cfg.distilling else None
-    vocabulary_size = len(vocabulary) if vocabulary is not None else None
+    vocabulary = distill_vocabulary(cfg, all_shards(sources)) if cfg.distilling else None
     hard_stream = None
     if cfg.hard_pairs is not None:
         # Built (and the table checked against the data) before anything else is: a mismatch fails fast.
@@ -420,241 +457,304 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
             seed=r.seed,
             rank=dist.rank,
             world_size=dist.world_size,
-            concept_vocabulary_size=vocabulary_size,
+            concept_vocabulary_size=len(vocabulary) if vocabulary is not None else None,
             resampled=cfg.data.resampled,
         )
     n_steps = total_steps(cfg, dist.world_size, num_samples)
 
     # Concept distillation: the head is created after the model, so the model's initial weights
     # (same seed) are those of a run without distillation.
-    student: ConceptStudent | None = None
+    student = None
     if vocabulary is not None:
-        student = ConceptStudent(model, embed_dim(built), len(vocabulary)).to(device)
-    net: torch.nn.Module = student if student is not None else model  # what the optimizer trains
+        student = ConceptStudent(built.model, embed_dim(built), len(vocabulary)).to(device)
+    net: torch.nn.Module = student if student is not None else built.model
 
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         param_groups(net, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
     )
     schedule = WarmupCosine(o.lr, o.warmup_steps, n_steps, o.min_lr, cosine=o.schedule == "cosine")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     precision = resolve_precision(r.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp")
+    return Run(
+        cfg,
+        dist,
+        device,
+        ckpts,
+        built,
+        student,
+        vocabulary,
+        sources,
+        hard_stream,
+        n_steps,
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        torch.amp.GradScaler(device.type, enabled=precision == "amp"),
+        precision,
+    )
 
-    start_step, rng_state = 0, None
-    ckpt_path = ckpts.latest() if resume else None
-    if resume and ckpt_path is None and dist.is_main:
-        log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", ckpts.url)
-    if ckpt_path is not None:
-        ck = ckpts.load(ckpt_path)
-        model.load_state_dict(ck["state_dict"])
-        _restore_concept_head(ck, student, ckpt_path)
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        start_step, rng_state = int(ck["step"]), ck["rng"]
-        # Hard-pair batches are a function of (seed, step, world size) alone; the stream's order also
-        # depends on how many workers split it.
-        same = ck.get("world_size") == dist.world_size and (
-            cfg.hard_pairs is not None or ck.get("workers") == cfg.data.workers
+
+def resume_run(run: Run) -> None:
+    """Load the newest checkpoint into `run`: weights, optimiser, scheduler, scaler, step and RNG state."""
+    path = run.ckpts.latest()
+    if path is None:
+        if run.dist.is_main:
+            log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", run.ckpts.url)
+        return
+    ck = run.ckpts.load(path)
+    run.model.load_state_dict(ck["state_dict"])
+    _restore_concept_head(ck, run.student, path)
+    run.optimizer.load_state_dict(ck["optimizer"])
+    run.scheduler.load_state_dict(ck["scheduler"])
+    run.scaler.load_state_dict(ck["scaler"])
+    run.start_step, run.rng_state = int(ck["step"]), ck["rng"]
+    # Hard-pair batches are a function of (seed, step, world size) alone; the stream's order also
+    # depends on how many workers split it.
+    same = ck.get("world_size") == run.dist.world_size and (
+        run.cfg.hard_pairs is not None or ck.get("workers") == run.cfg.data.workers
+    )
+    if run.dist.is_main:
+        log.info("resumed from %s at step %d", path, run.start_step)
+        if not same:
+            log.warning("world size or data.workers changed since the checkpoint: the data order will differ")
+
+
+def train_step(
+    run: Run, train_model: torch.nn.Module, objective: TrainingObjective, batch: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """One update on `batch` (on the device): forward, backward, clipping, optimiser and scheduler
+    steps, CLIP's clamp of the temperature. Returns the detached loss terms."""
+    r, o = run.cfg.train, run.cfg.optim
+    terms = forward_backward(train_model, objective, batch, r.micro_batch, run.precision, run.scaler)
+    if o.grad_clip_norm is not None:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.net.parameters(), o.grad_clip_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    with torch.no_grad():  # CLIP's clamp: temperature no lower than 1/100
+        run.model.logit_scale.clamp_(0, math.log(100))
+    return terms
+
+
+def checkpoint_payload(run: Run, step: int) -> dict[str, Any]:
+    """What a checkpoint holds: enough for an exact resume, and a state dict open_clip loads as is."""
+    return {
+        "step": step,
+        "model_name": run.built.name,
+        "state_dict": run.model.state_dict(),  # unwrapped: loads in open_clip as is
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": _rng_state(),
+        "world_size": run.dist.world_size,
+        "workers": run.cfg.data.workers,
+        "config": run.cfg.to_dict(),
+        # Beside the model, never inside state_dict: the file still loads in open_clip.
+        **(
+            {"concept_head": run.student.head.state_dict(), "concept_vocabulary": run.vocabulary}
+            if run.student is not None
+            else {}
+        ),
+    }
+
+
+def _batches(run: Run) -> Iterator[dict[str, Any]]:
+    """The run's batches from its start step; the first drawn now, so a shard that cannot be read
+    fails the start, before anything is written."""
+    r, dist = run.cfg.train, run.dist
+    vocabulary_size = len(run.vocabulary) if run.vocabulary is not None else None
+    stream: ShardStream
+    if run.hard_stream is not None:
+        run.hard_stream.start_step = run.start_step  # known only now that the checkpoint is loaded
+        stream = run.hard_stream
+    else:
+        stream = ShardStream(
+            run.sources,
+            r.batch_size,
+            run.built.preprocess_train,
+            run.built.tokenizer,
+            seed=r.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            shuffle_buffer=run.cfg.data.shuffle_buffer,
+            start_step=run.start_step,
+            concept_vocabulary_size=vocabulary_size,
+            resampled=run.cfg.data.resampled,
         )
-        if dist.is_main:
-            log.info("resumed from %s at step %d", ckpt_path, start_step)
-            if not same:
-                log.warning(
-                    "world size or data.workers changed since the checkpoint: the data order will differ"
-                )
+    batches: Iterator[dict[str, Any]] = iter(
+        make_loader(stream, run.cfg.data.workers, pin_memory=run.device.type == "cuda")
+    )
+    # Creating the loader iterator draws from the RNG; restore afterwards so resume matches exactly.
+    if run.rng_state is not None:
+        _set_rng_state(run.rng_state)
+    if run.start_step < run.n_steps:  # nothing between here and the loop uses the RNG
+        batches = itertools.chain([next(batches)], batches)
+    return batches
 
-    train_model: torch.nn.Module = net
+
+def _log_start(run: Run) -> None:
+    r, o, dist = run.cfg.train, run.cfg.optim, run.dist
+    log.info(
+        "device %s, world size %d, precision %s, compile %s, grad_checkpointing %s, grad_clip_norm %s, "
+        "contrastive batch %d (%d per rank, micro-batch %s), local loss %s, %d steps",
+        run.device,
+        dist.world_size,
+        run.precision,
+        r.compile,
+        r.grad_checkpointing,
+        o.grad_clip_norm,
+        r.batch_size * dist.world_size,
+        r.batch_size,
+        r.micro_batch or "off",
+        "on" if dist.world_size > 1 else "n/a (1 rank)",
+        run.n_steps,
+    )
+    if o.warmup_steps >= run.n_steps:
+        log.warning(
+            "optim.warmup_steps (%d) >= the run's %d steps: the run ends inside warm-up, at %.3g x "
+            "optim.lr, and the learning rate never decays",
+            o.warmup_steps,
+            run.n_steps,
+            run.n_steps / max(1, o.warmup_steps),
+        )
+
+
+class StepLog:
+    """Loss terms of the steps since the last flush, written as metrics (rank 0) one window at a time:
+    one host sync per window, not per step; samples/s is the window's average."""
+
+    def __init__(self, run: Run, metrics: MetricsWriter | None, bar: Any) -> None:
+        self.run, self.metrics, self.bar = run, metrics, bar
+        self.global_batch = run.cfg.train.batch_size * run.dist.world_size
+        # (step, loss terms, lr, logit scale, samples per mixture source)
+        self.pending: list[tuple[int, dict[str, torch.Tensor], float, torch.Tensor, dict[str, int]]] = []
+        self.window_start = time.perf_counter()
+        self.last_loss = float("nan")
+        self.total_time, self.timed_steps = 0.0, 0
+
+    def add(
+        self,
+        step: int,
+        terms: dict[str, torch.Tensor],
+        lr: float,
+        scale: torch.Tensor,
+        sources: dict[str, int],
+    ) -> None:
+        self.pending.append((step, terms, lr, scale, sources))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        run, pending = self.run, self.pending
+        elapsed = time.perf_counter() - self.window_start
+        self.total_time, self.timed_steps = self.total_time + elapsed, self.timed_steps + len(pending)
+        sps = self.global_batch * len(pending) / elapsed
+        mem = _memory_gb(run.device)
+        names = list(pending[0][1])
+        terms = torch.stack([torch.stack([t[k].float() for k in names]) for _, t, _, _, _ in pending])
+        if run.dist.world_size > 1:
+            # Each rank's terms cover its own samples (local loss, distillation): the run's loss is their mean.
+            torch.distributed.all_reduce(terms)
+            terms /= run.dist.world_size
+        for (step, _, lr, scale, sources), values in zip(pending, terms.tolist()):
+            self.last_loss = sum(values)
+            rec = {
+                "step": step,
+                "loss": self.last_loss,
+                "lr": lr,
+                "logit_scale": float(scale),
+                "samples_per_s": sps,
+                "mem_gb": mem,
+                **(dict(zip(names, values)) if len(names) > 1 else {}),
+                **sources,
+            }
+            if self.metrics is not None:
+                self.metrics.write(rec)
+        if self.metrics is not None:
+            self.metrics.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{self.last_loss:.4f}", lr=f"{pending[-1][2]:.2e}", sps=f"{sps:.0f}", refresh=False
+            )
+            self.bar.update(len(pending))
+        pending.clear()
+        self.window_start = time.perf_counter()
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.global_batch * self.timed_steps / self.total_time if self.total_time > 0 else float("nan")
+
+
+def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> TrainResult:
+    r = cfg.train
+    run = build_run(cfg, dist, device)
+    if problem := micro_batch_problem(run.net, r.micro_batch, r.batch_size):
+        raise ValueError(f"train.micro_batch: {problem}")
+    if resume:
+        resume_run(run)
+    train_model: torch.nn.Module = run.net
     if dist.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        train_model = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=ids)
     if r.compile:
         train_model = torch.compile(train_model)
     # Local loss is exact (train/losses.py), so it is always on: memory per rank linear in the global batch.
     objective = TrainingObjective(
         build_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.beta, local_loss=True),
         margin=HardNegativeMarginLoss(cfg.loss.hnml) if cfg.loss.hnml else None,
-        distill=ConceptDistillationLoss(cfg.distill.loss) if student is not None and cfg.distill else None,
+        distill=ConceptDistillationLoss(cfg.distill.loss)
+        if run.student is not None and cfg.distill
+        else None,
         distill_weight=cfg.distill.weight if cfg.distill else 0.0,
     )
+    mixture = MixtureLog(run.sources) if len(run.sources) > 1 else None  # samples per source, per step
+    batches = _batches(run)
 
-    stream: ShardStream
-    if hard_stream is not None:
-        hard_stream.start_step = start_step  # known only now that the checkpoint is loaded
-        stream = hard_stream
-    else:
-        stream = ShardStream(
-            sources,
-            r.batch_size,
-            built.preprocess_train,
-            built.tokenizer,
-            seed=r.seed,
-            rank=dist.rank,
-            world_size=dist.world_size,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            start_step=start_step,
-            concept_vocabulary_size=vocabulary_size,
-            resampled=cfg.data.resampled,
-        )
-    mixture = MixtureLog(sources) if len(sources) > 1 else None  # samples per source, logged per step
-    batches: Iterator[dict[str, Any]] = iter(
-        make_loader(stream, cfg.data.workers, pin_memory=device.type == "cuda")
-    )
-    # Creating the loader iterator draws from the RNG; restore afterwards so resume matches exactly.
-    if rng_state is not None:
-        _set_rng_state(rng_state)
-    if start_step < n_steps:
-        # The loop's first draw, taken now (nothing between here and the loop uses the RNG), so a
-        # shard that cannot be read fails the start, before anything is written.
-        batches = itertools.chain([next(batches)], batches)
-
+    out_dir = run.ckpts.work_dir  # metrics and TensorBoard: output_dir, or a local folder for a URL
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    metrics = MetricsWriter(out_dir, start_step) if dist.is_main else None
+        open_store(out_dir).put_json("config.json", cfg.to_dict())
+    metrics = MetricsWriter(out_dir, run.start_step) if dist.is_main else None
     bar = None
     if dist.is_main and r.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-
-    global_batch = r.batch_size * dist.world_size
+        bar = tqdm(total=run.n_steps, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True)
     if dist.is_main:
-        log.info(
-            "device %s, world size %d, precision %s, compile %s, grad_checkpointing %s, grad_clip_norm %s, "
-            "contrastive batch %d (%d per rank, micro-batch %s), local loss %s, %d steps",
-            device,
-            dist.world_size,
-            precision,
-            r.compile,
-            r.grad_checkpointing,
-            o.grad_clip_norm,
-            global_batch,
-            r.batch_size,
-            r.micro_batch or "off",
-            "on" if dist.world_size > 1 else "n/a (1 rank)",
-            n_steps,
-        )
-        if o.warmup_steps >= n_steps:
-            log.warning(
-                "optim.warmup_steps (%d) >= the run's %d steps: the run ends inside warm-up, at %.3g x "
-                "optim.lr, and the learning rate never decays",
-                o.warmup_steps,
-                n_steps,
-                n_steps / max(1, o.warmup_steps),
-            )
-    source_samples: dict[int, dict[str, int]] = {}  # step -> samples per mixture source (data.sources)
-    # (step, loss terms, lr, logit scale)
-    pending: list[tuple[int, dict[str, torch.Tensor], float, torch.Tensor]] = []
-    window_start, last_loss, checkpoint, total_time, timed_steps = (
-        time.perf_counter(),
-        float("nan"),
-        None,
-        0.0,
-        0,
-    )
-    model.train()
-
-    def flush() -> None:
-        # One host sync per window, not per step; samples/s is the window's average.
-        nonlocal window_start, last_loss, total_time, timed_steps
-        if not pending:
-            return
-        now = time.perf_counter()
-        elapsed = now - window_start
-        total_time, timed_steps = total_time + elapsed, timed_steps + len(pending)
-        sps = global_batch * len(pending) / elapsed
-        mem = _memory_gb(device)
-        names = list(pending[0][1])
-        terms = torch.stack([torch.stack([t[k].float() for k in names]) for _, t, _, _ in pending])
-        if dist.world_size > 1:
-            # Each rank's terms cover its own samples (local loss, distillation): the run's loss is their mean.
-            torch.distributed.all_reduce(terms)
-            terms /= dist.world_size
-        for (step, _, lr, scale), values in zip(pending, terms.tolist()):
-            last_loss = sum(values)
-            rec = {
-                "step": step,
-                "loss": last_loss,
-                "lr": lr,
-                "logit_scale": float(scale),
-                "samples_per_s": sps,
-                "mem_gb": mem,
-                **(dict(zip(names, values)) if len(names) > 1 else {}),
-                **source_samples.pop(step, {}),
-            }
-            if metrics is not None:
-                metrics.write(rec)
-        if metrics is not None:
-            metrics.flush()
-        if bar is not None:
-            bar.set_postfix(
-                loss=f"{last_loss:.4f}", lr=f"{pending[-1][2]:.2e}", sps=f"{sps:.0f}", refresh=False
-            )
-            bar.update(len(pending))
-        pending.clear()
-        window_start = time.perf_counter()
-
-    for step in range(start_step + 1, n_steps + 1):  # steps are 1-based: "step N" = N updates done
+        _log_start(run)
+    steps = StepLog(run, metrics, bar)
+    checkpoint = None
+    run.model.train()
+    for step in range(run.start_step + 1, run.n_steps + 1):  # 1-based: "step N" = N updates done
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items() if torch.is_tensor(v)}
-        lr = optimizer.param_groups[0]["lr"]
-        terms = forward_backward(train_model, objective, batch, r.micro_batch, precision, scaler)
-        if mixture is not None:  # samples per source in this step's batch, for its metrics record
-            source_samples[step] = {f"source_{k}_samples": n for k, n in enumerate(mixture.add(batch))}
-        if o.grad_clip_norm is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        with torch.no_grad():  # CLIP's clamp: temperature no lower than 1/100
-            model.logit_scale.clamp_(0, math.log(100))
-        pending.append((step, terms, lr, model.logit_scale.detach().exp()))
-
-        if r.log_every == 0 or step % r.log_every == 0 or step == n_steps:
-            flush()
-        if step == n_steps or (r.checkpoint_every and step % r.checkpoint_every == 0):
-            flush()
+        lr = run.optimizer.param_groups[0]["lr"]
+        terms = train_step(run, train_model, objective, batch)
+        # samples per source in this step's batch (data.sources), for its metrics record
+        sources = {f"source_{k}_samples": n for k, n in enumerate(mixture.add(batch))} if mixture else {}
+        steps.add(step, terms, lr, run.model.logit_scale.detach().exp(), sources)
+        if r.log_every == 0 or step % r.log_every == 0 or step == run.n_steps:
+            steps.flush()
+        if step == run.n_steps or (r.checkpoint_every and step % r.checkpoint_every == 0):
+            steps.flush()
             if dist.is_main:
-                checkpoint = ckpts.save(
-                    step,
-                    {
-                        "step": step,
-                        "model_name": built.name,
-                        "state_dict": model.state_dict(),  # unwrapped: loads in open_clip as is
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng": _rng_state(),
-                        "world_size": dist.world_size,
-                        "workers": cfg.data.workers,
-                        "config": cfg.to_dict(),
-                        # Beside the model, never inside state_dict: the file still loads in open_clip.
-                        **(
-                            {"concept_head": student.head.state_dict(), "concept_vocabulary": vocabulary}
-                            if student is not None
-                            else {}
-                        ),
-                    },
-                )
+                checkpoint = run.ckpts.save(step, checkpoint_payload(run, step))
                 if r.keep_checkpoints:
-                    ckpts.prune(r.keep_checkpoints)
+                    run.ckpts.prune(r.keep_checkpoints)
             if dist.world_size > 1:
                 torch.distributed.barrier()
 
-    flush()
+    steps.flush()
     if bar is not None:
         bar.close()
     if mixture is not None and dist.is_main:
         log.info("%s (rank 0's batches, this process)", mixture.summary())
     if metrics is not None:
         metrics.close()
-        ckpts.sync()  # a URL output_dir: the final metrics and TensorBoard files, not only a temp folder
-    if checkpoint is None:
-        checkpoint = ckpts.latest()
-    sps = global_batch * timed_steps / total_time if total_time > 0 else float("nan")
+        run.ckpts.sync()  # a URL output_dir: the final metrics and TensorBoard files, not only a temp folder
     return TrainResult(
-        steps=n_steps, final_loss=last_loss, samples_per_s=sps, checkpoint=checkpoint, output_dir=out_dir
+        steps=run.n_steps,
+        final_loss=steps.last_loss,
+        samples_per_s=steps.samples_per_s,
+        checkpoint=checkpoint if checkpoint is not None else run.ckpts.latest(),
+        output_dir=out_dir,
     )

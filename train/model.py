@@ -42,3 +42,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         exclude = p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
         (no_decay if exclude else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def micro_batch_problem(model: torch.nn.Module, micro_batch: int | None, batch_size: int) -> str | None:
+    """Why `train.micro_batch` cannot split this model's steps exactly (None: it can).
+
+    GradCache is exact when a forward pass treats samples independently. A BatchNorm layer that
+    trains does not: each micro-batch is normalised by its own statistics, not the batch's, and the
+    running statistics move on both passes. Refused rather than approximated. Looked at in training
+    mode (`model.train()`), where a locked tower's layers stay in evaluation mode.
+    """
+    if micro_batch is None or micro_batch >= batch_size:
+        return None
+    was_training = model.training
+    model.train()
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    model.train(was_training)
+    if not names:
+        return None
+    return (
+        f"the model has {len(names)} BatchNorm layer(s) that train (e.g. {names[0]}): micro-batches would "
+        "be normalised by their own statistics and update the running ones twice, so the step would not "
+        "be the batch's; set train.micro_batch: null, or freeze the tower (model.lock_image: true)"
+    )

@@ -551,7 +551,13 @@ def plot_curves(result: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"few-shot probes on {result['task']} ({result['draws']} draws, mean ± std)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    import io
+
+    from curation.core.storage import open_store
+
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    open_store(Path(path).parent).put_bytes(Path(path).name, buf.getvalue())
     return path

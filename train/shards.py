@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from curation.core.shards import CAPTION, META, ShardWriter
+from curation.core.shards import CAPTION, META, TarWriter
 
 
 @dataclass
@@ -35,7 +35,7 @@ def write_shards(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ext = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}[image_format.lower()]
-    with ShardWriter(out, samples_per_shard, mtime=0) as writer:  # mtime 0: reproducible bytes
+    with TarWriter(out, samples_per_shard, mtime=0) as writer:  # mtime 0: reproducible bytes
         for s in samples:
             buf = io.BytesIO()
             s.image.save(buf, format="PNG" if ext == "png" else "JPEG", quality=95)

@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_compact(args: argparse.Namespace) -> int:
     from curation.compact import CompactError, compact
+    from curation.core.outputs import RunLocked
     from curation.core.storage import StorageError
-    from curation.manifest import RunLocked
 
     try:
         r = compact(

@@ -46,9 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_decontaminate(args: argparse.Namespace) -> int:
+    from curation.core.outputs import RunLocked
     from curation.core.params import param_problems
     from curation.decontaminate import DecontaminateError, DecontaminateParams, run_decontaminate
-    from curation.manifest import RunLocked
 
     params = DecontaminateParams(
         radius=args.radius,

@@ -61,9 +61,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         return fail(f"--kinds: unknown kind(s) {unknown or kinds}; choose from {', '.join(KINDS)}")
+    from curation.core.outputs import RunLocked
     from curation.core.params import param_problems
     from curation.dedup import DedupError, DedupParams, run_dedup
-    from curation.manifest import RunLocked
 
     params = DedupParams(args.radius, args.eps, args.clusters, args.iterations, args.seed, kinds)
     if problems := param_problems(params):  # the ranges declared on DedupParams

@@ -178,22 +178,20 @@ def _is_training_config(path: str) -> bool:
 
 def _validate_training(args: argparse.Namespace) -> int:
     """A dry run of `curate train`: the config, its shards and sample counts, model and weights."""
-    from curation.core.params import ConfigError
-    from train.config import dry_run_problems, load_train_config
+    from train.validation import load_checked_train_config
 
-    cfg = load_train_config(args.config)
-    problems = dry_run_problems(cfg)
-    if problems:
-        raise ConfigError(problems, args.config)
+    cfg = load_checked_train_config(args.config)
     print(printable(f"{args.config}: ok (training config: model {cfg.model.name}, shards {cfg.data.shards})"))
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from curation.config import ConfigError
+    from curation.core.cluster import RunnerError
+    from curation.core.outputs import RunLocked
+    from curation.core.storage import StoreUnavailable
     from curation.engine import execute
-    from curation.engine.errors import RunnerError, StoreUnavailable
-    from curation.manifest import RunConflict, RunLocked
+    from curation.manifest import RunConflict
 
     try:
         cfg = _load(args)

@@ -167,18 +167,19 @@ def _message(e: BaseException) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from train.config import ConfigError, load_train_config, parse_overrides
+    from train.config import ConfigError, parse_overrides
+    from train.validation import load_checked_train_config
 
     _setup_logging()
     try:
-        cfg = load_train_config(args.config, overrides=parse_overrides(args.overrides))
+        cfg = load_checked_train_config(args.config, overrides=parse_overrides(args.overrides))
     except ConfigError as e:
         return fail_config(e)
-    from train.data import check_shards, expand_shards
+    from train.data import all_shards, check_shards, data_sources
     from train.loop import train
 
     try:
-        check_shards(expand_shards(cfg.data.shards))
+        check_shards(all_shards(data_sources(cfg.data)))
         result = train(cfg, resume=args.resume)
     except USAGE_ERRORS as e:
         return fail(_message(e))
@@ -269,9 +270,10 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(text)
     if json_out:
+        from curation.core.storage import open_store
+
         path = Path(json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        open_store(path.parent).put_bytes(path.name, (text + "\n").encode())
         if "few_shot" in results:
             from train import probe
 
@@ -408,12 +410,12 @@ def register_mine(subparsers: argparse._SubParsersAction) -> None:
 
 def run_mine(args: argparse.Namespace) -> int:
     from curation.config import ConfigError
-    from curation.engine.errors import RunnerError
-    from curation.manifest import RunLocked
+    from curation.core.cluster import RunnerError
+    from curation.core.outputs import RunLocked
     from train.config import parse_overrides
-    from train.mining.config import parse_mine_config
     from train.mining.run import mine
     from train.mining.store import MineConflict
+    from train.validation import parse_checked_mine_config
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
@@ -425,11 +427,11 @@ def run_mine(args: argparse.Namespace) -> int:
             text, source = Path(args.config).read_text(), args.config
         else:
             text, source = "{}", "<flags>"
-        cfg = parse_mine_config(text, source=source, overrides=overrides)
+        cfg = parse_checked_mine_config(text, source=source, overrides=overrides)
     except ConfigError as e:
         return fail_config(e)
     try:
-        result = mine(cfg, progress=not args.no_progress)
+        result = mine(cfg, say=(lambda m: None) if args.no_progress else note)
     except RunLocked:
         return fail(f"another process is writing to {cfg.output}")
     except (MineConflict, RunnerError, *USAGE_ERRORS) as e:

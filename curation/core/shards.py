@@ -65,6 +65,9 @@ class TarSample:
     # None: usable. Else why not (TOO_LARGE, DUPLICATE_KEY), with `detail`; `members` may then be partial.
     status: str | None = None
     detail: str | None = None
+    # extension -> (data offset, size) of every member, read or not: positions in the file for a plain
+    # (uncompressed) tar, so that a member can be read back later with one positioned or ranged read
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def refuse(self, status: str, detail: str) -> None:
         if self.status is None:
@@ -91,11 +94,12 @@ def normalise_key(key: str) -> str:
     return parts[0] if parts else key
 
 
-def _tar_mode(f: Any) -> str:
+def _tar_mode(f: Any, plain: bool = False) -> str:
+    compression = "" if plain else "*"
     try:
-        return "r:*" if f.seekable() else "r|*"
+        return f"r:{compression}" if f.seekable() else f"r|{compression}"
     except (AttributeError, OSError):
-        return "r|*"
+        return f"r|{compression}"
 
 
 def _open(source: str | IO[bytes]) -> Any:
@@ -122,19 +126,21 @@ def read_samples(
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     read: Callable[[str, str], bool] | None = None,
     refuse_keys: Collection[str] = (),
+    plain: bool = False,
 ) -> Iterator[TarSample]:
     """Samples of a tar (plain, gzip, bz2, xz; a path, fsspec URL or binary file), in tar order.
 
     `read(key, extension)` says which members to read (default: all); the others are
     skipped by their headers (on a seekable file their data is not read).
     `refuse_keys` (see `repeated_keys`) marks samples as duplicates up front.
+    `plain` refuses a compressed tar (the members' `offsets` are then positions in the file).
     Raises ShardError for a file that is not a readable tar.
     """
     seen: set[str] = set()
     sample: TarSample | None = None
     where = str(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "tar")
     try:
-        with _open(source) as fh, tarfile.open(fileobj=fh, mode=_tar_mode(fh)) as tar:
+        with _open(source) as fh, tarfile.open(fileobj=fh, mode=_tar_mode(fh, plain)) as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -151,6 +157,7 @@ def read_samples(
                     seen.add(key)
                 elif ext in sample.members:
                     sample.refuse(DUPLICATE_KEY, f"member {info.name!r} appears twice in sample {key!r}")
+                sample.offsets[ext] = (info.offset_data, info.size)
                 if info.size > max_member_bytes:
                     sample.refuse(
                         TOO_LARGE,
@@ -183,7 +190,7 @@ def count_samples(source: str | IO[bytes]) -> int:
 # ---------------------------------------------------------------------------- writing
 
 
-class ShardWriter:
+class TarWriter:
     """Numbered tars (00000.tar, ...) of at most `shard_size` samples each, into `folder`.
 
     `folder` is a local directory, a URL (s3://bucket/prefix, ...) or a `Store`. A
@@ -247,7 +254,7 @@ class ShardWriter:
         self._finish()
         write_sizes(self.store, self.sizes)
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> TarWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:

@@ -73,6 +73,11 @@ class StorageError(Exception):
     """A store that cannot be used (credentials, bucket, endpoint); one line, no secrets."""
 
 
+class StoreUnavailable(Exception):
+    """The output's store failed several shards of a run in a row: the run stops instead of failing
+    every shard left (each after its retry budget). Committed shards are kept; the same command resumes."""
+
+
 class LockHeld(Exception):
     """Another live process holds the lock."""
 

@@ -1,9 +1,26 @@
-"""Word tokens: the one definition text spotting's caption overlap and the report's highlighting share."""
+"""Caption text: the one cleaning (caption stages, exact dedup) and the one word tokenizer (text
+spotting's caption overlap, the report's highlighting)."""
 
 from __future__ import annotations
 
+import html
 import re
+import unicodedata
 from collections.abc import Iterator
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]")
+_SPACE = re.compile(r"\s+")
+
+
+def clean_caption(text: str | None) -> str:
+    """Text as a human reads it: HTML entities decoded, control characters and runs of space removed."""
+    if not text:
+        return ""
+    text = html.unescape(text)
+    text = _CONTROL.sub(" ", text)
+    text = unicodedata.normalize("NFC", text)
+    return _SPACE.sub(" ", text).strip()
+
 
 _WORD = re.compile(r"[^\W_]+")  # maximal runs of Unicode letters/digits ('_' and '-' split)
 

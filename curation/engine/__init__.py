@@ -20,10 +20,9 @@ __all__ = ["RunSummary", "execute"]
 
 def execute(config: Config, *, limit: int | None = None) -> RunSummary:
     from curation.pipeline import Pipeline
-    from curation.stages import model_fingerprints
 
     pipeline = Pipeline(config)
-    fingerprint, config_hash = config.run_fingerprint(model_fingerprints(pipeline.stages))
+    fingerprint, config_hash = config.run_fingerprint(pipeline.stages)
     run = RunDir(config.output, config.storage_options)
     run.store.check()  # wrong credentials, a missing bucket: one line, before any work
     with run.lock():

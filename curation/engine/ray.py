@@ -40,8 +40,6 @@ Failures:
 from __future__ import annotations
 
 import json
-import logging
-import os
 import socket
 import sys
 import time
@@ -54,7 +52,7 @@ from typing import Any
 import pyarrow as pa
 
 from curation.config import Config, RunnerConfig
-from curation.engine.errors import RunnerError
+from curation.core.cluster import RunnerError, connect
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.engine.task import ShardOutcome, ShardTask, account
@@ -66,7 +64,6 @@ from curation.stages import Stage, build_stages
 # crashes its worker every time (a segfault in a native decoder) ends up
 # failed instead of looping forever; the actor itself restarts without limit.
 MAX_TASK_RETRIES = 3
-CONNECT_TIMEOUT_S = 5.0
 
 # The rows that flow between the pools and back to the driver: one per shard.
 ROW_SCHEMA = pa.schema(
@@ -190,86 +187,6 @@ def _account_row(
     result = ShardResult(**json.loads(row["result"])) if row["result"] is not None else None
     outcome = ShardOutcome(shard.index, result=result, error=None if result else row["error"])
     account(summary, outcome, progress, folder, rows_shown=False)
-
-
-def connect(address: str | None, workers: int | str | None = None) -> bool:
-    """Start or join Ray, for every command that uses it (`run`, `mine`); True when this call did it
-    (and the caller must shut it down).
-
-    `address` None starts a fresh local instance with `workers` CPUs (an int; "auto" or None: all
-    of them) and never joins a running one. An existing connection in this process (a notebook,
-    the benchmark) is reused as is.
-    """
-    if address is None and "ray" not in sys.modules:
-        _import_ray_with_loopback_node_address()
-    import ray
-
-    if ray.is_initialized():
-        return False
-    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-    if address is None:
-        # "local", not None: ray.init() would silently join a cluster found via
-        # RAY_ADDRESS or /tmp/ray, and the caller promises a fresh local instance.
-        num_cpus = workers if isinstance(workers, int) else None
-        # Not the user's concern on a local instance: Ray's notice that token auth is on.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        try:
-            ray.init(address="local", num_cpus=num_cpus, **quiet)
-        except Exception as e:
-            raise RunnerError(f"could not start a local Ray instance: {type(e).__name__}: {e}") from e
-        return True
-    check_reachable(address)
-    try:
-        ray.init(address=address, **quiet)
-    except Exception as e:  # ConnectionError, AuthenticationError, version mismatch ...
-        raise RunnerError(f"could not join the Ray cluster at runner.address={address!r}: {e}") from e
-    return True
-
-
-# Ray's switch for "the node's address is loopback" (its default on macOS and Windows).
-_LOOPBACK_NODE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def _import_ray_with_loopback_node_address() -> None:
-    """Import Ray so that a local instance gets 127.0.0.1 as its node address.
-
-    On Linux Ray finds a node's address by routing a UDP socket towards 8.8.8.8:53; on a machine
-    with no route there (offline, or a network namespace) it prints a warning about that on every
-    start and falls back to the host name. A local instance is only ever reached from this machine,
-    so loopback is its right address and the probe is not the user's concern. Ray reads the switch
-    once, when it is first imported, hence only a first import gets it (a process that imported
-    Ray before keeps Ray's default), and the variable is restored so that child processes and
-    later commands see the user's environment. A value the user set wins.
-    """
-    previous = os.environ.get(_LOOPBACK_NODE_SWITCH)
-    os.environ.setdefault(_LOOPBACK_NODE_SWITCH, "0")
-    try:
-        import ray  # noqa: F401
-    finally:
-        if previous is None:
-            del os.environ[_LOOPBACK_NODE_SWITCH]
-
-
-def check_reachable(address: str) -> None:
-    """A TCP connect with a short timeout: an unreachable address fails in seconds, with its name."""
-    if address in ("auto", "local"):
-        return  # resolved by ray.init from RAY_ADDRESS or /tmp/ray; it fails fast itself
-    hostport = address.split("://", 1)[1] if "://" in address else address
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        raise RunnerError(
-            f"runner.address={address!r} is not an address: use 'auto', 'HOST:PORT' (the head's GCS, "
-            "6379 by default) or 'ray://HOST:10001' (Ray Client)"
-        )
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise RunnerError(
-            f"cannot reach the Ray cluster at runner.address={address!r} ({reason}); start it with "
-            "`ray start --head` on the head node, or remove runner.address to start a local instance"
-        ) from None
 
 
 def size_pools(groups: list[Group], runner: RunnerConfig, n_pending: int) -> list[int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from curation.engine.errors import StoreUnavailable
+from curation.core.storage import StoreUnavailable
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.manifest import LedgerFolder, RunDir, ShardResult

@@ -8,7 +8,7 @@ manifest names (see `carried_name`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,17 +17,6 @@ import pyarrow as pa
 
 from curation.config import InputConfig
 from curation.schema import DECISION_COLUMNS, ID_COLUMNS, make_uids
-from curation.stages import manifest_columns
-
-
-def carried_name(input_column: str) -> str:
-    """Name under which an input column is carried into the manifest.
-
-    DuckDB resolves identifiers case-insensitively, so an input column that
-    collides with one of ours in any case is prefixed rather than shadowed.
-    """
-    ours = (*ID_COLUMNS, *manifest_columns(), *DECISION_COLUMNS)
-    return f"input_{input_column}" if input_column.lower() in {c.lower() for c in ours} else input_column
 
 
 @dataclass(frozen=True)
@@ -53,8 +42,19 @@ Problem = tuple[tuple, str]
 
 
 class Source(ABC):
-    def __init__(self, cfg: InputConfig) -> None:
+    def __init__(self, cfg: InputConfig, stage_columns: Collection[str]) -> None:
+        """`stage_columns`: every column a stage may add (`curation.stages.manifest_columns()`),
+        passed in so that a reader loads no stage module."""
         self.cfg = cfg
+        self._ours = {c.lower() for c in (*ID_COLUMNS, *stage_columns, *DECISION_COLUMNS)}
+
+    def carried_name(self, input_column: str) -> str:
+        """Name under which an input column is carried into the manifest.
+
+        DuckDB resolves identifiers case-insensitively, so an input column that
+        collides with one of ours in any case is prefixed rather than shadowed.
+        """
+        return f"input_{input_column}" if input_column.lower() in self._ours else input_column
 
     def files(self) -> list[str]:
         return expand_paths(self.cfg.path)
@@ -104,8 +104,9 @@ def expand_paths(path: str | list[str]) -> list[str]:
 
 
 def normalise(
-    table: pa.Table, shard: int, url_column: str | None, caption_column: str, carried: list[str]
+    table: pa.Table, shard: int, url_column: str | None, caption_column: str, carried: Mapping[str, str]
 ) -> pa.Table:
+    """`carried`: input column -> its manifest name (`Source.carried_name`)."""
     n = table.num_rows
     url = table.column(url_column).cast(pa.string()) if url_column else pa.nulls(n, pa.string())
     caption = table.column(caption_column).cast(pa.string())
@@ -115,6 +116,6 @@ def normalise(
         "url": url,
         "caption": caption,
     }
-    for name in carried:
-        cols[carried_name(name)] = table.column(name)
+    for name, as_name in carried.items():
+        cols[as_name] = table.column(name)
     return pa.table(cols)

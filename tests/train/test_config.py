@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from train.config import ConfigError, parse_overrides, parse_train_config
+from train.validation import parse_checked_train_config
 
 GOOD = """\
 data:
@@ -51,8 +52,9 @@ def test_semantic_checks() -> None:
         parse_train_config(GOOD.replace("steps: 10", "steps: 10\n  epochs: 1"))
     with pytest.raises(ConfigError, match="missing or not a string"):
         parse_train_config("data: {shards: a.tar}\ntrain: {steps: 1}\n")
+    parse_train_config(GOOD + "model: {pretrained: laion2b_s34b_b79k}\n")  # the text is fine: the file is not
     with pytest.raises(ConfigError, match=r"model.pretrained.*nothing is downloaded"):
-        parse_train_config(GOOD + "model: {pretrained: laion2b_s34b_b79k}\n")
+        parse_checked_train_config(GOOD + "model: {pretrained: laion2b_s34b_b79k}\n")
     with pytest.raises(ConfigError, match="unknown key"):
         parse_train_config(GOOD + "optimizer: {}\n")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
@@ -81,3 +83,27 @@ train:
     assert "loss.alpha (line 6): must be >= 0, got -1" in errors
     assert "data.workers (line 3): must be >= 0, got -1" in errors
     assert len(errors) == 4
+
+
+def test_validate_and_train_check_the_world_in_one_function(fmnist_shards, make_config, tmp_path, capsys):
+    """`curate validate` and `curate train` both call train.validation.load_checked_train_config: the
+    same problems, worded the same; a mixture (data.sources) is checked source by source."""
+    from curation.cli import main
+
+    sources = [
+        {"shards": str(fmnist_shards / "{00000..00001}.tar"), "weight": 1},
+        {"shards": str(fmnist_shards / "{00002..00003}.tar"), "weight": 3},
+    ]
+    mixture = make_config(
+        tmp_path / "mix.yaml", fmnist_shards, tmp_path / "run", data={"shards": None, "sources": sources}
+    )
+    assert main(["validate", str(mixture)]) == 0
+    missing = {"name": "curate-tiny", "pretrained": str(tmp_path / "none.pt")}
+    cfg = make_config(tmp_path / "c.yaml", fmnist_shards, tmp_path / "run", model=missing)
+    lines = []
+    for command in ("validate", "train"):
+        assert main([command, str(cfg)]) == 2
+        err = capsys.readouterr().err
+        lines.append([ln for ln in err.splitlines() if "model.pretrained" in ln])
+    assert lines[0] == lines[1] and len(lines[0]) == 1 and "not a local file" in lines[0][0]
+    assert not (tmp_path / "run").exists()

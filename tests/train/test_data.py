@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.data import ShardStream, count_samples, expand_shards, make_loader
+from train.data import ShardStream, count_from_sizes, expand_shards, make_loader
 
 
 def test_layout_written_by_helper(fmnist_shards: Path) -> None:
@@ -26,7 +26,7 @@ def test_layout_written_by_helper(fmnist_shards: Path) -> None:
 def test_expand_and_count(fmnist_shards: Path) -> None:
     brace = expand_shards(str(fmnist_shards / "{00000..00003}.tar"))
     assert brace == expand_shards(str(fmnist_shards / "*.tar"))
-    assert len(brace) == 4 and count_samples(brace) == 512 and count_samples(brace[:1]) == 128
+    assert len(brace) == 4 and count_from_sizes(brace) == 512 and count_from_sizes(brace[:1]) == 128
     with pytest.raises(FileNotFoundError, match="no shards match"):
         expand_shards(str(fmnist_shards / "nope-*.tar"))
 

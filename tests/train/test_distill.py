@@ -15,6 +15,7 @@ from train.config import ConfigError, load_train_config, parse_train_config
 from train.data import ShardStream, concept_targets, expand_shards
 from train.loop import list_checkpoints, train
 from train.losses import ConceptDistillationLoss
+from train.validation import parse_checked_train_config
 
 
 def _cli(argv: list[str]) -> int:
@@ -231,7 +232,7 @@ def test_distill_config(tmp_path: Path, fmnist_shards, make_config, capsys) -> N
     joined = "\n".join(e.value.errors)
     assert "distill.loss (line 4): expected one of ['bce', 'kl']" in joined
     with pytest.raises(ConfigError) as e:
-        parse_train_config(base + "distill: {weight: -1, vocabulary: /nonexistent.txt}\n")
+        parse_checked_train_config(base + "distill: {weight: -1, vocabulary: /nonexistent.txt}\n")
     joined = "\n".join(e.value.errors)
     assert "distill.weight (line 4): must be >= 0" in joined and "not a file: '/nonexistent.txt'" in joined
 

@@ -200,3 +200,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
         ckpt = _checkpointing_grads(name, True, micro)
         for n, g in plain.items():
             assert torch.allclose(ckpt[n], g, rtol=1e-9, atol=1e-12), (name, micro, n)
+
+
+def test_micro_batches_with_batchnorm_that_trains_are_refused(fmnist_shards, make_config, tmp_path, capsys):
+    """GradCache is exact only when samples pass independently: a BatchNorm tower that trains is refused
+    by `curate validate` and `curate train` alike, before anything is written; a locked one is not."""
+    from curation.cli import main
+
+    run = tmp_path / "run"
+    lite0 = {"model": {"name": "curate-lite0"}, "train": {"micro_batch": 4}}
+    cfg = make_config(tmp_path / "c.yaml", fmnist_shards, run, **lite0)
+    for command in ("validate", "train"):
+        assert main([command, str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert "train.micro_batch" in err and "BatchNorm layer(s) that train" in err, err
+        assert "Traceback" not in err
+    assert not run.exists()
+    locked = {"model": {"name": "curate-lite0", "lock_image": True}, "train": {"micro_batch": 4}}
+    assert main(["validate", str(make_config(tmp_path / "l.yaml", fmnist_shards, run, **locked))]) == 0
+    # Micro-batches of the whole batch split nothing: accepted.
+    whole = {"model": {"name": "curate-lite0"}, "train": {"micro_batch": 16}}
+    assert main(["validate", str(make_config(tmp_path / "w.yaml", fmnist_shards, run, **whole))]) == 0

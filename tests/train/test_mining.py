@@ -283,27 +283,27 @@ def test_separate_image_teacher_and_text_model(fmnist_shards, checkpoint, tmp_pa
 
 def test_image_teacher_config_problems(tmp_path) -> None:
     from curation.config import ConfigError
-    from train.mining.config import parse_mine_config
+    from train.validation import parse_checked_mine_config
 
     base = f"data: {{shards: {tmp_path}/x.tar}}\noutput: {tmp_path}/out\n"
     with pytest.raises(ConfigError) as e:
-        parse_mine_config(base + "encoders: {image_teacher: efficientnet_lite0}\n")
+        parse_checked_mine_config(base + "encoders: {image_teacher: efficientnet_lite0}\n")
     assert "needed unless both image_teacher and text_model are given" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        parse_mine_config(
+        parse_checked_mine_config(
             base
             + "encoders: {image_teacher: timm, image_teacher_model: resnet18, text_model: all-MiniLM-L6-v2}\n"
         )
     assert "encoders.image_teacher" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        parse_mine_config(base + "encoders: {image_teacher: nope, text_model: all-MiniLM-L6-v2}\n")
+        parse_checked_mine_config(base + "encoders: {image_teacher: nope, text_model: all-MiniLM-L6-v2}\n")
     assert "unknown teacher 'nope'" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        parse_mine_config(
+        parse_checked_mine_config(
             base + f"encoders: {{image_teacher_checkpoint: {tmp_path}/t.pt, text_model: all-MiniLM-L6-v2}}\n"
         )
     assert "image_teacher_* keys are given but image_teacher is not" in str(e.value)
-    cfg = parse_mine_config(
+    cfg = parse_checked_mine_config(
         base + "encoders: {image_teacher: efficientnet_lite0, text_model: all-MiniLM-L6-v2}\n"
     )
     assert cfg.encoders.checkpoint is None

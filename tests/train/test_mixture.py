@@ -14,15 +14,18 @@ import pytest
 import torch
 
 from train.config import ConfigError, load_train_config, parse_train_config
-from train.data import MixtureLog, ShardStream, Source, data_sources, expand_shards, make_loader
+from train.data import DataSource, MixtureLog, ShardStream, data_sources, expand_shards, make_loader
 from train.hard_pairs import HardPairStream, TarIndex
 from train.loop import list_checkpoints, train
 
 
-def _sources(shards: Path, weights: tuple[float, float] = (1.0, 3.0)) -> list[Source]:
+def _sources(shards: Path, weights: tuple[float, float] = (1.0, 3.0)) -> list[DataSource]:
     """Source a: 3 shards (384 samples), source b: 1 shard (128): b up-weighted against its size."""
     a, b = f"{shards}/{{00000..00002}}.tar", f"{shards}/00003.tar"
-    return [Source(a, tuple(expand_shards(a)), weights[0]), Source(b, tuple(expand_shards(b)), weights[1])]
+    return [
+        DataSource(a, tuple(expand_shards(a)), weights[0]),
+        DataSource(b, tuple(expand_shards(b)), weights[1]),
+    ]
 
 
 def _uids_of(path: str) -> set[str]:
@@ -63,7 +66,7 @@ def test_delivered_shares_match_the_weights(fmnist_shards: Path, resampled: bool
 
 
 def test_resampled_draws_shards_with_replacement_and_permutations_do_not(fmnist_shards: Path) -> None:
-    one = [Source("all", tuple(expand_shards(f"{fmnist_shards}/*.tar")), 1.0)]
+    one = [DataSource("all", tuple(expand_shards(f"{fmnist_shards}/*.tar")), 1.0)]
 
     def shard_runs(stream: ShardStream, slot: int = 0, slots: int = 1) -> list[str]:
         """The shards read, in order (each holds 128 samples and is read whole)."""

@@ -1,15 +1,15 @@
-"""The `curate mine` configuration: YAML -> MineConfig, every problem reported with its key and line."""
+"""The `curate mine` configuration: YAML -> MineConfig, every problem reported with its key and line.
+
+What needs the world (checkpoint and model files, teachers, faiss) is checked by `train.validation`, in
+the same pass."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from curation.core.params import ConfigError, build, param, read_yaml_mapping
-from curation.core.storage import is_url
-from curation.models.encoders import MINILM
-from curation.models.files import open_clip_config_problem
+from curation.core.params import ConfigError, KeyPath, build, param, read_yaml_mapping
 
 
 @dataclass
@@ -81,9 +81,15 @@ _SECTIONS: dict[str, type] = {
 
 
 def parse_mine_config(
-    text: str, *, source: str = "<string>", overrides: dict[str, Any] | None = None
+    text: str,
+    *,
+    source: str = "<string>",
+    overrides: dict[str, Any] | None = None,
+    checks: Callable[[MineConfig], list[tuple[KeyPath, str]]] | None = None,
 ) -> MineConfig:
-    """YAML -> MineConfig; raises ConfigError listing every problem with its key and line."""
+    """YAML -> MineConfig; raises ConfigError listing every problem with its key and line.
+
+    `checks` (`train.validation.mine_problems`) adds the world's problems to the same pass."""
     doc = read_yaml_mapping(
         text or "{}", source, ("data", "output", "encoders", "mining", "runner"), overrides
     )
@@ -103,39 +109,19 @@ def parse_mine_config(
     ):
         raise ConfigError(errors, source)
     cfg = MineConfig(output=data["output"], source=source, **built)
-    e, m = cfg.encoders, cfg.mining
+    e = cfg.encoders
     if e.checkpoint is None and (e.image_teacher is None or e.text_model is None):
         err(
             ("encoders", "checkpoint"),
             "missing: the CLIP checkpoint whose towers embed the pairs (needed unless both "
             "image_teacher and text_model are given)",
         )
-    elif e.checkpoint is not None and not is_url(e.checkpoint) and not Path(e.checkpoint).is_file():
-        # A URL (a `curate train` output_dir on s3://) is read through the storage layer when mining starts.
-        err(("encoders", "checkpoint"), f"not a file: {e.checkpoint!r} (nothing is downloaded from a hub)")
-    if refused := open_clip_config_problem(e.model):
-        err(("encoders", "model"), refused)
-    if e.text_model is not None and e.text_model != MINILM and not Path(e.text_model).is_dir():
-        err(
-            ("encoders", "text_model"),
-            f"expected a sentence-transformers folder or {MINILM!r}, got {e.text_model!r}",
-        )
-    if e.image_teacher is not None:
-        from curation.models.teachers import check_teacher
-
-        for problem in check_teacher(
-            e.image_teacher, e.image_teacher_model, e.image_teacher_checkpoint, e.image_teacher_vocabulary
-        ):
-            err(("encoders", "image_teacher"), problem)
-    elif any(
+    if e.image_teacher is None and any(
         v is not None for v in (e.image_teacher_model, e.image_teacher_checkpoint, e.image_teacher_vocabulary)
     ):
         err(("encoders", "image_teacher"), "image_teacher_* keys are given but image_teacher is not")
-    if m.method == "faiss":
-        import importlib.util
-
-        if importlib.util.find_spec("faiss") is None:
-            err(("mining", "method"), "faiss is not installed (pip install faiss-cpu)")
+    for key, msg in checks(cfg) if checks else []:
+        err(key, msg)
     if errors:
         raise ConfigError(errors, source)
     return cfg

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curation.manifest import exclusive_lock_on
+from curation.core.outputs import exclusive_lock_on
 from curation.models.encoders import (
     ClipTowers,
     ImageEncoder,
@@ -84,8 +84,10 @@ def encoder_fingerprint(cfg: EncodersConfig) -> dict[str, Any]:
     return {"image": image, "text": text}
 
 
-def mine(cfg: MineConfig, progress: bool = True) -> MineResult:
-    """Embed the shards not embedded yet, then mine all of them and write hard_pairs.parquet."""
+def mine(cfg: MineConfig, *, say: Callable[[str], None] = lambda m: None) -> MineResult:
+    """Embed the shards not embedded yet, then mine all of them and write hard_pairs.parquet.
+
+    `say` gets one line per embedded shard (the CLI prints them), as `run_dedup`'s does."""
     from train.data import expand_shards
 
     shards = expand_shards(cfg.data.shards)
@@ -109,13 +111,11 @@ def mine(cfg: MineConfig, progress: bool = True) -> MineResult:
             image_enc, text_enc = build_encoders(cfg.encoders)
             for i, shard in enumerate(todo):
                 entry = embed_shard(mdir, shard, image_enc, text_enc, cfg.encoders.batch_size)
-                if progress:
-                    refused = f", refused {entry['refused']}" if entry["refused"] else ""
-                    print(
-                        f"embedded {entry['shard']}: {entry['rows']:,} pairs in {entry['seconds']:.1f}s "
-                        f"({i + 1}/{len(todo)}){refused}",
-                        file=sys.stderr,
-                    )
+                refused = f", refused {entry['refused']}" if entry["refused"] else ""
+                say(
+                    f"embedded {entry['shard']}: {entry['rows']:,} pairs in {entry['seconds']:.1f}s "
+                    f"({i + 1}/{len(todo)}){refused}"
+                )
         t_embed = time.perf_counter() - t0
         uids, image, text = load_embeddings(mdir, shards)
         if not uids:
@@ -167,7 +167,7 @@ def _search(cfg: MineConfig, image, text):
         return mine_hard_pairs(image, text, device=cfg.encoders.device, **kwargs)
     import ray
 
-    from curation.engine.ray import connect
+    from curation.core.cluster import connect
 
     started_here = connect(cfg.runner.address)  # null address: a fresh local instance, never a running one
     try:

@@ -41,6 +41,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from curation.core.devices import resolve_device
+
 __all__ = ["Method", "mine_hard_pairs", "mine_hard_pairs_ray"]
 
 Method = Literal["exact", "pool", "faiss"]
@@ -48,9 +50,7 @@ PAD = -1
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device(resolve_device("auto" if device is None else str(device)))
 
 
 def _check(image_emb: torch.Tensor, text_emb: torch.Tensor, k: int) -> None:
@@ -306,7 +306,7 @@ def mine_hard_pairs_ray(
     (`curation.engine.ray.connect` beforehand), else starts a local one. Results come back in query order.
     """
     _check(image_emb, text_emb, k)
-    from curation.engine.ray import connect
+    from curation.core.cluster import connect
 
     connect(None)  # a no-op when this process has joined one; never joins a running instance by itself
     import ray  # after connect(): it decides how Ray is first imported

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from curation.core.outputs import explain_conflict
 from curation.core.storage import Store, is_url, open_store, retrying
-from curation.manifest import explain_conflict
 from curation.models.encoders import ImageEncoder, TextEncoder
 
 RECORD = "mine.json"
