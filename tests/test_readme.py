@@ -90,3 +90,20 @@ def test_docs_link_only_to_files_the_repository_has():
         for f in (REPO / folder).rglob("*"):
             if f.suffix in (".py", ".md", ".yaml"):
                 assert "shared/METHODS.md" not in f.read_text(), f
+
+
+def test_no_tracked_file_holds_merge_conflict_markers():
+    """A merge left unresolved shows the reader two versions of one passage (docs/storage.md once did)."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    marker = re.compile(r"^(<{7} |={7}$|>{7} )", re.MULTILINE)
+    bad = []
+    for name in files.stdout.splitlines():
+        path = REPO / name
+        if path.suffix in {".parquet", ".png", ".jpg", ".tar", ".pt", ".ipynb"} or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        bad += [f"{name}:{text.count(chr(10), 0, m.start()) + 1}" for m in marker.finditer(text)]
+    assert not bad, f"merge-conflict markers: {bad}"
