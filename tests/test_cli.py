@@ -413,3 +413,77 @@ def test_a_finished_run_prints_the_whole_runs_totals(run):
     (line,) = proc.stdout.strip().splitlines()
     assert "0 shard(s) written, 2 already done" in line
     assert line.endswith(f"the run holds {len(CAPTIONS)} rows, {len(CAPTIONS)} kept (100.0%)")
+
+
+# ---------------------------------------------------------------------------- brace patterns in input.path
+
+
+def _tars(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        with tarfile.open(folder / f"{k:05d}.tar", "w") as tar:
+            for i, caption in enumerate(CAPTIONS[:2]):
+                for name, payload in (
+                    (f"{k}{i:03d}.jpg", jpeg(f"{k}{i}")),
+                    (f"{k}{i:03d}.txt", caption.encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def _brace_config(tmp_path: Path, fmt: str, path: str, out: str) -> Path:
+    cfg = tmp_path / f"{fmt}.yaml"
+    extra = ", caption_column: TEXT, url_column: URL" if fmt == "parquet" else ""
+    cfg.write_text(
+        f"""input: {{format: {fmt}, path: "{path}"{extra}}}
+output: {out}
+runner: {{type: local, workers: 1, progress: false}}
+stages:
+  - caption_complexity: {{min: 1}}
+"""
+    )
+    return cfg
+
+
+def test_brace_patterns_name_input_files_of_every_format_and_missing_ones_are_named(tmp_path, capsys):
+    _tars(tmp_path / "wds", 3)
+    pq_dir = tmp_path / "pq"
+    pq_dir.mkdir()
+    import pyarrow as pa
+
+    for k in range(3):
+        pq.write_table(
+            pa.table({"URL": [f"http://x/{k}.jpg"], "TEXT": [CAPTIONS[k]]}), pq_dir / f"{k:05d}.parquet"
+        )
+    for k in range(3):
+        (tmp_path / "folders" / f"f{k}").mkdir(parents=True)
+        (tmp_path / "folders" / f"f{k}" / "a.jpg").write_bytes(jpeg(str(k)))
+        (tmp_path / "folders" / f"f{k}" / "a.txt").write_text(CAPTIONS[k])
+    cases = {
+        "webdataset": (f"{tmp_path}/wds/{{00000..00003}}.tar", 6),
+        "parquet": (f"{tmp_path}/pq/{{00000..00003}}.parquet", 3),
+        "image_folder": (f"{tmp_path}/folders/f{{0..3}}", 3),
+    }
+    for fmt, (pattern, rows) in cases.items():
+        cfg = _brace_config(tmp_path, fmt, pattern, str(tmp_path / f"out-{fmt}"))
+        assert main(["validate", str(cfg)]) == 0, capsys.readouterr().err
+        what = "folders" if fmt == "image_folder" else "files"
+        assert f"3 of 4 {what} found (1 missing: " in capsys.readouterr().out
+        assert main(["run", str(cfg)]) == 0
+        assert f"3 of 4 {what} found" in capsys.readouterr().err
+        assert pq.read_table(tmp_path / f"out-{fmt}" / "manifests").num_rows == rows
+
+
+def test_brace_pattern_over_s3_input(tmp_path, bucket, s3, capsys):
+    _tars(tmp_path / "wds", 2)
+    client = s3.client()
+    for p in sorted((tmp_path / "wds").glob("*.tar")):
+        client.upload_file(str(p), bucket, f"in/{p.name}")
+    cfg = _brace_config(
+        tmp_path, "webdataset", f"s3://{bucket}/in/{{00000..00001}}.tar", str(tmp_path / "out")
+    )
+    assert main(["validate", str(cfg)]) == 0, capsys.readouterr().err
+    assert "webdataset input: 2 file(s)" in capsys.readouterr().out
+    assert main(["run", str(cfg)]) == 0
+    assert pq.read_table(tmp_path / "out" / "manifests").num_rows == 4

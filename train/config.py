@@ -293,23 +293,12 @@ def dry_run_problems(cfg: TrainConfig) -> list[str]:
     """What `curate train` would stop on before its first step, found without training: the shards and
     their sample counts, the model name, the pretrained weights (read weights-only). For `curate validate`."""
     from curation.models.clip import checkpoint_problems, resolve_model_name
-    from train.data import count_samples, expand_shards
+    from train.data import describe_sources
 
-    problems: list[tuple[tuple, str]] = []
-    try:
-        shards = expand_shards(cfg.data.shards)
-    except FileNotFoundError as e:
-        problems.append((("data", "shards"), str(e)))
-    else:
-        try:
-            counted = count_samples(shards, cfg.data.sizes)
-        except (FileNotFoundError, ValueError) as e:
-            problems.append((("data", "sizes"), str(e)))
-        else:
-            if cfg.train.epochs is not None and counted is None:
-                problems.append(
-                    (("train", "epochs"), "needs sample counts: put sizes.json beside the shards")
-                )
+    _, data_problems, uncounted = describe_sources(cfg.data)
+    problems: list[tuple[tuple, str]] = list(data_problems)
+    if cfg.train.epochs is not None and uncounted:
+        problems.append((("train", "epochs"), "needs sample counts: put sizes.json beside the shards"))
     try:
         resolve_model_name(cfg.model.name)
     except (ValueError, FileNotFoundError) as e:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from curation.cli.argtypes import at_least, workers
+from curation.cli.argtypes import at_least, key_value, workers
 from curation.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default: the config's)",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    _add_set(r)
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser(
@@ -65,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=at_least(1),
         help="check as `curate run --limit N` would",
     )
+    _add_set(v)
     v.set_defaults(func=cmd_validate)
 
     for name, help_, description in (
@@ -121,11 +123,23 @@ control characters in captions as escapes (\\x1b); csv and json keep the data ex
     q.set_defaults(func=cmd_query)
 
 
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="override a config key (YAML value), e.g. --set runner.address=null; repeatable",
+    )
+
+
 def _load(args: argparse.Namespace):
     """The config with the command line's overrides, checked against the world (every problem at once)."""
     from curation.validation import load_checked_config
 
-    overrides = {}
+    overrides = dict(getattr(args, "overrides", []))
     if getattr(args, "output", None):
         overrides["output"] = args.output
     if getattr(args, "runner", None):
@@ -147,8 +161,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return fail_config(e)
     stages = ", ".join(s.name for s in cfg.stages)
-    print(printable(f"{args.config}: ok ({cfg.input.format} input, stages: {stages}, output {cfg.output})"))
+    files = _input_files(cfg)
+    print(
+        printable(
+            f"{args.config}: ok ({cfg.input.format} input: {files}, stages: {stages}, output {cfg.output})"
+        )
+    )
     return EXIT_OK
+
+
+def _input_files(cfg) -> str:
+    """`3 file(s)`, or `6 of 10 files found (4 missing: ...)` where a brace pattern names files nobody wrote."""
+    from curation.core.patterns import missing_note
+    from curation.sources import make_source
+
+    source = make_source(cfg.input)
+    found, missing = source.files(), source.missing_files()
+    what = "folders" if cfg.input.format == "image_folder" else "files"
+    return missing_note(len(found), missing, what) if missing else f"{len(found)} {what[:-1]}(s)"
 
 
 def _is_training_config(path: str) -> bool:
@@ -166,12 +196,15 @@ def _validate_training(args: argparse.Namespace) -> int:
     """A dry run of `curate train`: the config, its shards and sample counts, model and weights."""
     from curation.core.params import ConfigError
     from train.config import dry_run_problems, load_train_config
+    from train.data import describe_sources
 
-    cfg = load_train_config(args.config)
+    cfg = load_train_config(args.config, overrides=dict(args.overrides))
     problems = dry_run_problems(cfg)
     if problems:
         raise ConfigError(problems, args.config)
-    print(printable(f"{args.config}: ok (training config: model {cfg.model.name}, shards {cfg.data.shards})"))
+    print(printable(f"{args.config}: ok (training config: model {cfg.model.name})"))
+    for line in describe_sources(cfg.data)[0]:
+        print(printable(f"  {line}"))
     return EXIT_OK
 
 
@@ -186,6 +219,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return fail_config(e)
     _say_models_load(cfg)
+    if "missing" in (files := _input_files(cfg)):
+        note(f"input.path: {files}; those are left out")
     try:
         summary = execute(cfg, limit=args.limit)
     except (RunConflict, RunLocked, RunnerError) as e:

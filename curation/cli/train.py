@@ -174,11 +174,11 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = load_train_config(args.config, overrides=parse_overrides(args.overrides))
     except ConfigError as e:
         return fail_config(e)
-    from train.data import check_shards, expand_shards
+    from train.data import all_shards, check_shards, data_sources
     from train.loop import train
 
     try:
-        check_shards(expand_shards(cfg.data.shards))
+        check_shards(all_shards(data_sources(cfg.data)))
         result = train(cfg, resume=args.resume)
     except USAGE_ERRORS as e:
         return fail(_message(e))

@@ -1,0 +1,53 @@
+"""Training features as a user runs them: through the `curate` command, not the library behind it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from curation.cli import main
+
+
+def _mixture(make_config, tmp_path: Path, shards: Path) -> Path:
+    cfg = make_config(tmp_path / "mix.yaml", shards, tmp_path / "out")
+    data = yaml.safe_load(cfg.read_text())
+    data["data"] = {
+        "sources": [
+            {"shards": f"{shards}/{{00000..00002}}.tar", "weight": 1},
+            {"shards": f"{shards}/00003.tar", "weight": 3},
+        ],
+        "workers": 0,
+    }
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
+def test_a_data_mixture_validates_and_trains_through_the_command(
+    fmnist_shards, make_config, tmp_path, capsys
+) -> None:
+    cfg = _mixture(make_config, tmp_path, fmnist_shards)
+    assert main(["validate", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"{fmnist_shards}/{{00000..00002}}.tar: 3 shard(s), 384 samples" in out
+    assert f"{fmnist_shards}/00003.tar: 1 shard(s), 128 samples" in out
+    assert main(["train", str(cfg)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["steps"] == 4
+
+
+def test_shards_a_brace_pattern_names_but_nobody_wrote_are_named(
+    fmnist_shards, make_config, tmp_path, capsys, caplog
+) -> None:
+    cfg = make_config(tmp_path / "c.yaml", fmnist_shards, tmp_path / "out")
+    data = yaml.safe_load(cfg.read_text())
+    data["data"]["shards"] = f"{fmnist_shards}/{{00000..00005}}.tar"  # 4 written
+    data["data"]["sizes"] = None
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(cfg), "--set", "train.steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 of 6 shards found (2 missing: " in out and "00004.tar" in out and "512 samples" in out
+    assert main(["train", str(cfg), "--set", "train.steps=1"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "4 of 6 shards found (2 missing" in r.getMessage()]
+    assert len(warned) == 1, warned  # said once, though two steps expand the pattern
