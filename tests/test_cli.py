@@ -487,3 +487,48 @@ def test_brace_pattern_over_s3_input(tmp_path, bucket, s3, capsys):
     assert "webdataset input: 2 file(s)" in capsys.readouterr().out
     assert main(["run", str(cfg)]) == 0
     assert pq.read_table(tmp_path / "out" / "manifests").num_rows == 4
+
+
+# ---------------------------------------------------------------------------- unexpected errors, Ctrl-C
+
+
+def test_an_unexpected_error_is_one_line_and_the_traceback_needs_curate_debug(run, monkeypatch, capsys):
+    from curation import query
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug nobody foresaw")
+
+    monkeypatch.setattr(query, "compute_status", broken)  # stands in for any bug in any command
+    assert main(["status", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "curate: error: unexpected RuntimeError: a bug nobody foresaw (set CURATE_DEBUG=1 for the traceback)\n"
+    )
+    monkeypatch.setenv("CURATE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="nobody foresaw"):
+        main(["status", str(run)])
+
+
+def test_ctrl_c_of_run_is_one_line_that_says_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    from tests.helpers import laion_10k, write_config
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", laion_10k(), out, rows_per_shard=500)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curation.cli", "run", str(cfg)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while not list((out / "ledger").glob("shard-*.json")):
+        assert proc.poll() is None and time.time() < deadline, "run finished before it could be interrupted"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "curate: interrupted: finished shards are kept; run the same command again to resume"
+    )

@@ -9,7 +9,6 @@ from pathlib import Path
 from curation.cli.argtypes import at_least, key_value, workers
 from curation.cli.common import (
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     Formatter,
     UsageError,
@@ -230,11 +229,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if problem is None:
             raise
         return fail(problem if e.filename else f"{cfg.output}: {e.strerror}")
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr
-        )
-        return EXIT_INTERRUPTED
     if summary.shards_skipped == summary.shards_total and not summary.failures:
         share = f" ({100 * summary.run_kept / summary.run_rows:.1f}%)" if summary.run_rows else ""
         print(

@@ -182,9 +182,6 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(cfg, resume=args.resume)
     except USAGE_ERRORS as e:
         return fail(_message(e))
-    except Exception:
-        logging.getLogger("train").exception("training failed")
-        return EXIT_FAILED
     if os.environ.get("RANK", "0") == "0":
         print(
             json.dumps(

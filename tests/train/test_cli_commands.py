@@ -51,3 +51,35 @@ def test_shards_a_brace_pattern_names_but_nobody_wrote_are_named(
     assert main(["train", str(cfg), "--set", "train.steps=1"]) == 0
     warned = [r.getMessage() for r in caplog.records if "4 of 6 shards found (2 missing" in r.getMessage()]
     assert len(warned) == 1, warned  # said once, though two steps expand the pattern
+
+
+def test_ctrl_c_of_train_is_one_line_that_says_how_to_resume(fmnist_shards, make_config, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO
+
+    cfg = make_config(tmp_path / "c.yaml", fmnist_shards, tmp_path / "out", train={"steps": 100000})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curation.cli", "train", str(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.stat().st_size):  # training has started
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "curate: interrupted: checkpoints are kept; resume with `curate train CONFIG --resume`"
+    )
