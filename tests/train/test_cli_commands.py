@@ -83,3 +83,57 @@ def test_ctrl_c_of_train_is_one_line_that_says_how_to_resume(fmnist_shards, make
     assert err.strip().splitlines()[-1] == (
         "curate: interrupted: checkpoints are kept; resume with `curate train CONFIG --resume`"
     )
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    import torch
+
+    from curation.models.clip import build_model
+
+    torch.manual_seed(0)
+    built = build_model("curate-tiny")
+    torch.save({"state_dict": built.model.state_dict(), "model_name": "curate-tiny"}, path)
+    return path
+
+
+def test_eval_templates_task_and_fashion_mnist_source_through_the_command(tmp_path, capsys) -> None:
+    ck = _tiny_checkpoint(tmp_path / "tiny.pt")
+    base = ["eval", "--checkpoint", str(ck), "--limit", "40", "--device", "cpu"]
+    results = {}
+    (tmp_path / "t.txt").write_text("a blurry photo of a {}.\nthe {}, upside down\n")
+    zero_shot = [*base, "--zero-shot", "fashion-mnist", "--fashion-mnist-source", "subset"]
+    for name, argv in (
+        ("default", zero_shot),
+        ("templates", ["eval", *zero_shot[1:], "--templates", str(tmp_path / "t.txt")]),
+    ):
+        assert main([*argv, "--json", str(tmp_path / f"{name}.json")]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())["zero_shot"]
+        capsys.readouterr()
+    assert results["default"]["n"] == results["templates"]["n"] == 40
+    # Other prompts give other class embeddings: the logits, and so the scores, move.
+    assert results["default"] != results["templates"]
+    assert main([*base, "--few-shot", "0,2", "--task", "fashion-mnist", "--draws", "1", "--seed", "3",
+                 "--json", str(tmp_path / "fs.json")]) == 0  # fmt: skip
+    assert "shots" in capsys.readouterr().out
+
+
+def test_mine_method_and_near_duplicate_through_the_command(fmnist_shards, tmp_path, capsys) -> None:
+    import pyarrow.parquet as pq
+
+    from train.mining.output import read_parameters
+
+    ck = _tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "m"
+    argv = [
+        "mine",
+        "--shards",
+        f"{fmnist_shards}/{{00000..00001}}.tar",
+        "--checkpoint",
+        str(ck),
+        "-o",
+        str(out),
+    ]
+    assert main([*argv, "--k", "4", "--method", "pool", "--near-duplicate", "0.9", "--no-progress"]) == 0
+    params = read_parameters(out / "hard_pairs.parquet")
+    assert params["near_duplicate"] == 0.9 and params["method"] == "pool"
+    assert pq.read_table(out / "hard_pairs.parquet").num_rows == 256
