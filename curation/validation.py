@@ -66,6 +66,11 @@ def check_config(config: Config, *, limit: int | None = None) -> list[Problem]:
     stages = build_stages(config, checked=False)
     if config.runner.type == "local":
         problems += _check_local_gpus(config, stages)
+    else:  # a cluster nobody can join is found now, not after the run's first files are written
+        from curation.engine.ray import address_problem
+
+        if problem := address_problem(config.runner.address):
+            problems.append((("runner", "address"), problem))
     stage_problems: list[Problem] = []
     for spec, stage in zip(config.stages, stages):
         missing = [m for m in stage.packages if importlib.util.find_spec(m) is None]

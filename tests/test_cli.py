@@ -532,3 +532,29 @@ def test_ctrl_c_of_run_is_one_line_that_says_how_to_resume(tmp_path):
     assert err.strip().splitlines()[-1] == (
         "curate: interrupted: finished shards are kept; run the same command again to resume"
     )
+
+
+# ---------------------------------------------------------------------------- the Ray runner's address
+
+
+def test_validate_checks_the_runner_address_and_run_writes_nothing_before_joining(
+    tmp_path, monkeypatch, capsys
+):
+    from tests.helpers import LAION_1K, write_config
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no cluster started on this machine, as far as Ray sees
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, out)
+    cfg.write_text(cfg.read_text().replace("runner: {type: local,", "runner: {type: ray, address: auto,"))
+    assert main(["validate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "runner.address" in err and "none runs on this machine" in err and "runner.address=null" in err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again at once: nothing listens there
+    for argv in (["validate", str(cfg)], ["run", str(cfg), "--limit", "10"]):
+        assert main([*argv, "--set", f"runner.address=127.0.0.1:{port}"]) == 2
+        assert "cannot reach the Ray cluster" in capsys.readouterr().err
+    assert not out.exists() or not any(out.rglob("*"))  # no run.json, no lock: nothing before the join
+    assert main(["validate", str(cfg), "--set", "runner.address=null"]) == 0
