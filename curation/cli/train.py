@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import pickle
 import sys
@@ -178,22 +179,52 @@ def run_train(args: argparse.Namespace) -> int:
     from train.loop import train
 
     try:
-        check_shards(all_shards(data_sources(cfg.data)))
+        sources = data_sources(cfg.data)
+        check_shards(all_shards(sources))
+        if args.resume and (finished := _finished_run(cfg, sources)) is not None:
+            step, n_steps, checkpoint = finished
+            note(f"already at step {step} of {n_steps}: nothing to train (raise train.steps to continue)")
+            _print_result(step, None, None, checkpoint)
+            return EXIT_OK
         result = train(cfg, resume=args.resume)
     except USAGE_ERRORS as e:
         return fail(_message(e))
-    if os.environ.get("RANK", "0") == "0":
-        print(
-            json.dumps(
-                {
-                    "steps": result.steps,
-                    "final_loss": result.final_loss,
-                    "samples_per_s": round(result.samples_per_s, 2),
-                    "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-                }
-            )
-        )
+    _print_result(result.steps, result.final_loss, result.samples_per_s, result.checkpoint)
     return EXIT_OK
+
+
+def _finished_run(cfg, sources) -> tuple[int, int, str] | None:
+    """(newest step, the run's steps, its checkpoint) when output_dir's newest checkpoint is the run's last step: a resume
+    has nothing to do, and loading the model and data to find that out takes a while."""
+    from train.checkpoints import CKPT_RE, latest_checkpoint
+    from train.data import count_source_samples
+    from train.loop import total_steps
+
+    latest = latest_checkpoint(cfg.output_dir)
+    match = CKPT_RE.search(str(latest)) if latest is not None else None
+    if match is None:
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        n_steps = total_steps(cfg, world, count_source_samples(sources) if cfg.train.steps is None else None)
+    except ValueError:
+        return None  # train() says why
+    step = int(match.group(1))
+    return (step, n_steps, str(latest)) if step >= n_steps else None
+
+
+def _print_result(steps: int, loss: float | None, samples_per_s: float | None, checkpoint) -> None:
+    """The run's summary as one JSON line (rank 0); a loss that is not a number is null (valid JSON)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    finite = loss is not None and math.isfinite(loss)
+    summary = {
+        "steps": steps,
+        "final_loss": loss if finite else None,
+        "samples_per_s": round(samples_per_s, 2) if samples_per_s is not None else None,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
+    print(json.dumps(summary, allow_nan=False))
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from curation.cli import main
@@ -137,3 +138,15 @@ def test_mine_method_and_near_duplicate_through_the_command(fmnist_shards, tmp_p
     params = read_parameters(out / "hard_pairs.parquet")
     assert params["near_duplicate"] == 0.9 and params["method"] == "pool"
     assert pq.read_table(out / "hard_pairs.parquet").num_rows == 256
+
+
+def test_resume_of_a_finished_run_says_so_and_prints_valid_json(fmnist_shards, make_config, tmp_path, capsys):
+    cfg = make_config(tmp_path / "c.yaml", fmnist_shards, tmp_path / "out", train={"steps": 2})
+    assert main(["train", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "curate: already at step 2 of 2: nothing to train" in err
+    result = json.loads(out.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert result["steps"] == 2 and result["final_loss"] is None
+    assert result["checkpoint"].endswith("step_00000002.pt")
