@@ -175,22 +175,39 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = load_train_config(args.config, overrides=parse_overrides(args.overrides))
     except ConfigError as e:
         return fail_config(e)
+    from curation.manifest import RunLocked
     from train.data import all_shards, check_shards, data_sources
     from train.loop import train
 
     try:
         sources = data_sources(cfg.data)
         check_shards(all_shards(sources))
-        if args.resume and (finished := _finished_run(cfg, sources)) is not None:
-            step, n_steps, checkpoint = finished
-            note(f"already at step {step} of {n_steps}: nothing to train (raise train.steps to continue)")
-            _print_result(step, None, None, checkpoint)
-            return EXIT_OK
-        result = train(cfg, resume=args.resume)
-    except USAGE_ERRORS as e:
+        with _output_lock(cfg.output_dir):
+            if args.resume and (finished := _finished_run(cfg, sources)) is not None:
+                step, n_steps, checkpoint = finished
+                note(f"already at step {step} of {n_steps}: nothing to train (raise train.steps to continue)")
+                _print_result(step, None, None, checkpoint)
+                return EXIT_OK
+            result = train(cfg, resume=args.resume)
+    except (*USAGE_ERRORS, RunLocked) as e:
         return fail(_message(e))
     _print_result(result.steps, result.final_loss, result.samples_per_s, result.checkpoint)
     return EXIT_OK
+
+
+def _output_lock(output_dir: str):
+    """The lock `run`, `dedup` and `mine` take on their outputs (`.lock`): a second `curate train`
+    on the same output_dir is refused instead of writing checkpoints beside the first. Rank 0 holds it
+    for all ranks of one torchrun."""
+    import contextlib
+
+    from curation.core.storage import open_store
+    from curation.manifest import exclusive_lock_on
+
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    store = open_store(output_dir)
+    return exclusive_lock_on(store, ".lock", f"another `curate train` is writing to {store.url}")
 
 
 def _finished_run(cfg, sources) -> tuple[int, int, str] | None:

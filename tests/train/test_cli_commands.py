@@ -150,3 +150,19 @@ def test_resume_of_a_finished_run_says_so_and_prints_valid_json(fmnist_shards, m
     result = json.loads(out.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     assert result["steps"] == 2 and result["final_loss"] is None
     assert result["checkpoint"].endswith("step_00000002.pt")
+
+
+def test_a_second_train_on_the_same_output_dir_is_refused(
+    fmnist_shards, make_config, tmp_path, capsys
+) -> None:
+    from curation.core.storage import open_store
+    from curation.manifest import exclusive_lock_on
+
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "c.yaml", fmnist_shards, out, train={"steps": 1})
+    # The lock a running `curate train` holds (the same helper, as a second process would meet it).
+    with exclusive_lock_on(open_store(out), ".lock", f"another `curate train` is writing to {out}"):
+        assert main(["train", str(cfg)]) == 2
+        assert f"curate: error: another `curate train` is writing to {out}" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+    assert main(["train", str(cfg)]) == 0  # released: it runs
