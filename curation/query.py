@@ -315,17 +315,31 @@ def compute_status(output: str | Path, storage_options: dict | None = None) -> d
     plan = run.plan()
     ledger = run.ledger_state(plan, with_failures=True)
     done, failures = ledger.done, ledger.failed
+    running = run.is_locked()
+    rows_total, rows_done = sum(s.rows for s in plan), sum(e["rows"] for e in done.values())
+    rate = _recent_rate(list(done.values())) if running else None
     return {
         "output": str(run.root),
-        "running": run.is_locked(),
+        "running": running,
+        "limit": run.record().get("limit"),  # a `--limit N` trial run
+        "rows_per_s": rate,
+        "eta_s": (rows_total - rows_done) / rate if rate else None,
         "shards_total": len(plan),
         "shards_done": len(done),
         "shards_failed": len(failures),
-        "rows_total": sum(s.rows for s in plan),
-        "rows_done": sum(e["rows"] for e in done.values()),
+        "rows_total": rows_total,
+        "rows_done": rows_done,
         "kept": sum(e["kept"] for e in done.values()),
         "failures": {str(k): v["error"].splitlines()[0] for k, v in sorted(failures.items())},
     }
+
+
+def _recent_rate(entries: list[dict], last: int = 20) -> float | None:
+    """Rows/s over the last `last` shards committed (their ledger times), None with fewer than two."""
+    timed = sorted((e["finished"], e["rows"]) for e in entries if e.get("finished"))[-last:]
+    if len(timed) < 2 or timed[-1][0] <= timed[0][0]:
+        return None
+    return sum(rows for _, rows in timed[1:]) / (timed[-1][0] - timed[0][0])
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -399,9 +413,26 @@ def render_status(st: dict[str, Any]) -> str:
         f"shards   {st['shards_done']}/{st['shards_total']} done, {st['shards_failed']} failed",
         f"rows     {st['rows_done']:,}/{st['rows_total']:,} done, {st['kept']:,} kept",
     ]
+    if st.get("rows_per_s"):
+        eta = st["eta_s"]
+        lines.append(f"rate     {st['rows_per_s']:,.0f} rows/s, about {_duration(eta)} left")
+    if st.get("limit") is not None:
+        lines.append(
+            f"limit    a `--limit {st['limit']:,}` trial: `curate run` without --limit (or a larger one) "
+            "extends it"
+        )
     for shard, err in st["failures"].items():
         lines.append(f"  shard {shard} failed: {printable(err)}")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    """`45s`, `12m`, `3h05m`."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
 def dumps(obj: Any) -> str:

@@ -558,3 +558,43 @@ def test_validate_checks_the_runner_address_and_run_writes_nothing_before_joinin
         assert "cannot reach the Ray cluster" in capsys.readouterr().err
     assert not out.exists() or not any(out.rglob("*"))  # no run.json, no lock: nothing before the join
     assert main(["validate", str(cfg), "--set", "runner.address=null"]) == 0
+
+
+# ---------------------------------------------------------------------------- feedback in logs, status
+
+
+def test_into_a_log_run_prints_one_line_per_shard_and_no_progress_frames(tmp_path):
+    from tests.helpers import LAION_1K, write_config
+
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, tmp_path / "out", rows_per_shard=250)
+    cfg.write_text(cfg.read_text().replace("progress: false", "progress: true"))
+    proc = curate("run", str(cfg))  # stderr is a pipe, as when redirected to a log
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("curate: shard ")]
+    assert [ln.split()[2] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], proc.stderr
+    assert all("rows/s" in ln for ln in lines) and "1,000 rows" in lines[-1]
+    quiet = curate("run", str(cfg), "--no-progress", "-o", str(tmp_path / "q"))
+    assert quiet.returncode == 0 and "curate: shard" not in quiet.stderr
+
+
+def test_status_shows_rate_and_eta_of_a_run_in_progress_and_says_a_limit_run_is_a_trial(tmp_path, capsys):
+    from curation.manifest import RunDir
+    from tests.helpers import LAION_1K, write_config
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, out, rows_per_shard=100)
+    assert main(["run", str(cfg), "--limit", "400"]) == 0
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "a `--limit 400` trial" in text and "rows/s" not in text  # not running: no rate
+    with RunDir(out).lock():  # what a running `curate run` holds
+        assert main(["status", str(out)]) == 0
+        text = capsys.readouterr().out
+    assert "(a run is in progress)" in text
+    assert re.search(r"rate     [\d,.]+ rows/s, about \d+s left", text), text
+    assert main(["run", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    assert "trial" not in capsys.readouterr().out  # extended to the whole input

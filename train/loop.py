@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -514,7 +515,9 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     metrics = MetricsWriter(out_dir, start_step) if dist.is_main else None
     bar = None
-    if dist.is_main and r.progress:
+    # Into a log (stderr not a terminal), a line per log window instead of tqdm's `\r` frames.
+    log_lines = dist.is_main and r.progress and not sys.stderr.isatty()
+    if dist.is_main and r.progress and not log_lines:
         from tqdm import tqdm
 
         bar = tqdm(total=n_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
@@ -593,6 +596,8 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
                 loss=f"{last_loss:.4f}", lr=f"{pending[-1][2]:.2e}", sps=f"{sps:.0f}", refresh=False
             )
             bar.update(len(pending))
+        if log_lines:
+            log.info("step %d/%d, loss %.4f, %s samples/s", pending[-1][0], n_steps, last_loss, f"{sps:.0f}")
         pending.clear()
         window_start = time.perf_counter()
 

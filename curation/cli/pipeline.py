@@ -45,7 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override runner.workers: N >= 1 or auto (local: processes; ray: CPU actors per stage group; "
         "default: the config's)",
     )
-    r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    r.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress at all (on a terminal a bar; into a log one line per finished shard)",
+    )
     _add_set(r)
     r.set_defaults(func=cmd_run)
 

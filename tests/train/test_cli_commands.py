@@ -166,3 +166,28 @@ def test_a_second_train_on_the_same_output_dir_is_refused(
         assert f"curate: error: another `curate train` is writing to {out}" in capsys.readouterr().err
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
     assert main(["train", str(cfg)]) == 0  # released: it runs
+
+
+def test_into_a_log_train_prints_a_line_per_window_and_no_progress_frames(
+    fmnist_shards, make_config, tmp_path
+):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    cfg = make_config(
+        tmp_path / "c.yaml", fmnist_shards, tmp_path / "out", train={"progress": True, "log_every": 2}
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "curation.cli", "train", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    assert "step 2/4, loss " in proc.stderr and "step 4/4, loss " in proc.stderr, proc.stderr
