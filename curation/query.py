@@ -107,9 +107,23 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
         con.execute(f"CREATE VIEW dedup AS SELECT * FROM read_parquet({_sql_string(dedups[0])})")
     if pairs:
         con.execute(f"CREATE VIEW hard_pairs AS SELECT * FROM read_parquet({_sql_string(pairs[0])})")
+    if files and (names := _concept_names(output)) is not None:  # concept_ids index this: id, name
+        import pyarrow as pa
+
+        con.register("vocabulary", pa.table({"id": pa.array(range(len(names)), pa.int32()), "name": names}))
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def _concept_names(output: str | Path) -> list[str] | None:
+    """The run's concept vocabulary (a concepts stage, its file unchanged since); None otherwise."""
+    from curation.select import SelectError, run_vocabulary
+
+    try:
+        return run_vocabulary(output)
+    except (SelectError, OSError, ValueError):
+        return None
 
 
 class _Scratch:

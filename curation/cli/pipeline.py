@@ -116,7 +116,11 @@ control characters in captions as escapes (\\x1b); csv and json keep the data ex
         formatter_class=Formatter,
     )
     q.add_argument("output", help="a `curate run` (or `curate mine`) output directory")
-    q.add_argument("sql", help="one SELECT over the view `samples` (and `dedup`, `hard_pairs` where present)")
+    q.add_argument(
+        "sql",
+        help="one SELECT over the view `samples` (and `dedup`, `hard_pairs`, `vocabulary` (id, name of "
+        "concept_ids) where present)",
+    )
     q.add_argument("--format", choices=["table", "csv", "json"], default=None, help="how to print (table)")
     q.add_argument(
         "--out", help="write the result to FILE.parquet, FILE.csv or FILE.json instead of printing"
