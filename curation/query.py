@@ -103,6 +103,12 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
     if files:
         listed = ", ".join(_sql_string(f) for f in files)
         con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
+        # The same rows with their position in their shard's manifest (`file_row_number`: input order),
+        # so `curate select` writes samples in input order, whatever order their downloads finished in.
+        con.execute(
+            f"CREATE VIEW samples_in_order AS SELECT * FROM read_parquet([{listed}], union_by_name = true, "
+            "file_row_number = true)"
+        )
     if dedups:
         con.execute(f"CREATE VIEW dedup AS SELECT * FROM read_parquet({_sql_string(dedups[0])})")
     if pairs:

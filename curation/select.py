@@ -246,10 +246,13 @@ def _images(con: Any, run: str | Path, where: str, unreadable: list[str]) -> Ite
     """(manifest row, image bytes) of every selected uid (its first row with an image), reading each tar once."""
     from curation.query import select_statement
 
+    # Input order (shard, then row within it): two selects of one run write the same tars, and a
+    # shard's rows lie in one input tar or in a few consecutive download tars, so each is read once.
     sql = (
-        f"SELECT * FROM samples WHERE {condition(where)} AND image_path IS NOT NULL "
-        "QUALIFY row_number() OVER (PARTITION BY uid ORDER BY shard, image_path, key) = 1 "
-        "ORDER BY image_path, key, uid"
+        f"SELECT * EXCLUDE (file_row_number) FROM samples_in_order WHERE {condition(where)} "
+        "AND image_path IS NOT NULL "
+        "QUALIFY row_number() OVER (PARTITION BY uid ORDER BY shard, file_row_number) = 1 "
+        "ORDER BY shard, file_row_number"
     )
     reader = con.sql(select_statement(sql)).to_arrow_reader(10_000)
     sources = ImageSources(run)
@@ -257,11 +260,25 @@ def _images(con: Any, run: str | Path, where: str, unreadable: list[str]) -> Ite
     for batch in reader:
         for row in batch.to_pylist():
             if group and row["image_path"] != group[0]["image_path"]:
-                yield from read_image_group(run, group, unreadable, sources)
+                yield from _in_row_order(group, read_image_group(run, group, unreadable, sources))
                 group = []
             group.append(row)
     if group:
-        yield from read_image_group(run, group, unreadable, sources)
+        yield from _in_row_order(group, read_image_group(run, group, unreadable, sources))
+
+
+def _in_row_order(rows: list[dict], pairs: Iterator[tuple[dict, bytes]]) -> Iterator[tuple[dict, bytes]]:
+    """`pairs` (in the tar's member order) in the order of `rows`. An input tar is already in row order
+    and nothing waits; a download tar is in download-completion order, and at most its images wait."""
+    position = {id(row): i for i, row in enumerate(rows)}
+    waiting: dict[int, tuple[dict, bytes]] = {}
+    nxt = 0
+    for pair in pairs:
+        waiting[position[id(pair[0])]] = pair
+        while nxt in waiting:
+            yield waiting.pop(nxt)
+            nxt += 1
+    yield from (waiting[i] for i in sorted(waiting))  # those after a row whose image was unreadable
 
 
 # Object stores reached with the user's own credentials (a run's input or output may live there).

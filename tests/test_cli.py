@@ -598,3 +598,55 @@ def test_status_shows_rate_and_eta_of_a_run_in_progress_and_says_a_limit_run_is_
     capsys.readouterr()
     assert main(["status", str(out)]) == 0
     assert "trial" not in capsys.readouterr().out  # extended to the whole input
+
+
+# ---------------------------------------------------------------------------- select writes input order
+
+
+def _selected_keys(out: Path) -> list[str]:
+    import json as _json
+
+    uids = []
+    for tar_path in sorted(out.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            uids += [_json.loads(tar.extractfile(m).read())["uid"] for m in tar if m.name.endswith(".json")]
+    return uids
+
+
+def test_select_writes_samples_in_input_row_order_not_by_key_or_download_completion(tmp_path, image_server):
+    import pyarrow as pa
+
+    from curation.schema import make_uid
+
+    # webdataset input whose keys do not sort in input order
+    keys = ["m", "c", "x", "a"]
+    tar_path = tmp_path / "in" / "00000.tar"
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w") as tar:
+        for k, caption in zip(keys, CAPTIONS):
+            for name, payload in ((f"{k}.jpg", jpeg(k)), (f"{k}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    cfg = _brace_config(tmp_path, "webdataset", str(tar_path), str(tmp_path / "wds"))
+    assert main(["run", str(cfg)]) == 0
+    assert main(["select", str(tmp_path / "wds"), "--out", str(tmp_path / "sel_wds")]) == 0
+    manifest = pq.read_table(tmp_path / "wds" / "manifests").to_pylist()
+    by_key = {r["key"]: r["uid"] for r in manifest}
+    assert _selected_keys(tmp_path / "sel_wds") == [by_key[k] for k in keys]
+
+    # downloads: the slow first image finishes last, and img2dataset writes in completion order
+    paths = ["/slow/first.jpg", "/img/second.jpg", "/img/third.jpg", "/img/fourth.jpg"]
+    urls = [image_server.url(p) for p in paths]
+    pq.write_table(pa.table({"URL": urls, "TEXT": CAPTIONS}), tmp_path / "pairs.parquet")
+    (tmp_path / "dl.yaml").write_text(
+        f"""input: {{format: parquet, path: "{tmp_path / "pairs.parquet"}", url_column: URL, caption_column: TEXT}}
+output: {tmp_path / "dl"}
+runner: {{type: local, workers: 1, progress: false}}
+stages:
+  - download: {{timeout: 5, thread_count: 4, allow_private_addresses: [127.0.0.1/32]}}
+"""
+    )
+    assert main(["run", str(tmp_path / "dl.yaml")]) == 0
+    assert main(["select", str(tmp_path / "dl"), "--out", str(tmp_path / "sel_dl")]) == 0
+    assert _selected_keys(tmp_path / "sel_dl") == [make_uid(u, c) for u, c in zip(urls, CAPTIONS)]
