@@ -650,3 +650,10 @@ stages:
     assert main(["run", str(tmp_path / "dl.yaml")]) == 0
     assert main(["select", str(tmp_path / "dl"), "--out", str(tmp_path / "sel_dl")]) == 0
     assert _selected_keys(tmp_path / "sel_dl") == [make_uid(u, c) for u, c in zip(urls, CAPTIONS)]
+
+
+def test_an_empty_query_result_says_0_rows(run, capsys):
+    assert main(["query", str(run), "SELECT uid FROM samples WHERE false"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "(0 rows)"
+    assert main(["query", str(run), "SELECT count(*) AS n FROM samples"]) == 0
+    assert "(0 rows)" not in capsys.readouterr().out

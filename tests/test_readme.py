@@ -107,3 +107,17 @@ def test_no_tracked_file_holds_merge_conflict_markers():
             continue
         bad += [f"{name}:{text.count(chr(10), 0, m.start()) + 1}" for m in marker.finditer(text)]
     assert not bad, f"merge-conflict markers: {bad}"
+
+
+def test_make_demo_writes_only_under_its_own_folder():
+    """`make demo` must never delete the runs the README has the user make by hand (runs/demo, ...)."""
+    script = (REPO / "pipelines" / "demo.sh").read_text()
+    outputs = re.findall(r"^(?:out|subset)=(\S+)", script, re.MULTILINE)
+    assert outputs and all(o.startswith("runs/make_demo/") for o in outputs), outputs
+    removed = re.findall(r"rm -rf (.+)", script)
+    assert removed and all(set(re.findall(r'"\$(\w+)"', r)) <= {"out", "subset"} for r in removed), removed
+    readme_runs = set(
+        re.findall(r"curate run \S+ (?:--output|-o) (runs/\S+)", (REPO / "README.md").read_text())
+    )
+    readme_runs |= {"runs/demo", "runs/demo_images", "runs/demo_subset"}
+    assert not readme_runs & set(outputs)

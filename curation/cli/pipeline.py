@@ -344,7 +344,10 @@ def cmd_query(args: argparse.Namespace) -> int:
         else:
             result = con.execute(statement)
             columns = [d[0] for d in result.description]
-            print(format_table(columns, result.fetchmany(args.max_rows + 1), max_rows=args.max_rows))
+            rows = result.fetchmany(args.max_rows + 1)
+            print(format_table(columns, rows, max_rows=args.max_rows))
+            if not rows:
+                print("(0 rows)")
     except QueryRefused as e:
         return fail(f"query refused: {e}")
     except duckdb.Error as e:
