@@ -657,3 +657,25 @@ def test_an_empty_query_result_says_0_rows(run, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == "(0 rows)"
     assert main(["query", str(run), "SELECT count(*) AS n FROM samples"]) == 0
     assert "(0 rows)" not in capsys.readouterr().out
+
+
+def test_a_stage_name_typo_is_one_problem_and_a_threshold_change_points_to_select_where(tmp_path, capsys):
+    from tests.helpers import LAION_1K, write_config
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, out, rows_per_shard=500)
+    assert main(["run", str(cfg), "--limit", "20"]) == 0
+    capsys.readouterr()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(cfg.read_text().replace("caption_action:", "caption_actoin:"))
+    assert main(["validate", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'caption_actoin'" in err and "different config" not in err
+    assert "1 problem(s)" in err
+    stricter = tmp_path / "stricter.yaml"
+    stricter.write_text(
+        cfg.read_text().replace("caption_complexity: {min: 2}", "caption_complexity: {min: 3}")
+    )
+    assert main(["run", str(stricter), "--limit", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and f'curate select {out} --where "..."' in err
