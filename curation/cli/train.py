@@ -40,7 +40,7 @@ Exit codes: 0 done, 1 training failed, 2 bad config or usage.
 EVAL_HELP = """\
 Evaluate a checkpoint: zero-shot classification, image-text retrieval, few-shot linear probes.
 
-  curate eval --checkpoint runs/fmnist/checkpoints/step_00000400.pt --zero-shot fashion-mnist
+  curate eval --checkpoint runs/fmnist/checkpoints/step_00000200.pt --zero-shot fashion-mnist
   curate eval train/configs/fashion_mnist.yaml          # newest checkpoint of that run
   curate eval --checkpoint CK.pt --retrieval "shards/{00000..00003}.tar" --limit 5000
   curate eval --model ViT-B-32 --checkpoint openclip.pt --zero-shot imagenet_val/ \\
@@ -195,6 +195,17 @@ def run_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rounded(value):
+    """Metrics as decimals people read: 0.204, not float32's 0.20399999618530273 (6 significant digits)."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _output_lock(output_dir: str):
     """The lock `run`, `dedup` and `mine` take on their outputs (`.lock`): a second `curate train`
     on the same output_dir is refused instead of writing checkpoints beside the first. Rank 0 holds it
@@ -300,10 +311,9 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     except USAGE_ERRORS as e:
         return fail(_message(e))
-    except Exception:
-        logging.getLogger("train").exception("evaluation failed")
-        return EXIT_FAILED
-    text = json.dumps(results, indent=1)
+    if checkpoint is not None:
+        results = {"checkpoint": str(checkpoint), **results}  # which one, when a config chose the newest
+    text = json.dumps(_rounded(results), indent=1)
     if "few_shot" in results:
         print(few_shot_table(results))  # the full curves (every draw) stay in the JSON file
     else:
