@@ -17,7 +17,7 @@ import tarfile
 from pathlib import Path
 
 from curation.cli.argtypes import at_least
-from curation.cli.common import EXIT_FAILED, EXIT_OK, Formatter, UsageError, fail, fail_config, note
+from curation.cli.common import EXIT_OK, Formatter, UsageError, fail, fail_config, note
 from curation.core.shards import ShardError
 from curation.core.storage import StorageError
 from curation.core.terminal import printable
@@ -484,12 +484,9 @@ def run_mine(args: argparse.Namespace) -> int:
         return fail(f"another process is writing to {cfg.output}")
     except (MineConflict, RunnerError, *USAGE_ERRORS) as e:
         return fail(_message(e))
-    except Exception:
-        logging.getLogger("train").exception("mining failed")
-        return EXIT_FAILED
     print(
-        printable(
-            f"{result.output}: {result.pairs:,} pairs; {result.shards_embedded} shard(s) embedded, "
+        printable(  # the output as the user named it (relative stays relative), as `run` prints it
+            f"{cfg.output}: {result.pairs:,} pairs; {result.shards_embedded} shard(s) embedded, "
             f"{result.shards_reused} reused ({result.seconds_embedding:.1f}s); mined in {result.seconds_mining:.1f}s"
         )
     )

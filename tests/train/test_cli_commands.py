@@ -122,26 +122,21 @@ def test_eval_templates_task_and_fashion_mnist_source_through_the_command(tmp_pa
     assert "shots" in capsys.readouterr().out
 
 
-def test_mine_method_and_near_duplicate_through_the_command(fmnist_shards, tmp_path, capsys) -> None:
+def test_mine_method_and_near_duplicate_through_the_command(
+    fmnist_shards, tmp_path, capsys, monkeypatch
+) -> None:
     import pyarrow.parquet as pq
 
     from train.mining.output import read_parameters
 
     ck = _tiny_checkpoint(tmp_path / "tiny.pt")
-    out = tmp_path / "m"
-    argv = [
-        "mine",
-        "--shards",
-        f"{fmnist_shards}/{{00000..00001}}.tar",
-        "--checkpoint",
-        str(ck),
-        "-o",
-        str(out),
-    ]
+    monkeypatch.chdir(tmp_path)
+    argv = ["mine", "--shards", f"{fmnist_shards}/{{00000..00001}}.tar", "--checkpoint", str(ck), "-o", "m"]
     assert main([*argv, "--k", "4", "--method", "pool", "--near-duplicate", "0.9", "--no-progress"]) == 0
-    params = read_parameters(out / "hard_pairs.parquet")
+    assert capsys.readouterr().out.startswith("m: 256 pairs;")  # the output as named, not made absolute
+    params = read_parameters(tmp_path / "m" / "hard_pairs.parquet")
     assert params["near_duplicate"] == 0.9 and params["method"] == "pool"
-    assert pq.read_table(out / "hard_pairs.parquet").num_rows == 256
+    assert pq.read_table(tmp_path / "m" / "hard_pairs.parquet").num_rows == 256
 
 
 def test_resume_of_a_finished_run_says_so_and_prints_valid_json(fmnist_shards, make_config, tmp_path, capsys):
