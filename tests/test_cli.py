@@ -679,3 +679,11 @@ def test_a_stage_name_typo_is_one_problem_and_a_threshold_change_points_to_selec
     assert main(["run", str(stricter), "--limit", "20"]) == 2
     err = capsys.readouterr().err
     assert "different config" in err and f'curate select {out} --where "..."' in err
+
+
+def test_dedup_summary_lists_only_the_kinds_asked_for(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["dedup", str(copy), "--kinds", "exact"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "by kind: exact " in line and "phash" not in line and "semantic" not in line
