@@ -687,3 +687,16 @@ def test_dedup_summary_lists_only_the_kinds_asked_for(run, tmp_path, capsys):
     assert main(["dedup", str(copy), "--kinds", "exact"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "by kind: exact " in line and "phash" not in line and "semantic" not in line
+
+
+def test_run_and_validate_take_set_like_train(tmp_path, capsys):
+    from tests.helpers import LAION_1K, write_config
+
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, tmp_path / "out", rows_per_shard=500)
+    assert main(["validate", str(cfg), "--set", "input.rows_per_shard=0"]) == 2
+    assert "input.rows_per_shard" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--set", "input.rows_per_shard=250", "--set", "runner.workers=1"]) == 0
+    assert "4 shard(s) written" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # a usage error, refused as argparse parses
+        main(["run", str(cfg), "--set", "nonsense"])
+    assert exit_.value.code == 2 and "expected KEY=VALUE" in capsys.readouterr().err
