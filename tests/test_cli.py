@@ -372,10 +372,38 @@ def test_progress_counts_whole_rows(tmp_path):
 
     cfg = write_config(tmp_path / "c.yaml", LAION_1K, tmp_path / "run", rows_per_shard=500)
     cfg.write_text(cfg.read_text().replace("progress: false", "progress: true"))
-    proc = curate("run", str(cfg))
-    assert proc.returncode == 0, proc.stderr
-    assert re.search(r"\b1000/1000 \[", proc.stderr), proc.stderr[-500:]
-    assert not re.search(r"\d\.\d/\d", proc.stderr)  # never `12.0/34.0`
+    returncode, stderr = on_a_terminal("run", str(cfg))  # the bar is drawn on a terminal only
+    assert returncode == 0, stderr
+    assert re.search(r"\b1000/1000 \[", stderr), stderr[-500:]
+    assert not re.search(r"\d\.\d/\d", stderr)  # never `12.0/34.0`
+
+
+def on_a_terminal(*args: str) -> tuple[int, str]:
+    """`curate ARGS` with stderr on a pseudo-terminal (as a user at a shell sees it): exit code, stderr."""
+    import pty
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # 200 columns, as a window has
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curation.cli", *args], stderr=slave, stdout=subprocess.DEVNULL, env=env
+    )
+    os.close(slave)
+    chunks = []
+    while True:  # read as it comes: a full pty buffer would block the writer
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace")
 
 
 def test_input_columns_that_would_collide_are_refused_by_name(tmp_path):
