@@ -122,14 +122,42 @@ def connect(output: str | Path, storage_options: dict | None = None) -> duckdb.D
     return con
 
 
+class VocabularyUnavailable(Exception):
+    """A run's concept vocabulary cannot be read back as it was scored (one line for the user)."""
+
+
 def _concept_names(output: str | Path) -> list[str] | None:
     """The run's concept vocabulary (a concepts stage, its file unchanged since); None otherwise."""
-    from curation.select import SelectError, run_vocabulary
-
     try:
-        return run_vocabulary(output)
-    except (SelectError, OSError, ValueError):
+        return concept_vocabulary(output)
+    except (VocabularyUnavailable, OSError, ValueError):
         return None
+
+
+def concept_vocabulary(run: str | Path) -> list[str]:
+    """The concept vocabulary of a run's concepts stage, checked against the hash its run.json recorded."""
+    from curation.core.storage import open_store
+    from curation.models.teachers import TeacherError, resolve_vocabulary
+    from curation.models.vocabulary import VocabularyError, vocabulary_sha256
+
+    record = open_store(run).get_json("run.json")
+    fingerprint = record.get("fingerprint", {})
+    params = next((s["concepts"] for s in fingerprint.get("stages", []) if "concepts" in s), None)
+    recorded = fingerprint.get("stage_fingerprints", {}).get("concepts", {}).get("vocabulary_sha256")
+    if params is None or recorded is None:
+        raise VocabularyUnavailable(
+            f"{run}/run.json records no concepts stage, but its manifests have concept columns"
+        )
+    try:
+        names = resolve_vocabulary(params["teacher"], params.get("vocabulary"))
+    except (TeacherError, VocabularyError) as e:
+        raise VocabularyUnavailable(f"the run's concept vocabulary: {e}") from None
+    if vocabulary_sha256(names) != recorded:
+        raise VocabularyUnavailable(
+            f"the concept vocabulary {params.get('vocabulary') or params['teacher']!r} changed since {run} was "
+            "scored: its concept ids no longer index it. Restore the file, or re-run the concepts stage."
+        )
+    return names
 
 
 class _Scratch:

@@ -221,25 +221,12 @@ def _write_selection(
 
 def run_vocabulary(run: str | Path) -> list[str]:
     """The concept vocabulary of a run's concepts stage, checked against the hash its run.json recorded."""
-    from curation.models.teachers import TeacherError, resolve_vocabulary
-    from curation.models.vocabulary import VocabularyError, vocabulary_sha256
+    from curation.query import VocabularyUnavailable, concept_vocabulary
 
-    record = open_store(run).get_json("run.json")
-    fingerprint = record.get("fingerprint", {})
-    params = next((s["concepts"] for s in fingerprint.get("stages", []) if "concepts" in s), None)
-    recorded = fingerprint.get("stage_fingerprints", {}).get("concepts", {}).get("vocabulary_sha256")
-    if params is None or recorded is None:
-        raise SelectError(f"{run}/run.json records no concepts stage, but its manifests have concept columns")
     try:
-        names = resolve_vocabulary(params["teacher"], params.get("vocabulary"))
-    except (TeacherError, VocabularyError) as e:
-        raise SelectError(f"the run's concept vocabulary: {e}") from None
-    if vocabulary_sha256(names) != recorded:
-        raise SelectError(
-            f"the concept vocabulary {params.get('vocabulary') or params['teacher']!r} changed since {run} was "
-            "scored: its concept ids no longer index it. Restore the file, or re-run the concepts stage."
-        )
-    return names
+        return concept_vocabulary(run)
+    except VocabularyUnavailable as e:
+        raise SelectError(str(e)) from None
 
 
 def _images(con: Any, run: str | Path, where: str, unreadable: list[str]) -> Iterator[tuple[dict, bytes]]:
