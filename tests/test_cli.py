@@ -380,9 +380,8 @@ def test_progress_counts_whole_rows(tmp_path):
 
 def on_a_terminal(*args: str) -> tuple[int, str]:
     """`curate ARGS` with stderr on a pseudo-terminal (as a user at a shell sees it): exit code, stderr."""
-    import pty
-
     import fcntl
+    import pty
     import struct
     import termios
 
