@@ -7,6 +7,7 @@ place in `curation` that imports `train` (the CLI sees every layer).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -206,19 +207,27 @@ def _rounded(value):
     return value
 
 
+@contextlib.contextmanager
 def _output_lock(output_dir: str):
     """The lock `run`, `dedup` and `mine` take on their outputs (`.lock`): a second `curate train`
     on the same output_dir is refused instead of writing checkpoints beside the first. Rank 0 holds it
-    for all ranks of one torchrun."""
-    import contextlib
-
+    for all ranks of one torchrun. A start that fails leaves no folder behind (only the lock was in it)."""
     from curation.core.storage import open_store
     from curation.manifest import exclusive_lock_on
 
     if os.environ.get("RANK", "0") != "0":
-        return contextlib.nullcontext()
+        yield
+        return
     store = open_store(output_dir)
-    return exclusive_lock_on(store, ".lock", f"another `curate train` is writing to {store.url}")
+    folder = Path(output_dir) if store.local else None
+    created = folder is not None and not folder.exists()
+    try:
+        with exclusive_lock_on(store, ".lock", f"another `curate train` is writing to {store.url}"):
+            yield
+    finally:
+        if created and folder is not None and [p.name for p in folder.iterdir()] == [".lock"]:
+            (folder / ".lock").unlink()
+            folder.rmdir()
 
 
 def _finished_run(cfg, sources) -> tuple[int, int, str] | None:
