@@ -139,6 +139,12 @@ def connect(
         if files:
             listed = ", ".join(_sql_string(f) for f in files)
             views["samples"] = f"read_parquet([{listed}], union_by_name = true)"
+            # The same rows with their position in their file (`file_row_number`: input order within a
+            # shard, also in a compacted part, written in shard order), so `curate select` writes samples
+            # in input order, whatever order their downloads finished in.
+            views["samples_in_order"] = (
+                f"read_parquet([{listed}], union_by_name = true, file_row_number = true)"
+            )
         if dedups:
             views["dedup"] = f"read_parquet({_sql_string(dedups[0])})"
         if decons:
@@ -172,8 +178,18 @@ def connect(
             if objects:
                 con.register(f"_{view}_objects", parquet_dataset(run.store, objects, cache))
                 views[view] = f"_{view}_objects"
+        if names:
+            # Arrow scans of object-store files carry no row position: there, a shard's samples keep
+            # the manifest's order only as far as the scan preserves it.
+            views["samples_in_order"] = "(SELECT *, 0::BIGINT AS file_row_number FROM _samples_objects)"
     for view, source in views.items():
         con.execute(f"CREATE VIEW {view} AS SELECT * FROM {source}")
+    if names and (concepts := _concept_names(output)) is not None:  # concept_ids index this: id, name
+        import pyarrow as pa
+
+        con.register(
+            "vocabulary", pa.table({"id": pa.array(range(len(concepts)), pa.int32()), "name": concepts})
+        )
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
@@ -214,6 +230,44 @@ def deadline(con: duckdb.DuckDBPyConnection, seconds: float | None) -> Iterator[
 
 class StatementTimeout(Exception):
     pass
+
+
+class VocabularyUnavailable(Exception):
+    """A run's concept vocabulary cannot be read back as it was scored (one line for the user)."""
+
+
+def _concept_names(output: str | Path) -> list[str] | None:
+    """The run's concept vocabulary (a concepts stage, its file unchanged since); None otherwise."""
+    try:
+        return concept_vocabulary(output)
+    except (VocabularyUnavailable, OSError, ValueError):
+        return None
+
+
+def concept_vocabulary(run: str | Path) -> list[str]:
+    """The concept vocabulary of a run's concepts stage, checked against the hash its run.json recorded."""
+    from curation.core.storage import open_store
+    from curation.models.teachers import TeacherError, resolve_vocabulary
+    from curation.models.vocabulary import VocabularyError, vocabulary_sha256
+
+    record = open_store(run).get_json("run.json")
+    fingerprint = record.get("fingerprint", {})
+    params = next((s["concepts"] for s in fingerprint.get("stages", []) if "concepts" in s), None)
+    recorded = fingerprint.get("stage_fingerprints", {}).get("concepts", {}).get("vocabulary_sha256")
+    if params is None or recorded is None:
+        raise VocabularyUnavailable(
+            f"{run}/run.json records no concepts stage, but its manifests have concept columns"
+        )
+    try:
+        names = resolve_vocabulary(params["teacher"], params.get("vocabulary"))
+    except (TeacherError, VocabularyError) as e:
+        raise VocabularyUnavailable(f"the run's concept vocabulary: {e}") from None
+    if vocabulary_sha256(names) != recorded:
+        raise VocabularyUnavailable(
+            f"the concept vocabulary {params.get('vocabulary') or params['teacher']!r} changed since {run} was "
+            "scored: its concept ids no longer index it. Restore the file, or re-run the concepts stage."
+        )
+    return names
 
 
 class _Scratch:
@@ -420,20 +474,34 @@ def compute_status(output: str | Path, storage_options: dict | None = None) -> d
     plan = run.plan()
     ledger = run.ledger_state(plan, with_failures=True)
     done, failures = ledger.done, ledger.failed
+    running = run.is_locked()
+    rows_total, rows_done = sum(s.rows for s in plan), sum(e["rows"] for e in done.values())
+    rate = _recent_rate(list(done.values())) if running else None
     return {
         "output": str(run.root),
-        "running": run.is_locked(),
+        "running": running,
+        "limit": run.record().get("limit"),  # a `--limit N` trial run
+        "rows_per_s": rate,
+        "eta_s": (rows_total - rows_done) / rate if rate else None,
         "shards_total": len(plan),
         "shards_done": len(done),
         "shards_failed": len(failures),
-        "rows_total": sum(s.rows for s in plan),
-        "rows_done": sum(e["rows"] for e in done.values()),
+        "rows_total": rows_total,
+        "rows_done": rows_done,
         "kept": sum(e["kept"] for e in done.values()),
         "failures": {str(k): (v["error"].splitlines() or [""])[0] for k, v in sorted(failures.items())},
         # Ledger entries not trusted (redone by the next `curate run`) and parts or entries ignored.
         "not_trusted": {str(k): why for k, why in sorted(ledger.broken.items())},
         "ignored": ledger.notes,
     }
+
+
+def _recent_rate(entries: list[dict], last: int = 20) -> float | None:
+    """Rows/s over the last `last` shards committed (their ledger times), None with fewer than two."""
+    timed = sorted((e["finished"], e["rows"]) for e in entries if e.get("finished"))[-last:]
+    if len(timed) < 2 or timed[-1][0] <= timed[0][0]:
+        return None
+    return sum(rows for _, rows in timed[1:]) / (timed[-1][0] - timed[0][0])
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -507,12 +575,29 @@ def render_status(st: dict[str, Any]) -> str:
         f"shards   {st['shards_done']}/{st['shards_total']} done, {st['shards_failed']} failed",
         f"rows     {st['rows_done']:,}/{st['rows_total']:,} done, {st['kept']:,} kept",
     ]
+    if st.get("rows_per_s"):
+        eta = st["eta_s"]
+        lines.append(f"rate     {st['rows_per_s']:,.0f} rows/s, about {_duration(eta)} left")
+    if st.get("limit") is not None:
+        lines.append(
+            f"limit    a `--limit {st['limit']:,}` trial: `curate run` without --limit (or a larger one) "
+            "extends it"
+        )
     for shard, err in st["failures"].items():
         lines.append(f"  shard {shard} failed: {printable(err)}")
     for shard, why in st.get("not_trusted", {}).items():
         lines.append(f"  shard {shard} not done: {printable(why)} (`curate run` redoes it)")
     lines += [f"  {printable(line)}" for line in st.get("ignored", [])]
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    """`45s`, `12m`, `3h05m`."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
 def dumps(obj: Any) -> str:

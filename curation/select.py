@@ -317,25 +317,12 @@ def _write_selection(
 
 def run_vocabulary(run: str | Path) -> list[str]:
     """The concept vocabulary of a run's concepts stage, checked against the hash its run.json recorded."""
-    from curation.models.teachers import TeacherError, resolve_vocabulary
-    from curation.models.vocabulary import VocabularyError, vocabulary_sha256
+    from curation.query import VocabularyUnavailable, concept_vocabulary
 
-    record = open_store(run).get_json("run.json")
-    fingerprint = record.get("fingerprint", {})
-    params = next((s["concepts"] for s in fingerprint.get("stages", []) if "concepts" in s), None)
-    recorded = fingerprint.get("stage_fingerprints", {}).get("concepts", {}).get("vocabulary_sha256")
-    if params is None or recorded is None:
-        raise SelectError(f"{run}/run.json records no concepts stage, but its manifests have concept columns")
     try:
-        names = resolve_vocabulary(params["teacher"], params.get("vocabulary"))
-    except (TeacherError, VocabularyError) as e:
-        raise SelectError(f"the run's concept vocabulary: {e}") from None
-    if vocabulary_sha256(names) != recorded:
-        raise SelectError(
-            f"the concept vocabulary {params.get('vocabulary') or params['teacher']!r} changed since {run} was "
-            "scored: its concept ids no longer index it. Restore the file, or re-run the concepts stage."
-        )
-    return names
+        return concept_vocabulary(run)
+    except VocabularyUnavailable as e:
+        raise SelectError(str(e)) from None
 
 
 def _images(
@@ -344,10 +331,13 @@ def _images(
     """(manifest row, image bytes) of every selected uid (its first row with an image), reading each tar once."""
     from curation.query import select_statement
 
+    # Input order (shard, then row within it): two selects of one run write the same tars, and a
+    # shard's rows lie in one input tar or in a few consecutive download tars, so each is read once.
     sql = (
-        f"SELECT * FROM samples WHERE {condition(where)} AND image_path IS NOT NULL "
-        "QUALIFY row_number() OVER (PARTITION BY uid ORDER BY shard, image_path, key) = 1 "
-        "ORDER BY image_path, key, uid"
+        f"SELECT * EXCLUDE (file_row_number) FROM samples_in_order WHERE {condition(where)} "
+        "AND image_path IS NOT NULL "
+        "QUALIFY row_number() OVER (PARTITION BY uid ORDER BY shard, file_row_number) = 1 "
+        "ORDER BY shard, file_row_number"
     )
     reader = con.sql(select_statement(sql)).to_arrow_reader(10_000)
     sources = ImageSources(run, images_from)
@@ -355,11 +345,25 @@ def _images(
     for batch in reader:
         for row in batch.to_pylist():
             if group and row["image_path"] != group[0]["image_path"]:
-                yield from read_image_group(run, group, unreadable, sources)
+                yield from _in_row_order(group, read_image_group(run, group, unreadable, sources))
                 group = []
             group.append(row)
     if group:
-        yield from read_image_group(run, group, unreadable, sources)
+        yield from _in_row_order(group, read_image_group(run, group, unreadable, sources))
+
+
+def _in_row_order(rows: list[dict], pairs: Iterator[tuple[dict, bytes]]) -> Iterator[tuple[dict, bytes]]:
+    """`pairs` (in the tar's member order) in the order of `rows`. An input tar is already in row order
+    and nothing waits; a download tar is in download-completion order, and at most its images wait."""
+    position = {id(row): i for i, row in enumerate(rows)}
+    waiting: dict[int, tuple[dict, bytes]] = {}
+    nxt = 0
+    for pair in pairs:
+        waiting[position[id(pair[0])]] = pair
+        while nxt in waiting:
+            yield waiting.pop(nxt)
+            nxt += 1
+    yield from (waiting[i] for i in sorted(waiting))  # those after a row whose image was unreadable
 
 
 # Object stores reached with the user's own credentials (a run's input or output may live there).

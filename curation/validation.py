@@ -49,7 +49,10 @@ def _checked(parsed: Parsed, limit: int | None) -> Config:
     errors = list(parsed.errors)
     cfg = parsed.config
     if cfg is not None:
-        errors += [cfg.problem(key, msg) for key, msg in check_config(cfg, limit=limit)]
+        # A config that did not parse (a stage name typo) differs from the run's for that reason alone:
+        # comparing it with the output's run would add a second, misleading error.
+        found = check_config(cfg, limit=limit, compare_run=not errors)
+        errors += [cfg.problem(key, msg) for key, msg in found]
     errors = list(dict.fromkeys(errors))  # a range problem is found by parsing and by check_config
     if errors:
         raise ConfigError(errors, parsed.source)
@@ -57,7 +60,7 @@ def _checked(parsed: Parsed, limit: int | None) -> Config:
     return cfg
 
 
-def check_config(config: Config, *, limit: int | None = None) -> list[Problem]:
+def check_config(config: Config, *, limit: int | None = None, compare_run: bool = True) -> list[Problem]:
     """Problems visible before any work starts: input, output, stage set-up, rules between stages."""
     problems: list[Problem] = list(check_input(config.input, manifest_columns()))
     problems += _check_shared_params(config)
@@ -66,6 +69,11 @@ def check_config(config: Config, *, limit: int | None = None) -> list[Problem]:
     stages = build_stages(config, checked=False)
     if config.runner.type == "local":
         problems += _check_local_gpus(config, stages)
+    else:  # a cluster nobody can join is found now, not after the run's first files are written
+        from curation.core.cluster import address_problem
+
+        if problem := address_problem(config.runner.address):
+            problems.append((("runner", "address"), problem))
     stage_problems: list[Problem] = []
     for spec, stage in zip(config.stages, stages):
         missing = [m for m in stage.packages if importlib.util.find_spec(m) is None]
@@ -77,7 +85,7 @@ def check_config(config: Config, *, limit: int | None = None) -> list[Problem]:
             continue
         stage_problems += [(spec.key_path, msg) for msg in stage.check()]
     # The run's fingerprint hashes the stages' model files, which exist only when the stages check out.
-    problems += _check_output(config, limit, None if stage_problems else stages)
+    problems += _check_output(config, limit, None if stage_problems or not compare_run else stages)
     return problems + stage_problems
 
 

@@ -7,19 +7,35 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _shared_data(name: str) -> Path:
-    """`shared/` lies beside the checkout (CI's clean clone, a developer's main); worktrees sit deeper."""
-    for parent in REPO.parents:
-        candidate = parent / "shared" / "data" / name
-        if candidate.exists():
-            return candidate
-    return REPO.parent / "shared" / "data" / name
-
-
-LAION_10K = _shared_data("laion_captions_10k.parquet")
 LAION_1K = REPO / "data" / "laion_captions_1k.parquet"
+
+
+def laion_10k() -> Path:
+    """10,000 LAION-style rows for runs that must last long enough to be killed mid-way: the bundled
+    1k ten times over, each copy's URLs made distinct (`#copyN`), so every uid differs.
+
+    Built from `data/` once per machine into the temp directory (a user's clone has nothing beside it).
+    """
+    import hashlib
+    import os
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256(LAION_1K.read_bytes()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"curate-tests-laion-10k-{digest}.parquet"
+    if not path.exists():
+        src = pq.read_table(LAION_1K, columns=["URL", "TEXT"])
+        urls = src.column("URL").to_pylist()
+        copies = [
+            pa.table({"URL": [u if i == 0 else f"{u}#copy{i}" for u in urls], "TEXT": src.column("TEXT")})
+            for i in range(10)
+        ]
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        pq.write_table(pa.concat_tables(copies), tmp)
+        os.replace(tmp, path)  # atomic: parallel test processes never read a half-written file
+    return path
 
 
 def write_config(path: Path, input_path: str | Path, output: str | Path, **extra) -> Path:

@@ -372,10 +372,37 @@ def test_progress_counts_whole_rows(tmp_path):
 
     cfg = write_config(tmp_path / "c.yaml", LAION_1K, tmp_path / "run", rows_per_shard=500)
     cfg.write_text(cfg.read_text().replace("progress: false", "progress: true"))
-    proc = curate("run", str(cfg))
-    assert proc.returncode == 0, proc.stderr
-    assert re.search(r"\b1000/1000 \[", proc.stderr), proc.stderr[-500:]
-    assert not re.search(r"\d\.\d/\d", proc.stderr)  # never `12.0/34.0`
+    returncode, stderr = on_a_terminal("run", str(cfg))  # the bar is drawn on a terminal only
+    assert returncode == 0, stderr
+    assert re.search(r"\b1000/1000 \[", stderr), stderr[-500:]
+    assert not re.search(r"\d\.\d/\d", stderr)  # never `12.0/34.0`
+
+
+def on_a_terminal(*args: str) -> tuple[int, str]:
+    """`curate ARGS` with stderr on a pseudo-terminal (as a user at a shell sees it): exit code, stderr."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # 200 columns, as a window has
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curation.cli", *args], stderr=slave, stdout=subprocess.DEVNULL, env=env
+    )
+    os.close(slave)
+    chunks = []
+    while True:  # read as it comes: a full pty buffer would block the writer
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace")
 
 
 def test_input_columns_that_would_collide_are_refused_by_name(tmp_path):
@@ -413,3 +440,290 @@ def test_a_finished_run_prints_the_whole_runs_totals(run):
     (line,) = proc.stdout.strip().splitlines()
     assert "0 shard(s) written, 2 already done" in line
     assert line.endswith(f"the run holds {len(CAPTIONS)} rows, {len(CAPTIONS)} kept (100.0%)")
+
+
+# ---------------------------------------------------------------------------- brace patterns in input.path
+
+
+def _tars(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        with tarfile.open(folder / f"{k:05d}.tar", "w") as tar:
+            for i, caption in enumerate(CAPTIONS[:2]):
+                for name, payload in (
+                    (f"{k}{i:03d}.jpg", jpeg(f"{k}{i}")),
+                    (f"{k}{i:03d}.txt", caption.encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def _brace_config(tmp_path: Path, fmt: str, path: str, out: str) -> Path:
+    cfg = tmp_path / f"{fmt}.yaml"
+    extra = ", caption_column: TEXT, url_column: URL" if fmt == "parquet" else ""
+    cfg.write_text(
+        f"""input: {{format: {fmt}, path: "{path}"{extra}}}
+output: {out}
+runner: {{type: local, workers: 1, progress: false}}
+stages:
+  - caption_complexity: {{min: 1}}
+"""
+    )
+    return cfg
+
+
+def test_brace_patterns_name_input_files_of_every_format_and_missing_ones_are_named(tmp_path, capsys):
+    _tars(tmp_path / "wds", 3)
+    pq_dir = tmp_path / "pq"
+    pq_dir.mkdir()
+    import pyarrow as pa
+
+    for k in range(3):
+        pq.write_table(
+            pa.table({"URL": [f"http://x/{k}.jpg"], "TEXT": [CAPTIONS[k]]}), pq_dir / f"{k:05d}.parquet"
+        )
+    for k in range(3):
+        (tmp_path / "folders" / f"f{k}").mkdir(parents=True)
+        (tmp_path / "folders" / f"f{k}" / "a.jpg").write_bytes(jpeg(str(k)))
+        (tmp_path / "folders" / f"f{k}" / "a.txt").write_text(CAPTIONS[k])
+    cases = {
+        "webdataset": (f"{tmp_path}/wds/{{00000..00003}}.tar", 6),
+        "parquet": (f"{tmp_path}/pq/{{00000..00003}}.parquet", 3),
+        "image_folder": (f"{tmp_path}/folders/f{{0..3}}", 3),
+    }
+    for fmt, (pattern, rows) in cases.items():
+        cfg = _brace_config(tmp_path, fmt, pattern, str(tmp_path / f"out-{fmt}"))
+        assert main(["validate", str(cfg)]) == 0, capsys.readouterr().err
+        what = "folders" if fmt == "image_folder" else "files"
+        assert f"3 of 4 {what} found (1 missing: " in capsys.readouterr().out
+        assert main(["run", str(cfg)]) == 0
+        assert f"3 of 4 {what} found" in capsys.readouterr().err
+        assert pq.read_table(tmp_path / f"out-{fmt}" / "manifests").num_rows == rows
+
+
+def test_brace_pattern_over_s3_input(tmp_path, bucket, s3, capsys):
+    _tars(tmp_path / "wds", 2)
+    client = s3.client()
+    for p in sorted((tmp_path / "wds").glob("*.tar")):
+        client.upload_file(str(p), bucket, f"in/{p.name}")
+    cfg = _brace_config(
+        tmp_path, "webdataset", f"s3://{bucket}/in/{{00000..00001}}.tar", str(tmp_path / "out")
+    )
+    assert main(["validate", str(cfg)]) == 0, capsys.readouterr().err
+    assert "webdataset input: 2 file(s)" in capsys.readouterr().out
+    assert main(["run", str(cfg)]) == 0
+    assert pq.read_table(tmp_path / "out" / "manifests").num_rows == 4
+
+
+# ---------------------------------------------------------------------------- unexpected errors, Ctrl-C
+
+
+def test_an_unexpected_error_is_one_line_and_the_traceback_needs_curate_debug(run, monkeypatch, capsys):
+    from curation import query
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug nobody foresaw")
+
+    monkeypatch.setattr(query, "compute_status", broken)  # stands in for any bug in any command
+    assert main(["status", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "curate: error: unexpected RuntimeError: a bug nobody foresaw (set CURATE_DEBUG=1 for the traceback)\n"
+    )
+    monkeypatch.setenv("CURATE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="nobody foresaw"):
+        main(["status", str(run)])
+
+
+def test_ctrl_c_of_run_is_one_line_that_says_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    from tests.helpers import laion_10k, write_config
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", laion_10k(), out, rows_per_shard=500)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curation.cli", "run", str(cfg)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while not list((out / "ledger").glob("shard-*.json")):
+        assert proc.poll() is None and time.time() < deadline, "run finished before it could be interrupted"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "curate: interrupted: finished shards are kept; run the same command again to resume"
+    )
+
+
+# ---------------------------------------------------------------------------- the Ray runner's address
+
+
+def test_validate_checks_the_runner_address_and_run_writes_nothing_before_joining(
+    tmp_path, monkeypatch, capsys
+):
+    from tests.helpers import LAION_1K, write_config
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no cluster started on this machine, as far as Ray sees
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, out)
+    cfg.write_text(cfg.read_text().replace("runner: {type: local,", "runner: {type: ray, address: auto,"))
+    assert main(["validate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "runner.address" in err and "none runs on this machine" in err and "runner.address=null" in err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again at once: nothing listens there
+    for argv in (["validate", str(cfg)], ["run", str(cfg), "--limit", "10"]):
+        assert main([*argv, "--set", f"runner.address=127.0.0.1:{port}"]) == 2
+        assert "cannot reach the Ray cluster" in capsys.readouterr().err
+    assert not out.exists() or not any(out.rglob("*"))  # no run.json, no lock: nothing before the join
+    assert main(["validate", str(cfg), "--set", "runner.address=null"]) == 0
+
+
+# ---------------------------------------------------------------------------- feedback in logs, status
+
+
+def test_into_a_log_run_prints_one_line_per_shard_and_no_progress_frames(tmp_path):
+    from tests.helpers import LAION_1K, write_config
+
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, tmp_path / "out", rows_per_shard=250)
+    cfg.write_text(cfg.read_text().replace("progress: false", "progress: true"))
+    proc = curate("run", str(cfg))  # stderr is a pipe, as when redirected to a log
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("curate: shard ")]
+    assert [ln.split()[2] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], proc.stderr
+    assert all("rows/s" in ln for ln in lines) and "1,000 rows" in lines[-1]
+    quiet = curate("run", str(cfg), "--no-progress", "-o", str(tmp_path / "q"))
+    assert quiet.returncode == 0 and "curate: shard" not in quiet.stderr
+
+
+def test_status_shows_rate_and_eta_of_a_run_in_progress_and_says_a_limit_run_is_a_trial(tmp_path, capsys):
+    from curation.manifest import RunDir
+    from tests.helpers import LAION_1K, write_config
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, out, rows_per_shard=100)
+    assert main(["run", str(cfg), "--limit", "400"]) == 0
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "a `--limit 400` trial" in text and "rows/s" not in text  # not running: no rate
+    with RunDir(out).lock():  # what a running `curate run` holds
+        assert main(["status", str(out)]) == 0
+        text = capsys.readouterr().out
+    assert "(a run is in progress)" in text
+    assert re.search(r"rate     [\d,.]+ rows/s, about \d+s left", text), text
+    assert main(["run", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    assert "trial" not in capsys.readouterr().out  # extended to the whole input
+
+
+# ---------------------------------------------------------------------------- select writes input order
+
+
+def _selected_keys(out: Path) -> list[str]:
+    import json as _json
+
+    uids = []
+    for tar_path in sorted(out.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            uids += [_json.loads(tar.extractfile(m).read())["uid"] for m in tar if m.name.endswith(".json")]
+    return uids
+
+
+def test_select_writes_samples_in_input_row_order_not_by_key_or_download_completion(tmp_path, image_server):
+    import pyarrow as pa
+
+    from curation.schema import make_uid
+
+    # webdataset input whose keys do not sort in input order
+    keys = ["m", "c", "x", "a"]
+    tar_path = tmp_path / "in" / "00000.tar"
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w") as tar:
+        for k, caption in zip(keys, CAPTIONS):
+            for name, payload in ((f"{k}.jpg", jpeg(k)), (f"{k}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    cfg = _brace_config(tmp_path, "webdataset", str(tar_path), str(tmp_path / "wds"))
+    assert main(["run", str(cfg)]) == 0
+    assert main(["select", str(tmp_path / "wds"), "--out", str(tmp_path / "sel_wds")]) == 0
+    manifest = pq.read_table(tmp_path / "wds" / "manifests").to_pylist()
+    by_key = {r["key"]: r["uid"] for r in manifest}
+    assert _selected_keys(tmp_path / "sel_wds") == [by_key[k] for k in keys]
+
+    # downloads: the slow first image finishes last, and img2dataset writes in completion order
+    paths = ["/slow/first.jpg", "/img/second.jpg", "/img/third.jpg", "/img/fourth.jpg"]
+    urls = [image_server.url(p) for p in paths]
+    pq.write_table(pa.table({"URL": urls, "TEXT": CAPTIONS}), tmp_path / "pairs.parquet")
+    (tmp_path / "dl.yaml").write_text(
+        f"""input: {{format: parquet, path: "{tmp_path / "pairs.parquet"}", url_column: URL, caption_column: TEXT}}
+output: {tmp_path / "dl"}
+runner: {{type: local, workers: 1, progress: false}}
+stages:
+  - download: {{timeout: 5, thread_count: 4, allow_private_addresses: [127.0.0.1/32]}}
+"""
+    )
+    assert main(["run", str(tmp_path / "dl.yaml")]) == 0
+    assert main(["select", str(tmp_path / "dl"), "--out", str(tmp_path / "sel_dl")]) == 0
+    assert _selected_keys(tmp_path / "sel_dl") == [make_uid(u, c) for u, c in zip(urls, CAPTIONS)]
+
+
+def test_an_empty_query_result_says_0_rows(run, capsys):
+    assert main(["query", str(run), "SELECT uid FROM samples WHERE false"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "(0 rows)"
+    assert main(["query", str(run), "SELECT count(*) AS n FROM samples"]) == 0
+    assert "(0 rows)" not in capsys.readouterr().out
+
+
+def test_a_stage_name_typo_is_one_problem_and_a_threshold_change_points_to_select_where(tmp_path, capsys):
+    from tests.helpers import LAION_1K, write_config
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, out, rows_per_shard=500)
+    assert main(["run", str(cfg), "--limit", "20"]) == 0
+    capsys.readouterr()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(cfg.read_text().replace("caption_action:", "caption_actoin:"))
+    assert main(["validate", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'caption_actoin'" in err and "different config" not in err
+    assert "1 problem(s)" in err
+    stricter = tmp_path / "stricter.yaml"
+    stricter.write_text(
+        cfg.read_text().replace("caption_complexity: {min: 2}", "caption_complexity: {min: 3}")
+    )
+    assert main(["run", str(stricter), "--limit", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and f'curate select {out} --where "..."' in err
+
+
+def test_dedup_summary_lists_only_the_kinds_asked_for(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["dedup", str(copy), "--kinds", "exact"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "by kind: exact " in line and "phash" not in line and "semantic" not in line
+
+
+def test_run_and_validate_take_set_like_train(tmp_path, capsys):
+    from tests.helpers import LAION_1K, write_config
+
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, tmp_path / "out", rows_per_shard=500)
+    assert main(["validate", str(cfg), "--set", "input.rows_per_shard=0"]) == 2
+    assert "input.rows_per_shard" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--set", "input.rows_per_shard=250", "--set", "runner.workers=1"]) == 0
+    assert "4 shard(s) written" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # a usage error, refused as argparse parses
+        main(["run", str(cfg), "--set", "nonsense"])
+    assert exit_.value.code == 2 and "expected KEY=VALUE" in capsys.readouterr().err

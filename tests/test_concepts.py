@@ -269,6 +269,13 @@ stages:
     return cfg
 
 
+def duckdb_first(out: Path) -> int:
+    import duckdb
+
+    sql = f"SELECT concept_ids[1] FROM '{out}/manifests/*.parquet' ORDER BY uid LIMIT 1"
+    return duckdb.sql(sql).fetchall()[0][0]
+
+
 def test_run_select_carries_targets_and_vocabulary(tmp_path, capsys):
     raw = _fmnist_webdataset(tmp_path, 24)
     out, sel = tmp_path / "run", tmp_path / "sel"
@@ -280,6 +287,12 @@ def test_run_select_carries_targets_and_vocabulary(tmp_path, capsys):
     assert fp["teacher"] == "efficientnet_lite0" and fp["vocabulary_size"] == 1000
     assert main(["select", str(out), "--out", str(sel)]) == 0
     assert read_vocabulary(sel / "vocabulary.txt") == imagenet_vocabulary()
+    # concept ids by name, through `curate query`'s `vocabulary` view
+    capsys.readouterr()
+    sql = "SELECT v.name FROM samples s, vocabulary v WHERE v.id = s.concept_ids[1] ORDER BY s.uid LIMIT 1"
+    assert main(["query", str(out), sql, "--format", "json"]) == 0
+    top1 = duckdb_first(out)
+    assert json.loads(capsys.readouterr().out.splitlines()[0]) == {"name": imagenet_vocabulary()[top1]}
 
     import duckdb
 

@@ -90,3 +90,34 @@ def test_docs_link_only_to_files_the_repository_has():
         for f in (REPO / folder).rglob("*"):
             if f.suffix in (".py", ".md", ".yaml"):
                 assert "shared/METHODS.md" not in f.read_text(), f
+
+
+def test_no_tracked_file_holds_merge_conflict_markers():
+    """A merge left unresolved shows the reader two versions of one passage (docs/storage.md once did)."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    marker = re.compile(r"^(<{7} |={7}$|>{7} )", re.MULTILINE)
+    bad = []
+    for name in files.stdout.splitlines():
+        path = REPO / name
+        if path.suffix in {".parquet", ".png", ".jpg", ".tar", ".pt", ".ipynb"} or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        bad += [f"{name}:{text.count(chr(10), 0, m.start()) + 1}" for m in marker.finditer(text)]
+    assert not bad, f"merge-conflict markers: {bad}"
+
+
+def test_make_demo_writes_only_under_its_own_folder():
+    """`make demo` must never delete the runs the README has the user make by hand (runs/demo, ...)."""
+    script = (REPO / "pipelines" / "demo.sh").read_text()
+    outputs = re.findall(r"^(?:out|subset)=(\S+)", script, re.MULTILINE)
+    assert outputs and all(o.startswith("runs/make_demo/") for o in outputs), outputs
+    removed = re.findall(r"rm -rf (.+)", script)
+    assert removed and all(set(re.findall(r'"\$(\w+)"', r)) <= {"out", "subset"} for r in removed), removed
+    readme_runs = set(
+        re.findall(r"curate run \S+ (?:--output|-o) (runs/\S+)", (REPO / "README.md").read_text())
+    )
+    readme_runs |= {"runs/demo", "runs/demo_images", "runs/demo_subset"}
+    assert not readme_runs & set(outputs)

@@ -473,3 +473,37 @@ def test_threshold_label_and_notes_never_cover_a_bar(monkeypatch):
     for label in labels:
         box = label.get_window_extent(renderer)
         assert not any(box.overlaps(bar) for bar in bars), label.get_text()
+
+
+def test_download_drop_table_shows_error_message(tmp_path):
+    """Rows dropped by download have no image: their table shows img2dataset's error_message."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "ok.jpg").write_bytes(jpeg("ok"))
+    good = "A man rides a red bicycle down the street."
+    pq.write_table(
+        pa.table(
+            {
+                "URL": [f"file://{images}/ok.jpg", f"file://{images}/missing.jpg"],
+                "TEXT": [good, "A woman walks her dog in the park."],
+            }
+        ),
+        tmp_path / "pairs.parquet",
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"""input: {{format: parquet, path: "{tmp_path / "pairs.parquet"}", url_column: URL, caption_column: TEXT}}
+output: {tmp_path / "run"}
+runner: {{type: local, workers: 1, progress: false}}
+stages:
+  - download: {{image_size: 64, timeout: 5, allow_local: ["{images}"]}}
+"""
+    )
+    assert main(["run", str(cfg)]) == 0
+    message = pq.read_table(tmp_path / "run" / "manifests").to_pylist()
+    message = next(r["error_message"] for r in message if r["error_message"])
+    import html
+
+    text, _ = report(tmp_path, tmp_path / "run")
+    assert "<th>error_<wbr>message</th>" in text
+    assert html.escape(message[:60]) in text

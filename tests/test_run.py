@@ -18,7 +18,7 @@ import pytest
 
 from curation.cli import main
 from curation.schema import make_uid
-from tests.helpers import LAION_1K, LAION_10K, REPO, write_config
+from tests.helpers import LAION_1K, REPO, laion_10k, write_config
 
 
 def manifest(out) -> pa.Table:
@@ -94,7 +94,7 @@ def test_config_change_that_alters_results_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path, workers):
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "c.yaml", LAION_10K, out, rows_per_shard=400, workers=workers)
+    cfg = write_config(tmp_path / "c.yaml", laion_10k(), out, rows_per_shard=400, workers=workers)
     proc = subprocess.Popen(
         [sys.executable, "-m", "curation.cli", "run", str(cfg)],
         cwd=REPO,
@@ -119,7 +119,7 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path, work
     assert len(after) == 25
     assert {k: after[k] for k in done_before} == done_before  # finished shards not rewritten
     t = manifest(out)
-    src = pq.read_table(LAION_10K)
+    src = pq.read_table(laion_10k())
     want = collections.Counter(
         make_uid(u, c) for u, c in zip(src.column("URL").to_pylist(), src.column("TEXT").to_pylist())
     )
@@ -267,7 +267,7 @@ def test_limit_and_query_stats_status(tmp_path, capsys):
 
 def test_queries_work_while_a_run_is_in_progress(tmp_path):
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "c.yaml", LAION_10K, out, rows_per_shard=500)
+    cfg = write_config(tmp_path / "c.yaml", laion_10k(), out, rows_per_shard=500)
     proc = subprocess.Popen(
         [sys.executable, "-m", "curation.cli", "run", str(cfg)], cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -27,7 +27,7 @@ import pytest
 
 from curation.cli import main
 from curation.schema import make_uid
-from tests.helpers import LAION_1K, LAION_10K, REPO, netns_prefix, write_config
+from tests.helpers import LAION_1K, REPO, laion_10k, netns_prefix, write_config
 from tests.s3server import S3Server, start_authenticating_server
 
 FAST_STAGE = "  - caption_length: {}\n"  # no model: the S3 round trips dominate
@@ -125,7 +125,12 @@ def test_run_on_s3_equals_local_run_and_status_query_stats_report_read_it(
 
 def test_driver_killed_mid_run_on_s3_then_resume_writes_every_row_once(tmp_path, s3, bucket):
     cfg = write_config(
-        tmp_path / "c.yaml", LAION_10K, f"s3://{bucket}/run", rows_per_shard=100, workers=2, stages=FAST_STAGE
+        tmp_path / "c.yaml",
+        laion_10k(),
+        f"s3://{bucket}/run",
+        rows_per_shard=100,
+        workers=2,
+        stages=FAST_STAGE,
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "curation.cli", "run", str(cfg)],
@@ -152,12 +157,17 @@ def test_driver_killed_mid_run_on_s3_then_resume_writes_every_row_once(tmp_path,
     assert set(after) == set(range(100))
     assert {k: after[k] for k in before} == before
     t = committed_manifests(s3, bucket, "run")
-    assert collections.Counter(t.column("uid").to_pylist()) == source_uids(LAION_10K)
+    assert collections.Counter(t.column("uid").to_pylist()) == source_uids(laion_10k())
 
 
 def test_s3_server_down_for_seconds_mid_run_loses_and_duplicates_nothing(tmp_path, s3, bucket):
     cfg = write_config(
-        tmp_path / "c.yaml", LAION_10K, f"s3://{bucket}/run", rows_per_shard=50, workers=1, stages=FAST_STAGE
+        tmp_path / "c.yaml",
+        laion_10k(),
+        f"s3://{bucket}/run",
+        rows_per_shard=50,
+        workers=1,
+        stages=FAST_STAGE,
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "curation.cli", "run", str(cfg)],
@@ -188,7 +198,7 @@ def test_s3_server_down_for_seconds_mid_run_loses_and_duplicates_nothing(tmp_pat
         assert main(["run", str(cfg)]) == 0
     assert set(ledger(s3, bucket, "run")) == set(range(200))
     t = committed_manifests(s3, bucket, "run")
-    assert collections.Counter(t.column("uid").to_pylist()) == source_uids(LAION_10K)
+    assert collections.Counter(t.column("uid").to_pylist()) == source_uids(laion_10k())
 
 
 def test_missing_bucket_fails_before_any_work_in_one_line(tmp_path, s3, bucket, capsys):

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from curation.core.patterns import brace_expand, has_glob, missing_note
 from curation.core.shards import CONCEPTS
 from curation.core.storage import is_url, open_store
 
@@ -68,41 +69,61 @@ CONCEPTS_KEY = CONCEPTS  # the member `curate select` writes: {"ids": [...], "pr
 log = logging.getLogger(__name__)
 
 
+_WARNED: set[str] = set()  # patterns whose missing shards were named already (once per process)
+
+
 def expand_shards(pattern: str) -> list[str]:
     """Brace pattern (open_clip's syntax) and/or glob -> sorted list of existing tar paths.
 
     The pattern may be a URL (`s3://b/sel/{00000..00099}.tar`): each folder is listed
     once (not one request per shard), and the tars are later streamed from the store.
+    Shards the pattern names but nobody wrote are left out with a warning that names them.
     """
-    import braceexpand
+    paths, missing = find_shards(pattern)
+    if missing and pattern not in _WARNED:
+        _WARNED.add(pattern)
+        log.warning("%s: %s", pattern, missing_note(len(paths), missing))
+    return paths
 
+
+def find_shards(pattern: str) -> tuple[list[str], list[str]]:
+    """(existing tar paths, sorted; names the pattern spells out that do not exist). Raises
+    FileNotFoundError when nothing matches."""
     if is_url(pattern):
-        return _expand_url_shards(pattern, list(braceexpand.braceexpand(pattern)))
+        return _expand_url_shards(pattern, brace_expand(pattern))
     paths: list[str] = []
-    for p in braceexpand.braceexpand(pattern):
-        matches = glob.glob(p) if any(c in p for c in "*?[") else ([p] if Path(p).exists() else [])
-        paths.extend(matches)
+    missing: list[str] = []
+    for p in brace_expand(pattern):
+        if has_glob(p):
+            paths.extend(glob.glob(p))
+        elif Path(p).exists():
+            paths.append(p)
+        else:
+            missing.append(p)
     if not paths:
         raise FileNotFoundError(f"no shards match {pattern!r}")
-    return sorted(set(paths))
+    return sorted(set(paths)), missing
 
 
-def _expand_url_shards(pattern: str, urls: list[str]) -> list[str]:
+def _expand_url_shards(pattern: str, urls: list[str]) -> tuple[list[str], list[str]]:
     listed: dict[str, set[str]] = {}
     paths: list[str] = []
+    missing: list[str] = []
     for url in urls:
         folder, _, name = url.rpartition("/")
         if folder not in listed:
             store = open_store(folder)
             names = set(store.list(""))
             listed[folder] = names
-        if any(c in name for c in "*?["):
+        if has_glob(name):
             paths.extend(f"{folder}/{n}" for n in sorted(listed[folder]) if fnmatch.fnmatchcase(n, name))
         elif name in listed[folder]:
             paths.append(url)
+        else:
+            missing.append(url)
     if not paths:
         raise FileNotFoundError(f"no shards match {pattern!r}")
-    return sorted(set(paths))
+    return sorted(set(paths)), missing
 
 
 def count_from_sizes(shards: list[str], sizes_path: str | None = None) -> int | None:
@@ -158,6 +179,40 @@ def data_sources(data: DataConfig) -> list[DataSource]:
                 raise ValueError(f"shard {path} is in two data.sources ({seen[path]!r} and {src.name!r})")
             seen[path] = src.name
     return sources
+
+
+def source_patterns(data: DataConfig) -> list[tuple[tuple, str, str | None]]:
+    """(config key, pattern, sizes file) of each shard set: `data.shards`, or each of `data.sources`."""
+    if data.sources is None:
+        assert data.shards is not None
+        return [(("data", "shards"), data.shards, data.sizes)]
+    return [(("data", "sources", i, "shards"), s.shards, s.sizes) for i, s in enumerate(data.sources)]
+
+
+def describe_sources(data: DataConfig) -> tuple[list[str], list[tuple[tuple, str]], list[tuple]]:
+    """What `curate validate` says about a training config's data: one line per shard set (shards
+    found, missing ones named, samples), the problems that would stop `curate train` (key, message),
+    and the keys of the shard sets without sample counts."""
+    lines: list[str] = []
+    problems: list[tuple[tuple, str]] = []
+    uncounted: list[tuple] = []
+    for key, pattern, sizes in source_patterns(data):
+        try:
+            shards, missing = find_shards(pattern)
+        except (FileNotFoundError, OSError) as e:
+            problems.append((key, str(e)))
+            continue
+        found = missing_note(len(shards), missing) if missing else f"{len(shards)} shard(s)"
+        try:
+            counted = count_from_sizes(shards, sizes)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(((*key[:-1], "sizes"), str(e)))
+            continue
+        if counted is None:
+            uncounted.append(key)
+        samples = f"{counted:,} samples" if counted is not None else "sample count unknown (no sizes.json)"
+        lines.append(f"{pattern}: {found}, {samples}")
+    return lines, problems, uncounted
 
 
 def all_shards(sources: Sequence[DataSource]) -> list[str]:

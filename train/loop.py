@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -624,8 +625,8 @@ class StepLog:
     """Loss terms of the steps since the last flush, written as metrics (rank 0) one window at a time:
     one host sync per window, not per step; samples/s is the window's average."""
 
-    def __init__(self, run: Run, metrics: MetricsWriter | None, bar: Any) -> None:
-        self.run, self.metrics, self.bar = run, metrics, bar
+    def __init__(self, run: Run, metrics: MetricsWriter | None, bar: Any, log_lines: bool = False) -> None:
+        self.run, self.metrics, self.bar, self.log_lines = run, metrics, bar, log_lines
         self.global_batch = run.cfg.train.batch_size * run.dist.world_size
         # (step, loss terms, lr, logit scale, samples per mixture source)
         self.pending: list[tuple[int, dict[str, torch.Tensor], float, torch.Tensor, dict[str, int]]] = []
@@ -678,6 +679,14 @@ class StepLog:
                 loss=f"{self.last_loss:.4f}", lr=f"{pending[-1][2]:.2e}", sps=f"{sps:.0f}", refresh=False
             )
             self.bar.update(len(pending))
+        if self.log_lines:
+            log.info(
+                "step %d/%d, loss %.4f, %s samples/s",
+                pending[-1][0],
+                run.n_steps,
+                self.last_loss,
+                f"{sps:.0f}",
+            )
         pending.clear()
         self.window_start = time.perf_counter()
 
@@ -716,13 +725,15 @@ def _train(cfg: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> 
         open_store(out_dir).put_json("config.json", cfg.to_dict())
     metrics = MetricsWriter(out_dir, run.start_step) if dist.is_main else None
     bar = None
-    if dist.is_main and r.progress:
+    # Into a log (stderr not a terminal), a line per log window instead of tqdm's `\r` frames.
+    log_lines = dist.is_main and r.progress and not sys.stderr.isatty()
+    if dist.is_main and r.progress and not log_lines:
         from tqdm import tqdm
 
         bar = tqdm(total=run.n_steps, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True)
     if dist.is_main:
         _log_start(run)
-    steps = StepLog(run, metrics, bar)
+    steps = StepLog(run, metrics, bar, log_lines)
     checkpoint = None
     run.model.train()
     for step in range(run.start_step + 1, run.n_steps + 1):  # 1-based: "step N" = N updates done

@@ -19,7 +19,16 @@ import importlib.util
 import os
 import sys
 
-from curation.cli.common import EXIT_BROKEN_PIPE, EXIT_USAGE, Parser, UsageError, fail, output_error
+from curation.cli.common import (
+    EXIT_BROKEN_PIPE,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    Parser,
+    UsageError,
+    fail,
+    output_error,
+)
 from curation.core.terminal import stdout_is_broken
 
 DESCRIPTION = """\
@@ -39,8 +48,18 @@ Offline data curation for CLIP-style pre-training.
   curate mine train/configs/mine_fashion_mnist.yaml  HELIP hard pairs for training
 
 Every command that writes a named output refuses an existing one unless --force.
-Exit codes: 0 done, 1 finished but some shards/rows failed (listed), 2 bad usage, config or output.
+Exit codes: 0 done, 1 finished but some shards/rows failed (listed), 2 bad usage, config or output,
+130 interrupted (Ctrl-C). An unexpected error is one line; CURATE_DEBUG=1 shows its traceback.
 """
+
+# What Ctrl-C leaves behind and what to do next, per command (the rest write nothing partial).
+RESUME_HINT = {
+    "run": "finished shards are kept; run the same command again to resume",
+    "train": "checkpoints are kept; resume with `curate train CONFIG --resume`",
+    "dedup": "its work cache is kept; run the same command again to resume",
+    "mine": "run the same command again to resume",
+}
+DEBUG_VARIABLE = "CURATE_DEBUG"
 
 
 def _quiet_environment() -> None:
@@ -72,16 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code = _dispatch(argv)
         sys.stdout.flush()
         return code
+    except KeyboardInterrupt:
+        command = next((a for a in argv if not a.startswith("-")), "")
+        hint = RESUME_HINT.get(command, "outputs are written only when complete; run the command again")
+        print(f"\ncurate: interrupted: {hint}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         if not stdout_is_broken():
             raise  # another pipe (a worker's, a socket's): a real failure
         # The reader went away (`| head`): stop quietly, and keep the interpreter's final flush quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except Exception as e:  # a bug or an environment curate did not foresee: one line, not a traceback
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        return fail(
+            f"unexpected {type(e).__name__}: {e} (set {DEBUG_VARIABLE}=1 for the traceback)", EXIT_FAILED
+        )
 
 
 def _dispatch(argv: list[str] | None) -> int:

@@ -33,3 +33,13 @@ def workers(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def key_value(text: str) -> tuple[str, object]:
+    """`--set KEY=VALUE`: a dotted config key and its value read as YAML (`1e-3`, `null`, `[a, b]`)."""
+    from curation.core.params import parse_value
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), parse_value(value)

@@ -76,7 +76,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     print(
         f"{summary['rows']:,} rows, {summary['rows_in_groups']:,} in {groups:,} duplicate group(s), "
         f"{summary['rows_in_groups'] - groups:,} redundant; by kind: "
-        + ", ".join(f"{k} {n:,}" for k, n in summary["rows_by_kind"].items())
+        + ", ".join(f"{k} {n:,}" for k, n in summary["rows_by_kind"].items() if k in kinds)  # those asked for
         + printable(f" -> {args.output.rstrip('/')}/dedup/dedup.parquet")
     )
     return EXIT_OK

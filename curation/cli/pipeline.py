@@ -6,10 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from curation.cli.argtypes import at_least, workers
+from curation.cli.argtypes import at_least, key_value, workers
 from curation.cli.common import (
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     Formatter,
     UsageError,
@@ -46,7 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override runner.workers: N >= 1 or auto (local: processes; ray: CPU actors per stage group; "
         "default: the config's)",
     )
-    r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    r.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress at all (on a terminal a bar; into a log one line per finished shard)",
+    )
+    _add_set(r)
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser(
@@ -65,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=at_least(1),
         help="check as `curate run --limit N` would",
     )
+    _add_set(v)
     v.set_defaults(func=cmd_validate)
 
     for name, help_, description in (
@@ -111,7 +116,11 @@ control characters in captions as escapes (\\x1b); csv and json keep the data ex
         formatter_class=Formatter,
     )
     q.add_argument("output", help="a `curate run` (or `curate mine`) output directory")
-    q.add_argument("sql", help="one SELECT over the view `samples` (and `dedup`, `hard_pairs` where present)")
+    q.add_argument(
+        "sql",
+        help="one SELECT over the view `samples` (and `dedup`, `hard_pairs`, `vocabulary` (id, name of "
+        "concept_ids) where present)",
+    )
     q.add_argument("--format", choices=["table", "csv", "json"], default=None, help="how to print (table)")
     q.add_argument(
         "--out", help="write the result to FILE.parquet, FILE.csv or FILE.json instead of printing"
@@ -135,11 +144,23 @@ control characters in captions as escapes (\\x1b); csv and json keep the data ex
     q.set_defaults(func=cmd_query)
 
 
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="override a config key (YAML value), e.g. --set runner.address=null; repeatable",
+    )
+
+
 def _load(args: argparse.Namespace):
     """The config with the command line's overrides, checked against the world (every problem at once)."""
     from curation.validation import load_checked_config
 
-    overrides = {}
+    overrides = dict(getattr(args, "overrides", []))
     if getattr(args, "output", None):
         overrides["output"] = args.output
     if getattr(args, "runner", None):
@@ -161,8 +182,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return fail_config(e)
     stages = ", ".join(s.name for s in cfg.stages)
-    print(printable(f"{args.config}: ok ({cfg.input.format} input, stages: {stages}, output {cfg.output})"))
+    files = _input_files(cfg)
+    print(
+        printable(
+            f"{args.config}: ok ({cfg.input.format} input: {files}, stages: {stages}, output {cfg.output})"
+        )
+    )
     return EXIT_OK
+
+
+def _input_files(cfg) -> str:
+    """`3 file(s)`, or `6 of 10 files found (4 missing: ...)` where a brace pattern names files nobody wrote."""
+    from curation.core.patterns import missing_note
+    from curation.sources import make_source
+
+    source = make_source(cfg.input, ())  # listing files needs no column names
+    found, missing = source.files(), source.missing_files()
+    what = "folders" if cfg.input.format == "image_folder" else "files"
+    return missing_note(len(found), missing, what) if missing else f"{len(found)} {what[:-1]}(s)"
 
 
 def _is_training_config(path: str) -> bool:
@@ -178,10 +215,13 @@ def _is_training_config(path: str) -> bool:
 
 def _validate_training(args: argparse.Namespace) -> int:
     """A dry run of `curate train`: the config, its shards and sample counts, model and weights."""
+    from train.data import describe_sources
     from train.validation import load_checked_train_config
 
-    cfg = load_checked_train_config(args.config)
-    print(printable(f"{args.config}: ok (training config: model {cfg.model.name}, shards {cfg.data.shards})"))
+    cfg = load_checked_train_config(args.config, overrides=dict(args.overrides))
+    print(printable(f"{args.config}: ok (training config: model {cfg.model.name})"))
+    for line in describe_sources(cfg.data)[0]:
+        print(printable(f"  {line}"))
     return EXIT_OK
 
 
@@ -198,6 +238,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return fail_config(e)
     _say_models_load(cfg)
+    if "missing" in (files := _input_files(cfg)):
+        note(f"input.path: {files}; those are left out")
     try:
         summary = execute(cfg, limit=args.limit)
     except (RunConflict, RunLocked, RunnerError) as e:
@@ -210,11 +252,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if problem is None:
             raise
         return fail(problem if e.filename else f"{cfg.output}: {e.strerror}")
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr
-        )
-        return EXIT_INTERRUPTED
     if summary.shards_skipped == summary.shards_total and not summary.failures:
         share = f" ({100 * summary.run_kept / summary.run_rows:.1f}%)" if summary.run_rows else ""
         print(
@@ -341,5 +378,8 @@ def _answer(con, statement, args: argparse.Namespace, out: Path | None, fmt: str
     else:
         result = con.execute(statement)
         columns = [d[0] for d in result.description]
-        print(format_table(columns, result.fetchmany(args.max_rows + 1), max_rows=args.max_rows))
+        rows = result.fetchmany(args.max_rows + 1)
+        print(format_table(columns, rows, max_rows=args.max_rows))
+        if not rows:
+            print("(0 rows)")
     return EXIT_OK

@@ -7,8 +7,10 @@ place in `curation` that imports `train` (the CLI sees every layer).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
 import pickle
 import sys
@@ -16,7 +18,7 @@ import tarfile
 from pathlib import Path
 
 from curation.cli.argtypes import at_least
-from curation.cli.common import EXIT_FAILED, EXIT_OK, Formatter, UsageError, fail, fail_config, note
+from curation.cli.common import EXIT_OK, Formatter, UsageError, fail, fail_config, note
 from curation.core.shards import ShardError
 from curation.core.storage import StorageError
 from curation.core.terminal import printable
@@ -39,7 +41,7 @@ Exit codes: 0 done, 1 training failed, 2 bad config or usage.
 EVAL_HELP = """\
 Evaluate a checkpoint: zero-shot classification, image-text retrieval, few-shot linear probes.
 
-  curate eval --checkpoint runs/fmnist/checkpoints/step_00000400.pt --zero-shot fashion-mnist
+  curate eval --checkpoint runs/fmnist/checkpoints/step_00000200.pt --zero-shot fashion-mnist
   curate eval train/configs/fashion_mnist.yaml          # newest checkpoint of that run
   curate eval --checkpoint CK.pt --retrieval "shards/{00000..00003}.tar" --limit 5000
   curate eval --model ViT-B-32 --checkpoint openclip.pt --zero-shot imagenet_val/ \\
@@ -175,29 +177,92 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = load_checked_train_config(args.config, overrides=parse_overrides(args.overrides))
     except ConfigError as e:
         return fail_config(e)
+    from curation.core.outputs import RunLocked
     from train.data import all_shards, check_shards, data_sources
     from train.loop import train
 
     try:
-        check_shards(all_shards(data_sources(cfg.data)))
-        result = train(cfg, resume=args.resume)
-    except USAGE_ERRORS as e:
+        sources = data_sources(cfg.data)
+        check_shards(all_shards(sources))
+        with _output_lock(cfg.output_dir):
+            if args.resume and (finished := _finished_run(cfg, sources)) is not None:
+                step, n_steps, checkpoint = finished
+                note(f"already at step {step} of {n_steps}: nothing to train (raise train.steps to continue)")
+                _print_result(step, None, None, checkpoint)
+                return EXIT_OK
+            result = train(cfg, resume=args.resume)
+    except (*USAGE_ERRORS, RunLocked) as e:
         return fail(_message(e))
-    except Exception:
-        logging.getLogger("train").exception("training failed")
-        return EXIT_FAILED
-    if os.environ.get("RANK", "0") == "0":
-        print(
-            json.dumps(
-                {
-                    "steps": result.steps,
-                    "final_loss": result.final_loss,
-                    "samples_per_s": round(result.samples_per_s, 2),
-                    "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-                }
-            )
-        )
+    _print_result(result.steps, result.final_loss, result.samples_per_s, result.checkpoint)
     return EXIT_OK
+
+
+def _rounded(value):
+    """Metrics as decimals people read: 0.204, not float32's 0.20399999618530273 (6 significant digits)."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def _output_lock(output_dir: str):
+    """The lock `run`, `dedup` and `mine` take on their outputs (`.lock`): a second `curate train`
+    on the same output_dir is refused instead of writing checkpoints beside the first. Rank 0 holds it
+    for all ranks of one torchrun. A start that fails leaves no folder behind (only the lock was in it)."""
+    from curation.core.outputs import exclusive_lock_on
+    from curation.core.storage import open_store
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    store = open_store(output_dir)
+    folder = Path(output_dir) if store.local else None
+    created = folder is not None and not folder.exists()
+    try:
+        with exclusive_lock_on(store, ".lock", f"another `curate train` is writing to {store.url}"):
+            yield
+    finally:
+        if created and folder is not None and [p.name for p in folder.iterdir()] == [".lock"]:
+            (folder / ".lock").unlink()
+            folder.rmdir()
+
+
+def _finished_run(cfg, sources) -> tuple[int, int, str] | None:
+    """(newest step, the run's steps, its checkpoint) when output_dir's newest checkpoint is the run's last step: a resume
+    has nothing to do, and loading the model and data to find that out takes a while."""
+    from train.checkpoints import CKPT_RE, latest_checkpoint
+    from train.data import count_source_samples
+    from train.loop import total_steps
+
+    latest = latest_checkpoint(cfg.output_dir)
+    match = CKPT_RE.search(str(latest)) if latest is not None else None
+    if match is None:
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        n_steps = total_steps(cfg, world, count_source_samples(sources) if cfg.train.steps is None else None)
+    except ValueError:
+        return None  # train() says why
+    step = int(match.group(1))
+    return (step, n_steps, str(latest)) if step >= n_steps else None
+
+
+def _print_result(steps: int, loss: float | None, samples_per_s: float | None, checkpoint) -> None:
+    """The run's summary as one JSON line (rank 0); a loss that is not a number is null (valid JSON)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    finite = loss is not None and math.isfinite(loss)
+    summary = {
+        "steps": steps,
+        "final_loss": loss if finite else None,
+        "samples_per_s": round(samples_per_s, 2) if samples_per_s is not None else None,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
+    print(json.dumps(summary, allow_nan=False))
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -261,10 +326,9 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     except USAGE_ERRORS as e:
         return fail(_message(e))
-    except Exception:
-        logging.getLogger("train").exception("evaluation failed")
-        return EXIT_FAILED
-    text = json.dumps(results, indent=1)
+    if checkpoint is not None:
+        results = {"checkpoint": str(checkpoint), **results}  # which one, when a config chose the newest
+    text = json.dumps(_rounded(results), indent=1)
     if "few_shot" in results:
         print(few_shot_table(results))  # the full curves (every draw) stay in the JSON file
     else:
@@ -436,12 +500,9 @@ def run_mine(args: argparse.Namespace) -> int:
         return fail(f"another process is writing to {cfg.output}")
     except (MineConflict, RunnerError, *USAGE_ERRORS) as e:
         return fail(_message(e))
-    except Exception:
-        logging.getLogger("train").exception("mining failed")
-        return EXIT_FAILED
     print(
-        printable(
-            f"{result.output}: {result.pairs:,} pairs; {result.shards_embedded} shard(s) embedded, "
+        printable(  # the output as the user named it (relative stays relative), as `run` prints it
+            f"{cfg.output}: {result.pairs:,} pairs; {result.shards_embedded} shard(s) embedded, "
             f"{result.shards_reused} reused ({result.seconds_embedding:.1f}s); mined in {result.seconds_mining:.1f}s"
         )
     )

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import sys
+from pathlib import Path
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -77,6 +78,26 @@ def _import_ray_with_loopback_node_address() -> None:
     finally:
         if previous is None:
             del os.environ[_LOOPBACK_NODE_SWITCH]
+
+
+def address_problem(address: str | None) -> str | None:
+    """Why `runner.address` names no cluster this machine can join (None: it does, or it is null), found
+    in seconds, for `curate validate`: `auto` needs a cluster started here (`ray start`) or RAY_ADDRESS."""
+    if address is None or address == "local":
+        return None
+    if address == "auto":
+        current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        if os.environ.get("RAY_ADDRESS") or current.exists():
+            return None
+        return (
+            "'auto' joins a running Ray cluster, and none runs on this machine: start one with "
+            "`ray start --head`, or use null (--set runner.address=null) for a local instance for this run"
+        )
+    try:
+        check_reachable(address)
+    except RunnerError as e:
+        return str(e)
+    return None
 
 
 def check_reachable(address: str) -> None:

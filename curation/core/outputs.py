@@ -49,5 +49,6 @@ def explain_conflict(root: Path | str, old: dict, new: dict) -> str:
     return (
         f"{root} holds a run made with a different config, which would change results:\n    "
         + "\n    ".join(diffs[:10])
-        + "\nChoose a new output (--output DIR), or restore the original config to resume."
+        + "\nChoose a new output (--output DIR), or restore the original config to resume. A new threshold "
+        f'needs no re-run: the scores are recorded, so select on them (curate select {root} --where "...").'
     )

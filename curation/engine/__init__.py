@@ -25,6 +25,21 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
     fingerprint, config_hash = config.run_fingerprint(pipeline.stages)
     run = RunDir(config.output, config.storage_options)
     run.store.check()  # wrong credentials, a missing bucket: one line, before any work
+    joined = False
+    if config.runner.type == "ray" and config.runner.address is not None:
+        from curation.engine.ray import connect
+
+        joined = connect(config.runner.address)  # join the cluster before anything is written
+    try:
+        return _execute(config, run, pipeline, fingerprint, config_hash, limit)
+    finally:
+        if joined:
+            import ray
+
+            ray.shutdown()
+
+
+def _execute(config: Config, run: RunDir, pipeline, fingerprint: str, config_hash: str, limit: int | None):
     with run.lock():
         plan = run.prepare(
             fingerprint,

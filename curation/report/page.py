@@ -344,6 +344,8 @@ def _meta(row: dict[str, Any]) -> str:
 
 def _table(g: SampleGroup, columns: list[str], rules: dict[str, Threshold], has_images: bool) -> str:
     shown = [c for c in columns if any(r.get(c) is not None for r in g.rows)]
+    if any(r.get("error_message") for r in g.rows):  # why a download or decode dropped the row
+        shown.append("error_message")
     # Column names break after their underscores, so many score columns leave the caption its room.
     head = "".join(f"<th>{esc(c).replace('_', '_<wbr>')}</th>" for c in ["caption", *shown, "uid"])
     body = []
@@ -352,7 +354,8 @@ def _table(g: SampleGroup, columns: list[str], rules: dict[str, Threshold], has_
         for c in shown:
             v = row.get(c)
             fails = c in rules and v is not None and not _passes(v, rules[c])
-            cells.append(f"<td{FAIL_CLASS if fails else ''}>{esc(_value(v))}</td>")
+            text = _cut(v, 120) if c == "error_message" and v else _value(v)
+            cells.append(f"<td{FAIL_CLASS if fails else ''}>{esc(text)}</td>")
         cells.append(f'<td class="uid"><code>{esc(row.get("uid", ""))}</code></td>')
         body.append(f"<tr>{''.join(cells)}</tr>")
     fetched = any(r.get("status") is not None for r in g.rows)

@@ -16,6 +16,7 @@ import fsspec
 import pyarrow as pa
 
 from curation.config import InputConfig
+from curation.core.patterns import brace_expand, has_glob
 from curation.schema import DECISION_COLUMNS, ID_COLUMNS, make_uids
 
 
@@ -59,6 +60,10 @@ class Source(ABC):
     def files(self) -> list[str]:
         return expand_paths(self.cfg.path)
 
+    def missing_files(self) -> list[str]:
+        """Files a brace pattern in `input.path` names that do not exist (left out of the plan)."""
+        return find_paths(self.cfg.path)[1]
+
     @abstractmethod
     def check(self) -> list[Problem]:
         """Problems with the input that can be found without reading the data."""
@@ -91,16 +96,27 @@ def split_rows(shards: list[Shard], path: str, n: int, per: int, left: float) ->
 
 
 def expand_paths(path: str | list[str]) -> list[str]:
-    """Local paths, globs and fsspec URLs, expanded and sorted; duplicates removed."""
+    """Local paths, brace patterns, globs and fsspec URLs, expanded and sorted; duplicates removed."""
+    return find_paths(path)[0]
+
+
+def find_paths(path: str | list[str]) -> tuple[list[str], list[str]]:
+    """(`expand_paths`, the names a brace pattern spells out that do not exist: left out, to be named)."""
     out: list[str] = []
-    for p in [path] if isinstance(path, str) else path:
-        fs, _, paths = fsspec.get_fs_token_paths(p)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        for q in sorted(paths):
-            if fs.isdir(q):
+    missing: list[str] = []
+    for pattern in [path] if isinstance(path, str) else path:
+        names = brace_expand(pattern)
+        for p in names:
+            fs, _, paths = fsspec.get_fs_token_paths(p)
+            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            if len(names) > 1 and not has_glob(p) and not fs.exists(paths[0]):
+                missing.append(p)
                 continue
-            out.append(q if protocol in ("file", "local") else f"{protocol}://{q}")
-    return list(dict.fromkeys(out))
+            for q in sorted(paths):
+                if fs.isdir(q):
+                    continue
+                out.append(q if protocol in ("file", "local") else f"{protocol}://{q}")
+    return list(dict.fromkeys(out)), missing
 
 
 def normalise(

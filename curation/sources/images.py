@@ -32,6 +32,7 @@ import fsspec
 import pyarrow as pa
 
 from curation.core.folders import FileRefused, list_files, read_inside
+from curation.core.patterns import brace_expand
 from curation.core.shards import (
     CAPTION,
     IMAGE_EXTENSIONS,
@@ -206,7 +207,7 @@ class ImageFolderSource(_ImageSource):
     def files(self) -> list[str]:
         paths = [self.cfg.path] if isinstance(self.cfg.path, str) else self.cfg.path
         out: list[str] = []
-        for p in paths:
+        for p in (name for path in paths for name in brace_expand(path)):
             if Path(p).is_dir():
                 out.append(os.path.abspath(p))
             else:
