@@ -90,8 +90,8 @@ def make_config(tmp: Path, data: Path, out: Path, rows_per_shard: int, workers: 
 def bench_stages(cfg_path: Path, table: pa.Table, batch_rows: int) -> float:
     from curation.config import load_config
     from curation.engine.task import ShardTask
-    from curation.manifest import RunDir
     from curation.pipeline import Pipeline
+    from curation.rundir import RunDir
     from curation.sources.base import normalise
     from curation.stages import STAGES
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from curation.manifest import RunDir  # noqa: E402
+from curation.rundir import RunDir  # noqa: E402
 from curation.schema import make_uids  # noqa: E402
 from curation.sources.base import Shard  # noqa: E402
 from tests.helpers import write_config  # noqa: E402

@@ -148,8 +148,8 @@ def driver_overhead(
     tmp: Path, env: dict[str, str], counts: list[int], legacy_max: int, unfolded: int
 ) -> None:
     from curation.config import load_config
-    from curation.manifest import LedgerFolder, LedgerState, RunDir
     from curation.pipeline import Pipeline
+    from curation.rundir import LedgerFolder, LedgerState, RunDir
     from curation.stages import STAGES
 
     s3 = s3_client(env)

@@ -10,7 +10,7 @@ hundreds of MB with row groups of 100k-1M rows. Compaction writes those, beside 
 
 Commit protocol (the same on local disk and object stores): every part is written completely
 (rename; one PUT or a completed multipart upload), then the index, in one atomic write. The index is
-the truth: readers (`curation.manifest.data_files`) read a shard from the part the index names, and
+the truth: readers (`curation.rundir.data_files`) read a shard from the part the index names, and
 only shards no part holds from their own manifests, so every committed row is read exactly once,
 before, during and after a compaction. A compaction killed at any moment leaves either the old index
 (its parts not yet named are orphans, removed by the next compaction) or the new one.
@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.core.storage import StorageError, Store
-from curation.manifest import (
+from curation.rundir import (
     COMPACTED_DIR,
     COMPACTED_INDEX,
     RunDir,

@@ -257,8 +257,8 @@ def run_decontaminate(
     from curation.core.outputs import exclusive_lock_on
     from curation.core.storage import is_url
     from curation.dedup import _put_parquet
-    from curation.manifest import RunDir
     from curation.query import NoManifests, connect
+    from curation.rundir import RunDir
 
     for location in against:  # a mistyped path is refused before the manifests are read
         if not is_url(location) and not Path(location).exists():

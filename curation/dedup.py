@@ -60,8 +60,8 @@ import pyarrow as pa
 from curation.core.outputs import exclusive_lock_on
 from curation.core.params import param
 from curation.core.storage import Store
-from curation.manifest import RunDir
 from curation.near_duplicates import close_pairs, exact_pairs, near_pairs, rank_groups, spherical_kmeans
+from curation.rundir import RunDir
 
 KINDS = ("exact", "phash", "semantic")  # strictest first: a row's dup_kind is its strictest link
 TABLE = "dedup.parquet"

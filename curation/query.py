@@ -36,7 +36,7 @@ from typing import Any, TextIO
 import duckdb
 
 from curation.core.terminal import printable
-from curation.manifest import RunDir
+from curation.rundir import RunDir
 from curation.schema import HASH_COLUMNS
 from curation.stages import manifest_columns
 
@@ -71,7 +71,7 @@ def connect(
     (a `curate run` output: a local directory or a URL), `dedup` over `curate dedup`'s table and
     `hard_pairs` over the table a `curate mine` output holds.
 
-    The rows are read from the run's data files (`curation.manifest.data_files`: compacted parts and
+    The rows are read from the run's data files (`curation.rundir.data_files`: compacted parts and
     the manifests of shards no part holds). On local disk DuckDB reads those files, and nothing else.
     On an object store DuckDB scans Arrow datasets over the objects (`curation.remote`): the statement's
     columns and filters are pushed into the scan, which fetches only the byte ranges they need through

@@ -394,7 +394,7 @@ class ImageSources:
             else os.path.realpath(str(p).removeprefix("file://"))
             for p in images_from
         ]
-        from curation.manifest import RunDir
+        from curation.rundir import RunDir
 
         self.inputs: list[str] = named + RunDir(run).trusted_inputs()
 

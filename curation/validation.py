@@ -20,7 +20,7 @@ from typing import Any
 
 from curation.config import Config, ConfigError, KeyPath, Parsed, parse, read_config
 from curation.core.storage import StorageError, is_url
-from curation.manifest import RunDir
+from curation.rundir import RunDir
 from curation.sources import check_input
 from curation.stages import STAGES, Stage, build_stages, manifest_columns, param_problems_of
 

@@ -606,7 +606,7 @@ def test_into_a_log_run_prints_one_line_per_shard_and_no_progress_frames(tmp_pat
 
 
 def test_status_shows_rate_and_eta_of_a_run_in_progress_and_says_a_limit_run_is_a_trial(tmp_path, capsys):
-    from curation.manifest import RunDir
+    from curation.rundir import RunDir
     from tests.helpers import LAION_1K, write_config
 
     out = tmp_path / "out"

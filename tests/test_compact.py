@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import main
-from curation.manifest import RunDir, data_files
 from curation.query import NoManifests, connect
+from curation.rundir import RunDir, data_files
 from tests.helpers import LAION_1K, REPO, write_config
 
 STAGES = "  - caption_length: {min_words: 4}\n"

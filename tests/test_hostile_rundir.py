@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from curation.cli import main
-from curation.manifest import RunDir, shard_name
+from curation.rundir import RunDir, shard_name
 from tests.test_ledger import SHARDS, committed_uids, output, tiny_run  # noqa: F401 (fixture)
 
 

@@ -250,7 +250,7 @@ RULES = [
     (
         "the trainer locks its outputs through curation.core.outputs, not the run directory",
         lambda m: m.startswith("train"),
-        lambda t: t == "curation.manifest",
+        lambda t: t == "curation.rundir",
     ),
     (
         "outside the stages (and the CLI listing them) only the registry is imported, never a stage's module",
@@ -280,7 +280,7 @@ def test_the_rule_checker_finds_a_broken_rule():
     graph = {
         "curation.config": {"curation.stages"},
         "curation.sources.base": {"curation.stages"},
-        "train.mining.run": {"curation.engine.ray", "curation.manifest"},
+        "train.mining.run": {"curation.engine.ray", "curation.rundir"},
         "curation.near_duplicates": {"curation.stages.caption"},
         "train.config": {"curation.models.files"},
         "curation.validation": {"curation.stages", "curation.models.files"},  # allowed

@@ -1,4 +1,4 @@
-"""The folded ledger (curation/manifest.py): parts written while a run goes, merged, read instead of
+"""The folded ledger (curation/rundir.py): parts written while a run goes, merged, read instead of
 one object per shard; a kill at any point of a fold leaves a ledger that resumes every row exactly once.
 Local disk, memory:// and a real S3 server (moto's, on 127.0.0.1); tests/test_storage_s3.py also
 kills a driver there with SIGKILL and resumes."""
@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation import manifest
+from curation import rundir
 from curation.cli import main
-from curation.manifest import LedgerFolder, RunDir, ShardResult, shard_name
+from curation.rundir import LedgerFolder, RunDir, ShardResult, shard_name
 from curation.sources.base import Shard
 from tests.helpers import write_config
 
@@ -40,9 +40,9 @@ def output(request, tmp_path, monkeypatch) -> str:
 @pytest.fixture
 def small_folds(monkeypatch):
     """Fold every 3 commits and merge beyond 2 parts, so a 12-shard run folds and merges mid-run."""
-    monkeypatch.setattr(manifest, "FOLD_EVERY", 3)
-    monkeypatch.setattr(manifest, "COMPACT_AT", 2)
-    monkeypatch.setattr(manifest, "FOLD_MIN", 0)
+    monkeypatch.setattr(rundir, "FOLD_EVERY", 3)
+    monkeypatch.setattr(rundir, "COMPACT_AT", 2)
+    monkeypatch.setattr(rundir, "FOLD_MIN", 0)
 
 
 def tiny_run(tmp_path: Path, output: str) -> Path:
@@ -77,7 +77,7 @@ def test_a_run_folds_as_it_goes_keeps_the_single_entries_and_ends_with_one_part(
     run = RunDir(output)
     parts = run.folded_store.list("")
     assert len(parts) == 1, parts  # 4 parts of 3 were written; merged mid-run and at the end
-    singles = [n for n in run.ledger_store.list("") if manifest.LEDGER_ENTRY.fullmatch(n)]
+    singles = [n for n in run.ledger_store.list("") if rundir.LEDGER_ENTRY.fullmatch(n)]
     assert len(singles) == SHARDS, "single entries are the truth: folding never removes them"
     state = run.ledger_state()
     assert sorted(state.done) == list(range(SHARDS)) and not state.unfolded and state.parts == parts
@@ -156,7 +156,7 @@ def test_few_unfolded_entries_are_looked_up_many_are_listed_and_both_agree(outpu
     legacy = RunDir(output)
     legacy.remove_folded_parts(legacy.folded_store.list(""))
     legacy.ledger_store.put_bytes(
-        manifest.LEGACY_FOLDED, "".join(f'{{"shard": {i}, "rows": 1}}\n' for i in range(100)).encode()
+        rundir.LEGACY_FOLDED, "".join(f'{{"shard": {i}, "rows": 1}}\n' for i in range(100)).encode()
     )
     state = legacy.ledger_state(with_failures=True)
     assert sorted(state.done) == list(range(390)) and sorted(state.unfolded) == list(range(390))

@@ -14,7 +14,7 @@ import pytest
 
 from curation import query
 from curation.cli import main
-from curation.manifest import RunDir, data_files
+from curation.rundir import RunDir, data_files
 from tests.helpers import REPO
 from tests.test_compact import make_run
 

@@ -22,10 +22,10 @@ import pytest
 from PIL import Image
 
 from curation.cli import main
-from curation.manifest import RunDir
 from curation.report import build_report
 from curation.report.collect import plotted
 from curation.report.thumbnails import THUMBNAIL_SIZE
+from curation.rundir import RunDir
 from curation.stages import STAGES, StageContext, manifest_columns
 from tests.helpers import LAION_1K, write_config
 from tests.imageserver import jpeg, png_header_bomb

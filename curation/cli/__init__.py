@@ -125,7 +125,7 @@ def _dispatch(argv: list[str] | None) -> int:
     if isinstance(config, str) and not os.path.exists(config):
         return fail(f"config file not found: {config}")
     from curation.core.storage import StorageError
-    from curation.manifest import RunDirError
+    from curation.rundir import RunDirError
 
     try:
         return int(args.func(args) or 0)

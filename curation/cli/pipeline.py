@@ -231,7 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from curation.core.outputs import RunLocked
     from curation.core.storage import StoreUnavailable
     from curation.engine import execute
-    from curation.manifest import RunConflict
+    from curation.rundir import RunConflict
 
     try:
         cfg = _load(args)
@@ -319,7 +319,6 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
-    from curation.manifest import output_inside_run
     from curation.query import (
         OUT_FORMATS,
         LimitError,
@@ -332,6 +331,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         explain_error,
         select_statement,
     )
+    from curation.rundir import output_inside_run
 
     out = Path(args.out) if args.out else None
     if out is not None:

@@ -71,7 +71,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.sample < 0:
         raise UsageError("--sample must be >= 0")
     from curation.core.storage import is_url, open_store
-    from curation.manifest import output_inside_run
+    from curation.rundir import output_inside_run
 
     problem = output_inside_run(args.out, args.output)  # one rule with query and select --out
     if problem:

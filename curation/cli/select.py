@@ -157,8 +157,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     import duckdb
 
     from curation.core.storage import is_url
-    from curation.manifest import output_inside_run
     from curation.query import NoManifests, QueryRefused, connect, explain_error
+    from curation.rundir import output_inside_run
     from curation.select import SelectError, leave_out_contaminated, narrow, select_shards, select_uids
 
     out = args.out if is_url(args.out) else Path(args.out)  # s3://... : written to the object store

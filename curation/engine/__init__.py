@@ -13,7 +13,7 @@ from curation.config import Config
 from curation.core.terminal import printable
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
-from curation.manifest import LedgerFolder, RunDir
+from curation.rundir import LedgerFolder, RunDir
 
 __all__ = ["RunSummary", "execute"]
 

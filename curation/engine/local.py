@@ -32,8 +32,8 @@ from curation.config import Config
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.engine.task import ShardOutcome, ShardTask, account
-from curation.manifest import LedgerFolder, RunDir
 from curation.pipeline import Pipeline
+from curation.rundir import LedgerFolder, RunDir
 from curation.sources import Shard
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")

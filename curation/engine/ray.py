@@ -56,7 +56,7 @@ from curation.core.cluster import RunnerError, connect
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.engine.task import ShardOutcome, ShardTask, account
-from curation.manifest import LedgerFolder, RunDir, ShardResult
+from curation.rundir import LedgerFolder, RunDir, ShardResult
 from curation.sources import Shard
 from curation.stages import Stage, build_stages
 

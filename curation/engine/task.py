@@ -16,8 +16,8 @@ import pyarrow as pa
 from curation.core.storage import StoreUnavailable
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
-from curation.manifest import LedgerFolder, RunDir, ShardResult
 from curation.pipeline import Pipeline
+from curation.rundir import LedgerFolder, RunDir, ShardResult
 from curation.sources import Shard
 from curation.stages import apply_stage
 

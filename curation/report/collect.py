@@ -18,8 +18,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from curation.manifest import RunDir, shard_name
 from curation.query import QueryRefused, condition, explain_error, funnel, select_statement
+from curation.rundir import RunDir, shard_name
 from curation.schema import TRANSIENT_COLUMNS
 from curation.stages import STAGES, StageContext, manifest_columns
 

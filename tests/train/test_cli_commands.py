@@ -155,7 +155,7 @@ def test_a_second_train_on_the_same_output_dir_is_refused(
     fmnist_shards, make_config, tmp_path, capsys
 ) -> None:
     from curation.core.storage import open_store
-    from curation.manifest import exclusive_lock_on
+    from curation.rundir import exclusive_lock_on
 
     out = tmp_path / "out"
     cfg = make_config(tmp_path / "c.yaml", fmnist_shards, out, train={"steps": 1})
