@@ -11,7 +11,8 @@ import contextlib
 from curation.config import Config
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
-from curation.manifest import LedgerFolder, RunDir
+from curation.manifest import RunDir
+from curation.stats import StatsFolder
 
 __all__ = ["RunSummary", "execute"]
 
@@ -34,7 +35,7 @@ def execute(config: Config, *, limit: int | None = None) -> RunSummary:
         )
         run.clean_tmp()
         ledger = run.ledger_state(plan)
-        folder = LedgerFolder(run, ledger)  # folds at once what a killed run left unfolded
+        folder = StatsFolder(run, ledger)  # folds at once what a killed run left unfolded (and summaries)
         pending = [shard for shard in plan if shard.index not in ledger.done]
         total_rows = sum(s.rows for s in pending) if all(s.row_end >= 0 for s in pending) else None
         progress = Progress(total_rows, len(plan), len(plan) - len(pending), enabled=config.runner.progress)

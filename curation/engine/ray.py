@@ -58,9 +58,10 @@ from curation.engine.errors import RunnerError
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.engine.task import ShardOutcome, ShardTask, account
-from curation.manifest import LedgerFolder, RunDir, ShardResult
+from curation.manifest import RunDir, ShardResult
 from curation.sources import Shard
 from curation.stages import Stage, build_stages
+from curation.stats import StatsFolder
 
 # Retries of a shard whose worker process died. Finite, so a shard that
 # crashes its worker every time (a segfault in a native decoder) ends up
@@ -124,7 +125,7 @@ def run_ray(
     pending: list[Shard],
     schema: pa.Schema,
     progress: Progress,
-    folder: LedgerFolder,
+    folder: StatsFolder,
 ) -> RunSummary:
     plan_total = len(run.plan())
     summary = RunSummary(shards_total=plan_total, shards_skipped=plan_total - len(pending))
@@ -178,7 +179,7 @@ def _account_row(
     row: dict[str, Any],
     summary: RunSummary,
     progress: Progress,
-    folder: LedgerFolder,
+    folder: StatsFolder,
     reported: set[int],
     per_node: Counter[str],
 ) -> None:
