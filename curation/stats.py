@@ -46,6 +46,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 EXACT_UIDS = 1024  # a sketch holding at most this many uids keeps their hashes: exact distinct count
 HLL_BITS = 14  # HyperLogLog registers 2^14: standard error 1.04 / sqrt(2^14) = 0.8%
 _HLL_M = 1 << HLL_BITS
+HLL_ERROR = 1.04 / math.sqrt(_HLL_M)  # relative standard error of its count
 _HLL_REST = 64 - HLL_BITS
 _SUMMARY = re.compile(r"shard-(\d+)\.json$")
 
@@ -666,12 +667,15 @@ def _result(
         h["quantile_error"] = 0.0 if quantiles is not None or (integer and step == 1) else step
         histograms[col] = h
     uids = distinct if distinct is not None else s.uids.count()
+    estimated = distinct is None and not s.uids.exact
     return {
         "rows_planned": planned,
         "rows": s.rows,
         # Rows whose (url, caption) pair, hence uid, an earlier row already had.
         "repeated_rows": max(0, s.rows - uids),
-        "repeated_rows_estimated": distinct is None and not s.uids.exact,
+        "repeated_rows_estimated": estimated,
+        # three standard errors of the HyperLogLog count (0 when exact)
+        "repeated_rows_error": round(3 * HLL_ERROR * uids) if estimated else 0,
         "kept": s.kept,
         "keep_rate": s.kept / s.rows if s.rows else None,
         "filters": filters,
@@ -695,10 +699,15 @@ def render_stats(stats: dict[str, Any]) -> str:
         f"rows       {stats['rows']:,}" + (f" of {planned:,} planned" if planned is not None else "")
     )
     lines.append(f"kept       {stats['kept']:,} ({pct(stats['keep_rate'])})")
-    if stats["repeated_rows"]:
-        about = "about " if stats.get("repeated_rows_estimated") else ""
+    err = stats.get("repeated_rows_error", 0)
+    if err:  # a sketch's count: say how far it may be off, and where the exact one is
         lines.append(
-            f"repeats    {about}{stats['repeated_rows']:,} rows repeat an earlier row's (url, caption) pair "
+            f"repeats    about {stats['repeated_rows']:,} (+/- {err:,}) rows repeat an earlier row's (url, caption) "
+            "pair (estimated; `curate stats --exact` counts them; `curate select` writes each uid once)"
+        )
+    elif stats["repeated_rows"]:
+        lines.append(
+            f"repeats    {stats['repeated_rows']:,} rows repeat an earlier row's (url, caption) pair "
             "(same uid; `curate select` writes each uid once)"
         )
     if stats["filters"]:

@@ -40,7 +40,7 @@ def assert_same(summary: dict, exact: dict) -> None:
     for key in ("rows_planned", "rows", "kept", "keep_rate", "filters", "drop_reasons", "nulls"):
         assert summary[key] == exact[key], key
     if summary["repeated_rows_estimated"]:
-        assert abs(summary["repeated_rows"] - exact["repeated_rows"]) <= 0.03 * summary["rows"]
+        assert abs(summary["repeated_rows"] - exact["repeated_rows"]) <= summary["repeated_rows_error"]
     else:
         assert summary["repeated_rows"] == exact["repeated_rows"]
     assert summary["histograms"].keys() == exact["histograms"].keys()
