@@ -142,7 +142,7 @@ def test_summary_stats_equal_the_manifests_through_trial_failure_resume_and_old_
 
 def test_stats_on_s3_read_the_summaries(tmp_path, s3, bucket, capsys):
     url = f"s3://{bucket}/run"
-    cfg = write_config(tmp_path / "c.yaml", LAION_1K, url, rows_per_shard=100, stages=STAGES)
+    cfg = write_config(tmp_path / "c.yaml", LAION_1K, url, rows_per_shard=100, stages=STAGES, workers=2)
     assert main(["run", str(cfg), "--limit", "300"]) == 0
     capsys.readouterr()
     assert "run/summaries/folded.json" in s3.keys(bucket, "run/summaries/")
