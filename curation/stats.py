@@ -28,6 +28,7 @@ import hashlib
 import math
 import re
 import zlib
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -257,13 +258,10 @@ class ShardStats:
         keep = table.column("keep")
         self.kept += int(pc.sum(keep).as_py() or 0)
         dropped = table.filter(pc.invert(pc.fill_null(keep, True)))
-        if dropped.num_rows:
-            pairs = pa.Table.from_arrays(
-                [dropped.column("drop_stage"), dropped.column("drop_reason")], names=["s", "r"]
-            )
-            for row in pairs.group_by(["s", "r"]).aggregate([([], "count_all")]).to_pylist():
-                key = (row["s"], row["r"])
-                self.drops[key] = self.drops.get(key, 0) + row["count_all"]
+        if dropped.num_rows:  # (a Counter: Arrow's group_by costs ~5 ms a call whatever the rows)
+            pairs = zip(dropped.column("drop_stage").to_pylist(), dropped.column("drop_reason").to_pylist())
+            for key, n in Counter(pairs).items():
+                self.drops[key] = self.drops.get(key, 0) + n
         self.uids.add(UidSketch.hash64(table.column("uid").combine_chunks()))
         bins = _bins()
         skip = set(ID_COLUMNS) | set(DECISION_COLUMNS)
@@ -323,7 +321,14 @@ def summary_name(index: int) -> str:
 
 def write_summary(run: RunDir, index: int, stats: ShardStats) -> None:
     """The shard's summary, before its ledger entry (a summary is trusted only once that exists)."""
-    run.store.child(SUMMARY_DIR).put_json(summary_name(index), stats.to_json())
+    run.store.child(SUMMARY_DIR).put_bytes(summary_name(index), _compact(stats.to_json()))
+
+
+def _compact(data: Any) -> bytes:
+    """JSON without indentation: summaries are read by curate only, and half the size this way."""
+    import json
+
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 def _parse(data: bytes) -> ShardStats | None:
@@ -411,7 +416,7 @@ class StatsFolder(LedgerFolder):
                     self.merged.merge(stats)
                     self.covered.add(int(m.group(1)))
             self.to_read = set()  # those without one stay uncovered
-        store.put_json(FOLDED, {"shards": _ranges(self.covered), "stats": self.merged.to_json()})
+        store.put_bytes(FOLDED, _compact({"shards": _ranges(self.covered), "stats": self.merged.to_json()}))
         self.changed = False
 
 
