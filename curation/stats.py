@@ -76,13 +76,15 @@ class UidSketch:
     def hash64(uids: pa.Array) -> np.ndarray:
         """64 bits per uid: a curate uid is 32 hex digits of sha256 already (its first 16); anything
         else is hashed (blake2b), so the same string always gives the same bits."""
+        n = len(uids)
+        if pa.types.is_string(uids.type) and not uids.null_count and n:
+            # the fast way: the string data of n 32-character uids is 32 n bytes of hex, in one buffer
+            offsets = np.frombuffer(uids.buffers()[1], dtype=np.int32)[uids.offset : uids.offset + n + 1]
+            if offsets[-1] - offsets[0] == 32 * n and bool(np.all(np.diff(offsets) == 32)):
+                with contextlib.suppress(ValueError, UnicodeDecodeError):  # not hex: the slow way
+                    text = uids.buffers()[2].to_pybytes()[offsets[0] : offsets[-1]].decode("ascii")
+                    return np.frombuffer(bytes.fromhex(text), dtype=">u8")[0::2].astype(np.uint64)
         values = uids.to_pylist()
-        try:
-            if all(isinstance(u, str) and len(u) == 32 for u in values):
-                raw = np.frombuffer(bytes.fromhex("".join(values)), dtype=">u8")
-                return raw[0::2].astype(np.uint64)
-        except ValueError:
-            pass
         out = np.empty(len(values), dtype=np.uint64)
         for i, u in enumerate(values):
             if isinstance(u, str) and len(u) == 32:
@@ -97,7 +99,12 @@ class UidSketch:
 
     def add(self, hashes: np.ndarray) -> None:
         if self.hashes is not None:
-            self.hashes.update(int(h) for h in np.unique(hashes))
+            unique = np.unique(hashes)
+            if len(unique) > EXACT_UIDS:  # the union is beyond exact whatever it held: no set of them
+                self._to_registers()
+                self._add_registers(unique)
+                return
+            self.hashes.update(unique.tolist())
             if len(self.hashes) > EXACT_UIDS:
                 self._to_registers()
         else:
