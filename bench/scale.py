@@ -9,7 +9,9 @@ Each size is a run built with curate's own writer and schema (`RunDir.writer`, t
 manifest schema, a summary per shard and the driver's folding of ledger and summaries, exactly as
 `curate run` commits a shard): synthetic rows whose captions are the 1,000 real LAION captions
 bundled in data/ (realistic lengths), with scores drawn from skewed distributions. Then each
-command runs as a fresh `curate` process; per command the script prints wall seconds, bytes read
+command runs as a fresh `curate` process; per command the script prints wall seconds (and "main s":
+the time inside `curation.cli.main`, without the interpreter's start and curate's first imports,
+which dominate on a loaded machine), bytes read
 (local: the process's read() bytes, /proc/self/io rchar, which includes ~20-40 MB of Python
 modules; S3: bytes received over its sockets), peak RSS, and the growth of the time against the
 smallest size. Where `curate compact` exists, the run is compacted and every command runs again.
@@ -63,7 +65,7 @@ COMMANDS = {
 }
 # Run inside each measured process: counts socket bytes and reports rchar and peak RSS at exit.
 MEASURE = r"""
-import atexit, json, os, resource, socket, sys
+import atexit, json, os, resource, socket, sys, time
 got = [0]
 _recv, _recv_into = socket.socket.recv, socket.socket.recv_into
 def recv(self, *a, **k):
@@ -75,10 +77,11 @@ def report():
     io = dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with open(os.environ["BENCH_MEASURE"], "w") as f:
-        json.dump({"rchar": int(io["rchar"]), "socket": got[0], "rss": rss}, f)
+        json.dump({"rchar": int(io["rchar"]), "socket": got[0], "rss": rss, "main": time.perf_counter() - t0}, f)
 atexit.register(report)
 from curation.cli import main
 sys.argv = ["curate"] + sys.argv[1:]
+t0 = time.perf_counter()
 code = main(sys.argv[1:])
 sys.stdout.flush()
 sys.exit(code)
@@ -260,7 +263,12 @@ def measure(args: list[str], env: dict[str, str], timeout: float) -> dict[str, f
         return {"seconds": seconds, "error": (err.strip().splitlines() or ["?"])[-1][:200]}
     got = json.loads(Path(report).read_text())
     os.unlink(report)
-    return {"seconds": seconds, "read": got["socket"] if env else got["rchar"], "rss": got["rss"]}
+    return {
+        "seconds": seconds,
+        "main": got["main"],
+        "read": got["socket"] if env else got["rchar"],
+        "rss": got["rss"],
+    }
 
 
 def column_bytes(run: Path, column: str) -> int:
@@ -313,7 +321,7 @@ def main() -> None:
         targets.append(("s3", env))
     print(f"load average at start: {os.getloadavg()}; curate compact: {'yes' if compact else 'not here'}")
     print(
-        f"{'size':>14} {'where':>6} {'phase':>8} {'command':>12} {'seconds':>9} {'read MB':>9} {'peak MB':>8} growth"
+        f"{'size':>14} {'where':>6} {'phase':>8} {'command':>12} {'seconds':>9} {'main s':>8} {'read MB':>9} {'peak MB':>8} growth"
     )
     first: dict[tuple, float] = {}
     try:
@@ -351,18 +359,19 @@ def main() -> None:
                             print(f"{name:>14} {where:>6} {phase:>8} {command:>12} failed: {got[0]['error']}")
                             continue
                         sec = statistics.median(g["seconds"] for g in ok)
+                        inproc = statistics.median(g["main"] for g in ok)
                         read = statistics.median(g["read"] for g in ok)
                         rss = max(g["rss"] for g in ok)
                         first.setdefault(key, sec)
                         print(
-                            f"{name:>14} {where:>6} {phase:>8} {command:>12} {sec:>9.2f} {mb(read):>9} "
-                            f"{rss / 1e6:>8,.0f} x{sec / first[key]:.2f}",
+                            f"{name:>14} {where:>6} {phase:>8} {command:>12} {sec:>9.2f} {inproc:>8.2f} "
+                            f"{mb(read):>9} {rss / 1e6:>8,.0f} x{sec / first[key]:.2f}",
                             flush=True,
                         )
                         if a.json:
                             with open(a.json, "a") as f:
                                 f.write(json.dumps({"size": name, "shards": shards, "rows": rows, "where": where,
-                                                    "phase": phase, "command": command, "seconds": sec,
+                                                    "phase": phase, "command": command, "seconds": sec, "main": inproc,
                                                     "read": read, "rss": rss}) + "\n")  # fmt: skip
     finally:
         if moto is not None:
