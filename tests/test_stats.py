@@ -121,8 +121,10 @@ def test_summary_stats_equal_the_manifests_through_trial_failure_resume_and_old_
     capsys.readouterr()
     assert stats(out, capsys=capsys) == full
 
-    # without the folded object (a driver killed before its fold): the single summaries
+    # without the folded object (a driver killed before its fold): the single summaries; a summary
+    # whose shard has no ledger entry (a worker killed before its commit) is not counted
     (out / SUMMARY_DIR / "folded.json").unlink()
+    shutil.copy(out / SUMMARY_DIR / "shard-00000.json", out / SUMMARY_DIR / f"shard-{shards:05d}.json")
     assert stats(out, capsys=capsys) == full
     # shards committed by an older curate (no summary): those summarised from their manifests
     (out / SUMMARY_DIR / "shard-00001.json").unlink()
@@ -194,3 +196,19 @@ def test_bins_put_edges_and_outliers_where_duckdb_does():
     con.register("t", pa.table({"v": values}))
     theirs = [r[0] for r in con.execute(f"SELECT {_bin_sql('v', -1, 1.002, 0.002)} FROM t").fetchall()]
     assert ours == theirs and ours[2] == -1 and ours[-2] == 1001
+
+
+def test_every_numeric_stage_column_declares_its_bins():
+    """A numeric column without bins would be missing from `curate stats`' histograms."""
+    from curation.schema import HASH_COLUMNS
+    from curation.stages import manifest_bins, manifest_columns
+
+    bins = manifest_bins()
+    numeric = {
+        name
+        for name, t in manifest_columns().items()
+        if (pa.types.is_integer(t) or pa.types.is_floating(t)) and name not in HASH_COLUMNS
+    }
+    assert numeric - set(bins) == set()
+    for name, (lo, hi, step) in bins.items():
+        assert lo < hi and step > 0 and (hi - lo) / step <= 10_000, name  # bounded summaries
