@@ -186,6 +186,7 @@ def test_ray_runner_matches_local_runner(gpu_less_session: dict, capsys) -> None
     # the Ray driver folded the shards' summaries (read back from the store) into one object, and
     # the stats they give are those of the manifests, and of the local run
     assert json.loads((ray_out / "summaries" / "folded.json").read_text())["shards"] == [[0, 3]]
+    capsys.readouterr()
     got = {}
     for name, out, extra in (("ray", ray_out, []), ("exact", ray_out, ["--exact"]), ("local", local, [])):
         assert main(["stats", str(out), "--format", "json", *extra]) == 0
