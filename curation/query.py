@@ -22,7 +22,6 @@ import atexit
 import contextlib
 import csv
 import json
-import math
 import os
 import re
 import sys
@@ -37,8 +36,6 @@ import duckdb
 
 from curation.core.terminal import printable
 from curation.rundir import RunDir
-from curation.schema import HASH_COLUMNS
-from curation.stages import manifest_columns
 
 # File formats of `curate query --out` by extension, and what `--format` prints.
 OUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
@@ -384,17 +381,6 @@ def write_file(con: duckdb.DuckDBPyConnection, statement: duckdb.Statement, path
     return n
 
 
-def compute_stats(output: str | Path, bins: int = 10) -> dict[str, Any]:
-    con = connect(output)
-    columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
-    histograms = {}
-    for col, typ in manifest_columns().items():
-        numeric = str(typ).startswith("int") or str(typ).startswith("float")
-        if col in columns and numeric and col not in HASH_COLUMNS:
-            histograms[col] = _histogram(con, col, integer=str(typ).startswith("int"), bins=bins)
-    return {**funnel(con, RunDir(output)), "histograms": histograms}
-
-
 def funnel(con: duckdb.DuckDBPyConnection, run: RunDir) -> dict[str, Any]:
     """Rows, kept, drop reasons, and per configured stage (in order) the rows it reached and dropped."""
     rows, kept, uids = con.execute(
@@ -437,32 +423,6 @@ def funnel(con: duckdb.DuckDBPyConnection, run: RunDir) -> dict[str, Any]:
         "filters": filters,
         "drop_reasons": reasons,
     }
-
-
-def _histogram(con, col: str, integer: bool, bins: int) -> dict[str, Any]:
-    lo, hi, n_null = con.execute(
-        f'SELECT min("{col}"), max("{col}"), count(*) FILTER (WHERE "{col}" IS NULL) FROM samples'
-    ).fetchone()
-    if lo is None:
-        return {"buckets": [], "null": n_null}
-    if integer and hi - lo < 16:
-        pairs = con.execute(
-            f'SELECT "{col}", count(*) FROM samples WHERE "{col}" IS NOT NULL GROUP BY 1 ORDER BY 1'
-        ).fetchall()
-        return {"buckets": [[str(v), n] for v, n in pairs], "null": n_null}
-    width = (hi - lo) / bins or 1
-    if integer:
-        width = max(1, math.ceil(width))
-    pairs = con.execute(
-        f'SELECT least(floor(("{col}" - {lo}) / {width}), {bins - 1})::INT AS b, count(*) '
-        f'FROM samples WHERE "{col}" IS NOT NULL GROUP BY 1 ORDER BY 1'
-    ).fetchall()
-    buckets = []
-    for b, n in pairs:
-        a = lo + b * width
-        label = f"{int(a)}-{int(a + width - 1)}" if integer else f"{a:.3g}-{a + width:.3g}"
-        buckets.append([label, n])
-    return {"buckets": buckets, "null": n_null}
 
 
 def compute_status(output: str | Path, storage_options: dict | None = None) -> dict[str, Any]:
@@ -534,39 +494,6 @@ def _numeric(s: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def render_stats(stats: dict[str, Any]) -> str:
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    lines = []
-    planned = stats["rows_planned"]
-    lines.append(
-        f"rows       {stats['rows']:,}" + (f" of {planned:,} planned" if planned is not None else "")
-    )
-    lines.append(f"kept       {stats['kept']:,} ({pct(stats['keep_rate'])})")
-    if stats["repeated_rows"]:
-        lines.append(
-            f"repeats    {stats['repeated_rows']:,} rows repeat an earlier row's (url, caption) pair "
-            "(same uid; `curate select` writes each uid once)"
-        )
-    if stats["filters"]:
-        lines.append("\nfilters (in pipeline order; a row is counted at the first stage that drops it)")
-        lines.append(
-            format_table(
-                ["stage", "reached", "dropped", "pass rate"],
-                [(f["stage"], f["reached"], f["dropped"], pct(f["pass_rate"])) for f in stats["filters"]],
-            )
-        )
-    if stats["drop_reasons"]:
-        lines.append("\ndrop reasons")
-        lines.append(format_table(["drop_reason", "rows"], list(stats["drop_reasons"].items())))
-    for col, h in stats["histograms"].items():
-        total = sum(n for _, n in h["buckets"]) or 1
-        lines.append(f"\n{col}" + (f"  ({h['null']:,} null: not scored)" if h["null"] else ""))
-        for label, n in h["buckets"]:
-            bar = "#" * max(1 if n else 0, round(40 * n / total))
-            lines.append(f"  {label:>12} {n:>10,}  {bar}")
-    return "\n".join(lines)
 
 
 def render_status(st: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ import pytest
 
 from curation.cli import main
 from tests.helpers import netns_prefix
+from tests.test_stats import assert_same as assert_same_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "laion_captions_1k.parquet"
@@ -167,7 +168,7 @@ def gpu_less_session(tmp_path_factory) -> dict:
 
 
 @needs_netns
-def test_ray_runner_matches_local_runner(gpu_less_session: dict) -> None:
+def test_ray_runner_matches_local_runner(gpu_less_session: dict, capsys) -> None:
     tmp, proc, codes = gpu_less_session["tmp"], gpu_less_session["proc"], gpu_less_session["codes"]
     assert codes[:1] == [0], proc.stderr[-3000:]
     assert "4 shard(s) written" in proc.stdout
@@ -182,6 +183,16 @@ def test_ray_runner_matches_local_runner(gpu_less_session: dict) -> None:
     assert not [p for p in (ray_out / "manifests" / ".tmp").rglob("*") if not p.is_dir()]
     for command in ("status", "stats"):
         assert main([command, str(ray_out)]) == 0
+    # the Ray driver folded the shards' summaries (read back from the store) into one object, and
+    # the stats they give are those of the manifests, and of the local run
+    assert json.loads((ray_out / "summaries" / "folded.json").read_text())["shards"] == [[0, 3]]
+    capsys.readouterr()
+    got = {}
+    for name, out, extra in (("ray", ray_out, []), ("exact", ray_out, ["--exact"]), ("local", local, [])):
+        assert main(["stats", str(out), "--format", "json", *extra]) == 0
+        got[name] = json.loads(capsys.readouterr().out)
+    assert got["ray"] == got["local"] and got["ray"]["source"] == "summaries"
+    assert_same_stats(got["ray"], got["exact"])
 
 
 @needs_netns

@@ -84,8 +84,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "stats",
             "rows kept, pass rate per filter, drop reasons, score histograms (works mid-run)",
             "What the filters of a `curate run` output did: rows kept, each stage's pass rate and "
-            "drop reasons, a histogram of every score column. Works while the run is going.\n\n"
-            "  curate stats runs/demo\n  curate stats runs/demo --format json --bins 20",
+            "drop reasons, a histogram and quantiles of every score column. Works while the run is going. "
+            "Read from the summaries each shard writes beside its manifest (one small read for a finished "
+            "run); --exact reads the manifests instead.\n\n"
+            "  curate stats runs/demo\n  curate stats runs/demo --format json --bins 20\n"
+            "  curate stats runs/demo --exact",
         ),
     ):
         s = sub.add_parser(name, help=help_, description=description, formatter_class=Formatter)
@@ -94,6 +97,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "stats":
             s.add_argument(
                 "--bins", type=at_least(1), default=10, help="histogram buckets for wide-ranged scores"
+            )
+            s.add_argument(
+                "--exact",
+                action="store_true",
+                help="read every manifest (exact distinct uids and quantiles) instead of the per-shard "
+                "summaries; slow at scale",
             )
         s.set_defaults(func=cmd_summary)
 
@@ -304,14 +313,17 @@ def run_line(summary) -> str:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     """`curate status` (exit 1 when a shard failed) and `curate stats`."""
-    from curation import query
+    from curation import query, stats
 
     status = args.command == "status"
     try:
-        st = query.compute_status(args.output) if status else query.compute_stats(args.output, bins=args.bins)
+        if status:
+            st = query.compute_status(args.output)
+        else:
+            st = stats.compute_stats(args.output, bins=args.bins, exact=args.exact)
     except query.NoManifests as e:
         return fail(e)
-    render = query.render_status if status else query.render_stats
+    render = query.render_status if status else stats.render_stats
     print(query.dumps(st) if args.format == "json" else render(st))
     return EXIT_FAILED if status and st["shards_failed"] else EXIT_OK
 

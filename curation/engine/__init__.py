@@ -13,7 +13,8 @@ from curation.config import Config
 from curation.core.terminal import printable
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
-from curation.rundir import LedgerFolder, RunDir
+from curation.rundir import RunDir
+from curation.stats import StatsFolder
 
 __all__ = ["RunSummary", "execute"]
 
@@ -52,7 +53,7 @@ def _execute(config: Config, run: RunDir, pipeline, fingerprint: str, config_has
         ledger = run.ledger_state(plan, verify=True)  # the ledger is checked: a lying entry is redone
         for line in ledger.notes + [f"{why}: redoing the shard" for _, why in sorted(ledger.broken.items())]:
             print(f"curate: {printable(line)}", file=sys.stderr, flush=True)
-        folder = LedgerFolder(run, ledger)  # folds at once what a killed run left unfolded
+        folder = StatsFolder(run, ledger)  # folds at once what a killed run left unfolded (and summaries)
         pending = [shard for shard in plan if shard.index not in ledger.done]
         total_rows = sum(s.rows for s in pending) if all(s.row_end >= 0 for s in pending) else None
         progress = Progress(total_rows, len(plan), len(plan) - len(pending), enabled=config.runner.progress)

@@ -33,8 +33,9 @@ from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.engine.task import ShardOutcome, ShardTask, account
 from curation.pipeline import Pipeline
-from curation.rundir import LedgerFolder, RunDir
+from curation.rundir import RunDir
 from curation.sources import Shard
+from curation.stats import StatsFolder
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 
@@ -58,7 +59,7 @@ def run_local(
     pending: list[Shard],
     schema: pa.Schema,
     progress: Progress,
-    folder: LedgerFolder,
+    folder: StatsFolder,
 ) -> RunSummary:
     total = len(run.plan())
     summary = RunSummary(shards_total=total, shards_skipped=total - len(pending))

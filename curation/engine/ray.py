@@ -56,9 +56,10 @@ from curation.core.cluster import RunnerError, connect
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.engine.task import ShardOutcome, ShardTask, account
-from curation.rundir import LedgerFolder, RunDir, ShardResult
+from curation.rundir import RunDir, ShardResult
 from curation.sources import Shard
 from curation.stages import Stage, build_stages
+from curation.stats import StatsFolder
 
 # Retries of a shard whose worker process died. Finite, so a shard that
 # crashes its worker every time (a segfault in a native decoder) ends up
@@ -121,7 +122,7 @@ def run_ray(
     pending: list[Shard],
     schema: pa.Schema,
     progress: Progress,
-    folder: LedgerFolder,
+    folder: StatsFolder,
 ) -> RunSummary:
     plan_total = len(run.plan())
     summary = RunSummary(shards_total=plan_total, shards_skipped=plan_total - len(pending))
@@ -175,7 +176,7 @@ def _account_row(
     row: dict[str, Any],
     summary: RunSummary,
     progress: Progress,
-    folder: LedgerFolder,
+    folder: StatsFolder,
     reported: set[int],
     per_node: Counter[str],
 ) -> None:

@@ -17,9 +17,10 @@ from curation.core.storage import StoreUnavailable
 from curation.engine.progress import Progress
 from curation.engine.summary import RunSummary
 from curation.pipeline import Pipeline
-from curation.rundir import LedgerFolder, RunDir, ShardResult
+from curation.rundir import RunDir, ShardResult, to_manifest
 from curation.sources import Shard
 from curation.stages import apply_stage
+from curation.stats import ShardStats, StatsFolder, write_summary
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ShardOutcome:
     result: ShardResult | None = None  # committed
     error: str | None = None  # failed (recorded in the ledger)
     tables: list[pa.Table] | None = None  # processed, for the next actor pool to write (Ray)
+    stats: ShardStats | None = None  # the committed shard's summary, for the driver's fold
 
 
 class ShardTask:
@@ -89,13 +91,18 @@ class ShardTask:
             if not self.write:
                 return ShardOutcome(shard.index, tables=[self.process(t) for t in batches])
             writer = self.run.writer(shard.index, self.schema)
+            stats = ShardStats()
             for batch in batches:
-                writer.write(self.process(batch))
+                table = to_manifest(self.process(batch), self.schema)
+                stats.add(table)
+                writer.write(table)
                 if on_rows:
                     on_rows(batch.num_rows)
             if before_commit:
                 before_commit()
-            return ShardOutcome(shard.index, result=writer.commit())
+            # the summary before the ledger entry: a committed shard always has one (`curate stats`)
+            write_summary(self.run, shard.index, stats)
+            return ShardOutcome(shard.index, result=writer.commit(), stats=stats)
         except Exception as e:
             if writer is not None:
                 writer.abort()
@@ -117,7 +124,7 @@ STORE_DOWN_AFTER = 3  # shards in a row failed by the store itself before the ru
 
 
 def account(
-    summary: RunSummary, outcome: ShardOutcome, progress: Progress, folder: LedgerFolder, *, rows_shown: bool
+    summary: RunSummary, outcome: ShardOutcome, progress: Progress, folder: StatsFolder, *, rows_shown: bool
 ) -> None:
     """Count a finished shard in the run summary, the progress display and the folded ledger
     (`rows_shown`: its rows were already reported to `progress` batch by batch).
@@ -130,7 +137,7 @@ def account(
         summary.shards_ok += 1
         summary.rows += outcome.result.rows
         summary.kept += outcome.result.kept
-        folder.add(outcome.result.to_json())
+        folder.add(outcome.result.to_json(), outcome.stats)
         if not rows_shown:
             progress.rows(outcome.result.rows)
     else:

@@ -64,6 +64,7 @@ __all__ = [  # besides the registry: what curation modules use of a stage (the r
     "apply_stage",
     "blur_faces",
     "build_stages",
+    "manifest_bins",
     "manifest_columns",
     "param_problems_of",
 ]
@@ -77,6 +78,15 @@ def manifest_columns() -> dict[str, pa.DataType]:
     for cls in STAGES.values():
         columns.update(cls.columns)
     return {**columns, **IMAGE_COLUMNS, **READ_COLUMNS}
+
+
+def manifest_bins() -> dict[str, tuple[float, float, float]]:
+    """The fixed histogram bins (lo, hi, step) of every numeric column the registered stages declare:
+    what the per-shard summaries count (`curation.stats`). Stages that share a column share its bins."""
+    bins: dict[str, tuple[float, float, float]] = {}
+    for cls in STAGES.values():
+        bins.update(cls.bins)
+    return bins
 
 
 def param_problems_of(config: Config) -> list[tuple[tuple, str]]:

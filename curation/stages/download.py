@@ -189,6 +189,10 @@ class Download(Stage):
     provides_images = True
     packages: ClassVar[dict[str, str]] = {"img2dataset": "pip install 'curate[images]'"}
     columns: ClassVar[dict[str, pa.DataType]] = DOWNLOAD_COLUMNS
+    bins: ClassVar[dict[str, tuple[float, float, float]]] = {
+        **{c: (0, 8192, 8) for c in ("width", "height", "original_width", "original_height")},
+        "http_status": (100, 600, 1),
+    }
     cascade = True
     Params = DownloadParams
 

@@ -63,6 +63,7 @@ class Faces(Stage):
 
     name = "faces"
     columns: ClassVar[dict[str, pa.DataType]] = FACE_COLUMNS
+    bins: ClassVar[dict[str, tuple[float, float, float]]] = {"faces": (0, 64, 1)}
     cascade = True
     needs_images = True
     packages: ClassVar[dict[str, str]] = {"cv2": "pip install 'curate[images]'"}

@@ -78,6 +78,10 @@ class ImageSize(Stage):
 
     name = "image_size"
     columns: ClassVar[dict[str, pa.DataType]] = SIZE_COLUMNS
+    bins: ClassVar[dict[str, tuple[float, float, float]]] = {
+        "aspect_ratio": (1, 21, 0.02),
+        "min_side": (0, 8192, 8),
+    }
     cascade = True
     needs_images = True
     Params = ImageSizeParams

@@ -103,6 +103,11 @@ class TextSpotting(ModelStage):
     name = "text_spotting"
     packages: ClassVar[dict[str, str]] = {m: "pip install 'curate[images]'" for m in ("easyocr", "torch")}
     columns: ClassVar[dict[str, pa.DataType]] = OCR_COLUMNS
+    bins: ClassVar[dict[str, tuple[float, float, float]]] = {
+        "ocr_boxes": (0, 1024, 1),
+        "ocr_area": (0, 1.001, 0.001),
+        "ocr_caption_overlap": (0, 1.001, 0.001),
+    }
     cascade = True
     needs_images = True
     Params = TextSpottingParams
