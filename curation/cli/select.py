@@ -69,15 +69,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--balance",
         metavar="ENTRIES",
         help="MetaCLIP balancing after the other options: `concepts` (top-1 concept) and/or metadata files "
-        "(one entry a line, substring-matched); docs/balance.md",
+        "(one entry a line, matched as whole words); docs/balance.md",
     )
     p.add_argument("--balance-t", type=float, default=20_000, metavar="T", help="pairs per entry")
     p.add_argument("--balance-seed", type=int, default=0, metavar="N", help="seed of the draws")
     p.add_argument(
         "--balance-match",
         choices=["substring", "word"],
-        default="substring",
-        help="how a metadata entry matches a caption: substring (MetaCLIP's rule, default) or whole word",
+        default="word",
+        help="how a metadata entry matches a caption: whole word (default: MetaCLIP's code matches "
+        "space-padded entries in space-padded captions) or substring",
     )
     p.set_defaults(func=cmd_select)
 
