@@ -275,3 +275,26 @@ def test_benchmark_without_packages_says_what_to_install(tmp_path):
     )
     assert done.returncode == 2
     assert "apt-get install openclipart-png" in done.stderr
+
+
+def test_emoji_set_renders_cldr_names_and_shares_nouns_with_the_pool(tmp_path):
+    """The second evaluation set (Debian fonts-noto-color-emoji + unicode-cldr-core, `make emoji`):
+    rendered emoji captioned with their CLDR English name; zero-shot classes are name heads that the
+    pool's captions use."""
+    names = clipart.cldr_names()
+    assert names["🍎"] == "red apple" and names["🐕"] == "dog"
+    # Every CLDR name as a pool caption, the first half twice: heads of names are classes when the pool
+    # uses them at least twice.
+    half = list(names.values())[: len(names) // 2]
+    pool = [*names.values(), *half]
+    info = clipart.build_emoji(tmp_path, pool, np.zeros(0, np.int64), min_pool_captions=2, limit=300)
+    table = pq.read_table(tmp_path / "emoji.parquet").to_pydict()
+    assert info["images"] == len(table["path"]) == 300
+    assert info["no_glyph"] > 0  # CLDR names text symbols the colour font does not draw
+    assert info["labelled"] >= 30
+    assert min(info["pool_captions_per_class"].values()) >= 2
+    for path, label, cls, text in zip(table["path"], table["label"], table["class"], table["TEXT"]):
+        image = open_image((tmp_path / path).read_bytes())
+        assert image.size == (136, 128)
+        assert (label >= 0) == (cls is not None) and (cls is None or text.split()[-1] == cls)
+    assert len(set(table["TEXT"])) == len(table["TEXT"])

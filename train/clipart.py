@@ -527,6 +527,136 @@ def check_split(directory: Path, radius: int) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- the emoji evaluation set
+
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+CLDR_EN = Path("/usr/share/unicode/cldr/common/annotations/en.xml")
+EMOJI_PACKAGES = "fonts-noto-color-emoji unicode-cldr-core"
+# English heads that name no concrete thing (the last word of "grinning face with big eyes" is "eyes").
+_NOT_NOUNS = {"sign", "symbol", "button", "mark", "with", "and", "the", "of"}
+
+
+def cldr_names(path: Path = CLDR_EN) -> dict[str, str]:
+    """{character sequence: English short name} from CLDR's `type="tts"` annotations."""
+    from curation.core.folders import read_inside
+
+    text = read_inside(path, path.parent, 16 * 2**20).decode("utf-8")
+    names = {}
+    for line in text.splitlines():
+        line = line.strip()
+        head, sep, rest = line.partition('" type="tts">')
+        if sep and head.startswith('<annotation cp="') and rest.endswith("</annotation>"):
+            names[html.unescape(head[len('<annotation cp="') :])] = _text(rest[: -len("</annotation>")])
+    return names
+
+
+def build_emoji(
+    out: Path,
+    pool_captions: list[str],
+    pool_hashes: np.ndarray,
+    radius: int = 10,
+    min_pool_captions: int = 5,
+    limit: int | None = None,
+    font: Path = EMOJI_FONT,
+    names_file: Path = CLDR_EN,
+) -> dict:
+    """A second evaluation set, disjoint from the clip-art pool: every emoji of Noto Color Emoji that has
+    a CLDR English name, rendered with Pillow on white (136 x 128), captioned with that name. Writes
+    DIR/emoji/<n>.png, DIR/emoji.parquet (`path`, `TEXT`, `label`: class index or -1, `class`) and
+    DIR/emoji.json.
+
+    Zero-shot classes are concrete nouns both sides share: the last word of a name of at most three
+    words (English names end with their head noun: "red apple", "sport utility vehicle") that occurs as a
+    whole word in at least `min_pool_captions` pool captions (normalised); an emoji whose head is such a
+    word is labelled with it. Emoji whose image lies within `radius` pHash bits of a pool image are left
+    out (none are expected: a check, counted)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image, ImageDraw, ImageFont
+
+    from curation.stages.phash import phash_image
+
+    face = ImageFont.truetype(str(font), 109)  # the bitmap size of the CBDT colour glyphs
+    names = cldr_names(names_file)
+    vocabulary: Counter = Counter()
+    for c in pool_captions:
+        vocabulary.update(set(normalise_caption(c).split()))
+    counts: Counter = Counter()
+    rows = []
+    folder = out / "emoji"
+    folder.mkdir(parents=True, exist_ok=True)
+    seen: set[bytes] = set()
+    # A fixed pseudo-random order (sha256 of the name): `limit` keeps a sample across the alphabet.
+    for cp, name in sorted(names.items(), key=lambda kv: hashlib.sha256(kv[1].encode()).hexdigest()):
+        image = Image.new("RGB", (136, 128), "white")
+        ImageDraw.Draw(image).text((0, 0), cp, font=face, embedded_color=True)
+        pixels = np.asarray(image)
+        if (pixels < 250).any(axis=2).mean() < 0.02:
+            counts["no_glyph"] += 1  # the font draws nothing (text symbols, letters)
+            continue
+        raw = pixels.tobytes()
+        if raw in seen:
+            counts["same_image_as_another"] += 1
+            continue
+        seen.add(raw)
+        h = phash_image(image)
+        if len(pool_hashes) and _nearest(h, pool_hashes) <= radius:
+            counts["near_copy_of_pool_image"] += 1
+            continue
+        rows.append((cp, name, image, h))
+        if limit is not None and len(rows) >= limit:
+            break
+    heads = [n.split()[-1] if len(n.split()) <= 3 else "" for _, n, _, _ in rows]
+    classes = sorted(
+        {
+            w
+            for w in heads
+            if w.isalpha() and len(w) > 2 and w not in _NOT_NOUNS and vocabulary[w] >= min_pool_captions
+        }
+    )
+    paths = []
+    for i, (_, _, image, _) in enumerate(rows):
+        rel = f"emoji/{i:05d}.png"
+        image.save(out / rel)
+        paths.append(rel)
+    table = pa.table(
+        {
+            "path": paths,
+            "TEXT": [r[1] for r in rows],
+            "codepoints": [r[0] for r in rows],
+            "label": pa.array([classes.index(w) if w in classes else -1 for w in heads], pa.int64()),
+            "class": [w if w in classes else None for w in heads],
+            "phash": pa.array([r[3] for r in rows], pa.int64()),
+        }
+    )
+    pq.write_table(table, out / "emoji.parquet")
+    summary = {
+        "font": str(font),
+        "names": str(names_file),
+        "cldr_names": len(names),
+        "images": len(rows),
+        "classes": classes,
+        "labelled": sum(w in classes for w in heads),
+        "pool_captions_per_class": {w: vocabulary[w] for w in classes},
+        "min_pool_captions": min_pool_captions,
+        **dict(counts),
+    }
+    (out / "emoji.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def load_emoji(directory: Path) -> tuple[list, np.ndarray, list[str], list[str]]:
+    """(PIL images, labels (-1: no class), class names, captions) of DIR/emoji.parquet."""
+    import pyarrow.parquet as pq
+
+    from curation.core.imageio import open_image
+
+    t = pq.read_table(directory / "emoji.parquet").to_pydict()
+    info = json.loads((directory / "emoji.json").read_text())
+    images = [open_image((directory / p).read_bytes()) for p in t["path"]]
+    return images, np.asarray(t["label"]), info["classes"], t["TEXT"]
+
+
 # --------------------------------------------------------------------------- serving
 
 
