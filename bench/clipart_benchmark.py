@@ -138,6 +138,13 @@ COMPARISONS = [
     ("all / hn_nce", "all / infonce", "HN-NCE vs InfoNCE"),
     ("all / helip", "all / infonce_continued", "HELIP vs plain continuation from the same checkpoint"),
 ]
+
+
+def arm_argv(args: argparse.Namespace, arm: str) -> list[str]:
+    """`curate select` arguments of `arm`; without text spotting CAT's OCR clause has no column to read."""
+    return ARMS["cat_no_ocr" if arm == "cat" and not args.text_spotting else arm]
+
+
 PHASES = ["build", "pipeline", "throughput", "select", "train", "continue", "eval", "table"]
 
 
@@ -240,13 +247,19 @@ def build(args: argparse.Namespace, out: Path) -> dict:
 # --------------------------------------------------------------------------- pipeline
 
 
-def pipeline_yaml(out: Path, pool: Path, rows_per_shard: int) -> Path:
+def pipeline_yaml(
+    out: Path, pool: Path, rows_per_shard: int, text_spotting: bool = True, workers: int = 1
+) -> Path:
     path = out / "pipeline.yaml"
+    # Without text spotting (`--no-text-spotting`, to fit a loaded machine: it is most of the pipeline's
+    # time), CAT's OCR clause passes every pair (coalesce(ocr_caption_overlap, 0) < 0.5): `cat` is then
+    # `cat_no_ocr`, which on this pool it was anyway (BENCHMARKS.md, 2026-12-02 run: 366 = 366).
+    ocr = "  - text_spotting: {max_overlap: 0.5, device: cpu, cpus: 2}\n" if text_spotting else ""
     path.write_text(
         f"""input: {{format: parquet, path: "{pool}", url_column: URL, caption_column: TEXT,
         rows_per_shard: {rows_per_shard}}}
 output: "{out / "run"}"
-runner: {{type: local, workers: 1, progress: false}}
+runner: {{type: local, workers: {workers}, progress: false}}
 stages:
   - download: {{image_size: 256, thread_count: 16, timeout: 20, allow_private_addresses: [127.0.0.1/32]}}
   - phash: {{}}
@@ -255,8 +268,7 @@ stages:
   - caption_action: {{min: 0}}
   - caption_length: {{min_words: 0, min_chars: 0}}
   - image_size: {{min_side: 0}}
-  - text_spotting: {{max_overlap: 0.5, device: cpu, cpus: 2}}
-  - caption_language: {{languages: [en]}}
+{ocr}  - caption_language: {{languages: [en]}}
 """
     )
     return path
@@ -268,7 +280,7 @@ def pipeline(args: argparse.Namespace, out: Path) -> dict:
     timings = {}
     with clipart.serve(args.data) as base:
         pool = clipart.pool_for(args.data, base, out / "pool_input.parquet", limit=args.limit, seed=0)
-        cfg = pipeline_yaml(out, pool, args.rows_per_shard)
+        cfg = pipeline_yaml(out, pool, args.rows_per_shard, args.text_spotting, args.pipeline_workers)
         t = time.perf_counter()
         _curate("run", str(cfg), "--no-progress")
         timings["curate_run_s"] = time.perf_counter() - t
@@ -294,10 +306,11 @@ def funnel(args: argparse.Namespace, out: Path) -> dict:
     statuses = {
         col: dict(con.execute(f"SELECT {col}, count(*) FROM samples GROUP BY ALL").fetchall())
         for col in ("phash_status", "concept_status", "ocr_status", "caption_status", "image_size_status")
+        if col != "ocr_status" or args.text_spotting
     }
     arms = {}
-    for arm, argv in ARMS.items():
-        where = argv[1]
+    for arm in ARMS:
+        where = arm_argv(args, arm)[1]
         n = con.execute(f"SELECT count(*) FROM samples WHERE status = 'success' AND ({where})").fetchone()[0]
         dropped = con.execute(
             f"SELECT caption FROM samples WHERE status = 'success' AND NOT coalesce(({where}), false) "
@@ -307,10 +320,12 @@ def funnel(args: argparse.Namespace, out: Path) -> dict:
     dups = con.execute(
         "SELECT count(*) FILTER (WHERE dup_group IS NOT NULL), count(DISTINCT dup_group) FROM dedup"
     ).fetchone()
-    ocr = con.execute(
-        "SELECT caption, ocr_text, ocr_caption_overlap FROM samples WHERE ocr_caption_overlap >= 0.5 "
-        "ORDER BY hash(uid) LIMIT 8"
-    ).fetchall()
+    ocr = []
+    if args.text_spotting:
+        ocr = con.execute(
+            "SELECT caption, ocr_text, ocr_caption_overlap FROM samples WHERE ocr_caption_overlap >= 0.5 "
+            "ORDER BY hash(uid) LIMIT 8"
+        ).fetchall()
     return {
         "rows": total,
         "download_status": status,
@@ -402,7 +417,7 @@ def select(args: argparse.Namespace, out: Path) -> dict:
     for arm in args.arms:
         dest = out / "subsets" / arm
         if not (dest / "sizes.json").exists():
-            argv = [a.format(metadata=metadata, t=args.balance_t) for a in ARMS[arm]]
+            argv = [a.format(metadata=metadata, t=args.balance_t) for a in arm_argv(args, arm)]
             tmp = dest.with_name(arm + ".partial")
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -916,6 +931,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--emoji-limit", type=int, default=None, help="emoji images (default: all; --small 300)")
     p.add_argument("--throughput-images", type=int, default=None)
+    p.add_argument("--pipeline-workers", type=int, default=1, help="`curate run` worker processes")
+    p.add_argument(
+        "--no-text-spotting",
+        dest="text_spotting",
+        action="store_false",
+        help="pipeline without the text-spotting stage (CAT's OCR clause then passes every pair)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     args = p.parse_args(argv)
     THREADS["n"] = args.threads

@@ -188,9 +188,10 @@ def test_missing_packages_say_what_to_install(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_smallest_configuration_end_to_end(tmp_path):
-    """bench/clipart_benchmark.py on the committed subset: every phase, through the real pipeline,
-    server, select, train and eval; a second invocation resumes from the cached phases."""
+def test_benchmark_small_form_end_to_end(tmp_path):
+    """bench/clipart_benchmark.py --small on the committed subset: every phase, through the real pipeline,
+    server, select, train (the locked ImageNet tower, samples seen = |all|) and eval (clip art and emoji);
+    the declared comparisons get a paired interval and a verdict; a second invocation resumes."""
     out = tmp_path / "bench"
     argv = [
         sys.executable,
@@ -204,18 +205,15 @@ def test_benchmark_smallest_configuration_end_to_end(tmp_path):
         "all",
         "cat",
         "balance",
-        "--losses",
-        "infonce",
-        "hn_nce",
-        "lit_lite0",
         "--seeds",
         "0",
+        "1",
         "--base-seeds",
         "0",
-        "--steps",
-        "2",
-        "--continue-steps",
-        "2",
+        "--samples-seen",
+        "1",
+        "--emoji-limit",
+        "60",
         "--throughput-images",
         "4",
     ]
@@ -225,37 +223,53 @@ def test_benchmark_smallest_configuration_end_to_end(tmp_path):
     pool_rows = pq.read_table(out / "data" / "pool.parquet").num_rows
     assert results["pipeline"]["rows"] == pool_rows
     assert results["pipeline"]["download_status"] == {"success": pool_rows}
-    assert results["select"]["all"]["samples"] == pool_rows
-    assert 0 < results["select"]["cat"]["samples"] < pool_rows
-    assert results["throughput"]["text_spotting_cpu"]["images_per_s"] > 0
-    runs = results["eval"]["runs"]
-    assert set(runs) == {
-        "all__infonce__s0",
-        "cat__infonce__s0",
-        "balance__infonce__s0",
-        "all__hn_nce__s0",
-        "all__lit_lite0__s0",
-        "all__helip__s0",
-        "all__infonce_continued__s0",
+    all_samples = results["select"]["all"]["samples"]
+    assert all_samples == pool_rows
+    cat = results["select"]["cat"]["samples"]
+    assert 0 < cat < pool_rows
+    assert results["build"]["split_check"]["test_authors_in_pool"] == 0
+    runs = {}
+    for part in results["eval"].values():
+        runs.update(part["runs"])
+    expected = {
+        f"x1/{cell}__s{seed}"
+        for cell in (
+            "all__infonce",
+            "cat__infonce",
+            "cat_random__infonce",
+            "balance__infonce",
+            "all__hn_nce",
+            "all__helip",
+            "all__infonce_continued",
+        )
+        for seed in (0, 1)
     }
-    assert all(0 <= r["zero_shot_top1"] <= 1 for r in runs.values())
-    # HELIP and its control continue the one all/infonce checkpoint, with the pairs `curate mine` found.
-    assert results["continue"]["base"]["checkpoint"].endswith("all__infonce__s0/checkpoints/step_00000002.pt")
-    assert (out / "continue" / "mined" / "hard_pairs.parquet").is_file()
-    table = (out / "results.md").read_text()
-    for row in ("cat / infonce", "all / hn_nce", "all / lit_lite0", "all / helip", "all / infonce_continued"):
-        assert f"| {row} |" in table
-    assert "| arm / variant | 0 shots" in table  # the few-shot curve, as far as the shot pool allows
-    # Resume: the cached phases do not run again; select keeps every subset it wrote (it only adds
-    # missing arms); train, continue and eval find every run finished.
-    subset = out / "subsets" / "all" / "00000.tar"
-    written = subset.stat().st_mtime_ns
+    assert set(runs) == expected
+    assert all(0 <= r["emoji_retrieval_R@1"] <= 1 and 0 <= r["zero_shot_top1"] <= 1 for r in runs.values())
+    assert (
+        "few_shot" in runs["x1/cat_random__infonce__s0"] and "few_shot" not in runs["x1/balance__infonce__s0"]
+    )
+    # The random control has the size of its filter, a new draw per seed.
+    for seed in (0, 1):
+        sizes = json.loads((out / "subsets" / f"cat_random_s{seed}" / "sizes.json").read_text())
+        assert sum(sizes.values()) == cat
+    assert (out / "subsets" / "cat_random_s0" / "00000.tar").read_bytes() != (
+        out / "subsets" / "cat_random_s1" / "00000.tar"
+    ).read_bytes()
+    table = results["table"]
+    cmp = table["comparisons"]["x1"]["cat / infonce vs cat_random / infonce"]
+    assert cmp["seeds"] == [0, 1]
+    lo, hi = cmp["retrieval_R@1"]["ci95"]
+    assert lo <= cmp["retrieval_R@1"]["mean"] <= hi
+    assert cmp["retrieval_R@1"]["verdict"] in ("higher, shown", "lower, shown", "not shown")
+    md = (out / "results.md").read_text()
+    assert "CAT vs a random subset of its size" in md and "| all / helip |" in md
+    # Resume: the cached phases do not run again and every run is found finished.
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     for phase in ("build", "pipeline", "throughput"):
         assert f"] {phase} ..." not in again.stdout
-    assert subset.stat().st_mtime_ns == written
-    assert (out / "results.md").read_text() == table
+    assert (out / "results.md").read_text() == md
 
 
 def test_benchmark_without_packages_says_what_to_install(tmp_path):
