@@ -186,9 +186,10 @@ def _save(path: Path, data: dict) -> dict:
 PER_SEED = ("train", "continue", "eval")
 
 
-def _cache_path(out: Path, phase: str, seeds: list[int]) -> Path:
+def _cache_path(out: Path, phase: str, seeds: list[int], multiples: list[float]) -> Path:
     if phase in PER_SEED:
-        return out / f"{phase}.seeds-{'-'.join(map(str, seeds))}.result.json"
+        regimes = "-".join(f"x{m:g}" for m in multiples)
+        return out / f"{phase}.{regimes}.seeds-{'-'.join(map(str, seeds))}.result.json"
     return out / f"{phase}.result.json"
 
 
@@ -248,13 +249,20 @@ def build(args: argparse.Namespace, out: Path) -> dict:
 
 
 def pipeline_yaml(
-    out: Path, pool: Path, rows_per_shard: int, text_spotting: bool = True, workers: int = 1
+    out: Path,
+    pool: Path,
+    rows_per_shard: int,
+    text_spotting: bool = True,
+    workers: int = 1,
+    concepts: bool = True,
 ) -> Path:
     path = out / "pipeline.yaml"
     # Without text spotting (`--no-text-spotting`, to fit a loaded machine: it is most of the pipeline's
     # time), CAT's OCR clause passes every pair (coalesce(ocr_caption_overlap, 0) < 0.5): `cat` is then
     # `cat_no_ocr`, which on this pool it was anyway (BENCHMARKS.md, 2026-12-02 run: 366 = 366).
     ocr = "  - text_spotting: {max_overlap: 0.5, device: cpu, cpus: 2}\n" if text_spotting else ""
+    # Without the concepts teacher (`--no-concepts`): no `balance` arm (its `concepts` entries).
+    teacher = "  - concepts: {teacher: efficientnet_lite0, top_k: 20, batch_size: 32, device: cpu, cpus: 2}\n"
     path.write_text(
         f"""input: {{format: parquet, path: "{pool}", url_column: URL, caption_column: TEXT,
         rows_per_shard: {rows_per_shard}}}
@@ -263,8 +271,7 @@ runner: {{type: local, workers: {workers}, progress: false}}
 stages:
   - download: {{image_size: 256, thread_count: 16, timeout: 20, allow_private_addresses: [127.0.0.1/32]}}
   - phash: {{}}
-  - concepts: {{teacher: efficientnet_lite0, top_k: 20, batch_size: 32, device: cpu, cpus: 2}}
-  - caption_complexity: {{min: 0}}
+{teacher if concepts else ""}  - caption_complexity: {{min: 0}}
   - caption_action: {{min: 0}}
   - caption_length: {{min_words: 0, min_chars: 0}}
   - image_size: {{min_side: 0}}
@@ -280,7 +287,9 @@ def pipeline(args: argparse.Namespace, out: Path) -> dict:
     timings = {}
     with clipart.serve(args.data) as base:
         pool = clipart.pool_for(args.data, base, out / "pool_input.parquet", limit=args.limit, seed=0)
-        cfg = pipeline_yaml(out, pool, args.rows_per_shard, args.text_spotting, args.pipeline_workers)
+        cfg = pipeline_yaml(
+            out, pool, args.rows_per_shard, args.text_spotting, args.pipeline_workers, args.concepts
+        )
         t = time.perf_counter()
         _curate("run", str(cfg), "--no-progress")
         timings["curate_run_s"] = time.perf_counter() - t
@@ -306,7 +315,7 @@ def funnel(args: argparse.Namespace, out: Path) -> dict:
     statuses = {
         col: dict(con.execute(f"SELECT {col}, count(*) FROM samples GROUP BY ALL").fetchall())
         for col in ("phash_status", "concept_status", "ocr_status", "caption_status", "image_size_status")
-        if col != "ocr_status" or args.text_spotting
+        if (col != "ocr_status" or args.text_spotting) and (col != "concept_status" or args.concepts)
     }
     arms = {}
     for arm in ARMS:
@@ -609,7 +618,9 @@ def continue_training(args: argparse.Namespace, out: Path) -> dict:
         pair_batch = batch // 2 * 2  # hard-pair batches: anchors + partners
         c_steps = args.continue_steps or max(1, steps // 2)
         # train/configs/helip.yaml's optimiser: a quarter of the from-scratch peak lr, a fresh short warm-up.
-        common = {**MODELS[args.model], "model.pretrained": base["checkpoint"], "optim.lr": 5e-4}
+        # The checkpoint sets every weight (the ImageNet trunk included): no `model.image_init` with it.
+        model = {k: v for k, v in MODELS[args.model].items() if k != "model.image_init"}
+        common = {**model, "model.pretrained": base["checkpoint"], "optim.lr": 5e-4}
         done[f"x{multiple:g}"] = {"base": base, "mine": _load(folder / "mine.json"), "steps": c_steps}
         for seed in args.seeds:
             for arm, name in continued_plan(args):
@@ -747,6 +758,8 @@ def paired(diffs: list[float]) -> dict:
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     lo, hi = mean - half, mean + half
     verdict = "higher, shown" if lo > 0 else "lower, shown" if hi < 0 else "not shown"
+    if sd == 0:
+        verdict = "not shown (no spread across seeds: a zero-width interval is no evidence)"
     return {"n": n, "mean": mean, "sd": sd, "ci95": [lo, hi], "verdict": verdict, "diffs": diffs}
 
 
@@ -790,7 +803,10 @@ def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
                 }
             cells[f"{arm} / {loss}"] = cell
         comparisons = {}
+        planned = {f"{arm} / {loss}" for arm, loss in plan(args) + continued_plan(args)}
         for a, b, label in COMPARISONS:
+            if a not in planned or b not in planned:
+                continue  # a comparison of cells this invocation did not train
             ra, rb = a.replace(" / ", "__"), b.replace(" / ", "__")
             seeds = [s for s in args.seeds if f"{ra}__s{s}" in runs and f"{rb}__s{s}" in runs]
             comparisons[f"{a} vs {b}"] = {
@@ -933,6 +949,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--throughput-images", type=int, default=None)
     p.add_argument("--pipeline-workers", type=int, default=1, help="`curate run` worker processes")
     p.add_argument(
+        "--no-concepts", dest="concepts", action="store_false", help="pipeline without the concepts teacher"
+    )
+    p.add_argument(
         "--no-text-spotting",
         dest="text_spotting",
         action="store_false",
@@ -988,7 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": evaluate,
     }
     for phase in PHASES:
-        cache = _cache_path(out, phase, args.seeds)
+        cache = _cache_path(out, phase, args.seeds, args.samples_seen)
         if phase == "table":
             if "table" in args.phases:
                 results["table"] = table(args, out, results)
