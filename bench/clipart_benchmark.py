@@ -690,8 +690,13 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
                     (1, 5),
                     groups=groups_of(e_captions),
                 )
-                e_zs = zero_shot_accuracy(
-                    built, [e_images[i] for i in e_named], e_labels[e_named], e_classes, clipart.TEMPLATES
+                # No shared noun (a tiny pool or --emoji-limit): no emoji zero-shot, the metric is left out.
+                e_zs = (
+                    zero_shot_accuracy(
+                        built, [e_images[i] for i in e_named], e_labels[e_named], e_classes, clipart.TEMPLATES
+                    )
+                    if len(e_named) and e_classes
+                    else None
                 )
                 record = {
                     "zero_shot_top1": zs.top1,
@@ -700,9 +705,9 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
                     "retrieval_R@1": (rec["image_to_text_R@1"] + rec["text_to_image_R@1"]) / 2,
                     **{f"emoji_{k}": v for k, v in e_rec.items()},
                     "emoji_retrieval_R@1": (e_rec["image_to_text_R@1"] + e_rec["text_to_image_R@1"]) / 2,
-                    "emoji_zero_shot_top1": e_zs.top1,
-                    "emoji_zero_shot_top5": e_zs.top5,
                 }
+                if e_zs is not None:
+                    record.update(emoji_zero_shot_top1=e_zs.top1, emoji_zero_shot_top5=e_zs.top5)
                 if f"{arm} / {loss}" in args.fewshot_cells:
                     few = few_shot_curves(
                         built,
@@ -813,7 +818,13 @@ def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
                 "label": label,
                 "seeds": seeds,
                 **{
-                    m: paired([100 * (runs[f"{ra}__s{s}"][m] - runs[f"{rb}__s{s}"][m]) for s in seeds])
+                    m: paired(
+                        [
+                            100 * (runs[f"{ra}__s{s}"][m] - runs[f"{rb}__s{s}"][m])
+                            for s in seeds
+                            if m in runs[f"{ra}__s{s}"] and m in runs[f"{rb}__s{s}"]
+                        ]
+                    )
                     for m in [*PRIMARY, "zero_shot_top1"]
                 },
             }
