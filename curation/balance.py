@@ -14,7 +14,9 @@ Entries here come from:
   `match="word"` (`--balance-match word`) asks more: the occurrence must not have a word character
   (a letter, digit or underscore) right before or after it, so "ram" no longer matches
   "gramastar" or "program", and "sea" not "seal"; plural or inflected forms stop matching too ("ram" not
-  "rams"). Substring, MetaCLIP's own rule, stays the default;
+  "rams"). `curate select` uses word matching by default: MetaCLIP's own code (metaclip/substr_matching.py)
+  pads each entry and the text with spaces before its substring search, i.e. matches whole tokens;
+  this library's `match_entries` keeps `substring` as its own default for callers that ask for it;
 - `concepts`: the `concepts` teacher's top-1 concept (`concept_ids[1]`) as one more entry per pair,
   named `concept:ID` (the image side of the pair, for runs whose captions match little).
 

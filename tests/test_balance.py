@@ -158,7 +158,8 @@ def test_select_balance_through_the_cli(tmp_path, capsys):
     import duckdb
 
     manifest = duckdb.sql(f"SELECT uid, caption FROM '{tmp_path}/run/manifests/*.parquet'").fetchall()
-    kept, _ = reference([r[0] for r in manifest], [r[1] for r in manifest], WORDS, 10, 0)
+    # The CLI's default is whole-word matching (MetaCLIP's space-padded match).
+    kept, _ = reference([r[0] for r in manifest], [r[1] for r in manifest], WORDS, 10, 0, "word")
     assert chosen == kept
     assert main([*argv, "--balance-seed", "1", "--uids-only", "--out", str(tmp_path / "b1.parquet")]) == 0
     assert set(pq.read_table(tmp_path / "b1.parquet").column("uid").to_pylist()) != chosen

@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--balance",
         metavar="ENTRIES",
         help="MetaCLIP balancing after the other options: `concepts` (top-1 concept) and/or metadata files "
-        "(one entry a line, substring-matched); docs/balance.md",
+        "(one entry a line, matched as whole words); docs/balance.md",
     )
     p.add_argument("--balance-t", type=float, default=20_000, metavar="T", help="pairs per entry")
     p.add_argument(
@@ -87,8 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--balance-match",
         choices=["substring", "word"],
-        default="substring",
-        help="how a metadata entry matches a caption: substring (MetaCLIP's rule, default) or whole word",
+        default="word",
+        help="how a metadata entry matches a caption: whole word (default: MetaCLIP's code matches "
+        "space-padded entries in space-padded captions) or substring",
     )
     p.add_argument(
         "--include-contaminated",
