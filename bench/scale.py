@@ -97,7 +97,7 @@ def build_run(out: Path, shards: int, rows: int, seed: int = 0) -> float:
     from curation.pipeline import Pipeline
     from curation.rundir import RunDir
     from curation.sources import Shard
-    from curation.stages import model_fingerprints
+    from curation.stages import STAGES as REGISTRY
 
     t0 = time.perf_counter()
     cfg_path = out.parent / f"{out.name}.yaml"
@@ -105,10 +105,10 @@ def build_run(out: Path, shards: int, rows: int, seed: int = 0) -> float:
         f"input: {{path: {LAION_1K}, url_column: URL, caption_column: TEXT, rows_per_shard: {rows}}}\n"
         f"output: {out}\nrunner: {{type: local, workers: 1, progress: false}}\nstages:\n{STAGES}"
     )
-    config = load_config(cfg_path)
+    config = load_config(cfg_path, stages=REGISTRY)
     pipeline = Pipeline(config)
     schema = pipeline.schema
-    fingerprint, config_hash = config.run_fingerprint(model_fingerprints(pipeline.stages))
+    fingerprint, config_hash = config.run_fingerprint(pipeline.stages)
     plan = [Shard(i, str(LAION_1K), i * rows, (i + 1) * rows) for i in range(shards)]
     run = RunDir(out)
     captions = pq.read_table(LAION_1K).column("TEXT").to_pylist()

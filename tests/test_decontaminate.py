@@ -174,8 +174,16 @@ def test_embedding_match_with_the_runs_own_checkpoint(tmp_path, capsys):
     (folder / "coffee_copy.jpg").write_bytes((tmp_path / "pool" / "coffee.jpg").read_bytes())
     (folder / "flipped.jpg").write_bytes(jpeg(POOL["rocket"][:, ::-1]))  # a mirror: pHash misses it
     threshold = "0.999"
-    args = ["decontaminate", str(run), "--against", str(folder), "--embedding-checkpoint", str(ckpt)]
-    args += ["--embedding-model", "curate-tiny"]
+    args = [
+        "decontaminate",
+        str(run),
+        "--against",
+        str(folder),
+        "--embedding-checkpoint",
+        str(ckpt),
+        "--embedding-model",
+        "curate-tiny",
+    ]
     assert main([*args, "--min-cosine", threshold]) == 0
     got = pq.read_table(run / "decontamination" / "matches.parquet").to_pylist()
     by_kind = {(m["kind"], Path(m["pool_image_path"]).stem, m["eval_id"]) for m in got}

@@ -371,19 +371,21 @@ def test_chain_on_s3_run_status_dedup_select_train_resume_eval_equals_local_disk
     # select FROM the s3 run: the same shards as a local select of the local run, committed whole, no
     # temporary object or file left.
     staging = Path(tempfile.gettempdir()) / "curate-staging"
-    staged_before = set(staging.iterdir()) if staging.exists() else set()
+    staged_before = set(staging.rglob("*")) if staging.exists() else set()
     sel = f"s3://{bucket}/sel"
     assert main(["select", run_url, "--out", sel, "--shard-size", "64"]) == 0
     assert main(["select", run_local, "--out", str(tmp_path / "sel"), "--shard-size", "64"]) == 0
     names = [f"{i:05d}.tar" for i in range(4)]
-    assert s3.keys(bucket, "sel/") == [f"sel/{n}" for n in [*names, "sizes.json"]]
+    assert s3.keys(bucket, "sel/") == [
+        f"sel/{n}" for n in [*names, "dataset_card.json", "dataset_card.md", "sizes.json"]
+    ]
     c = s3.client()
     for n in names:
         body = c.get_object(Bucket=bucket, Key=f"sel/{n}")["Body"].read()
         assert _tar_members(body) == _tar_members((tmp_path / "sel" / n).read_bytes())
     sizes = json.loads(c.get_object(Bucket=bucket, Key="sel/sizes.json")["Body"].read())
     assert sizes == json.loads((tmp_path / "sel" / "sizes.json").read_text())
-    staged_after = set(staging.iterdir()) if staging.exists() else set()
+    staged_after = set(staging.rglob("*")) if staging.exists() else set()
     assert not [p for p in staged_after - staged_before if p.name.endswith(".tar")], "a staged tar was left"
     capsys.readouterr()
     assert main(["select", run_url, "--out", sel]) == 2

@@ -486,7 +486,10 @@ def _start_ticks(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22 overall; the name in (...) may hold spaces
+    fields = stat.rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None  # a zombie nobody reaped (a container's init may not) has stopped running
+    return fields[19]  # field 22 overall: the start time
 
 
 def _process_tag() -> str:

@@ -31,9 +31,10 @@ def torch_load(path: str | os.PathLike) -> Any:
         raise
     except Exception as e:
         text = str(e).strip()
-        if text.startswith("Weights only load failed") and "Unsupported global" in text:
+        if text.startswith("Weights only load failed"):  # a pickle stream that is not tensors alone
             raise CheckpointError(
-                path, "it holds objects other than tensors (refused: checkpoints are loaded weights-only)"
+                path,
+                "it holds a pickle payload besides tensors (refused: checkpoints are loaded weights-only)",
             ) from None
         # torch's own first line advises loading the file unsafely: never shown.
         first = "" if not text or text.startswith("Weights only") else text.splitlines()[0][:200]
