@@ -182,9 +182,7 @@ def test_validate_checks_every_model_file_a_pipeline_names(tmp_path, capsys):
     err = out.err
     assert "pickle payload ran" not in out.out + err
     assert f"stages[0].caption_language (line 4): cannot load fastText model {corrupt}" in err
-    assert (
-        f"stages[1].concepts (line 5): cannot read checkpoint {teacher}: it holds a pickle payload" in err
-    )
+    assert f"stages[1].concepts (line 5): cannot read checkpoint {teacher}: it holds a pickle payload" in err
     assert f"stages[2].text_spotting (line 6): cannot read checkpoint {ocr / 'craft_mlt_25k.pth'}" in err
     assert "weights_only=False" not in err and "Traceback" not in err
     assert all(line.startswith(("curate", "  - ", str(cfg))) for line in err.strip().splitlines())
