@@ -176,9 +176,11 @@ def connect(
                 con.register(f"_{view}_objects", parquet_dataset(run.store, objects, cache))
                 views[view] = f"_{view}_objects"
         if names:
-            # Arrow scans of object-store files carry no row position: there, a shard's samples keep
-            # the manifest's order only as far as the scan preserves it.
-            views["samples_in_order"] = "(SELECT *, 0::BIGINT AS file_row_number FROM _samples_objects)"
+            # Arrow scans of object-store files carry no row position: number the rows in scan order,
+            # which DuckDB keeps as the files' order (preserve_insertion_order, on by default).
+            views["samples_in_order"] = (
+                "(SELECT *, row_number() OVER () AS file_row_number FROM _samples_objects)"
+            )
     for view, source in views.items():
         con.execute(f"CREATE VIEW {view} AS SELECT * FROM {source}")
     if names and (concepts := _concept_names(output)) is not None:  # concept_ids index this: id, name

@@ -43,6 +43,7 @@ def s3():
 def bucket(s3, monkeypatch) -> str:
     """A fresh bucket on `s3`, with the server's endpoint and credentials in the environment."""
     name = f"curate-{uuid.uuid4().hex[:12]}"
+    s3.ensure_running()
     s3.client().create_bucket(Bucket=name)
     for k, v in s3.env.items():
         monkeypatch.setenv(k, v)

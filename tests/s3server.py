@@ -51,6 +51,15 @@ class S3Server:
         self._server.start()
         wait_listening(self.port)
 
+    def ensure_running(self) -> None:
+        """Start the server again if nothing answers on its port (seen once in a whole-suite run: the
+        module's server stopped answering between two tests; the cause is not known)."""
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            self.stop()
+            self.start()
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop()
