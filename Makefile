@@ -21,8 +21,12 @@ $(BIN)/curate: requirements.lock pyproject.toml
 demo: $(BIN)/curate
 	bash pipelines/demo.sh
 
+# Two modules run in processes of their own: after the rest of the suite in one process, their S3
+# server stopped answering mid-module (twice; not reproduced in a process of their own, cause unknown).
+ISOLATED := tests/test_storage_s3.py tests/train/test_hard_pairs_index.py
 test: $(BIN)/curate chromium emoji
-	$(BIN)/python -m pytest -m "" tests
+	$(BIN)/python -m pytest -m "" tests $(foreach t,$(ISOLATED),--ignore=$(t))
+	for t in $(ISOLATED); do $(BIN)/python -m pytest -m "" $$t || exit 1; done
 
 # The report's browser test (tests/test_report_browser.py) opens a report in Debian's Chromium,
 # driven by Playwright (requirements.lock); CI runs as root with apt access.
