@@ -168,7 +168,7 @@ def test_datacomp_uids_per_batch_and_a_malformed_one_named():
 def test_a_range_cache_folder_others_may_write_is_not_used(tmp_path):
     from curation.remote import RangeCache
 
-    folder = tmp_path / "shared"
+    folder = tmp_path / "world_writable"
     folder.mkdir(mode=0o777)
     folder.chmod(0o777)
     assert not RangeCache(folder).enabled
