@@ -43,3 +43,16 @@ def key_value(text: str) -> tuple[str, object]:
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key.strip(), parse_value(value)
+
+
+def add_images_from(p: argparse.ArgumentParser) -> None:
+    """`--images-from`, shared by `select` and `report` (the run's own output is always allowed)."""
+    p.add_argument(
+        "--images-from",
+        action="append",
+        default=[],
+        metavar="LOCATION",
+        help="a location images may be read from besides the run's own output: the input tars or image "
+        "folder of a webdataset/image_folder run (a path or URL; repeat for several). Locations a run's "
+        "run.json names are never read on its word: a run directory may come from someone else",
+    )

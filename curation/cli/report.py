@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from curation.cli.argtypes import add_images_from
 from curation.cli.common import EXIT_OK, Formatter, UsageError, check_new_output, fail, note
 from curation.core.terminal import printable
 
@@ -47,15 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="report.html", help="the HTML file to write (a path or a URL)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.add_argument(
-        "--images-from",
-        action="append",
-        default=[],
-        metavar="LOCATION",
-        help="a location images may be read from besides the run's own output: the input tars or image "
-        "folder of a webdataset/image_folder run (a path or URL; repeat for several). Locations a run's "
-        "run.json names are never read on its word: a run directory may come from someone else",
-    )
+    add_images_from(p)
     p.add_argument(
         "--sample",
         type=int,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from curation.cli.argtypes import at_least
+from curation.cli.argtypes import add_images_from, at_least
 from curation.cli.common import EXIT_FAILED, EXIT_OK, Formatter, UsageError, check_new_output, fail, note
 from curation.core.imageio import DEFAULT_MAX_PIXELS
 from curation.core.terminal import printable
@@ -41,15 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "FILE.parquet or FILE.npy (a path or a URL)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.add_argument(
-        "--images-from",
-        action="append",
-        default=[],
-        metavar="LOCATION",
-        help="a location images may be read from besides the run's own output: the input tars or image "
-        "folder of a webdataset/image_folder run (a path or URL; repeat for several). Locations a run's "
-        "run.json names are never read on its word: a run directory may come from someone else",
-    )
+    add_images_from(p)
     p.add_argument("--shard-size", type=at_least(1), default=10_000, help="samples per tar")
     p.add_argument(
         "--max-pixels",
