@@ -10,6 +10,7 @@ import urllib.request
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from curation.core.imageio import open_image
 from curation.core.phash import hamming, phash_image
@@ -229,6 +230,8 @@ def test_benchmark_small_form_end_to_end(tmp_path):
     cat = results["select"]["cat"]["samples"]
     assert 0 < cat < pool_rows
     assert results["build"]["split_check"]["test_authors_in_pool"] == 0
+    # --views 4 (the default) with the locked tower: every run read the trunk's features from one cache.
+    assert torch.load(out / "trunk_cache.pt", weights_only=True)["features"].shape[:2] == (all_samples, 4)
     runs = results["eval"]["runs"]  # this invocation's eval phase (one process, both seeds)
     expected = {
         f"x1/{cell}__s{seed}"

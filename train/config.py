@@ -61,6 +61,12 @@ class DataConfig:
     workers: int = param(2, ge=0)
     # Samples held in the shuffle buffer of each worker.
     shuffle_buffer: int = param(2000, ge=1, hint="1 = no shuffling")
+    # Each sample shows one of this many fixed augmentations (seeded by its image bytes and the view's
+    # number), drawn per batch; null = a fresh augmentation every time it is read.
+    views: int | None = param(None, ge=1, hint="null = a fresh augmentation each time")
+    # With model.lock_image and views: a local file holding the locked trunk's features of every view,
+    # computed once (extended with the images it lacks) and shared by every run over those images.
+    trunk_cache: str | None = None
 
 
 @dataclass
@@ -291,6 +297,21 @@ def _semantic_checks(built: dict[str, Any], err) -> None:
             err(("data", "shards"), "give exactly one of data.shards or data.sources")
         if data.sources is not None and data.sizes is not None:
             err(("data", "sizes"), "with data.sources, give each source its own sizes")
+        if data.trunk_cache is not None:
+            if data.views is None:
+                err(
+                    ("data", "trunk_cache"),
+                    "needs data.views (the fixed augmentations whose features it holds)",
+                )
+            if model is not None and not model.lock_image:
+                err(
+                    ("data", "trunk_cache"),
+                    "needs model.lock_image: true (only a locked trunk's features stay valid)",
+                )
+            if r is not None and r.compile:
+                err(("data", "trunk_cache"), "not with train.compile (the step bypasses the trunk)")
+            if "://" in data.trunk_cache:
+                err(("data", "trunk_cache"), "a local file path (it is read and written under a file lock)")
     if model is not None and model.pretrained is not None and model.image_init is not None:
         err(("model", "image_init"), "give image_init or pretrained, not both (pretrained sets every weight)")
 

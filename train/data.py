@@ -62,6 +62,7 @@ from curation.core.storage import is_url, open_store
 
 if TYPE_CHECKING:
     from train.config import DataConfig
+    from train.trunk_cache import TrunkCache
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CONCEPTS_KEY = CONCEPTS  # the member `curate select` writes: {"ids": [...], "probs": [...]}
@@ -254,6 +255,8 @@ class ShardStream(IterableDataset):
         start_step: int = 0,
         concept_vocabulary_size: int | None = None,
         resampled: bool = False,
+        views: int | None = None,
+        trunk_cache: TrunkCache | None = None,
     ) -> None:
         super().__init__()
         # A list of tar paths is one source of weight 1.
@@ -274,6 +277,11 @@ class ShardStream(IterableDataset):
         self.start_step = start_step
         # Set when batches carry distillation targets (ids are checked against it); None = they do not.
         self.concept_vocabulary_size = concept_vocabulary_size
+        # `data.views`: each sample shows one of this many fixed augmentations (None: a fresh one each
+        # time); with `trunk_cache`, batches carry the locked trunk's features of them instead of pixels.
+        if trunk_cache is not None and views != trunk_cache.views:
+            raise ValueError(f"the trunk cache holds {trunk_cache.views} views per image, the stream {views}")
+        self.views, self.trunk_cache = views, trunk_cache
 
     # -- raw (undecoded) samples of one slot -------------------------------------------------
     def _slot_samples(self, slot: int, slots: int) -> Iterator[dict]:
@@ -354,35 +362,44 @@ class ShardStream(IterableDataset):
         yield from buf
 
     # -- decoding ---------------------------------------------------------------------------
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, str]:
-        """(image tensor, caption) of one raw sample; images decode through curation.core.imageio's limits."""
+    def _decode(self, sample: dict, view: int | None = None) -> torch.Tensor:
+        """The image tensor of one raw sample (images decode through curation.core.imageio's limits):
+        a fresh augmentation, or with `view` that fixed view (train/trunk_cache.py)."""
         from curation.core.imageio import ImageRefused, open_image, to_rgb
+        from train.trunk_cache import augment_view, image_digest
 
-        key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if key is None or "txt" not in sample:
-            raise ValueError(
-                f"sample {sample.get('__key__')!r} in {sample.get('__url__')} lacks an image "
-                f"({'/'.join(IMAGE_KEYS)}) or a .txt caption; found {sorted(k for k in sample if not k.startswith('__'))}"
-            )
+        key = image_member(sample)
         try:
-            image = self.image_transform(to_rgb(open_image(sample[key])))
+            if view is not None:
+                return augment_view(self.image_transform, sample[key], image_digest(sample[key]), view)
+            return self.image_transform(to_rgb(open_image(sample[key])))
         except ImageRefused as e:
             raise ValueError(f"cannot decode {sample['__key__']}.{key} in {sample['__url__']}: {e}") from e
-        return image, sample["txt"].decode("utf-8")
 
-    def _collate(self, raw: list[dict], batch_seed: str) -> dict[str, Any]:
+    def _images(self, raw: list[dict], batch_seed: str) -> torch.Tensor:
+        """The batch's image tensors, or with a trunk cache the locked trunk's features of them."""
+        if self.views is not None:
+            from train.trunk_cache import choose_views, image_digest
+
+            views = choose_views(batch_seed, len(raw), self.views)
+            if self.trunk_cache is not None:
+                digests = [image_digest(s[image_member(s)]) for s in raw]
+                return self.trunk_cache.lookup(digests, views)
+            return torch.stack([self._decode(s, v) for s, v in zip(raw, views)])
         # Augmentation randomness is a function of the batch's position, so resume reproduces it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int.from_bytes(batch_seed.encode(), "little") % (1 << 63))
             state = random.getstate()
             random.seed(batch_seed)
             try:
-                decoded = [self._decode(s) for s in raw]
+                return torch.stack([self._decode(s) for s in raw])
             finally:
                 random.setstate(state)
+
+    def _collate(self, raw: list[dict], batch_seed: str) -> dict[str, Any]:
         batch = {
-            "image": torch.stack([d[0] for d in decoded]),
-            "text": self.tokenizer([d[1] for d in decoded]),
+            "image": self._images(raw, batch_seed),
+            "text": self.tokenizer([caption(s) for s in raw]),
             "uid": [_uid(s) for s in raw],
             "source": torch.tensor([s.get("__source__", 0) for s in raw], dtype=torch.int64),
         }
@@ -407,6 +424,21 @@ class ShardStream(IterableDataset):
             if local >= skip:
                 yield self._collate(raw, f"aug-{self.seed}-{slot}-{slots}-{local}")
             local += 1
+
+
+def image_member(sample: dict) -> str:
+    """The extension of a raw sample's image member; a sample without an image or caption is refused."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None or "txt" not in sample:
+        raise ValueError(
+            f"sample {sample.get('__key__')!r} in {sample.get('__url__')} lacks an image "
+            f"({'/'.join(IMAGE_KEYS)}) or a .txt caption; found {sorted(k for k in sample if not k.startswith('__'))}"
+        )
+    return key
+
+
+def caption(sample: dict) -> str:
+    return sample["txt"].decode("utf-8")
 
 
 def concept_targets(raw: list[dict], vocabulary_size: int) -> tuple[torch.Tensor, torch.Tensor]:

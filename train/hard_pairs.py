@@ -47,7 +47,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ from torch.utils.data import get_worker_info
 from curation.core.shards import META, ShardError, read_samples
 from curation.core.storage import RETRY_SECONDS, Store, is_url, open_store, retrying, transient
 from train.data import DataSource, ShardStream
+
+if TYPE_CHECKING:
+    from train.trunk_cache import TrunkCache
 
 log = logging.getLogger("train")
 
@@ -222,11 +225,14 @@ class HardPairStream(ShardStream):
         start_step: int = 0,
         concept_vocabulary_size: int | None = None,
         resampled: bool = False,
+        views: int | None = None,
+        trunk_cache: TrunkCache | None = None,
     ) -> None:
         super().__init__(
             shards, batch_size, image_transform, tokenizer,
             seed=seed, rank=rank, world_size=world_size, shuffle_buffer=1, start_step=start_step,
             concept_vocabulary_size=concept_vocabulary_size, resampled=resampled,
+            views=views, trunk_cache=trunk_cache,
         )  # fmt: skip
         if batch_size % 2:
             raise ValueError(

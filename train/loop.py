@@ -60,6 +60,7 @@ from train.data import (
 from train.hard_pairs import HardPairStream
 from train.losses import ConceptDistillationLoss, HardNegativeMarginLoss, TrainingObjective, build_loss
 from train.model import ConceptStudent, micro_batch_problem, param_groups
+from train.trunk_cache import TrunkCache, trunk_bypassed
 
 log = logging.getLogger("train")
 
@@ -414,6 +415,7 @@ class Run:
     precision: str
     start_step: int = 0
     rng_state: dict[str, Any] | None = None
+    trunk_cache: TrunkCache | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -460,7 +462,21 @@ def build_run(cfg: TrainConfig, dist: Dist, device: torch.device) -> Run:
             world_size=dist.world_size,
             concept_vocabulary_size=len(vocabulary) if vocabulary is not None else None,
             resampled=cfg.data.resampled,
+            views=cfg.data.views,
         )
+    trunk_cache = None
+    if cfg.data.trunk_cache is not None:
+        assert cfg.data.views is not None  # train.config's rule
+        trunk_cache = TrunkCache.open(
+            cfg.data.trunk_cache,
+            sources,
+            built.model.visual.trunk,
+            built.preprocess_train,
+            cfg.data.views,
+            device,
+        )
+        if hard_stream is not None:
+            hard_stream.trunk_cache = trunk_cache
     n_steps = total_steps(cfg, dist.world_size, num_samples)
 
     # Concept distillation: the head is created after the model, so the model's initial weights
@@ -491,6 +507,7 @@ def build_run(cfg: TrainConfig, dist: Dist, device: torch.device) -> Run:
         torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
         torch.amp.GradScaler(device.type, enabled=precision == "amp"),
         precision,
+        trunk_cache=trunk_cache,
     )
 
 
@@ -525,7 +542,9 @@ def train_step(
     """One update on `batch` (on the device): forward, backward, clipping, optimiser and scheduler
     steps, CLIP's clamp of the temperature. Returns the detached loss terms."""
     r, o = run.cfg.train, run.cfg.optim
-    terms = forward_backward(train_model, objective, batch, r.micro_batch, run.precision, run.scaler)
+    # With a trunk cache the batch's "image" is the locked trunk's output: the step runs the rest.
+    with trunk_bypassed(run.model) if run.trunk_cache is not None else contextlib.nullcontext():
+        terms = forward_backward(train_model, objective, batch, r.micro_batch, run.precision, run.scaler)
     if o.grad_clip_norm is not None:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.net.parameters(), o.grad_clip_norm)
@@ -582,6 +601,8 @@ def _batches(run: Run) -> Iterator[dict[str, Any]]:
             start_step=run.start_step,
             concept_vocabulary_size=vocabulary_size,
             resampled=run.cfg.data.resampled,
+            views=run.cfg.data.views,
+            trunk_cache=run.trunk_cache,
         )
     batches: Iterator[dict[str, Any]] = iter(
         make_loader(stream, run.cfg.data.workers, pin_memory=run.device.type == "cuda")
