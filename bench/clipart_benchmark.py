@@ -657,10 +657,40 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
     import numpy as np
     import torch
 
-    from curation.models.clip import encode_images, encode_texts, load_for_eval
+    from curation.models.clip import encode_images, encode_texts, load_for_eval, zero_shot_classifier
     from train import clipart
-    from train.evaluate import retrieval_recall, zero_shot_accuracy
+    from train.evaluate import classification_accuracy, retrieval_recall
     from train.probe import ProbeTask, few_shot_curves
+    from train.trunk_cache import trunk_bypassed
+
+    trunk_features: dict[str, tuple[str, torch.Tensor]] = {}  # image set -> (trunk fingerprint, features)
+
+    def embed(built, images: list, name: str) -> torch.Tensor:
+        """encode_images, once per image set for a locked trunk: every checkpoint of a `lit` run has the
+        same trunk (checked by its weights' hash), so only its projection runs per checkpoint. The first
+        use checks the shortcut against encode_images on a few images."""
+        import hashlib
+
+        import torch.nn.functional as F
+
+        if not MODELS[args.model].get("model.lock_image"):
+            return encode_images(built, images)
+        h = hashlib.sha256()
+        for t in built.model.visual.trunk.state_dict().values():
+            h.update(t.cpu().contiguous().numpy().tobytes())
+        if name not in trunk_features or trunk_features[name][0] != h.hexdigest():
+            with torch.no_grad():
+                x = [built.preprocess_val(im.convert("RGB")) for im in images]
+                feats = torch.cat(
+                    [built.model.visual.trunk(torch.stack(x[i : i + 256])) for i in range(0, len(x), 256)]
+                )
+            trunk_features[name] = (h.hexdigest(), feats)
+        with torch.no_grad(), trunk_bypassed(built.model):
+            emb = F.normalize(built.model.encode_image(trunk_features[name][1]).float(), dim=-1)
+        plain = encode_images(built, images[:8])
+        if not torch.allclose(emb[:8], plain, atol=1e-4):
+            raise RuntimeError(f"{name}: cached trunk features disagree with encode_images")
+        return emb
 
     torch.set_num_threads(args.threads)
     images, labels, classes, splits, captions = clipart.load_test(args.data)
@@ -695,23 +725,21 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
                 if not cks:
                     continue
                 built = load_for_eval(str(cks[-1]))
-                zs = zero_shot_accuracy(built, t_images, t_labels, classes, clipart.TEMPLATES)
+                t_emb, e_emb = embed(built, t_images, "clipart_test"), embed(built, e_images, "emoji")
+                zs = classification_accuracy(
+                    t_emb @ zero_shot_classifier(built, classes, clipart.TEMPLATES), t_labels
+                )
                 rec = retrieval_recall(
-                    encode_images(built, t_images),
-                    encode_texts(built, t_captions),
-                    (1, 5),
-                    groups=groups_of(t_captions),
+                    t_emb, encode_texts(built, t_captions), (1, 5), groups=groups_of(t_captions)
                 )
                 e_rec = retrieval_recall(
-                    encode_images(built, e_images),
-                    encode_texts(built, e_captions),
-                    (1, 5),
-                    groups=groups_of(e_captions),
+                    e_emb, encode_texts(built, e_captions), (1, 5), groups=groups_of(e_captions)
                 )
                 # No shared noun (a tiny pool or --emoji-limit): no emoji zero-shot, the metric is left out.
                 e_zs = (
-                    zero_shot_accuracy(
-                        built, [e_images[i] for i in e_named], e_labels[e_named], e_classes, clipart.TEMPLATES
+                    classification_accuracy(
+                        e_emb[e_named] @ zero_shot_classifier(built, e_classes, clipart.TEMPLATES),
+                        e_labels[e_named],
                     )
                     if len(e_named) and e_classes
                     else None

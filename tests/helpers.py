@@ -10,6 +10,28 @@ REPO = Path(__file__).resolve().parent.parent
 LAION_1K = REPO / "data" / "laion_captions_1k.parquet"
 
 
+def kill_run_at_hanging_url(cfg: Path, hanging, timeout: float = 120) -> None:
+    """`curate run CFG` in a session of its own, killed with everything it started (SIGKILL to the
+    session) once the test's server sets `hanging` (a threading.Event: a request reached a URL that
+    never answers). What a crash mid-shard leaves behind is then the caller's to check."""
+    import os
+    import signal
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curation.cli", "run", str(cfg)],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert hanging.wait(timeout), "the run never reached the hanging url"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def laion_10k() -> Path:
     """10,000 LAION-style rows for runs that must last long enough to be killed mid-way: the bundled
     1k ten times over, each copy's URLs made distinct (`#copyN`), so every uid differs.

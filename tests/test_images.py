@@ -6,10 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -26,7 +22,7 @@ from curation.schema import make_uid
 from curation.stages.base import StageContext, apply_stage
 from curation.stages.download import Download, DownloadParams
 from curation.validation import parse_checked_config
-from tests.helpers import REPO
+from tests.helpers import REPO, kill_run_at_hanging_url
 from tests.imageserver import ImageServer, jpeg
 
 # The test server listens on 127.0.0.1: downloads from it must opt in (the default refuses loopback).
@@ -221,16 +217,7 @@ def test_sigkill_during_a_download_then_resume(tmp_path):
         )
         out = tmp_path / "out"
         cfg = write_download_config(tmp_path / "c.yaml", tmp_path / "p.parquet", out, rows=4, timeout=30)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "curation.cli", "run", str(cfg)],
-            cwd=REPO,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        assert server.hanging.wait(120), "the run never reached the hanging url"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_run_at_hanging_url(cfg, server.hanging)
         assert sorted(p.name for p in (out / "ledger").glob("shard-*.json")) == [
             "shard-00000.json",
             "shard-00001.json",

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from curation.cli import main
 from curation.core.crawl import HostGate, Manners
 from curation.core.urlpolicy import UrlPolicy
-from tests.helpers import REPO, netns_prefix
+from tests.helpers import REPO, kill_run_at_hanging_url, netns_prefix
 from tests.imageserver import ImageServer
 
 CAPTION = "A man rides a red bicycle down the street."
@@ -300,16 +299,7 @@ def test_sigkill_mid_download_then_resume_keeps_opt_out_statuses(tmp_path):
         paths += [(a, "/hang/k4.jpg"), (a, "/private/k5.jpg"), (b, "/img/k6.jpg"), (b, "/img/k7.jpg")]
         urls = [s.url(p) for s, p in paths]
         cfg = write_config(tmp_path, urls, "timeout: 30, total_timeout: 60", rows_per_shard=4)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "curation.cli", "run", str(cfg)],
-            cwd=REPO,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        assert a.hanging.wait(120), "the run never reached the hanging url"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_run_at_hanging_url(cfg, a.hanging)
         assert [p.name for p in (tmp_path / "out" / "ledger").glob("shard-*.json")] == ["shard-00000.json"]
         a.release.set()
         assert main(["run", str(cfg)]) == 0

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +14,7 @@ import skimage.data
 from PIL import Image
 
 from curation.cli import main
-from tests.helpers import REPO
+from tests.helpers import kill_run_at_hanging_url
 from tests.imageserver import ImageServer
 
 LOOPBACK = "127.0.0.1/32"
@@ -72,16 +68,7 @@ runner: {{type: local, workers: 1, progress: false}}
 stages:
 {stages_yaml(listed, download)}"""
         )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "curation.cli", "run", str(cfg)],
-            cwd=REPO,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        assert server.hanging.wait(120), "the run never reached the hanging url"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_run_at_hanging_url(cfg, server.hanging)
         done = sorted(p.name for p in (out / "ledger").glob("shard-*.json"))
         assert done == ["shard-00000.json", "shard-00001.json"]
         server.release.set()
