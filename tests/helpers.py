@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LAION_1K = REPO / "data" / "laion_captions_1k.parquet"
+
+
+@contextlib.contextmanager
+def started_as_from_a_terminal(cmd: list[str], **popen) -> Iterator[subprocess.Popen]:
+    """`cmd` started with SIGINT at its default action, as a process started from a terminal has it,
+    even when the tests themselves run in the background (a shell's `cmd &` makes its job ignore
+    SIGINT, and children inherit that: Ctrl-C tests would then wait on a process that cannot be
+    interrupted). Killed on the way out, whatever happened."""
+    import signal
+
+    proc = subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def kill_run_at_hanging_url(cfg: Path, hanging, timeout: float = 120) -> None:

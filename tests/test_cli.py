@@ -540,20 +540,21 @@ def test_ctrl_c_of_run_is_one_line_that_says_how_to_resume(tmp_path):
     import signal
     import time
 
-    from tests.helpers import laion_10k, write_config
+    from tests.helpers import laion_10k, started_as_from_a_terminal, write_config
 
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "c.yaml", laion_10k(), out, rows_per_shard=500)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "curation.cli", "run", str(cfg)], env=env, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + 120
-    while not list((out / "ledger").glob("shard-*.json")):
-        assert proc.poll() is None and time.time() < deadline, "run finished before it could be interrupted"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    cmd = [sys.executable, "-m", "curation.cli", "run", str(cfg)]
+    with started_as_from_a_terminal(cmd, env=env, stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.time() + 120
+        while not list((out / "ledger").glob("shard-*.json")):
+            assert proc.poll() is None and time.time() < deadline, (
+                "run finished before it could be interrupted"
+            )
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == (

@@ -62,24 +62,21 @@ def test_ctrl_c_of_train_is_one_line_that_says_how_to_resume(fmnist_shards, make
     import sys
     import time
 
-    from tests.helpers import REPO
+    from tests.helpers import REPO, started_as_from_a_terminal
 
     cfg = make_config(tmp_path / "c.yaml", fmnist_shards, tmp_path / "out", train={"steps": 100000})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "curation.cli", "train", str(cfg)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = tmp_path / "out" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and metrics.stat().st_size):  # training has started
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    cmd = [sys.executable, "-m", "curation.cli", "train", str(cfg)]
+    with started_as_from_a_terminal(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        metrics = tmp_path / "out" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (metrics.exists() and metrics.stat().st_size):  # training has started
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == (
