@@ -335,6 +335,7 @@ def measure(args: list[str], env: dict[str, str], timeout: float) -> dict[str, f
         report = f.name
     full = {**os.environ, **env, "PYTHONPATH": str(REPO), "BENCH_MEASURE": report}
     full.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-c", MEASURE, *args],
@@ -359,6 +360,7 @@ def measure(args: list[str], env: dict[str, str], timeout: float) -> dict[str, f
         "main": got["main"],
         "read": got["socket"] if env else got["rchar"],
         "rss": got["rss"],
+        "load": load,  # the 1-minute load average as it started
     }
 
 
@@ -417,9 +419,12 @@ def main() -> None:
     if a.s3:
         moto, env = start_moto()
         targets.append(("s3", env))
-    print(f"load average at start: {os.getloadavg()}; curate compact: {'yes' if compact else 'not here'}")
     print(
-        f"{'size':>14} {'where':>6} {'phase':>8} {'command':>12} {'seconds':>9} {'main s':>8} {'read MB':>9} {'peak MB':>8} growth"
+        f"load average at start: {os.getloadavg()}; curate compact: "
+        + ("skipped" if a.no_compact else "yes" if compact else "not here")
+    )
+    print(
+        f"{'size':>14} {'where':>6} {'phase':>8} {'command':>12} {'seconds':>9} {'main s':>8} {'read MB':>9} {'peak MB':>8} {'load':>5} growth"
     )
     first: dict[tuple, float] = {}
     try:
@@ -435,9 +440,11 @@ def main() -> None:
                 )
             print(f"# {name}: drop_reason compressed {mb(column_bytes(run, 'drop_reason'))} MB, "
                   f"caption_lang {mb(column_bytes(run, 'caption_lang'))} MB", flush=True)  # fmt: skip
-            phases = ["before"] + (["compacted"] if compact else [])
+            # A run compacted by an earlier invocation (--keep) is measured as it is: "compacted".
+            already = (run / "manifests" / "compacted" / "index.json").exists()
+            phases = ["compacted"] if already else ["before"] + (["compacted"] if compact else [])
             for phase in phases:
-                if phase == "compacted":
+                if phase == "compacted" and not already:
                     t = measure(["compact", str(run)], {}, a.timeout)
                     print(f"# compact {name}: {t}", flush=True)
                 for where, env in targets:
@@ -460,17 +467,18 @@ def main() -> None:
                         inproc = statistics.median(g["main"] for g in ok)
                         read = statistics.median(g["read"] for g in ok)
                         rss = max(g["rss"] for g in ok)
+                        load = statistics.median(g["load"] for g in ok)
                         first.setdefault(key, sec)
                         print(
                             f"{name:>14} {where:>6} {phase:>8} {command:>12} {sec:>9.2f} {inproc:>8.2f} "
-                            f"{mb(read):>9} {rss / 1e6:>8,.0f} x{sec / first[key]:.2f}",
+                            f"{mb(read):>9} {rss / 1e6:>8,.0f} {load:>5.1f} x{sec / first[key]:.2f}",
                             flush=True,
                         )
                         if a.json:
                             with open(a.json, "a") as f:
                                 f.write(json.dumps({"size": name, "shards": shards, "rows": rows, "where": where,
                                                     "phase": phase, "command": command, "seconds": sec, "main": inproc,
-                                                    "read": read, "rss": rss}) + "\n")  # fmt: skip
+                                                    "read": read, "rss": rss, "load": load}) + "\n")  # fmt: skip
     finally:
         if moto is not None:
             moto.terminate()
