@@ -95,6 +95,7 @@ def near_pairs(
                     keep &= (diff & m) != 0
                 a_parts.append(first[x[keep]])
                 b_parts.append(first[y[keep]])
+            del order, sorted_keys  # before the next table's arrays are made
     a, b = np.concatenate(a_parts), np.concatenate(b_parts)
     return np.minimum(a, b), np.maximum(a, b)
 
@@ -128,16 +129,27 @@ def _sort_by_blocks(values: np.ndarray, chosen: list[tuple[int, int]]) -> tuple[
     hash collisions only add candidates, which the caller checks.
     """
     idx_bits = max(1, (len(values) - 1).bit_length())
+    # In place, one temporary at a time: at 10^8 hashes each array of them is 800 MB.
     key = np.zeros(len(values), np.uint64)
+    part = np.empty_like(key)
     width = 0
     for lo, hi in chosen:
-        key |= ((values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)) << np.uint64(width)
+        np.right_shift(values, np.uint64(lo), out=part)
+        part &= np.uint64((1 << (hi - lo)) - 1)
+        part <<= np.uint64(width)
+        key |= part
         width += hi - lo
+    del part
     room = 64 - idx_bits
     if width > room:
-        key = (key * _GOLDEN) >> np.uint64(64 - room)
-    packed = np.sort((key << np.uint64(idx_bits)) | np.arange(len(values), dtype=np.uint64))
-    return (packed & np.uint64((1 << idx_bits) - 1)).astype(np.int64), packed >> np.uint64(idx_bits)
+        key *= _GOLDEN  # wraps mod 2^64
+        key >>= np.uint64(64 - room)
+    key <<= np.uint64(idx_bits)
+    key |= np.arange(len(values), dtype=np.uint64)
+    key.sort()
+    order = (key & np.uint64((1 << idx_bits) - 1)).view(np.int64)
+    key >>= np.uint64(idx_bits)
+    return order, key
 
 
 def choose_blocks(n: int, radius: int) -> int:
