@@ -40,12 +40,12 @@ Memory: the rows are read through `curate query`'s connection (only the columns
 the links and the rule need; by byte range on an object store). DuckDB picks
 each uid's row, orders them by uid and finds the sha256 values that repeat,
 within its memory limit (`DUCKDB_MEMORY`, spilling to a private temp folder);
-this process holds, for every row, its position in uid order (never the uid:
-the uids of the rows in groups are read once more at the end), its phash and
-the rule's columns (~30 bytes), the sha256 and caption of only the rows whose
-sha256 repeats, and the arrays of the phash search and the components (~70
-bytes a row at the peak; docs/scale.md has the measured bound), plus the
-embeddings for semantic (4 bytes a dimension a row).
+this process holds, for every row, its phash and the rule's columns (~34 bytes;
+a row is its position in uid order: the uids of the rows in groups are read once
+more at the end), the sha256 and caption of only the rows whose sha256 repeats,
+and the arrays of the phash search (~120 bytes a row in all at its peak: 1.6 GB
+at 10M rows, ~12 GB at 100M; docs/scale.md), plus the embeddings for semantic
+(4 bytes a dimension a row).
 """
 
 from __future__ import annotations
