@@ -4,6 +4,8 @@ cost as a run grows to LAION's ~232k manifests, on local disk and on a real S3 s
     python bench/scale.py                                   # 1k, 10k, 100k manifests of 100 rows
     python bench/scale.py --sizes 1000x10000,10000x1000     # SHARDSxROWS: 10M rows two ways
     python bench/scale.py --sizes 1000x100 --s3 --commands stats,group_by   # quick
+    python bench/scale.py --sizes 100x10000,1000x10000 --images --no-compact \
+        --commands dedup,select_dedup,balance,report              # memory per row of the whole-run commands
 
 Each size is a run built with curate's own writer and schema (`RunDir.writer`, the pipeline's
 manifest schema, a summary per shard and the driver's folding of ledger and summaries, exactly as
@@ -17,6 +19,10 @@ modules; S3: bytes received over its sockets), peak RSS, and the growth of the t
 smallest size. Where `curate compact` exists, the run is compacted and every command runs again.
 The one-column reference: the compressed size of `drop_reason` over all manifests (the GROUP BY's
 column), for the "S3 bytes <= 1.5x the column" target.
+With `--images` the rows also carry an image run's columns (sha256, phash, clip_score, original
+size) with exact and near duplicates, for `dedup` and `select --dedup`; the peak RSS at two sizes
+gives each command's bytes per row. A run kept from an earlier invocation and already compacted
+is measured as "compacted".
 
 Builds are CPU-bound (2 cores here): ~15-25 s per million rows plus ~4 ms per shard on local
 disk. Run the big sizes niced, in the background, bounded (`timeout`). Results: BENCHMARKS.md.
