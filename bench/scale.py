@@ -4,8 +4,7 @@ cost as a run grows to LAION's ~232k manifests, on local disk and on a real S3 s
     python bench/scale.py                                   # 1k, 10k, 100k manifests of 100 rows
     python bench/scale.py --sizes 1000x10000,10000x1000     # SHARDSxROWS: 10M rows two ways
     python bench/scale.py --sizes 1000x100 --s3 --commands stats,group_by   # quick
-    python bench/scale.py --sizes 100x10000,1000x10000 --images --no-compact \
-        --commands dedup,select_dedup,balance,report              # memory per row of the whole-run commands
+    python bench/scale.py --sizes 100x10000,1000x10000 --images --commands dedup,report  # bytes a row
 
 Each size is a run built with curate's own writer and schema (`RunDir.writer`, the pipeline's
 manifest schema, a summary per shard and the driver's folding of ledger and summaries, exactly as
