@@ -43,8 +43,8 @@ within its memory limit (`DUCKDB_MEMORY`, spilling to a private temp folder);
 this process holds, for every row, its phash and the rule's columns (~34 bytes;
 a row is its position in uid order: the uids of the rows in groups are read once
 more at the end), the sha256 and caption of only the rows whose sha256 repeats,
-and the arrays of the phash search (~120 bytes a row in all at its peak: 1.6 GB
-at 10M rows, ~12 GB at 100M; docs/scale.md), plus the embeddings for semantic
+and the arrays of the phash search (~130 bytes a row in all at its peak: 1.6 GB
+at 10M rows, 4.2 GB at 30M, ~13 GB at 100M; docs/scale.md), plus the embeddings for semantic
 (4 bytes a dimension a row).
 """
 
