@@ -4,6 +4,7 @@ cost as a run grows to LAION's ~232k manifests, on local disk and on a real S3 s
     python bench/scale.py                                   # 1k, 10k, 100k manifests of 100 rows
     python bench/scale.py --sizes 1000x10000,10000x1000     # SHARDSxROWS: 10M rows two ways
     python bench/scale.py --sizes 1000x100 --s3 --commands stats,group_by   # quick
+    python bench/scale.py --sizes 100x10000,1000x10000 --images --commands dedup,report  # bytes a row
 
 Each size is a run built with curate's own writer and schema (`RunDir.writer`, the pipeline's
 manifest schema, a summary per shard and the driver's folding of ledger and summaries, exactly as
@@ -17,6 +18,10 @@ modules; S3: bytes received over its sockets), peak RSS, and the growth of the t
 smallest size. Where `curate compact` exists, the run is compacted and every command runs again.
 The one-column reference: the compressed size of `drop_reason` over all manifests (the GROUP BY's
 column), for the "S3 bytes <= 1.5x the column" target.
+With `--images` the rows also carry an image run's columns (sha256, phash, clip_score, original
+size) with exact and near duplicates, for `dedup` and `select --dedup`; the peak RSS at two sizes
+gives each command's bytes per row. A run kept from an earlier invocation and already compacted
+is measured as "compacted".
 
 Builds are CPU-bound (2 cores here): ~15-25 s per million rows plus ~4 ms per shard on local
 disk. Run the big sizes niced, in the background, bounded (`timeout`). Results: BENCHMARKS.md.
@@ -62,7 +67,60 @@ COMMANDS = {
         "--force",
     ],
     "report": lambda run, tmp: ["report", run, "--out", str(tmp / "report.html"), "--force"],
+    # Whole-run commands whose memory may grow with the rows (issue 24, item 4); `--images` runs have
+    # the columns they need. `select_dedup` reads the table `dedup` wrote: list it after `dedup`.
+    "dedup": lambda run, tmp: ["dedup", run, "--force"],
+    "select_dedup": lambda run, tmp: [
+        "select",
+        run,
+        "--where",
+        "keep",
+        "--dedup",
+        "--uids-only",
+        "--out",
+        str(tmp / "dedup-uids.parquet"),
+        "--force",
+    ],
+    "balance": lambda run, tmp: [
+        "select",
+        run,
+        "--where",
+        "keep",
+        "--balance",
+        str(balance_entries(tmp)),
+        "--balance-t",
+        "1000",
+        "--uids-only",
+        "--out",
+        str(tmp / "balanced-uids.parquet"),
+        "--force",
+    ],
 }
+# Columns an image run adds, for `dedup` (`--images`): exact duplicates share sha256 and caption,
+# near duplicates a phash a few bits from another row's.
+IMAGE_COLUMNS = {
+    "sha256": pa.string(),
+    "phash": pa.int64(),
+    "clip_score": pa.float32(),
+    "original_width": pa.int32(),
+    "original_height": pa.int32(),
+}
+EXACT_SHARE, NEAR_SHARE = 0.02, 0.01  # rows copying an earlier image, or a near copy of its phash
+
+
+def balance_entries(tmp: Path) -> Path:
+    """A MetaCLIP metadata list for `balance`: 100 frequent words of the bundled captions."""
+    path = tmp / "balance-entries.txt"
+    if not path.exists():
+        from collections import Counter
+
+        words = Counter(
+            w for c in pq.read_table(LAION_1K).column("TEXT").to_pylist() for w in c.lower().split()
+        )
+        path.write_text("\n".join([w for w, _ in words.most_common(300) if len(w) > 3 and w.isalpha()][:100]))
+    return path
+
+
 # Run inside each measured process: counts socket bytes and reports rchar and peak RSS at exit.
 MEASURE = r"""
 import atexit, json, os, resource, socket, sys, time
@@ -91,7 +149,7 @@ sys.exit(code)
 # ---------------------------------------------------------------------------- building runs
 
 
-def build_run(out: Path, shards: int, rows: int, seed: int = 0) -> float:
+def build_run(out: Path, shards: int, rows: int, seed: int = 0, images: bool = False) -> float:
     """A finished caption run of `shards` x `rows` written by curate's own writer; returns seconds."""
     from curation.config import load_config
     from curation.pipeline import Pipeline
@@ -108,6 +166,8 @@ def build_run(out: Path, shards: int, rows: int, seed: int = 0) -> float:
     config = load_config(cfg_path, stages=REGISTRY)
     pipeline = Pipeline(config)
     schema = pipeline.schema
+    for name, type_ in IMAGE_COLUMNS.items() if images else ():
+        schema = schema.append(pa.field(name, type_))
     fingerprint, config_hash = config.run_fingerprint(pipeline.stages)
     plan = [Shard(i, str(LAION_1K), i * rows, (i + 1) * rows) for i in range(shards)]
     run = RunDir(out)
@@ -121,20 +181,20 @@ def build_run(out: Path, shards: int, rows: int, seed: int = 0) -> float:
     try:
         with run.lock():
             run.prepare(fingerprint, config_hash, plan, [s.name for s in config.stages])
-            _write(run, schema, plan, shards, rows, captions, words, chars, rng)
+            _write(run, schema, plan, shards, rows, captions, words, chars, rng, images)
     finally:
         os.fsync = fsync
     return time.perf_counter() - t0
 
 
-def _write(run, schema, plan, shards, rows, captions, words, chars, rng) -> None:
+def _write(run, schema, plan, shards, rows, captions, words, chars, rng, images) -> None:
     """The shards, each committed as the shard task does; the driver's folding of ledger and summaries."""
     from curation.rundir import ShardResult
     from curation.stats import ShardStats, StatsFolder, write_summary
 
     folder = StatsFolder(run, run.ledger_state(plan))
     for s in range(shards):
-        table = synthetic_shard(schema, s, rows, captions, words, chars, rng)
+        table = synthetic_shard(schema, s, rows, captions, words, chars, rng, images)
         writer = run.writer(s, schema)
         stats = ShardStats()
         stats.add(table)
@@ -145,8 +205,12 @@ def _write(run, schema, plan, shards, rows, captions, words, chars, rng) -> None
     folder.close()
 
 
-def synthetic_shard(schema, s, n, captions, words, chars, rng) -> pa.Table:
-    idx = (np.arange(n) + s * n) % len(captions)
+def synthetic_shard(schema, s, n, captions, words, chars, rng, images=False) -> pa.Table:
+    image = np.arange(n, dtype=np.int64) + s * n  # each row's image, by its first row's number
+    if images:  # exact duplicates: an earlier row's image (its bytes and its caption)
+        copy = (rng.random(n) < EXACT_SHARE) & (image > 0)
+        image[copy] = rng.integers(0, image[copy])
+    idx = image % len(captions)
     complexity = rng.poisson(2.5, n).astype(np.int32)
     actions = rng.binomial(3, 0.35, n).astype(np.int32)
     lang_score = rng.beta(8, 1.5, n).astype(np.float32)
@@ -181,7 +245,39 @@ def synthetic_shard(schema, s, n, captions, words, chars, rng) -> pa.Table:
         "drop_reason": pa.array(reason, pa.string()),
         "drop_stage": pa.array(stage, pa.string()),
     }
+    if images:
+        cols.update(image_columns(image, rng))
     return pa.table({f.name: pa.array(cols[f.name]).cast(f.type) for f in schema})
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fixed pseudo-random 64-bit value per integer."""
+    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def image_columns(image: np.ndarray, rng: np.random.Generator) -> dict[str, object]:
+    """sha256 and phash of each row's image; NEAR_SHARE of the rows get the phash of an earlier image
+    with 1-2 bits flipped (a near duplicate within `curate dedup`'s default radius)."""
+    n = len(image)
+    parts = [_mix(image * 4 + k).tolist() for k in range(4)]
+    sha = [f"{a:016x}{b:016x}{c:016x}{d:016x}" for a, b, c, d in zip(*parts)]
+    source = image.copy()
+    near = (rng.random(n) < NEAR_SHARE) & (image > 0)
+    source[near] = rng.integers(0, image[near])
+    flips = (np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64)) | (
+        np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64)
+    )
+    phash = _mix(source ^ np.int64(0x5BD1E995)) ^ np.where(near, flips, np.uint64(0))
+    return {
+        "sha256": pa.array(sha),
+        "phash": pa.array(phash.view(np.int64)),
+        "clip_score": rng.normal(0.3, 0.05, n).astype(np.float32),
+        "original_width": rng.integers(200, 2000, n).astype(np.int32),
+        "original_height": rng.integers(200, 2000, n).astype(np.int32),
+    }
 
 
 # ---------------------------------------------------------------------------- S3
@@ -244,6 +340,7 @@ def measure(args: list[str], env: dict[str, str], timeout: float) -> dict[str, f
         report = f.name
     full = {**os.environ, **env, "PYTHONPATH": str(REPO), "BENCH_MEASURE": report}
     full.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-c", MEASURE, *args],
@@ -268,6 +365,7 @@ def measure(args: list[str], env: dict[str, str], timeout: float) -> dict[str, f
         "main": got["main"],
         "read": got["socket"] if env else got["rchar"],
         "rss": got["rss"],
+        "load": load,  # the 1-minute load average as it started
     }
 
 
@@ -308,28 +406,38 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds one command may take")
     ap.add_argument("--keep", type=Path, help="build runs here and keep them (default: a temp dir)")
     ap.add_argument("--json", type=Path, help="append one JSON line per measurement here")
+    ap.add_argument(
+        "--images",
+        action="store_true",
+        help=f"add an image run's columns ({', '.join(IMAGE_COLUMNS)}) with {EXACT_SHARE * 100:g}%% exact and "
+        f"{NEAR_SHARE * 100:g}%% near duplicates, for dedup (runs named SHARDSxROWS-images)",
+    )
+    ap.add_argument("--no-compact", action="store_true", help="measure before compaction only")
     a = ap.parse_args()
     sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes.split(",")]
     commands = a.commands.split(",")
     root = a.keep or Path(tempfile.mkdtemp(prefix="curate-scale-"))
     root.mkdir(parents=True, exist_ok=True)
-    compact = has_compact()
+    compact = not a.no_compact and has_compact()
     moto = None
     targets: list[tuple[str, dict[str, str]]] = [("local", {})]
     if a.s3:
         moto, env = start_moto()
         targets.append(("s3", env))
-    print(f"load average at start: {os.getloadavg()}; curate compact: {'yes' if compact else 'not here'}")
     print(
-        f"{'size':>14} {'where':>6} {'phase':>8} {'command':>12} {'seconds':>9} {'main s':>8} {'read MB':>9} {'peak MB':>8} growth"
+        f"load average at start: {os.getloadavg()}; curate compact: "
+        + ("skipped" if a.no_compact else "yes" if compact else "not here")
+    )
+    print(
+        f"{'size':>14} {'where':>6} {'phase':>8} {'command':>12} {'seconds':>9} {'main s':>8} {'read MB':>9} {'peak MB':>8} {'load':>5} growth"
     )
     first: dict[tuple, float] = {}
     try:
         for shards, rows in sizes:
-            name = f"{shards}x{rows}"
+            name = f"{shards}x{rows}" + ("-images" if a.images else "")
             run = root / name
             if not (run / "run.json").exists():
-                secs = build_run(run, shards, rows)
+                secs = build_run(run, shards, rows, images=a.images)
                 size = sum(p.stat().st_size for p in (run / "manifests").glob("*.parquet"))
                 print(
                     f"# built {name}: {shards * rows:,} rows, {mb(size)} MB of manifests, {secs:.0f} s",
@@ -337,9 +445,11 @@ def main() -> None:
                 )
             print(f"# {name}: drop_reason compressed {mb(column_bytes(run, 'drop_reason'))} MB, "
                   f"caption_lang {mb(column_bytes(run, 'caption_lang'))} MB", flush=True)  # fmt: skip
-            phases = ["before"] + (["compacted"] if compact else [])
+            # A run compacted by an earlier invocation (--keep) is measured as it is: "compacted".
+            already = (run / "manifests" / "compacted" / "index.json").exists()
+            phases = ["compacted"] if already else ["before"] + (["compacted"] if compact else [])
             for phase in phases:
-                if phase == "compacted":
+                if phase == "compacted" and not already:
                     t = measure(["compact", str(run)], {}, a.timeout)
                     print(f"# compact {name}: {t}", flush=True)
                 for where, env in targets:
@@ -362,17 +472,18 @@ def main() -> None:
                         inproc = statistics.median(g["main"] for g in ok)
                         read = statistics.median(g["read"] for g in ok)
                         rss = max(g["rss"] for g in ok)
+                        load = statistics.median(g["load"] for g in ok)
                         first.setdefault(key, sec)
                         print(
                             f"{name:>14} {where:>6} {phase:>8} {command:>12} {sec:>9.2f} {inproc:>8.2f} "
-                            f"{mb(read):>9} {rss / 1e6:>8,.0f} x{sec / first[key]:.2f}",
+                            f"{mb(read):>9} {rss / 1e6:>8,.0f} {load:>5.1f} x{sec / first[key]:.2f}",
                             flush=True,
                         )
                         if a.json:
                             with open(a.json, "a") as f:
                                 f.write(json.dumps({"size": name, "shards": shards, "rows": rows, "where": where,
                                                     "phase": phase, "command": command, "seconds": sec, "main": inproc,
-                                                    "read": read, "rss": rss}) + "\n")  # fmt: skip
+                                                    "read": read, "rss": rss, "load": load}) + "\n")  # fmt: skip
     finally:
         if moto is not None:
             moto.terminate()

@@ -34,10 +34,18 @@ Resume: each step (exact, phash, k-means, each block of clusters) saves its
 links as one object under `dedup/.work/<fingerprint>/` (on the run's storage, so
 a dedup killed on one machine resumes on another); a killed run re-run with the
 same manifests and parameters redoes only missing steps, and every step is
-deterministic (seeded k-means), so the groups are the same. The rows themselves
-are read into this machine's memory (through `curate query`'s connection, which
-reads only the columns the links and the rule need, by byte range on an object
-store): ~200 bytes a row with exact and phash, plus the embeddings for semantic.
+deterministic (seeded k-means), so the groups are the same.
+
+Memory: the rows are read through `curate query`'s connection (only the columns
+the links and the rule need; by byte range on an object store). DuckDB picks
+each uid's row, orders them by uid and finds the sha256 values that repeat,
+within its memory limit (`DUCKDB_MEMORY`, spilling to a private temp folder);
+this process holds, for every row, its phash and the rule's columns (~34 bytes;
+a row is its position in uid order: the uids of the rows in groups are read once
+more at the end), the sha256 and caption of only the rows whose sha256 repeats,
+and the arrays of the phash search (~130 bytes a row in all at its peak: 1.6 GB
+at 10M rows, 4.2 GB at 30M, ~13 GB at 100M; docs/scale.md), plus the embeddings for semantic
+(4 bytes a dimension a row).
 """
 
 from __future__ import annotations
@@ -60,13 +68,23 @@ import pyarrow as pa
 from curation.core.outputs import exclusive_lock_on
 from curation.core.params import param
 from curation.core.storage import Store
-from curation.near_duplicates import close_pairs, exact_pairs, near_pairs, rank_groups, spherical_kmeans
+from curation.near_duplicates import (
+    RULE_COLUMNS,
+    close_pairs,
+    exact_pairs,
+    near_pairs,
+    rank_groups,
+    spherical_kmeans,
+)
 from curation.rundir import RunDir
 
 KINDS = ("exact", "phash", "semantic")  # strictest first: a row's dup_kind is its strictest link
 TABLE = "dedup.parquet"
 SUMMARY = "dedup.json"
 WORK = ".work"  # the resumable steps, one folder per fingerprint
+# DuckDB's share: it picks each uid's row, sorts by uid and counts sha256 values, spilling beyond this.
+DUCKDB_MEMORY = "1GB"
+BATCH_ROWS = 1 << 20  # rows fetched from DuckDB at a time
 
 
 @dataclass(frozen=True)
@@ -101,8 +119,7 @@ def run_dedup(
     run = RunDir(output)
     folder = run.store.child("dedup")
     try:
-        # Its rows are held in memory anyway (the links need them): DuckDB's own default, 80% of RAM.
-        con = connect(output, limits=Limits(memory="80%", timeout=None))
+        con = connect(output, limits=Limits(memory=DUCKDB_MEMORY, timeout=None))
     except NoManifests as e:
         raise DedupError(str(e)) from None
     folder.makedirs()
@@ -145,6 +162,11 @@ def run_dedup(
             say(f"{kind}: {len(a):,} links ({time.perf_counter() - start:.1f} s)")
 
         table, counts = rank_groups(rows, links, KINDS)
+        del rows, links
+        try:
+            table = _with_uids(con, table, n)
+        except duckdb.Error as e:
+            raise DedupError(f"cannot read the manifests: {e}") from None
         _put_parquet(table, folder, TABLE)
         summary = {
             "fingerprint": fingerprint,
@@ -185,24 +207,48 @@ def _remove_folder(store: Store, rel: str) -> None:
 
 
 def _load(con: Any, kinds: tuple[str, ...]) -> pa.Table:
-    """One row per uid (its first manifest row), ordered by uid: the columns the links and the rule need."""
+    """One row per uid (its first manifest row), in uid order, without the uid (`_with_uids` reads
+    those of the rows in groups): the columns the links and the rule need. sha256 and caption are
+    null where the sha256 does not repeat: the exact links look at no other row, and most rows'
+    strings (~140 bytes a row) never leave DuckDB."""
     have = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
-    wanted = ["keep"]
-    wanted += [
-        c
-        for c in ("clip_score", "original_width", "original_height", "min_side", "aspect_ratio")
-        if c in have
-    ]
-    if "exact" in kinds:
+    wanted = [c for c in RULE_COLUMNS if c in have or c == "keep"]
+    exact = "exact" in kinds and "sha256" in have
+    if exact:
         wanted += [c for c in ("sha256", "caption") if c in have]
     if "phash" in kinds and "phash" in have:
         wanted.append("phash")
     if "semantic" in kinds and "clip_image_embedding" in have:
         wanted.append("clip_image_embedding")
-    cols = ", ".join(f'"{c}"' for c in ["uid", *dict.fromkeys(wanted)])
+    wanted = list(dict.fromkeys(wanted))
+    inner = ", ".join(f'"{c}"' for c in ["uid", *wanted])
     # A uid repeated in the input (the same url and caption twice) is one sample: its first row.
-    sql = f"SELECT {cols} FROM samples QUALIFY row_number() OVER (PARTITION BY uid ORDER BY shard) = 1 ORDER BY uid"
-    return con.sql(sql).to_arrow_table()
+    firsts = f"SELECT {inner} FROM samples QUALIFY row_number() OVER (PARTITION BY uid ORDER BY shard) = 1"
+    repeated = "sha256 IS NOT NULL AND count(*) OVER (PARTITION BY sha256) > 1"
+    outer = [
+        f'CASE WHEN {repeated} THEN "{c}" END AS "{c}"' if exact and c in ("sha256", "caption") else f'"{c}"'
+        for c in wanted
+    ]
+    sql = f"SELECT {', '.join(outer)} FROM ({firsts}) ORDER BY uid"
+    # Streamed: DuckDB's result is never held whole beside the Arrow table.
+    return con.sql(sql).to_arrow_reader(BATCH_ROWS).read_all()
+
+
+def _with_uids(con: Any, table: pa.Table, n: int) -> pa.Table:
+    """`table` with the uid of each row in place of its position in uid order: the uids are read in
+    that order once more, batch by batch, keeping those of the rows in groups only."""
+    rows = table.column("row").to_numpy()
+    wanted = np.unique(rows)
+    parts, seen = [], 0
+    reader = con.sql("SELECT uid FROM samples GROUP BY uid ORDER BY uid").to_arrow_reader(BATCH_ROWS)
+    for batch in reader:
+        lo, hi = np.searchsorted(wanted, [seen, seen + batch.num_rows])
+        parts.append(batch.column(0).take(pa.array(wanted[lo:hi] - seen)))
+        seen += batch.num_rows
+    if seen != n:  # the connection's files are fixed when it opens: this is a bug, never a race
+        raise DedupError(f"read {seen:,} uids, expected {n:,}")
+    uids = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+    return table.set_column(0, "uid", uids.take(pa.array(np.searchsorted(wanted, rows))))
 
 
 # ---------------------------------------------------------------------------- links
@@ -223,14 +269,23 @@ def _cached(
 
 
 def _exact_links(rows: pa.Table, params: DedupParams, work: Store, say) -> tuple[np.ndarray, np.ndarray]:
-    return _cached(work, "exact.npz", lambda: exact_pairs(rows.column("sha256"), rows.column("caption")))
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        # `_load` left the sha256 only where it repeats: the rows exact_pairs would look at
+        column = rows.column("sha256")
+        repeated = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
+        index = pa.array(repeated)
+        a, b = exact_pairs(column.take(index), rows.column("caption").take(index))
+        return repeated[a], repeated[b]
+
+    return _cached(work, "exact.npz", compute)
 
 
 def _phash_links(rows: pa.Table, params: DedupParams, work: Store, say) -> tuple[np.ndarray, np.ndarray]:
     def compute() -> tuple[np.ndarray, np.ndarray]:
         column = rows.column("phash")
         valid = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
-        hashes = column.to_numpy(zero_copy_only=False)[valid].astype(np.int64)
+        # drop the nulls first: an int64 column with nulls converts to float64, losing the low bits
+        hashes = column.drop_null().to_numpy().astype(np.int64, copy=False)
         a, b = near_pairs(hashes, params.radius)
         return valid[a], valid[b]
 

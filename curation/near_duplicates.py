@@ -29,6 +29,9 @@ import pyarrow as pa
 
 from curation.core.text import clean_caption
 
+# The columns the representative rule reads (besides the row's position in uid order).
+RULE_COLUMNS = ("keep", "clip_score", "original_width", "original_height", "min_side", "aspect_ratio")
+
 
 def exact_pairs(
     sha256: pa.ChunkedArray | pa.Array, captions: pa.ChunkedArray | pa.Array
@@ -37,6 +40,8 @@ def exact_pairs(
     the first row of its kind."""
     import pyarrow.compute as pc
 
+    if not len(sha256):  # (`curate dedup` passes only the rows whose sha256 repeats: maybe none)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     # Only rows whose image bytes repeat need their caption cleaned and compared.
     codes = pc.dictionary_encode(sha256).combine_chunks().indices
     valid = codes.is_valid().to_numpy(zero_copy_only=False)
@@ -68,6 +73,7 @@ def near_pairs(
     # rows repeating a value link to the value's first row
     same = np.flatnonzero(first[inverse] != np.arange(len(hashes)))
     a_parts, b_parts = [first[inverse[same]]], [same]
+    del inverse  # 8 bytes a row, not needed by the block tables
     if blocks is not None and blocks <= radius:
         raise ValueError(f"blocks must exceed the radius ({radius}), got {blocks}")
     if radius > 0 and len(values) > 1:
@@ -89,6 +95,7 @@ def near_pairs(
                     keep &= (diff & m) != 0
                 a_parts.append(first[x[keep]])
                 b_parts.append(first[y[keep]])
+            del order, sorted_keys  # before the next table's arrays are made
     a, b = np.concatenate(a_parts), np.concatenate(b_parts)
     return np.minimum(a, b), np.maximum(a, b)
 
@@ -122,16 +129,27 @@ def _sort_by_blocks(values: np.ndarray, chosen: list[tuple[int, int]]) -> tuple[
     hash collisions only add candidates, which the caller checks.
     """
     idx_bits = max(1, (len(values) - 1).bit_length())
+    # In place, one temporary at a time: at 10^8 hashes each array of them is 800 MB.
     key = np.zeros(len(values), np.uint64)
+    part = np.empty_like(key)
     width = 0
     for lo, hi in chosen:
-        key |= ((values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)) << np.uint64(width)
+        np.right_shift(values, np.uint64(lo), out=part)
+        part &= np.uint64((1 << (hi - lo)) - 1)
+        part <<= np.uint64(width)
+        key |= part
         width += hi - lo
+    del part
     room = 64 - idx_bits
     if width > room:
-        key = (key * _GOLDEN) >> np.uint64(64 - room)
-    packed = np.sort((key << np.uint64(idx_bits)) | np.arange(len(values), dtype=np.uint64))
-    return (packed & np.uint64((1 << idx_bits) - 1)).astype(np.int64), packed >> np.uint64(idx_bits)
+        key *= _GOLDEN  # wraps mod 2^64
+        key >>= np.uint64(64 - room)
+    key <<= np.uint64(idx_bits)
+    key |= np.arange(len(values), dtype=np.uint64)
+    key.sort()
+    order = (key & np.uint64((1 << idx_bits) - 1)).view(np.int64)
+    key >>= np.uint64(idx_bits)
+    return order, key
 
 
 def choose_blocks(n: int, radius: int) -> int:
@@ -240,35 +258,38 @@ def rank_groups(
 ) -> tuple[pa.Table, dict[str, int]]:
     """Groups (connected components of all links) with each row's rank under the representative rule.
 
-    `links`: (a, b, code) per kind, code indexing `kinds` (strictest first: a row's dup_kind is its
-    strictest link). Returns the dedup table (rows in a group of >= 2) and the member count per kind.
+    `rows` are in uid order (a row's position breaks the rule's ties); `links`: (a, b, code) per kind,
+    code indexing `kinds` (strictest first: a row's dup_kind is its strictest link). Returns the dedup
+    table of the rows in a group of >= 2, with `row` (the position in `rows`) where the uid goes, and
+    the member count per kind. Arrays over all rows: the components' labels and counts (~25 bytes a
+    row at the peak); the rule's columns are read for the members only.
     """
     n = rows.num_rows
     a = np.concatenate([x for x, _, _ in links]) if links else np.zeros(0, np.int64)
     b = np.concatenate([y for _, y, _ in links]) if links else np.zeros(0, np.int64)
     label = components(n, a, b)
-    kind = np.full(n, len(kinds), np.int64)
+    member = np.flatnonzero(np.bincount(label, minlength=n)[label] > 1)
+    kind = np.full(n, len(kinds), np.int8)
     for x, y, code in links:
         np.minimum.at(kind, x, code)
         np.minimum.at(kind, y, code)
-    size = np.bincount(label, minlength=n)
-    member = np.flatnonzero(size[label] > 1)
+    kind, label = kind[member], label[member]
+    rule = rows.select([c for c in RULE_COLUMNS if c in rows.column_names]).take(pa.array(member))
 
-    # the representative rule, as a sort: kept, clip_score desc, pixels desc, uid asc
-    keys = [np.arange(n)]  # rows are ordered by uid
-    pixels = _pixels(rows)
+    # the representative rule, as a sort: kept, clip_score desc, pixels desc, position (uid) asc
+    keys = [member]
+    pixels = _pixels(rule)
     if pixels is not None:
         keys.append(-np.nan_to_num(pixels, nan=-1.0))
-    if "clip_score" in rows.column_names:
+    if "clip_score" in rule.column_names:
         keys.append(
             -np.nan_to_num(
-                rows.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64), nan=-2.0
+                rule.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64), nan=-2.0
             )
         )
-    keys.append(~rows.column("keep").to_numpy(zero_copy_only=False).astype(bool))
+    keys.append(~rule.column("keep").to_numpy(zero_copy_only=False).astype(bool))
     keys.append(label)
     order = np.lexsort(keys)  # last key is the primary one: group, then the rule
-    order = order[size[label[order]] > 1]
     # (an empty `order`, a run without duplicates, must give empty columns, not one stray True)
     group_start = np.r_[True, label[order][1:] != label[order][:-1]] if len(order) else np.zeros(0, bool)
     starts = np.flatnonzero(group_start)
@@ -277,14 +298,14 @@ def rank_groups(
     group_no = np.cumsum(group_start) - 1
     table = pa.table(
         {
-            "uid": rows.column("uid").take(pa.array(order)),
+            "row": pa.array(member[order], pa.int64()),
             "dup_group": pa.array(group_no, pa.int64()),
             "dup_rank": pa.array(rank, pa.int32()),
             "dup_keep": pa.array(rank == 0),
             "dup_kind": pa.array([kinds[k] for k in kind[order]], pa.string()),
         }
     )
-    counts = {k: int((kind[member] == code).sum()) for code, k in enumerate(kinds)}
+    counts = {k: int((kind == code).sum()) for code, k in enumerate(kinds)}
     return table, counts
 
 

@@ -56,7 +56,11 @@ class Limits:
     --threads --timeout`). DuckDB spills what does not fit in `memory` (sorts, joins, large GROUP BYs)
     to a private temporary folder of this process, never to a folder a statement could read."""
 
-    memory: str = "4GB"  # DuckDB's memory_limit: "4GB", "512MB", "50%"
+    # DuckDB's memory_limit: "4GB", "512MB", "50%". By default 3.5 GB, so that a whole `select` or
+    # `report` process stays within 4 GB at any row count: at 100M rows `report` peaked at 4.3 GB with
+    # 4 GB here (DuckDB's own allocations beside its buffers, Python's ~0.3 GB). `curate query` has
+    # its own --memory-limit (4GB by default).
+    memory: str = "3.5GB"
     threads: int | None = None  # None: one per core
     timeout: float | None = 3600.0  # seconds one statement may run (curate query); None: no limit
 

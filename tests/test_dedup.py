@@ -314,12 +314,109 @@ def test_a_run_without_duplicates_gives_an_empty_table(tmp_path):
     run = tmp_path / "run"
     uids = [make_uid(str(i), "x") for i in range(3)]
     hashes = [0, 0x00FF00FF00FF00FF, 0x7F00FF00FF00FF00]
-    commit(
-        pa.table({"uid": uids, "shard": pa.array([0] * 3, pa.int32()), "keep": [True] * 3, "phash": hashes}),
-        tmp_path / "run",
-    )
+    sha256 = ["a" * 64, "b" * 64, None]  # the same caption, distinct bytes: no exact link either
+    table = {"uid": uids, "shard": pa.array([0] * 3, pa.int32()), "keep": [True] * 3, "phash": hashes}
+    commit(pa.table(table | {"sha256": sha256, "caption": ["c"] * 3}), tmp_path / "run")
     summary = run_dedup(run, DedupParams())
     assert summary["rows"] == 3 and summary["rows_in_groups"] == 0
     out = tmp_path / "uids.parquet"
     assert main(["select", str(run), "--dedup", "--uids-only", "--out", str(out)]) == 0
     assert pq.read_table(out).num_rows == 3
+
+
+# --------------------------------------------------------------------------- against a brute force
+
+
+def brute_force_table(rows: list[dict], radius: int) -> dict[str, tuple]:
+    """uid -> (dup_group, dup_rank, dup_keep, dup_kind) by the definitions, comparing all pairs."""
+    from curation.core.text import clean_caption
+
+    firsts: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["shard"]):  # a repeated uid is its first row
+        firsts.setdefault(r["uid"], r)
+    rs = [firsts[u] for u in sorted(firsts)]
+    n = len(rs)
+    kind = [2] * n  # 0 exact, 1 phash, 2 none
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            x, y = rs[i], rs[j]
+            exact = x["sha256"] is not None and x["sha256"] == y["sha256"]
+            exact = exact and clean_caption(x["caption"]) == clean_caption(y["caption"])
+            close = x["phash"] is not None and y["phash"] is not None
+            close = close and bin((x["phash"] ^ y["phash"]) & (2**64 - 1)).count("1") <= radius
+            if exact or close:
+                code = 0 if exact else 1
+                kind[i], kind[j] = min(kind[i], code), min(kind[j], code)
+                parent[max(root(i), root(j))] = min(root(i), root(j))
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+
+    def rule(i: int) -> tuple:
+        r = rs[i]
+        pixels = r["original_width"] * r["original_height"] if r["original_width"] is not None else -1.0
+        clip = r["clip_score"] if r["clip_score"] is not None else -2.0
+        return (not r["keep"], -clip, -pixels, i)
+
+    out = {}
+    for number, (_, members) in enumerate(sorted((g, m) for g, m in groups.items() if len(m) > 1)):
+        for rank, i in enumerate(sorted(members, key=rule)):
+            out[rs[i]["uid"]] = (number, rank, rank == 0, ("exact", "phash")[kind[i]])
+    return out
+
+
+def test_groups_equal_a_brute_force_over_all_pairs(tmp_path, capsys):
+    """Exact copies (captions equal once cleaned), near and far phashes, chains across kinds, null
+    sha256/phash/clip_score/size, a uid repeated in two shards: `curate dedup`'s table is the one the
+    definitions give by comparing every pair, and a null phash leaves the other hashes' bits alone."""
+    rng = np.random.default_rng(7)
+    base = rng.integers(-(2**63), 2**63 - 1, 60, dtype=np.int64)
+    rows = []
+    for i in range(240):
+        image = int(rng.integers(0, 60)) if i >= 60 else i
+        phash = int(base[image])
+        if i >= 60 and rng.random() < 0.5:  # a near (<= 6 bits) or far (7-9 bits) copy
+            for bit in rng.choice(64, int(rng.integers(1, 10)), replace=False):
+                phash ^= 1 << int(bit)
+            phash = (phash + 2**63) % 2**64 - 2**63
+        caption = f"photo {image}" + (" " if rng.random() < 0.3 else "") + ("&amp;" if i % 7 == 0 else "&")
+        rows.append(
+            {
+                "uid": make_uid(f"u{i}", caption),
+                "shard": i % 3,
+                "keep": bool(rng.random() < 0.7),
+                "clip_score": None if i % 11 == 0 else float(np.float32(rng.random())),
+                "original_width": None if i % 13 == 0 else int(rng.integers(100, 400)),
+                "original_height": None if i % 13 == 0 else int(rng.integers(100, 400)),
+                "sha256": None if i % 17 == 0 else f"{image:064x}",
+                "caption": caption,
+                "phash": None if i % 19 == 0 else phash,
+            }
+        )
+    rows.append({**rows[5], "shard": 2, "keep": not rows[5]["keep"]})  # a uid in two shards: its first row
+    # bits a float64 cannot hold, beside a null: 10 bits apart, never linked
+    for i, h in enumerate((2**62, 2**62 + 0x3FF)):
+        rows.append({**rows[0], "uid": make_uid(f"far{i}", "x"), "sha256": None, "phash": h, "shard": 0})
+    types = {"shard": pa.int32(), "clip_score": pa.float32(), "original_width": pa.int32()}
+    types |= {"original_height": pa.int32(), "phash": pa.int64()}
+    for shard in range(3):
+        part = [r for r in rows if r["shard"] == shard]
+        table = pa.table({c: pa.array([r[c] for r in part], types.get(c)) for c in rows[0]})
+        commit(table, tmp_path / "run", shard)
+
+    assert main(["dedup", str(tmp_path / "run"), "--kinds", "exact,phash"]) == 0
+    table = pq.read_table(tmp_path / "run" / "dedup" / "dedup.parquet")
+    got = {r["uid"]: (r["dup_group"], r["dup_rank"], r["dup_keep"], r["dup_kind"]) for r in table.to_pylist()}
+    expected = brute_force_table(rows, 6)
+    assert got == expected
+    kinds = {k for *_, k in expected.values()}
+    assert kinds == {"exact", "phash"} and len(expected) > 100 and len(expected) < 240
+    assert make_uid("far0", "x") not in got and make_uid("far1", "x") not in got
+    capsys.readouterr()

@@ -63,6 +63,9 @@ def test_memory_threads_and_timeout_flags(run, capsys):
     assert main(["query", str(run), sql, "--format", "json"]) == 0
     default_threads = query.duckdb.connect().execute("SELECT current_setting('threads')").fetchall()[0][0]
     assert json.loads(capsys.readouterr().out) == {"m": "3.7 GiB", "t": default_threads}
+    # the commands without the flag (select, report): 3.5 GB, so the whole process stays within 4 GB
+    [(limit,)] = query.connect(run).execute("SELECT current_setting('memory_limit')").fetchall()
+    assert limit == "3.2 GiB"
     assert (
         main(["query", str(run), sql, "--format", "json", "--memory-limit", "256MB", "--threads", "1"]) == 0
     )
