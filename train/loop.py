@@ -56,6 +56,7 @@ from train.data import (
     count_source_samples,
     data_sources,
     make_loader,
+    shard_images,
 )
 from train.hard_pairs import HardPairStream
 from train.losses import ConceptDistillationLoss, HardNegativeMarginLoss, TrainingObjective, build_loss
@@ -469,7 +470,7 @@ def build_run(cfg: TrainConfig, dist: Dist, device: torch.device) -> Run:
         assert cfg.data.views is not None  # train.config's rule
         trunk_cache = TrunkCache.open(
             cfg.data.trunk_cache,
-            sources,
+            shard_images(sources),
             built.model.visual.trunk,
             built.preprocess_train,
             cfg.data.views,

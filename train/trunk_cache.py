@@ -26,14 +26,11 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from train.data import DataSource
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +114,16 @@ class TrunkCache:
     def open(
         cls,
         path: str | os.PathLike,
-        sources: Sequence[DataSource],
+        images: Iterable[bytes],
         trunk: torch.nn.Module,
         transform: Callable,
         views: int,
         device: torch.device,
         batch_size: int = 256,
     ) -> TrunkCache:
-        """The cache at `path` holding every image of `sources`: read, extended with the images it
-        lacks (the trunk runs on `device`), written back atomically. One process at a time (a lock
+        """The cache at `path` holding every one of `images` (encoded image files, e.g. a run's shards'
+        members: `train.data.shard_images`): read, extended with the images it lacks (the trunk runs
+        on `device`), written back atomically. One process at a time (a lock
         beside the file), so parallel runs share the work instead of repeating it."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +131,7 @@ class TrunkCache:
         with open(path.with_name(path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             cache = cls._read(path, meta) if path.exists() else cls(meta, [], torch.zeros(0, views, 0))
-            added = cache._extend(sources, trunk, transform, device, batch_size)
+            added = cache._extend(images, trunk, transform, device, batch_size)
             if added:
                 cache._write(path)
                 log.info("trunk cache %s: %d images added, %d in all", path, added, len(cache.keys))
@@ -165,22 +163,17 @@ class TrunkCache:
 
     def _extend(
         self,
-        sources: Sequence[DataSource],
+        images: Iterable[bytes],
         trunk: torch.nn.Module,
         transform: Callable,
         device: torch.device,
         batch_size: int,
     ) -> int:
-        from train.data import _raw_samples, image_member
-
         missing: dict[str, bytes] = {}
-        for source in sources:
-            for path in source.shards:
-                for sample in _raw_samples(path):
-                    data = sample[image_member(sample)]
-                    digest = image_digest(data)
-                    if digest not in self.row and digest not in missing:
-                        missing[digest] = data
+        for data in images:
+            digest = image_digest(data)
+            if digest not in self.row and digest not in missing:
+                missing[digest] = data
         if not missing:
             return 0
         views = self.views
