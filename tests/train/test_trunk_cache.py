@@ -104,3 +104,16 @@ def test_config_rules(fmnist_shards, make_config, tmp_path, capsys, model, data,
     cfg = make_config(tmp_path / "c.yaml", fmnist_shards, tmp_path / "o", model=model, data=data)
     assert main(["train", str(cfg)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_micro_batches_of_features_train_as_the_whole_batch(fmnist_shards, make_config, tmp_path) -> None:
+    cache = str(tmp_path / "trunk.pt")
+    one = "00000.tar"
+    assert (
+        _run(tmp_path, make_config, fmnist_shards, "whole", pattern=one, views=2, trunk_cache=cache)[0] == 0
+    )
+    code, _ = _run(tmp_path, make_config, fmnist_shards, "split", "--set", "train.micro_batch=4", pattern=one,
+                   views=2, trunk_cache=cache)  # fmt: skip
+    assert code == 0
+    # GradCache over rows of trunk features: the gradients, so the losses, are those of the whole batch.
+    assert _losses(tmp_path / "split") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-4, abs=1e-5)
