@@ -88,25 +88,20 @@ def main() -> None:
             shards = str(root / "shards" / "{00000..00007}.tar")
         print(f"load average at start: {os.getloadavg()}; {a.steps} steps of {a.batch_size}, views {a.views}")
         cache = root / "trunk.pt"
-        fresh = train(root / "fresh", shards, a.steps, a.batch_size, {})
-        views = train(root / "views", shards, a.steps, a.batch_size, {"data.views": a.views})
-        build = train(
-            root / "cached1",
-            shards,
-            a.steps,
-            a.batch_size,
-            {"data.views": a.views, "data.trunk_cache": cache},
-        )
-        cached = train(
-            root / "cached2",
-            shards,
-            a.steps,
-            a.batch_size,
-            {"data.views": a.views, "data.trunk_cache": cache},
-        )
+        cached_views = {"data.views": a.views, "data.trunk_cache": cache}
+        runs = {
+            "fresh augmentations": ("fresh", {}),
+            "fixed views": ("views", {"data.views": a.views}),
+            "cached (building)": ("cached1", cached_views),
+            "cached (cache exists)": ("cached2", cached_views),
+        }
+        got = {
+            name: train(root / folder, shards, a.steps, a.batch_size, sets)
+            for name, (folder, sets) in runs.items()
+        }
+        fresh, views, build, cached = got.values()
         print(f"{'run':>22} {'samples/s':>10} {'wall s':>8}")
-        for name, r in (("fresh augmentations", fresh), ("fixed views", views), ("cached (building)", build),
-                        ("cached (cache exists)", cached)):  # fmt: skip
+        for name, r in got.items():
             print(f"{name:>22} {r[0]:>10.1f} {r[2]:>8.1f}")
         print(
             f"step throughput, cached / fixed views: x{cached[0] / views[0]:.2f}; cached / fresh: x{cached[0] / fresh[0]:.2f}"

@@ -437,12 +437,14 @@ def image_member(sample: dict) -> str:
     return key
 
 
-def shard_images(sources: Sequence[DataSource]) -> Iterator[bytes]:
-    """The encoded image of every sample of every source's shards, in order (what a trunk cache holds)."""
+def shard_images(sources: Sequence[DataSource]) -> Iterator[tuple[str, bytes]]:
+    """("KEY.EXT in SHARD", encoded image) of every sample of every source's shards, in order (what a
+    trunk cache holds)."""
     for source in sources:
         for path in source.shards:
             for sample in _raw_samples(path):
-                yield sample[image_member(sample)]
+                ext = image_member(sample)
+                yield f"{sample['__key__']}.{ext} in {path}", sample[ext]
 
 
 def caption(sample: dict) -> str:

@@ -114,15 +114,15 @@ class TrunkCache:
     def open(
         cls,
         path: str | os.PathLike,
-        images: Iterable[bytes],
+        images: Iterable[tuple[str, bytes]],
         trunk: torch.nn.Module,
         transform: Callable,
         views: int,
         device: torch.device,
         batch_size: int = 256,
     ) -> TrunkCache:
-        """The cache at `path` holding every one of `images` (encoded image files, e.g. a run's shards'
-        members: `train.data.shard_images`): read, extended with the images it lacks (the trunk runs
+        """The cache at `path` holding every one of `images` ((where it is, encoded image file) pairs,
+        e.g. a run's shard members: `train.data.shard_images`): read, extended with the images it lacks (the trunk runs
         on `device`), written back atomically. One process at a time (a lock
         beside the file), so parallel runs share the work instead of repeating it."""
         path = Path(path)
@@ -163,17 +163,19 @@ class TrunkCache:
 
     def _extend(
         self,
-        images: Iterable[bytes],
+        images: Iterable[tuple[str, bytes]],
         trunk: torch.nn.Module,
         transform: Callable,
         device: torch.device,
         batch_size: int,
     ) -> int:
-        missing: dict[str, bytes] = {}
-        for data in images:
+        from curation.core.imageio import ImageRefused
+
+        missing: dict[str, tuple[str, bytes]] = {}
+        for where, data in images:
             digest = image_digest(data)
             if digest not in self.row and digest not in missing:
-                missing[digest] = data
+                missing[digest] = (where, data)
         if not missing:
             return 0
         views = self.views
@@ -187,9 +189,12 @@ class TrunkCache:
                 chunks.append(trunk(torch.stack(pending).to(device)).float().cpu())
             pending.clear()
 
-        for digest, data in missing.items():
+        for digest, (where, data) in missing.items():
             for v in range(views):
-                pending.append(augment_view(transform, data, digest, v))
+                try:
+                    pending.append(augment_view(transform, data, digest, v))
+                except ImageRefused as e:
+                    raise TrunkCacheError(f"cannot decode {where}: {e}") from None
                 if len(pending) >= batch_size:
                     flush()
         if pending:

@@ -117,3 +117,27 @@ def test_micro_batches_of_features_train_as_the_whole_batch(fmnist_shards, make_
     assert code == 0
     # GradCache over rows of trunk features: the gradients, so the losses, are those of the whole batch.
     assert _losses(tmp_path / "split") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-4, abs=1e-5)
+
+
+def test_an_image_that_cannot_be_decoded_is_named_when_the_cache_is_built(
+    make_config, tmp_path, capsys
+) -> None:
+    import io
+    import tarfile
+
+    from tests.imageserver import png_header_bomb
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for key, data in (("000000000", png_header_bomb()), ("000000001", png_header_bomb())):
+            for ext, body in (("png", data), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    (shards / "sizes.json").write_text('{"00000.tar": 2}')
+    code, _ = _run(tmp_path, make_config, shards, "bomb", pattern="00000.tar", views=1,
+                   trunk_cache=str(tmp_path / "t.pt"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "cannot decode 000000000.png in" in err and "too_large" in err, err
+    assert "Traceback" not in err and not (tmp_path / "t.pt").exists()
