@@ -55,7 +55,7 @@ train/configs/helip.yaml's optimiser. HELIP is paired with its control.
 Views and the feature cache (`--views`, default 4): each sample shows one of 4 fixed augmentations,
 drawn per batch; with the locked tower the trunk's features of every view are computed once
 (OUT/trunk_cache.pt, grown by the first run that meets new images, shared by every run) and the steps
-run only the projection and the text tower (bench/trunk_cache.py: x3.4 step throughput on CPU).
+run only the projection and the text tower (bench/trunk_cache.py: x4.4 step throughput on CPU, idle).
 `--views 0` decodes a fresh augmentation every time (the previous behaviour).
 
 Small subsets: the shuffle buffer is a quarter of the subset (at most 2,000): a 2,000-sample buffer over a
